@@ -1,0 +1,181 @@
+"""Built-in harmful/harmless prompt sets, deterministic splits, user files and hf: errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+from rosettalens.data.tasks import (
+    BUILTIN_SETS,
+    assign_splits,
+    load_prompt_records,
+    load_prompts,
+)
+from rosettalens.errors import DataError, RosettaError
+
+
+@pytest.mark.parametrize("name", ["harmful", "harmless"])
+def test_builtin_sizes_categories_and_unique(name):
+    recs = load_prompt_records(name)
+    assert len(recs) >= 320
+    cats = {r.category for r in recs}
+    assert len(cats) >= 12
+    # every category has a decent number of prompts
+    for c in cats:
+        assert sum(r.category == c for r in recs) >= 15
+    texts = [r.text for r in recs]
+    assert len(set(texts)) == len(texts)
+    assert len({t.lower().strip(" ?.!") for t in texts}) == len(texts)  # no near-trivial duplicates
+    ids = [r.id for r in recs]
+    assert len(set(ids)) == len(ids) and all(ids)
+
+
+def test_harmful_and_harmless_disjoint_and_look_right():
+    harmful = set(load_prompts("harmful"))
+    harmless = set(load_prompts("harmless"))
+    assert not harmful & harmless
+    assert {"weapons", "cybercrime", "drugs", "fraud", "harassment", "self-harm", "privacy"} <= {
+        r.category for r in load_prompt_records("harmful")
+    }
+    assert {"cooking", "coding", "science", "travel", "writing", "math", "history"} <= {
+        r.category for r in load_prompt_records("harmless")
+    }
+
+
+@pytest.mark.parametrize("name", ["harmful", "harmless"])
+def test_splits_partition_stratified_and_deterministic(name):
+    allr = load_prompt_records(name)
+    parts = {s: load_prompt_records(name, s) for s in ("train", "val", "test")}
+    texts = {s: {r.text for r in recs} for s, recs in parts.items()}
+    # partition: no overlap, union is everything
+    assert not texts["train"] & texts["val"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["val"] & texts["test"]
+    assert texts["train"] | texts["val"] | texts["test"] == {r.text for r in allr}
+    # every category present in every split; proportions ~60/20/20
+    cats = {r.category for r in allr}
+    for s, recs in parts.items():
+        assert {r.category for r in recs} == cats, s
+    n = len(allr)
+    assert abs(len(parts["train"]) - 0.6 * n) <= len(cats)
+    assert abs(len(parts["val"]) - 0.2 * n) <= len(cats)
+    # independent reference for the rule: per category, sort by sha256 key, 60% / 20% / rest
+    for c in cats:
+        members = sorted(
+            (r.text for r in allr if r.category == c),
+            key=lambda t: hashlib.sha256(("rosettalens-split:" + t).encode()).hexdigest(),
+        )
+        k = len(members)
+        n_tr, n_va = round(0.6 * k), round(0.2 * k)
+        assert set(members[:n_tr]) == {r.text for r in parts["train"] if r.category == c}
+        assert set(members[n_tr : n_tr + n_va]) == {r.text for r in parts["val"] if r.category == c}
+
+
+def test_split_does_not_depend_on_order():
+    items = [(f"prompt number {i}", "abc"[i % 3]) for i in range(40)]
+    a = dict(zip([t for t, _ in items], assign_splits(items)))
+    rev = items[::-1]
+    b = dict(zip([t for t, _ in rev], assign_splits(rev)))
+    assert a == b
+
+
+def test_limit_is_balanced_over_categories():
+    recs = load_prompt_records("harmful", "train", limit=32)
+    assert len(recs) == 32
+    counts = {}
+    for r in recs:
+        counts[r.category] = counts.get(r.category, 0) + 1
+    assert len(counts) == 16 and set(counts.values()) == {2}
+
+
+def test_builtin_jsonl_files_are_well_formed():
+    for path in BUILTIN_SETS.values():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                assert set(obj) == {"id", "category", "text"}
+                assert obj["text"] == obj["text"].strip() and obj["text"]
+
+
+def test_user_txt_and_jsonl_files(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\n  second prompt  \nthird\n", encoding="utf-8")
+    assert load_prompts(txt) == ["first prompt", "second prompt", "third"]
+    jl = tmp_path / "p.jsonl"
+    rows = [{"text": "a"}, {"prompt": "b"}, {"instruction": "c", "category": "x"}, "d"]
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    recs = load_prompt_records(str(jl))
+    assert [r.text for r in recs] == ["a", "b", "c", "d"]
+    assert recs[2].category == "x" and recs[0].category == "all"
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "{}\n"])
+def test_empty_or_bad_file_is_typed_error(tmp_path, content):
+    p = tmp_path / "empty.jsonl"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError):
+        load_prompts(p)
+    t = tmp_path / "empty.txt"
+    t.write_text(content.replace("{}", ""), encoding="utf-8")
+    with pytest.raises(DataError):
+        load_prompts(t)
+
+
+def test_missing_file_unknown_name_bad_split():
+    with pytest.raises(DataError, match="not found"):
+        load_prompts("/nonexistent/prompts.txt")
+    with pytest.raises(DataError, match="unknown prompt set"):
+        load_prompts("harmfull")
+    with pytest.raises(DataError, match="unknown split"):
+        load_prompts("harmful", "validation")
+
+
+def test_hf_without_datasets_is_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(RosettaError) as ei:
+        load_prompts("hf:advbench")
+    msg = str(ei.value)
+    assert "\n" not in msg and "datasets" in msg
+
+
+def test_hf_offline_is_one_line_error(monkeypatch):
+    import types
+
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(*a, **k):
+        raise ConnectionError("Couldn't reach 'walledai/AdvBench' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DataError) as ei:
+        load_prompts("hf:advbench")
+    assert "\n" not in str(ei.value) and "offline" in str(ei.value)
+
+
+def test_hf_alias_reads_field_and_filters(monkeypatch):
+    import types
+
+    class FakeDS(list):
+        column_names = ["instruction", "input", "output"]
+
+    calls = []
+
+    def load_dataset(hub_id, config, split):
+        calls.append((hub_id, config, split))
+        return FakeDS(
+            [
+                {"instruction": "Give three tips for staying healthy.", "input": "", "output": "x"},
+                {"instruction": "Translate this.", "input": "Bonjour", "output": "Hello"},
+                {"instruction": "Name a color.", "input": "", "output": "red"},
+            ]
+        )
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_prompts("hf:alpaca") == ["Give three tips for staying healthy.", "Name a color."]
+    assert calls == [("tatsu-lab/alpaca", None, "train")]
