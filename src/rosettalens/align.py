@@ -1,0 +1,207 @@
+"""Pairing positions of two tokenizations of the same texts.
+
+Two tokenizers never share positions. A position of tokenization A is paired with a position of
+tokenization B when both tokens *end at the same character offset* of the text: the two models have then
+read exactly the same prefix of the text. Tokens that end inside a character (byte-level BPE splits a
+multi-byte character over several tokens), special tokens and zero-width tokens have no character end
+(``-1``) and are never paired. The other mode pairs the last token of every document ("last").
+
+``PairedStores`` applies the same rule to two activation stores (``rosettalens.store``) extracted from the
+same documents, giving row-aligned ``(X_a, X_b)`` matrices and shuffled batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from rosettalens.errors import StoreError
+
+__all__ = [
+    "PairedStores",
+    "align_positions",
+    "align_texts",
+    "char_ends",
+    "char_ends_from_offsets",
+    "char_ends_by_decoding",
+]
+
+
+def char_ends_from_offsets(
+    offsets: Sequence[tuple[int, int]], special: Sequence[bool] | None = None, next_start: int | None = None
+) -> list[int]:
+    """Character end offset of every token, or ``-1`` where the token does not end at a character boundary.
+
+    ``offsets`` are a fast tokenizer's ``offset_mapping`` (``[pos]`` pairs of char start/end). Byte-level
+    tokenizers give every token that covers part of a character the span of the whole character; such a
+    token really ends inside the character exactly when the next token starts before its end, so it gets
+    ``-1``. ``next_start`` is the start of the token after the last one (if the sequence was truncated).
+    """
+    n = len(offsets)
+    ends = [-1] * n
+    nxt = next_start  # start of the next real (non-special, non-empty) token, scanning backwards
+    for i in range(n - 1, -1, -1):
+        start, end = int(offsets[i][0]), int(offsets[i][1])
+        if (special is not None and special[i]) or end <= start:
+            continue
+        ends[i] = -1 if (nxt is not None and nxt < end) else end
+        nxt = start
+    return ends
+
+
+def char_ends_by_decoding(tokenizer, text: str, ids: Sequence[int]) -> list[int]:
+    """Reference (slow, O(n^2)) char ends: ``decode(ids[:i+1])`` must be a prefix of ``text``.
+
+    Works for any tokenizer whose decoding reproduces the text (special tokens skipped). Used as the
+    fallback for tokenizers without offsets and as the independent check in tests.
+    """
+    special = set(tokenizer.all_special_ids)
+    ends, last = [], None
+    for i, tid in enumerate(ids):
+        if tid in special:
+            ends.append(-1)
+            continue
+        prefix = tokenizer.decode(
+            list(ids[: i + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        bad = not prefix or "\ufffd" in prefix[-1:] or (last is not None and len(prefix) <= last)
+        if bad or not text.startswith(prefix):
+            ends.append(-1)
+        else:
+            ends.append(len(prefix))
+            last = len(prefix)
+    return ends
+
+
+def char_ends(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+    """Tokenize ``text``; return ``(ids, char_ends)`` (``-1`` = no character end)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        special_ids = set(tokenizer.all_special_ids)
+        return ids, char_ends_from_offsets(enc["offset_mapping"], [t in special_ids for t in ids])
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids, char_ends_by_decoding(tokenizer, text, ids)
+
+
+def align_positions(ends_a: Sequence[int], ends_b: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(idx_a, idx_b)`` of positions whose character ends agree (``-1`` never pairs)."""
+    ea, eb = np.asarray(ends_a, dtype=np.int64), np.asarray(ends_b, dtype=np.int64)
+    va, vb = np.nonzero(ea >= 0)[0], np.nonzero(eb >= 0)[0]
+    _, ia, ib = np.intersect1d(ea[va], eb[vb], assume_unique=False, return_indices=True)
+    return va[ia], vb[ib]
+
+
+def align_texts(tok_a, tok_b, texts: Sequence[str], add_special_tokens: bool = True) -> dict:
+    """Pair the positions of two tokenizers over ``texts``.
+
+    Returns ``{"pairs": [(idx_a, idx_b) per text], "ids_a", "ids_b", "fraction_a", "fraction_b",
+    "paired_fraction"}``; fractions count paired positions over all positions (special tokens included),
+    ``paired_fraction`` is ``2 * n_pairs / (n_a + n_b)`` (1.0 for identical tokenizers).
+    """
+    pairs, ids_a, ids_b = [], [], []
+    n_a = n_b = n_p = 0
+    for text in texts:
+        a, ends_a = char_ends(tok_a, text, add_special_tokens)
+        b, ends_b = char_ends(tok_b, text, add_special_tokens)
+        ia, ib = align_positions(ends_a, ends_b)
+        pairs.append((ia, ib))
+        ids_a.append(a)
+        ids_b.append(b)
+        n_a, n_b, n_p = n_a + len(a), n_b + len(b), n_p + len(ia)
+    return {
+        "pairs": pairs,
+        "ids_a": ids_a,
+        "ids_b": ids_b,
+        "fraction_a": n_p / max(n_a, 1),
+        "fraction_b": n_p / max(n_b, 1),
+        "paired_fraction": 2 * n_p / max(n_a + n_b, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------- stores
+class PairedStores:
+    """Row-aligned view of two activation stores extracted from the same documents.
+
+    ``mode="aligned"``: rows whose tokens end at the same character of the same document.
+    ``mode="last"``: the last stored row of every document (both must have read the same text, i.e. end
+    at the same character; documents truncated differently are left out).
+
+    ``pair.rows_a`` / ``pair.rows_b`` are the paired row indices ``[n_pairs]``; ``pair.read(hook_a,
+    hook_b)`` returns ``(X_a [n_pairs, d_a], X_b [n_pairs, d_b])``.
+    """
+
+    def __init__(self, store_a, store_b, mode: str = "aligned"):
+        if mode not in ("aligned", "last"):
+            raise StoreError(f"unknown pairing mode {mode!r}: expected 'aligned' or 'last'")
+        ha = store_a.manifest.get("dataset", {}).get("sha256")
+        hb = store_b.manifest.get("dataset", {}).get("sha256")
+        if ha is None or ha != hb:
+            raise StoreError(
+                f"cannot pair stores extracted from different texts: {store_a.path} "
+                f"(dataset {str(ha)[:12]}) vs {store_b.path} (dataset {str(hb)[:12]})"
+            )
+        self.store_a, self.store_b, self.mode = store_a, store_b, mode
+        da, db = store_a.doc_index.numpy(), store_b.doc_index.numpy()
+        ca, cb = store_a.char_end.numpy(), store_b.char_end.numpy()
+        if mode == "last":
+            ra, rb = _last_rows(da), _last_rows(db)
+            ka = da[ra] * (1 << 32) + ca[ra]
+            kb = db[rb] * (1 << 32) + cb[rb]
+            _, ia, ib = np.intersect1d(ka, kb, return_indices=True)
+            rows_a, rows_b = ra[ia], rb[ib]
+            n_a, n_b = len(ra), len(rb)
+        else:
+            va, vb = np.nonzero(ca >= 0)[0], np.nonzero(cb >= 0)[0]
+            ka = da[va] * (1 << 32) + ca[va]
+            kb = db[vb] * (1 << 32) + cb[vb]
+            _, ia, ib = np.intersect1d(ka, kb, return_indices=True)
+            rows_a, rows_b = va[ia], vb[ib]
+            n_a, n_b = len(da), len(db)
+        self.rows_a = torch.from_numpy(rows_a.astype(np.int64))
+        self.rows_b = torch.from_numpy(rows_b.astype(np.int64))
+        n = len(rows_a)
+        self.fraction_a = n / max(n_a, 1)
+        self.fraction_b = n / max(n_b, 1)
+        self.paired_fraction = 2 * n / max(n_a + n_b, 1)
+
+    def __len__(self) -> int:
+        return len(self.rows_a)
+
+    def read(self, hook_a: str, hook_b: str, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X_a [n, d_a], X_b [n, d_b])`` for all pairs, or for the pair indices ``rows``."""
+        ra, rb = self.rows_a, self.rows_b
+        if rows is not None:
+            idx = torch.as_tensor(rows, dtype=torch.long)
+            ra, rb = ra[idx], rb[idx]
+        return self.store_a.read(hook_a, rows=ra), self.store_b.read(hook_b, rows=rb)
+
+    def iter_batches(
+        self,
+        hook_a: str,
+        hook_b: str,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield row-aligned ``(X_a [batch, d_a], X_b [batch, d_b])``; shuffled by ``seed`` if asked."""
+        n = len(self)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        )
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            if drop_last and len(idx) < batch_size:
+                break
+            yield self.read(hook_a, hook_b, rows=idx)
+
+
+def _last_rows(doc_index: np.ndarray) -> np.ndarray:
+    """Index of the last row of every document (rows are in canonical (doc, pos) order)."""
+    if len(doc_index) == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.nonzero(doc_index[1:] != doc_index[:-1])[0]
+    return np.concatenate([change, [len(doc_index) - 1]]).astype(np.int64)

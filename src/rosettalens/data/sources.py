@@ -1,0 +1,218 @@
+"""Reading documents from files, Hugging Face datasets and the built-in corpora."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rosettalens.errors import DataError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """An ordered list of documents and where it came from.
+
+    ``sha256`` identifies the exact texts (order included); two stores extracted from corpora with the
+    same hash were extracted from the same documents.
+    """
+
+    spec: str
+    documents: list[str]
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    @property
+    def sha256(self) -> str:
+        return documents_sha256(self.documents)
+
+    def describe(self) -> dict:
+        """JSON-ready description for manifests: spec, number of documents, hash, source details."""
+        return {"spec": self.spec, "n_documents": len(self.documents), "sha256": self.sha256, **self.info}
+
+
+def documents_sha256(documents: Iterable[str]) -> str:
+    """sha256 over the documents in order (length-prefixed, so boundaries count)."""
+    h = hashlib.sha256()
+    for doc in documents:
+        b = doc.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- builtins
+@dataclass(frozen=True)
+class _Builtin:
+    name: str
+    description: str
+    load: Callable[[], list[str]]
+
+
+def _file_builtin(path: Path) -> Callable[[], list[str]]:
+    return lambda: _read_file(path, field=None)
+
+
+def _sequences() -> list[str]:
+    """Ordered sequences (digits, number words, months, days, letters) with varied starts and lengths."""
+    words = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+    months = "January February March April May June July August September October November December".split()
+    days = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    letters = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    digits = [str(i) for i in range(0, 40)]
+    docs = []
+    for seq, seps in ((digits, (" ", ", ")), (words, (" ", ", ")), (months, (" ", ", ")), (letters, (" ",))):
+        for start in range(0, len(seq) - 4):
+            for length in (4, 6):
+                if start + length > len(seq):
+                    continue
+                for sep in seps:
+                    docs.append(sep.join(seq[start : start + length]))
+    cyc = days + days
+    for start in range(7):
+        docs.append(" ".join(cyc[start : start + 5]))
+    return docs
+
+
+def _index() -> dict[str, _Builtin]:
+    out: dict[str, _Builtin] = {}
+    meta_path = BUILTIN_DIR / "index.json"
+    meta = json.loads(meta_path.read_text("utf-8")) if meta_path.exists() else {}
+    if BUILTIN_DIR.is_dir():
+        for p in sorted(BUILTIN_DIR.iterdir()):
+            if p.suffix in (".txt", ".jsonl"):
+                out[p.stem] = _Builtin(p.stem, meta.get(p.stem, f"bundled file {p.name}"), _file_builtin(p))
+    out["sequences"] = _Builtin(
+        "sequences",
+        "ordered sequences: digits, number words, months, weekdays, letters (varied starts and lengths)",
+        _sequences,
+    )
+    return out
+
+
+def builtin_datasets() -> list[dict]:
+    """Name, description and number of documents of every built-in dataset."""
+    rows = []
+    for b in _index().values():
+        docs = b.load()
+        rows.append({"name": b.name, "description": b.description, "n_documents": len(docs)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- files
+def _read_file(path: Path, field: str | None) -> list[str]:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"data path is a directory, expected a .txt or .jsonl file: {path}")
+    try:
+        text = path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file is not valid UTF-8: {path} (byte {e.start})") from None
+    if path.suffix == ".txt":
+        if field is not None:
+            raise DataError(f"--field applies to .jsonl files, not to {path.name}")
+        docs = [line.rstrip("\r") for line in text.split("\n")]
+        docs = [d for d in docs if d.strip()]
+    elif path.suffix == ".jsonl":
+        key = field or "text"
+        docs = []
+        for i, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or key not in obj:
+                raise DataError(f"{path}:{i}: no field {key!r} (choose the text field with --field)")
+            if not isinstance(obj[key], str):
+                raise DataError(f"{path}:{i}: field {key!r} is {type(obj[key]).__name__}, expected a string")
+            if obj[key].strip():
+                docs.append(obj[key])
+    else:
+        raise DataError(
+            f"unsupported data file {path.name!r}: expected .txt (one document per line) or .jsonl"
+        )
+    if not docs:
+        raise DataError(f"data file has no documents: {path}")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------- HF datasets
+def _parse_hf(spec: str) -> tuple[str, str | None, str]:
+    parts = spec[len("hf:") :].split(":")
+    if not parts[0]:
+        raise DataError(f"empty dataset id in {spec!r}; expected hf:<dataset id>[:split]")
+    if len(parts) == 1:
+        return parts[0], None, "train"
+    if len(parts) == 2:
+        return parts[0], None, parts[1] or "train"
+    if len(parts) == 3:
+        return parts[0], parts[1] or None, parts[2] or "train"
+    raise DataError(f"cannot parse {spec!r}; expected hf:<id>[:split] or hf:<id>:<config>:<split>")
+
+
+def _load_hf(spec: str, field: str | None) -> tuple[list[str], dict]:
+    ds_id, config, split = _parse_hf(spec)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DataError(
+            f"{spec!r} needs the optional 'datasets' package: pip install 'rosettalens[datasets]'"
+        ) from None
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(ds_id, config, split=split)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = " (offline? the Hugging Face hub may be unreachable)" if _looks_offline(e) else ""
+        raise DataError(f"cannot load dataset {ds_id!r} split {split!r}{offline}: {msg[:200]}") from None
+    key = field or "text"
+    if key not in ds.column_names:
+        raise DataError(f"dataset {ds_id!r} has no column {key!r} (columns: {ds.column_names}); use --field")
+    docs = [t for t in ds[key] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise DataError(f"dataset {ds_id!r} split {split!r} has no non-empty {key!r} texts")
+    return docs, {"source": "hf", "dataset": ds_id, "config": config, "split": split, "field": key}
+
+
+def _looks_offline(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("connect", "offline", "resolve", "network", "timed out", "couldn't reach"))
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def load_documents(spec: str | os.PathLike, field: str | None = None) -> Corpus:
+    """Load the documents named by ``spec`` (file path, ``hf:<id>[:split]`` or built-in name).
+
+    Raises :class:`DataError` for a missing, empty or unreadable source, an unknown name, or an
+    unreachable dataset.
+    """
+    s = os.fspath(spec)
+    if not s.strip():
+        raise DataError("no data given: expected a .txt/.jsonl file, hf:<dataset id> or a built-in name")
+    if s.startswith("hf:"):
+        docs, info = _load_hf(s, field)
+        return Corpus(s, docs, info)
+    path = Path(s)
+    if path.suffix in (".txt", ".jsonl") or path.exists() or os.sep in s:
+        docs = _read_file(path, field)
+        info = {"source": "file", "path": str(path.resolve())}
+        if field:
+            info["field"] = field
+        return Corpus(s, docs, info)
+    index = _index()
+    if s in index:
+        return Corpus(s, index[s].load(), {"source": "builtin"})
+    raise DataError(
+        f"unknown data {s!r}: not a file, not hf:<dataset id>, not a built-in (built-ins: {', '.join(index)})"
+    )
