@@ -1,0 +1,54 @@
+"""Representation similarity (SVCCA, PWCCA, CKA, RSA, Procrustes, kNN), permutation nulls, and
+SAE feature matching.
+
+All metrics take paired rows ``X [n, d1]``, ``Y [n, d2]`` (numpy or torch, any device) and compute
+in float64. See ``docs/similarity.md``.
+"""
+
+from rosettalens.similarity.errors import BatchSizeError, DegenerateInputError, NonFiniteError
+from rosettalens.similarity.metrics import (
+    MinibatchCKA,
+    ProcrustesResult,
+    PWCCAResult,
+    SVCCAResult,
+    cca,
+    jaccard_knn,
+    linear_cka,
+    mutual_knn,
+    procrustes,
+    pwcca,
+    rbf_cka,
+    rdm,
+    rsa,
+    svcca,
+)
+from rosettalens.similarity.permutation import (
+    PermutationResult,
+    metric_names,
+    permutation_test,
+    prepare_metric,
+)
+
+__all__ = [
+    "BatchSizeError",
+    "DegenerateInputError",
+    "NonFiniteError",
+    "MinibatchCKA",
+    "ProcrustesResult",
+    "PWCCAResult",
+    "SVCCAResult",
+    "PermutationResult",
+    "cca",
+    "jaccard_knn",
+    "linear_cka",
+    "metric_names",
+    "mutual_knn",
+    "permutation_test",
+    "prepare_metric",
+    "procrustes",
+    "pwcca",
+    "rbf_cka",
+    "rdm",
+    "rsa",
+    "svcca",
+]

@@ -1,0 +1,781 @@
+"""Similarity metrics between two representations of the same rows.
+
+Every metric takes ``X [n, d1]`` and ``Y [n, d2]`` whose row ``i`` describes the same token (or
+stimulus) in both spaces. Inputs may be numpy arrays or torch tensors on any device; all arithmetic
+is done in float64 with torch on the device of ``X``. Rows containing NaN/inf raise
+:class:`~rosettalens.similarity.errors.NonFiniteError`.
+
+Conventions (stated once, here):
+
+* CCA-family metrics centre each column. Directions whose variance is below ``1e-11 x`` the largest
+  (times ``max(n, d)``) are numerically null and dropped.
+* ``svcca`` keeps, per input, the fewest principal directions whose squared singular values reach
+  ``keep_variance`` of the total, then averages the canonical correlations.
+* ``pwcca`` weights the canonical correlations by how much of the *smaller* input (fewer directions)
+  each canonical variate accounts for (Morcos et al. 2018), using centred activations.
+* CKA bandwidth for the RBF kernel is ``sigma x median pairwise distance`` (median over pairs i<j of
+  squared distances, then square-rooted). Debiased CKA uses the unbiased HSIC estimator of Song et
+  al. (2012); it may be negative and is never clamped.
+* RSA compares the upper triangles (i < j) of the two representational dissimilarity matrices.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rosettalens.errors import ConfigError, ShapeError
+from rosettalens.similarity._tensor import ArrayLike, center, paired
+from rosettalens.similarity.errors import BatchSizeError, DegenerateInputError
+
+__all__ = [
+    "cca",
+    "svcca",
+    "pwcca",
+    "linear_cka",
+    "rbf_cka",
+    "MinibatchCKA",
+    "rsa",
+    "rdm",
+    "procrustes",
+    "mutual_knn",
+    "jaccard_knn",
+    "SVCCAResult",
+    "PWCCAResult",
+    "ProcrustesResult",
+]
+
+# A function of a row permutation (None = identity) returning the metric of (X, Y[perm]).
+Prepared = Callable[[torch.Tensor | None], float]
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# principal bases (shared by CCA, SVCCA, PWCCA)
+
+
+@dataclass
+class _Spectrum:
+    """Eigen-decomposition of the smaller Gram matrix of a centred ``xc [n, d]``."""
+
+    xc: torch.Tensor
+    lam: torch.Tensor  # [r] squared singular values, descending, numerically non-zero only
+    vecs: torch.Tensor  # [d, r] right singular vectors (feature_space) or [n, r] left ones
+    feature_space: bool
+
+    def basis(self, k: int | None = None) -> torch.Tensor:
+        """Orthonormal ``[n, k]`` basis of the top-``k`` principal directions (all when None)."""
+        k = self.lam.numel() if k is None else k
+        lam, vecs = self.lam[:k], self.vecs[:, :k]
+        if not self.feature_space:
+            return vecs
+        q = self.xc @ (vecs / lam.sqrt())
+        if float(lam[0] / lam[-1]) > 1e4:  # wide spectrum: one Cholesky-QR pass restores orthonormality
+            chol = torch.linalg.cholesky(q.T @ q)
+            q = torch.linalg.solve_triangular(chol.T, q, upper=True, left=False)
+        return q
+
+
+def _spectrum(xc: torch.Tensor, name: str) -> _Spectrum:
+    n, d = xc.shape
+    feature_space = d <= n
+    gram = xc.T @ xc if feature_space else xc @ xc.T
+    lam, vecs = torch.linalg.eigh(gram)
+    lam, vecs = lam.flip(0), vecs.flip(1)
+    if float(lam[0]) <= 0:
+        raise DegenerateInputError(
+            f"{name} has zero variance (every row is the same); the metric is undefined"
+        )
+    keep = lam > lam[0] * (max(n, d) * _EPS * 10)
+    return _Spectrum(xc, lam[keep], vecs[:, keep], feature_space)
+
+
+def _n_keep(lam: torch.Tensor, keep_variance: float) -> int:
+    frac = torch.cumsum(lam, 0) / lam.sum()
+    k = int((frac < keep_variance * (1 - 1e-12)).sum()) + 1
+    return min(k, lam.numel())
+
+
+def _warn_overfit(rx: int, ry: int, n: int) -> None:
+    if rx + ry > n - 1:
+        warnings.warn(
+            f"CCA on {n} rows with {rx} + {ry} directions: canonical correlations are trivially 1 "
+            "when the directions outnumber the rows; use more rows or fewer directions (svcca)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _to_np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# CCA family
+
+
+def cca(X: ArrayLike, Y: ArrayLike) -> np.ndarray:
+    """All canonical correlations of ``X [n, d1]`` and ``Y [n, d2]``, descending.
+
+    Returns a float64 array of length ``min(rank X, rank Y)`` with values in ``[0, 1]``.
+    Invariant to invertible linear maps of either input.
+    """
+    x, y = paired(X, Y, min_rows=2, what="cca")
+    qx = _spectrum(center(x), "X").basis()
+    qy = _spectrum(center(y), "Y").basis()
+    _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
+    return _to_np(torch.linalg.svdvals(qx.T @ qy).clamp_(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class SVCCAResult:
+    """SVCCA value with its ingredients."""
+
+    value: float  # mean canonical correlation of the reduced inputs
+    correlations: np.ndarray = field(repr=False)  # [min(dims_x, dims_y)] descending
+    dims_x: int  # principal directions kept for X
+    dims_y: int  # principal directions kept for Y
+
+
+def _check_keep(keep_variance: float) -> None:
+    if not 0.0 < keep_variance <= 1.0:
+        raise ConfigError(f"keep_variance must be in (0, 1], got {keep_variance}")
+
+
+def svcca(
+    X: ArrayLike, Y: ArrayLike, keep_variance: float = 0.99, return_details: bool = False
+) -> float | SVCCAResult:
+    """SVCCA (Raghu et al. 2017): SVD-reduce each centred input, then mean canonical correlation.
+
+    Keeps, per input, the fewest principal directions whose squared singular values reach
+    ``keep_variance`` of the total (relative to the total, so the scale of the data does not matter).
+    ``X [n, d1]``, ``Y [n, d2]`` -> float in ``[0, 1]`` (an :class:`SVCCAResult` if ``return_details``).
+    """
+    _check_keep(keep_variance)
+    x, y = paired(X, Y, min_rows=2, what="svcca")
+    qx, qy = _svcca_bases(x, y, keep_variance)
+    _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
+    rho = torch.linalg.svdvals(qx.T @ qy).clamp_(0.0, 1.0)
+    value = float(rho.mean())
+    if return_details:
+        return SVCCAResult(value, _to_np(rho), qx.shape[1], qy.shape[1])
+    return value
+
+
+def _svcca_bases(x: torch.Tensor, y: torch.Tensor, keep_variance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sx, sy = _spectrum(center(x), "X"), _spectrum(center(y), "Y")
+    return sx.basis(_n_keep(sx.lam, keep_variance)), sy.basis(_n_keep(sy.lam, keep_variance))
+
+
+@dataclass(frozen=True)
+class PWCCAResult:
+    """PWCCA value with its weights and canonical correlations."""
+
+    value: float
+    weights: np.ndarray = field(repr=False)  # [r] non-negative, sum to 1
+    correlations: np.ndarray = field(repr=False)  # [r] descending
+    weighted_side: str  # "X" or "Y": the input with fewer directions, whose variates were weighted
+
+
+def pwcca(X: ArrayLike, Y: ArrayLike, return_details: bool = False) -> float | PWCCAResult:
+    """Projection-weighted CCA (Morcos et al. 2018); either input may be the wider one.
+
+    The canonical variates ``h_i`` of the input with fewer directions get weight
+    ``sum_j |<h_i, z_j>|`` over that input's centred neurons ``z_j``; the result is the weighted mean
+    canonical correlation. ``X [n, d1]``, ``Y [n, d2]`` -> float in ``[0, 1]``.
+    """
+    x, y = paired(X, Y, min_rows=2, what="pwcca")
+    return _pwcca_from(_PWCCAParts.build(x, y), None, return_details)
+
+
+@dataclass
+class _PWCCAParts:
+    qx: torch.Tensor
+    qy: torch.Tensor
+    px: torch.Tensor  # qx^T xc [rx, d1]
+    py: torch.Tensor  # qy^T yc [ry, d2]
+
+    @classmethod
+    def build(cls, x: torch.Tensor, y: torch.Tensor) -> _PWCCAParts:
+        xc, yc = center(x), center(y)
+        qx, qy = _spectrum(xc, "X").basis(), _spectrum(yc, "Y").basis()
+        _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
+        return cls(qx, qy, qx.T @ xc, qy.T @ yc)
+
+
+def _pwcca_from(parts: _PWCCAParts, perm: torch.Tensor | None, details: bool) -> float | PWCCAResult:
+    qy = parts.qy if perm is None else parts.qy[perm]
+    u, rho, vh = torch.linalg.svd(parts.qx.T @ qy, full_matrices=False)
+    rho = rho.clamp(0.0, 1.0)
+    r = rho.numel()
+    if parts.qx.shape[1] <= parts.qy.shape[1]:
+        side, loadings = "X", u[:, :r].T @ parts.px  # canonical variates of X against X's neurons
+    else:
+        side, loadings = "Y", vh[:r] @ parts.py  # (row permutation of Y leaves this unchanged)
+    alpha = loadings.abs().sum(dim=1)
+    weights = alpha / alpha.sum()
+    value = float((weights * rho).sum())
+    if details:
+        return PWCCAResult(value, _to_np(weights), _to_np(rho), side)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# CKA
+
+
+def _check_debiased_rows(n: int, debiased: bool, what: str) -> None:
+    if debiased and n < 4:
+        raise BatchSizeError(
+            f"{what} with debiased=True uses the unbiased HSIC estimator, which needs at least 4 rows; got {n}"
+        )
+
+
+def _use_gram(n: int, d1: int, d2: int) -> bool:
+    """True when the ``[n, n]`` Gram path is cheaper than the feature-space path."""
+    return n * (d1 + d2 + 3) < d1 * d2 + d1 * d1 + d2 * d2
+
+
+def _debias(xty: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, n: int) -> torch.Tensor:
+    """``n (n-3) x`` unbiased HSIC (Song et al. 2012) from feature-space terms of centred data.
+
+    ``xty = ||Xc^T Yc||_F^2``; ``kx``, ``ky`` are the squared row norms of ``Xc``, ``Yc``.
+    """
+    return xty - n / (n - 2) * (kx @ ky) + kx.sum() * ky.sum() / ((n - 1) * (n - 2))
+
+
+def _center_gram_(k: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """Centre a symmetric Gram matrix ``[n, n]`` in place (double centring or U-centring)."""
+    n = k.shape[0]
+    if unbiased:
+        k.fill_diagonal_(0.0)
+        means = k.sum(dim=0) / (n - 2)
+        means -= means.sum() / (2 * (n - 1))
+        k.sub_(means[:, None]).sub_(means[None, :])
+        k.fill_diagonal_(0.0)
+    else:
+        means = k.mean(dim=0)
+        k.sub_(means[:, None]).sub_(means[None, :]).add_(means.mean())
+    return k
+
+
+def _cka_ratio(xy: torch.Tensor | float, xx: torch.Tensor | float, yy: torch.Tensor | float) -> float:
+    xy, xx, yy = float(xy), float(xx), float(yy)
+    if not (xx > 0 and yy > 0):
+        which = "X" if not xx > 0 else "Y"
+        raise DegenerateInputError(
+            f"CKA is undefined: {which} has no (estimated) variance across rows; "
+            "check for constant inputs or too few rows"
+        )
+    return xy / math.sqrt(xx * yy)
+
+
+def _gram_dot(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741
+    return torch.dot(k.reshape(-1), l.reshape(-1))
+
+
+def linear_cka(X: ArrayLike, Y: ArrayLike, debiased: bool = False) -> float:
+    """Linear CKA (Kornblith et al. 2019) of ``X [n, d1]`` and ``Y [n, d2]``.
+
+    Computed in feature space (``d x d`` products) when that is cheaper, else with ``[n, n]`` Gram
+    matrices. ``debiased=True`` uses the unbiased HSIC estimator (needs ``n >= 4``); the result may be
+    negative and is not clamped. Invariant to orthogonal transforms and isotropic scaling.
+    """
+    x, y = paired(X, Y, min_rows=2, what="linear_cka")
+    _check_debiased_rows(x.shape[0], debiased, "linear_cka")
+    return _prep_linear_cka(x, y, debiased)(None)
+
+
+def _prep_linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> Prepared:
+    n, d1 = x.shape
+    d2 = y.shape[1]
+    _check_debiased_rows(n, debiased, "linear_cka")
+    xc, yc = center(x), center(y)
+    if _use_gram(n, d1, d2):
+        k = _center_gram_(xc @ xc.T, debiased)
+        l = _center_gram_(yc @ yc.T, debiased)  # noqa: E741
+        xx, yy = _gram_dot(k, k), _gram_dot(l, l)
+
+        def gram_fn(perm: torch.Tensor | None) -> float:
+            lp = l if perm is None else l[perm][:, perm]
+            return _cka_ratio(_gram_dot(k, lp), xx, yy)
+
+        return gram_fn
+
+    xx = torch.linalg.matrix_norm(xc.T @ xc) ** 2
+    yy = torch.linalg.matrix_norm(yc.T @ yc) ** 2
+    kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
+    if debiased:
+        xx, yy = _debias(xx, kx, kx, n), _debias(yy, ky, ky, n)
+
+    def feature_fn(perm: torch.Tensor | None) -> float:
+        yp, kyp = (yc, ky) if perm is None else (yc[perm], ky[perm])
+        xy = torch.linalg.matrix_norm(xc.T @ yp) ** 2
+        if debiased:
+            xy = _debias(xy, kx, kyp, n)
+        return _cka_ratio(xy, xx, yy)
+
+    return feature_fn
+
+
+def _median_offdiag_(d: torch.Tensor) -> float:
+    """Median over pairs ``i < j`` of a symmetric ``[n, n]`` matrix with zero diagonal (no copy kept)."""
+    n = d.shape[0]
+    m = n * (n - 1) // 2
+    d.fill_diagonal_(-1.0)  # sorts below every distance: pair r sits at full ranks n+2r-1 and n+2r
+    flat = d.reshape(-1)
+    if m % 2:
+        med = float(torch.kthvalue(flat, n + m + 1).values)
+    else:
+        med = 0.5 * float(torch.kthvalue(flat, n + m).values + torch.kthvalue(flat, n + m + 2).values)
+    d.fill_diagonal_(0.0)
+    return med
+
+
+def _sq_dists(x: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``x [n, d]`` -> ``[n, n]`` (zero diagonal)."""
+    g = x @ x.T
+    sq = g.diagonal().clone()
+    g.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0)
+    g.fill_diagonal_(0.0)
+    return g
+
+
+def _rbf_gram(x: torch.Tensor, sigma: float, name: str) -> torch.Tensor:
+    g = _sq_dists(center(x))
+    med = _median_offdiag_(g)
+    if not med > 0:
+        raise DegenerateInputError(
+            f"rbf_cka: the median pairwise distance of {name} is 0 (most rows are identical); "
+            "the RBF bandwidth is undefined"
+        )
+    return g.mul_(-1.0 / (2.0 * sigma * sigma * med)).exp_()
+
+
+def rbf_cka(X: ArrayLike, Y: ArrayLike, sigma: float = 0.5, debiased: bool = False) -> float:
+    """RBF-kernel CKA (Kornblith et al. 2019): bandwidth = ``sigma x`` median pairwise distance.
+
+    Builds two ``[n, n]`` float64 Gram matrices (``16 n^2`` bytes); use on up to ~10-20k rows.
+    ``debiased=True`` uses the unbiased HSIC estimator (may be negative; never clamped).
+    """
+    x, y = paired(X, Y, min_rows=2, what="rbf_cka")
+    return _prep_rbf_cka(x, y, sigma, debiased)(None)
+
+
+def _prep_rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.5, debiased: bool = False) -> Prepared:
+    if not sigma > 0:
+        raise ConfigError(f"rbf_cka: sigma must be > 0, got {sigma}")
+    _check_debiased_rows(x.shape[0], debiased, "rbf_cka")
+    k = _center_gram_(_rbf_gram(x, sigma, "X"), debiased)
+    l = _center_gram_(_rbf_gram(y, sigma, "Y"), debiased)  # noqa: E741
+    xx, yy = _gram_dot(k, k), _gram_dot(l, l)
+
+    def fn(perm: torch.Tensor | None) -> float:
+        lp = l if perm is None else l[perm][:, perm]
+        return _cka_ratio(_gram_dot(k, lp), xx, yy)
+
+    return fn
+
+
+class MinibatchCKA:
+    """Linear CKA accumulated over minibatches with the unbiased HSIC estimator (Nguyen et al. 2021).
+
+    ``CKA = sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L_b))``, where
+    ``HSIC_1`` is the unbiased estimator of Song et al. (2012) on one batch. Each batch needs at least
+    4 rows (a :class:`BatchSizeError` otherwise); use batches of a fixed size, ideally >= 64 rows.
+
+    Example::
+
+        mb = MinibatchCKA()
+        for xb, yb in batches:          # xb [b, d1], yb [b, d2], rows paired
+            mb.update(xb, yb)
+        value = mb.compute()
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._xy = 0.0
+        self._xx = 0.0
+        self._yy = 0.0
+        self._dims: tuple[int, int] | None = None
+        self.n_batches = 0
+        self.n_rows = 0
+
+    def update(self, X: ArrayLike, Y: ArrayLike) -> None:
+        """Add one batch ``X [b, d1]``, ``Y [b, d2]`` (b >= 4)."""
+        x, y = paired(X, Y, min_rows=1, what="MinibatchCKA")
+        b = x.shape[0]
+        if b < 4:
+            raise BatchSizeError(
+                f"MinibatchCKA: a batch of {b} row(s) is too small for the unbiased HSIC estimator "
+                "(needs >= 4 rows per batch; use batches of >= 64 rows and drop or merge a short last batch)"
+            )
+        dims = (x.shape[1], y.shape[1])
+        if self._dims is not None and dims != self._dims:
+            raise ShapeError(f"MinibatchCKA: batch widths {dims} differ from earlier batches {self._dims}")
+        self._dims = dims
+        xc, yc = center(x), center(y)
+        kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
+        scale = 1.0 / (b * (b - 3))
+        if _use_gram(b, *dims):
+            k = _center_gram_(xc @ xc.T, True)
+            l = _center_gram_(yc @ yc.T, True)  # noqa: E741
+            xy, xx, yy = _gram_dot(k, l), _gram_dot(k, k), _gram_dot(l, l)
+        else:
+            xy = _debias(torch.linalg.matrix_norm(xc.T @ yc) ** 2, kx, ky, b)
+            xx = _debias(torch.linalg.matrix_norm(xc.T @ xc) ** 2, kx, kx, b)
+            yy = _debias(torch.linalg.matrix_norm(yc.T @ yc) ** 2, ky, ky, b)
+        self._xy += float(xy) * scale
+        self._xx += float(xx) * scale
+        self._yy += float(yy) * scale
+        self.n_batches += 1
+        self.n_rows += b
+
+    def compute(self) -> float:
+        """The minibatch CKA so far (may be negative; never clamped)."""
+        if self.n_batches == 0:
+            raise BatchSizeError("MinibatchCKA.compute() called before any update()")
+        return _cka_ratio(self._xy, self._xx, self._yy)
+
+
+# ----------------------------------------------------------------------------------------------
+# RSA
+
+_INNER = ("correlation", "cosine", "euclidean", "sqeuclidean")
+_OUTER = ("spearman", "pearson", "kendall")
+
+
+def _unit_rows(z: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    norms = z.norm(dim=1, keepdim=True)
+    zero = (norms[:, 0] == 0).nonzero().flatten()
+    if zero.numel():
+        first = ", ".join(str(int(i)) for i in zero[:5])
+        raise DegenerateInputError(
+            f"{what} distance is undefined for rows of {name} with zero {'variance' if what == 'correlation' else 'norm'} (rows {first})"
+        )
+    return z / norms
+
+
+def _rdm_full(x: torch.Tensor, inner: str, name: str = "X") -> torch.Tensor:
+    """Representational dissimilarity matrix ``[n, n]`` of the rows of ``x [n, d]``."""
+    if inner == "correlation":
+        z = _unit_rows(x - x.mean(dim=1, keepdim=True), name, "correlation")
+        d = (z @ z.T).neg_().add_(1.0)
+    elif inner == "cosine":
+        z = _unit_rows(x, name, "cosine")
+        d = (z @ z.T).neg_().add_(1.0)
+    elif inner == "sqeuclidean":
+        d = _sq_dists(center(x))
+    elif inner == "euclidean":
+        d = _sq_dists(center(x)).sqrt_()
+    else:
+        raise ConfigError(f"rsa: unknown inner={inner!r}; choose one of {', '.join(_INNER)}")
+    d.fill_diagonal_(0.0)
+    return d
+
+
+def rdm(X: ArrayLike, inner: str = "correlation") -> np.ndarray:
+    """Representational dissimilarity matrix of ``X [n, d]`` -> ``[n, n]`` float64 numpy array.
+
+    ``inner``: ``"correlation"`` (1 - Pearson r between rows), ``"cosine"``, ``"euclidean"``,
+    ``"sqeuclidean"``.
+    """
+    from rosettalens.similarity._tensor import as_f64
+
+    return _to_np(_rdm_full(as_f64(X, "X"), inner))
+
+
+def _upper_mask(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+
+
+def _rank_average(v: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``v [m]`` with ties given their average rank (as scipy.stats.rankdata)."""
+    vals, idx = torch.sort(v)
+    ranks = torch.empty_like(v)
+    if not bool((vals[1:] == vals[:-1]).any()):
+        ranks[idx] = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+        return ranks
+    _, inverse, counts = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
+    avg = torch.cumsum(counts, 0).to(v.dtype) - (counts.to(v.dtype) - 1) / 2
+    ranks[idx] = avg[inverse]
+    return ranks
+
+
+def _centered_unit(v: torch.Tensor, name: str) -> torch.Tensor:
+    v = v - v.mean()
+    nrm = v.norm()
+    if not float(nrm) > 0:
+        raise DegenerateInputError(
+            f"rsa: every dissimilarity of {name} is equal; the correlation is undefined"
+        )
+    return v / nrm
+
+
+def rsa(X: ArrayLike, Y: ArrayLike, inner: str = "correlation", outer: str = "spearman") -> float:
+    """Representational similarity analysis of ``X [n, d1]`` and ``Y [n, d2]``.
+
+    Builds each input's dissimilarity matrix (``inner``: see :func:`rdm`) and correlates their upper
+    triangles (``outer``: ``"spearman"`` with average ranks for ties, ``"pearson"`` or ``"kendall"``
+    tau-b; kendall runs through scipy and is slow beyond ~2,000 rows). Memory: a few ``[n, n]`` float64.
+    """
+    x, y = paired(X, Y, min_rows=3, what="rsa")
+    return _prep_rsa(x, y, inner, outer)(None)
+
+
+def _prep_rsa(
+    x: torch.Tensor, y: torch.Tensor, inner: str = "correlation", outer: str = "spearman"
+) -> Prepared:
+    if inner not in _INNER:
+        raise ConfigError(f"rsa: unknown inner={inner!r}; choose one of {', '.join(_INNER)}")
+    if outer not in _OUTER:
+        raise ConfigError(f"rsa: unknown outer={outer!r}; choose one of {', '.join(_OUTER)}")
+    n = x.shape[0]
+    mask = _upper_mask(n, x.device)
+    a = _rdm_full(x, inner, "X")[mask]
+    b = _rdm_full(y, inner, "Y")[mask]
+    if outer == "kendall":
+        from scipy.stats import kendalltau
+
+        a_np, b_tri = _to_np(a), b
+        bfull = torch.zeros(n, n, dtype=b.dtype, device=b.device)
+        bfull[mask] = b
+        bfull += bfull.T
+
+        def kendall_fn(perm: torch.Tensor | None) -> float:
+            bp = b_tri if perm is None else bfull[perm][:, perm][mask]
+            return float(kendalltau(a_np, _to_np(bp)).statistic)
+
+        return kendall_fn
+    if outer == "spearman":
+        a, b = _rank_average(a), _rank_average(b)
+    ua = _centered_unit(a, "X")
+    ub = _centered_unit(b, "Y")
+    del a, b
+
+    full: list[torch.Tensor] = []  # Y's symmetric [n, n] (rank) matrix, built on the first permutation
+
+    def fn(perm: torch.Tensor | None) -> float:
+        if perm is None:
+            return float(torch.dot(ua, ub))
+        if not full:
+            f = torch.zeros(n, n, dtype=ub.dtype, device=ub.device)
+            f[mask] = ub
+            full.append(f + f.T)
+        # permuting the rows of Y permutes its RDM's rows and columns; ranks move with the entries
+        return float(torch.dot(ua, full[0][perm][:, perm][mask]))
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Procrustes
+
+
+@dataclass(frozen=True)
+class ProcrustesResult:
+    """Orthogonal Procrustes comparison of centred, unit-Frobenius-norm inputs.
+
+    ``similarity = ||X^T Y||_*`` (nuclear norm) is ``cos`` of the angular distance; 1 iff the inputs
+    are equal up to rotation, translation and scale. ``distance = sqrt(2 - 2 similarity)`` is the
+    residual of the best rotation (Ding et al. 2021; Williams et al. 2021).
+    """
+
+    distance: float
+    angular_distance: float  # radians, in [0, pi/2]
+    similarity: float
+
+    @property
+    def value(self) -> float:
+        return self.similarity
+
+
+def _row_space_factor(xc: torch.Tensor) -> torch.Tensor:
+    """``F [n, r]`` with ``F F^T = xc xc^T``: ``xc`` itself when narrow, else ``U sqrt(lam)``."""
+    n, d = xc.shape
+    if d <= n:
+        return xc
+    lam, u = torch.linalg.eigh(xc @ xc.T)
+    keep = lam > 0
+    return u[:, keep] * lam[keep].sqrt()
+
+
+def procrustes(X: ArrayLike, Y: ArrayLike) -> ProcrustesResult:
+    """Orthogonal Procrustes distance and angular similarity of ``X [n, d1]`` and ``Y [n, d2]``.
+
+    Both inputs are centred and scaled to unit Frobenius norm; unequal widths are zero-padded (which
+    leaves ``||X^T Y||_*`` unchanged, so no padding is materialised). Not invariant to general
+    (non-orthogonal) linear maps.
+    """
+    x, y = paired(X, Y, min_rows=2, what="procrustes")
+    return _procrustes_from(*_prep_procrustes_parts(x, y), None)
+
+
+def _prep_procrustes_parts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = []
+    for t, name in ((x, "X"), (y, "Y")):
+        tc = center(t)
+        nrm = torch.linalg.matrix_norm(tc)
+        if not float(nrm) > 0:
+            raise DegenerateInputError(f"procrustes: {name} has zero variance; the metric is undefined")
+        out.append(_row_space_factor(tc / nrm))
+    return out[0], out[1]
+
+
+def _procrustes_from(fx: torch.Tensor, fy: torch.Tensor, perm: torch.Tensor | None) -> ProcrustesResult:
+    fyp = fy if perm is None else fy[perm]
+    nuc = float(torch.linalg.svdvals(fx.T @ fyp).sum())
+    nuc_c = min(max(nuc, 0.0), 1.0)  # rounding only: the nuclear norm of unit-norm inputs is <= 1
+    return ProcrustesResult(math.sqrt(max(2.0 - 2.0 * nuc_c, 0.0)), math.acos(nuc_c), nuc_c)
+
+
+def _prep_procrustes(x: torch.Tensor, y: torch.Tensor) -> Prepared:
+    fx, fy = _prep_procrustes_parts(x, y)
+    return lambda perm: _procrustes_from(fx, fy, perm).similarity
+
+
+# ----------------------------------------------------------------------------------------------
+# nearest-neighbour overlap
+
+_KNN_METRICS = ("cosine", "euclidean", "ip")
+
+
+def _knn_mask_rows(x: torch.Tensor, rows: slice, k: int, metric: str, xn: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[c, n]`` mask of the ``k`` nearest neighbours (self excluded) of ``x[rows]``.
+
+    Ties at the k-th similarity are broken toward the lower row index, so the result is deterministic.
+    """
+    if metric == "euclidean":
+        s = 2.0 * (x[rows] @ x.T) - xn[None, :]  # = -(squared distance) + const per row
+    else:
+        s = x[rows] @ x.T
+    r = torch.arange(rows.start, rows.stop, device=x.device)
+    s[torch.arange(s.shape[0], device=x.device), r] = -math.inf
+    kth = torch.topk(s, k, dim=1).values[:, -1:]
+    gt = s > kth
+    need = k - gt.sum(dim=1, keepdim=True)
+    tie = s == kth
+    return gt | (tie & (torch.cumsum(tie, dim=1) <= need))
+
+
+def _knn_prepare_x(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if metric not in _KNN_METRICS:
+        raise ConfigError(f"unknown kNN metric {metric!r}; choose one of {', '.join(_KNN_METRICS)}")
+    if metric == "cosine":
+        norms = x.norm(dim=1, keepdim=True)
+        x = x / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return x, (x * x).sum(1)
+
+
+def _check_k(k: int, n: int) -> None:
+    if not 1 <= k <= n - 1:
+        raise ConfigError(
+            f"k must be between 1 and n-1 = {n - 1} (neighbours exclude the row itself), got {k}"
+        )
+
+
+def _knn_overlap(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, chunk: int = 1024) -> torch.Tensor:
+    """``[n]`` size of the intersection of each row's k-NN sets in X and in Y."""
+    n = x.shape[0]
+    _check_k(k, n)
+    xs, xn = _knn_prepare_x(x, metric)
+    ys, yn = _knn_prepare_x(y, metric)
+    out = torch.empty(n, dtype=torch.float64, device=x.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        mx = _knn_mask_rows(xs, rows, k, metric, xn)
+        my = _knn_mask_rows(ys, rows, k, metric, yn)
+        out[rows] = (mx & my).sum(dim=1).to(torch.float64)
+    return out
+
+
+def mutual_knn(X: ArrayLike, Y: ArrayLike, k: int = 10, metric: str = "cosine") -> float:
+    """Mutual k-nearest-neighbour alignment (Huh et al. 2024): mean ``|N_X(i) & N_Y(i)| / k``.
+
+    Neighbours exclude the row itself; ``metric``: ``"cosine"`` (default, as Huh et al. normalise
+    features), ``"euclidean"`` or ``"ip"`` (inner product). Computed in float64 in row chunks.
+    """
+    x, y = paired(X, Y, min_rows=2, what="mutual_knn")
+    return float(_knn_overlap(x, y, k, metric).mean() / k)
+
+
+def jaccard_knn(X: ArrayLike, Y: ArrayLike, k: int = 10, metric: str = "cosine") -> float:
+    """Mean Jaccard index of each row's k-NN sets in X and in Y: ``|A & B| / |A | B|``."""
+    x, y = paired(X, Y, min_rows=2, what="jaccard_knn")
+    inter = _knn_overlap(x, y, k, metric)
+    return float((inter / (2 * k - inter)).mean())
+
+
+_KNN_FULL_MAX_ROWS = 30_000
+
+
+def _prep_knn(
+    x: torch.Tensor, y: torch.Tensor, k: int = 10, metric: str = "cosine", jaccard: bool = False
+) -> Prepared:
+    n = x.shape[0]
+    _check_k(k, n)
+
+    def score(inter: torch.Tensor) -> float:
+        return float((inter / (2 * k - inter)).mean()) if jaccard else float(inter.mean() / k)
+
+    if n > _KNN_FULL_MAX_ROWS:  # [n, n] masks too large: recompute per permutation
+        return lambda perm: score(_knn_overlap(x, y if perm is None else y[perm], k, metric))
+    xs, xn = _knn_prepare_x(x, metric)
+    ys, yn = _knn_prepare_x(y, metric)
+    mx = _knn_mask_rows(xs, slice(0, n), k, metric, xn)
+    my = _knn_mask_rows(ys, slice(0, n), k, metric, yn)
+
+    def fn(perm: torch.Tensor | None) -> float:
+        myp = my if perm is None else my[perm][:, perm]
+        return score((mx & myp).sum(dim=1).to(torch.float64))
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# prepared (permutation-friendly) forms, keyed by metric name
+
+
+def _prep_cca(x: torch.Tensor, y: torch.Tensor) -> Prepared:
+    qx = _spectrum(center(x), "X").basis()
+    qy = _spectrum(center(y), "Y").basis()
+    _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
+    return lambda perm: float(
+        torch.linalg.svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean()
+    )
+
+
+def _prep_svcca(x: torch.Tensor, y: torch.Tensor, keep_variance: float = 0.99) -> Prepared:
+    _check_keep(keep_variance)
+    qx, qy = _svcca_bases(x, y, keep_variance)
+    _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
+    return lambda perm: float(
+        torch.linalg.svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean()
+    )
+
+
+def _prep_pwcca(x: torch.Tensor, y: torch.Tensor) -> Prepared:
+    parts = _PWCCAParts.build(x, y)
+    return lambda perm: float(_pwcca_from(parts, perm, False))  # type: ignore[arg-type]
+
+
+# name -> (public function, prepare(x, y, **kwargs), minimum rows)
+PREPARED: dict[str, tuple[Callable[..., object], Callable[..., Prepared], int]] = {
+    "cca": (cca, _prep_cca, 2),
+    "svcca": (svcca, _prep_svcca, 2),
+    "pwcca": (pwcca, _prep_pwcca, 2),
+    "linear_cka": (linear_cka, _prep_linear_cka, 2),
+    "rbf_cka": (rbf_cka, _prep_rbf_cka, 2),
+    "rsa": (rsa, _prep_rsa, 3),
+    "procrustes": (procrustes, _prep_procrustes, 2),
+    "mutual_knn": (mutual_knn, _prep_knn, 2),
+    "jaccard_knn": (jaccard_knn, lambda x, y, **kw: _prep_knn(x, y, jaccard=True, **kw), 2),
+}
