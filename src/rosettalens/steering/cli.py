@@ -1,0 +1,336 @@
+"""``rosetta steer vector | transfer | eval``.
+
+::
+
+    rosetta steer vector   --model M --hook H --positive P --negative N --out FILE
+                           [--method diff_of_means|pca] [--positions last|mean] [--split S] [--limit N]
+    rosetta steer vector   --model M --hook auto --positive harmful --negative harmless --out FILE
+                           (refusal-direction selection, Arditi et al. 2024)
+    rosetta steer transfer --vector FILE --mapper DIR --out FILE [--method jacobian|difference] [--no-calibrate]
+    rosetta steer eval     --model M --vector FILE --mode add|ablate [--scale S] --task refusal [--json]
+
+P / N are built-in prompt sets (``harmful``, ``harmless``), ``hf:`` sets or ``.txt``/``.jsonl`` files.
+Bad input prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rosettalens.errors import ConfigError, RosettaError
+
+__all__ = ["register"]
+
+
+def _err(msg: str) -> int:
+    print(f"rosetta steer: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def _load_model(args: argparse.Namespace):
+    import rosettalens
+
+    return rosettalens.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _prompts(source: str, split: str | None, limit: int | None) -> list[str]:
+    from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
+
+    if split is None:
+        split = "train" if source in BUILTIN_SETS else None
+    return load_prompts(source, split, limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------- vector
+def _cmd_vector(args: argparse.Namespace) -> int:
+    from rosettalens.data.tasks import load_prompts
+    from rosettalens.steering.refusal import select_refusal_direction
+    from rosettalens.steering.vectors import compute_vector
+
+    try:
+        _seed(args.seed)
+        src = {"positive": args.positive, "negative": args.negative}
+        if args.hook == "auto":
+            lim_val = args.limit if args.limit is None else max(1, args.limit // 3)
+            pos_tr = load_prompts(args.positive, "train", limit=args.limit)
+            neg_tr = load_prompts(args.negative, "train", limit=args.limit)
+            pos_va = load_prompts(args.positive, "val", limit=lim_val)
+            neg_va = load_prompts(args.negative, "val", limit=lim_val)
+            hm = _load_model(args)
+            sel = select_refusal_direction(
+                hm,
+                pos_tr,
+                neg_tr,
+                pos_va,
+                neg_va,
+                kl_threshold=args.kl_threshold,
+                induce_check=args.induce_check,
+                batch_size=args.batch_size,
+                progress=True,
+                source=src,
+            )
+            sv = sel.vector
+            sv.source["candidates"] = sel.candidates
+        else:
+            pos = _prompts(args.positive, args.split, args.limit)
+            neg = _prompts(args.negative, args.split, args.limit)
+            hm = _load_model(args)
+            positions: Any = args.positions
+            if positions not in ("last", "mean"):
+                try:
+                    positions = int(positions)
+                except ValueError:
+                    raise ConfigError(
+                        f"--positions must be last, mean or a negative int, got {positions!r}"
+                    ) from None
+            sv = compute_vector(
+                hm,
+                pos,
+                neg,
+                args.hook,
+                method=args.method,
+                positions=positions,
+                batch_size=args.batch_size,
+                progress=True,
+                source={**src, "split": args.split},
+            )
+        path = sv.save(args.out)
+    except RosettaError as e:
+        return _err(str(e))
+    obj = {
+        "out": str(path),
+        "model": sv.model,
+        "hook": sv.hook,
+        "d_model": sv.d_model,
+        "kind": sv.kind,
+        "norm": sv.norm,
+    }
+    if sv.kind == "refusal":
+        obj.update(layer=sv.source["layer"], bypass=sv.source["bypass"], kl=sv.source["kl"])
+    _emit(
+        args,
+        obj,
+        [
+            f"wrote {path}: {sv.kind} vector of {sv.model} at {sv.hook}, d_model {sv.d_model}, norm {sv.norm:.4g}"
+        ],
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- transfer
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import warnings
+
+    from rosettalens.steering.transfer import transfer
+    from rosettalens.steering.vectors import SteeringVector
+
+    try:
+        sv = SteeringVector.load(args.vector)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = transfer(
+                sv,
+                args.mapper,
+                method=args.method,
+                calibrate=not args.no_calibrate,
+                target_model=args.target_model,
+                target_hook=args.target_hook,
+            )
+        for w in caught:
+            print(f"rosetta steer: warning: {w.message}", file=sys.stderr)
+        path = out.save(args.out)
+    except RosettaError as e:
+        return _err(str(e))
+    obj = {
+        "out": str(path),
+        "source_model": sv.model,
+        "source_hook": sv.hook,
+        "model": out.model,
+        "hook": out.hook,
+        "d_model": out.d_model,
+        "norm": out.norm,
+        "source_norm": sv.norm,
+        "mapper_kind": out.source["mapper"]["kind"],
+        "rule": out.source["rule"],
+        "calibrate": out.source["calibrate"],
+    }
+    _emit(
+        args,
+        obj,
+        [
+            f"wrote {path}: {sv.model}:{sv.hook} (d {sv.d_model}) -> {out.model}:{out.hook} (d {out.d_model}) "
+            f"through a {obj['mapper_kind']} mapper, norm {sv.norm:.4g} -> {out.norm:.4g}"
+        ],
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
+    from rosettalens.steering.evaluate import evaluate_refusal
+    from rosettalens.steering.vectors import SteeringVector
+
+    try:
+        _seed(args.seed)
+        if args.task != "refusal":  # argparse choices already guard this
+            raise ConfigError(f"unknown task {args.task!r}")
+        sv = SteeringVector.load(args.vector)
+        # built-in sets: their held-out test split; files and hf: sets: every prompt
+        harmful = load_prompts(
+            args.harmful_eval, "test" if args.harmful_eval in BUILTIN_SETS else None, limit=args.limit
+        )
+        harmless = load_prompts(
+            args.harmless_eval, "test" if args.harmless_eval in BUILTIN_SETS else None, limit=args.limit
+        )
+        hm = _load_model(args)
+        sv.check_compatible(hm)
+        positions: Any = args.positions
+        res = evaluate_refusal(
+            hm,
+            sv,
+            mode=args.mode,
+            scale=args.scale,
+            positions=positions,
+            harmful=harmful,
+            harmless=harmless,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed if args.seed is not None else 0,
+            random_baseline=not args.no_random,
+            progress=True,
+        )
+        res["vector_file"] = args.vector
+        res["harmful_eval"] = args.harmful_eval
+        res["harmless_eval"] = args.harmless_eval
+        if args.out:
+            from pathlib import Path
+
+            from rosettalens.steering.vectors import _atomic_write
+
+            p = Path(args.out)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(p, (json.dumps(res, indent=2, default=str) + "\n").encode())
+    except RosettaError as e:
+        return _err(str(e))
+    h, s = res["harmful"], res["harmless"]
+    lines = [
+        f"{res['model']}: {args.mode} {sv.kind} vector at {sv.hook}"
+        + (f" (scale {args.scale})" if args.mode == "add" else ""),
+        f"refusal rate on {res['n_harmful']} harmful prompts:  baseline {h['baseline']:.2f}  steered {h['steered']:.2f}"
+        + (f"  random {h['random']:.2f}" if "random" in h else ""),
+        f"refusal rate on {res['n_harmless']} harmless prompts: baseline {s['baseline']:.2f}  steered {s['steered']:.2f}"
+        + (f"  random {s['random']:.2f}" if "random" in s else ""),
+        "KL on harmless prompts: " + "  ".join(f"{k} {v:.4f}" for k, v in res["kl_harmless"].items()),
+    ]
+    _emit(args, res, lines)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- register
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``steer`` with its ``vector``, ``transfer`` and ``eval`` subcommands."""
+    steer = subparsers.add_parser(
+        "steer", help="steering vectors: compute, transfer through a mapper, evaluate"
+    )
+    sub = steer.add_subparsers(dest="steer_command", metavar="{vector,transfer,eval}")
+    sub.required = True
+
+    v = sub.add_parser(
+        "vector", help="compute a contrastive steering vector (or select the refusal direction)"
+    )
+    v.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    v.add_argument(
+        "--hook",
+        required=True,
+        help="hook point, e.g. resid_pre.10; 'auto' selects the refusal direction (Arditi)",
+    )
+    v.add_argument(
+        "--positive", required=True, help="prompts the vector points towards: harmful|harmless|hf:ID|FILE"
+    )
+    v.add_argument("--negative", required=True, help="prompts the vector points away from")
+    v.add_argument(
+        "--out", required=True, help="output .safetensors file (a .json sidecar is written beside it)"
+    )
+    v.add_argument("--method", choices=["diff_of_means", "pca"], default="diff_of_means")
+    v.add_argument("--positions", default="last", help="last (default), mean, or a negative offset like -2")
+    v.add_argument(
+        "--split",
+        choices=["train", "val", "test", "all"],
+        default=None,
+        help="split of the prompt sets (default: train for built-in sets, every prompt of a file)",
+    )
+    v.add_argument(
+        "--limit", type=int, default=None, help="at most N prompts per set (balanced over categories)"
+    )
+    v.add_argument(
+        "--kl-threshold", type=float, default=0.1, help="--hook auto: KL bound on harmless prompts"
+    )
+    v.add_argument("--induce-check", action="store_true", help="--hook auto: also require refusal induction")
+    _common(v)
+    v.set_defaults(func=_cmd_vector)
+
+    t = sub.add_parser("transfer", help="carry a steering vector into another model's space through a mapper")
+    t.add_argument("--vector", required=True, help="steering vector .safetensors file")
+    t.add_argument("--mapper", required=True, help="mapper directory written by `rosetta map train`")
+    t.add_argument("--out", required=True, help="output .safetensors file")
+    t.add_argument(
+        "--method", choices=["jacobian", "difference"], default="jacobian", help="rule for non-linear mappers"
+    )
+    t.add_argument(
+        "--no-calibrate", action="store_true", help="do not rescale to the target's activation norms"
+    )
+    t.add_argument("--target-model", default=None, help="override the mapper's recorded target model name")
+    t.add_argument("--target-hook", default=None, help="override the mapper's recorded target hook")
+    t.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    t.set_defaults(func=_cmd_transfer)
+
+    e = sub.add_parser(
+        "eval", help="refusal rates with the vector applied, against a random direction of equal norm"
+    )
+    e.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    e.add_argument("--vector", required=True, help="steering vector .safetensors file")
+    e.add_argument("--mode", choices=["add", "ablate"], required=True)
+    e.add_argument(
+        "--scale", type=float, default=1.0, help="--mode add: multiplier of the vector (default 1)"
+    )
+    e.add_argument(
+        "--positions", choices=["all", "prompt", "generated"], default="all", help="--mode add: where to add"
+    )
+    e.add_argument("--task", choices=["refusal"], default="refusal")
+    e.add_argument("--harmful-eval", default="harmful", help="harmful prompts (default: built-in test split)")
+    e.add_argument(
+        "--harmless-eval", default="harmless", help="harmless prompts (default: built-in test split)"
+    )
+    e.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--no-random", action="store_true", help="skip the random-direction baseline")
+    e.add_argument("--out", default=None, help="also write the results JSON to this file")
+    _common(e)
+    e.set_defaults(func=_cmd_eval)
