@@ -5,7 +5,15 @@ All metrics take paired rows ``X [n, d1]``, ``Y [n, d2]`` (numpy or torch, any d
 in float64. See ``docs/similarity.md``.
 """
 
+from rosettalens.similarity.categories import BUILTIN_CATEGORIES
 from rosettalens.similarity.errors import BatchSizeError, DegenerateInputError, NonFiniteError
+from rosettalens.similarity.matching import (
+    FeatureMatch,
+    is_nonconcept_text,
+    match_features,
+    paired_rows,
+    semantic_subspaces,
+)
 from rosettalens.similarity.metrics import (
     MinibatchCKA,
     ProcrustesResult,
@@ -30,6 +38,12 @@ from rosettalens.similarity.permutation import (
 )
 
 __all__ = [
+    "BUILTIN_CATEGORIES",
+    "FeatureMatch",
+    "is_nonconcept_text",
+    "match_features",
+    "paired_rows",
+    "semantic_subspaces",
     "BatchSizeError",
     "DegenerateInputError",
     "NonFiniteError",
