@@ -199,7 +199,14 @@ class AutoencoderMapper(Mapper):
         net.to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-        state = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "done": False}
+        state = {
+            "epoch": 0,
+            "best_val": math.inf,
+            "best_epoch": -1,
+            "bad_epochs": 0,
+            "history": [],
+            "done": False,
+        }
         best = {k: v.detach().clone() for k, v in net.state_dict().items()}
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         ident = {"hparams": self._hparams(), "data": _fingerprint(X, Y), "hidden": hidden}
@@ -231,7 +238,7 @@ class AutoencoderMapper(Mapper):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    run += float(loss) * len(r)
+                    run += float(loss.detach()) * len(r)
                     seen += len(r)
                 net.eval()
                 val = self._eval_loss(net, X, Y, va, dev)

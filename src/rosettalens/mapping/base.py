@@ -56,7 +56,9 @@ def get_mapper_class(kind: str) -> type[Mapper]:
     try:
         return _REGISTRY[kind]
     except KeyError:
-        raise ConfigError(f"unknown mapper kind {kind!r}; expected one of {', '.join(mapper_kinds())}") from None
+        raise ConfigError(
+            f"unknown mapper kind {kind!r}; expected one of {', '.join(mapper_kinds())}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- validation
@@ -135,7 +137,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
     """Write ``tensors`` as safetensors atomically; return the file's sha256."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -327,17 +331,23 @@ def read_mapper_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``config.json`` of a saved mapper (validated), without loading its weights."""
     d = Path(directory)
     if not d.is_dir():
-        raise MapperError(f"mapper directory {d} does not exist (expected a folder written by `rosetta map train`)")
+        raise MapperError(
+            f"mapper directory {d} does not exist (expected a folder written by `rosetta map train`)"
+        )
     cfg = read_json(d / CONFIG_NAME, f"mapper {d}")
     if cfg.get("format") != FORMAT:
-        raise MapperError(f"{d / CONFIG_NAME} is not a rosettalens mapper config (format={cfg.get('format')!r})")
+        raise MapperError(
+            f"{d / CONFIG_NAME} is not a rosettalens mapper config (format={cfg.get('format')!r})"
+        )
     if int(cfg.get("format_version", -1)) > FORMAT_VERSION:
         raise MapperError(f"{d} was written by a newer rosettalens (format_version {cfg['format_version']})")
     for key in ("kind", "d_src", "d_tgt", "weights_sha256"):
         if key not in cfg:
             raise MapperError(f"{d / CONFIG_NAME} lacks {key!r} (corrupt or half-written mapper)")
     if cfg["kind"] not in _REGISTRY:
-        raise MapperError(f"{d} holds a mapper of unknown kind {cfg['kind']!r}; known: {', '.join(mapper_kinds())}")
+        raise MapperError(
+            f"{d} holds a mapper of unknown kind {cfg['kind']!r}; known: {', '.join(mapper_kinds())}"
+        )
     return cfg
 
 

@@ -119,7 +119,9 @@ class LinearMapper(Mapper):
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
         W, b = tensors["weight"], tensors["bias"]
         if tuple(W.shape) != (self.d_tgt, self.d_src) or tuple(b.shape) != (self.d_tgt,):
-            raise ValueError(f"weight {tuple(W.shape)} / bias {tuple(b.shape)} vs d_src={self.d_src}, d_tgt={self.d_tgt}")
+            raise ValueError(
+                f"weight {tuple(W.shape)} / bias {tuple(b.shape)} vs d_src={self.d_src}, d_tgt={self.d_tgt}"
+            )
         self._weight, self._bias = W, b
         self._cast.clear()
 
@@ -155,7 +157,12 @@ class AffineMapper(LinearMapper):
         self.seed = int(seed)
 
     def _hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "alphas": list(self.alphas), "val_fraction": self.val_fraction, "seed": self.seed}
+        return {
+            "alpha": self.alpha,
+            "alphas": list(self.alphas),
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
 
     def fit(self, X_src: torch.Tensor, X_tgt: torch.Tensor) -> AffineMapper:
         """Fit on ``X_src [n, d_src]``, ``X_tgt [n, d_tgt]``."""
@@ -301,7 +308,9 @@ class LowRankMapper(LinearMapper):
         total = float(kept.clamp_min(0).sum())
         self.fit_info = {
             "ridge_lambda": lam,
-            "explained_of_ols": float(kept[: self.rank].clamp_min(0).sum()) / total if total > 0 else float("nan"),
+            "explained_of_ols": float(kept[: self.rank].clamp_min(0).sum()) / total
+            if total > 0
+            else float("nan"),
         }
         self._record_norms(X, Y)
         return self

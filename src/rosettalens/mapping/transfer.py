@@ -100,7 +100,9 @@ def transfer_vector(
         ns = src_norm if src_norm is not None else mapper.fit_info.get("src_mean_norm")
         nt = tgt_norm if tgt_norm is not None else mapper.fit_info.get("tgt_mean_norm")
         if not ns or not nt:
-            raise MapperError("norm calibration needs src/tgt mean activation norms; the mapper has none recorded")
+            raise MapperError(
+                "norm calibration needs src/tgt mean activation norms; the mapper has none recorded"
+            )
         tn = T.norm(dim=1, keepdim=True)
         want = V.norm(dim=1, keepdim=True) / ns * nt
         T = torch.where(tn > 0, T * (want / tn.clamp_min(1e-300)), T)
