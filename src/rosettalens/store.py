@@ -1,0 +1,742 @@
+"""Activation stores: sharded safetensors on disk, a memory-mapped reader, and ``extract()``.
+
+A store is a folder::
+
+    manifest.json              model + fingerprint, tokenizer, hooks, dtype, dataset + hash, options,
+                               rows, shards (rows, sha256), package versions
+    documents.jsonl            the documents the rows come from ({"doc": i, "text": ...} per line)
+    shard-00000.safetensors    one tensor per hook [rows, d] (storage dtype) and per row:
+                               token_ids, doc_index, pos_index, char_end (int) ...
+
+Rows are tokens in canonical order: by document, then by position. ``pos_index`` is the token's index in
+its (unpadded) tokenized document, ``char_end`` the character offset where the token ends in the
+document text (``-1`` for tokens that end inside a character or are special), used by
+:mod:`rosettalens.align` to pair stores of two models. Padding never enters a store; special tokens
+(BOS, ...) are left out unless ``keep_special=True``.
+
+Shard ``k`` holds rows ``[k * shard_size, (k + 1) * shard_size)``: the plan is a pure function of the
+config, so an interrupted extraction resumes at the first missing shard and the finished store is
+identical to an uninterrupted one; under ``torchrun`` rank ``r`` computes shards ``k % world == r`` and
+rank 0 writes the manifest, so the store is the same as a single-process one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rosettalens.errors import ChecksumError, ConfigError, DataError, HookPointError, StoreError
+
+FORMAT = "rosettalens.activation_store/1"
+MANIFEST = "manifest.json"
+PROGRESS = ".extract-in-progress.json"
+DOCUMENTS = "documents.jsonl"
+INDEX_TENSORS = ("token_ids", "doc_index", "pos_index", "char_end")
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
+_ST_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}
+
+__all__ = ["ActivationStore", "ExtractConfig", "extract", "shard_name", "StoreError"]
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """safetensors layout: u64 little-endian header length, JSON header, raw data. Returns (data start, header)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise StoreError(f"shard {path} is unreadable or truncated ({e})") from None
+    return 8 + n, header
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    _atomic_write_bytes(path, data)
+
+
+# --------------------------------------------------------------------------------------------- reader
+class ActivationStore:
+    """Read-only view of a finished store; tensors are memory-mapped, never loaded whole.
+
+    ``read(hook, rows)`` -> ``[rows, d]`` (``[rows, *shape]`` for per-head hooks) in the storage dtype.
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.hooks: list[str] = list(manifest["hooks"])
+        self.d_model: int = int(manifest["d_model"])
+        self._shards = manifest["shards"]
+        self._rows = np.array([s["rows"] for s in self._shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._rows)]).astype(np.int64)
+        self._headers: list[tuple[int, dict]] = []
+        for s in self._shards:
+            p = path / s["file"]
+            if not p.is_file():
+                raise StoreError(f"store {path}: shard {s['file']} is missing")
+            start, header = _read_header(p)
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if p.stat().st_size != start + end:
+                raise StoreError(
+                    f"store {path}: shard {s['file']} is truncated or changed "
+                    f"({p.stat().st_size} bytes, expected {start + end})"
+                )
+            self._headers.append((start, header))
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._index_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> ActivationStore:
+        """Open a finished store. ``verify=True`` also checks every shard's sha256 (reads all data)."""
+        p = Path(path)
+        mp = p / MANIFEST
+        if not mp.is_file():
+            if (p / PROGRESS).is_file():
+                raise StoreError(
+                    f"{p} is an unfinished extraction; rerun the same extract command to resume it"
+                )
+            raise StoreError(f"{p} is not an activation store (no {MANIFEST})")
+        try:
+            manifest = json.loads(mp.read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{mp} is not valid JSON ({e})") from None
+        if manifest.get("format") != FORMAT:
+            raise StoreError(f"{p}: unknown store format {manifest.get('format')!r} (expected {FORMAT})")
+        store = cls(p, manifest)
+        if verify:
+            store.verify()
+        return store
+
+    def verify(self) -> None:
+        """Check every shard against the sha256 recorded in the manifest; the first bad one is named."""
+        for s in self._shards:
+            got = _sha256_file(self.path / s["file"])
+            if got != s["sha256"]:
+                raise ChecksumError(
+                    f"store {self.path}: shard {s['file']} was changed (sha256 {got[:12]}…, manifest {s['sha256'][:12]}…)"
+                )
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"ActivationStore({str(self.path)!r}, model={m['model']['name']!r}, rows={len(self)}, hooks={self.hooks})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.manifest["dtype"]]
+
+    # ------------------------------------------------------------------ raw access
+    def _map(self, k: int, name: str) -> np.ndarray:
+        key = (k, name)
+        arr = self._maps.get(key)
+        if arr is None:
+            start, header = self._headers[k]
+            if name not in header:
+                raise HookPointError(
+                    f"store {self.path} has no {name!r}; stored hooks: {', '.join(self.hooks)}"
+                )
+            info = header[name]
+            b, e = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if e == b:
+                arr = np.zeros(shape, dtype=_ST_NP[info["dtype"]])
+            else:
+                arr = np.memmap(
+                    self.path / self._shards[k]["file"],
+                    mode="r",
+                    dtype=_ST_NP[info["dtype"]],
+                    offset=start + b,
+                    shape=shape,
+                )
+            self._maps[key] = arr
+        return arr
+
+    def _to_torch(self, arr: np.ndarray, name: str) -> torch.Tensor:
+        if isinstance(arr, np.memmap) or not arr.flags.writeable:
+            arr = np.array(arr)  # copy out of the read-only map
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self._headers[0][1][name]["dtype"] == "BF16":
+            t = t.view(torch.bfloat16)
+        return t
+
+    def _column(self, name: str) -> torch.Tensor:
+        if name not in self._index_cache:
+            parts = [self._to_torch(self._map(k, name), name) for k in range(len(self._shards))]
+            self._index_cache[name] = torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+        return self._index_cache[name]
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """Token id of every row ``[rows]``."""
+        return self._column("token_ids")
+
+    @property
+    def doc_index(self) -> torch.Tensor:
+        """Document index (into ``documents()``) of every row ``[rows]``."""
+        return self._column("doc_index")
+
+    @property
+    def pos_index(self) -> torch.Tensor:
+        """Position of every row's token in its tokenized document (BOS included) ``[rows]``."""
+        return self._column("pos_index")
+
+    @property
+    def char_end(self) -> torch.Tensor:
+        """Character offset where each row's token ends in its document (``-1``: none) ``[rows]``."""
+        return self._column("char_end")
+
+    def documents(self) -> list[str]:
+        """The texts of the documents, indexed by ``doc_index``."""
+        docs: dict[int, str] = {}
+        with open(self.path / DOCUMENTS, encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                docs[obj["doc"]] = obj["text"]
+        n = max(docs) + 1 if docs else 0
+        return [docs.get(i, "") for i in range(n)]
+
+    def read(self, hook: str, rows: Any = None) -> torch.Tensor:
+        """Activations of ``hook`` at ``rows`` (all rows if ``None``): ``[n, d]`` in the storage dtype.
+
+        ``rows`` may be a slice, a list, a numpy array or a LongTensor, in any order (duplicates allowed).
+        """
+        if hook not in self.hooks:
+            raise HookPointError(
+                f"store {self.path} has no hook {hook!r}; stored hooks: {', '.join(self.hooks)}"
+            )
+        n = len(self)
+        if rows is None:
+            idx = np.arange(n, dtype=np.int64)
+        elif isinstance(rows, slice):
+            idx = np.arange(n, dtype=np.int64)[rows]
+        else:
+            idx = (
+                torch.as_tensor(rows).long().numpy()
+                if not isinstance(rows, np.ndarray)
+                else rows.astype(np.int64)
+            )
+            idx = idx.reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise StoreError(f"row index out of range for store with {n} rows")
+        shape = tuple(self.manifest["hook_shapes"][hook])
+        out = torch.empty((len(idx), *shape), dtype=self.dtype)
+        if not len(idx):
+            return out
+        shard = np.searchsorted(self._starts, idx, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(len(self._shards) + 1))
+        for k in range(len(self._shards)):
+            sel = order[bounds[k] : bounds[k + 1]]
+            if not len(sel):
+                continue
+            local = idx[sel] - self._starts[k]
+            mm = self._map(k, hook)
+            if len(sel) == mm.shape[0] and np.array_equal(local, np.arange(mm.shape[0])):
+                block = mm[:]
+            else:
+                srt = np.argsort(local, kind="stable")  # sorted reads are page-friendly
+                block = np.empty((len(local), *mm.shape[1:]), dtype=mm.dtype)
+                block[srt] = mm[local[srt]]
+            out[torch.from_numpy(sel)] = self._to_torch(block, hook)
+        return out
+
+    def iter_batches(
+        self, hook: str, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Yield ``[batch, d]`` activations of ``hook``; a seeded permutation of all rows if ``shuffle``."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(self)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        )
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            if drop_last and len(idx) < batch_size:
+                break
+            yield self.read(hook, idx)
+
+
+# --------------------------------------------------------------------------------------------- extraction
+@dataclass
+class ExtractConfig:
+    """Everything that determines the content of a store (its hash names the store's identity)."""
+
+    hooks: list[str]
+    data: str
+    field: str | None = None
+    positions: str = "all"
+    keep_special: bool = False
+    max_tokens: int | None = None
+    max_length: int | None = None
+    batch_size: int = 8
+    shard_size: int = 16384
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not self.hooks:
+            raise ConfigError("no hooks given: pass at least one hook point, e.g. resid_post.-1")
+        if self.positions not in ("all", "last"):
+            raise ConfigError(f"--positions must be 'all' or 'last', got {self.positions!r}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"--max-length must be >= 1, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be >= 1 rows, got {self.shard_size}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
+
+
+def model_fingerprint(hm) -> str:
+    """sha256 over the model config and, per parameter, its name, shape, dtype, sum and first/last values.
+
+    Cheap (no full pass over the weights) yet changes with any realistic change of weights.
+    """
+    h = hashlib.sha256()
+    h.update(hm.model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in hm.model.named_parameters():
+            flat = p.detach().reshape(-1)
+            if flat.device.type == "meta":
+                continue
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            sample = torch.cat([flat[:256], flat[-256:]]).float().cpu()
+            h.update(sample.numpy().tobytes())
+            h.update(struct.pack("<d", float(flat.float().sum())))
+    return h.hexdigest()
+
+
+def tokenizer_info(tok) -> dict:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    else:
+        digest = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    return {
+        "name_or_path": str(getattr(tok, "name_or_path", "")),
+        "class": type(tok).__name__,
+        "vocab_size": len(tok),
+        "sha256": digest,
+        "bos_token_id": tok.bos_token_id,
+        "special_ids": sorted(int(i) for i in tok.all_special_ids),
+    }
+
+
+def _versions() -> dict:
+    import safetensors
+    import transformers
+
+    import rosettalens
+
+    return {
+        "rosettalens": rosettalens.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+@dataclass
+class _Doc:
+    ids: np.ndarray  # [len] token ids (truncated)
+    keep: np.ndarray  # [n_rows] positions stored
+    char_end: np.ndarray  # [n_rows]
+
+
+def _tokenize_docs(tok, documents: Sequence[str], cfg: ExtractConfig, max_length: int) -> list[_Doc]:
+    """Tokenize, truncate and choose the stored positions of every document (stops at max_tokens rows)."""
+    from rosettalens.align import char_ends_by_decoding, char_ends_from_offsets
+
+    special = set(int(i) for i in tok.all_special_ids)
+    out: list[_Doc] = []
+    total = 0
+    fast = getattr(tok, "is_fast", False)
+    chunk = 256
+    for s in range(0, len(documents), chunk):
+        texts = list(documents[s : s + chunk])
+        if fast:
+            enc = tok(texts, add_special_tokens=True, return_offsets_mapping=True)
+        else:
+            enc = tok(texts, add_special_tokens=True)
+        for j, text in enumerate(texts):
+            ids_full = list(enc["input_ids"][j])
+            ids = ids_full[:max_length]
+            is_special = np.array([t in special for t in ids], dtype=bool)
+            if fast:
+                offs = enc["offset_mapping"][j]
+                nxt = offs[max_length][0] if len(ids_full) > max_length else None
+                ends = np.array(char_ends_from_offsets(offs[:max_length], is_special, nxt), dtype=np.int64)
+            else:
+                ends = np.array(char_ends_by_decoding(tok, text, ids), dtype=np.int64)
+            keep = np.arange(len(ids)) if cfg.keep_special else np.nonzero(~is_special)[0]
+            if cfg.positions == "last":
+                keep = keep[-1:]
+            if cfg.max_tokens is not None:
+                keep = keep[: cfg.max_tokens - total]
+            out.append(_Doc(np.asarray(ids, dtype=np.int64), keep.astype(np.int64), ends[keep]))
+            total += len(keep)
+            if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                return out
+    return out
+
+
+def _hook_shape(hm, hook: str) -> tuple[int, ...] | None:
+    kind = hook.split(".")[0]
+    c = hm.cfg
+    if kind in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        return (c.d_model,)
+    return None  # learned from the first batch
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world, we_initialised) from torchrun's environment; gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def extract(
+    model,
+    hooks: str | Sequence[str],
+    data,
+    out: str | os.PathLike,
+    *,
+    field: str | None = None,
+    max_tokens: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    positions: str = "all",
+    keep_special: bool = False,
+    shard_size: int = 16384,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    device: Any = None,
+    model_dtype: Any = None,
+    device_map: str | None = None,
+    progress: bool = False,
+) -> ActivationStore:
+    """Run ``model`` over documents and store activations of ``hooks`` at every kept token.
+
+    model: a HookedModel or a MODEL string (loaded with ``device``, ``model_dtype``, ``device_map``).
+    data: a data spec (file, ``hf:<id>``, built-in name) or a :class:`rosettalens.data.Corpus`.
+    Returns the finished :class:`ActivationStore`. Raises a ``RosettaError`` subclass on bad input before
+    anything is written; resumes an interrupted run of the same config at its first missing shard.
+    """
+    from rosettalens.data import Corpus, load_documents
+
+    if isinstance(hooks, str):
+        hooks = [h.strip() for h in hooks.split(",") if h.strip()]
+    corpus = data if isinstance(data, Corpus) else load_documents(data, field=field)
+    cfg = ExtractConfig(
+        hooks=list(hooks),
+        data=corpus.spec,
+        field=field,
+        positions=positions,
+        keep_special=keep_special,
+        max_tokens=max_tokens,
+        max_length=max_length,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        dtype=dtype,
+    )
+    cfg.validate()
+    rank, world, own_pg = _init_distributed()
+    if isinstance(model, str):
+        from rosettalens.models.loading import load
+
+        if world > 1 and torch.cuda.is_available() and device is None and device_map is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        hm = load(
+            model, device=device, dtype=model_dtype, device_map=device_map, progress=progress and rank == 0
+        )
+    else:
+        hm = model
+    try:
+        return _extract(hm, corpus, cfg, Path(out), overwrite, rank, world, progress)
+    finally:
+        if own_pg:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _extract(
+    hm, corpus, cfg: ExtractConfig, out: Path, overwrite: bool, rank: int, world: int, progress: bool
+):
+    cfg.hooks = [hm.resolve_hook(h) for h in cfg.hooks]
+    if len(set(cfg.hooks)) != len(cfg.hooks):
+        raise ConfigError(f"a hook point is given twice: {cfg.hooks}")
+    for h in cfg.hooks:
+        if h.startswith("attn_pattern."):
+            raise HookPointError(
+                f"{h} is not per-token (it is [heads, q, k]); stores hold per-token hooks only"
+            )
+    max_pos = getattr(hm.model.config.get_text_config(), "max_position_embeddings", None) or 1024
+    max_length = min(cfg.max_length or 1024, int(max_pos))
+    cfg.max_length = max_length
+    docs = _tokenize_docs(hm.tokenizer, corpus.documents, cfg, max_length)
+    n_rows = sum(len(d.keep) for d in docs)
+    if n_rows == 0:
+        raise DataError(f"data {corpus.spec!r} gives no tokens to store (only special tokens?)")
+
+    identity = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "data"},  # the dataset hash names the data
+        "model": {
+            "name": hm.name,
+            "fingerprint": model_fingerprint(hm),
+            "dtype": str(hm.dtype).replace("torch.", ""),
+        },
+        "tokenizer": tokenizer_info(hm.tokenizer),
+        "dataset": corpus.describe(),
+    }
+    config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    if rank == 0:
+        _prepare_out(out, config_hash, overwrite)
+    _barrier(world)
+    if (out / MANIFEST).is_file():
+        return ActivationStore.open(out)
+
+    # row tables in canonical order
+    row_doc = np.concatenate([np.full(len(d.keep), i, dtype=np.int64) for i, d in enumerate(docs)])
+    row_pos = np.concatenate([d.keep for d in docs])
+    row_tok = np.concatenate([d.ids[d.keep] for d in docs])
+    row_end = np.concatenate([d.char_end for d in docs])
+    doc_first_row = np.concatenate([[0], np.cumsum([len(d.keep) for d in docs])])
+    n_shards = (n_rows + cfg.shard_size - 1) // cfg.shard_size
+    store_dtype = STORAGE_DTYPES[cfg.dtype]
+    pad_id = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
+    shapes: dict[str, tuple[int, ...] | None] = {h: _hook_shape(hm, h) for h in cfg.hooks}
+
+    mine = [k for k in range(n_shards) if k % world == rank]
+    todo = [
+        k
+        for k in mine
+        if not _shard_ok(out / shard_name(k), cfg.hooks, min(cfg.shard_size, n_rows - k * cfg.shard_size))
+    ]
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=f"extract {hm.name}",
+        unit="shard",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    for k in todo:
+        r0, r1 = k * cfg.shard_size, min((k + 1) * cfg.shard_size, n_rows)
+        d0, d1 = int(row_doc[r0]), int(row_doc[r1 - 1]) + 1
+        bufs: dict[str, torch.Tensor] = {}
+        # batch documents of similar length together (less padding); rows land at their canonical place
+        shard_docs = sorted(range(d0, d1), key=lambda i: len(docs[i].ids))
+        for b in range(0, len(shard_docs), cfg.batch_size):
+            batch = shard_docs[b : b + cfg.batch_size]
+            T = max(len(docs[i].ids) for i in batch)
+            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            flat, dest = [], []
+            for j, i in enumerate(batch):
+                d = docs[i]
+                L = len(d.ids)
+                ids[j, T - L :] = torch.from_numpy(d.ids)
+                mask[j, T - L :] = 1
+                rows = np.arange(doc_first_row[i], doc_first_row[i + 1])
+                sel = (rows >= r0) & (rows < r1)
+                flat.append(j * T + (T - L) + d.keep[sel])
+                dest.append(rows[sel] - r0)
+            flat_t = torch.from_numpy(np.concatenate(flat)).to(hm.device)
+            dest_t = torch.from_numpy(np.concatenate(dest))
+            _, cache = hm.run_with_cache(
+                ids.to(hm.device), hooks=cfg.hooks, attention_mask=mask.to(hm.device), stop_early=True
+            )
+            for h in cfg.hooks:
+                act = cache[h]
+                act = act.reshape(act.shape[0] * act.shape[1], *act.shape[2:])
+                vals = act.index_select(0, flat_t.to(act.device)).to(store_dtype).cpu()
+                if h not in bufs:
+                    shapes[h] = tuple(vals.shape[1:])
+                    bufs[h] = torch.empty((r1 - r0, *vals.shape[1:]), dtype=store_dtype)
+                bufs[h][dest_t] = vals
+            del cache
+        tensors = dict(bufs)
+        tensors["token_ids"] = torch.from_numpy(row_tok[r0:r1].astype(np.int32))
+        tensors["doc_index"] = torch.from_numpy(row_doc[r0:r1])
+        tensors["pos_index"] = torch.from_numpy(row_pos[r0:r1].astype(np.int32))
+        tensors["char_end"] = torch.from_numpy(row_end[r0:r1].astype(np.int32))
+        _write_shard(
+            out / shard_name(k), tensors, {"format": FORMAT, "first_row": str(r0), "config_hash": config_hash}
+        )
+        bar.update(1)
+    bar.close()
+    _barrier(world)
+
+    if rank == 0:
+        hook_shapes = {}
+        for h in cfg.hooks:
+            _, header = _read_header(out / shard_name(0))
+            hook_shapes[h] = header[h]["shape"][1:]
+        used_docs = int(row_doc[-1]) + 1
+        _write_documents(out / DOCUMENTS, corpus.documents[:used_docs])
+        shards = [
+            {
+                "file": shard_name(k),
+                "rows": min(cfg.shard_size, n_rows - k * cfg.shard_size),
+                "sha256": _sha256_file(out / shard_name(k)),
+            }
+            for k in range(n_shards)
+        ]
+        c = hm.cfg
+        manifest = {
+            "format": FORMAT,
+            "config_hash": config_hash,
+            "model": {**identity["model"], "family": c.family, "n_layers": c.n_layers, "d_model": c.d_model},
+            "tokenizer": identity["tokenizer"],
+            "hooks": cfg.hooks,
+            "hook_shapes": hook_shapes,
+            "dtype": cfg.dtype,
+            "d_model": c.d_model,
+            "n_rows": n_rows,
+            "n_documents": used_docs,
+            "dataset": identity["dataset"],
+            "positions": cfg.positions,
+            "keep_special": cfg.keep_special,
+            "max_length": max_length,
+            "max_tokens": cfg.max_tokens,
+            "batch_size": cfg.batch_size,
+            "shard_size": cfg.shard_size,
+            "index_tensors": list(INDEX_TENSORS),
+            "shards": shards,
+            "versions": _versions(),
+        }
+        _atomic_write_json(out / MANIFEST, manifest)
+        (out / PROGRESS).unlink(missing_ok=True)
+    _barrier(world)
+    return ActivationStore.open(out)
+
+
+def _write_documents(path: Path, documents: Sequence[str]) -> None:
+    lines = [json.dumps({"doc": i, "text": t}, ensure_ascii=False) for i, t in enumerate(documents)]
+    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def _shard_ok(path: Path, hooks: Sequence[str], rows: int) -> bool:
+    """A shard left by an interrupted run is reused when it is complete and readable."""
+    if not path.is_file():
+        return False
+    try:
+        start, header = _read_header(path)
+    except StoreError:
+        return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size != start + end:
+        return False
+    return all(h in header and header[h]["shape"][0] == rows for h in (*hooks, *INDEX_TENSORS))
+
+
+def _is_store_file(name: str) -> bool:
+    return (
+        name in (MANIFEST, PROGRESS, DOCUMENTS)
+        or (name.startswith("shard-") and name.endswith(".safetensors"))
+        or (name.startswith(".") and ".tmp" in name)
+    )
+
+
+def _prepare_out(out: Path, config_hash: str, overwrite: bool) -> None:
+    """Create ``out``, or check that it holds this very extraction (finished or interrupted)."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        existing = None
+        for name in (MANIFEST, PROGRESS):
+            p = out / name
+            if p.is_file():
+                try:
+                    existing = json.loads(p.read_text("utf-8")).get("config_hash")
+                except (OSError, ValueError):
+                    existing = "unreadable"
+                break
+        if existing == config_hash and not overwrite:
+            for p in out.iterdir():  # temp files of a killed run
+                if p.name.startswith(".") and ".tmp" in p.name:
+                    p.unlink()
+            if (out / MANIFEST).is_file():
+                ActivationStore.open(out, verify=True)  # finished: make sure it is intact
+            return
+        if not overwrite:
+            what = (
+                "a store written with a different config"
+                if existing
+                else "files that are not an activation store"
+            )
+            raise StoreError(f"--out {out} already holds {what}; choose another --out or pass --overwrite")
+        others = [p.name for p in out.iterdir() if not _is_store_file(p.name)]
+        if others:
+            raise StoreError(
+                f"--out {out} holds files that are not part of a store ({others[0]}, ...); not overwriting"
+            )
+        for p in out.iterdir():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(out / PROGRESS, {"format": FORMAT, "config_hash": config_hash})
