@@ -7,8 +7,9 @@ into PyTorch hooks.
 Conventions (stated once, tested in ``tests/test_hooks.py``):
 
 * ``resid_pre.L`` is the input of decoder layer ``L``; ``resid_pre.0`` equals HF ``hidden_states[0]``.
-* ``resid_post.L`` is the output of decoder layer ``L`` (before the final norm); it equals HF
-  ``hidden_states[L + 1]`` for every ``L`` (transformers 5 returns the un-normed last layer output).
+* ``resid_post.L`` is the output of decoder layer ``L``, always before the final norm. It equals HF
+  ``hidden_states[L + 1]`` for ``L < n_layers - 1``; HF's last entry ``hidden_states[n_layers]`` is
+  ``final_norm(resid_post.{n_layers - 1})``.
 * ``attn_out.L`` / ``mlp_out.L`` are what is *added to the residual stream*: for Gemma 2/3 that is the
   output of ``post_attention_layernorm`` / ``post_feedforward_layernorm``, for the others the output of
   the attention / MLP module.

@@ -1,0 +1,646 @@
+"""HookedModel: named hook points on an unmodified Hugging Face causal LM.
+
+The model is the HF module itself; rosettalens only adds PyTorch hooks, and only while something
+asked for them. A forward pass with no intervention returns exactly the plain HF logits.
+
+Every hook point (``resid_post.3``, ``head_z.-1``, ...) is a *site*: a module, whether the value is
+that module's input (pre-hook) or output (forward hook), and how to view the raw tensor as the
+activation (e.g. ``[batch, pos, n_heads, d_head]``) and put a changed activation back. Handlers
+(interventions first, then recorders) are registered per hook name; one PyTorch hook per
+(module, pre/post) is installed while at least one handler needs it and removed as soon as none does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ChatTemplateError, HookPointError, ShapeError
+from .models.adapters import LAYER_HOOKS, Adapter, ModelConfig, adapter_for, model_config
+
+HookFn = Callable[[Tensor, str], Tensor | None]
+_NAME_RE = re.compile(r"^([a-z_]+)\.(-?\d+)$")
+_INTERVENE, _RECORD = 0, 1
+
+
+class _StopForward(Exception):
+    """Raised by a recorder to end a forward pass once every requested hook is cached."""
+
+
+@dataclass
+class _Site:
+    name: str
+    module: nn.Module
+    pre: bool  # value is the module's first input (True) or its output (False)
+    slot: int  # which element of a tuple output
+    get: Callable[[Tensor], Tensor]
+    put: Callable[[Tensor, Tensor], Tensor]
+    order: int  # position among the sites sharing the same torch hook
+
+
+def _identity(raw: Tensor) -> Tensor:
+    return raw
+
+
+def _replace(raw: Tensor, new: Tensor) -> Tensor:
+    return new
+
+
+def _get_module(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)  # type: ignore[index]
+    return mod
+
+
+class HookedModel:
+    """A Hugging Face causal LM with named hook points. See module docstring and DESIGN.md."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.adapter: Adapter = adapter_for(model.config)
+        self.cfg: ModelConfig = model_config(model.config, self.name)
+        self._layers = _get_module(model, self.adapter.layers)
+        self._handlers: dict[str, list[tuple[int, HookFn]]] = {}
+        self._torch_handles: dict[tuple[int, bool], Any] = {}
+        self._sites: dict[str, _Site] = {}
+        self._stash: dict[int, Tensor] = {}  # layer -> latest resid_pre (for resid_mid)
+        self._kv_offset = 0  # tokens already in the KV cache during the current forward
+        self._offset_handle = None
+        self._offset_users = 0
+        if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf(cls, model: nn.Module, tokenizer: Any, name: str | None = None) -> HookedModel:
+        """Wrap a model the user already has (any adapted architecture)."""
+        return cls(model.eval(), tokenizer, name=name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedModel({self.name!r}, family={c.family}, layers={c.n_layers}, d_model={c.d_model}, "
+            f"heads={c.n_heads}({c.n_kv_heads}))"
+        )
+
+    # ------------------------------------------------------------------ hook names
+    def resolve_hook(self, name: str) -> str:
+        """Canonical name (negative layers resolved). Raises HookPointError."""
+        if name in ("embed", "logits"):
+            return name
+        m = _NAME_RE.match(name)
+        if m is None or m.group(1) not in LAYER_HOOKS:
+            kinds = ", ".join(("embed", *(f"{k}.L" for k in LAYER_HOOKS), "logits"))
+            raise HookPointError(f"unknown hook point {name!r}; valid names: {kinds} (L may be negative)")
+        kind, layer = m.group(1), int(m.group(2))
+        n = self.cfg.n_layers
+        if not -n <= layer < n:
+            raise HookPointError(
+                f"layer {layer} out of range for {self.name} ({n} layers: valid 0..{n - 1} or -{n}..-1)"
+            )
+        canonical = f"{kind}.{layer % n}"
+        if canonical not in self.cfg.hook_points:
+            raise HookPointError(f"hook point {canonical!r} does not exist in {self.cfg.family} models")
+        return canonical
+
+    def _site(self, name: str) -> _Site:
+        site = self._sites.get(name)
+        if site is None:
+            site = self._build_site(name)
+            self._sites[name] = site
+        return site
+
+    def _build_site(self, name: str) -> _Site:
+        a, c = self.adapter, self.cfg
+        if name == "embed":
+            return _Site(name, _get_module(self.model, a.embed), False, 0, _identity, _replace, 0)
+        if name == "logits":  # the model's final output (after any logit soft-capping, e.g. Gemma 2)
+            return _Site(name, self.model, False, -1, _identity, _replace, 0)
+        kind, layer_s = name.split(".")
+        layer = int(layer_s)
+        block = self._layers[layer]
+        if kind == "resid_pre":
+            return _Site(name, block, True, 0, _identity, _replace, 0)
+        if kind == "resid_post":
+            return _Site(name, block, False, 0, _identity, _replace, 0)
+        if kind == "attn_out":
+            return _Site(name, _get_module(block, a.attn_out), False, 0, _identity, _replace, 0)
+        if kind == "resid_mid":
+
+            def get_mid(raw: Tensor, layer: int = layer) -> Tensor:
+                return self._stash[layer] + raw
+
+            def put_mid(raw: Tensor, new: Tensor, layer: int = layer) -> Tensor:
+                return new - self._stash[layer]
+
+            return _Site(name, _get_module(block, a.attn_out), False, 0, get_mid, put_mid, 1)
+        if kind == "mlp_out":
+            return _Site(name, _get_module(block, a.mlp_out), False, 0, _identity, _replace, 0)
+        if kind == "attn_pattern":
+            return _Site(name, _get_module(block, a.attn), False, 1, _identity, _replace, 0)
+        if kind == "head_z":
+            h, dh = c.n_heads, c.d_head
+
+            def get_z(raw: Tensor) -> Tensor:
+                return raw.view(*raw.shape[:-1], h, dh)
+
+            def put_z(raw: Tensor, new: Tensor) -> Tensor:
+                return new.reshape(raw.shape)
+
+            return _Site(name, _get_module(block, a.o_proj), True, 0, get_z, put_z, 0)
+        if kind in ("q", "k", "v"):
+            idx = "qkv".index(kind)
+            heads = c.n_heads if kind == "q" else c.n_kv_heads
+            dh = c.d_head
+            if a.qkv_fused is None:
+                path = {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj}[kind]
+                assert path is not None
+
+                def get_sep(raw: Tensor, heads: int = heads) -> Tensor:
+                    return raw.view(*raw.shape[:-1], heads, dh)
+
+                def put_sep(raw: Tensor, new: Tensor) -> Tensor:
+                    return new.reshape(raw.shape)
+
+                return _Site(name, _get_module(block, path), False, 0, get_sep, put_sep, 0)
+            fused = _get_module(block, a.qkv_fused)
+            if a.qkv_layout == "gpt2":  # [q | k | v], each d_model wide
+
+                def get_f(raw: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
+                    d = raw.shape[-1] // 3
+                    return raw[..., idx * d : (idx + 1) * d].view(*raw.shape[:-1], heads, dh)
+
+                def put_f(raw: Tensor, new: Tensor, idx: int = idx) -> Tensor:
+                    d = raw.shape[-1] // 3
+                    parts = list(raw.split(d, dim=-1))
+                    parts[idx] = new.reshape(*raw.shape[:-1], d)
+                    return torch.cat(parts, dim=-1)
+
+            else:  # neox: per head [q k v], each d_head wide
+
+                def get_f(raw: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
+                    return raw.view(*raw.shape[:-1], heads, 3 * dh)[..., idx * dh : (idx + 1) * dh]
+
+                def put_f(raw: Tensor, new: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
+                    parts = list(raw.view(*raw.shape[:-1], heads, 3 * dh).split(dh, dim=-1))
+                    parts[idx] = new
+                    return torch.cat(parts, dim=-1).reshape(raw.shape)
+
+            return _Site(name, fused, False, 0, get_f, put_f, idx)
+        raise HookPointError(f"unknown hook point {name!r}")  # pragma: no cover
+
+    # ------------------------------------------------------------------ handler registry
+    def _add_handler(self, name: str, fn: HookFn, priority: int) -> Callable[[], None]:
+        """Register ``fn`` at hook ``name``; returns a function that removes it."""
+        site = self._site(name)
+        entry = (priority, fn)
+        handlers = self._handlers.setdefault(name, [])
+        handlers.append(entry)
+        handlers.sort(key=lambda e: e[0])  # stable: interventions (0) before recorders (1)
+        removers = []
+        if name.startswith("resid_mid."):
+            layer = int(name.split(".")[1])
+            removers.append(self._add_handler(f"resid_pre.{layer}", self._stasher(layer), _RECORD + 1))
+        self._ensure_torch_hook(site)
+
+        def remove() -> None:
+            if entry in handlers:
+                handlers.remove(entry)
+            if not handlers:
+                self._handlers.pop(name, None)
+            for r in removers:
+                r()
+            self._maybe_remove_torch_hook(site)
+
+        return remove
+
+    def _stasher(self, layer: int) -> HookFn:
+        def stash(act: Tensor, name: str) -> None:
+            self._stash[layer] = act
+
+        return stash
+
+    def _names_at(self, module: nn.Module, pre: bool) -> list[_Site]:
+        sites = [
+            self._sites[n]
+            for n in self._handlers
+            if self._sites[n].module is module and self._sites[n].pre == pre
+        ]
+        return sorted(sites, key=lambda s: s.order)
+
+    def _ensure_torch_hook(self, site: _Site) -> None:
+        key = (id(site.module), site.pre)
+        if key in self._torch_handles:
+            return
+        module = site.module
+        if site.pre:
+
+            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict):
+                if args:
+                    raw = args[0]
+                else:
+                    raw = kwargs["hidden_states"]
+                new = self._dispatch(mod, True, raw)
+                if new is raw:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+
+            def post_hook(mod: nn.Module, args: tuple, output: Any):
+                if mod is self.model:  # the `logits` hook point: a ModelOutput
+                    new = self._dispatch(mod, False, output.logits, slot=-1)
+                    if new is not output.logits:
+                        output.logits = new
+                    return output
+                if isinstance(output, Tensor):
+                    new = self._dispatch(mod, False, output, slot=0)
+                    return None if new is output else new
+                out = list(output) if isinstance(output, tuple) else None
+                if out is None:
+                    return None
+                changed = False
+                for slot in sorted({s.slot for s in self._names_at(mod, False)}):
+                    if out[slot] is None:
+                        raise HookPointError(
+                            "attention patterns need eager attention: ask for attn_pattern hooks through "
+                            "run_with_cache, which switches to eager for that call"
+                        )
+                    new = self._dispatch(mod, False, out[slot], slot=slot)
+                    if new is not out[slot]:
+                        out[slot] = new
+                        changed = True
+                return tuple(out) if changed else None
+
+            handle = module.register_forward_hook(post_hook)
+        self._torch_handles[key] = handle
+
+    def _maybe_remove_torch_hook(self, site: _Site) -> None:
+        if self._names_at(site.module, site.pre):
+            return
+        handle = self._torch_handles.pop((id(site.module), site.pre), None)
+        if handle is not None:
+            handle.remove()
+
+    def _dispatch(self, module: nn.Module, pre: bool, raw: Tensor, slot: int = 0) -> Tensor:
+        for site in self._names_at(module, pre):
+            if site.slot != slot:
+                continue
+            act = site.get(raw)
+            changed = False
+            for _, fn in list(self._handlers.get(site.name, ())):
+                out = fn(act, site.name)
+                if out is not None and out is not act:
+                    if out.shape != act.shape:
+                        raise ShapeError(
+                            f"intervention at {site.name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}"
+                        )
+                    act = out.to(act.dtype)
+                    changed = True
+            if changed:
+                raw = site.put(raw, act)
+        return raw
+
+    # ------------------------------------------------------------------ KV offset (prompt vs generated)
+    @contextlib.contextmanager
+    def _track_offset(self) -> Iterator[None]:
+        if self._offset_users == 0:
+
+            def top_pre(mod: nn.Module, args: tuple, kwargs: dict):
+                kv = kwargs.get("cache", None)
+                if kv is None:
+                    kv = kwargs.get("past_key_values", None)
+                self._kv_offset = (
+                    int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
+                )
+
+            self._offset_handle = self.model.register_forward_pre_hook(top_pre, with_kwargs=True)
+        self._offset_users += 1
+        try:
+            yield
+        finally:
+            self._offset_users -= 1
+            if self._offset_users == 0 and self._offset_handle is not None:
+                self._offset_handle.remove()
+                self._offset_handle = None
+                self._kv_offset = 0
+
+    # ------------------------------------------------------------------ interventions
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[HookedModel]:
+        """Generic intervention context: ``fn(act, hook_name) -> new act or None``."""
+        removers = []
+        try:
+            for name, fn in fwd_hooks:
+                removers.append(self._add_handler(self.resolve_hook(name), fn, _INTERVENE))
+            yield self
+        finally:
+            for r in reversed(removers):
+                r()
+
+    def patch(self, patches: dict[str, Tensor | HookFn]) -> contextlib.AbstractContextManager:
+        """Replace activations: a tensor (broadcast to the activation's shape) or ``fn(act, hook)``."""
+        fwd: list[tuple[str, HookFn]] = []
+        for name, value in patches.items():
+            if callable(value) and not isinstance(value, Tensor):
+                fwd.append((name, value))
+            else:
+                fwd.append((name, _tensor_patch(name, value)))
+        return self.hooks(fwd)
+
+    @contextlib.contextmanager
+    def steer(
+        self,
+        hook: str,
+        vector: Tensor,
+        scale: float = 1.0,
+        positions: None | str | int | Sequence[int] | slice = None,
+    ) -> Iterator[HookedModel]:
+        """Add ``scale * vector`` at ``hook``.
+
+        positions: ``None``/``"all"`` every position of every forward; ``"prompt"`` only the prompt
+        (the forward with an empty KV cache); ``"generated"`` only tokens generated afterwards; an int,
+        list or slice indexes positions of the prompt forward (negative = from the end of the prompt,
+        which is the same for every row under left padding).
+        """
+        name = self.resolve_hook(hook)
+        vec = torch.as_tensor(vector).detach()
+        width = self._width(name)
+        if vec.shape[-1:] != (width,) or vec.dim() != 1:
+            raise ShapeError(
+                f"steering vector has shape {tuple(vec.shape)}, but {name} of {self.name} is [{width}]"
+            )
+        if isinstance(positions, str) and positions not in ("all", "prompt", "generated"):
+            raise ShapeError(
+                f"positions must be all|prompt|generated, an int, a list or a slice, got {positions!r}"
+            )
+
+        def add(act: Tensor, hook_name: str) -> Tensor | None:
+            v = (scale * vec).to(device=act.device, dtype=act.dtype)
+            prompt = self._kv_offset == 0
+            if positions is None or positions == "all":
+                return act + v
+            if positions == "prompt":
+                return act + v if prompt else None
+            if positions == "generated":
+                return None if prompt else act + v
+            if not prompt:
+                return None
+            out = act.clone()
+            idx = [positions] if isinstance(positions, int) else positions
+            out[:, idx] += v
+            return out
+
+        with self._track_offset(), self.hooks([(name, add)]):
+            yield self
+
+    @contextlib.contextmanager
+    def ablate(self, direction: Tensor, hooks: Sequence[str] | None = None) -> Iterator[HookedModel]:
+        """Directional ablation: remove the component along ``direction`` (normalised) at ``hooks``.
+
+        Default: ``resid_pre.L``, ``attn_out.L`` and ``mlp_out.L`` of every layer (Arditi et al. 2024),
+        so no component along the direction is written to or read from the residual stream.
+        """
+        d = torch.as_tensor(direction).detach().to(torch.float64)
+        if d.dim() != 1 or d.shape[0] != self.cfg.d_model:
+            raise ShapeError(
+                f"direction has shape {tuple(d.shape)}, but {self.name} has d_model {self.cfg.d_model}"
+            )
+        if not torch.isfinite(d).all() or d.norm() == 0:
+            raise ShapeError("direction must be finite and non-zero")
+        unit = d / d.norm()
+        names = (
+            [
+                f"{k}.{layer}"
+                for layer in range(self.cfg.n_layers)
+                for k in ("resid_pre", "attn_out", "mlp_out")
+            ]
+            if hooks is None
+            else [self.resolve_hook(h) for h in hooks]
+        )
+        for n in names:
+            if self._width(n) != self.cfg.d_model:
+                raise ShapeError(f"cannot ablate a d_model direction at {n}")
+
+        def project_out(act: Tensor, hook_name: str) -> Tensor:
+            u = unit.to(device=act.device, dtype=act.dtype)
+            return act - (act @ u).unsqueeze(-1) * u
+
+        with self.hooks([(n, project_out) for n in names]):
+            yield self
+
+    def _width(self, name: str) -> int:
+        kind = name.split(".")[0]
+        if kind in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+            return self.cfg.d_model
+        if kind == "logits":
+            return self.model.config.get_text_config().vocab_size
+        raise ShapeError(f"{name} is not a vector-valued hook point")
+
+    # ------------------------------------------------------------------ tokenisation
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_chat(
+        self, texts: Sequence[str], system: str | None = None, add_generation_prompt: bool = True
+    ) -> list[str]:
+        if not self.has_chat_template():
+            raise ChatTemplateError(
+                f"{self.name}'s tokenizer has no chat template; use an instruct model or pass chat=False"
+            )
+        out = []
+        for t in texts:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": t}
+            ]
+            out.append(
+                self.tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            )
+        return out
+
+    def tokenize(
+        self,
+        texts: str | Sequence[str],
+        chat: bool = False,
+        system: str | None = None,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Left-padded ``input_ids`` / ``attention_mask`` ``[batch, pos]`` on the model's device.
+
+        With ``chat=True`` each text becomes one user turn in the chat template (the template supplies
+        its own special tokens, so none are added again).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        if not texts:
+            raise ShapeError("no texts to tokenize")
+        if chat:
+            texts = self.format_chat(texts, system=system, add_generation_prompt=add_generation_prompt)
+            add_special_tokens = False
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+                truncation=max_length is not None,
+                max_length=max_length,
+            )
+        finally:
+            tok.padding_side = old_side
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
+
+    def _inputs(self, inputs: Any, attention_mask: Tensor | None, chat: bool) -> dict[str, Tensor]:
+        if isinstance(inputs, Tensor):
+            ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
+            mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+            return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if isinstance(inputs, dict):
+            return {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return self.tokenize(inputs, chat=chat)
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def forward(self, inputs: Any, attention_mask: Tensor | None = None, chat: bool = False) -> Tensor:
+        """Logits ``[batch, pos, vocab]``; with any active intervention contexts applied."""
+        logits, _ = self.run_with_cache(inputs, hooks=None, attention_mask=attention_mask, chat=chat)
+        assert logits is not None
+        return logits
+
+    @torch.no_grad()
+    def run_with_cache(
+        self,
+        inputs: Any,
+        hooks: Sequence[str] | None = None,
+        attention_mask: Tensor | None = None,
+        chat: bool = False,
+        stop_early: bool = False,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Run the model and cache activations at ``hooks``.
+
+        inputs: a string, a list of strings (left-padded batch) or token ids ``[batch, pos]`` with an
+        optional ``attention_mask``. Returns ``(logits [batch, pos, vocab], {hook: activation})``.
+        Padded positions get position ids from the mask, so a left-padded row matches its unpadded run.
+        ``stop_early`` ends the forward after the last requested hook (logits is then ``None``).
+        """
+        enc = self._inputs(inputs, attention_mask, chat)
+        names = [self.resolve_hook(h) for h in (hooks or [])]
+        if len(set(names)) != len(names):
+            raise HookPointError(f"a hook point is requested twice: {names}")
+        cache: dict[str, Tensor] = {}
+        want = len(names)
+
+        def recorder(act: Tensor, name: str) -> None:
+            cache[name] = act.detach()
+            if stop_early and len(cache) == want:
+                raise _StopForward
+
+        mask = enc["attention_mask"]
+        kwargs: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": mask, "use_cache": False}
+        if (mask == 0).any():
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        eager = any(n.startswith("attn_pattern.") for n in names)
+        removers = []
+        logits: Tensor | None = None
+        try:
+            for n in names:
+                removers.append(self._add_handler(n, recorder, _RECORD))
+            with self._attn_impl("eager" if eager else None):
+                try:
+                    logits = self.model(**kwargs).logits
+                except _StopForward:
+                    logits = None
+        finally:
+            for r in reversed(removers):
+                r()
+        missing = [n for n in names if n not in cache]
+        if missing:  # pragma: no cover - would be an adapter bug
+            raise HookPointError(f"hook points {missing} did not fire for {self.name}")
+        return logits, {n: cache[n] for n in names}
+
+    @contextlib.contextmanager
+    def _attn_impl(self, impl: str | None) -> Iterator[None]:
+        if impl is None or self.model.config._attn_implementation == impl:
+            yield
+            return
+        old = self.model.config._attn_implementation
+        self.model.set_attn_implementation(impl)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(old)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: Any,
+        max_new_tokens: int = 32,
+        chat: bool = False,
+        do_sample: bool = False,
+        attention_mask: Tensor | None = None,
+        skip_special_tokens: bool = True,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Generate from a prompt (batch); returns only the new text of each row.
+
+        Active intervention contexts (patch/steer/ablate) apply to every step.
+        """
+        enc = self._inputs(inputs, attention_mask, chat)
+        gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+        if not do_sample:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        gen_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
+        gen_kwargs.update(kwargs)
+        with self._track_offset():
+            out = self.model.generate(**enc, **gen_kwargs)
+        new = out[:, enc["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=skip_special_tokens)
+
+    def active_hook_count(self) -> int:
+        """Number of PyTorch hooks rosettalens currently holds on the model (0 outside contexts)."""
+        return len(self._torch_handles) + (self._offset_handle is not None)
+
+
+def _tensor_patch(name: str, value: Tensor) -> HookFn:
+    value = torch.as_tensor(value).detach()
+
+    def patch(act: Tensor, hook_name: str) -> Tensor:
+        try:
+            return value.to(device=act.device, dtype=act.dtype).expand_as(act)
+        except RuntimeError as e:
+            raise ShapeError(
+                f"patch for {name} has shape {tuple(value.shape)}, not broadcastable to {tuple(act.shape)}"
+            ) from e
+
+    return patch

