@@ -54,7 +54,7 @@ def test_shapes_and_negative_layers(tiny_hm):
     _, cache = tiny_hm.run_with_cache(
         enc, hooks=["head_z.-1", "q.0", "k.0", "v.0", "attn_pattern.1", "embed"]
     )
-    assert cache["head_z.%d" % (c.n_layers - 1)].shape == (b, p, c.n_heads, c.d_head)
+    assert cache[f"head_z.{c.n_layers - 1}"].shape == (b, p, c.n_heads, c.d_head)
     assert cache["q.0"].shape == (b, p, c.n_heads, c.d_head)
     assert cache["k.0"].shape == (b, p, c.n_kv_heads, c.d_head)
     assert cache["v.0"].shape == (b, p, c.n_kv_heads, c.d_head)
@@ -181,8 +181,8 @@ def test_left_padding_matches_unpadded(tiny_hm):
     short, long = "0 1 2", "January February March April May June"
     _, single = tiny_hm.run_with_cache(short, hooks=["resid_post.-1"])
     _, batch = tiny_hm.run_with_cache([long, short], hooks=["resid_post.-1"])
-    n = single["resid_post.%d" % (tiny_hm.cfg.n_layers - 1)].shape[1]
-    key = "resid_post.%d" % (tiny_hm.cfg.n_layers - 1)
+    n = single[f"resid_post.{tiny_hm.cfg.n_layers - 1}"].shape[1]
+    key = f"resid_post.{tiny_hm.cfg.n_layers - 1}"
     assert torch.allclose(batch[key][1, -n:], single[key][0], atol=1e-4)
 
 
