@@ -26,6 +26,7 @@ __all__ = ["register"]
 
 
 def _err(msg: str) -> int:
+    msg = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
     print(f"rosetta steer: error: {msg}", file=sys.stderr)
     return 2
 
