@@ -465,7 +465,14 @@ def _unit_rows(z: torch.Tensor, name: str, what: str) -> torch.Tensor:
 
 
 def _rdm_full(x: torch.Tensor, inner: str, name: str = "X") -> torch.Tensor:
-    """Representational dissimilarity matrix ``[n, n]`` of the rows of ``x [n, d]``."""
+    """Representational dissimilarity matrix ``[n, n]`` of the rows of ``x [n, d]``.
+
+    Duplicated rows (e.g. BOS tokens) get exactly equal dissimilarities (and exactly 0 between them), so
+    that rank-based comparisons see the ties that a pairwise formula would see.
+    """
+    uniq, inverse = torch.unique(x, dim=0, return_inverse=True)
+    if uniq.shape[0] < x.shape[0]:
+        return _rdm_full(uniq, inner, name)[inverse][:, inverse]
     if inner == "correlation":
         z = _unit_rows(x - x.mean(dim=1, keepdim=True), name, "correlation")
         d = (z @ z.T).neg_().add_(1.0)
@@ -548,7 +555,7 @@ def _prep_rsa(
         a_np, b_tri = _to_np(a), b
         bfull = torch.zeros(n, n, dtype=b.dtype, device=b.device)
         bfull[mask] = b
-        bfull += bfull.T
+        bfull = bfull + bfull.T
 
         def kendall_fn(perm: torch.Tensor | None) -> float:
             bp = b_tri if perm is None else bfull[perm][:, perm][mask]
