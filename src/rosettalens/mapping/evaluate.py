@@ -128,14 +128,16 @@ def _replace_fn(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor | N
     return fn
 
 
-def _logprobs(hm, ids: torch.Tensor, mask: torch.Tensor, hook: str, fn=None) -> torch.Tensor:
-    """Next-token log-probabilities ``[batch, pos, vocab]`` (float32, CPU), with ``fn`` patched at ``hook``."""
+def _logprobs(hm, ids: torch.Tensor, mask: torch.Tensor, hook: str, at, fn=None) -> torch.Tensor:
+    """Next-token log-probabilities ``[k, vocab]`` (float32, CPU) at positions ``at = (rows, cols)``,
+    with ``fn`` patched at ``hook``."""
     if fn is None:
         logits = hm.forward(ids, attention_mask=mask)
     else:
         with hm.patch({hook: fn}):
             logits = hm.forward(ids, attention_mask=mask)
-    return logits.float().log_softmax(-1).cpu()
+    rows, cols = at
+    return logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1).cpu()
 
 
 def _ce(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -205,39 +207,35 @@ def fidelity(
                 [torch.as_tensor(p, dtype=torch.long) + (P - len(x)) for p, x in zip(pos_t, ids_t)]
             )
             # evaluated positions: from the first patched one (last mode: the patched one) to the end
-            ev_r, ev_c, lab_r, lab_c, labels = [], [], [], [], []
+            ev_r, ev_c, labels = [], [], []  # labels: next token, or -1 at a text's last position
             for j, (p, x) in enumerate(zip(pos_t, ids_t)):
                 off = P - len(x)
                 last = int(p.max()) + 1 if sel.pairing == "last" else len(x)
                 for t in range(int(p.min()), last):
                     ev_r.append(j)
                     ev_c.append(off + t)
-                    if t + 1 < len(x):
-                        lab_r.append(j)
-                        lab_c.append(off + t)
-                        labels.append(x[t + 1])
-            ev = (torch.as_tensor(ev_r), torch.as_tensor(ev_c))
-            lab = (torch.as_tensor(lab_r, dtype=torch.long), torch.as_tensor(lab_c, dtype=torch.long))
+                    labels.append(x[t + 1] if t + 1 < len(x) else -1)
+            ev = (torch.as_tensor(ev_r, dtype=torch.long), torch.as_tensor(ev_c, dtype=torch.long))
             lab_ids = torch.as_tensor(labels, dtype=torch.long)
+            has = lab_ids >= 0
 
-            clean = _logprobs(tgt_hm, ids, mask, tgt_hook)
+            pc = _logprobs(tgt_hm, ids, mask, tgt_hook, ev)
             runs = {
-                "patched": _logprobs(tgt_hm, ids, mask, tgt_hook, _replace_fn(rows, cols, mapped)),
-                "zero": _logprobs(tgt_hm, ids, mask, tgt_hook, _replace_fn(rows, cols, None)),
+                "patched": _logprobs(tgt_hm, ids, mask, tgt_hook, ev, _replace_fn(rows, cols, mapped)),
+                "zero": _logprobs(tgt_hm, ids, mask, tgt_hook, ev, _replace_fn(rows, cols, None)),
                 "mean": _logprobs(
-                    tgt_hm, ids, mask, tgt_hook, _replace_fn(rows, cols, mean_act.expand(len(rows), -1))
+                    tgt_hm, ids, mask, tgt_hook, ev, _replace_fn(rows, cols, mean_act.expand(len(rows), -1))
                 ),
             }
-            pc = clean[ev]
             for key, lp in (("kl", runs["patched"]), ("kl_zero", runs["zero"]), ("kl_mean", runs["mean"])):
-                sums[key] += float((pc.exp() * (pc - lp[ev])).sum(-1).clamp_min(0).sum())
-            sums["top1"] += float((pc.argmax(-1) == runs["patched"][ev].argmax(-1)).sum())
+                sums[key] += float((pc.exp() * (pc - lp)).sum(-1).clamp_min(0).sum())
+            sums["top1"] += float((pc.argmax(-1) == runs["patched"].argmax(-1)).sum())
             n_kl += len(ev_r)
-            if labels:
-                sums["ce_clean"] += float(_ce(clean[lab], lab_ids).sum())
+            if bool(has.any()):
+                sums["ce_clean"] += float(_ce(pc[has], lab_ids[has]).sum())
                 for key in ("patched", "zero", "mean"):
-                    sums[f"ce_{key}"] += float(_ce(runs[key][lab], lab_ids).sum())
-                n_ce += len(labels)
+                    sums[f"ce_{key}"] += float(_ce(runs[key][has], lab_ids[has]).sum())
+                n_ce += int(has.sum())
             bar.update(len(ids_t))
     finally:
         bar.close()

@@ -1,0 +1,397 @@
+"""``rosetta map train | eval``.
+
+::
+
+    rosetta map train --source M:HOOK --target M:HOOK --data D --kind affine|orthogonal|lowrank|autoencoder
+                      --out DIR [--max-tokens N] [--pairing auto|all|aligned|last] [--heldout F]
+                      [--rank R] [--alpha A] [--hidden H] [--epochs E] [--patience P] [--lr LR] [--json]
+    rosetta map train --source M:HOOK --target M:HOOK --source-store DIR --target-store DIR --kind K --out DIR
+    rosetta map eval  --mapper DIR --data D [--source M:HOOK] [--target M:HOOK] [--json]
+
+``train`` extracts paired activations in memory (``hm.run_with_cache``) from the documents of ``D``
+(or reads them from two activation stores), holds out a fraction of the documents, fits the mapper,
+and saves it to ``DIR`` with its held-out FVU / R² / cosine in ``config.json``. ``eval`` loads the
+models recorded in the mapper (or given), and reports held-out activation metrics and fidelity
+inside the target (next-token KL, loss recovered, greedy token match). Bad input: one line on
+stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from rosettalens.errors import ConfigError, DataError, RosettaError
+
+__all__ = ["register"]
+
+KINDS = ("affine", "orthogonal", "lowrank", "autoencoder")
+
+
+def _err(msg: str) -> int:
+    msg = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
+    print(f"rosetta map: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _model_hook(spec: str | None, what: str) -> tuple[str, str]:
+    if not spec or ":" not in spec:
+        raise ConfigError(
+            f"--{what} must be MODEL:HOOK (e.g. smollm2-135m-instruct:resid_post.12), got {spec!r}"
+        )
+    model, hook = spec.rsplit(":", 1)
+    if not model or not hook:
+        raise ConfigError(f"--{what} must be MODEL:HOOK, got {spec!r}")
+    return model, hook
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None (json.dumps would write invalid JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _load_models(args, src_name: str, tgt_name: str):
+    import rosettalens
+
+    src = rosettalens.load(src_name, device=args.device, dtype=args.dtype)
+    tgt = src if tgt_name == src_name else rosettalens.load(tgt_name, device=args.device, dtype=args.dtype)
+    return src, tgt
+
+
+def _documents(spec: str) -> tuple[list[str], dict]:
+    from rosettalens.data import load_documents
+
+    corpus = load_documents(spec)
+    docs = [d for d in corpus.documents if d and d.strip()]
+    if not docs:
+        raise DataError(f"data {spec!r} holds no non-empty documents")
+    return docs, corpus.describe()
+
+
+def _make_mapper(args):
+    from rosettalens.mapping import AffineMapper, AutoencoderMapper, LowRankMapper, OrthogonalMapper
+
+    if args.kind == "affine":
+        return AffineMapper(alpha=args.alpha, seed=args.seed)
+    if args.kind == "orthogonal":
+        return OrthogonalMapper()
+    if args.kind == "lowrank":
+        return LowRankMapper(rank=args.rank, alpha=args.alpha or 0.0)
+    return AutoencoderMapper(
+        hidden=args.hidden,
+        lr=args.lr,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except RosettaError as e:
+        return _err(str(e))
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from rosettalens.mapping.evaluate import activation_metrics
+
+    if args.kind not in KINDS:
+        raise ConfigError(f"unknown --kind {args.kind!r}; expected one of {', '.join(KINDS)}")
+    if not 0.0 < args.heldout < 1.0:
+        raise ConfigError(f"--heldout must be in (0, 1), got {args.heldout}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ConfigError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    src_name, src_hook = _model_hook(args.source, "source")
+    tgt_name, tgt_hook = _model_hook(args.target, "target")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    mapper = _make_mapper(args)  # validates hyper-parameters before any heavy work
+    stores = args.source_store or args.target_store
+    if stores:
+        if not (args.source_store and args.target_store) or args.data:
+            raise ConfigError("give either --data, or both --source-store and --target-store")
+        X, Y, Xh, Yh, data_info = _pairs_from_stores(args, src_hook, tgt_hook)
+    else:
+        if not args.data:
+            raise ConfigError("--data is required (or --source-store and --target-store)")
+        X, Y, Xh, Yh, data_info, src_hook, tgt_hook = _pairs_from_models(
+            args, src_name, src_hook, tgt_name, tgt_hook, progress
+        )
+    if args.kind == "lowrank" and args.rank > min(X.shape[1], Y.shape[1]):
+        raise ConfigError(f"--rank {args.rank} exceeds min(d_src, d_tgt) = {min(X.shape[1], Y.shape[1])}")
+    if args.kind == "autoencoder":
+        from pathlib import Path
+
+        ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "checkpoint"
+        mapper.fit(X, Y, checkpoint_dir=ckpt, progress=progress)
+    else:
+        mapper.fit(X, Y)
+    heldout = activation_metrics(mapper, Xh, Yh)
+    mapper.fit_info["heldout"] = heldout
+    mapper.fit_info["data"] = data_info
+    out = mapper.save(
+        args.out, source_model=src_name, target_model=tgt_name, source_hook=src_hook, target_hook=tgt_hook
+    )
+    fit_summary = {k: v for k, v in mapper.fit_info.items() if k not in ("history", "heldout", "data")}
+    result = {
+        "out": str(out),
+        "kind": mapper.kind,
+        "source": f"{src_name}:{src_hook}",
+        "target": f"{tgt_name}:{tgt_hook}",
+        "d_src": mapper.d_src,
+        "d_tgt": mapper.d_tgt,
+        "n_train": int(X.shape[0]),
+        "n_heldout": int(Xh.shape[0]),
+        "pairing": data_info.get("pairing"),
+        "heldout": heldout,
+        "fit": fit_summary,
+    }
+    if args.json:
+        print(json.dumps(_clean(result)))
+    else:
+        print(
+            f"{mapper.kind} mapper {src_name}:{src_hook} -> {tgt_name}:{tgt_hook} ({mapper.d_src} -> {mapper.d_tgt})"
+        )
+        print(f"  trained on {X.shape[0]} pairs ({data_info.get('pairing')}), held out {Xh.shape[0]}")
+        print(
+            f"  held-out FVU {heldout['fvu']:.4f}  R2 {heldout['r2']:.4f}  mean cos {heldout['mean_cosine']:.4f}"
+            f" (shuffled {heldout['mean_cosine_shuffled']:.4f})"
+        )
+        print(f"  saved to {out}")
+    return 0
+
+
+def _pairs_from_models(args, src_name, src_hook, tgt_name, tgt_hook, progress):
+    import torch
+
+    from rosettalens.mapping.pairs import paired_activations
+
+    docs, desc = _documents(args.data)
+    if len(docs) < 2:
+        raise DataError(f"data {args.data!r} has {len(docs)} document(s); need at least 2 (train + held out)")
+    g = torch.Generator().manual_seed(args.seed or 0)
+    perm = torch.randperm(len(docs), generator=g).tolist()
+    n_held = min(max(1, round(len(docs) * args.heldout)), len(docs) - 1)
+    held_docs = [docs[i] for i in sorted(perm[:n_held])]
+    train_docs = [docs[i] for i in sorted(perm[n_held:])]
+    src_hm, tgt_hm = _load_models(args, src_name, tgt_name)
+    src_hook, tgt_hook = src_hm.resolve_hook(src_hook), tgt_hm.resolve_hook(tgt_hook)
+    kw = dict(pairing=args.pairing, max_length=args.max_length, batch_size=args.batch_size, progress=progress)
+    X, Y, info = paired_activations(
+        src_hm, tgt_hm, train_docs, src_hook, tgt_hook, max_tokens=args.max_tokens, **kw
+    )
+    held_max = max(2, (args.max_tokens or X.shape[0]) // 4)
+    Xh, Yh, hinfo = paired_activations(
+        src_hm, tgt_hm, held_docs, src_hook, tgt_hook, max_tokens=held_max, **kw
+    )
+    data_info = {
+        "source": "models",
+        "data": {k: desc.get(k) for k in ("spec", "n_documents", "sha256")},
+        "pairing": info["pairing"],
+        "n_train_documents": len(train_docs),
+        "n_heldout_documents": len(held_docs),
+        "heldout_seed": args.seed or 0,
+        "train": info,
+        "heldout": hinfo,
+    }
+    return X, Y, Xh, Yh, data_info, src_hook, tgt_hook
+
+
+def _pairs_from_stores(args, src_hook, tgt_hook):
+    import torch
+
+    from rosettalens.align import PairedStores
+    from rosettalens.store import ActivationStore
+
+    a = ActivationStore.open(args.source_store)
+    b = ActivationStore.open(args.target_store)
+    for store, hook, what in ((a, src_hook, "source"), (b, tgt_hook, "target")):
+        if hook not in store.hooks:
+            raise ConfigError(
+                f"{what} store {store.path} has no hook {hook!r} (it has {', '.join(store.hooks)})"
+            )
+    mode = "last" if args.pairing == "last" else "aligned"
+    pair = PairedStores(a, b, mode=mode)
+    n = len(pair)
+    if n < 4:
+        raise DataError(f"only {n} paired rows between {a.path} and {b.path}; need at least 4")
+    g = torch.Generator().manual_seed(args.seed or 0)
+    perm = torch.randperm(n, generator=g)
+    n_held = min(max(1, round(n * args.heldout)), n - 2)
+    held, train = perm[:n_held].sort().values, perm[n_held:].sort().values
+    if args.max_tokens:
+        train = train[: args.max_tokens]
+    X, Y = pair.read(src_hook, tgt_hook, rows=train)
+    Xh, Yh = pair.read(src_hook, tgt_hook, rows=held)
+    info = {
+        "source": "stores",
+        "source_store": str(a.path),
+        "target_store": str(b.path),
+        "pairing": mode,
+        "paired_fraction": pair.paired_fraction,
+        "n_pairs": n,
+    }
+    return X.float(), Y.float(), Xh.float(), Yh.float(), info
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _eval(args)
+    except RosettaError as e:
+        return _err(str(e))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rosettalens.mapping import load_mapper
+    from rosettalens.mapping.evaluate import _check_widths, evaluate
+
+    mapper = load_mapper(args.mapper)
+    meta = mapper.meta
+    if args.source:
+        src_name, src_hook = _model_hook(args.source, "source")
+    else:
+        src_name, src_hook = meta.get("source_model"), meta.get("source_hook")
+    if args.target:
+        tgt_name, tgt_hook = _model_hook(args.target, "target")
+    else:
+        tgt_name, tgt_hook = meta.get("target_model"), meta.get("target_hook")
+    if not (src_name and src_hook and tgt_name and tgt_hook):
+        raise ConfigError(
+            f"mapper {args.mapper} does not record its source/target model and hook; give --source M:HOOK --target M:HOOK"
+        )
+    docs, desc = _documents(args.data)
+    src_hm, tgt_hm = _load_models(args, src_name, tgt_name)
+    src_hook, tgt_hook = src_hm.resolve_hook(src_hook), tgt_hm.resolve_hook(tgt_hook)
+    _check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
+    res = evaluate(
+        mapper,
+        src_hm,
+        tgt_hm,
+        docs,
+        src_hook,
+        tgt_hook,
+        pairing=args.pairing,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        fidelity_texts=args.fidelity_texts,
+        n_generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+    )
+    res["mapper"]["dir"] = str(args.mapper)
+    res["mapper"]["source_model"], res["mapper"]["target_model"] = src_name, tgt_name
+    res["data"] = {k: desc.get(k) for k in ("spec", "n_documents", "sha256")}
+    res = _clean(res)
+    if args.out:
+        from pathlib import Path
+
+        from rosettalens.mapping.base import atomic_write_json
+
+        atomic_write_json(Path(args.out), res)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    a, f = res["activations"], res["fidelity"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    print(f"{mapper.kind} mapper {src_name}:{src_hook} -> {tgt_name}:{tgt_hook} on {args.data}")
+    print(
+        f"  activations ({a['n']} pairs, {res['pairs']['pairing']}): FVU {fmt(a['fvu'])}  R2 {fmt(a['r2'])}",
+        end="",
+    )
+    print(f"  mean cos {fmt(a['mean_cosine'])} (shuffled {fmt(a['mean_cosine_shuffled'])})")
+    print(
+        f"  in target ({f['n_positions']} positions): KL {fmt(f['kl'])} nats"
+        f" (zero-abl {fmt(f['kl_zero_ablation'])}, mean-abl {fmt(f['kl_mean_ablation'])})"
+    )
+    if "loss_clean" in f:
+        print(
+            f"  loss clean {fmt(f['loss_clean'])}  patched {fmt(f['loss_patched'])}  "
+            f"recovered vs zero {fmt(f['loss_recovered_zero'])}  vs mean {fmt(f['loss_recovered_mean'])}"
+        )
+    gen = f.get("generation")
+    if gen:
+        print(f"  greedy token match {fmt(gen['token_match_rate'])} over {gen['n_prompts']} prompts")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairing", default="auto", choices=("auto", "all", "aligned", "last"),
+                   help="position pairing: all (same tokenizer), aligned (char offsets), last token; auto picks")  # fmt: skip
+    p.add_argument("--max-length", type=int, default=128, help="truncate each document to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    """Add ``rosetta map train`` and ``rosetta map eval``."""
+    mp = subparsers.add_parser("map", help="fit and evaluate mappers between two models' activation spaces")
+    sub = mp.add_subparsers(dest="map_command", required=True, parser_class=type(mp))
+
+    t = sub.add_parser("train", help="fit a mapper from source to target activations",
+                       description="Fit a mapper from paired activations and save it (safetensors + config.json).")  # fmt: skip
+    t.add_argument(
+        "--source", required=True, help="MODEL:HOOK of the source, e.g. smollm2-135m-instruct:resid_post.12"
+    )
+    t.add_argument("--target", required=True, help="MODEL:HOOK of the target")
+    t.add_argument("--data", help="documents: built-in name, .txt, .jsonl or hf:<id>")
+    t.add_argument("--source-store", help="read source activations from this store instead of --data")
+    t.add_argument("--target-store", help="read target activations from this store instead of --data")
+    t.add_argument("--kind", default="affine", help=f"mapper kind: {', '.join(KINDS)} (default affine)")
+    t.add_argument("--out", required=True, help="output directory for the mapper")
+    t.add_argument(
+        "--max-tokens", type=int, default=20000, help="paired training rows to extract (default 20000)"
+    )
+    t.add_argument("--heldout", type=float, default=0.1, help="fraction of documents held out for metrics")
+    t.add_argument("--rank", type=int, default=32, help="lowrank: rank")
+    t.add_argument(
+        "--alpha", type=float, default=None, help="affine/lowrank: fixed relative ridge (default: chosen)"
+    )
+    t.add_argument(
+        "--hidden", type=int, default=None, help="autoencoder: hidden width (default sqrt(d_src*d_tgt))"
+    )
+    t.add_argument("--epochs", type=int, default=100, help="autoencoder: max epochs")
+    t.add_argument("--patience", type=int, default=5, help="autoencoder: early-stopping patience")
+    t.add_argument("--lr", type=float, default=1e-3, help="autoencoder: AdamW learning rate")
+    t.add_argument("--train-batch-size", type=int, default=256, help="autoencoder: minibatch rows")
+    t.add_argument(
+        "--checkpoint", default=None, help="autoencoder: checkpoint dir (default OUT/checkpoint); resumes"
+    )
+    _common(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a mapper on held-out data and inside the target model",
+                       description="Held-out FVU/R2/cosine, and next-token KL, loss recovered and greedy token "
+                                   "match with mapped activations spliced into the target.")  # fmt: skip
+    e.add_argument("--mapper", required=True, help="mapper directory written by `rosetta map train`")
+    e.add_argument("--data", required=True, help="held-out documents: built-in name, .txt, .jsonl or hf:<id>")
+    e.add_argument("--source", default=None, help="override the mapper's recorded MODEL:HOOK of the source")
+    e.add_argument("--target", default=None, help="override the mapper's recorded MODEL:HOOK of the target")
+    e.add_argument("--max-tokens", type=int, default=5000, help="paired rows for activation metrics")
+    e.add_argument("--fidelity-texts", type=int, default=32, help="documents spliced into the target")
+    e.add_argument("--generate", type=int, default=4, help="prompts for greedy completions (0 = skip)")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per prompt")
+    e.add_argument("--out", default=None, help="also write the results JSON to this file")
+    _common(e)
+    e.set_defaults(func=_cmd_eval)
