@@ -63,18 +63,18 @@ class HookedModel:
     """A Hugging Face causal LM with named hook points. See module docstring and DESIGN.md."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None):
-        self.model = model
+        self.model: Any = model  # a transformers PreTrainedModel
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.adapter: Adapter = adapter_for(model.config)
         self.cfg: ModelConfig = model_config(model.config, self.name)
-        self._layers = _get_module(model, self.adapter.layers)
+        self._layers: Any = _get_module(model, self.adapter.layers)
         self._handlers: dict[str, list[tuple[int, HookFn]]] = {}
         self._torch_handles: dict[tuple[int, bool], Any] = {}
         self._sites: dict[str, _Site] = {}
         self._stash: dict[int, Tensor] = {}  # layer -> latest resid_pre (for resid_mid)
         self._kv_offset = 0  # tokens already in the KV cache during the current forward
-        self._offset_handle = None
+        self._offset_handle: Any = None
         self._offset_users = 0
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -193,17 +193,18 @@ class HookedModel:
                     parts[idx] = new.reshape(*raw.shape[:-1], d)
                     return torch.cat(parts, dim=-1)
 
-            else:  # neox: per head [q k v], each d_head wide
+                return _Site(name, fused, False, 0, get_f, put_f, idx)
 
-                def get_f(raw: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
-                    return raw.view(*raw.shape[:-1], heads, 3 * dh)[..., idx * dh : (idx + 1) * dh]
+            # neox: per head [q k v], each d_head wide
+            def get_nx(raw: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
+                return raw.view(*raw.shape[:-1], heads, 3 * dh)[..., idx * dh : (idx + 1) * dh]
 
-                def put_f(raw: Tensor, new: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
-                    parts = list(raw.view(*raw.shape[:-1], heads, 3 * dh).split(dh, dim=-1))
-                    parts[idx] = new
-                    return torch.cat(parts, dim=-1).reshape(raw.shape)
+            def put_nx(raw: Tensor, new: Tensor, idx: int = idx, heads: int = heads) -> Tensor:
+                parts = list(raw.view(*raw.shape[:-1], heads, 3 * dh).split(dh, dim=-1))
+                parts[idx] = new
+                return torch.cat(parts, dim=-1).reshape(raw.shape)
 
-            return _Site(name, fused, False, 0, get_f, put_f, idx)
+            return _Site(name, fused, False, 0, get_nx, put_nx, idx)
         raise HookPointError(f"unknown hook point {name!r}")  # pragma: no cover
 
     # ------------------------------------------------------------------ handler registry
@@ -407,7 +408,7 @@ class HookedModel:
             if not prompt:
                 return None
             out = act.clone()
-            idx = [positions] if isinstance(positions, int) else positions
+            idx: Any = [positions] if isinstance(positions, int) else positions
             out[:, idx] += v
             return out
 

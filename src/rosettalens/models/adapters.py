@@ -24,6 +24,7 @@ Conventions (stated once, tested in ``tests/test_hooks.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UnknownModelError
 
@@ -50,7 +51,7 @@ class Adapter:
     post_block_norms: bool = False  # Gemma 2/3: attention/MLP outputs normed before the add
 
 
-_LLAMA_LIKE = dict(
+_LLAMA_LIKE: dict[str, Any] = dict(
     layers="model.layers",
     embed="model.embed_tokens",
     final_norm="model.norm",
@@ -64,7 +65,7 @@ _LLAMA_LIKE = dict(
     k_proj="self_attn.k_proj",
     v_proj="self_attn.v_proj",
 )
-_GEMMA_LIKE = dict(
+_GEMMA_LIKE: dict[str, Any] = dict(
     _LLAMA_LIKE,
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",

@@ -86,7 +86,7 @@ def load(
         tok = AutoTokenizer.from_pretrained(
             str(where), **({} if local else {"local_files_only": kwargs.get("local_files_only", False)})
         )
-        hf = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+        hf: Any = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
     except (OSError, ValueError) as e:
         if local:
             raise

