@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 import pytest
+import torch
 
 from rosettalens.align import align_positions, align_texts, char_ends, char_ends_by_decoding
 from rosettalens.models.tiny import tiny_tokenizer
@@ -131,3 +132,97 @@ def test_align_positions_ignores_missing_ends():
     ia, ib = align_positions([-1, 3, 5, -1, 9], [2, 3, -1, 5, 9, 10])
     assert ia.tolist() == [1, 2, 4]
     assert ib.tolist() == [1, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------- stores
+@pytest.fixture(scope="module")
+def two_stores(tmp_path_factory):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_config, tiny_model
+    from rosettalens.store import extract
+
+    root = tmp_path_factory.mktemp("pair")
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    m, t = tiny_model("llama", seed=0)
+    hm_a = HookedModel.from_hf(m, t, name="a")
+    sp = sp_like_tokenizer()
+    cfg = tiny_config("llama")
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = len(sp), 1, 2, 2
+    torch.manual_seed(1)
+    hm_b = HookedModel.from_hf(AutoModelForCausalLM.from_config(cfg).eval(), sp, name="b")
+    a = extract(hm_a, ["resid_post.1"], data, root / "a", shard_size=50)
+    b = extract(hm_b, ["resid_post.0", "embed"], data, root / "b", shard_size=64)
+    a2 = extract(hm_a, ["resid_post.0"], data, root / "a2", dtype="float16")
+    other = root / "other.txt"
+    other.write_text("completely different\ntexts here\n", encoding="utf-8")
+    c = extract(hm_a, ["resid_post.1"], other, root / "c")
+    return a, b, a2, c, sp
+
+
+def test_paired_stores_rows_read_the_same_text(two_stores):
+    from rosettalens.align import PairedStores
+
+    a, b, _, _, sp = two_stores
+    tok_a = tiny_tokenizer(add_bos=True)
+    pair = PairedStores(a, b)
+    assert len(pair) > 0
+    docs = a.documents()
+    for ra, rb in zip(pair.rows_a.tolist(), pair.rows_b.tolist()):
+        d = a.doc_index[ra].item()
+        assert b.doc_index[rb].item() == d
+        ids_a = tok_a(docs[d])["input_ids"]
+        ids_b = sp(docs[d])["input_ids"]
+        pa = _prefix(tok_a, ids_a, a.pos_index[ra].item())
+        pb = _prefix(sp, ids_b, b.pos_index[rb].item())
+        assert pa == pb == docs[d][: a.char_end[ra].item()]
+    # the same pairs as aligning the raw texts (stores leave special tokens out; they never pair)
+    ref = align_texts(tok_a, sp, TEXTS)
+    assert len(pair) == sum(len(ia) for ia, _ in ref["pairs"])
+    assert pair.paired_fraction == pytest.approx(2 * len(pair) / (len(a) + len(b)))
+    assert pair.fraction_a == pytest.approx(len(pair) / len(a)) and 0 < pair.paired_fraction < 1
+    Xa, Xb = pair.read("resid_post.1", "embed")
+    assert torch.equal(Xa, a.read("resid_post.1")[pair.rows_a])
+    assert torch.equal(Xb, b.read("embed")[pair.rows_b])
+
+
+def test_paired_batches_are_row_aligned(two_stores):
+    from rosettalens.align import PairedStores
+
+    a, b, _, _, _ = two_stores
+    pair = PairedStores(a, b)
+    Xa, Xb = pair.read("resid_post.1", "resid_post.0")
+    batches = list(pair.iter_batches("resid_post.1", "resid_post.0", 7, shuffle=True, seed=2))
+    perm = torch.randperm(len(pair), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.cat([x for x, _ in batches]), Xa[perm])
+    assert torch.equal(torch.cat([y for _, y in batches]), Xb[perm])
+
+
+def test_same_tokenizer_pairs_every_row_and_last_mode(two_stores):
+    from rosettalens.align import PairedStores
+
+    a, b, a2, _, _ = two_stores
+    same = PairedStores(a, a2)
+    assert same.paired_fraction == 1.0 and len(same) == len(a)
+    assert np.array_equal(same.rows_a.numpy(), same.rows_b.numpy())
+    last = PairedStores(a, b, mode="last")
+    assert len(last) == len(TEXTS)
+    for ra, rb in zip(last.rows_a.tolist(), last.rows_b.tolist()):
+        d = a.doc_index[ra].item()
+        assert a.char_end[ra].item() == b.char_end[rb].item() == len(TEXTS[d])
+        assert ra == int((a.doc_index == d).nonzero().max())
+
+
+def test_pairing_stores_of_different_texts_is_refused(two_stores):
+    from rosettalens.align import PairedStores
+    from rosettalens.errors import StoreError
+
+    a, _, _, c, _ = two_stores
+    with pytest.raises(StoreError, match="different texts"):
+        PairedStores(a, c)
+    with pytest.raises(StoreError, match="unknown pairing mode"):
+        PairedStores(a, a, mode="first")

@@ -125,7 +125,8 @@ def align_texts(tok_a, tok_b, texts: Sequence[str], add_special_tokens: bool = T
 class PairedStores:
     """Row-aligned view of two activation stores extracted from the same documents.
 
-    ``mode="aligned"``: rows whose tokens end at the same character of the same document.
+    ``mode="aligned"``: rows whose tokens end at the same character of the same document (stores made
+    with the same tokenizer pair every row at the same position, split characters included).
     ``mode="last"``: the last stored row of every document (both must have read the same text, i.e. end
     at the same character; documents truncated differently are left out).
 
@@ -154,9 +155,17 @@ class PairedStores:
             rows_a, rows_b = ra[ia], rb[ib]
             n_a, n_b = len(ra), len(rb)
         else:
-            va, vb = np.nonzero(ca >= 0)[0], np.nonzero(cb >= 0)[0]
-            ka = da[va] * (1 << 32) + ca[va]
-            kb = db[vb] * (1 << 32) + cb[vb]
+            same_tok = store_a.manifest.get("tokenizer", {}).get("sha256") == store_b.manifest.get(
+                "tokenizer", {}
+            ).get("sha256")
+            if same_tok:  # one tokenization: every position pairs with itself, split characters included
+                pa, pb = store_a.pos_index.numpy(), store_b.pos_index.numpy()
+                va, vb = np.arange(len(da)), np.arange(len(db))
+                ka, kb = da * (1 << 32) + pa, db * (1 << 32) + pb
+            else:
+                va, vb = np.nonzero(ca >= 0)[0], np.nonzero(cb >= 0)[0]
+                ka = da[va] * (1 << 32) + ca[va]
+                kb = db[vb] * (1 << 32) + cb[vb]
             _, ia, ib = np.intersect1d(ka, kb, return_indices=True)
             rows_a, rows_b = va[ia], vb[ib]
             n_a, n_b = len(da), len(db)

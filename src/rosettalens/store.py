@@ -625,9 +625,8 @@ def _extract(
         tensors["doc_index"] = torch.from_numpy(row_doc[r0:r1])
         tensors["pos_index"] = torch.from_numpy(row_pos[r0:r1].astype(np.int32))
         tensors["char_end"] = torch.from_numpy(row_end[r0:r1].astype(np.int32))
-        _write_shard(
-            out / shard_name(k), tensors, {"format": FORMAT, "first_row": str(r0), "config_hash": config_hash}
-        )
+        meta = json.dumps({"format": FORMAT, "first_row": r0, "config_hash": config_hash}, sort_keys=True)
+        _write_shard(out / shard_name(k), tensors, {"rosettalens": meta})  # one key: byte-reproducible
         bar.update(1)
     bar.close()
     _barrier(world)

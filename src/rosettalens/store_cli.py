@@ -86,10 +86,12 @@ def cmd_data_generate(args) -> int:
     from rosettalens.data.generate import generate_to_file
 
     try:
-        if args.n_tokens < 1:
-            from rosettalens.errors import ConfigError
+        from rosettalens.errors import ConfigError
 
+        if args.n_tokens < 1:
             raise ConfigError(f"--n-tokens must be >= 1, got {args.n_tokens}")
+        if not args.out.endswith((".jsonl", ".txt")):
+            raise ConfigError(f"--out must end in .jsonl or .txt, got {args.out!r}")
         from rosettalens.models.loading import load
 
         hm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)

@@ -70,6 +70,7 @@ OPENINGS = [
     "Instructions: mix the flour and",
 ]
 TEMPERATURES = (0.7, 0.85, 1.0, 1.15)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _repetitive(text: str) -> bool:
@@ -129,9 +130,9 @@ def generate_corpus(
         )
         new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for prompt, cont in zip(prompts, new):
-            cont = cont.replace("\ufffd", "")  # a sample cut inside a multi-byte character
+            cont = _CONTROL.sub("", cont.replace("\ufffd", ""))  # cut multi-byte chars, control chars
             text = (prompt + cont).strip()
-            if len(cont.strip()) < 20 or _repetitive(cont):
+            if len(cont.strip()) < 12 or _repetitive(cont):
                 continue
             k = _key(text)
             ck = _key(cont)[:48]
