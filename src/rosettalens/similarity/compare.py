@@ -110,7 +110,15 @@ def compare_layers(
                 fn = prep(xs[ha], ys[hb], **kwargs[m])
                 rec: dict[str, Any] = {"hook_a": ha, "hook_b": hb, "metric": m}
                 if n_permutations > 0:
-                    res = run_permutations(fn, n, n_permutations, seed, "greater", xs[ha].device)
+                    res = run_permutations(
+                        fn,
+                        n,
+                        n_permutations,
+                        seed,
+                        "greater",
+                        xs[ha].device,
+                        max(xs[ha].shape[1], ys[hb].shape[1]),
+                    )
                     rec.update(
                         value=res.observed,
                         p_value=res.p_value,

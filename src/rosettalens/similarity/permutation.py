@@ -65,13 +65,13 @@ def prepare_metric(
     metric: str | Callable[..., Any], X: ArrayLike, Y: ArrayLike, **kwargs: Any
 ) -> tuple[str, Prepared]:
     """Resolve ``metric`` to ``(name, fn)``; see :func:`_prepare`."""
-    name, fn, _ = _prepare(metric, X, Y, **kwargs)
+    name, fn, _, _ = _prepare(metric, X, Y, **kwargs)
     return name, fn
 
 
 def _prepare(
     metric: str | Callable[..., Any], X: ArrayLike, Y: ArrayLike, **kwargs: Any
-) -> tuple[str, Prepared, torch.Tensor]:
+) -> tuple[str, Prepared, torch.Tensor, torch.Tensor]:
     """Resolve ``metric`` (a name or a function) to ``(name, fn)`` with ``fn(perm) = metric(X, Y[perm])``.
 
     Built-in metrics precompute what a row permutation leaves unchanged (bases, Gram matrices, ranks),
@@ -92,7 +92,7 @@ def _prepare(
     if name is not None:
         _, prep, min_rows = PREPARED[name]
         x, y = paired(X, Y, min_rows=min_rows, what=name)
-        return name, prep(x, y, **kwargs), x
+        return name, prep(x, y, **kwargs), x, y
     if not callable(metric):
         raise ConfigError(f"metric must be a metric name or a callable, got {type(metric).__name__}")
     x, y = paired(X, Y, min_rows=2, what=getattr(metric, "__name__", "metric"))
@@ -101,7 +101,7 @@ def _prepare(
     def generic(perm: torch.Tensor | None) -> float:
         return _scalar(metric(x, y if perm is None else y[perm], **kwargs))
 
-    return label, generic, x
+    return label, generic, x, y
 
 
 def permutation_test(
@@ -131,8 +131,18 @@ def permutation_test(
         raise ConfigError(f"n_permutations must be >= 1, got {n_permutations}")
     if alternative not in _ALTERNATIVES:
         raise ConfigError(f"alternative must be one of {', '.join(_ALTERNATIVES)}, got {alternative!r}")
-    _, fn, x = _prepare(metric, X, Y, **metric_kwargs)
-    return run_permutations(fn, x.shape[0], int(n_permutations), seed, alternative, device=x.device)
+    _, fn, x, y = _prepare(metric, X, Y, **metric_kwargs)
+    width = max(x.shape[1], y.shape[1])
+    return run_permutations(fn, x.shape[0], int(n_permutations), seed, alternative, x.device, width)
+
+
+# Below this many multiply-adds per evaluation, BLAS threads cost more than they save (and on a busy
+# machine a small multi-threaded matmul can stall for milliseconds), so the null runs single-threaded.
+_SMALL_WORK = 4_000_000
+
+
+def _single_thread_ok(n_rows: int, width: int) -> bool:
+    return n_rows * max(n_rows, width) * max(width, 1) < _SMALL_WORK
 
 
 def run_permutations(
@@ -142,14 +152,26 @@ def run_permutations(
     seed: int = 0,
     alternative: str = "greater",
     device: torch.device | str = "cpu",
+    width: int | None = None,
 ) -> PermutationResult:
-    """Evaluate a prepared metric on the identity and on ``n_permutations`` seeded row shuffles."""
+    """Evaluate a prepared metric on the identity and on ``n_permutations`` seeded row shuffles.
+
+    ``width`` (the larger input width) lets small CPU problems run single-threaded (faster there).
+    """
     observed = fn(None)
     rng = np.random.default_rng(seed)
     null = np.empty(n_permutations, dtype=np.float64)
-    for i in range(n_permutations):
-        perm = torch.from_numpy(rng.permutation(n_rows)).to(device)
-        null[i] = fn(perm)
+    threads = torch.get_num_threads()
+    single = width is not None and torch.device(device).type == "cpu" and _single_thread_ok(n_rows, width)
+    try:
+        if single:
+            torch.set_num_threads(1)
+        for i in range(n_permutations):
+            perm = torch.from_numpy(rng.permutation(n_rows)).to(device)
+            null[i] = fn(perm)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
     if alternative == "greater":
         extreme = null >= observed
     elif alternative == "less":
