@@ -313,28 +313,38 @@ class AutoencoderMapper(Mapper):
 
     # ------------------------------------------------------------------ inference
 
-    def _transform(self, X: torch.Tensor) -> torch.Tensor:
+    def _params(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
         assert self.net is not None
-        net = self.net.to(X.device)
-        with torch.no_grad():
-            if X.dtype == torch.float64:
-                return torch.func.functional_call(
-                    net, {k: v.double() for k, v in net.state_dict().items()}, (X,)
-                )
-            return net(X)
+        return {k: v.detach().to(device, dtype) for k, v in self.net.state_dict().items()}
+
+    def _transform(self, X: torch.Tensor) -> torch.Tensor:
+        p = self._params(X.dtype, X.device)
+        h = torch.relu(((X - p["mx"]) / p["sx"]) @ p["net.0.weight"].T + p["net.0.bias"])
+        return p["my"] + p["sy"] * (h @ p["net.2.weight"].T + p["net.2.bias"])
+
+    def _active(self, X: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ReLU gates ``[n, hidden]`` (1.0 where the hidden unit is active) at anchors ``X [n, d_src]``."""
+        pre = ((X - p["mx"]) / p["sx"]) @ p["net.0.weight"].T + p["net.0.bias"]
+        return (pre > 0).to(X.dtype)
 
     def jvp(self, X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Directional derivative ``J(x_i) v`` at each anchor row: ``X [n, d_src]``, ``v [d_src]`` -> ``[n, d_tgt]``."""
+        """Directional derivative ``J(x_i) v`` at each anchor: ``X [n, d_src]``, ``v [d_src]`` -> ``[n, d_tgt]``.
+
+        Exact for the ReLU network: ``J(x) v = (sy / sx) * W2 (g(x) * (W1 v))`` with ``g(x)`` the
+        ReLU gates at ``x`` (the derivative at a unit exactly at 0 is taken as 0).
+        """
         self._require_fitted()
-        assert self.net is not None
-        net = self.net.to(X.device)
-        params = {k: val.to(X.dtype) for k, val in net.state_dict().items()}
+        p = self._params(X.dtype, X.device)
+        g = self._active(X, p)
+        w1v = p["net.0.weight"] @ v.to(X.device, X.dtype)
+        return (p["sy"] / p["sx"]) * ((g * w1v) @ p["net.2.weight"].T)
 
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(net, params, (x,))
-
-        _, out = torch.func.jvp(f, (X,), (v.to(X.dtype).expand_as(X).contiguous(),))
-        return out
+    def mean_jacobian(self, X: torch.Tensor) -> torch.Tensor:
+        """Mean Jacobian over anchors ``X [n, d_src]``: ``(sy/sx) * W2 diag(mean_i g(x_i)) W1`` ``[d_tgt, d_src]``."""
+        self._require_fitted()
+        p = self._params(X.dtype, X.device)
+        gbar = self._active(X, p).mean(0)
+        return (p["sy"] / p["sx"]) * (p["net.2.weight"] * gbar) @ p["net.0.weight"]
 
     def _state(self) -> dict[str, torch.Tensor]:
         assert self.net is not None

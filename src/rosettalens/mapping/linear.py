@@ -194,8 +194,16 @@ class AffineMapper(LinearMapper):
             alpha = self.alphas[best]
             self.fit_info["val_fvu_by_alpha"] = {repr(a): f for a, f in zip(self.alphas, val_fvu)}
             self.fit_info["n_val"] = len(va)
-        mx, my = _means(X), _means(Y)
-        cxx, cxy, _ = _scatter(X, Y, mx, my)
+        if "n_val" in self.fit_info:
+            # refit on all rows without another pass: scatter about the training means, moved to the full means
+            ax, ay = mx, my
+            mx, my = _means(X), _means(Y)
+            dx, dy = mx - ax, my - ay
+            cxx = cxx + vxx - n * torch.outer(dx, dx)
+            cxy = cxy + vxy - n * torch.outer(dx, dy)
+        else:
+            mx, my = _means(X), _means(Y)
+            cxx, cxy, _ = _scatter(X, Y, mx, my)
         lam = alpha * float(torch.trace(cxx)) / X.shape[1]
         self._set_linear(_ridge_solver(cxx, cxy)(lam), mx, my)
         self.fit_info.update(alpha=alpha, ridge_lambda=lam)

@@ -50,12 +50,7 @@ def jacobian(mapper: Mapper, anchor: torch.Tensor | None = None) -> torch.Tensor
     mapper._require_fitted()
     if mapper.linear:
         return mapper.weight  # type: ignore[attr-defined]
-    A = _anchors(mapper, anchor)
-    eye = torch.eye(mapper.d_src, dtype=torch.float64)  # type: ignore[arg-type]
-    total = torch.zeros(mapper.d_tgt, mapper.d_src, dtype=torch.float64)  # type: ignore[arg-type]
-    for j in range(mapper.d_src):  # type: ignore[arg-type]
-        total[:, j] = mapper.jvp(A, eye[j]).mean(0)  # type: ignore[attr-defined]
-    return total
+    return mapper.mean_jacobian(_anchors(mapper, anchor))  # type: ignore[attr-defined]
 
 
 def transfer_vector(
