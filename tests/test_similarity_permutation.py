@@ -66,7 +66,9 @@ def test_result_fields_and_plus_one_correction():
     res = permutation_test("linear_cka", x, y, n_permutations=199, seed=0)
     assert res.n_permutations == 199 and res.null.shape == (199,)
     assert res.p_value == pytest.approx((1 + np.sum(res.null >= res.observed)) / 200)
-    assert res.null_mean == pytest.approx(res.null.mean()) and res.null_std == pytest.approx(res.null.std(ddof=1))
+    assert res.null_mean == pytest.approx(res.null.mean()) and res.null_std == pytest.approx(
+        res.null.std(ddof=1)
+    )
     assert set(res.to_dict()) >= {"observed", "null_mean", "null_std", "p_value"}
 
 
