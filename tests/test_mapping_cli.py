@@ -19,7 +19,7 @@ DOCS = [
     "Activation spaces of different models can be mapped onto each other.",
     "One two three four five six seven eight nine ten eleven.",
     "Monday Tuesday Wednesday Thursday Friday Saturday Sunday",
-    "def main():\n    return 42",
+    "def main(): return 42",
     "Tabs\tand newlines and runs   of whitespace.",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
     "I'm sorry, but I can't help with that.",
@@ -165,3 +165,41 @@ def test_bad_input_exits_2_with_one_line(env, capsys):
     assert rc == 2 and "width" in _one_error_line(err)
     rc, _, err = run(["map", "eval", "--mapper", str(env["root"] / "nope"), "--data", env["data"]], capsys)
     assert rc == 2 and "does not exist" in _one_error_line(err)
+
+
+def test_train_from_stores_matches_in_memory_pairs(env, capsys):
+    from rosettalens.hooks import HookedModel
+    from rosettalens.mapping.pairs import paired_activations
+    from rosettalens.store import extract
+
+    hms = {}
+    for name in ("llama", "qwen"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hms[name] = HookedModel.from_hf(
+            AutoModelForCausalLM.from_pretrained(env[name]),
+            AutoTokenizer.from_pretrained(env[name]),
+            name=name,
+        )
+        extract(hms[name], ["resid_post.1"], env["data"], env["root"] / f"store-{name}", max_length=32)
+    out_dir = env["root"] / "from-stores"
+    rc, out, _ = run(
+        ["map", "train", "--source", f"{env['llama']}:resid_post.1", "--target", f"{env['qwen']}:resid_post.1",
+         "--source-store", str(env["root"] / "store-llama"), "--target-store", str(env["root"] / "store-qwen"),
+         "--kind", "orthogonal", "--out", str(out_dir), "--json", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out)
+    X, Y, info = paired_activations(hms["llama"], hms["qwen"], DOCS, "resid_post.1", "resid_post.1", max_length=32, progress=False)  # fmt: skip
+    assert res["n_train"] + res["n_heldout"] == X.shape[0] == info["n_pairs"]
+    # the stores pair exactly the rows that in-memory extraction pairs (same documents, same positions)
+    assert load_mapper(out_dir).fit_info["data"]["source"] == "stores"
+    from rosettalens.align import PairedStores
+    from rosettalens.store import ActivationStore
+
+    pair = PairedStores(
+        ActivationStore.open(env["root"] / "store-llama"), ActivationStore.open(env["root"] / "store-qwen")
+    )
+    Xs, Ys = pair.read("resid_post.1", "resid_post.1")
+    assert torch.allclose(Xs.float(), X, atol=1e-4) and torch.allclose(Ys.float(), Y, atol=1e-4)
