@@ -19,7 +19,7 @@ import torch
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.similarity._tensor import as_f64
 from rosettalens.similarity.metrics import PREPARED
-from rosettalens.similarity.permutation import metric_names, run_permutations
+from rosettalens.similarity.permutation import metric_names, run_permutations, small_problem_threads
 
 __all__ = ["compare_layers", "write_json_atomic", "plot_heatmap", "METRIC_OPTIONS"]
 
@@ -107,26 +107,20 @@ def compare_layers(
                 _, prep, min_rows = PREPARED[m]
                 if n < min_rows:
                     raise ShapeError(f"{m} needs at least {min_rows} paired rows, got {n}")
-                fn = prep(xs[ha], ys[hb], **kwargs[m])
+                width = max(xs[ha].shape[1], ys[hb].shape[1])
                 rec: dict[str, Any] = {"hook_a": ha, "hook_b": hb, "metric": m}
-                if n_permutations > 0:
-                    res = run_permutations(
-                        fn,
-                        n,
-                        n_permutations,
-                        seed,
-                        "greater",
-                        xs[ha].device,
-                        max(xs[ha].shape[1], ys[hb].shape[1]),
-                    )
-                    rec.update(
-                        value=res.observed,
-                        p_value=res.p_value,
-                        null_mean=res.null_mean,
-                        null_std=res.null_std,
-                    )
-                else:
-                    rec.update(value=fn(None), p_value=None, null_mean=None, null_std=None)
+                with small_problem_threads(n, width, xs[ha].device):
+                    fn = prep(xs[ha], ys[hb], **kwargs[m])
+                    if n_permutations > 0:
+                        res = run_permutations(fn, n, n_permutations, seed, "greater", xs[ha].device, width)
+                        rec.update(
+                            value=res.observed,
+                            p_value=res.p_value,
+                            null_mean=res.null_mean,
+                            null_std=res.null_std,
+                        )
+                    else:
+                        rec.update(value=fn(None), p_value=None, null_mean=None, null_std=None)
                 for key in ("value", "p_value", "null_mean", "null_std"):
                     if rec[key] is not None:
                         tables[m][key][i, j] = rec[key]

@@ -7,7 +7,8 @@ any relation between the paired rows but keeps each input's own structure). The 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,20 @@ def _single_thread_ok(n_rows: int, width: int) -> bool:
     return n_rows * max(n_rows, width) * max(width, 1) < _SMALL_WORK
 
 
+@contextmanager
+def small_problem_threads(n_rows: int, width: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a small CPU problem single-threaded (restoring the thread count afterwards)."""
+    single = torch.device(device).type == "cpu" and _single_thread_ok(n_rows, width)
+    threads = torch.get_num_threads()
+    try:
+        if single:
+            torch.set_num_threads(1)
+        yield
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+
+
 def run_permutations(
     fn: Prepared,
     n_rows: int,
@@ -161,17 +176,10 @@ def run_permutations(
     observed = fn(None)
     rng = np.random.default_rng(seed)
     null = np.empty(n_permutations, dtype=np.float64)
-    threads = torch.get_num_threads()
-    single = width is not None and torch.device(device).type == "cpu" and _single_thread_ok(n_rows, width)
-    try:
-        if single:
-            torch.set_num_threads(1)
+    with small_problem_threads(n_rows, width if width is not None else 1 << 30, device):
         for i in range(n_permutations):
             perm = torch.from_numpy(rng.permutation(n_rows)).to(device)
             null[i] = fn(perm)
-    finally:
-        if single:
-            torch.set_num_threads(threads)
     if alternative == "greater":
         extreme = null >= observed
     elif alternative == "less":
