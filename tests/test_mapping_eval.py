@@ -65,6 +65,7 @@ def test_metrics_match_textbook_formulas():
     met = activation_metrics(m, X[200:], X[200:] @ W.T + 1)
     assert met["fvu"] < 1e-20 and met["r2"] == pytest.approx(1.0) and met["mean_cosine"] == pytest.approx(1.0)
     assert met["mean_cosine_shuffled"] < 0.99
+    assert m.score(X[200:], X[200:] @ W.T + 1) == met
     with pytest.raises(ShapeError):
         activation_metrics(m, X[:10, :3], X[:10, :4])
 

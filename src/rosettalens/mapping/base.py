@@ -253,6 +253,15 @@ class Mapper:
 
     __call__ = transform
 
+    def score(self, X_src: torch.Tensor, X_tgt: torch.Tensor) -> dict[str, float]:
+        """Held-out metrics (FVU, R², mean cosine, ...) of this mapper on ``X_src [n, d_src]``, ``X_tgt [n, d_tgt]``.
+
+        See :func:`rosettalens.mapping.evaluate.activation_metrics`.
+        """
+        from rosettalens.mapping.evaluate import activation_metrics  # noqa: PLC0415 - evaluate imports base
+
+        return activation_metrics(self, X_src, X_tgt)
+
     def set_meta(self, **meta: str | None) -> Mapper:
         """Record ``source_model``, ``target_model``, ``source_hook``, ``target_hook`` (None = keep)."""
         for k, v in meta.items():
