@@ -214,7 +214,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
         assert main(argv) == 2, extra
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert len(lines) == 1 and lines[0].startswith("rosetta: error: "), captured.err
         assert captured.out == "" and not out.exists()
 
 

@@ -10,7 +10,8 @@ from rosettalens.errors import RosettaError
 
 
 def _fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"rosetta: error: {msg}", file=sys.stderr)
     return 2
 
 
