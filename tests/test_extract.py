@@ -153,3 +153,24 @@ def test_data_list_json(capsys):
     assert main(["data", "list", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
     assert {"mini-web", "sequences"} <= {d["name"] for d in obj["datasets"]}
+
+
+def test_device_map_auto_gives_the_same_store(model_dir, tmp_path, capsys):
+    pytest.importorskip("accelerate", reason="--device-map needs the optional accelerate package")
+    base = ["--hooks", "resid_post.0", "--data", "mini-web", "--max-tokens", "120", "--no-progress"]
+    assert main(["extract", "--model", str(model_dir), *base, "--out", str(tmp_path / "plain")]) == 0
+    argv = [
+        "extract",
+        "--model",
+        str(model_dir),
+        *base,
+        "--out",
+        str(tmp_path / "auto"),
+        "--device-map",
+        "auto",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    a, b = ActivationStore.open(tmp_path / "plain"), ActivationStore.open(tmp_path / "auto")
+    assert torch.equal(a.read("resid_post.0"), b.read("resid_post.0"))
+    assert torch.equal(a.token_ids, b.token_ids)
