@@ -201,6 +201,7 @@ def judge_with_model(
     with torch.no_grad():
         for i in range(0, len(queries), batch_size):
             logits, _ = hm.run_with_cache(queries[i : i + batch_size], hooks=[], chat=True)
+            assert logits is not None
             probs = logits[:, -1, :].float().softmax(-1)  # [batch, vocab]; left padding: -1 is last token
             p_yes = probs[:, yes_ids].sum(-1)
             p_no = probs[:, no_ids].sum(-1)

@@ -77,6 +77,7 @@ def last_token_logprobs(
     for i in range(0, len(prompts), batch_size):
         enc = hm.tokenize(prompts[i : i + batch_size], chat=chat)
         logits, _ = hm.run_with_cache(enc["input_ids"], hooks=[], attention_mask=enc["attention_mask"])
+        assert logits is not None
         out.append(logits[:, -1, :].double().log_softmax(-1).float().cpu())
     return torch.cat(out, 0)
 
@@ -178,7 +179,7 @@ def select_refusal_direction(
         if not len(s):
             raise DataError(f"{name} is empty")
     hooks = [f"resid_pre.{L}" for L in layers]
-    kw = dict(positions=positions, batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(positions=positions, batch_size=batch_size, progress=progress)
     acts_h = collect_activations(hm, harmful_train, hooks, desc="harmful train", **kw)  # [n, k, d]
     acts_s = collect_activations(hm, harmless_train, hooks, desc="harmless train", **kw)
     tok_ids = refusal_token_ids(hm.tokenizer)

@@ -387,7 +387,9 @@ def compute_vectors(
         raise ConfigError(f"unknown steering-vector method {method!r}; expected one of {', '.join(METHODS)}")
     if isinstance(positions, list | tuple):
         raise ConfigError("compute_vectors takes one position rule ('last', 'mean' or a negative int)")
-    kw = dict(positions=positions, chat=chat, system=system, batch_size=batch_size, progress=progress)
+    kw: dict[str, Any] = dict(
+        positions=positions, chat=chat, system=system, batch_size=batch_size, progress=progress
+    )
     acts_pos = collect_activations(hm, positive, hooks, desc="positive prompts", **kw)
     acts_neg = collect_activations(hm, negative, hooks, desc="negative prompts", **kw)
     out: dict[str, SteeringVector] = {}
