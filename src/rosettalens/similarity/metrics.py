@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,40 @@ Prepared = Callable[[torch.Tensor | None], float]
 _EPS = float(np.finfo(np.float64).eps)
 
 
+@contextmanager
+def _one_thread(t: torch.Tensor) -> Iterator[None]:
+    """Dense LAPACK (eigh/SVD/Cholesky) on CPU in one thread.
+
+    At the sizes used here (``d x d`` with d up to a few thousand) threaded MKL LAPACK gains little, and
+    when cores are shared it can stall for seconds (measured: eigh of a 576 x 576 matrix 4.9 s with 2
+    threads on a loaded 2-core machine vs 0.24 s with 1). Matmuls keep all threads.
+    """
+    if t.device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with _one_thread(a):
+        return torch.linalg.eigh(a)
+
+
+def _svdvals(a: torch.Tensor) -> torch.Tensor:
+    with _one_thread(a):
+        return torch.linalg.svdvals(a)
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _one_thread(a):
+        return torch.linalg.svd(a, full_matrices=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # principal bases (shared by CCA, SVCCA, PWCCA)
 
@@ -77,7 +112,9 @@ class _Spectrum:
             return vecs
         q = self.xc @ (vecs / lam.sqrt())
         if float(lam[0] / lam[-1]) > 1e4:  # wide spectrum: one Cholesky-QR pass restores orthonormality
-            chol = torch.linalg.cholesky(q.T @ q)
+            g = q.T @ q
+            with _one_thread(g):
+                chol = torch.linalg.cholesky(g)
             q = torch.linalg.solve_triangular(chol.T, q, upper=True, left=False)
         return q
 
@@ -86,7 +123,7 @@ def _spectrum(xc: torch.Tensor, name: str) -> _Spectrum:
     n, d = xc.shape
     feature_space = d <= n
     gram = xc.T @ xc if feature_space else xc @ xc.T
-    lam, vecs = torch.linalg.eigh(gram)
+    lam, vecs = _eigh(gram)
     lam, vecs = lam.flip(0), vecs.flip(1)
     if float(lam[0]) <= 0:
         raise DegenerateInputError(
@@ -130,7 +167,7 @@ def cca(X: ArrayLike, Y: ArrayLike) -> np.ndarray:
     qx = _spectrum(center(x), "X").basis()
     qy = _spectrum(center(y), "Y").basis()
     _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
-    return _to_np(torch.linalg.svdvals(qx.T @ qy).clamp_(0.0, 1.0))
+    return _to_np(_svdvals(qx.T @ qy).clamp_(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -161,7 +198,7 @@ def svcca(
     x, y = paired(X, Y, min_rows=2, what="svcca")
     qx, qy = _svcca_bases(x, y, keep_variance)
     _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
-    rho = torch.linalg.svdvals(qx.T @ qy).clamp_(0.0, 1.0)
+    rho = _svdvals(qx.T @ qy).clamp_(0.0, 1.0)
     value = float(rho.mean())
     if return_details:
         return SVCCAResult(value, _to_np(rho), qx.shape[1], qy.shape[1])
@@ -211,7 +248,7 @@ class _PWCCAParts:
 
 def _pwcca_from(parts: _PWCCAParts, perm: torch.Tensor | None, details: bool) -> float | PWCCAResult:
     qy = parts.qy if perm is None else parts.qy[perm]
-    u, rho, vh = torch.linalg.svd(parts.qx.T @ qy, full_matrices=False)
+    u, rho, vh = _svd(parts.qx.T @ qy)
     rho = rho.clamp(0.0, 1.0)
     r = rho.numel()
     if parts.qx.shape[1] <= parts.qy.shape[1]:
@@ -506,6 +543,21 @@ def _upper_mask(n: int, device: torch.device) -> torch.Tensor:
 
 def _rank_average(v: torch.Tensor) -> torch.Tensor:
     """1-based ranks of ``v [m]`` with ties given their average rank (as scipy.stats.rankdata)."""
+    if v.device.type == "cpu":  # numpy's single-threaded argsort beats torch.sort on CPU (~2x measured)
+        a = v.numpy()
+        idx = np.argsort(a)
+        srt = a[idx]
+        ranks = np.empty(a.size, dtype=np.float64)
+        starts = np.empty(a.size, dtype=bool)
+        starts[0] = True
+        np.not_equal(srt[1:], srt[:-1], out=starts[1:])
+        if starts.all():
+            ranks[idx] = np.arange(1, a.size + 1, dtype=np.float64)
+        else:  # a tie group starting at sorted position p with c members gets rank p + (c + 1) / 2
+            first = np.flatnonzero(starts)
+            counts = np.diff(np.r_[first, a.size])
+            ranks[idx] = (first + (counts + 1) / 2.0)[np.cumsum(starts) - 1]
+        return torch.from_numpy(ranks)
     vals, idx = torch.sort(v)
     ranks = torch.empty_like(v)
     if not bool((vals[1:] == vals[:-1]).any()):
@@ -610,7 +662,7 @@ def _row_space_factor(xc: torch.Tensor) -> torch.Tensor:
     n, d = xc.shape
     if d <= n:
         return xc
-    lam, u = torch.linalg.eigh(xc @ xc.T)
+    lam, u = _eigh(xc @ xc.T)
     keep = lam > 0
     return u[:, keep] * lam[keep].sqrt()
 
@@ -639,7 +691,7 @@ def _prep_procrustes_parts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
 
 def _procrustes_from(fx: torch.Tensor, fy: torch.Tensor, perm: torch.Tensor | None) -> ProcrustesResult:
     fyp = fy if perm is None else fy[perm]
-    nuc = float(torch.linalg.svdvals(fx.T @ fyp).sum())
+    nuc = float(_svdvals(fx.T @ fyp).sum())
     nuc_c = min(max(nuc, 0.0), 1.0)  # rounding only: the nuclear norm of unit-norm inputs is <= 1
     return ProcrustesResult(math.sqrt(max(2.0 - 2.0 * nuc_c, 0.0)), math.acos(nuc_c), nuc_c)
 
@@ -664,13 +716,22 @@ def _knn_mask_rows(x: torch.Tensor, rows: slice, k: int, metric: str, xn: torch.
         s = 2.0 * (x[rows] @ x.T) - xn[None, :]  # = -(squared distance) + const per row
     else:
         s = x[rows] @ x.T
+    c, n = s.shape
     r = torch.arange(rows.start, rows.stop, device=x.device)
-    s[torch.arange(s.shape[0], device=x.device), r] = -math.inf
-    kth = torch.topk(s, k, dim=1).values[:, -1:]
-    gt = s > kth
-    need = k - gt.sum(dim=1, keepdim=True)
-    tie = s == kth
-    return gt | (tie & (torch.cumsum(tie, dim=1) <= need))
+    s[torch.arange(c, device=x.device), r] = -math.inf
+    top = torch.topk(s, min(k + 1, n), dim=1)
+    mask = torch.zeros(c, n, dtype=torch.bool, device=x.device)
+    mask.scatter_(1, top.indices[:, :k], True)
+    if k < n:
+        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().flatten()
+        if tied.numel():  # a tie straddles the k-th place: keep the lowest indices among the tied
+            st = s[tied]
+            kth = top.values[tied, k - 1 : k]
+            gt = st > kth
+            tie = st == kth
+            need = k - gt.sum(dim=1, keepdim=True)
+            mask[tied] = gt | (tie & (torch.cumsum(tie, dim=1) <= need))
+    return mask
 
 
 def _knn_prepare_x(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -755,18 +816,14 @@ def _prep_cca(x: torch.Tensor, y: torch.Tensor) -> Prepared:
     qx = _spectrum(center(x), "X").basis()
     qy = _spectrum(center(y), "Y").basis()
     _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
-    return lambda perm: float(
-        torch.linalg.svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean()
-    )
+    return lambda perm: float(_svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean())
 
 
 def _prep_svcca(x: torch.Tensor, y: torch.Tensor, keep_variance: float = 0.99) -> Prepared:
     _check_keep(keep_variance)
     qx, qy = _svcca_bases(x, y, keep_variance)
     _warn_overfit(qx.shape[1], qy.shape[1], x.shape[0])
-    return lambda perm: float(
-        torch.linalg.svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean()
-    )
+    return lambda perm: float(_svdvals(qx.T @ (qy if perm is None else qy[perm])).clamp_(0, 1).mean())
 
 
 def _prep_pwcca(x: torch.Tensor, y: torch.Tensor) -> Prepared:
