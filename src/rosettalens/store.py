@@ -123,7 +123,7 @@ class ActivationStore:
                     f"({p.stat().st_size} bytes, expected {start + end})"
                 )
             self._headers.append((start, header))
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._maps: dict[int, np.ndarray] = {}  # shard -> whole-file memmap (LRU order)
         self._index_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -169,30 +169,26 @@ class ActivationStore:
         return STORAGE_DTYPES[self.manifest["dtype"]]
 
     # ------------------------------------------------------------------ raw access
+    _MAX_OPEN = 64  # memory maps kept open at once (one file descriptor each)
+
     def _map(self, k: int, name: str) -> np.ndarray:
-        key = (k, name)
-        arr = self._maps.get(key)
-        if arr is None:
-            start, header = self._headers[k]
-            if name not in header:
-                raise HookPointError(
-                    f"store {self.path} has no {name!r}; stored hooks: {', '.join(self.hooks)}"
-                )
-            info = header[name]
-            b, e = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if e == b:
-                arr = np.zeros(shape, dtype=_ST_NP[info["dtype"]])
-            else:
-                arr = np.memmap(
-                    self.path / self._shards[k]["file"],
-                    mode="r",
-                    dtype=_ST_NP[info["dtype"]],
-                    offset=start + b,
-                    shape=shape,
-                )
-            self._maps[key] = arr
-        return arr
+        """Read-only view ``[rows, ...]`` of tensor ``name`` in shard ``k`` (memory-mapped, no copy)."""
+        start, header = self._headers[k]
+        if name not in header:
+            raise HookPointError(f"store {self.path} has no {name!r}; stored hooks: {', '.join(self.hooks)}")
+        info = header[name]
+        b, e = info["data_offsets"]
+        dtype = np.dtype(_ST_NP[info["dtype"]])
+        shape = tuple(info["shape"])
+        if e == b:
+            return np.zeros(shape, dtype=dtype)
+        mm = self._maps.pop(k, None)
+        if mm is None:
+            mm = np.memmap(self.path / self._shards[k]["file"], mode="r", dtype=np.uint8)
+            if len(self._maps) >= self._MAX_OPEN:
+                self._maps.pop(next(iter(self._maps)))
+        self._maps[k] = mm  # most recently used last
+        return mm[start + b : start + e].view(dtype).reshape(shape)
 
     def _to_torch(self, arr: np.ndarray, name: str) -> torch.Tensor:
         if isinstance(arr, np.memmap) or not arr.flags.writeable:
@@ -445,6 +441,8 @@ def _init_distributed() -> tuple[int, int, bool]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), True
 
@@ -552,9 +550,22 @@ def _extract(
     }
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
+    err: StoreError | None = None
     if rank == 0:
-        _prepare_out(out, config_hash, overwrite)
-    _barrier(world)
+        try:
+            _prepare_out(out, config_hash, overwrite)
+        except StoreError as e:
+            err = e
+    if world > 1:  # every rank stops if rank 0 refused --out (no rank waits at a barrier forever)
+        import torch.distributed as dist
+
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if err is not None else 0], device=dev)
+        dist.broadcast(flag, src=0)
+        if flag.item() and err is None:
+            raise StoreError(f"rank 0 refused --out {out} (see its error)")
+    if err is not None:
+        raise err
     if (out / MANIFEST).is_file():
         return ActivationStore.open(out)
 

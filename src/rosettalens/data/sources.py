@@ -60,6 +60,10 @@ def _file_builtin(path: Path) -> Callable[[], list[str]]:
     return lambda: _read_file(path, field=None)
 
 
+def _prompts(loader, name: str) -> Callable[[], list[str]]:
+    return lambda: loader(name)
+
+
 def _sequences() -> list[str]:
     """Ordered sequences (digits, number words, months, days, letters) with varied starts and lengths."""
     words = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
@@ -89,6 +93,17 @@ def _index() -> dict[str, _Builtin]:
         for p in sorted(BUILTIN_DIR.iterdir()):
             if p.suffix in (".txt", ".jsonl"):
                 out[p.stem] = _Builtin(p.stem, meta.get(p.stem, f"bundled file {p.name}"), _file_builtin(p))
+    try:  # the instruction sets of rosettalens.data.tasks (steering) are documents too
+        from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
+
+        for name in BUILTIN_SETS:
+            out[name] = _Builtin(
+                name,
+                f"instruction set '{name}' of rosettalens.data.tasks (all splits)",
+                _prompts(load_prompts, name),
+            )
+    except ImportError:  # pragma: no cover - tasks package missing
+        pass
     out["sequences"] = _Builtin(
         "sequences",
         "ordered sequences: digits, number words, months, weekdays, letters (varied starts and lengths)",
