@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "rosettalens.similarity.cli",
     "rosettalens.steering.cli",
     "rosettalens.mapping.cli",
+    "rosettalens.experiments.cli",
 ]
 
 

@@ -1,0 +1,95 @@
+"""The refusal-transfer pipeline end to end on tiny models saved as local HF folders."""
+
+import json
+import subprocess
+import sys
+
+from rosettalens.experiments.refusal_transfer import RefusalTransferConfig, paired_activations, run
+from rosettalens.hooks import HookedModel
+from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+
+
+def _save(tmp_path, name, family="qwen2", seed=0, d_model=48, chat=True):
+    model, tok = tiny_model(family, seed=seed, d_model=d_model)
+    if not chat:
+        tok = tiny_tokenizer(add_bos=False, chat_template=False)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(tmp_path, src, tgt, **kw):
+    base = dict(source=src, target=tgt, n_train=12, n_val=6, n_eval=4, max_new_tokens=3, batch_size=8,
+                sweep_points=2, candidate_stride=1, out=str(tmp_path / "run"))  # fmt: skip
+    base.update(kw)
+    return RefusalTransferConfig(**base)
+
+
+def test_same_model_transfer_recovers_native_direction(tmp_path):
+    """Source == target: the affine map is the identity, so the transferred direction is the native one."""
+    src = _save(tmp_path, "a")
+    res = run(_cfg(tmp_path, src, src, source_layer=1), progress=False)
+    assert res["pairing"]["same_tokenizer"] and res["pairing"]["paired_fraction"] == 1.0
+    assert res["mapper"]["fvu"] < 1e-6
+    assert res["vectors"]["cos_transferred_native"] > 0.999
+    for key in ("baseline", "native", "transferred", "random"):
+        assert 0.0 <= res["refusal_rate"][key] <= 1.0
+    run_dir = tmp_path / "run"
+    for f in ("config.json", "results.json", "report.html", "refusal_rates.png", "sweep.png", "examples.json",
+              "mapper", "transferred_refusal.safetensors"):  # fmt: skip
+        assert (run_dir / f).exists(), f
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["refusal_rate"] == res["refusal_rate"]
+    assert json.loads((run_dir / "config.json").read_text())["source"] == src
+
+
+def test_cross_architecture_pairs_aligned_positions(tmp_path):
+    src = _save(tmp_path, "llama", family="llama", d_model=36)
+    tgt = _save(tmp_path, "qwen", family="qwen2", d_model=48, seed=1)
+    a = HookedModel.from_hf(*tiny_model("llama", d_model=36))
+    b = HookedModel.from_hf(*tiny_model("qwen2", d_model=48, seed=1))
+    prompts = ["How do I bake bread?", "Café 東京 — tell me more"]
+    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"])
+    assert X["resid_pre.1"].shape[0] == Y["resid_pre.2"].shape[0] == info["pairs"] > len(prompts)
+    assert X["resid_pre.1"].shape[1] == 36 and Y["resid_pre.2"].shape[1] == 48
+    res = run(_cfg(tmp_path, src, tgt, mapper="orthogonal"), progress=False)
+    assert res["layers"]["source"].startswith("resid_pre.") and res["mapper"]["kind"] == "orthogonal"
+    assert not res["pairing"]["same_tokenizer"] or res["pairing"]["paired_fraction"] > 0
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rosettalens.cli", "run", "refusal-transfer", *args],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_cli_json_and_bad_input(tmp_path, capsys):
+    src = _save(tmp_path, "a")
+    r = _cli("--source", src, "--target", src, "--n-train", "8", "--n-val", "4", "--n-eval", "2",
+             "--max-new-tokens", "2", "--sweep-points", "0", "--source-layer", "1", "--out", str(tmp_path / "r"), "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["refusal_rate"]) == {"baseline", "native", "transferred", "random"}
+    assert {"refusal_rate_baseline", "refusal_rate_transferred", "kl_transferred"} <= set(out["harmless"])
+    for key in ("induced_refusal_rate", "source", "target", "layers", "mapper", "run_dir"):
+        assert key in out
+    assert "fvu" in out["mapper"] and out["mapper"]["kind"] == "affine"
+
+    nochat = _save(tmp_path, "nochat", chat=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    from rosettalens.cli import main
+
+    for args, needle in [
+        (["--source", nochat, "--target", src], "chat template"),
+        (["--source", src, "--target", src, "--mapper", "quadratic"], "unknown mapper kind"),
+        (["--source", src, "--target", src, "--harmful", str(empty)], "empty"),
+        (["--source", "no-such-model", "--target", src], "unknown model"),
+    ]:
+        capsys.readouterr()
+        code = main(["run", "refusal-transfer", *args, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
+        assert not (tmp_path / "bad").exists()
