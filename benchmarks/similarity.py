@@ -26,10 +26,27 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import scipy.stats
-import torch
-from scipy.spatial.distance import pdist
+
+def _threads_from_argv(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+# Same thread count for torch (MKL/OpenMP) and numpy (OpenBLAS/MKL): set before either is imported.
+THREADS = _threads_from_argv(sys.argv)
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
+
+import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
+import torch  # noqa: E402
+from scipy.spatial.distance import pdist  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 # ------------------------------------------------------------------------------ textbook baselines
 
@@ -170,6 +187,32 @@ def bench_metrics(args):
         "mutual_knn": (lambda: sim.mutual_knn(xt, yt, k=10), np_mutual_knn),
     }
     wanted = args.metrics.split(",") if args.metrics else list(rows)
+    unknown = sorted(set(wanted) - set(rows))
+    if unknown:
+        raise SystemExit(f"unknown metric(s) {unknown}; choose from {sorted(rows)}")
+    # warm-up on small inputs (BLAS/LAPACK initialisation is not what we time)
+    xs, ys = x[:300, :40], y[:300, :60]
+    for name in wanted:
+        rows_small = {
+            "linear_cka": sim.linear_cka,
+            "svcca": sim.svcca,
+            "rsa": sim.rsa,
+            "pwcca": sim.pwcca,
+            "rbf_cka": sim.rbf_cka,
+            "mutual_knn": sim.mutual_knn,
+        }
+        if name in rows_small:
+            rows_small[name](torch.from_numpy(xs), torch.from_numpy(ys))
+        {
+            "linear_cka": np_linear_cka_textbook,
+            "svcca": np_svcca,
+            "rsa": np_rsa,
+            "cca": np_cca,
+            "pwcca": np_pwcca,
+            "rbf_cka": np_rbf_cka,
+            "procrustes": np_procrustes,
+            "mutual_knn": np_mutual_knn,
+        }[name](xs, ys)
     out = {}
     for name in wanted:
         ours_fn, base_fn = rows[name]
@@ -195,7 +238,9 @@ def bench_metrics(args):
 # ------------------------------------------------------------------------------ feature matching memory
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
+for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[v] = "{threads}"
 import numpy as np, torch
 torch.set_num_threads({threads})
 from rosettalens.similarity import match_features
@@ -260,6 +305,12 @@ def main(argv=None):
     ap.add_argument("--match-tokens", type=int, default=100_000)
     ap.add_argument("--match-l0", type=int, default=64, help="active features per token")
     ap.add_argument("--match-chunk", type=int, default=2048)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for torch and numpy alike (default 1: the CPU is shared)",
+    )
     ap.add_argument("--skip-metrics", action="store_true")
     ap.add_argument("--skip-matching", action="store_true")
     args = ap.parse_args(argv)

@@ -91,6 +91,22 @@ def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.linalg.svd(a, full_matrices=False)
 
 
+def _gram_t(a: torch.Tensor) -> torch.Tensor:
+    """``a^T a`` for ``a [n, d]`` -> ``[d, d]``; on CPU through numpy, whose BLAS call is SYRK (half the work)."""
+    if a.device.type == "cpu":
+        an = a.numpy()
+        return torch.from_numpy(an.T @ an)
+    return a.T @ a
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """``a a^T`` for ``a [n, d]`` -> ``[n, n]`` (SYRK through numpy on CPU)."""
+    if a.device.type == "cpu":
+        an = a.numpy()
+        return torch.from_numpy(an @ an.T)
+    return a @ a.T
+
+
 # ----------------------------------------------------------------------------------------------
 # principal bases (shared by CCA, SVCCA, PWCCA)
 
@@ -111,8 +127,9 @@ class _Spectrum:
         if not self.feature_space:
             return vecs
         q = self.xc @ (vecs / lam.sqrt())
-        if float(lam[0] / lam[-1]) > 1e4:  # wide spectrum: one Cholesky-QR pass restores orthonormality
-            g = q.T @ q
+        # Q^T Q = I up to ~eps * lam_max / lam_min; past 1e6 one Cholesky-QR pass restores orthonormality
+        if float(lam[0] / lam[-1]) > 1e6:
+            g = _gram_t(q)
             with _one_thread(g):
                 chol = torch.linalg.cholesky(g)
             q = torch.linalg.solve_triangular(chol.T, q, upper=True, left=False)
@@ -122,7 +139,7 @@ class _Spectrum:
 def _spectrum(xc: torch.Tensor, name: str) -> _Spectrum:
     n, d = xc.shape
     feature_space = d <= n
-    gram = xc.T @ xc if feature_space else xc @ xc.T
+    gram = _gram_t(xc) if feature_space else _gram(xc)
     lam, vecs = _eigh(gram)
     lam, vecs = lam.flip(0), vecs.flip(1)
     if float(lam[0]) <= 0:
@@ -335,8 +352,8 @@ def _prep_linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -
     _check_debiased_rows(n, debiased, "linear_cka")
     xc, yc = center(x), center(y)
     if _use_gram(n, d1, d2):
-        k = _center_gram_(xc @ xc.T, debiased)
-        l = _center_gram_(yc @ yc.T, debiased)  # noqa: E741
+        k = _center_gram_(_gram(xc), debiased)
+        l = _center_gram_(_gram(yc), debiased)  # noqa: E741
         xx, yy = _gram_dot(k, k), _gram_dot(l, l)
 
         def gram_fn(perm: torch.Tensor | None) -> float:
@@ -345,39 +362,48 @@ def _prep_linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -
 
         return gram_fn
 
-    xx = torch.linalg.matrix_norm(xc.T @ xc) ** 2
-    yy = torch.linalg.matrix_norm(yc.T @ yc) ** 2
-    kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
-    if debiased:
+    xx = torch.linalg.matrix_norm(_gram_t(xc)) ** 2
+    yy = torch.linalg.matrix_norm(_gram_t(yc)) ** 2
+    if debiased:  # squared row norms, needed only by the unbiased estimator
+        kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
         xx, yy = _debias(xx, kx, kx, n), _debias(yy, ky, ky, n)
 
     def feature_fn(perm: torch.Tensor | None) -> float:
-        yp, kyp = (yc, ky) if perm is None else (yc[perm], ky[perm])
+        yp = yc if perm is None else yc[perm]
         xy = torch.linalg.matrix_norm(xc.T @ yp) ** 2
         if debiased:
-            xy = _debias(xy, kx, kyp, n)
+            xy = _debias(xy, kx, ky if perm is None else ky[perm], n)
         return _cka_ratio(xy, xx, yy)
 
     return feature_fn
 
 
 def _median_offdiag_(d: torch.Tensor) -> float:
-    """Median over pairs ``i < j`` of a symmetric ``[n, n]`` matrix with zero diagonal (no copy kept)."""
+    """Median over pairs ``i < j`` of a symmetric ``[n, n]`` matrix (the diagonal is left as it was)."""
     n = d.shape[0]
     m = n * (n - 1) // 2
+    if d.device.type == "cpu":  # copy out the upper triangle, then an in-place numpy selection
+        vals = d[torch.ones(n, n, dtype=torch.bool).triu_(1)].numpy()
+        hi = m // 2
+        if m % 2:
+            vals.partition(hi)
+            return float(vals[hi])
+        vals.partition([hi - 1, hi])
+        return 0.5 * float(vals[hi - 1] + vals[hi])
+    diag = d.diagonal().clone()
     d.fill_diagonal_(-1.0)  # sorts below every distance: pair r sits at full ranks n+2r-1 and n+2r
     flat = d.reshape(-1)
     if m % 2:
         med = float(torch.kthvalue(flat, n + m + 1).values)
     else:
         med = 0.5 * float(torch.kthvalue(flat, n + m).values + torch.kthvalue(flat, n + m + 2).values)
-    d.fill_diagonal_(0.0)
+    d.diagonal().copy_(diag)
     return med
 
 
 def _sq_dists(x: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances between the rows of ``x [n, d]`` -> ``[n, n]`` (zero diagonal)."""
-    g = x @ x.T
+    g = _gram(x)
     sq = g.diagonal().clone()
     g.mul_(-2.0).add_(sq[:, None]).add_(sq[None, :]).clamp_(min=0.0)
     g.fill_diagonal_(0.0)
@@ -463,13 +489,13 @@ class MinibatchCKA:
         kx, ky = (xc * xc).sum(1), (yc * yc).sum(1)
         scale = 1.0 / (b * (b - 3))
         if _use_gram(b, *dims):
-            k = _center_gram_(xc @ xc.T, True)
-            l = _center_gram_(yc @ yc.T, True)  # noqa: E741
+            k = _center_gram_(_gram(xc), True)
+            l = _center_gram_(_gram(yc), True)  # noqa: E741
             xy, xx, yy = _gram_dot(k, l), _gram_dot(k, k), _gram_dot(l, l)
         else:
             xy = _debias(torch.linalg.matrix_norm(xc.T @ yc) ** 2, kx, ky, b)
-            xx = _debias(torch.linalg.matrix_norm(xc.T @ xc) ** 2, kx, kx, b)
-            yy = _debias(torch.linalg.matrix_norm(yc.T @ yc) ** 2, ky, ky, b)
+            xx = _debias(torch.linalg.matrix_norm(_gram_t(xc)) ** 2, kx, kx, b)
+            yy = _debias(torch.linalg.matrix_norm(_gram_t(yc)) ** 2, ky, ky, b)
         self._xy += float(xy) * scale
         self._xx += float(xx) * scale
         self._yy += float(yy) * scale
@@ -512,10 +538,10 @@ def _rdm_full(x: torch.Tensor, inner: str, name: str = "X") -> torch.Tensor:
         return _rdm_full(uniq, inner, name)[inverse][:, inverse]
     if inner == "correlation":
         z = _unit_rows(x - x.mean(dim=1, keepdim=True), name, "correlation")
-        d = (z @ z.T).neg_().add_(1.0)
+        d = _gram(z).neg_().add_(1.0)
     elif inner == "cosine":
         z = _unit_rows(x, name, "cosine")
-        d = (z @ z.T).neg_().add_(1.0)
+        d = _gram(z).neg_().add_(1.0)
     elif inner == "sqeuclidean":
         d = _sq_dists(center(x))
     elif inner == "euclidean":
@@ -662,7 +688,7 @@ def _row_space_factor(xc: torch.Tensor) -> torch.Tensor:
     n, d = xc.shape
     if d <= n:
         return xc
-    lam, u = _eigh(xc @ xc.T)
+    lam, u = _eigh(_gram(xc))
     keep = lam > 0
     return u[:, keep] * lam[keep].sqrt()
 
