@@ -407,3 +407,29 @@ def test_transfer_dim_mismatch_and_provenance_warning():
         transfer(SteeringVector(torch.ones(40), "src", "resid_pre.1"), m)
     with pytest.warns(UserWarning, match="fitted elsewhere"):
         transfer(SteeringVector(torch.ones(48), "other-model", "resid_pre.1"), m)
+
+
+# ---------------------------------------------------------------------------------------------- real model
+@pytest.mark.real
+def test_real_smollm_vector_add_and_ablate(smollm):
+    """The real path: chat template, a diff-of-means vector, exact addition and full ablation."""
+    sv = compute_vector(smollm, PROMPTS_A[:2], PROMPTS_B[:2], "resid_pre.10")
+    assert sv.d_model == 576 and sv.norm > 0
+    enc = smollm.tokenize(PROMPTS_B[:2], chat=True)
+    _, base = smollm.run_with_cache(
+        enc["input_ids"], hooks=["resid_pre.10"], attention_mask=enc["attention_mask"]
+    )
+    with add_vector(smollm, sv, scale=-1.0, positions=[-1]):
+        _, st = smollm.run_with_cache(
+            enc["input_ids"], hooks=["resid_pre.10"], attention_mask=enc["attention_mask"]
+        )
+    torch.testing.assert_close(
+        st["resid_pre.10"][:, -1] - base["resid_pre.10"][:, -1], -sv.vector.expand(2, -1)
+    )
+    with ablate_vector(smollm, sv):
+        _, ab = smollm.run_with_cache(
+            enc["input_ids"], hooks=["resid_post.20"], attention_mask=enc["attention_mask"]
+        )
+    rel = (ab["resid_post.20"] @ sv.unit()).abs() / ab["resid_post.20"].norm(dim=-1)
+    assert float(rel.max()) < 1e-4
+    assert smollm.active_hook_count() == 0
