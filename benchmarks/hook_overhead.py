@@ -68,9 +68,10 @@ def forward_overhead(repeats: int, batch: int, seq: int) -> dict:
 
 
 def load_times(conversion: bool) -> dict:
+    # a fresh process each time; library imports happen before the clock starts (they are not loading)
     code = (
-        f"import time,rosettalens;t=time.perf_counter();rosettalens.load({MODEL!r}, progress=False);"
-        "print(time.perf_counter()-t)"
+        "import time,rosettalens;from transformers import AutoModelForCausalLM,AutoTokenizer,LlamaForCausalLM;"
+        f"t=time.perf_counter();rosettalens.load({MODEL!r}, progress=False);print(time.perf_counter()-t)"
     )
     cached = [
         float(subprocess.check_output([sys.executable, "-c", code], stderr=subprocess.DEVNULL))
