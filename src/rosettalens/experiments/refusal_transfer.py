@@ -54,12 +54,12 @@ class RefusalTransferConfig:
     source_layer: int | None = None  # default: Arditi selection over source layers
     target_layer: int | None = None  # default: same relative depth as the source layer
     candidate_stride: int = 2  # Arditi candidates: every `stride`-th layer below 0.8 depth
-    sweep_points: int = 4  # source layers in the per-layer sweep (0 disables it)
+    sweep_points: int = 3  # source layers in the per-layer sweep (0 disables it)
     n_train: int = 64  # prompts per set for directions and the mapper
-    n_val: int = 24  # prompts per set for selection and the sweep
+    n_val: int = 16  # prompts per set for selection and the sweep
     n_eval: int = 32  # held-out prompts per set for the generation evaluation
-    max_new_tokens: int = 24
-    batch_size: int = 16
+    max_new_tokens: int = 16  # refusals show in the first tokens ("I'm sorry, but I can't ...")
+    batch_size: int = 32
     harmful: str | None = None  # user files (one prompt per line, or JSONL) replacing the built-ins
     harmless: str | None = None
     harmful_eval: str | None = None  # evaluation-only files
@@ -160,7 +160,11 @@ def paired_activations(
             pairs.append((torch.as_tensor(pa), torch.as_tensor(pb)))
         n_src, n_tgt = n_src + len(ia), n_tgt + len(ib)
     n_pairs = sum(len(p[0]) for p in pairs)
-    info = {"same_tokenizer": same, "pairs": n_pairs, "paired_fraction": 2 * n_pairs / max(n_src + n_tgt, 1)}
+    # row of each prompt's last token (always paired: it is where refusal is read from)
+    offsets = torch.tensor([0] + [len(p[0]) for p in pairs]).cumsum(0)
+    last_rows = torch.stack([offsets[i] + int(torch.argmax(p[0])) for i, p in enumerate(pairs)])
+    info = {"same_tokenizer": same, "pairs": n_pairs, "paired_fraction": 2 * n_pairs / max(n_src + n_tgt, 1),
+            "last_rows": last_rows}  # fmt: skip
     X: dict[str, list[Tensor]] = {h: [] for h in src_hooks}
     Y: dict[str, list[Tensor]] = {h: [] for h in tgt_hooks}
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
@@ -307,7 +311,8 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     # 5. transferred and native directions at the target layer
     anchors = Xtr[hs]
     tr_vec = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
-    tacts = collect_activations(tgt, train_prompts, [ht], positions=[-1], batch_size=bs)[ht][:, 0]
+    last = pair_info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
+    tacts = Ytr[ht][last]
     k = len(prompts["harmful_train"])
     native_vec = SteeringVector(vector=diff_of_means(tacts[:k], tacts[k:]), model=tgt.name, hook=ht, kind="refusal",
                                 source={"method": "diff_of_means", "layer": lt})  # fmt: skip
@@ -357,10 +362,8 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
             hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
             m = AffineMapper().fit(Xtr[hx], Ytr[hy])
             met = activation_metrics(m, Xva[hx], Yva[hy])
-            # source direction at x from the train pairs' last tokens is not stored per prompt here:
-            # recompute from the source (cheap) and the target's native direction at y
-            sa = collect_activations(src, train_prompts, [hx], positions=[-1], batch_size=bs)[hx][:, 0]
-            ta = collect_activations(tgt, train_prompts, [hy], positions=[-1], batch_size=bs)[hy][:, 0]
+            # directions from the last prompt tokens of the paired train activations
+            sa, ta = Xtr[hx][last], Ytr[hy][last]
             v_src, v_nat = diff_of_means(sa[:k], sa[k:]), diff_of_means(ta[:k], ta[k:])
             v_tr = m.weight.to(torch.float64) @ v_src.double()
             if v_nat.norm() == 0 or v_tr.norm() == 0:
