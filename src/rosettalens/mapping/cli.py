@@ -138,7 +138,12 @@ def _train(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "checkpoint"
-        mapper.fit(X, Y, checkpoint_dir=ckpt, progress=progress)
+        dev = (
+            args.device
+            if args.device not in (None, "auto")
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        mapper.fit(X, Y, checkpoint_dir=ckpt, progress=progress, device=dev)
     else:
         mapper.fit(X, Y)
     heldout = activation_metrics(mapper, Xh, Yh)
