@@ -101,5 +101,5 @@ def transfer_vector(
         tn = T.norm(dim=1, keepdim=True)
         want = V.norm(dim=1, keepdim=True) / ns * nt
         T = torch.where(tn > 0, T * (want / tn.clamp_min(1e-300)), T)
-    T = T.to(out_dtype)
+    T = T.to("cpu", out_dtype)
     return T[0] if v.ndim == 1 else T
