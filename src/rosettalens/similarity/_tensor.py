@@ -38,6 +38,9 @@ def as_f64(x: ArrayLike, name: str = "X", device: torch.device | str | None = No
     if device is not None:
         t = t.to(device)
     t = t.to(torch.float64)
+    # one cheap reduction first: a row sum is finite unless the row holds NaN/inf (or overflows)
+    if bool(torch.isfinite(t.sum(dim=1)).all()):
+        return t
     bad = ~torch.isfinite(t).all(dim=1)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()

@@ -136,18 +136,43 @@ class _Spectrum:
         return q
 
 
-def _spectrum(xc: torch.Tensor, name: str) -> _Spectrum:
+def _spectrum(xc: torch.Tensor, name: str, keep_variance: float | None = None) -> _Spectrum:
+    """Principal directions of a centred ``xc [n, d]`` from the smaller Gram matrix.
+
+    With ``keep_variance`` only the directions SVCCA keeps are returned (their count is found from all
+    eigenvalues; when few are kept, only their eigenvectors are computed).
+    """
     n, d = xc.shape
     feature_space = d <= n
     gram = _gram_t(xc) if feature_space else _gram(xc)
+    m = gram.shape[0]
+    tol = max(n, d) * _EPS * 10
+    if keep_variance is not None:
+        with _one_thread(gram):
+            lam_all = torch.linalg.eigvalsh(gram).flip(0)
+        _check_variance(lam_all, name)
+        lam_all = lam_all[lam_all > lam_all[0] * tol]
+        k = _n_keep(lam_all, keep_variance)
+        if k <= m // 3 and gram.device.type == "cpu":
+            import scipy.linalg
+
+            lam, vecs = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evr")
+            lam, vecs = torch.from_numpy(lam[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+            return _Spectrum(xc, lam, vecs, feature_space)
+        lam, vecs = _eigh(gram)
+        return _Spectrum(xc, lam.flip(0)[:k], vecs.flip(1)[:, :k], feature_space)
     lam, vecs = _eigh(gram)
     lam, vecs = lam.flip(0), vecs.flip(1)
+    _check_variance(lam, name)
+    keep = lam > lam[0] * tol
+    return _Spectrum(xc, lam[keep], vecs[:, keep], feature_space)
+
+
+def _check_variance(lam: torch.Tensor, name: str) -> None:
     if float(lam[0]) <= 0:
         raise DegenerateInputError(
             f"{name} has zero variance (every row is the same); the metric is undefined"
         )
-    keep = lam > lam[0] * (max(n, d) * _EPS * 10)
-    return _Spectrum(xc, lam[keep], vecs[:, keep], feature_space)
 
 
 def _n_keep(lam: torch.Tensor, keep_variance: float) -> int:
@@ -223,8 +248,8 @@ def svcca(
 
 
 def _svcca_bases(x: torch.Tensor, y: torch.Tensor, keep_variance: float) -> tuple[torch.Tensor, torch.Tensor]:
-    sx, sy = _spectrum(center(x), "X"), _spectrum(center(y), "Y")
-    return sx.basis(_n_keep(sx.lam, keep_variance)), sy.basis(_n_keep(sy.lam, keep_variance))
+    sx, sy = _spectrum(center(x), "X", keep_variance), _spectrum(center(y), "Y", keep_variance)
+    return sx.basis(), sy.basis()
 
 
 @dataclass(frozen=True)
