@@ -52,3 +52,27 @@ def test_models_info_json_matches_cfg(smollm):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info == smollm.cfg.to_dict()
+
+
+def test_half_written_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, smollm):
+    """A truncated safetensors file in the cache is noticed on load and the model is rebuilt from the wheels."""
+    import os
+    import shutil
+
+    import rosettalens
+    from rosettalens.models import zoo
+
+    name = "smollm2-135m-instruct"
+    real_wheels = zoo.wheel_dir(name)
+    monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path))
+    os.makedirs(tmp_path / "wheels")
+    os.symlink(real_wheels, zoo.wheel_dir(name))  # reuse the downloaded wheels, no network
+    shutil.copytree(smollm.model.config._name_or_path, zoo.model_dir(name))
+    st = zoo.model_dir(name) / "model.safetensors"
+    with open(st, "r+b") as f:
+        f.truncate(st.stat().st_size // 2)
+    assert not zoo.is_cached(name)
+    hm = rosettalens.load(name, progress=False)
+    assert zoo.is_cached(name)
+    ids = smollm.tokenize("The capital of France is")["input_ids"]
+    assert torch.equal(hm.forward(ids), smollm.forward(ids))
