@@ -42,6 +42,15 @@ def test_same_model_transfer_recovers_native_direction(tmp_path):
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["refusal_rate"] == res["refusal_rate"]
     assert json.loads((run_dir / "config.json").read_text())["source"] == src
+    # the model judge saw every completion; its agreement record matches the saved completions
+    from rosettalens.steering import is_refusal
+
+    comps = json.loads((run_dir / "completions.json").read_text())
+    flat = [t for texts in comps.values() for t in texts]
+    ag = res["model_judge"]["agreement_with_substring"]
+    assert ag["n"] == len(flat) == sum(len(v) for v in comps.values())
+    assert ag["rate_a"] == sum(map(is_refusal, flat)) / len(flat)
+    assert set(res["model_judge"]["refusal_rate"]) == set(comps)
 
 
 def test_cross_architecture_pairs_aligned_positions(tmp_path):

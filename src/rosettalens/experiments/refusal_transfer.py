@@ -65,6 +65,9 @@ class RefusalTransferConfig:
     harmful_eval: str | None = None  # evaluation-only files
     harmless_eval: str | None = None
     induce_scale: float = 1.0
+    judge: str = (
+        "target"  # second refusal judge: "target", "source", "none" or a model (chat template needed)
+    )
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
@@ -218,6 +221,37 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
+    """Judge every completion with an instruct model (``steering.judge_with_model``) and report its
+    refusal rate per condition and its agreement with the substring judge (raw and Cohen's kappa)."""
+    import rosettalens
+
+    from ..steering import agreement, is_refusal, judge_with_model
+
+    if cfg.judge == "target":
+        jhm = tgt
+    elif cfg.judge == "source":
+        jhm = src
+    else:
+        jhm = rosettalens.load(cfg.judge, device=cfg.device, dtype=cfg.dtype)
+    if not jhm.has_chat_template():
+        raise ChatTemplateError(
+            f"judge model {jhm.name} has no chat template; pass --judge none or an instruct model"
+        )
+    verdicts: dict[str, list[bool]] = {}
+    for cond, texts in tqdm(comps.items(), desc="model judge", leave=False):
+        prompts = harmful if cond.startswith("harmful") else harmless
+        verdicts[cond] = judge_with_model(jhm, prompts, texts, batch_size=cfg.batch_size)
+    sub = [is_refusal(t) for texts in comps.values() for t in texts]
+    mod = [v for vs in verdicts.values() for v in vs]
+    return {
+        "model": jhm.name,
+        "method": "logits: P(yes) > P(no) after rosettalens.steering.judge.JUDGE_TEMPLATE",
+        "refusal_rate": {c: sum(v) / max(len(v), 1) for c, v in verdicts.items()},
+        "agreement_with_substring": agreement(sub, mod),
+    }
+
+
 def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
     import rosettalens
@@ -350,6 +384,10 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     rates = {k2: _refusal_rate(v) for k2, v in comps.items()}
     lap("generation_eval")
 
+    # 6b. the model judge beside the substring judge (agreement over every completion)
+    judge_info = _model_judge(cfg, src, tgt, comps, harmful, harmless) if cfg.judge != "none" else None
+    lap("model_judge")
+
     # 7. per-layer sweep (affine maps, logit-based refusal score: no generation)
     sweep = []
     if sweep_src:
@@ -415,6 +453,7 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
         "sweep": sweep,
         "n": {k2: len(v) for k2, v in prompts.items()},
         "judge": "substring (rosettalens.steering.judge.REFUSAL_SUBSTRINGS)",
+        "model_judge": judge_info,
         "timings_s": timings,
         "run_dir": str(run_dir),
     }

@@ -118,6 +118,7 @@ def refusal_report(run_dir: Path, results: dict, examples: dict[str, list[dict]]
         ("induced refusal on harmless (transferred added / random added)",
          f"{results['induced_refusal_rate']:.2f} / {results.get('induced_refusal_rate_random', float('nan')):.2f}"),
         ("cos(transferred, native)", results["vectors"]["cos_transferred_native"]),
+        ("model judge (rates per condition; agreement with the substring judge)", results.get("model_judge")),
         ("pairing", results.get("pairing")),
         ("timings (s)", results.get("timings_s")),
     ])  # fmt: skip
