@@ -21,7 +21,7 @@ def _save(tmp_path, name, family="qwen2", seed=0, d_model=48, chat=True):
 
 def _cfg(tmp_path, src, tgt, **kw):
     base = dict(source=src, target=tgt, n_train=12, n_val=6, n_eval=4, max_new_tokens=3, batch_size=8,
-                sweep_points=2, candidate_stride=1, out=str(tmp_path / "run"))  # fmt: skip
+                sweep_points=2, candidate_stride=1, judge="target", out=str(tmp_path / "run"))  # fmt: skip
     base.update(kw)
     return RefusalTransferConfig(**base)
 
@@ -46,6 +46,11 @@ def test_same_model_transfer_recovers_native_direction(tmp_path):
     from rosettalens.steering import is_refusal
 
     comps = json.loads((run_dir / "completions.json").read_text())
+    comps = {
+        c: v
+        for c, v in comps.items()
+        if c.startswith("harmful") or c in ("harmless_baseline", "harmless_induced")
+    }
     flat = [t for texts in comps.values() for t in texts]
     ag = res["model_judge"]["agreement_with_substring"]
     assert ag["n"] == len(flat) == sum(len(v) for v in comps.values())
@@ -75,7 +80,7 @@ def _cli(*args):
 def test_cli_json_and_bad_input(tmp_path, capsys):
     src = _save(tmp_path, "a")
     r = _cli("--source", src, "--target", src, "--n-train", "8", "--n-val", "4", "--n-eval", "2",
-             "--max-new-tokens", "2", "--sweep-points", "0", "--source-layer", "1", "--out", str(tmp_path / "r"), "--json")  # fmt: skip
+             "--max-new-tokens", "2", "--sweep-points", "0", "--judge", "none", "--source-layer", "1", "--out", str(tmp_path / "r"), "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["refusal_rate"]) == {"baseline", "native", "transferred", "random"}

@@ -221,6 +221,9 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+JUDGED_HARMLESS = ("harmless_baseline", "harmless_induced")
+
+
 def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
     """Judge every completion with an instruct model (``steering.judge_with_model``) and report its
     refusal rate per condition and its agreement with the substring judge (raw and Cohen's kappa)."""
@@ -228,9 +231,9 @@ def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
 
     from ..steering import agreement, is_refusal, judge_with_model
 
-    if cfg.judge == "target":
+    if cfg.judge in ("target", tgt.name):
         jhm = tgt
-    elif cfg.judge == "source":
+    elif cfg.judge in ("source", src.name):
         jhm = src
     else:
         jhm = rosettalens.load(cfg.judge, device=cfg.device, dtype=cfg.dtype)
@@ -239,14 +242,15 @@ def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
             f"judge model {jhm.name} has no chat template; pass --judge none or an instruct model"
         )
     verdicts: dict[str, list[bool]] = {}
-    for cond, texts in tqdm(comps.items(), desc="model judge", leave=False):
+    judged = {c: t for c, t in comps.items() if c.startswith("harmful") or c in JUDGED_HARMLESS}
+    for cond, texts in tqdm(judged.items(), desc="model judge", leave=False):
         prompts = harmful if cond.startswith("harmful") else harmless
         verdicts[cond] = judge_with_model(jhm, prompts, texts, batch_size=cfg.batch_size)
-    sub = [is_refusal(t) for texts in comps.values() for t in texts]
+    sub = [is_refusal(t) for texts in judged.values() for t in texts]
     mod = [v for vs in verdicts.values() for v in vs]
     return {
         "model": jhm.name,
-        "method": "logits: P(yes) > P(no) after rosettalens.steering.judge.JUDGE_TEMPLATE",
+        "method": "logits: refusal when P(no) > P(yes) after rosettalens.steering.judge.JUDGE_TEMPLATE",
         "refusal_rate": {c: sum(v) / max(len(v), 1) for c, v in verdicts.items()},
         "agreement_with_substring": agreement(sub, mod),
     }
