@@ -140,7 +140,7 @@ def _content_ends(hm, prompts: Sequence[str]) -> list[tuple[list[int], list[int]
 @torch.no_grad()
 def paired_activations(
     src_hm, tgt_hm, prompts: Sequence[str], src_hooks: Sequence[str], tgt_hooks: Sequence[str],
-    batch_size: int = 16, desc: str = "paired activations",
+    batch_size: int = 16, desc: str = "paired activations", progress: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:  # fmt: skip
     """Row-aligned activations ``{hook: [rows, d]}`` of both models on chat-formatted ``prompts``.
 
@@ -170,7 +170,7 @@ def paired_activations(
             "last_rows": last_rows}  # fmt: skip
     X: dict[str, list[Tensor]] = {h: [] for h in src_hooks}
     Y: dict[str, list[Tensor]] = {h: [] for h in tgt_hooks}
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=not progress)
     for i in range(0, len(prompts), batch_size):
         for hm, side, hooks, store, which in (
             (src_hm, src_side, src_hooks, X, 0),
@@ -224,7 +224,7 @@ def _cos(a: Tensor, b: Tensor) -> float:
 JUDGED_HARMLESS = ("harmless_baseline", "harmless_induced")
 
 
-def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
+def _model_judge(cfg, src, tgt, comps, harmful, harmless, progress: bool = True) -> dict[str, Any]:
     """Judge every completion with an instruct model (``steering.judge_with_model``) and report its
     refusal rate per condition and its agreement with the substring judge (raw and Cohen's kappa)."""
     import rosettalens
@@ -243,7 +243,7 @@ def _model_judge(cfg, src, tgt, comps, harmful, harmless) -> dict[str, Any]:
         )
     verdicts: dict[str, list[bool]] = {}
     judged = {c: t for c, t in comps.items() if c.startswith("harmful") or c in JUDGED_HARMLESS}
-    for cond, texts in tqdm(judged.items(), desc="model judge", leave=False):
+    for cond, texts in tqdm(judged.items(), desc="model judge", leave=False, disable=not progress):
         prompts = harmful if cond.startswith("harmful") else harmless
         verdicts[cond] = judge_with_model(jhm, prompts, texts, batch_size=cfg.batch_size)
     sub = [is_refusal(t) for texts in judged.values() for t in texts]
@@ -334,9 +334,9 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     train_prompts = prompts["harmful_train"] + prompts["harmless_train"]
     val_prompts = prompts["harmful_val"] + prompts["harmless_val"]
     Xtr, Ytr, pair_info = paired_activations(src, tgt, train_prompts, [f"resid_pre.{x}" for x in src_layers],
-                                             [f"resid_pre.{x}" for x in tgt_layers], bs, "paired train")  # fmt: skip
+                                             [f"resid_pre.{x}" for x in tgt_layers], bs, "paired train", progress)  # fmt: skip
     Xva, Yva, _ = paired_activations(src, tgt, val_prompts, [f"resid_pre.{x}" for x in src_layers],
-                                     [f"resid_pre.{x}" for x in tgt_layers], bs, "paired val")  # fmt: skip
+                                     [f"resid_pre.{x}" for x in tgt_layers], bs, "paired val", progress)  # fmt: skip
     lap("paired_activations")
 
     # 4. the mapper for the chosen pair
@@ -389,7 +389,9 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     lap("generation_eval")
 
     # 6b. the model judge beside the substring judge (agreement over every completion)
-    judge_info = _model_judge(cfg, src, tgt, comps, harmful, harmless) if cfg.judge != "none" else None
+    judge_info = (
+        _model_judge(cfg, src, tgt, comps, harmful, harmless, progress) if cfg.judge != "none" else None
+    )
     lap("model_judge")
 
     # 7. per-layer sweep (affine maps, logit-based refusal score: no generation)
