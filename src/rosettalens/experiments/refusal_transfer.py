@@ -65,9 +65,10 @@ class RefusalTransferConfig:
     harmful_eval: str | None = None  # evaluation-only files
     harmless_eval: str | None = None
     induce_scale: float = 1.0
-    judge: str = (
-        "target"  # second refusal judge: "target", "source", "none" or a model (chat template needed)
-    )
+    # second refusal judge: "target", "source", "none" or a model with a chat template (a bundled
+    # instruct model is reused when it is the source or target); it judges the harmful conditions and
+    # the harmless baseline / induced ones
+    judge: str = "target"
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
