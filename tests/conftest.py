@@ -8,11 +8,15 @@ from rosettalens.models.tiny import FAMILIES, tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# ROSETTA_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (the same assertions; CI has no GPU).
+TEST_DEVICE = os.environ.get("ROSETTA_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_hm(request) -> HookedModel:
     """A HookedModel over a tiny random model, one per adapted architecture."""
     model, tok = tiny_model(request.param)
+    model.to(TEST_DEVICE)
     return HookedModel.from_hf(model, tok, name=f"tiny-{request.param}")
 
 

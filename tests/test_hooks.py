@@ -130,7 +130,7 @@ def test_patch_changes_downstream_and_q_patch_roundtrips(tiny_hm):
 def test_ablation_leaves_no_component(tiny_hm):
     torch.manual_seed(0)
     d = torch.randn(tiny_hm.cfg.d_model)
-    u = d / d.norm()
+    u = (d / d.norm()).to(tiny_hm.device)  # ablate() itself gets the CPU vector
     n = tiny_hm.cfg.n_layers
     hooks = [f"resid_post.{i}" for i in range(n)] + [f"attn_out.{i}" for i in range(n)]
     _, before = tiny_hm.run_with_cache(PROMPTS[0], hooks=hooks)
@@ -150,7 +150,7 @@ def test_steer_adds_exactly_at_positions(tiny_hm):
     with tiny_hm.steer("resid_pre.1", v, scale=2.0, positions=[-1]):
         _, steered = tiny_hm.run_with_cache(enc, hooks=["resid_pre.1"])
     diff = steered["resid_pre.1"] - base["resid_pre.1"]
-    assert torch.allclose(diff[0, -1], 2.0 * v, atol=1e-5)
+    assert torch.allclose(diff[0, -1], 2.0 * v.to(diff.device), atol=1e-5)
     assert torch.all(diff[0, :-1] == 0)
     with pytest.raises(ShapeError):
         with tiny_hm.steer("resid_pre.1", torch.randn(d + 1)):

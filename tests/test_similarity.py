@@ -292,6 +292,26 @@ def test_rsa_spearman_averages_tied_ranks():
     assert abs(rsa(x, y, inner="euclidean") - expect) < TOL
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.random.default_rng(0).normal(size=3000),  # distinct values
+        np.round(np.random.default_rng(1).normal(size=3000), 2),  # many ties
+        # values closer than the sort key's quantisation step (set by the 1e10 outlier), with ties
+        np.r_[0.5 + 1e-9 * np.random.default_rng(2).integers(0, 50, size=2000), 1e10, -3.0],
+        np.r_[np.zeros(10), 1e-300, 5e-324],  # a range too small to quantise: the argsort fallback
+        np.ones(5),
+    ],
+    ids=["distinct", "ties", "below-quantisation", "denormal-range", "constant"],
+)
+def test_rank_average_matches_scipy_rankdata(values):
+    from rosettalens.similarity.metrics import _rank_average
+
+    np.testing.assert_array_equal(
+        _rank_average(torch.from_numpy(values)).numpy(), scipy.stats.rankdata(values)
+    )
+
+
 def test_procrustes_matches_scipy_and_is_not_invariant_to_general_linear_maps():
     x, y = related(n=100, d1=6, d2=9, noise=1.0, seed=13)
 

@@ -440,7 +440,10 @@ def _init_distributed() -> tuple[int, int, bool]:
 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL needs one GPU per process; with fewer GPUs than local ranks (2 processes on a 1-GPU
+    # machine) the ranks share the GPUs round-robin and talk over gloo (only a few flags are sent).
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
@@ -504,7 +507,7 @@ def extract(
         from rosettalens.models.loading import load
 
         if world > 1 and torch.cuda.is_available() and device is None and device_map is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         hm = load(
             model, device=device, dtype=model_dtype, device_map=device_map, progress=progress and rank == 0
         )

@@ -592,22 +592,105 @@ def _upper_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
 
 
-def _rank_average(v: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``v [m]`` with ties given their average rank (as scipy.stats.rankdata)."""
-    if v.device.type == "cpu":  # numpy's single-threaded argsort beats torch.sort on CPU (~2x measured)
-        a = v.numpy()
+def _upper_tri(d: torch.Tensor) -> torch.Tensor:
+    """Entries above the diagonal of a square ``d``, row by row (the order of ``d[triu(1) mask]``).
+
+    On CPU row slices are copied (no ``[n, n]`` boolean mask): 0.2 s instead of 2.6 s at n = 10,000.
+    """
+    n = d.shape[0]
+    if d.device.type != "cpu":
+        return d[_upper_mask(n, d.device)]
+    dn = d.numpy()
+    out = np.empty(n * (n - 1) // 2, dtype=dn.dtype)
+    off = 0
+    for i in range(n - 1):
+        k = n - 1 - i
+        out[off : off + k] = dn[i, i + 1 :]
+        off += k
+    return torch.from_numpy(out)
+
+
+def _symmetric_from_upper(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The symmetric ``[n, n]`` matrix (zero diagonal) whose upper triangle is ``v`` (as _upper_tri)."""
+    if v.device.type != "cpu":
+        f = torch.zeros(n, n, dtype=v.dtype, device=v.device)
+        f[_upper_mask(n, v.device)] = v
+        return f + f.T
+    vn = v.numpy()
+    f = np.zeros((n, n), dtype=vn.dtype)
+    off = 0
+    for i in range(n - 1):
+        k = n - 1 - i
+        f[i, i + 1 :] = vn[off : off + k]
+        off += k
+    f += f.T
+    return torch.from_numpy(f)
+
+
+def _argsort_packed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An ascending argsort of float64 ``a`` through one sort of uint64 keys, and where ties start.
+
+    Returns ``(idx, starts)``: ``a[idx]`` is ascending (ties in any order) and ``starts[i]`` is True
+    where ``a[idx[i]]`` differs from ``a[idx[i - 1]]``. Each key packs a monotone quantisation of the
+    value (high bits) with the element's index (low bits), so a plain vectorised ``sort`` replaces the
+    slower ``argsort`` (11.3 s -> ~5 s for 50M values on one core). Values that quantise equally come
+    out in index order; only those groups are then ordered by (and compared on) their exact values.
+    """
+    m = a.size
+    kbits = max(1, (m - 1).bit_length())
+    vbits = min(52, 64 - kbits)  # 2**vbits - 1 must be exact in float64
+    lo, hi = float(a.min()), float(a.max())
+    top = float(2**vbits - 1)
+    scale = top / (hi - lo) if hi > lo else 0.0
+    if vbits < 20 or not np.isfinite(scale) or scale <= 0:
         idx = np.argsort(a)
         srt = a[idx]
-        ranks = np.empty(a.size, dtype=np.float64)
-        starts = np.empty(a.size, dtype=bool)
+        starts = np.empty(m, dtype=bool)
         starts[0] = True
         np.not_equal(srt[1:], srt[:-1], out=starts[1:])
-        if starts.all():
-            ranks[idx] = np.arange(1, a.size + 1, dtype=np.float64)
-        else:  # a tie group starting at sorted position p with c members gets rank p + (c + 1) / 2
-            first = np.flatnonzero(starts)
-            counts = np.diff(np.r_[first, a.size])
-            ranks[idx] = (first + (counts + 1) / 2.0)[np.cumsum(starts) - 1]
+        return idx, starts
+    q = a - lo
+    q *= scale  # monotone non-decreasing in a (so is every rounding step)
+    np.minimum(q, top, out=q)
+    key = q.astype(np.uint64)
+    del q
+    key <<= np.uint64(kbits)
+    key |= np.arange(m, dtype=np.uint64)
+    key.sort()
+    quant = key >> np.uint64(kbits)  # the quantised values, ascending
+    key &= np.uint64((1 << kbits) - 1)
+    idx = key.view(np.int64)  # the indices (< 2**63): no copy
+    key = quant
+    same = key[1:] == key[:-1]
+    starts = np.ones(m, dtype=bool)
+    np.logical_not(same, out=starts[1:])
+    if same.any():  # order each group of equal quantised values by the exact values
+        member = np.zeros(m, dtype=bool)
+        member[:-1] |= same
+        member[1:] |= same
+        pos = np.flatnonzero(member)
+        sub = idx[pos]
+        idx[pos] = sub[np.lexsort((a[sub], key[pos]))]
+        nxt = np.flatnonzero(same) + 1  # within a group, a new value starts where the exact value changes
+        starts[nxt] = a[idx[nxt]] != a[idx[nxt - 1]]
+    return idx, starts
+
+
+def _rank_average(v: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``v [m]`` with ties given their average rank (as scipy.stats.rankdata)."""
+    if v.device.type == "cpu":  # numpy's vectorised sort beats torch.sort on one CPU core (~2x measured)
+        a = v.numpy()
+        idx, starts = _argsort_packed(a)
+        by_pos = np.arange(1, a.size + 1, dtype=np.float64)  # rank of sorted position p (0-based): p + 1
+        cont = np.flatnonzero(~starts)  # positions that continue a tie group (few, even on 50M floats)
+        if cont.size:  # a tie group starting at sorted position p with c members gets rank p + (c + 1) / 2
+            members = np.union1d(cont - 1, cont)
+            group = np.cumsum(starts[members]) - 1  # members of one group are consecutive positions
+            first = members[starts[members]]
+            counts = np.bincount(group)
+            by_pos[members] = (first + (counts + 1) / 2.0)[group]
+        ranks = np.empty(a.size, dtype=np.float64)
+        ranks[idx] = by_pos
         return torch.from_numpy(ranks)
     vals, idx = torch.sort(v)
     ranks = torch.empty_like(v)
@@ -649,19 +732,16 @@ def _prep_rsa(
     if outer not in _OUTER:
         raise ConfigError(f"rsa: unknown outer={outer!r}; choose one of {', '.join(_OUTER)}")
     n = x.shape[0]
-    mask = _upper_mask(n, x.device)
-    a = _rdm_full(x, inner, "X")[mask]
-    b = _rdm_full(y, inner, "Y")[mask]
+    a = _upper_tri(_rdm_full(x, inner, "X"))
+    b = _upper_tri(_rdm_full(y, inner, "Y"))
     if outer == "kendall":
         from scipy.stats import kendalltau
 
         a_np, b_tri = _to_np(a), b
-        bfull = torch.zeros(n, n, dtype=b.dtype, device=b.device)
-        bfull[mask] = b
-        bfull = bfull + bfull.T
+        bfull = _symmetric_from_upper(b, n)
 
         def kendall_fn(perm: torch.Tensor | None) -> float:
-            bp = b_tri if perm is None else bfull[perm][:, perm][mask]
+            bp = b_tri if perm is None else _upper_tri(bfull[perm][:, perm])
             return float(kendalltau(a_np, _to_np(bp)).statistic)
 
         return kendall_fn
@@ -677,11 +757,9 @@ def _prep_rsa(
         if perm is None:
             return float(torch.dot(ua, ub))
         if not full:
-            f = torch.zeros(n, n, dtype=ub.dtype, device=ub.device)
-            f[mask] = ub
-            full.append(f + f.T)
+            full.append(_symmetric_from_upper(ub, n))
         # permuting the rows of Y permutes its RDM's rows and columns; ranks move with the entries
-        return float(torch.dot(ua, full[0][perm][:, perm][mask]))
+        return float(torch.dot(ua, _upper_tri(full[0][perm][:, perm])))
 
     return fn
 

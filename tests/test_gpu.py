@@ -1,0 +1,70 @@
+"""The same results on a CUDA device as on the CPU (skipped where there is no GPU, as on CI).
+
+The tiny-model hook tests run on a GPU with ``ROSETTA_TEST_DEVICE=cuda`` (see conftest.py); these
+check the parts that pick or accept a device themselves: similarity metrics on CUDA tensors and
+``rosetta extract --device cuda`` against the CPU store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rosettalens import similarity as sim
+from rosettalens.models.tiny import tiny_model
+from rosettalens.store import ActivationStore
+from rosettalens.store_cli import main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _pair(n=300, d1=24, d2=40, seed=0):
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(n, d1))
+    y = x @ g.normal(size=(d1, d2)) + 0.5 * g.normal(size=(n, d2))
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda x, y: sim.linear_cka(x, y),
+        lambda x, y: sim.linear_cka(x, y, debiased=True),
+        lambda x, y: sim.rbf_cka(x, y),
+        lambda x, y: sim.svcca(x, y),
+        lambda x, y: sim.pwcca(x, y),
+        lambda x, y: sim.rsa(x, y),
+        lambda x, y: sim.procrustes(x, y).similarity,
+        lambda x, y: sim.mutual_knn(x, y, k=5),
+    ],
+    ids=["linear_cka", "linear_cka_debiased", "rbf_cka", "svcca", "pwcca", "rsa", "procrustes", "mutual_knn"],
+)
+def test_metrics_on_cuda_tensors_equal_numpy(metric):
+    x, y = _pair()
+    on_cpu = metric(x, y)
+    on_gpu = metric(torch.tensor(x, device="cuda"), torch.tensor(y, device="cuda", dtype=torch.float32))
+    # float32 input on the GPU vs float64 on the CPU: equal to float32 precision
+    assert abs(float(on_gpu) - float(on_cpu)) < 1e-5
+
+
+def test_extract_on_cuda_matches_cpu(tmp_path):
+    from rosettalens.data import load_documents
+
+    d = tmp_path / "tiny-llama"
+    m, t = tiny_model("llama", seed=1)
+    m.save_pretrained(d)
+    t.save_pretrained(d)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(x.replace("\n", " ") for x in load_documents("sequences").documents) + "\n")
+    stores = {}
+    for dev in ("cpu", "cuda"):
+        out = tmp_path / f"store-{dev}"
+        argv = ["extract", "--model", str(d), "--hooks", "resid_post.1,attn_out.0", "--data", str(corpus)]
+        assert main([*argv, "--out", str(out), "--device", dev, "--no-progress"]) == 0
+        stores[dev] = ActivationStore.open(out, verify=True)
+    a, b = stores["cpu"], stores["cuda"]
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.token_ids, b.token_ids)
+    for hook in a.hooks:
+        torch.testing.assert_close(b.read(hook), a.read(hook), atol=1e-4, rtol=1e-4)
