@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -137,6 +136,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hwm_mb() -> float:
+    """This process's peak RSS (``ru_maxrss`` would report the parent's when larger: Linux keeps it
+    across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def memory_run(args) -> dict:
     """Run in a fresh process: extract ``args.mem_run`` tokens; sample RSS every 10 ms while it runs."""
     import threading
@@ -168,7 +174,7 @@ def memory_run(args) -> dict:
         "rss_before_mb": round(before, 1),
         "peak_rss_during_extract_mb": round(peak[0], 1),
         "extract_extra_mb": round(peak[0] - before, 1),
-        "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "process_peak_rss_mb": round(_hwm_mb(), 1),
         "store_mb": round(size / 2**20, 1),
         "shard_size": args.shard_size,
         "seconds": round(dt, 2),
