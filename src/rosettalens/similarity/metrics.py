@@ -408,7 +408,7 @@ def _median_offdiag_(d: torch.Tensor) -> float:
     n = d.shape[0]
     m = n * (n - 1) // 2
     if d.device.type == "cpu":  # copy out the upper triangle, then an in-place numpy selection
-        vals = d[torch.ones(n, n, dtype=torch.bool).triu_(1)].numpy()
+        vals = _upper_tri(d).numpy()  # a fresh copy
         hi = m // 2
         if m % 2:
             vals.partition(hi)
