@@ -9,8 +9,8 @@ from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model, tiny_tokenizer
 
 
-def _save(tmp_path, name, family="qwen2", seed=0, d_model=48, chat=True):
-    model, tok = tiny_model(family, seed=seed, d_model=d_model)
+def _save(tmp_path, name, family="qwen2", seed=0, d_model=48, chat=True, n_layers=3):
+    model, tok = tiny_model(family, seed=seed, d_model=d_model, n_layers=n_layers)
     if not chat:
         tok = tiny_tokenizer(add_bos=False, chat_template=False)
     path = tmp_path / name
@@ -56,6 +56,31 @@ def test_same_model_transfer_recovers_native_direction(tmp_path):
     assert ag["n"] == len(flat) == sum(len(v) for v in comps.values())
     assert ag["rate_a"] == sum(map(is_refusal, flat)) / len(flat)
     assert set(res["model_judge"]["refusal_rate"]) == set(comps)
+
+
+def test_layer_selection_by_sweep_takes_the_best_validation_pair(tmp_path):
+    import pytest
+
+    from rosettalens.errors import ConfigError
+
+    src = _save(tmp_path, "s", family="llama", seed=3, n_layers=6)
+    tgt = _save(tmp_path, "t", seed=4, n_layers=4)
+    res = run(_cfg(tmp_path, src, tgt, layer_selection="sweep", judge="none"), progress=False)
+    sel, sweep = res["selection"], res["sweep"]
+    assert sel["method"] == "sweep" and sel["candidates"] == [1, 2, 3]  # 1 up to (not incl.) 80% depth of 6
+    assert [e["source_layer"] for e in sweep] == sel["candidates"]
+    drops = [e["score_baseline"] - e["score_transferred_ablated"] for e in sweep]
+    best = sweep[max(range(len(sweep)), key=drops.__getitem__)]
+    assert res["layers"] == {
+        "source": f"resid_pre.{best['source_layer']}",
+        "target": f"resid_pre.{best['target_layer']}",
+    }
+    assert all(e["kl_harmless_transferred_ablated"] >= 0 for e in sweep)
+    # a KL bound below every candidate's KL leaves nothing to choose: a clear error, no results file
+    with pytest.raises(ConfigError, match="max-kl"):
+        run(_cfg(tmp_path, src, tgt, layer_selection="sweep", judge="none", max_kl=1e-12,
+                 out=str(tmp_path / "run2")), progress=False)  # fmt: skip
+    assert not (tmp_path / "run2" / "results.json").exists()
 
 
 def test_cross_architecture_pairs_aligned_positions(tmp_path):

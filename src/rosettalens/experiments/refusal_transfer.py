@@ -5,7 +5,10 @@ Stages (each with a progress bar on stderr), all written to one run directory:
 
 1. prompts: built-in harmful/harmless sets (train / val / test splits) or user files;
 2. source refusal direction: Arditi et al. 2024 selection over source layers (diff-of-means at the last
-   prompt token, scored by the refusal log-odds drop under ablation with a KL bound on harmless prompts);
+   prompt token, scored by the refusal log-odds drop under ablation with a KL bound on harmless prompts),
+   or with ``layer_selection="sweep"`` the layer pair chosen after stage 3 by the sweep of stage 7 run
+   over every candidate layer: the pair whose *transferred* direction, ablated in the target, lowers
+   the target's refusal score most on the validation prompts (optionally under ``max_kl``);
 3. paired activations of both models on the chat-formatted train prompts at ``resid_pre`` of the
    source layer and the target layer at the same relative depth. Same tokenizer: every position;
    different tokenizers: positions of the user text whose tokens end at the same character (plus the
@@ -55,6 +58,12 @@ class RefusalTransferConfig:
     target_layer: int | None = None  # default: same relative depth as the source layer
     candidate_stride: int = 2  # Arditi candidates: every `stride`-th layer below 0.8 depth
     sweep_points: int = 3  # source layers in the per-layer sweep (0 disables it)
+    # how the layer pair is chosen when --source-layer is not given: "arditi" (the source's refusal
+    # direction by Arditi et al.'s filter, target at the same relative depth) or "sweep" (every
+    # candidate source layer with its depth-matched target layer; the pair whose transferred
+    # direction, ablated, lowers the target's refusal score most on the validation prompts)
+    layer_selection: str = "arditi"
+    max_kl: float | None = None  # "sweep" only: skip pairs whose ablation moves harmless KL above this
     n_train: int = 64  # prompts per set for directions and the mapper
     n_val: int = 16  # prompts per set for selection and the sweep
     n_eval: int = 32  # held-out prompts per set for the generation evaluation
@@ -85,6 +94,10 @@ class RefusalTransferConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.sweep_points < 0:
             raise ConfigError("--sweep-points must be >= 0")
+        if self.layer_selection not in ("arditi", "sweep"):
+            raise ConfigError(f"--layer-selection must be 'arditi' or 'sweep', got {self.layer_selection!r}")
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ConfigError("--max-kl must be > 0")
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -297,48 +310,119 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
 
     # 2. the source's refusal direction
     n_s, n_t = src.cfg.n_layers, tgt.cfg.n_layers
+    k = len(prompts["harmful_train"])
+
+    def source_vec_at(layer: int, how: str) -> SteeringVector:
+        acts = collect_activations(src, prompts["harmful_train"] + prompts["harmless_train"], [f"resid_pre.{layer}"],
+                                   positions=[-1], batch_size=bs)  # fmt: skip
+        a = acts[f"resid_pre.{layer}"][:, 0]
+        return SteeringVector(vector=diff_of_means(a[:k], a[k:]), model=src.name, hook=f"resid_pre.{layer}",
+                              kind="refusal", source={"method": "diff_of_means", "selection": how})  # fmt: skip
+
+    by_sweep = cfg.source_layer is None and cfg.layer_selection == "sweep"
+    ls: int | None = None
+    selection: dict[str, Any] | None = None
     if cfg.source_layer is not None:
         ls = int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])
-        acts = collect_activations(src, prompts["harmful_train"] + prompts["harmless_train"], [f"resid_pre.{ls}"],
-                                   positions=[-1], batch_size=bs)  # fmt: skip
-        a = acts[f"resid_pre.{ls}"][:, 0]
-        k = len(prompts["harmful_train"])
-        src_vec = SteeringVector(vector=diff_of_means(a[:k], a[k:]), model=src.name, hook=f"resid_pre.{ls}",
-                                 kind="refusal", source={"method": "diff_of_means", "selection": "user layer"})  # fmt: skip
-        selection = None
-    else:
+        src_vec = source_vec_at(ls, "user layer")
+    elif not by_sweep:
         cands = list(range(0, max(1, int(0.8 * n_s)), cfg.candidate_stride))
         sel = select_refusal_direction(
             src, prompts["harmful_train"], prompts["harmless_train"], prompts["harmful_val"], prompts["harmless_val"],
             layers=cands, batch_size=bs, progress=progress,
         )  # fmt: skip
         src_vec, ls, selection = sel.vector, sel.layer, sel.to_dict()
-    lt = (
-        int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
-        if cfg.target_layer is not None
-        else _depth_map(ls, n_s, n_t)
-    )
+
+    def target_for(layer: int) -> int:
+        if cfg.target_layer is not None:
+            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
+        return _depth_map(layer, n_s, n_t)
+
+    lt = target_for(ls) if ls is not None else None
     lap("source_direction")
 
     # 3. paired activations (chosen pair + sweep pairs in the same passes)
     # sweep: source layers from 20% to 80% depth (layer 0 excluded: at the last template token every
-    # prompt has the same embedding, so the diff-of-means there is zero)
-    sweep_src = (
-        sorted(
+    # prompt has the same embedding, so the diff-of-means there is zero); selecting by sweep tries
+    # every candidate_stride-th layer from 1 to 80% depth
+    if by_sweep:
+        sweep_src = list(range(1, max(2, int(0.8 * n_s)), cfg.candidate_stride))
+    elif cfg.sweep_points:
+        sweep_src = sorted(
             {max(1, round(f * (0.8 * n_s - 1))) for f in torch.linspace(0.2, 1.0, cfg.sweep_points).tolist()}
         )
-        if cfg.sweep_points
-        else []
-    )
-    src_layers = sorted(set(sweep_src) | {ls})
-    tgt_layers = sorted({_depth_map(x, n_s, n_t) for x in sweep_src} | {lt})
+    else:
+        sweep_src = []
+    src_layers = sorted(set(sweep_src) | ({ls} if ls is not None else set()))
+    tgt_layers = sorted({target_for(x) for x in sweep_src} | ({lt} if lt is not None else set()))
     train_prompts = prompts["harmful_train"] + prompts["harmless_train"]
     val_prompts = prompts["harmful_val"] + prompts["harmless_val"]
     Xtr, Ytr, pair_info = paired_activations(src, tgt, train_prompts, [f"resid_pre.{x}" for x in src_layers],
                                              [f"resid_pre.{x}" for x in tgt_layers], bs, "paired train", progress)  # fmt: skip
     Xva, Yva, _ = paired_activations(src, tgt, val_prompts, [f"resid_pre.{x}" for x in src_layers],
                                      [f"resid_pre.{x}" for x in tgt_layers], bs, "paired val", progress)  # fmt: skip
+    last = pair_info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
     lap("paired_activations")
+
+    def run_sweep() -> list[dict[str, Any]]:
+        """Per source layer: affine map, FVU, cos(transferred, native), and validation refusal scores
+        and harmless KL under ablation (logit-based: no generation)."""
+        from ..mapping import AffineMapper
+
+        out: list[dict[str, Any]] = []
+        base_score = _score_under(tgt, prompts["harmful_val"], None, bs)
+        base_hl = last_token_logprobs(tgt, prompts["harmless_val"], batch_size=bs)
+        kh = len(prompts["harmful_val"])
+        for x in tqdm(sweep_src, desc="layer sweep", disable=not progress, leave=False):
+            y = target_for(x)
+            hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
+            m = AffineMapper().fit(Xtr[hx], Ytr[hy])
+            met = activation_metrics(m, Xva[hx], Yva[hy])
+            # directions from the last prompt tokens of the paired train activations
+            sa, ta = Xtr[hx][last], Ytr[hy][last]
+            v_src, v_nat = diff_of_means(sa[:k], sa[k:]), diff_of_means(ta[:k], ta[k:])
+            v_tr = m.weight.to(torch.float64) @ v_src.double()
+            if v_nat.norm() == 0 or v_tr.norm() == 0:
+                continue
+            with tgt.ablate(v_tr.float()):
+                kl = float(
+                    _kl(base_hl, last_token_logprobs(tgt, prompts["harmless_val"], batch_size=bs)).mean()
+                )
+            out.append({
+                "source_layer": x, "target_layer": y, "fvu": met["fvu"], "r2": met.get("r2"),
+                "cos_transferred_native": _cos(v_tr, v_nat),
+                "score_baseline": base_score,
+                "score_native_ablated": _score_under(tgt, prompts["harmful_val"], v_nat.float(), bs),
+                "score_transferred_ablated": _score_under(tgt, prompts["harmful_val"], v_tr.float(), bs),
+                "kl_harmless_transferred_ablated": kl,
+                "n_val_harmful": kh,
+            })  # fmt: skip
+        return out
+
+    sweep: list[dict[str, Any]] = []
+    if by_sweep:
+        sweep = run_sweep()
+        ok = [e for e in sweep if cfg.max_kl is None or e["kl_harmless_transferred_ablated"] <= cfg.max_kl]
+        if not ok:
+            raise ConfigError(
+                "layer selection by sweep: no candidate pair "
+                + ("has a usable direction" if not sweep else f"keeps the harmless KL <= {cfg.max_kl}")
+                + "; give --source-layer or raise --max-kl"
+            )
+        best = max(ok, key=lambda e: e["score_baseline"] - e["score_transferred_ablated"])
+        ls, lt = best["source_layer"], best["target_layer"]
+        src_vec = source_vec_at(ls, "validation sweep")
+        selection = {
+            "method": "sweep",
+            "criterion": "largest drop of the target's validation refusal score under the transferred ablation"
+            + (f", harmless KL <= {cfg.max_kl}" if cfg.max_kl is not None else ""),
+            "source_layer": ls,
+            "target_layer": lt,
+            "candidates": [e["source_layer"] for e in sweep],
+            "excluded_by_kl": [e["source_layer"] for e in sweep if e not in ok],
+        }
+        lap("sweep")
+    assert ls is not None and lt is not None
 
     # 4. the mapper for the chosen pair
     hs, ht = f"resid_pre.{ls}", f"resid_pre.{lt}"
@@ -350,9 +434,7 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     # 5. transferred and native directions at the target layer
     anchors = Xtr[hs]
     tr_vec = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
-    last = pair_info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
     tacts = Ytr[ht][last]
-    k = len(prompts["harmful_train"])
     native_vec = SteeringVector(vector=diff_of_means(tacts[:k], tacts[k:]), model=tgt.name, hook=ht, kind="refusal",
                                 source={"method": "diff_of_means", "layer": lt})  # fmt: skip
     rnd_vec = random_like(tr_vec, seed=cfg.seed)
@@ -396,32 +478,9 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     lap("model_judge")
 
     # 7. per-layer sweep (affine maps, logit-based refusal score: no generation)
-    sweep = []
-    if sweep_src:
-        from ..mapping import AffineMapper
-
-        base_score = _score_under(tgt, prompts["harmful_val"], None, bs)
-        kh = len(prompts["harmful_val"])
-        for x in tqdm(sweep_src, desc="layer sweep", disable=not progress, leave=False):
-            y = _depth_map(x, n_s, n_t)
-            hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
-            m = AffineMapper().fit(Xtr[hx], Ytr[hy])
-            met = activation_metrics(m, Xva[hx], Yva[hy])
-            # directions from the last prompt tokens of the paired train activations
-            sa, ta = Xtr[hx][last], Ytr[hy][last]
-            v_src, v_nat = diff_of_means(sa[:k], sa[k:]), diff_of_means(ta[:k], ta[k:])
-            v_tr = m.weight.to(torch.float64) @ v_src.double()
-            if v_nat.norm() == 0 or v_tr.norm() == 0:
-                continue
-            sweep.append({
-                "source_layer": x, "target_layer": y, "fvu": met["fvu"], "r2": met.get("r2"),
-                "cos_transferred_native": _cos(v_tr, v_nat),
-                "score_baseline": base_score,
-                "score_native_ablated": _score_under(tgt, prompts["harmful_val"], v_nat.float(), bs),
-                "score_transferred_ablated": _score_under(tgt, prompts["harmful_val"], v_tr.float(), bs),
-                "n_val_harmful": kh,
-            })  # fmt: skip
-    lap("sweep")
+    if sweep_src and not by_sweep:
+        sweep = run_sweep()
+        lap("sweep")
 
     # 8. results and artifacts
     drop_native = rates["harmful_baseline"] - rates["harmful_native"]
