@@ -29,12 +29,12 @@ def _pair(n=300, d1=24, d2=40, seed=0):
 @pytest.mark.parametrize(
     "metric",
     [
-        lambda x, y: sim.linear_cka(x, y),
+        sim.linear_cka,
         lambda x, y: sim.linear_cka(x, y, debiased=True),
-        lambda x, y: sim.rbf_cka(x, y),
-        lambda x, y: sim.svcca(x, y),
-        lambda x, y: sim.pwcca(x, y),
-        lambda x, y: sim.rsa(x, y),
+        sim.rbf_cka,
+        sim.svcca,
+        sim.pwcca,
+        sim.rsa,
         lambda x, y: sim.procrustes(x, y).similarity,
         lambda x, y: sim.mutual_knn(x, y, k=5),
     ],

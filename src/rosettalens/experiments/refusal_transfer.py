@@ -403,11 +403,14 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
     if by_sweep:
         sweep = run_sweep()
         ok = [e for e in sweep if cfg.max_kl is None or e["kl_harmless_transferred_ablated"] <= cfg.max_kl]
+        if not sweep:
+            raise ConfigError(
+                "layer selection by sweep: no candidate pair has a usable direction; give --source-layer"
+            )
         if not ok:
             raise ConfigError(
-                "layer selection by sweep: no candidate pair "
-                + ("has a usable direction" if not sweep else f"keeps the harmless KL <= {cfg.max_kl}")
-                + "; give --source-layer or raise --max-kl"
+                f"layer selection by sweep: no candidate pair keeps the harmless KL <= {cfg.max_kl}; "
+                "raise --max-kl or give --source-layer"
             )
         best = max(ok, key=lambda e: e["score_baseline"] - e["score_transferred_ablated"])
         ls, lt = best["source_layer"], best["target_layer"]

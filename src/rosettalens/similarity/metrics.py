@@ -602,12 +602,17 @@ def _upper_tri(d: torch.Tensor) -> torch.Tensor:
         return d[_upper_mask(n, d.device)]
     dn = d.numpy()
     out = np.empty(n * (n - 1) // 2, dtype=dn.dtype)
-    off = 0
-    for i in range(n - 1):
-        k = n - 1 - i
-        out[off : off + k] = dn[i, i + 1 :]
-        off += k
+    for i, start, stop in _tri_rows(n):
+        out[start:stop] = dn[i, i + 1 :]
     return torch.from_numpy(out)
+
+
+def _tri_rows(n: int) -> Iterator[tuple[int, int, int]]:
+    """``(row, start, stop)``: where row ``i``'s entries above the diagonal sit in the upper-triangle vector."""
+    start = 0
+    for i in range(n - 1):
+        yield i, start, start + n - 1 - i
+        start += n - 1 - i
 
 
 def _symmetric_from_upper(v: torch.Tensor, n: int) -> torch.Tensor:
@@ -618,11 +623,8 @@ def _symmetric_from_upper(v: torch.Tensor, n: int) -> torch.Tensor:
         return f + f.T
     vn = v.numpy()
     f = np.zeros((n, n), dtype=vn.dtype)
-    off = 0
-    for i in range(n - 1):
-        k = n - 1 - i
-        f[i, i + 1 :] = vn[off : off + k]
-        off += k
+    for i, start, stop in _tri_rows(n):
+        f[i, i + 1 :] = vn[start:stop]
     f += f.T
     return torch.from_numpy(f)
 
@@ -660,8 +662,7 @@ def _argsort_packed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     quant = key >> np.uint64(kbits)  # the quantised values, ascending
     key &= np.uint64((1 << kbits) - 1)
     idx = key.view(np.int64)  # the indices (< 2**63): no copy
-    key = quant
-    same = key[1:] == key[:-1]
+    same = quant[1:] == quant[:-1]
     starts = np.ones(m, dtype=bool)
     np.logical_not(same, out=starts[1:])
     if same.any():  # order each group of equal quantised values by the exact values
@@ -670,7 +671,7 @@ def _argsort_packed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         member[1:] |= same
         pos = np.flatnonzero(member)
         sub = idx[pos]
-        idx[pos] = sub[np.lexsort((a[sub], key[pos]))]
+        idx[pos] = sub[np.lexsort((a[sub], quant[pos]))]
         nxt = np.flatnonzero(same) + 1  # within a group, a new value starts where the exact value changes
         starts[nxt] = a[idx[nxt]] != a[idx[nxt - 1]]
     return idx, starts
