@@ -1,0 +1,128 @@
+"""The safety switch on tiny random models: exact when the mapper is exact, hooks removed, save/load."""
+
+import copy
+
+import pytest
+import torch
+
+from rosettalens.errors import ConfigError, RosettaError, ShapeError
+from rosettalens.hooks import HookedModel
+from rosettalens.mapping import AffineMapper, load_mapper
+from rosettalens.models.tiny import tiny_model
+from rosettalens.organisms.switch import SafetySwitch, paired_positions
+
+PROMPTS = ["The quick brown", "January February March April May", "How do I bake bread at home?"]
+
+
+def _pair(family: str, perturb_layers=(0, 1), n_layers: int = 3, seed: int = 0):
+    """A tiny base model and a "fine-tune": a copy with the weights of ``perturb_layers`` perturbed."""
+    model, tok = tiny_model(family, n_layers=n_layers, seed=seed)
+    base = HookedModel.from_hf(model, tok, name=f"tiny-{family}")
+    org_model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in org_model.named_parameters():
+            if any(f".layers.{i}." in name or f".h.{i}." in name for i in perturb_layers):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return base, HookedModel.from_hf(org_model, copy.deepcopy(tok), name=f"tiny-{family}+perturbed")
+
+
+def _identity(d: int) -> AffineMapper:
+    """An exact identity map (unregularised least squares on full-rank data)."""
+    R = torch.randn(20 * d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return AffineMapper(alpha=0.0).fit(R, R)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_switch_on_with_identity_map_gives_the_base_exactly(family):
+    """The fine-tune differs from the base only below the hook: with the identity map the switched
+    organism *is* the base, in a forward pass and in every step of a KV-cached, left-padded generate."""
+    base, org = _pair(family)
+    sw = SafetySwitch(base, _identity(base.cfg.d_model), "resid_pre.2", organism=org.name)
+    lb, lo = base.forward(PROMPTS), org.forward(PROMPTS)
+    assert (lo - lb).abs().max() > 0.1  # the perturbation matters
+    with sw.on(org) as hm:
+        assert hm is org
+        ls = org.forward(PROMPTS)
+        gen_on = org.generate(PROMPTS, max_new_tokens=6)
+    torch.testing.assert_close(ls, lb, atol=1e-4, rtol=1e-4)
+    assert gen_on == base.generate(PROMPTS, max_new_tokens=6)
+    assert org.generate(PROMPTS, max_new_tokens=6) != gen_on  # off: the organism as it is
+    torch.testing.assert_close(org.forward(PROMPTS), lo, atol=0, rtol=0)
+    assert org.active_hook_count() == 0 and base.active_hook_count() == 0
+
+
+def test_switch_replaces_the_hook_by_the_mapped_base_activation():
+    """Inside the switch the organism's activation at the hook is mapper(base activation) at every
+    position, for an arbitrary (non-identity) affine map."""
+    base, org = _pair("qwen2")
+    d = base.cfg.d_model
+    g = torch.Generator().manual_seed(3)
+    R = torch.randn(20 * d, d, dtype=torch.float64, generator=g)
+    W = torch.randn(d, d, dtype=torch.float64, generator=g) / d**0.5
+    m = AffineMapper(alpha=0.0).fit(R, R @ W.T + 0.5)
+    sw = SafetySwitch(base, m, "resid_post.1")
+    _, cb = base.run_with_cache(PROMPTS, hooks=["resid_post.1"])
+    with sw.on(org):
+        _, co = org.run_with_cache(PROMPTS, hooks=["resid_post.1", "resid_pre.2"])
+    want = (cb["resid_post.1"].double() @ W.T + 0.5).float()
+    torch.testing.assert_close(co["resid_post.1"], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(co["resid_pre.2"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_removed_on_error():
+    base, org = _pair("llama")
+    sw = SafetySwitch(base, _identity(base.cfg.d_model), "resid_pre.1")
+    with pytest.raises(RuntimeError, match="boom"):
+        with sw.on(org):
+            org.forward(PROMPTS[:1])
+            raise RuntimeError("boom")
+    assert org.active_hook_count() == 0 and base.active_hook_count() == 0
+    assert not org.model._forward_pre_hooks and not base.model._forward_pre_hooks
+
+
+def test_fit_paired_positions_save_load(tmp_path):
+    base, org = _pair("llama", perturb_layers=(0,))
+    X, Y = paired_positions(base, org, PROMPTS, ["resid_pre.1"])
+    n_tokens = int(org.tokenize(PROMPTS)["attention_mask"].sum())
+    assert X["resid_pre.1"].shape == Y["resid_pre.1"].shape == (n_tokens, base.cfg.d_model)
+    # row order = non-pad positions of the left-padded batch, row-major
+    _, c = org.run_with_cache(PROMPTS, hooks=["resid_pre.1"])
+    mask = org.tokenize(PROMPTS)["attention_mask"].bool()
+    torch.testing.assert_close(Y["resid_pre.1"], c["resid_pre.1"][mask])
+
+    texts = PROMPTS * 4
+    sw = SafetySwitch.fit(base, org, texts, "resid_pre.1", kind="affine")
+    assert sw.info["n_fit_rows"] > 0 and 0 <= sw.info["fidelity"]["fvu"] < sw.info["fidelity_identity"]
+    d = sw.save(tmp_path / "switch")
+    assert (d / "switch.json").is_file() and (d / "mapper" / "mapper.safetensors").is_file()
+    again = SafetySwitch.load(d, base=base)
+    assert again.hook == "resid_pre.1" and again.organism == org.name
+    torch.testing.assert_close(again.mapper.weight, load_mapper(d / "mapper").weight)
+    with sw.on(org):
+        a = org.forward(PROMPTS)
+    with again.on(org):
+        b = org.forward(PROMPTS)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # saving over an unrelated directory is refused; over a switch it is replaced whole
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ConfigError):
+        sw.save(tmp_path / "other")
+    sw.save(d)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "switch"]
+
+
+def test_bad_input():
+    base, org = _pair("llama")
+    other, tok2 = tiny_model("qwen2", d_model=36)
+    with pytest.raises(ShapeError, match="source width"):
+        SafetySwitch(base, _identity(36), "resid_pre.1")
+    sw = SafetySwitch(base, _identity(base.cfg.d_model), "resid_pre.1")
+    with pytest.raises(RosettaError):
+        with sw.on(HookedModel.from_hf(other, tok2)):
+            pass
+    with pytest.raises(ConfigError, match="residual"):
+        SafetySwitch(base, _identity(base.cfg.d_model), "attn_out.1")
+    with pytest.raises(ConfigError, match="two model instances"):
+        with sw.on(base):
+            pass
