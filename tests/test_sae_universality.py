@@ -1,0 +1,215 @@
+"""SAE feature-space universality: filtered matching, paired scores with nulls, subspaces, layer grids,
+and the `rosetta run sae-universality` pipeline on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rosettalens.errors import ConfigError, DataError, HookPointError
+from rosettalens.similarity.universality import (
+    MatchFilters,
+    filter_match,
+    load_subspaces,
+    match_saes,
+    paired_similarity,
+    parse_layers,
+    reduce_rows,
+    subspace_scores,
+)
+
+# ------------------------------------------------------------------------------ synthetic "models"
+
+
+def planted(n_tokens: int, n_features: int, d: int, seed: int, active: int = 3):
+    """Sparse codes ``s [n, F]`` of a planted unit-norm dictionary ``D [F, d]``; token id of a row = its
+    strongest feature (so feature i's top tokens are token i)."""
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n_features, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    s = np.zeros((n_tokens, n_features))
+    for t in range(n_tokens):
+        idx = rng.choice(n_features, active, replace=False)
+        s[t, idx] = rng.uniform(0.5, 2.0, active)
+    return s, D, s.argmax(1)
+
+
+def word(i: int) -> str:
+    return f" w{i}"
+
+
+NO_FILTERS = MatchFilters(min_corr=None, drop_nonconcept=False, shared_top_token=False, one_to_one="none")
+
+
+def test_planted_dictionary_up_to_rotation_is_paired_and_far_above_null():
+    F, d_a, d_b = 80, 24, 40
+    s, D, tok = planted(3000, F, d_a, seed=0)
+    rng = np.random.default_rng(1)
+    Q = np.linalg.qr(rng.standard_normal((d_b, d_a)))[0]  # [d_b, d_a] orthonormal columns: rotate + embed
+    perm = rng.permutation(F)  # B's features in another order
+    codes_b, W_b = s[:, perm], (D @ Q.T)[perm]
+    fm = match_saes(s, codes_b, tok, tok, word, word, MatchFilters(min_corr=0.5))
+    assert len(fm.kept) == F and np.all(perm[fm.kept.b] == fm.kept.a)  # every feature found its twin
+    r = paired_similarity(D, W_b, fm.kept, n_permutations=100, seed=0)
+    assert r["svcca"] > 0.999 and r["linear_cka"] > 0.999
+    assert r["svcca_null_mean"] < 0.7 and r["svcca_p"] == pytest.approx(1 / 101)
+    assert r["rsa"] > 0.8 and r["rsa_p"] == pytest.approx(1 / 101)
+    # the SVCCA reduction keeps at most a quarter of the rows per side
+    assert max(r["svcca_dims"]) <= F // 4
+
+
+def test_unrelated_dictionaries_are_not_above_null():
+    F, d = 80, 24
+    s, D, tok = planted(3000, F, d, seed=2)
+    s2, D2, tok2 = planted(3000, F, d, seed=3)
+    fm = match_saes(s, s2, tok, tok2, word, word, NO_FILTERS)
+    assert np.abs(fm.kept.corr).max() < 0.2
+    r = paired_similarity(D, D2, fm.kept, n_permutations=200, seed=0)
+    assert r["svcca_p"] > 0.01 and r["rsa_p"] > 0.01
+    assert abs(r["svcca"] - r["svcca_null_mean"]) < 4 * r["svcca_null_std"]
+
+
+def test_match_equals_bruteforce_max_correlation():
+    s, _, tok = planted(800, 20, 8, seed=4)
+    rng = np.random.default_rng(5)
+    b = s @ rng.standard_normal((20, 15)) + 0.1 * rng.standard_normal((800, 15))
+    fm = match_saes(s, b, tok, tok, word, word, NO_FILTERS)
+    c = np.corrcoef(s.T, b.T)[:20, 20:]
+    np.testing.assert_array_equal(fm.all.b, c.argmax(1))
+    np.testing.assert_allclose(fm.all.corr, c.max(1), atol=1e-9)
+
+
+def _two_to_one():
+    """A0 and A1 both match B0 best (A1 better); A2 matches B1; A3's top tokens are punctuation."""
+    rng = np.random.default_rng(6)
+    n = 2000
+    b = np.zeros((n, 3))
+    for j in range(3):
+        on = rng.random(n) < 0.2
+        b[on, j] = rng.uniform(0.5, 2, on.sum())
+    b[b[:, 1] > 0, 2] = 0  # B1 and B2 never fire together
+    a = np.zeros((n, 4))
+    a[:, 0] = b[:, 0] + (rng.random(n) < 0.1) * rng.uniform(0.5, 2, n)  # noisy copy of B0
+    a[:, 1] = b[:, 0]  # exact copy of B0
+    a[:, 2] = b[:, 1]
+    a[:, 3] = b[:, 2]
+    ids = np.where(b[:, 1] > 0, 1, np.where(b[:, 2] > 0, 2, 0))
+    ids = np.where(b.max(1) == 0, 3, ids)  # rows where nothing fires
+    vocab_a = {0: " jan", 1: " feb", 2: ",", 3: " the"}
+    vocab_b = {0: "jan", 1: "FEB", 2: ",", 3: "the"}
+    return a, b, ids, vocab_a, vocab_b
+
+
+def test_filters_nonconcept_shared_token_and_one_to_one_best_vs_first():
+    a, b, ids, va, vb = _two_to_one()
+    base = match_saes(a, b, ids, ids, va, vb, NO_FILTERS)
+    assert list(base.kept.a) == [0, 1, 2, 3] and list(base.kept.b) == [0, 0, 1, 2]
+    best = filter_match(base.all, va, vb, MatchFilters(min_corr=None, top_k=5))
+    # A3 (top tokens all ",") is non-concept; A2/B1 share "feb" (case and space normalised); of A0, A1 -> B0
+    # the best correlation (A1, exact copy) is kept
+    assert best.removed == {"nonconcept": 1, "shared_top_token": 0, "one_to_one": 1}
+    assert list(best.kept.a) == [1, 2]
+    first = filter_match(base.all, va, vb, MatchFilters(min_corr=None, one_to_one="first"))
+    assert list(first.kept.a) == [0, 2]  # the paper's code: the first A feature (lowest index)
+    # correlation threshold: the noisy copy falls below 0.99
+    thr = filter_match(base.all, va, vb, MatchFilters(min_corr=0.99, drop_nonconcept=False,
+                                                      shared_top_token=False, one_to_one="none"))  # fmt: skip
+    assert list(thr.kept.a) == [1, 2, 3] and thr.removed == {"min_corr": 1}
+    # no shared top token: B's vocabulary spells every token differently
+    other = {k: f"x{k}" for k in vb}
+    none = filter_match(base.all, va, other, MatchFilters(min_corr=None, drop_nonconcept=False))
+    assert len(none.kept) == 0 and none.removed["shared_top_token"] == 4
+
+
+def test_filters_reject_bad_options():
+    with pytest.raises(ConfigError):
+        MatchFilters(one_to_one="last").validate()
+    with pytest.raises(ConfigError):
+        MatchFilters(min_corr=2.0).validate()
+
+
+def test_reduce_rows_matches_numpy_pca():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((50, 30)) @ np.diag(np.linspace(3, 0.1, 30))
+    out = reduce_rows(torch.from_numpy(w), keep_variance=0.9, max_dims=40).numpy()
+    wc = w - w.mean(0)
+    u, s, _ = np.linalg.svd(wc, full_matrices=False)
+    k = int(np.searchsorted(np.cumsum(s**2) / np.sum(s**2), 0.9) + 1)
+    assert out.shape == (50, k)
+    np.testing.assert_allclose(np.abs(out), np.abs(u[:, :k] * s[:k]), atol=1e-9)
+    assert reduce_rows(torch.from_numpy(w), 0.9, 3).shape == (50, 3)
+
+
+def test_too_few_pairs_give_none_not_a_number():
+    s, D, tok = planted(500, 10, 8, seed=8)
+    fm = match_saes(s, s, tok, tok, word, word, NO_FILTERS)
+    r = paired_similarity(D, D, fm.kept.subset(np.arange(5)), n_permutations=10)
+    assert r["n_pairs"] == 5 and r["svcca"] is None and r["svcca_p"] is None
+
+
+def test_subspace_scores_on_keyword_features():
+    F, d = 60, 20
+    s, D, tok = planted(4000, F, d, seed=9)
+    months = load_subspaces()["Months"]
+    vocab = {i: (f" {months[i].title()}" if i < 12 else f" w{i}") for i in range(F)}
+    R = np.linalg.qr(np.random.default_rng(10).standard_normal((d, d)))[0]
+    fm = match_saes(s, s, tok, tok, vocab, vocab, MatchFilters(min_corr=0.5))
+    rows = subspace_scores(D, D @ R, fm.kept, {"Months": months, "Emotions": ["happy"]}, n_permutations=1000)
+    by = {r["name"]: r for r in rows}
+    assert by["Months"]["n_pairs"] == 12 and by["Months"]["svcca"] > 0.999
+    assert by["Months"]["svcca_p"] == pytest.approx(1 / 1001)
+    assert by["Emotions"]["n_pairs"] == 0 and by["Emotions"]["svcca"] is None
+
+
+def test_bundled_keyword_lists():
+    subs = load_subspaces()
+    for name in ("Time", "Calendar", "Months", "Numbers", "People/Roles", "Nature", "Emotions", "Countries",
+                 "Body", "Food"):  # fmt: skip
+        assert name in subs and len(subs[name]) >= 10
+    assert "january" in subs["Months"] and all(w == w.strip().lower() for ws in subs.values() for w in ws)
+
+
+def test_keyword_file_errors(tmp_path):
+    with pytest.raises(DataError):
+        load_subspaces(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"Food": "bread"}))
+    with pytest.raises(DataError):
+        load_subspaces(bad)
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"Food": [" Bread", "rice"]}))
+    assert load_subspaces(ok) == {"Food": ["bread", "rice"]}
+
+
+@pytest.mark.parametrize(
+    "spec, expect",
+    [
+        ("all", ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3])),
+        ("stride:2", ([0, 2, 4], [0, 2])),
+        ("auto:2", ([1, 4], [1, 3])),
+        ("1,-1", ([1, 5], [1, 3])),
+        ("0,2/3", ([0, 2], [3])),
+    ],
+)
+def test_parse_layers(spec, expect):
+    assert parse_layers(spec, 6, 4) == expect
+
+
+def test_parse_layers_default_spreads_over_depth():
+    la, lb = parse_layers(None, 30, 24)
+    assert la == [3, 9, 15, 21, 27] and lb == [2, 7, 12, 16, 21]
+
+
+@pytest.mark.parametrize("spec", ["0,6", "9/1", "1/-5"])
+def test_parse_layers_out_of_range(spec):
+    with pytest.raises(HookPointError, match="out of range"):
+        parse_layers(spec, 6, 4)
+
+
+@pytest.mark.parametrize("spec", ["stride:0", "stride:x", "1/2/3", "a,b"])
+def test_parse_layers_bad_spec(spec):
+    with pytest.raises(ConfigError):
+        parse_layers(spec, 6, 4)
