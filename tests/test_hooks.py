@@ -237,3 +237,168 @@ def test_chat_template_missing_is_clear():
     hm = HookedModel.from_hf(model, tiny_tokenizer(chat_template=False))
     with pytest.raises(ChatTemplateError, match="no chat template"):
         hm.tokenize("hi", chat=True)
+
+
+# ---------------------------------------------------------------------------------- patch selectors
+def _reference_patch(hm, enc, hook, fn):
+    """One forward with a hand-written closure (the reference the selectors must reproduce)."""
+    with hm.hooks([(hook, fn)]):
+        return hm.forward(enc)
+
+
+def test_patch_positions_equals_hand_written_closure(tiny_hm):
+    enc_clean = tiny_hm.tokenize(["0 1 2 3 4 5 6", "The quick brown fox jumps"])
+    enc_corr = tiny_hm.tokenize(["6 5 4 3 2 1 0", "The lazy brown dog jumps"])
+    if enc_clean["input_ids"].shape != enc_corr["input_ids"].shape:
+        pytest.skip("prompts tokenise to different lengths")
+    enc_corr["attention_mask"] = enc_clean["attention_mask"]
+    _, cache = tiny_hm.run_with_cache(enc_clean, hooks=["resid_pre.1"])
+    clean = cache["resid_pre.1"]
+
+    def hand(act, name):
+        out = act.clone()
+        out[:, [2, -1]] = clean[:, [2, -1]]
+        return out
+
+    want = _reference_patch(tiny_hm, enc_corr, "resid_pre.1", hand)
+    with tiny_hm.patch("resid_pre.1", clean, positions=[2, -1]):
+        got = tiny_hm.forward(enc_corr)
+    assert torch.equal(got, want)
+    # a value shaped like the selection gives the same
+    with tiny_hm.patch("resid_pre.1", clean[:, [2, -1]], positions=[2, -1]):
+        assert torch.equal(tiny_hm.forward(enc_corr), want)
+    base = tiny_hm.forward(enc_corr)
+    assert not torch.allclose(got, base)
+
+    def hand_row(act, name):
+        out = act.clone()
+        out[1, 3:] = clean[1, 3:]
+        return out
+
+    want_row = _reference_patch(tiny_hm, enc_corr, "resid_pre.1", hand_row)
+    with tiny_hm.patch("resid_pre.1", clean, rows=1, positions=slice(3, None)):
+        got_row = tiny_hm.forward(enc_corr)
+    assert torch.equal(got_row, want_row)
+    assert torch.equal(got_row[0], base[0])  # the other row is untouched
+    assert _no_hooks_left(tiny_hm)
+
+
+def test_patch_heads_selector_and_function_value(tiny_hm):
+    enc = tiny_hm.tokenize("January February March April")
+    _, cache = tiny_hm.run_with_cache(enc, hooks=["head_z.1", "v.0"])
+    z = cache["head_z.1"]
+
+    def hand(act, name):
+        out = act.clone()
+        out[:, -1, 2] = 0
+        return out
+
+    want = _reference_patch(tiny_hm, enc, "head_z.1", hand)
+    with tiny_hm.patch("head_z.1", torch.zeros_like(z), positions=-1, heads=2):
+        assert torch.equal(tiny_hm.forward(enc), want)
+    # a function: only the selected entries of its output are used
+    with tiny_hm.patch("head_z.1", lambda act, name: act * 0, positions=-1, heads=[2]):
+        assert torch.equal(tiny_hm.forward(enc), want)
+    # k/v count key-value heads
+    kv = tiny_hm.cfg.n_kv_heads
+
+    def hand_v(act, name):
+        out = act.clone()
+        out[:, :, kv - 1] = 0
+        return out
+
+    want_v = _reference_patch(tiny_hm, enc, "v.0", hand_v)
+    with tiny_hm.patch("v.0", torch.zeros(tiny_hm.cfg.d_head), heads=-1):
+        assert torch.equal(tiny_hm.forward(enc), want_v)
+    assert _no_hooks_left(tiny_hm)
+
+
+def test_patch_selector_errors(tiny_hm):
+    enc = tiny_hm.tokenize("0 1 2")
+    p = enc["input_ids"].shape[1]
+    d = tiny_hm.cfg.d_model
+    with pytest.raises(ShapeError, match="per-head"):
+        with tiny_hm.patch("resid_pre.0", torch.zeros(d), heads=0):
+            pass
+    with pytest.raises(ShapeError, match="out of range"):
+        with tiny_hm.patch("resid_pre.0", torch.zeros(d), positions=p):
+            tiny_hm.forward(enc)
+    with pytest.raises(ShapeError, match="broadcasts neither"):
+        with tiny_hm.patch("resid_pre.0", torch.zeros(1, 2, d + 1), positions=[0]):
+            tiny_hm.forward(enc)
+    with pytest.raises(ShapeError, match="needs a value"):
+        with tiny_hm.patch("resid_pre.0"):
+            pass
+    assert _no_hooks_left(tiny_hm)
+
+
+def test_patch_positions_only_in_prompt_forward_of_generate(tiny_hm):
+    d = tiny_hm.cfg.d_model
+    seen = []
+    with (
+        tiny_hm.patch("resid_pre.0", torch.full((d,), 3.0), positions=0),
+        tiny_hm.hooks([("resid_pre.0", lambda act, name: seen.append(act[:, 0].clone()))]),
+    ):
+        tiny_hm.generate("0 1 2", max_new_tokens=3)
+    assert torch.all(seen[0] == 3.0)  # prompt forward: position 0 patched
+    assert all(not torch.all(s == 3.0) for s in seen[1:])  # generated tokens untouched
+    assert _no_hooks_left(tiny_hm)
+
+
+# ---------------------------------------------------------------------------------- cache spellings
+def test_cache_answers_every_spelling(tiny_hm):
+    n = tiny_hm.cfg.n_layers
+    _, cache = tiny_hm.run_with_cache("0 1 2", hooks=["resid_post.-1", "mlp_out.0"])
+    assert list(cache) == [f"resid_post.{n - 1}", "mlp_out.0"]
+    assert cache["resid_post.-1"] is cache[f"resid_post.{n - 1}"]
+    assert cache[f"mlp_out.{-n}"] is cache["mlp_out.0"]
+    assert "resid_post.-1" in cache and f"mlp_out.{-n}" in cache
+    assert "resid_post.0" not in cache and "nonsense" not in cache
+    assert cache.get("resid_post.-1") is cache[f"resid_post.{n - 1}"]
+    assert cache.get("attn_out.0") is None
+    with pytest.raises(KeyError, match="was not cached"):
+        cache["attn_out.-1"]
+    with pytest.raises(HookPointError, match="valid names"):
+        cache["resid_middle.0"]
+
+
+# ---------------------------------------------------------------------------------- no aliasing
+def test_in_place_edit_takes_effect_and_aliases_nothing(tiny_hm):
+    enc = tiny_hm.tokenize("The quick brown fox")
+
+    def new_tensor(act, name):
+        return act * 0.5
+
+    def in_place_none(act, name):
+        act.mul_(0.5)
+
+    def in_place_return(act, name):
+        act[:] = act * 0.5
+        return act
+
+    want = _reference_patch(tiny_hm, enc, "resid_pre.1", new_tensor)
+    for fn in (in_place_none, in_place_return):
+        with tiny_hm.patch({"resid_pre.1": fn}):
+            assert torch.equal(tiny_hm.forward(enc), want)
+        with tiny_hm.hooks([("resid_pre.1", fn)]):
+            assert torch.equal(tiny_hm.forward(enc), want)
+    # a view-shaped hook point (head_z is a view of the o_proj input) edited in place
+    want_z = _reference_patch(tiny_hm, enc, "head_z.0", lambda a, n: a * 0)
+    with tiny_hm.patch({"head_z.0": lambda a, n: a.zero_()}):
+        assert torch.equal(tiny_hm.forward(enc), want_z)
+
+    # resid_post.0 and resid_pre.1 are the same tensor in the model: an in-place edit at
+    # resid_pre.1 must not change what was cached at resid_post.0 earlier in the same forward
+    _, plain = tiny_hm.run_with_cache(enc, hooks=["resid_post.0"])
+    with tiny_hm.patch({"resid_pre.1": in_place_none}):
+        _, cached = tiny_hm.run_with_cache(enc, hooks=["resid_post.0", "resid_pre.1"])
+    assert torch.equal(cached["resid_post.0"], plain["resid_post.0"])
+    assert torch.allclose(cached["resid_pre.1"], 0.5 * plain["resid_post.0"])
+
+    # a tensor patched in is copied: a later in-place edit downstream leaves the caller's tensor alone
+    value = plain["resid_post.0"].clone()
+    keep = value.clone()
+    with tiny_hm.patch({"resid_post.0": value, "resid_pre.1": in_place_none}):
+        tiny_hm.forward(enc)
+    assert torch.equal(value, keep)
+    assert _no_hooks_left(tiny_hm)

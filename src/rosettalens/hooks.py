@@ -3,11 +3,25 @@
 The model is the HF module itself; rosettalens only adds PyTorch hooks, and only while something
 asked for them. A forward pass with no intervention returns exactly the plain HF logits.
 
-Every hook point (``resid_post.3``, ``head_z.-1``, ...) is a *site*: a module, whether the value is
-that module's input (pre-hook) or output (forward hook), and how to view the raw tensor as the
-activation (e.g. ``[batch, pos, n_heads, d_head]``) and put a changed activation back. Handlers
-(interventions first, then recorders) are registered per hook name; one PyTorch hook per
-(module, pre/post) is installed while at least one handler needs it and removed as soon as none does.
+Hook points (one name for one place, used by the API, the CLI, stores and reports): ``embed``,
+``resid_pre.L``, ``resid_mid.L``, ``resid_post.L``, ``attn_out.L``, ``mlp_out.L`` (all
+``[batch, pos, d_model]``), ``head_z.L`` (input of the attention output projection,
+``[batch, pos, n_heads, d_head]``), ``q.L`` ``[batch, pos, n_heads, d_head]``, ``k.L``/``v.L``
+``[batch, pos, n_kv_heads, d_head]`` (GQA groups are never silently repeated), ``attn_pattern.L``
+``[batch, n_heads, query_pos, key_pos]`` (eager attention, switched on for that call only) and
+``logits``. ``L`` may be negative (from the end); every spelling resolves to one canonical name
+(``resid_post.-1`` -> ``resid_post.29`` on a 30-layer model), and a cache answers every spelling.
+The exact conventions (which HF tensor each name is) are in ``models/adapters.py``.
+
+Every hook point is a *site*: a module, whether the value is that module's input (pre-hook) or
+output (forward hook), and how to view the raw tensor as the activation and put a changed
+activation back. Handlers (interventions first, then recorders) are registered per hook name; one
+PyTorch hook per (module, pre/post) is installed while at least one handler needs it and removed as
+soon as none does (also on error).
+
+Interventions never alias: a user function (``hooks``, ``patch`` with a callable) gets a private
+copy of the activation, so it may edit it in place (returning it or ``None``) without touching the
+model's tensors or any cached activation; a tensor patch is copied into a fresh tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from .errors import ChatTemplateError, HookPointError, ShapeError
 from .models.adapters import LAYER_HOOKS, Adapter, ModelConfig, adapter_for, model_config
 
 HookFn = Callable[[Tensor, str], Tensor | None]
+Selector = None | int | slice | Sequence[int] | Tensor
 _NAME_RE = re.compile(r"^([a-z_]+)\.(-?\d+)$")
 _INTERVENE, _RECORD = 0, 1
 
@@ -60,7 +75,11 @@ def _get_module(root: nn.Module, path: str) -> nn.Module:
 
 
 class HookedModel:
-    """A Hugging Face causal LM with named hook points. See module docstring and DESIGN.md."""
+    """A Hugging Face causal LM with named hook points (see the module docstring).
+
+    ``run_with_cache`` records activations; ``patch``, ``steer``, ``ablate`` and ``hooks`` are
+    context managers that change them for every forward (and ``generate``) inside the block.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None):
         self.model: Any = model  # a transformers PreTrainedModel
@@ -69,7 +88,7 @@ class HookedModel:
         self.adapter: Adapter = adapter_for(model.config)
         self.cfg: ModelConfig = model_config(model.config, self.name)
         self._layers: Any = _get_module(model, self.adapter.layers)
-        self._handlers: dict[str, list[tuple[int, HookFn]]] = {}
+        self._handlers: dict[str, list[tuple[int, HookFn, bool]]] = {}  # (priority, fn, give a copy)
         self._torch_handles: dict[tuple[int, bool], Any] = {}
         self._sites: dict[str, _Site] = {}
         self._stash: dict[int, Tensor] = {}  # layer -> latest resid_pre (for resid_mid)
@@ -208,10 +227,14 @@ class HookedModel:
         raise HookPointError(f"unknown hook point {name!r}")  # pragma: no cover
 
     # ------------------------------------------------------------------ handler registry
-    def _add_handler(self, name: str, fn: HookFn, priority: int) -> Callable[[], None]:
-        """Register ``fn`` at hook ``name``; returns a function that removes it."""
+    def _add_handler(self, name: str, fn: HookFn, priority: int, copy: bool = False) -> Callable[[], None]:
+        """Register ``fn`` at hook ``name``; returns a function that removes it.
+
+        ``copy=True`` (user functions): ``fn`` gets a private copy of the activation, and an in-place
+        edit of that copy (with ``None`` or the copy returned) counts as the new value.
+        """
         site = self._site(name)
-        entry = (priority, fn)
+        entry = (priority, fn, copy)
         handlers = self._handlers.setdefault(name, [])
         handlers.append(entry)
         handlers.sort(key=lambda e: e[0])  # stable: interventions (0) before recorders (1)
@@ -309,8 +332,11 @@ class HookedModel:
                 continue
             act = site.get(raw)
             changed = False
-            for _, fn in list(self._handlers.get(site.name, ())):
-                out = fn(act, site.name)
+            for _, fn, copy in list(self._handlers.get(site.name, ())):
+                if copy:
+                    out = _call_on_copy(fn, act, site.name)
+                else:
+                    out = fn(act, site.name)
                 if out is not None and out is not act:
                     if out.shape != act.shape:
                         raise ShapeError(
@@ -349,25 +375,122 @@ class HookedModel:
     # ------------------------------------------------------------------ interventions
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[HookedModel]:
-        """Generic intervention context: ``fn(act, hook_name) -> new act or None``."""
+        """Generic intervention context: ``fn(act, hook_name) -> new act or None``.
+
+        ``fn`` gets its own copy of the activation: returning a new tensor, or editing the copy in
+        place (returning it or ``None``), replaces the activation; nothing else sees the edit.
+        """
+        with self._intervene([(n, fn, True) for n, fn in fwd_hooks]):
+            yield self
+
+    @contextlib.contextmanager
+    def _intervene(self, fwd_hooks: Sequence[tuple[str, HookFn, bool]]) -> Iterator[HookedModel]:
+        """``hooks`` for rosettalens' own functions: ``copy=False`` for those known not to mutate."""
         removers = []
         try:
-            for name, fn in fwd_hooks:
-                removers.append(self._add_handler(self.resolve_hook(name), fn, _INTERVENE))
+            for name, fn, copy in fwd_hooks:
+                removers.append(self._add_handler(self.resolve_hook(name), fn, _INTERVENE, copy=copy))
             yield self
         finally:
             for r in reversed(removers):
                 r()
 
-    def patch(self, patches: dict[str, Tensor | HookFn]) -> contextlib.AbstractContextManager:
-        """Replace activations: a tensor (broadcast to the activation's shape) or ``fn(act, hook)``."""
-        fwd: list[tuple[str, HookFn]] = []
-        for name, value in patches.items():
-            if callable(value) and not isinstance(value, Tensor):
-                fwd.append((name, value))
+    @contextlib.contextmanager
+    def patch(
+        self,
+        hook: str | dict[str, Tensor | HookFn],
+        value: Tensor | HookFn | None = None,
+        *,
+        positions: Selector = None,
+        rows: Selector = None,
+        heads: Selector = None,
+    ) -> Iterator[HookedModel]:
+        """Replace an activation inside the block: ``with hm.patch("resid_pre.3", clean, positions=[-1]):``.
+
+        hook: a hook name, or a dict ``{hook: value}`` to patch several points at once.
+        value: a tensor, or ``fn(act, hook) -> new act or None`` (which gets its own copy of ``act``
+        and may edit it in place). A tensor either broadcasts to the whole activation (e.g. a cached
+        ``[batch, pos, d_model]`` activation of another prompt of the same length, or a ``[d_model]``
+        vector): then the selected entries are read from it at the same indices; or it has the shape
+        of the selection (e.g. ``[batch, len(positions), d_model]``).
+        positions / rows / heads: select what is replaced (int, list, slice, bool or index tensor;
+        negative counts from the end); ``None`` = all. ``positions`` index the sequence axis (the
+        query axis of ``attn_pattern``) of the prompt forward only: forwards that continue a KV cache
+        inside ``generate`` are left alone. ``heads`` needs a per-head hook point (``head_z``, ``q``,
+        ``k``, ``v``, ``attn_pattern``); for ``k``/``v`` it counts key-value heads.
+        Everything not selected keeps the model's own value.
+        """
+        patches = hook if isinstance(hook, dict) else {hook: value}
+        if not isinstance(hook, dict) and value is None:
+            raise ShapeError(f"patch({hook!r}) needs a value: a tensor or a function fn(act, hook)")
+        selective = positions is not None or rows is not None or heads is not None
+        fwd: list[tuple[str, HookFn, bool]] = []
+        for name, val in patches.items():
+            canonical = self.resolve_hook(name)
+            is_fn = callable(val) and not isinstance(val, Tensor)
+            if not selective:
+                fwd.append(
+                    (canonical, val, True) if is_fn else (canonical, _tensor_patch(canonical, val), False)
+                )
             else:
-                fwd.append((name, _tensor_patch(name, value)))
-        return self.hooks(fwd)
+                fwd.append((canonical, self._selective_patch(canonical, val, positions, rows, heads), False))
+        with contextlib.ExitStack() as stack:
+            if positions is not None:
+                stack.enter_context(self._track_offset())
+            stack.enter_context(self._intervene(fwd))
+            yield self
+
+    def _selective_patch(
+        self, name: str, value: Any, positions: Selector, rows: Selector, heads: Selector
+    ) -> HookFn:
+        kind = name.split(".")[0]
+        per_head = kind in ("head_z", "q", "k", "v", "attn_pattern")
+        if heads is not None and not per_head:
+            raise ShapeError(
+                f"heads= needs a per-head hook point (head_z, q, k, v, attn_pattern), not {name}"
+            )
+        # axis of each selector in the activation
+        axes = {"rows": 0, "positions": 2 if kind == "attn_pattern" else 1}
+        if per_head:
+            axes["heads"] = 1 if kind == "attn_pattern" else 2
+        sel = {"rows": rows, "positions": positions, "heads": heads}
+        is_fn = callable(value) and not isinstance(value, Tensor)
+        tensor = None if is_fn else torch.as_tensor(value).detach()
+
+        def fn(act: Tensor, hook_name: str) -> Tensor | None:
+            if positions is not None and self._kv_offset != 0:
+                return None  # a generated token's forward: positions index the prompt only
+            index = _index_tuple(act, {axes[k]: (k, v) for k, v in sel.items() if v is not None}, hook_name)
+            new = act.clone()
+            if is_fn:
+                out = _call_on_copy(value, act, hook_name)
+                src = act if out is None else out
+                if src.shape != act.shape:
+                    raise ShapeError(
+                        f"intervention at {hook_name} returned shape {tuple(src.shape)}, expected {tuple(act.shape)}"
+                    )
+                new[index] = src.to(act.dtype)[index]
+                return new
+            assert tensor is not None
+            v = tensor.to(device=act.device, dtype=act.dtype)
+            try:
+                full = v.expand_as(act)
+            except RuntimeError:
+                full = None
+            if full is not None:
+                new[index] = full[index]
+                return new
+            target = new[index].shape
+            try:
+                new[index] = v.expand(target)
+            except RuntimeError as e:
+                raise ShapeError(
+                    f"patch for {hook_name} has shape {tuple(v.shape)}: it broadcasts neither to the "
+                    f"activation {tuple(act.shape)} nor to the selection {tuple(target)}"
+                ) from e
+            return new
+
+        return fn
 
     @contextlib.contextmanager
     def steer(
@@ -412,7 +535,7 @@ class HookedModel:
             out[:, idx] += v
             return out
 
-        with self._track_offset(), self.hooks([(name, add)]):
+        with self._track_offset(), self._intervene([(name, add, False)]):
             yield self
 
     @contextlib.contextmanager
@@ -447,7 +570,7 @@ class HookedModel:
             u = unit.to(device=act.device, dtype=act.dtype)
             return act - (act @ u).unsqueeze(-1) * u
 
-        with self.hooks([(n, project_out) for n in names]):
+        with self._intervene([(n, project_out, False) for n in names]):
             yield self
 
     def _width(self, name: str) -> int:
@@ -547,13 +670,14 @@ class HookedModel:
         attention_mask: Tensor | None = None,
         chat: bool = False,
         stop_early: bool = False,
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+    ) -> tuple[Tensor | None, ActivationCache]:
         """Run the model and cache activations at ``hooks``.
 
         inputs: a string, a list of strings (left-padded batch) or token ids ``[batch, pos]`` with an
         optional ``attention_mask``. Returns ``(logits [batch, pos, vocab], {hook: activation})``.
         Padded positions get position ids from the mask, so a left-padded row matches its unpadded run.
         ``stop_early`` ends the forward after the last requested hook (logits is then ``None``).
+        The cache is keyed by canonical names and answers every spelling (``cache["resid_post.-1"]``).
         """
         enc = self._inputs(inputs, attention_mask, chat)
         names = [self.resolve_hook(h) for h in (hooks or [])]
@@ -588,7 +712,7 @@ class HookedModel:
         missing = [n for n in names if n not in cache]
         if missing:  # pragma: no cover - would be an adapter bug
             raise HookPointError(f"hook points {missing} did not fire for {self.name}")
-        return logits, {n: cache[n] for n in names}
+        return logits, ActivationCache({n: cache[n] for n in names}, self.resolve_hook)
 
     @contextlib.contextmanager
     def _attn_impl(self, impl: str | None) -> Iterator[None]:
@@ -633,12 +757,96 @@ class HookedModel:
         return len(self._torch_handles) + (self._offset_handle is not None)
 
 
+class ActivationCache(dict):
+    """``{canonical hook name: activation}`` that also answers every other spelling of a name.
+
+    ``cache["resid_post.-1"]`` is ``cache["resid_post.29"]`` on a 30-layer model; ``"x" in cache``,
+    ``cache.get(x)`` resolve the same way. Iteration and ``keys()`` give the canonical names.
+    """
+
+    def __init__(self, data: dict[str, Tensor], resolve: Callable[[str], str]):
+        super().__init__(data)
+        self._resolve = resolve
+
+    def _canonical(self, name: Any) -> Any:
+        if not isinstance(name, str) or dict.__contains__(self, name):
+            return name
+        return self._resolve(name)  # HookPointError (a KeyError) for a name that is no hook point
+
+    def __getitem__(self, name: Any) -> Tensor:
+        key = self._canonical(name)
+        if not dict.__contains__(self, key):
+            alias = f" ({key})" if key != name else ""
+            raise HookPointError(f"{name!r}{alias} was not cached; cached: {', '.join(self)}")
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, name: Any) -> bool:
+        try:
+            return dict.__contains__(self, self._canonical(name))
+        except HookPointError:
+            return False
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
+def _call_on_copy(fn: HookFn, act: Tensor, name: str) -> Tensor | None:
+    """Call a user function on a private copy of ``act``; an in-place edit of the copy is the result."""
+    given = act.clone()
+    try:
+        version: int | None = given._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        version = None
+    out = fn(given, name)
+    if out is not None and out is not given:
+        return out
+    if version is not None:
+        edited = given._version != version
+    else:
+        edited = not torch.equal(given, act)
+    return given if edited else None
+
+
+def _index(sel: Selector, size: int, what: str, name: str) -> Tensor:
+    """A selector (int, slice, list, bool or index tensor; negative from the end) as indices ``[k]``."""
+    if isinstance(sel, slice):
+        return torch.arange(size)[sel]
+    t = torch.as_tensor(sel)
+    if t.dtype == torch.bool:
+        if t.shape != (size,):
+            raise ShapeError(f"{what} mask for {name} has shape {tuple(t.shape)}, expected ({size},)")
+        return t.nonzero().flatten()
+    if t.dtype.is_floating_point or t.dim() > 1:
+        raise ShapeError(f"{what} for {name} must be an int, a slice, a list of ints or a bool mask")
+    t = t.long().flatten().cpu()
+    if ((t < -size) | (t >= size)).any():
+        raise ShapeError(f"{what} {t.tolist()} out of range for {name} (size {size})")
+    return t % size
+
+
+def _index_tuple(act: Tensor, selectors: dict[int, tuple[str, Selector]], name: str) -> tuple:
+    """Advanced-indexing tuple selecting the product of ``{axis: (what, selector)}`` in ``act``."""
+    last = max(selectors)
+    idx = []
+    for axis in range(last + 1):
+        size = act.shape[axis]
+        if axis in selectors:
+            what, sel = selectors[axis]
+            i = _index(sel, size, what, name)
+        else:
+            i = torch.arange(size)
+        shape = [1] * (last + 1)
+        shape[axis] = -1
+        idx.append(i.to(act.device).view(shape))
+    return tuple(idx)
+
+
 def _tensor_patch(name: str, value: Tensor) -> HookFn:
     value = torch.as_tensor(value).detach()
 
     def patch(act: Tensor, hook_name: str) -> Tensor:
-        try:
-            return value.to(device=act.device, dtype=act.dtype).expand_as(act)
+        try:  # a fresh tensor: the model never holds a view of the caller's value
+            return torch.empty_like(act).copy_(value.to(device=act.device, dtype=act.dtype).expand_as(act))
         except RuntimeError as e:
             raise ShapeError(
                 f"patch for {name} has shape {tuple(value.shape)}, not broadcastable to {tuple(act.shape)}"
