@@ -132,3 +132,18 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_resume_reruns_only_the_missing_stages_with_identical_results(tmp_path):
+    src = _save(tmp_path, "a", family="llama", seed=2, n_layers=4)
+    tgt = _save(tmp_path, "b", seed=5, n_layers=3)
+    cfg = _cfg(tmp_path, src, tgt, judge="none", sweep_points=0)
+    first = run(cfg, progress=False)
+    run_dir = tmp_path / "run"
+    (run_dir / "completions.json").unlink()  # as if killed during the generation evaluation
+    second = run(cfg, progress=False, resume=run_dir)
+    t = second.pop("timings_s")
+    first.pop("timings_s")
+    assert second == first
+    assert t["source_direction"] == t["mapper"] == t["directions"] == "skipped"
+    assert isinstance(t["generation_eval"], float) and isinstance(t["paired_activations"], float)

@@ -1,5 +1,25 @@
-"""End-to-end experiments, one module each, every one writing a run directory."""
+"""End-to-end experiments, one module each, every one writing a run directory.
 
-EXPERIMENTS = {"refusal-transfer": "rosettalens.experiments.refusal_transfer"}
+Each module in :data:`EXPERIMENTS` exposes ``EXPERIMENT`` (an :class:`~rosettalens.experiments.base.Experiment`);
+``rosetta run NAME`` turns its config dataclass into options. See docs/experiments.md.
+"""
 
-__all__ = ["EXPERIMENTS"]
+from .base import Experiment, RunContext, Stage, run_experiment
+
+# experiment name -> module exposing EXPERIMENT (one line per experiment)
+EXPERIMENTS = {
+    "refusal-transfer": "rosettalens.experiments.refusal_transfer",
+}
+
+__all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run_experiment"]
+
+
+def get_experiment(name: str) -> Experiment:
+    """The ``EXPERIMENT`` object of a registered experiment."""
+    import importlib
+
+    from ..errors import ConfigError
+
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name]).EXPERIMENT

@@ -1,23 +1,39 @@
-"""`rosetta run EXPERIMENT [--config FILE] [options] [--json]`.
+"""`rosetta run EXPERIMENT [--config FILE] [--resume RUN_DIR] [options] [--json]`.
 
-Options are the fields of the experiment's config dataclass; `--config` reads a saved `config.json`
-(e.g. from an earlier run directory) and command-line options override it.
+One subcommand per entry of ``rosettalens.experiments.EXPERIMENTS``. Options are the fields of the
+experiment's config dataclass; ``--config`` reads a saved ``config.json`` (e.g. from an earlier run
+directory) and command-line options override it; ``--resume RUN_DIR`` continues a run in place,
+skipping the stages whose outputs exist.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from . import EXPERIMENTS
+from .base import Experiment, _json_default, _make_config, run_experiment
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def _field_type(f: dataclasses.Field) -> Any:
     t = str(f.type)
+    if "bool" in t:
+        return _parse_bool
     if "int" in t and "float" not in t:
         return int
     if "float" in t:
@@ -27,7 +43,7 @@ def _field_type(f: dataclasses.Field) -> Any:
 
 def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
-        if f.name == "extras":
+        if f.name == "extras" or "dict" in str(f.type):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -35,54 +51,67 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
                        help=f"(default: {default})")  # fmt: skip
 
 
-def _run_refusal_transfer(args: argparse.Namespace) -> int:
-    from .refusal_transfer import RefusalTransferConfig, run
+def config_from_args(exp: Experiment, args: argparse.Namespace) -> Any:
+    """The config: ``--config`` file (or the resumed run's config.json), then command-line options."""
+    from .base import read_run_config
 
     values: dict[str, Any] = {}
+    source = None
+    if args.resume:
+        named, values = read_run_config(args.resume)
+        if named != exp.name:
+            raise ConfigError(
+                f"--resume {args.resume}: that directory holds a {named or 'unnamed'} run, not {exp.name}"
+            )
+        source = f"{args.resume}/config.json"
     if args.config:
         path = Path(args.config)
         try:
             values = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from e
-        known = {f.name for f in dataclasses.fields(RefusalTransferConfig)}
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"config {path} has unknown fields: {', '.join(sorted(unknown))}")
-    for f in dataclasses.fields(RefusalTransferConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    cfg = RefusalTransferConfig(**values)
-    results = run(cfg, progress=not args.json or sys.stderr.isatty())
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} is not a JSON object")
+        named = values.pop("experiment", exp.name)
+        if named != exp.name:
+            raise ConfigError(f"config {path} is for the {named} experiment, not {exp.name}")
+        source = str(path)
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(exp.config_cls)
+        if getattr(args, f.name, None) is not None
+    }
+    if args.resume and not args.config and not overrides:
+        return None  # the resumed run's own config
+    values.update(overrides)
+    return _make_config(exp.config_cls, values, source or "options")
+
+
+def _run(args: argparse.Namespace) -> int:
+    exp: Experiment = importlib.import_module(EXPERIMENTS[args.experiment]).EXPERIMENT
+    cfg = config_from_args(exp, args)
+    summary = run_experiment(exp, cfg, resume=args.resume, progress=not args.json or sys.stderr.isatty())
     if args.json:
-        print(json.dumps(results, default=str))
+        print(json.dumps(summary, default=_json_default))
     else:
-        r = results["refusal_rate"]
-        print(f"{results['source']} -> {results['target']}  ({results['layers']['source']} -> {results['layers']['target']}, "
-              f"{results['mapper']['kind']} mapper, held-out FVU {results['mapper']['fvu']:.3f})")  # fmt: skip
-        print(f"harmful refusal rate: baseline {r['baseline']:.2f}  native ablated {r['native']:.2f}  "
-              f"transferred ablated {r['transferred']:.2f}  random ablated {r['random']:.2f}")  # fmt: skip
-        h = results["harmless"]
-        print(f"harmless: refusal {h['refusal_rate_baseline']:.2f} -> {h['refusal_rate_transferred']:.2f} "
-              f"(KL {h['kl_transferred']:.4f}); induced refusal {results['induced_refusal_rate']:.2f}")  # fmt: skip
-        print(f"run directory: {results['run_dir']} (report.html)")
+        exp.print_summary(summary)
     return 0
 
 
 def register(subparsers) -> None:
-    from .refusal_transfer import RefusalTransferConfig
-
     p = subparsers.add_parser("run", help="end-to-end experiments (each writes a run directory)")
     sub = p.add_subparsers(dest="experiment", required=True)
-    rt = sub.add_parser(
-        "refusal-transfer",
-        help="carry a source model's refusal direction through a mapper and ablate/add it in a target",
-        description=(
-            __import__("rosettalens.experiments.refusal_transfer", fromlist=["x"]).__doc__ or ""
-        ).split("\n\n")[0],
-    )
-    rt.add_argument("--config", help="a config.json to start from (options override it)")
-    rt.add_argument("--json", action="store_true", help="print one JSON object with the results")
-    _add_config_options(rt, RefusalTransferConfig)
-    rt.set_defaults(func=_run_refusal_transfer)
+    for name, module in EXPERIMENTS.items():
+        mod = importlib.import_module(module)
+        exp: Experiment = mod.EXPERIMENT
+        doc = (mod.__doc__ or "").strip()
+        sp = sub.add_parser(
+            name, help=doc.split("\n\n")[0].replace("\n", " "), description=doc.split("\n\n")[0]
+        )
+        sp.add_argument("--config", help="a config.json to start from (options override it)")
+        sp.add_argument(
+            "--resume", metavar="RUN_DIR", help="continue this run directory (skips finished stages)"
+        )
+        sp.add_argument("--json", action="store_true", help="print one JSON object with the results")
+        _add_config_options(sp, exp.config_cls)
+        sp.set_defaults(func=_run)

@@ -23,18 +23,17 @@ Stages (each with a progress bar on stderr), all written to one run directory:
 7. a per-layer sweep (source layers at several depths, affine maps): FVU, cosine(transferred, native)
    and the refusal-score drop of each direction under ablation, without generation;
 8. ``results.json``, ``config.json``, ``sweep.png``, ``examples.json``, ``report.html``.
+
+Each step is a :class:`~rosettalens.experiments.base.Stage` of :class:`RefusalTransfer`;
+``--resume RUN_DIR`` skips the stages whose outputs exist (models and paired activations are
+recomputed: they are held in memory, not written).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ChatTemplateError, ConfigError, DataError
+from .base import Experiment, RunContext, Stage, run_experiment
 
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
@@ -270,111 +270,183 @@ def _model_judge(cfg, src, tgt, comps, harmful, harmless, progress: bool = True)
     }
 
 
-def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
-    import rosettalens
+# ------------------------------------------------------------------------------------ the stages
+class RefusalTransfer(Experiment):
+    """The experiment as stages (``rosettalens.experiments.base``); read :meth:`stages` top to bottom."""
 
-    from ..mapping import get_mapper_class
-    from ..mapping.evaluate import activation_metrics
-    from ..steering import (
-        SteeringVector,
-        diff_of_means,
-        generate_completions,
-        last_token_logprobs,
-        random_like,
-        select_refusal_direction,
-        transfer,
-    )
-    from ..steering.refusal import _kl
-    from ..steering.vectors import collect_activations
+    name = "refusal-transfer"
+    config_cls = RefusalTransferConfig
+    title = "rosettalens: refusal transfer"
 
-    cfg.validate()
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    def stages(self, cfg: RefusalTransferConfig) -> list[Stage]:
+        by_sweep = cfg.source_layer is None and cfg.layer_selection == "sweep"
+        source_direction = Stage("source_direction", ("source_direction.json", "source_refusal.safetensors"),
+                                 self.source_direction, self.load_source_direction)  # fmt: skip
+        head = [
+            Stage("prompts", ("prompts.json",), self.prompts),
+            Stage("models", (), self.models),
+        ]
+        middle = [
+            Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
+                  self.mapper, self.load_mapper),
+            Stage("directions", ("transferred_refusal.safetensors", "native_refusal.safetensors"),
+                  self.directions, self.load_directions),
+            Stage("generation_eval", ("completions.json", "generation_eval.json"), self.generation_eval),
+            Stage("model_judge", ("model_judge.json",), self.model_judge),
+        ]  # fmt: skip
+        sweep = Stage("sweep", ("sweep.json",), self.sweep)
+        activations = Stage("paired_activations", (), self.paired_activations)
+        if by_sweep:  # the sweep picks the layer pair, then the source direction is computed there
+            return [*head, activations, sweep, source_direction, *middle, Stage("results", (), self.results)]
+        tail = [sweep] if cfg.sweep_points else []
+        return [*head, source_direction, activations, *middle, *tail, Stage("results", (), self.results)]
 
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
+    # 1. prompts
+    def prompts(self, ctx: RunContext) -> None:
+        ctx.state["prompts"] = _prompts(ctx.config)
+        ctx.save_json("prompts.json", ctx.state["prompts"])
 
-    torch.manual_seed(cfg.seed)
-    prompts = _prompts(cfg)
-    run_dir = Path(cfg.out or f"runs/refusal-transfer-{time.strftime('%Y%m%d-%H%M%S')}")
-    src = rosettalens.load(cfg.source, device=cfg.device, dtype=cfg.dtype)
-    tgt = rosettalens.load(cfg.target, device=cfg.device, dtype=cfg.dtype)
-    for hm in (src, tgt):
-        if not hm.has_chat_template():
-            raise ChatTemplateError(
-                f"{hm.name} has no chat template; refusal transfer needs instruct (chat) models"
-            )
-    bs = cfg.batch_size
-    lap("load")
+    # models (always loaded, also on resume)
+    def models(self, ctx: RunContext) -> None:
+        import rosettalens
 
-    # 2. the source's refusal direction
-    n_s, n_t = src.cfg.n_layers, tgt.cfg.n_layers
-    k = len(prompts["harmful_train"])
+        cfg = ctx.config
+        torch.manual_seed(cfg.seed)
+        src = rosettalens.load(cfg.source, device=cfg.device, dtype=cfg.dtype)
+        tgt = rosettalens.load(cfg.target, device=cfg.device, dtype=cfg.dtype)
+        for hm in (src, tgt):
+            if not hm.has_chat_template():
+                raise ChatTemplateError(
+                    f"{hm.name} has no chat template; refusal transfer needs instruct (chat) models"
+                )
+        ctx.state["src"], ctx.state["tgt"] = src, tgt
 
-    def source_vec_at(layer: int, how: str) -> SteeringVector:
-        acts = collect_activations(src, prompts["harmful_train"] + prompts["harmless_train"], [f"resid_pre.{layer}"],
-                                   positions=[-1], batch_size=bs)  # fmt: skip
+    def _target_for(self, ctx: RunContext, layer: int) -> int:
+        cfg, src, tgt = ctx.config, ctx.state["src"], ctx.state["tgt"]
+        if cfg.target_layer is not None:
+            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
+        return _depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
+
+    def _source_vec_at(self, ctx: RunContext, layer: int, how: str):
+        from ..steering import SteeringVector, diff_of_means
+        from ..steering.vectors import collect_activations
+
+        src, p = ctx.state["src"], ctx.state["prompts"]
+        k = len(p["harmful_train"])
+        acts = collect_activations(src, p["harmful_train"] + p["harmless_train"], [f"resid_pre.{layer}"],
+                                   positions=[-1], batch_size=ctx.config.batch_size)  # fmt: skip
         a = acts[f"resid_pre.{layer}"][:, 0]
         return SteeringVector(vector=diff_of_means(a[:k], a[k:]), model=src.name, hook=f"resid_pre.{layer}",
                               kind="refusal", source={"method": "diff_of_means", "selection": how})  # fmt: skip
 
-    by_sweep = cfg.source_layer is None and cfg.layer_selection == "sweep"
-    ls: int | None = None
-    selection: dict[str, Any] | None = None
-    if cfg.source_layer is not None:
-        ls = int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])
-        src_vec = source_vec_at(ls, "user layer")
-    elif not by_sweep:
-        cands = list(range(0, max(1, int(0.8 * n_s)), cfg.candidate_stride))
-        sel = select_refusal_direction(
-            src, prompts["harmful_train"], prompts["harmless_train"], prompts["harmful_val"], prompts["harmless_val"],
-            layers=cands, batch_size=bs, progress=progress,
-        )  # fmt: skip
-        src_vec, ls, selection = sel.vector, sel.layer, sel.to_dict()
+    # 2. the source's refusal direction (user layer, Arditi selection, or the sweep's choice)
+    def source_direction(self, ctx: RunContext) -> None:
+        from ..steering import select_refusal_direction
 
-    def target_for(layer: int) -> int:
-        if cfg.target_layer is not None:
-            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
-        return _depth_map(layer, n_s, n_t)
+        cfg, src, p = ctx.config, ctx.state["src"], ctx.state["prompts"]
+        selection: dict[str, Any] | None = None
+        if cfg.source_layer is not None:
+            ls = int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])
+            vec = self._source_vec_at(ctx, ls, "user layer")
+        elif cfg.layer_selection == "sweep":
+            selection = ctx.state["sweep"]["selection"]
+            ls = selection["source_layer"]
+            vec = self._source_vec_at(ctx, ls, "validation sweep")
+        else:
+            cands = list(range(0, max(1, int(0.8 * src.cfg.n_layers)), cfg.candidate_stride))
+            sel = select_refusal_direction(
+                src, p["harmful_train"], p["harmless_train"], p["harmful_val"], p["harmless_val"],
+                layers=cands, batch_size=cfg.batch_size, progress=ctx.progress,
+            )  # fmt: skip
+            vec, ls, selection = sel.vector, sel.layer, sel.to_dict()
+        info = {"source_layer": ls, "target_layer": self._target_for(ctx, ls), "selection": selection}
+        vec.save(ctx.path("source_refusal.safetensors"))
+        ctx.save_json("source_direction.json", info)
+        ctx.state["source_direction"], ctx.state["src_vec"] = info, vec
 
-    lt = target_for(ls) if ls is not None else None
-    lap("source_direction")
+    def load_source_direction(self, ctx: RunContext) -> None:
+        from ..steering import SteeringVector
 
-    # 3. paired activations (chosen pair + sweep pairs in the same passes)
-    # sweep: source layers from 20% to 80% depth (layer 0 excluded: at the last template token every
-    # prompt has the same embedding, so the diff-of-means there is zero); selecting by sweep tries
-    # every candidate_stride-th layer from 1 to 80% depth
-    if by_sweep:
-        sweep_src = list(range(1, max(2, int(0.8 * n_s)), cfg.candidate_stride))
-    elif cfg.sweep_points:
-        sweep_src = sorted(
-            {max(1, round(f * (0.8 * n_s - 1))) for f in torch.linspace(0.2, 1.0, cfg.sweep_points).tolist()}
-        )
-    else:
-        sweep_src = []
-    src_layers = sorted(set(sweep_src) | ({ls} if ls is not None else set()))
-    tgt_layers = sorted({target_for(x) for x in sweep_src} | ({lt} if lt is not None else set()))
-    train_prompts = prompts["harmful_train"] + prompts["harmless_train"]
-    val_prompts = prompts["harmful_val"] + prompts["harmless_val"]
-    Xtr, Ytr, pair_info = paired_activations(src, tgt, train_prompts, [f"resid_pre.{x}" for x in src_layers],
-                                             [f"resid_pre.{x}" for x in tgt_layers], bs, "paired train", progress)  # fmt: skip
-    Xva, Yva, _ = paired_activations(src, tgt, val_prompts, [f"resid_pre.{x}" for x in src_layers],
-                                     [f"resid_pre.{x}" for x in tgt_layers], bs, "paired val", progress)  # fmt: skip
-    last = pair_info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
-    lap("paired_activations")
+        ctx.state["source_direction"] = ctx.load_json("source_direction.json")
+        ctx.state["src_vec"] = SteeringVector.load(ctx.path("source_refusal.safetensors"))
 
-    def run_sweep() -> list[dict[str, Any]]:
+    def _sweep_layers(self, ctx: RunContext) -> list[int]:
+        cfg, n_s = ctx.config, ctx.state["src"].cfg.n_layers
+        # source layers from 20% to 80% depth (layer 0 excluded: at the last template token every
+        # prompt has the same embedding, so the diff-of-means there is zero); selecting by sweep tries
+        # every candidate_stride-th layer from 1 to 80% depth
+        if cfg.source_layer is None and cfg.layer_selection == "sweep":
+            return list(range(1, max(2, int(0.8 * n_s)), cfg.candidate_stride))
+        if cfg.sweep_points:
+            pts = torch.linspace(0.2, 1.0, cfg.sweep_points).tolist()
+            return sorted({max(1, round(f * (0.8 * n_s - 1))) for f in pts})
+        return []
+
+    # 3. paired activations of both models (chosen pair + sweep pairs in the same passes; in memory)
+    def paired_activations(self, ctx: RunContext) -> None:
+        cfg, src, tgt, p = ctx.config, ctx.state["src"], ctx.state["tgt"], ctx.state["prompts"]
+        chosen = ctx.state.get("source_direction")
+        sweep_src = self._sweep_layers(ctx)
+        src_layers = sorted(set(sweep_src) | ({chosen["source_layer"]} if chosen else set()))
+        tgt_layers = sorted({self._target_for(ctx, x) for x in sweep_src} | ({chosen["target_layer"]} if chosen else set()))  # fmt: skip
+        sh, th = [f"resid_pre.{x}" for x in src_layers], [f"resid_pre.{x}" for x in tgt_layers]
+        train = p["harmful_train"] + p["harmless_train"]
+        val = p["harmful_val"] + p["harmless_val"]
+        bs = cfg.batch_size
+        Xtr, Ytr, info = paired_activations(src, tgt, train, sh, th, bs, "paired train", ctx.progress)
+        Xva, Yva, _ = paired_activations(src, tgt, val, sh, th, bs, "paired val", ctx.progress)
+        last = info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
+        ctx.state.update(Xtr=Xtr, Ytr=Ytr, Xva=Xva, Yva=Yva, last=last, pairing=info)
+
+    # 7 (or 2b with layer_selection="sweep"). per-layer sweep: affine maps, logit-based refusal scores
+    def sweep(self, ctx: RunContext) -> None:
+        cfg = ctx.config
+        by_sweep = cfg.source_layer is None and cfg.layer_selection == "sweep"
+        out: dict[str, Any] = {"sweep": self._run_sweep(ctx)}
+        if by_sweep:
+            sweep = out["sweep"]
+            ok = [
+                e for e in sweep if cfg.max_kl is None or e["kl_harmless_transferred_ablated"] <= cfg.max_kl
+            ]
+            if not sweep:
+                raise ConfigError(
+                    "layer selection by sweep: no candidate pair has a usable direction; give --source-layer"
+                )
+            if not ok:
+                raise ConfigError(
+                    f"layer selection by sweep: no candidate pair keeps the harmless KL <= {cfg.max_kl}; "
+                    "raise --max-kl or give --source-layer"
+                )
+            best = max(ok, key=lambda e: e["score_baseline"] - e["score_transferred_ablated"])
+            out["selection"] = {
+                "method": "sweep",
+                "criterion": "largest drop of the target's validation refusal score under the transferred ablation"
+                + (f", harmless KL <= {cfg.max_kl}" if cfg.max_kl is not None else ""),
+                "source_layer": best["source_layer"],
+                "target_layer": best["target_layer"],
+                "candidates": [e["source_layer"] for e in sweep],
+                "excluded_by_kl": [e["source_layer"] for e in sweep if e not in ok],
+            }
+        ctx.save_json("sweep.json", out)
+        ctx.state["sweep"] = out
+
+    def _run_sweep(self, ctx: RunContext) -> list[dict[str, Any]]:
         """Per source layer: affine map, FVU, cos(transferred, native), and validation refusal scores
         and harmless KL under ablation (logit-based: no generation)."""
         from ..mapping import AffineMapper
+        from ..mapping.evaluate import activation_metrics
+        from ..steering import diff_of_means, last_token_logprobs
+        from ..steering.refusal import _kl
 
+        st, bs, p, tgt = ctx.state, ctx.config.batch_size, ctx.state["prompts"], ctx.state["tgt"]
+        Xtr, Ytr, Xva, Yva, last = st["Xtr"], st["Ytr"], st["Xva"], st["Yva"], st["last"]
+        k = len(p["harmful_train"])
         out: list[dict[str, Any]] = []
-        base_score = _score_under(tgt, prompts["harmful_val"], None, bs)
-        base_hl = last_token_logprobs(tgt, prompts["harmless_val"], batch_size=bs)
-        kh = len(prompts["harmful_val"])
-        for x in tqdm(sweep_src, desc="layer sweep", disable=not progress, leave=False):
-            y = target_for(x)
+        base_score = _score_under(tgt, p["harmful_val"], None, bs)
+        base_hl = last_token_logprobs(tgt, p["harmless_val"], batch_size=bs)
+        kh = len(p["harmful_val"])
+        for x in tqdm(self._sweep_layers(ctx), desc="layer sweep", disable=not ctx.progress, leave=False):
+            y = self._target_for(ctx, x)
             hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
             m = AffineMapper().fit(Xtr[hx], Ytr[hy])
             met = activation_metrics(m, Xva[hx], Yva[hy])
@@ -385,183 +457,184 @@ def run(cfg: RefusalTransferConfig, progress: bool = True) -> dict[str, Any]:
             if v_nat.norm() == 0 or v_tr.norm() == 0:
                 continue
             with tgt.ablate(v_tr.float()):
-                kl = float(
-                    _kl(base_hl, last_token_logprobs(tgt, prompts["harmless_val"], batch_size=bs)).mean()
-                )
+                kl = float(_kl(base_hl, last_token_logprobs(tgt, p["harmless_val"], batch_size=bs)).mean())
             out.append({
                 "source_layer": x, "target_layer": y, "fvu": met["fvu"], "r2": met.get("r2"),
                 "cos_transferred_native": _cos(v_tr, v_nat),
                 "score_baseline": base_score,
-                "score_native_ablated": _score_under(tgt, prompts["harmful_val"], v_nat.float(), bs),
-                "score_transferred_ablated": _score_under(tgt, prompts["harmful_val"], v_tr.float(), bs),
+                "score_native_ablated": _score_under(tgt, p["harmful_val"], v_nat.float(), bs),
+                "score_transferred_ablated": _score_under(tgt, p["harmful_val"], v_tr.float(), bs),
                 "kl_harmless_transferred_ablated": kl,
                 "n_val_harmful": kh,
             })  # fmt: skip
         return out
 
-    sweep: list[dict[str, Any]] = []
-    if by_sweep:
-        sweep = run_sweep()
-        ok = [e for e in sweep if cfg.max_kl is None or e["kl_harmless_transferred_ablated"] <= cfg.max_kl]
-        if not sweep:
-            raise ConfigError(
-                "layer selection by sweep: no candidate pair has a usable direction; give --source-layer"
-            )
-        if not ok:
-            raise ConfigError(
-                f"layer selection by sweep: no candidate pair keeps the harmless KL <= {cfg.max_kl}; "
-                "raise --max-kl or give --source-layer"
-            )
-        best = max(ok, key=lambda e: e["score_baseline"] - e["score_transferred_ablated"])
-        ls, lt = best["source_layer"], best["target_layer"]
-        src_vec = source_vec_at(ls, "validation sweep")
-        selection = {
-            "method": "sweep",
-            "criterion": "largest drop of the target's validation refusal score under the transferred ablation"
-            + (f", harmless KL <= {cfg.max_kl}" if cfg.max_kl is not None else ""),
-            "source_layer": ls,
-            "target_layer": lt,
-            "candidates": [e["source_layer"] for e in sweep],
-            "excluded_by_kl": [e["source_layer"] for e in sweep if e not in ok],
-        }
-        lap("sweep")
-    assert ls is not None and lt is not None
+    def _hooks(self, ctx: RunContext) -> tuple[str, str]:
+        d = ctx.state["source_direction"]
+        return f"resid_pre.{d['source_layer']}", f"resid_pre.{d['target_layer']}"
 
     # 4. the mapper for the chosen pair
-    hs, ht = f"resid_pre.{ls}", f"resid_pre.{lt}"
-    mapper = get_mapper_class(cfg.mapper)()
-    mapper.fit(Xtr[hs], Ytr[ht])
-    mapper_metrics = activation_metrics(mapper, Xva[hs], Yva[ht])
-    lap("mapper")
+    def mapper(self, ctx: RunContext) -> None:
+        from ..mapping import get_mapper_class
+        from ..mapping.evaluate import activation_metrics
 
-    # 5. transferred and native directions at the target layer
-    anchors = Xtr[hs]
-    tr_vec = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
-    tacts = Ytr[ht][last]
-    native_vec = SteeringVector(vector=diff_of_means(tacts[:k], tacts[k:]), model=tgt.name, hook=ht, kind="refusal",
-                                source={"method": "diff_of_means", "layer": lt})  # fmt: skip
-    rnd_vec = random_like(tr_vec, seed=cfg.seed)
-    cos_native = _cos(tr_vec.vector, native_vec.vector)
-    lap("directions")
+        hs, ht = self._hooks(ctx)
+        st = ctx.state
+        mapper = get_mapper_class(ctx.config.mapper)()
+        mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
+        metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
+        mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=hs, target_model=st["tgt"].name,
+                    target_hook=ht)  # fmt: skip
+        ctx.save_json("mapper_metrics.json", metrics)
+        st["mapper"], st["mapper_metrics"] = mapper, metrics
+
+    def load_mapper(self, ctx: RunContext) -> None:
+        from ..mapping import load_mapper
+
+        ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
+        ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")
+
+    # 5. transferred and native directions at the target layer (+ a random one of equal norm)
+    def directions(self, ctx: RunContext) -> None:
+        from ..steering import SteeringVector, diff_of_means, transfer
+
+        st, (hs, ht) = ctx.state, self._hooks(ctx)
+        tgt, k = st["tgt"], len(st["prompts"]["harmful_train"])
+        tr_vec = transfer(
+            st["src_vec"], st["mapper"], anchor=st["Xtr"][hs], target_model=tgt.name, target_hook=ht
+        )
+        tacts = st["Ytr"][ht][st["last"]]
+        native = SteeringVector(vector=diff_of_means(tacts[:k], tacts[k:]), model=tgt.name, hook=ht, kind="refusal",
+                                source={"method": "diff_of_means", "layer": int(ht.split(".")[1])})  # fmt: skip
+        tr_vec.save(ctx.path("transferred_refusal.safetensors"))
+        native.save(ctx.path("native_refusal.safetensors"))
+        st["tr_vec"], st["native_vec"] = tr_vec, native
+
+    def load_directions(self, ctx: RunContext) -> None:
+        from ..steering import SteeringVector
+
+        ctx.state["tr_vec"] = SteeringVector.load(ctx.path("transferred_refusal.safetensors"))
+        ctx.state["native_vec"] = SteeringVector.load(ctx.path("native_refusal.safetensors"))
 
     # 6. generation evaluation on the target
-    gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=bs, progress=progress)
-    harmful, harmless = prompts["harmful_test"], prompts["harmless_test"]
-    comps: dict[str, list[str]] = {}
-    comps["harmful_baseline"] = generate_completions(tgt, harmful, desc="harmful: baseline", **gen)
-    for name, vec in (("native", native_vec), ("transferred", tr_vec), ("random", rnd_vec)):
-        with tgt.ablate(vec.vector.float()):
-            comps[f"harmful_{name}"] = generate_completions(
-                tgt, harmful, desc=f"harmful: {name} ablated", **gen
+    def generation_eval(self, ctx: RunContext) -> None:
+        from ..steering import generate_completions, last_token_logprobs, random_like
+        from ..steering.refusal import _kl
+
+        cfg, st = ctx.config, ctx.state
+        tgt, bs, ht = st["tgt"], cfg.batch_size, self._hooks(ctx)[1]
+        tr, native, rnd = st["tr_vec"].vector.float(), st["native_vec"].vector.float(), random_like(st["tr_vec"], seed=cfg.seed).vector.float()  # fmt: skip
+        gen = dict(max_new_tokens=cfg.max_new_tokens, batch_size=bs, progress=ctx.progress)
+        harmful, harmless = st["prompts"]["harmful_test"], st["prompts"]["harmless_test"]
+        comps: dict[str, list[str]] = {}
+        comps["harmful_baseline"] = generate_completions(tgt, harmful, desc="harmful: baseline", **gen)
+        for name, vec in (("native", native), ("transferred", tr), ("random", rnd)):
+            with tgt.ablate(vec):
+                comps[f"harmful_{name}"] = generate_completions(
+                    tgt, harmful, desc=f"harmful: {name} ablated", **gen
+                )
+        comps["harmless_baseline"] = generate_completions(tgt, harmless, desc="harmless: baseline", **gen)
+        with tgt.ablate(tr):
+            comps["harmless_transferred"] = generate_completions(
+                tgt, harmless, desc="harmless: transferred ablated", **gen
             )
-    comps["harmless_baseline"] = generate_completions(tgt, harmless, desc="harmless: baseline", **gen)
-    with tgt.ablate(tr_vec.vector.float()):
-        comps["harmless_transferred"] = generate_completions(
-            tgt, harmless, desc="harmless: transferred ablated", **gen
-        )
-    with tgt.steer(ht, tr_vec.vector.float(), scale=cfg.induce_scale, positions="all"):
-        comps["harmless_induced"] = generate_completions(
-            tgt, harmless, desc="harmless: transferred added", **gen
-        )
-    with tgt.steer(ht, rnd_vec.vector.float(), scale=cfg.induce_scale, positions="all"):
-        comps["harmless_induced_random"] = generate_completions(
-            tgt, harmless, desc="harmless: random added", **gen
-        )
-    base_lp = last_token_logprobs(tgt, harmless, batch_size=bs)
-    with tgt.ablate(tr_vec.vector.float()):
-        abl_lp = last_token_logprobs(tgt, harmless, batch_size=bs)
-    kl_transferred = float(_kl(base_lp, abl_lp).mean())
-    rates = {k2: _refusal_rate(v) for k2, v in comps.items()}
-    lap("generation_eval")
+        with tgt.steer(ht, tr, scale=cfg.induce_scale, positions="all"):
+            comps["harmless_induced"] = generate_completions(
+                tgt, harmless, desc="harmless: transferred added", **gen
+            )
+        with tgt.steer(ht, rnd, scale=cfg.induce_scale, positions="all"):
+            comps["harmless_induced_random"] = generate_completions(
+                tgt, harmless, desc="harmless: random added", **gen
+            )
+        base_lp = last_token_logprobs(tgt, harmless, batch_size=bs)
+        with tgt.ablate(tr):
+            abl_lp = last_token_logprobs(tgt, harmless, batch_size=bs)
+        ctx.save_json("completions.json", comps)
+        ctx.save_json("generation_eval.json", {"kl_transferred": float(_kl(base_lp, abl_lp).mean())})
+        st["completions"], st["generation_eval"] = comps, ctx.load_json("generation_eval.json")
 
     # 6b. the model judge beside the substring judge (agreement over every completion)
-    judge_info = (
-        _model_judge(cfg, src, tgt, comps, harmful, harmless, progress) if cfg.judge != "none" else None
-    )
-    lap("model_judge")
+    def model_judge(self, ctx: RunContext) -> None:
+        cfg, st = ctx.config, ctx.state
+        p = st["prompts"]
+        info = None
+        if cfg.judge != "none":
+            info = _model_judge(cfg, st["src"], st["tgt"], st["completions"], p["harmful_test"], p["harmless_test"],
+                                ctx.progress)  # fmt: skip
+        ctx.save_json("model_judge.json", info)
+        st["model_judge"] = info
 
-    # 7. per-layer sweep (affine maps, logit-based refusal score: no generation)
-    if sweep_src and not by_sweep:
-        sweep = run_sweep()
-        lap("sweep")
+    # 8. results.json (written by run_experiment), examples.json
+    def results(self, ctx: RunContext) -> None:
+        st, cfg = ctx.state, ctx.config
+        prompts, comps = st["prompts"], st["completions"]
+        hs, ht = self._hooks(ctx)
+        rates = {k2: _refusal_rate(v) for k2, v in comps.items()}
+        drop_native = rates["harmful_baseline"] - rates["harmful_native"]
+        drop_tr = rates["harmful_baseline"] - rates["harmful_transferred"]
+        metrics = st["mapper_metrics"]
+        ctx.results.update({
+            "source": st["src"].name,
+            "target": st["tgt"].name,
+            "layers": {"source": hs, "target": ht},
+            "refusal_rate": {
+                "baseline": rates["harmful_baseline"],
+                "native": rates["harmful_native"],
+                "transferred": rates["harmful_transferred"],
+                "random": rates["harmful_random"],
+            },
+            "transferred_fraction_of_native_drop": (drop_tr / drop_native) if drop_native > 0 else None,
+            "harmless": {
+                "refusal_rate_baseline": rates["harmless_baseline"],
+                "refusal_rate_transferred": rates["harmless_transferred"],
+                "kl_transferred": st["generation_eval"]["kl_transferred"],
+            },
+            "induced_refusal_rate": rates["harmless_induced"],
+            "induced_refusal_rate_random": rates["harmless_induced_random"],
+            "mapper": {"kind": cfg.mapper, "fvu": metrics["fvu"], **{k2: v for k2, v in metrics.items() if k2 != "fvu"}},
+            "vectors": {
+                "source_norm": st["src_vec"].norm,
+                "transferred_norm": st["tr_vec"].norm,
+                "native_norm": st["native_vec"].norm,
+                "cos_transferred_native": _cos(st["tr_vec"].vector, st["native_vec"].vector),
+            },
+            "pairing": st["pairing"],
+            "selection": st["source_direction"]["selection"],
+            "sweep": st["sweep"]["sweep"] if "sweep" in st else [],
+            "n": {k2: len(v) for k2, v in prompts.items()},
+            "judge": "substring (rosettalens.steering.judge.REFUSAL_SUBSTRINGS)",
+            "model_judge": st["model_judge"],
+        })  # fmt: skip
+        n_ex = 4
+        examples = {
+            cond: [{"prompt": q, "completion": c} for q, c in zip(prompts["harmful_test" if cond.startswith("harmful") else "harmless_test"], texts)][:n_ex]
+            for cond, texts in comps.items()
+        }  # fmt: skip
+        ctx.save_json("examples.json", examples)
+        st["examples"] = examples
 
-    # 8. results and artifacts
-    drop_native = rates["harmful_baseline"] - rates["harmful_native"]
-    drop_tr = rates["harmful_baseline"] - rates["harmful_transferred"]
-    results: dict[str, Any] = {
-        "source": src.name,
-        "target": tgt.name,
-        "layers": {"source": hs, "target": ht},
-        "refusal_rate": {
-            "baseline": rates["harmful_baseline"],
-            "native": rates["harmful_native"],
-            "transferred": rates["harmful_transferred"],
-            "random": rates["harmful_random"],
-        },
-        "transferred_fraction_of_native_drop": (drop_tr / drop_native) if drop_native > 0 else None,
-        "harmless": {
-            "refusal_rate_baseline": rates["harmless_baseline"],
-            "refusal_rate_transferred": rates["harmless_transferred"],
-            "kl_transferred": kl_transferred,
-        },
-        "induced_refusal_rate": rates["harmless_induced"],
-        "induced_refusal_rate_random": rates["harmless_induced_random"],
-        "mapper": {
-            "kind": cfg.mapper,
-            "fvu": mapper_metrics["fvu"],
-            **{k2: v for k2, v in mapper_metrics.items() if k2 != "fvu"},
-        },
-        "vectors": {
-            "source_norm": src_vec.norm,
-            "transferred_norm": tr_vec.norm,
-            "native_norm": native_vec.norm,
-            "cos_transferred_native": cos_native,
-        },
-        "pairing": pair_info,
-        "selection": selection,
-        "sweep": sweep,
-        "n": {k2: len(v) for k2, v in prompts.items()},
-        "judge": "substring (rosettalens.steering.judge.REFUSAL_SUBSTRINGS)",
-        "model_judge": judge_info,
-        "timings_s": timings,
-        "run_dir": str(run_dir),
-    }
-    _write_run(run_dir, cfg, results, comps, prompts, mapper, src_vec, tr_vec, native_vec)
-    results["timings_s"]["total"] = round(time.perf_counter() - t0, 2)
-    _atomic_json(run_dir / "results.json", results)
-    return results
+    def report(self, ctx: RunContext) -> None:
+        from ..report import refusal_report
+
+        refusal_report(ctx.run_dir, ctx.results, ctx.state["examples"])
+
+    def print_summary(self, results: dict[str, Any]) -> None:
+        r = results["refusal_rate"]
+        print(f"{results['source']} -> {results['target']}  ({results['layers']['source']} -> {results['layers']['target']}, "
+              f"{results['mapper']['kind']} mapper, held-out FVU {results['mapper']['fvu']:.3f})")  # fmt: skip
+        print(f"harmful refusal rate: baseline {r['baseline']:.2f}  native ablated {r['native']:.2f}  "
+              f"transferred ablated {r['transferred']:.2f}  random ablated {r['random']:.2f}")  # fmt: skip
+        h = results["harmless"]
+        print(f"harmless: refusal {h['refusal_rate_baseline']:.2f} -> {h['refusal_rate_transferred']:.2f} "
+              f"(KL {h['kl_transferred']:.4f}); induced refusal {results['induced_refusal_rate']:.2f}")  # fmt: skip
+        print(f"run directory: {results['run_dir']} (report.html)")
 
 
-# --------------------------------------------------------------------------------------- artifacts
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+EXPERIMENT = RefusalTransfer()
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
-
-
-def _write_run(run_dir: Path, cfg, results, comps, prompts, mapper, src_vec, tr_vec, native_vec) -> None:
-    from ..report import refusal_report
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    mapper.save(run_dir / "mapper", source_model=results["source"], source_hook=results["layers"]["source"],
-                target_model=results["target"], target_hook=results["layers"]["target"])  # fmt: skip
-    src_vec.save(run_dir / "source_refusal.safetensors")
-    tr_vec.save(run_dir / "transferred_refusal.safetensors")
-    native_vec.save(run_dir / "native_refusal.safetensors")
-    n_ex = 4
-    examples = {
-        cond: [{"prompt": p, "completion": c} for p, c in zip(prompts["harmful_test" if cond.startswith("harmful") else "harmless_test"], texts)][:n_ex]
-        for cond, texts in comps.items()
-    }  # fmt: skip
-    _atomic_json(run_dir / "examples.json", examples)
-    _atomic_json(run_dir / "completions.json", comps)
-    refusal_report(run_dir, results, examples)
+def run(
+    cfg: RefusalTransferConfig, progress: bool = True, resume: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)

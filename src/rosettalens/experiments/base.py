@@ -1,0 +1,357 @@
+"""The one shape every experiment has: a config dataclass, a list of named stages, a run directory.
+
+An experiment module defines::
+
+    @dataclass
+    class MyConfig:              # every field is a `rosetta run my-exp` option; saved as config.json
+        model: str = "smollm2-135m-instruct"
+        seed: int = 0
+        out: str | None = None   # the run directory (default runs/<name>-<timestamp>)
+
+    class MyExperiment(Experiment):
+        name = "my-exp"
+        config_cls = MyConfig
+
+        def stages(self, cfg):
+            return [
+                Stage("model", (), self.load_model),                # no outputs: runs every time
+                Stage("vectors", ("vectors.safetensors",), self.vectors),
+                Stage("evaluate", ("evaluate.json",), self.evaluate),
+            ]
+
+        def vectors(self, ctx):
+            ctx.state["vectors"] = {...}                            # name -> tensor
+            ctx.save_tensors("vectors.safetensors", ctx.state["vectors"])
+
+        def summary(self, ctx):                                     # the --json object
+            return {"rate": ctx.state["evaluate"]["rate"], "run_dir": str(ctx.run_dir)}
+
+    EXPERIMENT = MyExperiment()
+
+and one line in ``rosettalens.experiments.EXPERIMENTS``. :func:`run_experiment` creates the run
+directory, writes ``config.json``, runs the stages in order, writes ``results.json`` (the stages'
+``ctx.results`` plus timings) and ``report.html``, and returns :meth:`Experiment.summary`.
+
+Resume (``--resume RUN_DIR``): a stage is skipped when every one of its declared outputs exists in
+the run directory; its ``.json`` and ``.safetensors`` outputs are then reloaded into ``ctx.state``
+under the file's stem (``"vectors.safetensors"`` -> ``ctx.state["vectors"]``), or by the stage's
+own ``load`` function when it has one. A stage with no outputs (loading models, cheap in-memory
+work) always runs. Every file is written atomically (temp file + rename), so a killed stage leaves
+either a complete output or none, and is rerun.
+
+User errors (:class:`~rosettalens.errors.RosettaError`) raised by a fresh run remove the run
+directory it created: nothing half-written is left behind. An interrupted run (Ctrl-C, a crash)
+keeps its directory for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, RosettaError
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+# config fields that may differ between a run and its resumption (they do not change results)
+RESUME_FREE_FIELDS = ("out", "run_dir", "device")
+
+
+@dataclass
+class Stage:
+    """A named step. ``run(ctx)`` computes, puts its values into ``ctx.state`` / ``ctx.results`` and
+    writes ``outputs`` (paths relative to the run directory) with the ``ctx.save_*`` helpers.
+
+    ``load(ctx)``, when given, restores the stage's values from its outputs on resume (default: each
+    ``X.json`` / ``X.safetensors`` output into ``ctx.state["X"]``).
+    """
+
+    name: str
+    outputs: Sequence[str]
+    run: Callable[[RunContext], Any]
+    load: Callable[[RunContext], Any] | None = None
+
+
+@dataclass
+class RunContext:
+    """What every stage receives: the config, the run directory and the values shared between stages."""
+
+    config: Any
+    run_dir: Path
+    progress: bool = True
+    state: dict[str, Any] = field(default_factory=dict)  # values passed from stage to stage
+    results: dict[str, Any] = field(default_factory=dict)  # goes to results.json
+    timings: dict[str, float | str] = field(default_factory=dict)  # stage -> seconds, or "skipped"
+    resumed: bool = False
+
+    # ------------------------------------------------------------------------------------ paths
+    def path(self, rel: str) -> Path:
+        """``run_dir / rel`` (parent folders created); ``rel`` must stay inside the run directory."""
+        p = (self.run_dir / rel).resolve()
+        if self.run_dir.resolve() not in p.parents:
+            raise ConfigError(f"output {rel!r} is outside the run directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def exists(self, rel: str) -> bool:
+        return (self.run_dir / rel).exists()
+
+    # ------------------------------------------------------------------------------------- JSON
+    def save_json(self, rel: str, obj: Any) -> Path:
+        """Write ``obj`` as indented JSON (tensors as lists, non-finite floats as null), atomically."""
+        p = self.path(rel)
+        _atomic_write(p, json.dumps(_jsonable(obj), indent=2, default=_json_default).encode())
+        return p
+
+    def load_json(self, rel: str) -> Any:
+        p = self.run_dir / rel
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {p}: {e}") from e
+
+    # ------------------------------------------------------------------------------ safetensors
+    def save_tensors(
+        self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ):
+        """Write ``{name: tensor}`` as one safetensors file (contiguous CPU copies), atomically."""
+        from safetensors.torch import save
+
+        p = self.path(rel)
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        _atomic_write(p, save(data, metadata=metadata))
+        return p
+
+    def load_tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        p = self.run_dir / rel
+        try:
+            return load_file(str(p))
+        except Exception as e:  # safetensors raises its own SafetensorError on a corrupt file
+            raise ConfigError(f"cannot read {p}: {e}") from e
+
+    # ---------------------------------------------------------------------------------- figures
+    def save_figure(self, rel: str, fig: Any, dpi: int = 110) -> Path:
+        """Save a matplotlib figure as PNG (atomically) and close it."""
+        import matplotlib.pyplot as plt
+
+        p = self.path(rel)
+        tmp = p.with_name(f".{p.stem}.tmp{os.getpid()}.png")
+        try:
+            fig.savefig(tmp, dpi=dpi, format="png")
+            os.replace(tmp, p)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
+        return p
+
+
+class Experiment:
+    """Base class: subclasses set ``name`` and ``config_cls`` and define :meth:`stages`."""
+
+    name: str = ""
+    config_cls: type = object
+    title: str = ""  # report heading (default: the name)
+
+    def stages(self, cfg: Any) -> list[Stage]:
+        raise NotImplementedError
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        """The object ``--json`` prints (default: ``results.json``'s content)."""
+        return ctx.results
+
+    def report(self, ctx: RunContext) -> None:
+        """Write ``report.html`` (default: a table of the results and every PNG in the run directory)."""
+        from ..report import write_report
+        from ..report.html import _table
+
+        rows = [(k, v) for k, v in ctx.results.items()]
+        sections = [("Results", _table(rows))]
+        pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
+        if pngs:
+            sections.append(("Plots", "".join(f"<img src='{p}' width='800'><br>" for p in pngs)))
+        write_report(ctx.run_dir, self.title or f"rosettalens: {self.name}", sections)
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        """Human-readable output of ``rosetta run`` without ``--json`` (default: one line per key)."""
+        for k, v in summary.items():
+            print(f"{k}: {json.dumps(v, default=_json_default) if isinstance(v, dict | list) else v}")
+
+
+# ------------------------------------------------------------------------------------ the runner
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def read_run_config(run_dir: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
+    """``(experiment name, config fields)`` of an existing run directory; ConfigError if it has none."""
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a run directory)")
+    try:
+        values = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume {run_dir}: cannot read {CONFIG_FILE}: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"--resume {run_dir}: {CONFIG_FILE} is not a JSON object")
+    name = values.pop("experiment", None)
+    return name, values
+
+
+def _default_run_dir(name: str) -> Path:
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p, i = base, 1
+    while p.exists():
+        p, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return p
+
+
+def run_experiment(
+    experiment: Experiment,
+    cfg: Any = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``experiment`` with ``cfg`` (default: the config class's defaults, or the resumed run's).
+
+    The run directory is ``resume``, else ``run_dir``, else the config's ``out`` / ``run_dir`` field,
+    else ``runs/<name>-<timestamp>``. Returns :meth:`Experiment.summary` (with ``run_dir``).
+    """
+    name = experiment.name
+    if resume is not None:
+        rdir = Path(resume)
+        saved_name, saved = read_run_config(rdir)
+        if saved_name != name:
+            raise ConfigError(
+                f"--resume {rdir}: that directory holds a {saved_name or 'unnamed'!s} run, not {name}"
+            )
+        saved_cfg = _make_config(experiment.config_cls, saved, f"{rdir}/{CONFIG_FILE}")
+        if cfg is None:
+            cfg = saved_cfg
+        else:
+            new, old = config_dict(cfg), config_dict(saved_cfg)
+            diff = [k for k in new if k not in RESUME_FREE_FIELDS and new[k] != old.get(k)]
+            if diff:
+                raise ConfigError(
+                    f"--resume {rdir}: options differ from the run's config.json ({', '.join(sorted(diff))}); "
+                    "resume without them or start a new run"
+                )
+    elif cfg is None:
+        cfg = experiment.config_cls()
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    if resume is not None:
+        rdir = Path(resume)
+    elif run_dir is not None:
+        rdir = Path(run_dir)
+    elif getattr(cfg, "out", None):
+        rdir = Path(cfg.out)
+    elif getattr(cfg, "run_dir", None):
+        rdir = Path(cfg.run_dir)
+    else:
+        rdir = _default_run_dir(name)
+    if resume is None and (rdir / CONFIG_FILE).exists():
+        raise ConfigError(
+            f"run directory {rdir} already holds a run; pass --resume {rdir} to continue it, or another --out"
+        )
+    stages = experiment.stages(cfg)
+    ctx = RunContext(config=cfg, run_dir=rdir, progress=progress, resumed=resume is not None)
+    created = not rdir.exists()
+    t_start = time.perf_counter()
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            ctx.save_json(CONFIG_FILE, {"experiment": name, **config_dict(cfg)})
+        for stage in stages:
+            _run_stage(stage, ctx)
+        ctx.timings["total"] = round(time.perf_counter() - t_start, 2)
+        ctx.results.setdefault("timings_s", {}).update(ctx.timings)
+        ctx.results["run_dir"] = str(rdir)
+        ctx.save_json(RESULTS_FILE, ctx.results)
+        experiment.report(ctx)
+    except RosettaError:
+        if created and resume is None:
+            shutil.rmtree(rdir, ignore_errors=True)
+        raise
+    out = dict(experiment.summary(ctx))
+    out.setdefault("run_dir", str(rdir))
+    return _jsonable(out)
+
+
+def _run_stage(stage: Stage, ctx: RunContext) -> None:
+    outs = list(stage.outputs)
+    if ctx.resumed and outs and all(ctx.exists(o) for o in outs):
+        if stage.load is not None:
+            stage.load(ctx)
+        else:
+            for o in outs:
+                p = Path(o)
+                if p.suffix == ".json":
+                    ctx.state[p.stem] = ctx.load_json(o)
+                elif p.suffix == ".safetensors":
+                    ctx.state[p.stem] = ctx.load_tensors(o)
+        ctx.timings[stage.name] = "skipped"
+        return
+    t0 = time.perf_counter()
+    stage.run(ctx)
+    missing = [o for o in outs if not ctx.exists(o)]
+    if missing:  # a bug in the experiment, not a user error: resume would never skip this stage
+        raise RuntimeError(f"stage {stage.name!r} did not write its outputs {missing}")
+    ctx.timings[stage.name] = round(time.perf_counter() - t0, 2)
+
+
+def _make_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------- files
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(o: Any) -> Any:
+    """Tensors to lists, non-finite floats to None, tuples to lists (recursively)."""
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, torch.Tensor):
+        return _jsonable(o.tolist())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    return str(o)
