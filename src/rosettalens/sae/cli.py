@@ -1,0 +1,344 @@
+"""``rosetta sae train | eval``.
+
+::
+
+    rosetta sae train --store DIR --hook H --arch topk|batchtopk|jumprelu|relu --width N[,N..] [--k K[,K..]]
+                      --out DIR [--tokens N] [--batch-size B] [--lr LR] [--l1-coeff C] [--l0-coeff C]
+                      [--heldout F] [--seed S] [--device D] [--checkpoint-every STEPS] [--overwrite] [--json]
+    rosetta sae eval  --sae DIR|HUB_ID --model M --data D [--hook H] [--max-tokens N] [--json]
+
+``train`` trains one SAE per (width, k) from one pass over the store's rows (the last ``--heldout``
+fraction of rows is held out and the SAEs are evaluated on it); one SAE is written to ``--out`` itself,
+several to ``--out/<arch>-w<width>[-k<k>]``, in SAELens's format. Runs under ``torchrun`` (data
+parallel; rank 0 writes). ``eval`` runs the model over ``D``'s documents and reports FVU, L0, dead and
+dense fractions on the activations, and the CE loss recovered and KL score of splicing the SAE in.
+Bad input: one line on stderr, exit status 2, nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rosettalens.errors import ConfigError, DataError, RosettaError
+
+__all__ = ["register", "main"]
+
+
+def _fail(e: Exception) -> int:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"rosetta: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _ints(s: str | None, what: str) -> list[int | None]:
+    if s is None:
+        return [None]
+    try:
+        vals = [int(v) for v in str(s).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--{what} must be an integer or a comma-separated list of integers, got {s!r}"
+        ) from None
+    if not vals:
+        raise ConfigError(f"--{what} is empty")
+    return list(vals)
+
+
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except RosettaError as e:
+        return _fail(e)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from rosettalens.sae import SAEConfig, TrainConfig, evaluate_sae, train_saes
+    from rosettalens.sae.model import ARCHS
+    from rosettalens.store import ActivationStore
+
+    if args.arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {args.arch!r}; expected one of {', '.join(ARCHS)}")
+    if not 0.0 <= args.heldout < 1.0:
+        raise ConfigError(f"--heldout must be in [0, 1), got {args.heldout}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ConfigError(f"--out {out} already exists; choose another --out or pass --overwrite")
+    store = ActivationStore.open(args.store)
+    hook = args.hook
+    if hook is None:
+        if len(store.hooks) != 1:
+            raise ConfigError(
+                f"store {store.path} holds several hooks ({', '.join(store.hooks)}); pass --hook"
+            )
+        hook = store.hooks[0]
+    if hook not in store.hooks:
+        raise DataError(f"store {store.path} has no hook {hook!r}; stored hooks: {', '.join(store.hooks)}")
+    d_in = int(math.prod(store.manifest["hook_shapes"][hook]))
+    if args.d_in is not None and args.d_in != d_in:
+        from rosettalens.errors import ShapeError
+
+        raise ShapeError(f"store {store.path} hook {hook} has width {d_in} but --d-in is {args.d_in}")
+    widths = _ints(args.width, "width")
+    ks = _ints(args.k, "k")
+    if args.arch in ("topk", "batchtopk") and ks == [None]:
+        raise ConfigError(f"--arch {args.arch} needs --k (active latents per token)")
+    cfgs = []
+    for w in widths:
+        for k in ks:
+            c = SAEConfig(
+                d_in=d_in,
+                width=int(w),  # type: ignore[arg-type]
+                arch=args.arch,
+                k=k,
+                l1_coeff=args.l1_coeff,
+                l0_coeff=args.l0_coeff,
+                seed=args.seed,
+                model=store.manifest.get("model", {}).get("name"),
+                hook=hook,
+            )
+            c.validate()
+            cfgs.append(c)
+    n = len(store)
+    n_train = n - int(round(n * args.heldout))
+    if n_train < args.batch_size:
+        raise DataError(
+            f"store {store.path} has {n} rows; {n_train} for training is less than one batch ({args.batch_size})"
+        )
+    ckpt = out.parent / f".{out.name}.checkpoint" if args.checkpoint_every else None
+    tcfg = TrainConfig(
+        batch_size=args.batch_size,
+        tokens=args.tokens,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device or "cpu",
+        checkpoint_dir=str(ckpt) if ckpt else None,
+        checkpoint_every=args.checkpoint_every or 0,
+    )
+    saes = train_saes(store, cfgs, tcfg, hook=hook, rows=(0, n_train), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    rows_summary = []
+    held = None
+    if n_train < n:
+        held = store.read(hook, slice(n_train, min(n, n_train + 65536))).float().reshape(-1, d_in)
+    names = [_name(c) for c in cfgs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        for sae, name in zip(saes, names, strict=True):
+            if held is not None:
+                sae.info["heldout"] = evaluate_sae(sae, held.to(sae.device))
+            target = tmp if len(saes) == 1 else tmp / name
+            if len(saes) == 1:
+                target.rmdir()
+            sae.to(torch.device("cpu")).save(target)
+            m = sae.info.get("heldout") or sae.info.get("final") or {}
+            rows_summary.append(
+                {
+                    "path": str(out if len(saes) == 1 else out / name),
+                    "arch": sae.arch,
+                    "width": sae.width,
+                    "k": sae.cfg.k,
+                    **{key: m.get(key) for key in ("fvu", "l0", "dead_fraction", "dense_fraction")},
+                }
+            )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    info = saes[0].info["train"]
+    summary = {
+        "out": str(out),
+        "store": str(store.path),
+        "hook": hook,
+        "train_rows": n_train,
+        "heldout_rows": 0 if held is None else int(held.shape[0]),
+        "steps": info["steps"],
+        "tokens": info["tokens"],
+        "world_size": info["world_size"],
+        "metrics_on": "heldout" if held is not None else "last training window",
+        "saes": rows_summary,
+    }
+    if args.json:
+        print(json.dumps(_clean(summary)))
+    else:
+        for r in rows_summary:
+            print(
+                f"{r['path']}: {r['arch']} width {r['width']}"
+                + (f" k {r['k']}" if r["k"] else "")
+                + f"  fvu {r['fvu']:.4f}  l0 {r['l0']:.1f}  dead {100 * r['dead_fraction']:.1f}%"
+            )
+    return 0
+
+
+def _name(c) -> str:
+    return f"{c.arch}-w{c.width}" + (f"-k{c.k}" if c.k is not None else "")
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _eval(args)
+    except RosettaError as e:
+        return _fail(e)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    import rosettalens
+    from rosettalens.data import load_documents
+    from rosettalens.sae import evaluate_sae, load_sae, splice_metrics
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    sae = load_sae(args.sae)
+    hook = args.hook or sae.cfg.hook
+    if not hook:
+        raise ConfigError(f"SAE {args.sae} records no hook point; pass --hook")
+    corpus = load_documents(args.data)
+    docs = [d for d in corpus.documents if d and d.strip()]
+    if not docs:
+        raise DataError(f"data {args.data!r} holds no non-empty documents")
+    hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    hook = hm.resolve_hook(hook)
+    width = hm._width(hook)
+    if width != sae.d_in:
+        from rosettalens.errors import ShapeError
+
+        raise ShapeError(f"{hm.name} {hook} has width {width} but the SAE takes d_in={sae.d_in}")
+    sae.to(hm.device)
+    # documents up to --max-tokens real tokens
+    special = set(getattr(hm.tokenizer, "all_special_ids", []) or [])
+    chosen, total = [], 0
+    for d in docs:
+        ids = hm.tokenizer(d, add_special_tokens=True, truncation=True, max_length=args.max_length)[
+            "input_ids"
+        ]
+        real = sum(1 for i in ids if i not in special)
+        if real == 0:
+            continue
+        chosen.append(d)
+        total += real
+        if args.max_tokens is not None and total >= args.max_tokens:
+            break
+    if not chosen:
+        raise DataError(f"data {args.data!r} gives no tokens")
+    acts = []
+    spec = torch.tensor(sorted(special), dtype=torch.long)
+    for s in range(0, len(chosen), args.batch_size):
+        enc = hm.tokenize(chosen[s : s + args.batch_size], max_length=args.max_length)
+        _, cache = hm.run_with_cache(enc, hooks=[hook], stop_early=True)
+        a = cache[hook]
+        real = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], spec.to(enc["input_ids"].device))
+        acts.append(a.reshape(*a.shape[:2], -1)[real].float().cpu())
+    x = torch.cat(acts)
+    metrics = evaluate_sae(sae, x)
+    splice = splice_metrics(sae, hm, hook, chosen, batch_size=args.batch_size, max_length=args.max_length)
+    result = {
+        "sae": str(args.sae),
+        "model": hm.name,
+        "hook": hook,
+        "data": corpus.spec,
+        "arch": sae.arch,
+        "width": sae.width,
+        "k": sae.cfg.k,
+        **{k: metrics[k] for k in ("fvu", "explained_variance", "l0", "dead_fraction", "dense_fraction")},
+        **{k: v for k, v in splice.items() if k != "n_tokens"},
+        "n_tokens": metrics["n_tokens"],
+    }
+    if args.json:
+        print(json.dumps(_clean(result)))
+    else:
+        print(
+            f"{args.sae} on {hm.name} {hook} ({result['n_tokens']} tokens): fvu {result['fvu']:.4f}  "
+            f"l0 {result['l0']:.1f}  dead {100 * result['dead_fraction']:.1f}%  "
+            f"CE loss recovered {result['ce_loss_recovered']:.3f}  KL score {result['kl_score']:.3f}"
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- register
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sae", help="train and evaluate sparse autoencoders", description=__doc__.split("\n\n")[0]
+    )
+    sub = p.add_subparsers(dest="sae_command", required=True, parser_class=type(p))
+
+    t = sub.add_parser("train", help="train SAEs on an activation store (several from one pass)")
+    t.add_argument("--store", required=True, help="activation store folder (rosetta extract)")
+    t.add_argument("--hook", default=None, help="hook point in the store (optional when it holds one)")
+    t.add_argument("--arch", required=True, help="topk | batchtopk | jumprelu | relu")
+    t.add_argument("--width", required=True, help="number of latents (a comma list trains several)")
+    t.add_argument("--k", default=None, help="active latents per token for topk/batchtopk (a comma list too)")
+    t.add_argument("--out", required=True, help="output folder (SAELens format)")
+    t.add_argument(
+        "--d-in", type=int, default=None, help="expected activation width (checked against the store)"
+    )
+    t.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass)")
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=None, help="default 2e-4 * sqrt(16384 / width)")
+    t.add_argument("--l1-coeff", type=float, default=2.0, help="relu: L1 coefficient")
+    t.add_argument("--l0-coeff", type=float, default=1.0, help="jumprelu: L0 coefficient")
+    t.add_argument("--heldout", type=float, default=0.05, help="fraction of rows (the last ones) held out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate an SAE on a model and data (FVU, L0, dead %%, splice metrics)")
+    e.add_argument(
+        "--sae", required=True, help="SAE folder (ours, SAELens, sparsify) or hub id owner/repo[/sub]"
+    )
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="built-in dataset, .txt/.jsonl file or hf:<id>")
+    e.add_argument("--hook", default=None, help="default: the hook recorded in the SAE")
+    e.add_argument("--max-tokens", type=int, default=4096)
+    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry (``python -m rosettalens.sae.cli``, e.g. under torchrun)."""
+    from rosettalens.cli import _Parser
+
+    parser = _Parser(prog="rosetta")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv if argv[:1] == ["sae"] else ["sae", *argv])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

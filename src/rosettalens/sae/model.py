@@ -1,0 +1,410 @@
+"""The SAE module: four architectures in one class, and its on-disk format (SAELens's own).
+
+Shapes: ``x [n, d_in]`` activations, ``z [n, width]`` latents, ``W_enc [d_in, width]``,
+``W_dec [width, d_in]`` (rows unit-norm), ``b_enc [width]``, ``b_dec [d_in]``, ``threshold [width]``.
+
+Encoder (every architecture)::
+
+    pre = (x * scale - b_dec) @ W_enc + b_enc
+    relu       z = relu(pre)
+    topk       z = the k largest entries of pre per row, relu'd, the rest 0
+    batchtopk  z = relu(pre) * (pre > threshold)    (training: the k * batch largest of relu(pre) in the batch)
+    jumprelu   z = relu(pre) * (pre > threshold)    (threshold per latent, learned by a straight-through estimator)
+    x_hat = (z @ W_dec + b_dec) / scale
+
+``scale`` is the input normalisation (activations are scaled so that ``E ||(x - mean) * scale||^2 = d_in``
+during training). A trained SAE has it folded into its weights (``scale == 1``, latents in the units of the input
+and ``input_scale`` records the value that was folded), so the saved SAE takes raw activations, as
+SAELens's SAEs do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rosettalens.errors import ConfigError, DataError, ShapeError
+
+__all__ = ["ARCHS", "SAEConfig", "SAE", "FORMAT", "load_sae"]
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+FORMAT = "rosettalens.sae/1"
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"  # SAELens's file name
+SPARSIFY_WEIGHTS_FILE = "sae.safetensors"  # EleutherAI sparsify's file name
+SAELENS_VERSION_TAG = "6.0.0"  # the cfg.json schema we write (SAELens >= 6)
+
+
+@dataclass
+class SAEConfig:
+    """One SAE: its shape, architecture and sparsity hyper-parameters.
+
+    ``k``: active latents per token (``topk``), or on average per token over a batch (``batchtopk``).
+    ``l1_coeff``: L1 penalty ``sum_i z_i * ||W_dec_i||`` per token (``relu``; inputs normalised to
+    ``E||x - mean||^2 = d_in``). ``l0_coeff``: L0 penalty (``jumprelu``).
+    ``aux_coeff`` / ``aux_k``: AuxK loss for dead latents (default 1/32 and ``d_in // 2`` for
+    ``topk``/``batchtopk``, off for the others). ``lr``: overrides :class:`TrainConfig`'s learning rate.
+    ``model`` / ``hook``: recorded in the saved config (SAELens metadata).
+    """
+
+    d_in: int
+    width: int
+    arch: str = "topk"
+    k: int | None = None
+    l1_coeff: float = 2.0
+    l0_coeff: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.1
+    aux_coeff: float | None = None
+    aux_k: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    model: str | None = None
+    hook: str | None = None
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown SAE architecture {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        if self.d_in < 1 or self.width < 1:
+            raise ConfigError(f"d_in and width must be >= 1, got d_in={self.d_in}, width={self.width}")
+        if self.arch in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ConfigError(f"arch {self.arch} needs k (active latents per token), e.g. --k 32")
+            if not 1 <= self.k < self.width:
+                raise ConfigError(f"k must be in [1, width) = [1, {self.width}), got k={self.k}")
+        elif self.k is not None and not 1 <= self.k < self.width:
+            raise ConfigError(f"k must be in [1, width) = [1, {self.width}), got k={self.k}")
+        for name in ("l1_coeff", "l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
+            raise ConfigError("jumprelu_bandwidth and jumprelu_init_threshold must be > 0")
+        if self.aux_coeff is not None and not (math.isfinite(self.aux_coeff) and self.aux_coeff >= 0):
+            raise ConfigError(f"aux_coeff must be >= 0, got {self.aux_coeff}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ConfigError(f"aux_k must be >= 1, got {self.aux_k}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def aux_coeff_(self) -> float:
+        if self.aux_coeff is not None:
+            return self.aux_coeff
+        return 1 / 32 if self.arch in ("topk", "batchtopk") else 0.0
+
+    @property
+    def aux_k_(self) -> int:
+        return min(self.aux_k or max(1, self.d_in // 2), self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------------------------ activations
+def topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``pre [n, width]``, relu'd: ``(values [n, k], indices [n, k])``."""
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
+def _rect(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * (pre > threshold)``; d/dthreshold by the rectangle-kernel straight-through estimator
+    (Rajamanoharan et al. 2024): ``-(threshold / bandwidth) * rect((pre - threshold) / bandwidth)``."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_pre = (pre > threshold).to(pre.dtype) * g
+        g_thr = (-(threshold / bw) * _rect((pre - threshold) / bw) * g).sum(0)
+        return g_pre, g_thr, None
+
+
+class _Step(torch.autograd.Function):
+    """Heaviside ``(pre > threshold)``; d/dthreshold ``= -(1 / bandwidth) * rect((pre - threshold) / bandwidth)``."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pre, threshold = ctx.saved_tensors
+        bw = ctx.bandwidth
+        g_thr = (-(1.0 / bw) * _rect((pre - threshold) / bw) * g).sum(0)
+        return None, g_thr, None
+
+
+jumprelu = _JumpReLU.apply
+step = _Step.apply
+
+
+# ------------------------------------------------------------------------------------------------ SAE
+class SAE(nn.Module):
+    """A sparse autoencoder ``x [n, d_in] -> z [n, width] -> x_hat [n, d_in]`` (see the module docstring).
+
+    ``encode`` / ``decode`` / ``forward`` take and return raw activations (the input normalisation is
+    applied inside). ``save(dir)`` writes SAELens's format; ``SAE.load(dir)`` reads ours, SAELens's and
+    sparsify's folders.
+    """
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d, w = cfg.d_in, cfg.width
+        g = torch.Generator().manual_seed(cfg.seed)
+        W_dec = torch.randn(w, d, generator=g, dtype=torch.float32)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if cfg.arch == "relu":
+            W_dec *= 0.1  # Anthropic (April 2024): small decoder norms at init, L1 weighted by them
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(w))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.arch == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((w,), float(cfg.jumprelu_init_threshold)))
+        elif cfg.arch == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(w))
+        else:
+            self.threshold = None
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.input_scale: float = 1.0  # the normalisation folded into the weights (1.0: none)
+        self.info: dict[str, Any] = {}  # training record, metrics: saved in cfg.json
+        if device is not None:
+            self.to(device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    @property
+    def arch(self) -> str:
+        return self.cfg.arch
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
+        return f"arch={self.arch}, d_in={self.d_in}, width={self.width}{k}"
+
+    # ------------------------------------------------------------------ forward
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations ``[n, width]`` of raw ``x [n, d_in]``."""
+        x = x.to(self.W_enc.dtype)
+        return (x * self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Latents ``[n, width]`` from pre-activations (the inference rule of each architecture)."""
+        arch = self.cfg.arch
+        if arch == "relu":
+            return pre.relu()
+        if arch == "topk":
+            vals, idx = topk_relu(pre, int(self.cfg.k))  # type: ignore[arg-type]
+            return torch.zeros_like(pre).scatter_(-1, idx, vals)
+        assert self.threshold is not None
+        return pre.relu() * (pre > self.threshold).to(pre.dtype)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents ``z [n, width]`` of activations ``x [n, d_in]`` (any leading dims are kept)."""
+        shape = x.shape
+        z = self.activate(self.pre_acts(x.reshape(-1, shape[-1])))
+        return z.reshape(*shape[:-1], self.width)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Reconstruction ``x_hat [n, d_in]`` of latents ``z [n, width]``."""
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction ``x_hat`` of ``x [..., d_in]``, in ``x``'s dtype."""
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    # ------------------------------------------------------------------ folding
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Make decoder rows unit-norm without changing ``forward``: ``z_i`` is scaled by ``||W_dec_i||``."""
+        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(n[:, None])
+        self.W_enc.mul_(n[None, :])
+        self.b_enc.mul_(n)
+        if self.threshold is not None:
+            self.threshold.mul_(n)
+
+    @torch.no_grad()
+    def fold_scale(self) -> None:
+        """Fold the input normalisation into the weights (``scale -> 1``); ``forward`` is unchanged and
+        latents are divided by the scale (they become the coefficients of unit decoder rows in raw units)."""
+        s = float(self.scale)
+        if s == 1.0:
+            return
+        self.b_dec.div_(s)
+        self.b_enc.div_(s)
+        if self.threshold is not None:
+            self.threshold.div_(s)
+        self.scale.fill_(1.0)
+        self.input_scale *= s
+
+    # ------------------------------------------------------------------ save / load
+    def saelens_config(self) -> dict[str, Any]:
+        """``cfg.json`` in SAELens's (>= 6) schema, with our own record under ``"rosettalens"``."""
+        arch = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[
+            self.arch
+        ]
+        cfg: dict[str, Any] = {
+            "architecture": arch,
+            "d_in": self.d_in,
+            "d_sae": self.width,
+            "dtype": str(self.W_enc.dtype).replace("torch.", ""),
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "sae_lens_version": SAELENS_VERSION_TAG,
+                "sae_lens_training_version": SAELENS_VERSION_TAG,
+                "model_name": self.cfg.model,
+                "hook_name": self.cfg.hook,
+            },
+        }
+        if arch == "topk":
+            cfg["k"] = int(self.cfg.k)  # type: ignore[arg-type]
+            cfg["rescale_acts_by_decoder_norm"] = False
+        cfg["rosettalens"] = {
+            "format": FORMAT,
+            "config": self.cfg.to_dict(),
+            "input_scale": self.input_scale,
+            "info": self.info,
+        }
+        return cfg
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The tensors of ``sae_weights.safetensors`` (normalisation folded; SAELens's names and shapes)."""
+        sae = self
+        if float(self.scale) != 1.0:
+            sae = self.copy()
+            sae.fold_scale()
+        t = {
+            "W_enc": sae.W_enc.detach(),
+            "b_enc": sae.b_enc.detach(),
+            "W_dec": sae.W_dec.detach(),
+            "b_dec": sae.b_dec.detach(),
+        }
+        if sae.threshold is not None:
+            t["threshold"] = sae.threshold.detach()
+        return {k: v.to("cpu").contiguous() for k, v in t.items()}
+
+    def copy(self) -> SAE:
+        new = SAE(SAEConfig.from_dict(self.cfg.to_dict()))
+        new.load_state_dict(self.state_dict())
+        new.input_scale = self.input_scale
+        new.info = json.loads(json.dumps(self.info))
+        return new.to(self.device)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's format) atomically to ``path``."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{out} exists and is not a directory")
+        if out.is_dir():
+            stray = [p.name for p in out.iterdir() if p.name not in (CFG_FILE, WEIGHTS_FILE)]
+            if stray:
+                raise ConfigError(f"{out} holds other files ({stray[0]}, ...); not overwriting it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+        src = self
+        if float(self.scale) != 1.0:
+            src = self.copy()
+            src.fold_scale()
+        try:
+            cfg = src.saelens_config()
+            save_file(src.state_tensors(), str(tmp / WEIGHTS_FILE))
+            (tmp / CFG_FILE).write_text(json.dumps(_json_safe(cfg), indent=1) + "\n", encoding="utf-8")
+            if out.is_dir():
+                old = out.with_name(f".{out.name}.old{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
+        """Load an SAE folder: ours / SAELens's (``cfg.json`` + ``sae_weights.safetensors``) or
+        EleutherAI sparsify's (``cfg.json`` + ``sae.safetensors``). See :func:`load_sae` for hub ids."""
+        from rosettalens.sae.interop import load_folder
+
+        sae = load_folder(Path(path))
+        return sae.to(device) if device is not None else sae
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def load_sae(spec: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
+    """An SAE from a local folder (ours, SAELens, sparsify) or, online, a hub id ``owner/repo[/subfolder]``
+    (``hf:`` prefix optional)."""
+    from rosettalens.sae.interop import load_folder, load_hub
+
+    s = str(spec)
+    p = Path(s)
+    if p.exists():
+        sae = load_folder(p)
+    elif s.startswith("hf:") or (s.count("/") >= 1 and not s.startswith((".", "/", "~"))):
+        sae = load_hub(s.removeprefix("hf:"))
+    else:
+        raise DataError(f"SAE {s!r}: no such folder (and not a hub id owner/repo[/subfolder])")
+    return sae.to(device) if device is not None else sae
+
+
+def check_width(sae: SAE, d: int, what: str) -> None:
+    if d != sae.d_in:
+        raise ShapeError(f"{what} has width {d} but the SAE takes d_in={sae.d_in}")
