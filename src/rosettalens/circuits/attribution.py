@@ -469,9 +469,8 @@ def attribute_edges(
                 else:
                     assert e_c is not None
                     alpha = k / n_steps
-                    vals, acts = _grad_forward(
-                        hm, ids_c, m, metric, names, cache_x["embed"] + alpha * (e_c - cache_x["embed"])
-                    )
+                    e_x = cache_x["embed"]
+                    vals, acts = _grad_forward(hm, ids_c, m, rows, metric, names, e_x + alpha * (e_c - e_x))
                 want = (
                     [f"q.{i}" for i in range(L)]
                     + [f"k.{i}" for i in range(L)]
