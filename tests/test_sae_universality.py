@@ -213,3 +213,167 @@ def test_parse_layers_out_of_range(spec):
 def test_parse_layers_bad_spec(spec):
     with pytest.raises(ConfigError):
         parse_layers(spec, 6, 4)
+
+
+# ------------------------------------------------------------------------------ with trained SAEs
+
+
+def _train(x: np.ndarray, width: int, k: int, seed: int):
+    from rosettalens.sae.model import SAEConfig
+    from rosettalens.sae.train import TrainConfig, train_saes
+
+    t = torch.from_numpy(x).float()
+    cfg = SAEConfig(d_in=t.shape[1], width=width, arch="topk", k=k, seed=seed)
+    tc = TrainConfig(batch_size=128, tokens=10 * len(t), lr=1e-2, seed=seed)
+    return train_saes(t, [cfg], tc, progress=False)[0]
+
+
+def test_trained_saes_on_two_rotated_models_pair_features_far_above_null():
+    """Two synthetic "models" share a planted dictionary up to a rotation (and another width); SAEs trained
+    on each recover it, matching pairs their features, and paired SVCCA is far above the shuffled null.
+    A third model with an unrelated dictionary is not."""
+    F, d, n = 24, 12, 2000
+    s, D, tok = planted(n, F, d, seed=11, active=2)
+    rng = np.random.default_rng(12)
+    Q = np.linalg.qr(rng.standard_normal((20, d)))[0]  # [20, 12]: model B is 20-dimensional
+    xa = s @ D + 0.01 * rng.standard_normal((n, d))
+    xb = s @ D @ Q.T + 0.01 * rng.standard_normal((n, 20))
+    s2, D2, _ = planted(n, F, d, seed=13, active=2)
+    xc = s2 @ D2
+    sae_a, sae_b, sae_c = _train(xa, F, 2, 0), _train(xb, F, 2, 1), _train(xc, F, 2, 2)
+    enc = {n: sae.encode(torch.from_numpy(x).float()).detach() for n, sae, x in
+           (("a", sae_a, xa), ("b", sae_b, xb), ("c", sae_c, xc))}  # fmt: skip
+    # the SAEs found the planted directions (max |cos| with a true atom), so the pairs are meaningful
+    cos = np.abs(sae_a.W_dec.detach().double().numpy() @ D.T).max(1)
+    assert np.median(cos) > 0.9
+    filt = MatchFilters(min_corr=0.5, drop_nonconcept=False, shared_top_token=True)
+    fm = match_saes(enc["a"], enc["b"], tok, tok, word, word, filt)
+    assert len(fm.kept) >= F // 2
+    r = paired_similarity(sae_a.W_dec, sae_b.W_dec, fm.kept, n_permutations=100)
+    assert r["svcca"] > 0.85 and r["svcca"] > r["svcca_null_mean"] + 0.3 and r["svcca_p"] < 0.02
+    un = match_saes(enc["a"], enc["c"], tok, tok, word, word, NO_FILTERS)
+    ru = paired_similarity(sae_a.W_dec, sae_c.W_dec, un.kept, n_permutations=100)
+    assert ru["svcca"] < ru["svcca_null_mean"] + 4 * ru["svcca_null_std"] and ru["svcca_p"] > 0.01
+
+
+# ------------------------------------------------------------------------------ the experiment
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """Tiny random models saved as HF folders: llama (BOS tokenizer), qwen2 (another tokenizer), llama 2."""
+    from rosettalens.models.tiny import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for name, fam, seed in (("llama", "llama", 0), ("qwen", "qwen2", 1), ("llama2", "llama", 5)):
+        model, tok = tiny_model(fam, seed=seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def _cfg(models: str, out, **kw):
+    from rosettalens.experiments.sae_universality import SAEUniversalityConfig
+
+    base = dict(models=models, layers="0,2/1,2", tokens=1500, width=32, k=4, epochs=2, batch_size=128,
+                n_permutations=20, n_subspace_permutations=1000, out=str(out))  # fmt: skip
+    base.update(kw)
+    return SAEUniversalityConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cross_run(tiny_dirs, tmp_path_factory):
+    from rosettalens.experiments.sae_universality import run
+
+    out = tmp_path_factory.mktemp("runs") / "cross"
+    return run(_cfg(f"{tiny_dirs['llama']},{tiny_dirs['qwen']}", out), progress=False), out
+
+
+def test_pipeline_across_tokenizers_writes_every_output(cross_run):
+    s, out = cross_run
+    assert s["models"] == ["llama", "qwen"] and s["run_dir"] == str(out)
+    assert s["pairing"]["mode"].startswith("character offsets") and s["pairing"]["n_pairs"] > 1000
+    assert [(p["layer_a"], p["layer_b"]) for p in s["pairs"]] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    for p in s["pairs"]:
+        assert {"n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean", "rsa_p"} <= set(p)
+        if p["svcca"] is not None:
+            assert 0 <= p["svcca"] <= 1 and 1 / 21 <= p["svcca_p"] <= 1 and 1 / 21 <= p["rsa_p"] <= 1
+    scored = [p for p in s["pairs"] if p["svcca"] is not None]
+    assert s["best"] == max(scored, key=lambda p: p["svcca"])
+    names = [x["name"] for x in s["subspaces"]]
+    assert names == list(load_subspaces())
+    assert all(
+        x["layer_a"] == s["best"]["layer_a"] and x["layer_b"] == s["best"]["layer_b"] for x in s["subspaces"]
+    )
+    c = s["controls"]
+    assert set(c) >= {"same_model_svcca", "random_model_svcca"} and c["layer_a"] == s["best"]["layer_a"]
+    assert set(s["sae_metrics"]) == {"llama", "qwen"}
+    m = s["sae_metrics"]["llama"]["resid_post.0"]
+    assert 0 < m["fvu"] < 1.5 and m["l0"] == pytest.approx(4.0) and 0 <= m["dead_fraction"] <= 1
+    for f in ("config.json", "results.json", "report.html", "heatmaps.png", "correlations.png", "pairs.json",
+              "subspaces.json", "controls.json", "saes/a/layer0/cfg.json", f"saes/random/layer{c['layer_a']}/cfg.json"):  # fmt: skip
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["pairs"][0]["svcca"] == s["pairs"][0]["svcca"] and res["peak_rss_mb"] > 0
+    assert "Semantic subspaces" in (out / "report.html").read_text()
+
+
+def test_pipeline_pair_filters_are_counted(cross_run):
+    s, out = cross_run
+    for p in json.loads((out / "pairs.json").read_text()):
+        assert p["n_matched"] - sum(p["removed"].values()) == p["n_pairs"]
+        assert set(p["removed"]) == {"min_corr", "nonconcept", "shared_top_token", "one_to_one"}
+
+
+def test_resume_skips_finished_stages(cross_run):
+    from rosettalens.experiments.sae_universality import run
+
+    s, out = cross_run
+    again = run(None, progress=False, resume=out)
+    assert again["pairs"] == s["pairs"] and again["subspaces"] == s["subspaces"]
+    t = again["timings_s"]
+    assert all(t[k] == "skipped" for k in ("extract", "saes", "match", "subspaces", "controls", "plots"))
+
+
+def test_same_tokenizer_pairs_by_position(tiny_dirs, tmp_path):
+    from rosettalens.experiments.sae_universality import run
+
+    s = run(_cfg(f"{tiny_dirs['llama']},{tiny_dirs['llama2']}", tmp_path / "r", layers="1", controls=False),
+            progress=False)  # fmt: skip
+    assert s["pairing"]["mode"].startswith("position") and s["pairing"]["fraction_a"] == 1.0
+    assert len(s["pairs"]) == 1 and s["controls"]["same_model_svcca"] is None
+
+
+def test_layer_out_of_range_leaves_nothing(tiny_dirs, tmp_path):
+    from rosettalens.experiments.sae_universality import run
+
+    with pytest.raises(HookPointError, match="out of range"):
+        run(_cfg(f"{tiny_dirs['llama']},{tiny_dirs['qwen']}", tmp_path / "r", layers="0,7"), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_shared_text_is_a_data_error(tiny_dirs, tmp_path):
+    from rosettalens.experiments.sae_universality import run
+
+    f = tmp_path / "one.txt"
+    f.write_text("Hi\n")
+    with pytest.raises(DataError, match="pair up"):
+        run(_cfg(f"{tiny_dirs['llama']},{tiny_dirs['qwen']}", tmp_path / "r", data=str(f)), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"models": "a"}, "two models"),
+        ({"k": 64}, "smaller than --width"),
+        ({"one_to_one": "last"}, "one-to-one"),
+        ({"eval_fraction": 0.9}, "eval-fraction"),
+    ],
+)
+def test_bad_options(tmp_path, kw, msg):
+    cfg = _cfg(kw.pop("models", "x,y"), tmp_path / "r", **kw)
+    with pytest.raises(ConfigError, match=msg):
+        cfg.validate()

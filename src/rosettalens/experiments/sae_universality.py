@@ -1,0 +1,718 @@
+"""SAE feature-space universality across two models (Lan et al. 2024), across families and tokenizers.
+
+Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outputs exist):
+
+1. setup: both models, a randomly initialised copy of model A (the random-model control), the layer
+   grid (``--layers``), and one shared corpus (built-in names, files, and optionally a corpus sampled
+   from a zoo model, comma-separated) cut to the documents that hold ``--tokens`` tokens of model A;
+2. extract [``acts/a``, ``acts/b``]: activation stores of both models at ``resid_post`` of every grid
+   layer; rows are paired by position when the tokenizers agree and by character offsets when they
+   differ (:class:`rosettalens.align.PairedStores`) [``pairing.json``];
+3. saes [``saes.json``, ``saes/``]: one SAE per model and grid layer, trained on that model's tokens
+   (the last ``--eval-fraction`` held out for FVU / L0 / dead %);
+4. match [``pairs.json``, ``correlations.safetensors``]: for every layer pair, features of A matched to
+   B by activation correlation over the paired tokens, filtered as in the paper (non-concept top
+   tokens, a shared top token, a correlation threshold, one-to-one keeping the best match), and SVCCA,
+   RSA and linear CKA of the paired decoder rows against ``--n-permutations`` shuffled pairings;
+5. subspaces [``subspaces.json``]: at the best layer pair, the pairs grouped by team-written keyword
+   lists (``data/semantic_subspaces.json``), each scored against ``--n-subspace-permutations`` shuffles;
+6. controls [``controls.json``]: at the best pair, two SAEs of model A's layer with different seeds
+   (the ceiling) and an SAE of the random-init copy of A matched to B's SAE (trained must beat it);
+7. heatmaps, correlation histogram, ``results.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from .base import Experiment, RunContext, Stage
+
+DEFAULT_MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct"
+DEFAULT_DATA = "mini-web,harmless,harmful,sequences"
+MIN_PAIRED_TOKENS = 64
+
+
+@dataclass
+class SAEUniversalityConfig:
+    """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
+
+    models: str = DEFAULT_MODELS  # "A,B"
+    layers: str = "auto"  # auto | auto:N | all | stride:K | 3,6,9 | 3,6,9/4,8 (see parse_layers)
+    hook: str = "resid_post"  # hook kind; the layer index is appended
+    data: str = DEFAULT_DATA  # comma-separated built-in names / .txt / .jsonl files / hf:<id>
+    generate_tokens: int = 0  # > 0: also sample a corpus of this many tokens from --generate-model
+    generate_model: str | None = None  # default: model A
+    tokens: int = 12000  # tokens of model A to extract (documents are kept whole)
+    max_length: int = 256  # tokens per document
+    width: int = 512  # SAE latents
+    arch: str = "topk"
+    k: int = 16  # active latents (topk / batchtopk)
+    epochs: int = 6  # passes over the training tokens
+    batch_size: int = 256  # SAE training batch (tokens)
+    lr: float | None = None  # default: rosettalens.sae's rule, 2e-4 * sqrt(16384 / width)
+    eval_fraction: float = 0.1  # held-out tokens for the SAE metrics
+    min_corr: float = 0.3  # pair filter: activation correlation threshold
+    drop_nonconcept: bool = True  # pair filter: drop pairs whose top tokens are all non-concept tokens
+    shared_top_token: bool = True  # pair filter: top tokens must share at least one token
+    one_to_one: str = "best"  # best | first (the paper's code) | none
+    top_k_tokens: int = 5  # top-activating tokens per feature used by the filters
+    n_permutations: int = 100  # shuffled pairings per layer pair
+    n_subspace_permutations: int = 1000
+    subspaces: str | None = None  # a keyword JSON file (default: the bundled team lists)
+    subspace_side: str = "a"  # whose top token assigns a pair to a subspace: a | b | both | either
+    keep_variance: float = 0.99  # SVCCA principal directions kept per side (at most a quarter of the rows)
+    controls: bool = True
+    extract_batch_size: int = 8
+    seed: int = 0
+    device: str | None = None
+    out: str | None = None
+
+    def validate(self) -> None:
+        from ..similarity.universality import ONE_TO_ONE
+
+        names = [m.strip() for m in self.models.split(",")]
+        if len(names) != 2 or not all(names):
+            raise ConfigError(f"--models takes two models 'A,B', got {self.models!r}")
+        for name in ("tokens", "width", "k", "epochs", "batch_size", "n_permutations", "max_length",
+                     "n_subspace_permutations", "top_k_tokens", "extract_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.k >= self.width:
+            raise ConfigError(f"--k ({self.k}) must be smaller than --width ({self.width})")
+        if self.arch not in ("topk", "batchtopk", "relu", "jumprelu"):
+            raise ConfigError(f"--arch must be topk, batchtopk, relu or jumprelu, got {self.arch!r}")
+        if self.one_to_one not in ONE_TO_ONE:
+            raise ConfigError(f"--one-to-one must be one of {', '.join(ONE_TO_ONE)}, got {self.one_to_one!r}")
+        if self.subspace_side not in ("a", "b", "both", "either"):
+            raise ConfigError(f"--subspace-side must be a, b, both or either, got {self.subspace_side!r}")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"--eval-fraction must be in (0, 0.5), got {self.eval_fraction}")
+        if not 0.0 < self.keep_variance <= 1.0:
+            raise ConfigError(f"--keep-variance must be in (0, 1], got {self.keep_variance}")
+        if not -1.0 <= self.min_corr <= 1.0:
+            raise ConfigError(f"--min-corr must be in [-1, 1], got {self.min_corr}")
+        if self.hook not in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+            raise ConfigError(
+                f"--hook must be a residual-like hook kind (resid_post, ...), got {self.hook!r}"
+            )
+        if self.generate_tokens < 0:
+            raise ConfigError("--generate-tokens must be >= 0")
+
+    @property
+    def model_names(self) -> tuple[str, str]:
+        a, b = (m.strip() for m in self.models.split(","))
+        return a, b
+
+
+# -------------------------------------------------------------------------------------- helpers
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size (VmHWM) in MB, None where /proc is unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / 1024, 1) if r else None
+
+
+def random_copy(hm, seed: int):
+    """A randomly initialised model of ``hm``'s architecture and size (same tokenizer), as a HookedModel."""
+    from transformers import AutoModelForCausalLM
+
+    from ..hooks import HookedModel
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hm.model.config, dtype=torch.float32).eval().to(hm.device)
+    return HookedModel(model, hm.tokenizer, name=f"{hm.name}-random-init")
+
+
+def load_corpus(cfg: SAEUniversalityConfig, hm_a, progress: bool):
+    """The shared corpus: every spec of ``--data`` in order, plus a generated corpus, cut to ``--tokens``
+    tokens of model A (whole documents). Returns a :class:`rosettalens.data.Corpus`."""
+    from ..data import Corpus, load_documents
+
+    docs: list[str] = []
+    specs = [s.strip() for s in cfg.data.split(",") if s.strip()]
+    if not specs and not cfg.generate_tokens:
+        raise DataError("--data is empty: give built-in names, .txt/.jsonl files or hf:<id>")
+    for s in specs:
+        docs.extend(load_documents(s).documents)
+    if cfg.generate_tokens:
+        docs.extend(_generated(cfg, hm_a, progress))
+    seen: set[str] = set()
+    uniq = [d for d in docs if d.strip() and not (d in seen or seen.add(d))]
+    chosen, total = [], 0
+    for d in uniq:
+        if total >= cfg.tokens:
+            break
+        n = min(len(hm_a.tokenizer(d, add_special_tokens=False)["input_ids"]), cfg.max_length)
+        chosen.append(d)
+        total += n
+    if not chosen:
+        raise DataError(f"--data {cfg.data!r} holds no non-empty documents")
+    return Corpus("+".join(specs + ([f"generated:{cfg.generate_tokens}"] if cfg.generate_tokens else [])),
+                  chosen, {"source": "sae-universality", "n_tokens_a": total})  # fmt: skip
+
+
+def _generated(cfg: SAEUniversalityConfig, hm_a, progress: bool) -> list[str]:
+    import rosettalens
+
+    from ..data.generate import generate_to_file
+    from ..models.zoo import cache_root
+
+    gm = (
+        hm_a
+        if cfg.generate_model in (None, hm_a.name)
+        else rosettalens.load(cfg.generate_model, device=cfg.device)
+    )
+    out = cache_root() / "corpora" / f"{gm.name}-{cfg.generate_tokens}-seed{cfg.seed}.jsonl"
+    generate_to_file(gm, out, cfg.generate_tokens, seed=cfg.seed, progress=progress)
+    from ..data import load_documents
+
+    return load_documents(str(out)).documents
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+# ------------------------------------------------------------------------------------ SAE access
+# Everything the experiment needs from rosettalens.sae goes through these four functions.
+def train_layer_sae(store: Any, hook: str, rows: tuple[int, int], cfg: SAEUniversalityConfig, seed: int,
+                    progress: bool) -> Any:  # fmt: skip
+    """An SAE on the store's rows ``[start, stop)`` at ``hook`` (``--epochs`` passes, streamed from disk)."""
+    from ..sae.model import SAEConfig
+    from ..sae.train import TrainConfig, train_saes
+
+    n = rows[1] - rows[0]
+    batch = min(cfg.batch_size, n)
+    sc = SAEConfig(d_in=store.d_model, width=cfg.width, arch=cfg.arch, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None,
+                   seed=seed, model=store.manifest["model"]["name"], hook=hook)  # fmt: skip
+    tc = TrainConfig(batch_size=batch, tokens=max(batch, cfg.epochs * n), lr=cfg.lr, seed=seed,
+                     device=cfg.device or "cpu")  # fmt: skip
+    return train_saes(store, [sc], tc, hook=hook, rows=rows, progress=progress)[0]
+
+
+def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """Feature activations ``[n, width]`` of ``x [n, d_in]``."""
+    with torch.no_grad():
+        return sae.encode(x.to(torch.float32))
+
+
+def decoder_rows(sae: Any) -> torch.Tensor:
+    """``W_dec [width, d_in]`` (rows are the features' directions)."""
+    return sae.W_dec.detach().to(torch.float64).cpu()
+
+
+def sae_metrics(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """FVU (variance about the mean), L0 and dead fraction of ``sae`` on held-out ``x [n, d_in]``."""
+    n = x.shape[0]
+    mu = x.double().mean(0)
+    err = var = l0 = 0.0
+    fired = torch.zeros(sae.width, dtype=torch.bool)
+    with torch.no_grad():
+        for sl in _chunks(n, chunk):
+            xc = x[sl].to(torch.float32)
+            z = sae.encode(xc)
+            err += float(((sae.decode(z).double() - xc.double()) ** 2).sum())
+            var += float(((xc.double() - mu) ** 2).sum())
+            l0 += float((z != 0).sum())
+            fired |= (z != 0).any(0).cpu()
+    return {"fvu": err / max(var, 1e-300), "l0": l0 / max(n, 1), "dead_fraction": float((~fired).float().mean())}
+
+
+def save_sae(sae: Any, path: Path) -> None:
+    sae.save(path)
+
+
+def load_sae(path: Path) -> Any:
+    from ..sae.model import load_sae as _load
+
+    return _load(path)
+
+
+# ------------------------------------------------------------------------------------ experiment
+def _hook(cfg: SAEUniversalityConfig, layer: int) -> str:
+    return f"{cfg.hook}.{layer}"
+
+
+def _filters(cfg: SAEUniversalityConfig):
+    from ..similarity.universality import MatchFilters
+
+    return MatchFilters(min_corr=cfg.min_corr, drop_nonconcept=cfg.drop_nonconcept,
+                        shared_top_token=cfg.shared_top_token, one_to_one=cfg.one_to_one,
+                        top_k=cfg.top_k_tokens)  # fmt: skip
+
+
+def _codes(sae: Any, store: Any, hook: str, rows: torch.Tensor, chunk: int = 4096) -> Iterator[torch.Tensor]:
+    """SAE codes ``[chunk, width]`` of the store's rows ``rows``, chunk by chunk (bounded memory)."""
+    for sl in _chunks(len(rows), chunk):
+        yield encode(sae, store.read(hook, rows=rows[sl]).to(torch.float32))
+
+
+def match_pair(sae_a, sae_b, store_a, store_b, hook_a, hook_b, rows_a, rows_b, tok_a, tok_b, filters):
+    """Filtered feature match of two SAEs over paired store rows (``rows_a``, ``rows_b`` ``[n_pairs]``)."""
+    from ..similarity.universality import match_saes
+
+    return match_saes(
+        _codes(sae_a, store_a, hook_a, rows_a),
+        _codes(sae_b, store_b, hook_b, rows_b),
+        store_a.token_ids[rows_a].numpy(),
+        store_b.token_ids[rows_b].numpy(),
+        tok_a,
+        tok_b,
+        filters,
+    )
+
+
+class SAEUniversality(Experiment):
+    name = "sae-universality"
+    config_cls = SAEUniversalityConfig
+    title = "rosettalens: SAE feature-space universality"
+
+    def stages(self, cfg: SAEUniversalityConfig) -> list[Stage]:
+        return [
+            Stage("setup", (), self.setup),
+            Stage(
+                "extract",
+                ("acts/a/manifest.json", "acts/b/manifest.json", "pairing.json"),
+                self.extract,
+                self.load_extract,
+            ),  # fmt: skip
+            Stage("saes", ("saes.json",), self.saes, self.load_saes),
+            Stage("match", ("pairs.json", "correlations.safetensors"), self.match, self.load_match),
+            Stage("subspaces", ("subspaces.json",), self.subspaces, self.load_subspaces),
+            Stage("controls", ("controls.json",), self.controls, self.load_controls),
+            Stage("plots", ("heatmaps.png", "correlations.png"), self.plots),
+        ]
+
+    # --------------------------------------------------------------------------------- 1 setup
+    def setup(self, ctx: RunContext) -> None:
+        import rosettalens
+
+        from ..similarity.universality import load_subspaces, parse_layers
+
+        cfg: SAEUniversalityConfig = ctx.config
+        torch.manual_seed(cfg.seed)
+        name_a, name_b = cfg.model_names
+        hm_a = rosettalens.load(name_a, device=cfg.device, progress=ctx.progress)
+        hm_b = (
+            hm_a if name_b == name_a else rosettalens.load(name_b, device=cfg.device, progress=ctx.progress)
+        )
+        la, lb = parse_layers(cfg.layers, hm_a.cfg.n_layers, hm_b.cfg.n_layers)
+        ctx.state.update(hm_a=hm_a, hm_b=hm_b, layers_a=la, layers_b=lb)
+        ctx.state["keywords"] = load_subspaces(cfg.subspaces)  # bad file: fail before any work
+        ctx.results["models"] = {"a": hm_a.name, "b": hm_b.name}
+        ctx.results["layers"] = {"a": [_hook(cfg, x) for x in la], "b": [_hook(cfg, x) for x in lb]}
+
+    # ------------------------------------------------------------------------------- 2 extract
+    def extract(self, ctx: RunContext) -> None:
+        from ..store import extract
+
+        cfg: SAEUniversalityConfig = ctx.config
+        corpus = load_corpus(cfg, ctx.state["hm_a"], ctx.progress)
+        for side in ("a", "b"):
+            hooks = [_hook(cfg, x) for x in ctx.state[f"layers_{side}"]]
+            extract(ctx.state[f"hm_{side}"], hooks, corpus, ctx.path(f"acts/{side}/manifest.json").parent,
+                    max_length=cfg.max_length, batch_size=cfg.extract_batch_size, progress=ctx.progress)  # fmt: skip
+        ctx.state["corpus"] = corpus
+        self._pair(ctx, write=True)
+
+    def load_extract(self, ctx: RunContext) -> None:
+        self._pair(ctx, write=False)
+
+    def _pair(self, ctx: RunContext, write: bool) -> None:
+        from ..align import PairedStores
+        from ..store import ActivationStore
+
+        sa = ActivationStore.open(ctx.run_dir / "acts" / "a")
+        sb = ActivationStore.open(ctx.run_dir / "acts" / "b")
+        pair = PairedStores(sa, sb, mode="aligned")
+        same_tok = sa.manifest["tokenizer"]["sha256"] == sb.manifest["tokenizer"]["sha256"]
+        info = {
+            "mode": "position (same tokenizer)" if same_tok else "character offsets (different tokenizers)",
+            "n_pairs": len(pair),
+            "rows_a": len(sa),
+            "rows_b": len(sb),
+            "fraction_a": pair.fraction_a,
+            "fraction_b": pair.fraction_b,
+            "n_documents": sa.manifest["n_documents"],
+            "corpus": sa.manifest["dataset"],
+        }
+        if len(pair) < MIN_PAIRED_TOKENS:
+            raise DataError(
+                f"only {len(pair)} tokens of {sa.manifest['model']['name']} and {sb.manifest['model']['name']} "
+                f"pair up on this corpus (need {MIN_PAIRED_TOKENS}): the models share too little text; "
+                "give more or other --data"
+            )
+        ctx.state.update(store_a=sa, store_b=sb, pair=pair)
+        ctx.results["pairing"] = info
+        if write:
+            ctx.save_json("pairing.json", info)
+
+    # ---------------------------------------------------------------------------------- 3 saes
+    def _split(self, n: int, cfg: SAEUniversalityConfig) -> tuple[tuple[int, int], torch.Tensor]:
+        """Training row range ``(0, cut)`` and the held-out rows ``[cut, n)`` (the last documents)."""
+        cut = n - max(1, int(round(n * cfg.eval_fraction)))
+        return (0, cut), torch.arange(cut, n)
+
+    def _train_eval(self, ctx: RunContext, store: Any, hook: str, seed: int) -> tuple[Any, dict[str, float]]:
+        cfg: SAEUniversalityConfig = ctx.config
+        tr, ev = self._split(len(store), cfg)
+        sae = train_layer_sae(store, hook, tr, cfg, seed, ctx.progress)
+        return sae, sae_metrics(sae, store.read(hook, rows=ev).to(torch.float32))
+
+    def saes(self, ctx: RunContext) -> None:
+        cfg: SAEUniversalityConfig = ctx.config
+        metrics: dict[str, dict[str, Any]] = {}
+        saes: dict[str, dict[int, Any]] = {}
+        for side in ("a", "b"):
+            store = ctx.state[f"store_{side}"]
+            saes[side], metrics[side] = {}, {}
+            for layer in ctx.state[f"layers_{side}"]:
+                sae, metrics[side][str(layer)] = self._train_eval(ctx, store, _hook(cfg, layer), cfg.seed)
+                saes[side][layer] = sae
+                save_sae(sae, ctx.path(f"saes/{side}/layer{layer}/.keep").parent)
+        ctx.state["saes"] = saes
+        ctx.results["sae_metrics"] = self._named_metrics(ctx, metrics)
+        ctx.save_json("saes.json", metrics)
+
+    def _named_metrics(self, ctx: RunContext, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {ctx.results["models"][s]: {_hook(ctx.config, int(k)): v for k, v in m.items()}
+                for s, m in metrics.items()}  # fmt: skip
+
+    def load_saes(self, ctx: RunContext) -> None:
+        metrics = ctx.load_json("saes.json")
+        ctx.state["saes"] = {
+            side: {layer: load_sae(ctx.run_dir / "saes" / side / f"layer{layer}") for layer in ctx.state[f"layers_{side}"]}
+            for side in ("a", "b")
+        }  # fmt: skip
+        ctx.results["sae_metrics"] = self._named_metrics(ctx, metrics)
+
+    # --------------------------------------------------------------------------------- 4 match
+    def _match(self, ctx: RunContext, la: int, lb: int):
+        cfg: SAEUniversalityConfig = ctx.config
+        pair = ctx.state["pair"]
+        return match_pair(
+            ctx.state["saes"]["a"][la], ctx.state["saes"]["b"][lb], ctx.state["store_a"], ctx.state["store_b"],
+            _hook(cfg, la), _hook(cfg, lb), pair.rows_a, pair.rows_b,
+            ctx.state["hm_a"].tokenizer, ctx.state["hm_b"].tokenizer, _filters(cfg),
+        )  # fmt: skip
+
+    def match(self, ctx: RunContext) -> None:
+        from tqdm.auto import tqdm
+
+        from ..similarity.universality import paired_similarity
+
+        cfg: SAEUniversalityConfig = ctx.config
+        grid = [(la, lb) for la in ctx.state["layers_a"] for lb in ctx.state["layers_b"]]
+        rows, corrs = [], {}
+        for i, (la, lb) in enumerate(
+            tqdm(grid, desc="match layer pairs", disable=not ctx.progress, file=sys.stderr)
+        ):
+            fm = self._match(ctx, la, lb)
+            wa, wb = decoder_rows(ctx.state["saes"]["a"][la]), decoder_rows(ctx.state["saes"]["b"][lb])
+            s = paired_similarity(wa, wb, fm.kept, n_permutations=cfg.n_permutations, seed=cfg.seed + 7919 * i,
+                                  keep_variance=cfg.keep_variance)  # fmt: skip
+            rows.append(
+                {
+                    "layer_a": la,
+                    "layer_b": lb,
+                    **s,
+                    **{k: v for k, v in fm.to_dict().items() if k != "n_pairs"},
+                }
+            )
+            corrs[f"{la}_{lb}_all"] = torch.from_numpy(fm.all.corr.astype(np.float32))
+            corrs[f"{la}_{lb}_kept"] = torch.from_numpy(fm.kept.corr.astype(np.float32))
+        ctx.save_tensors("correlations.safetensors", corrs)
+        ctx.save_json("pairs.json", rows)
+        self._set_pairs(ctx, rows, corrs)
+
+    def load_match(self, ctx: RunContext) -> None:
+        self._set_pairs(ctx, ctx.load_json("pairs.json"), ctx.load_tensors("correlations.safetensors"))
+
+    def _set_pairs(self, ctx: RunContext, rows: list[dict], corrs: dict[str, torch.Tensor]) -> None:
+        ctx.state["pairs"], ctx.state["correlations"] = rows, corrs
+        ctx.results["pairs"] = rows
+        scored = [r for r in rows if r.get("svcca") is not None]
+        best = max(scored, key=lambda r: r["svcca"]) if scored else None
+        ctx.results["best"] = best
+        ctx.state["best"] = best
+
+    # ----------------------------------------------------------------------------- 5 subspaces
+    def subspaces(self, ctx: RunContext) -> None:
+        from ..similarity.universality import subspace_scores
+
+        cfg: SAEUniversalityConfig = ctx.config
+        best = ctx.state["best"]
+        out: list[dict[str, Any]] = []
+        if best is not None:
+            la, lb = best["layer_a"], best["layer_b"]
+            fm = self._match(ctx, la, lb).kept
+            wa, wb = decoder_rows(ctx.state["saes"]["a"][la]), decoder_rows(ctx.state["saes"]["b"][lb])
+            rows = subspace_scores(wa, wb, fm, ctx.state["keywords"], side=cfg.subspace_side,
+                                   n_permutations=cfg.n_subspace_permutations, seed=cfg.seed,
+                                   keep_variance=cfg.keep_variance)  # fmt: skip
+            from ..similarity.matching import semantic_subspaces
+
+            groups = semantic_subspaces(fm, ctx.state["keywords"], side=cfg.subspace_side)
+            for r in rows:
+                idx = groups[r["name"]]
+                examples = [f"{fm.top_text_a[i]}|{fm.top_text_b[i]}" for i in idx[:12]]  # type: ignore[index]
+                out.append({"name": r["name"], "layer_a": la, "layer_b": lb, **{k: v for k, v in r.items() if k != "name"},
+                            "examples": examples})  # fmt: skip
+        ctx.save_json("subspaces.json", out)
+        ctx.results["subspaces"] = out
+
+    def load_subspaces(self, ctx: RunContext) -> None:
+        ctx.results["subspaces"] = ctx.load_json("subspaces.json")
+
+    # ------------------------------------------------------------------------------ 6 controls
+    def controls(self, ctx: RunContext) -> None:
+        from ..align import PairedStores
+        from ..similarity.universality import paired_similarity
+        from ..store import extract
+
+        cfg: SAEUniversalityConfig = ctx.config
+        best = ctx.state["best"]
+        out: dict[str, Any] = {"same_model_svcca": None, "random_model_svcca": None}
+        if best is None or not cfg.controls:
+            out["note"] = (
+                "no layer pair has enough filtered pairs" if best is not None else "controls disabled"
+            )
+            ctx.save_json("controls.json", out)
+            ctx.results["controls"] = out
+            return
+        la, lb = best["layer_a"], best["layer_b"]
+        ha, hb = _hook(cfg, la), _hook(cfg, lb)
+        sa, sb, pair = ctx.state["store_a"], ctx.state["store_b"], ctx.state["pair"]
+        tok_a, tok_b = ctx.state["hm_a"].tokenizer, ctx.state["hm_b"].tokenizer
+        sae_a, sae_b = ctx.state["saes"]["a"][la], ctx.state["saes"]["b"][lb]
+        filters = _filters(cfg)
+        out.update(
+            layer_a=la,
+            layer_b=lb,
+            trained_svcca=best["svcca"],
+            trained_svcca_null_mean=best["svcca_null_mean"],
+        )
+
+        def score(fm, w1, w2, seed):
+            s = paired_similarity(w1, w2, fm.kept, n_permutations=cfg.n_permutations, seed=seed,
+                                  keep_variance=cfg.keep_variance)  # fmt: skip
+            return {**s, **{k: v for k, v in fm.to_dict().items() if k != "n_pairs"}}
+
+        # ceiling: model A's layer, a second SAE with another seed, matched over A's paired tokens
+        sae_a2, _ = self._train_eval(ctx, sa, ha, cfg.seed + 1)
+        save_sae(sae_a2, ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
+        fm = match_pair(sae_a, sae_a2, sa, sa, ha, ha, pair.rows_a, pair.rows_a, tok_a, tok_a, filters)
+        same = score(fm, decoder_rows(sae_a), decoder_rows(sae_a2), cfg.seed + 11)
+        # floor: an SAE on a randomly initialised copy of model A, matched to model B's SAE
+        hm_r = random_copy(ctx.state["hm_a"], cfg.seed + 2)
+        corpus = ctx.state.get("corpus") or load_corpus(cfg, ctx.state["hm_a"], ctx.progress)
+        sr = extract(hm_r, [ha], corpus, ctx.path("acts/random/manifest.json").parent, max_length=cfg.max_length,
+                     batch_size=cfg.extract_batch_size, progress=ctx.progress)  # fmt: skip
+        del hm_r
+        sae_r, rand_metrics = self._train_eval(ctx, sr, ha, cfg.seed)
+        save_sae(sae_r, ctx.path(f"saes/random/layer{la}/.keep").parent)
+        pr = PairedStores(sr, sb, mode="aligned")
+        fm = match_pair(sae_r, sae_b, sr, sb, ha, hb, pr.rows_a, pr.rows_b, tok_a, tok_b, filters)
+        rand = score(fm, decoder_rows(sae_r), decoder_rows(sae_b), cfg.seed + 13)
+        rand["sae_metrics"] = rand_metrics
+        out.update(same_model_svcca=same["svcca"], random_model_svcca=rand["svcca"], same_model=same,
+                   random_model=rand)  # fmt: skip
+        ctx.save_json("controls.json", out)
+        ctx.results["controls"] = out
+
+    def load_controls(self, ctx: RunContext) -> None:
+        ctx.results["controls"] = ctx.load_json("controls.json")
+
+    # --------------------------------------------------------------------------------- 7 plots
+    def plots(self, ctx: RunContext) -> None:
+        from ..report.html import _plt
+
+        plt = _plt()
+        la, lb = ctx.state["layers_a"], ctx.state["layers_b"]
+        rows = {(r["layer_a"], r["layer_b"]): r for r in ctx.state["pairs"]}
+        name_a, name_b = ctx.results["models"]["a"], ctx.results["models"]["b"]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+        for ax, key, title in (
+            (axes[0, 0], "svcca", "paired SVCCA"),
+            (axes[0, 1], "rsa", "paired RSA"),
+            (axes[1, 0], "svcca_p", "SVCCA p-value (shuffled pairings)"),
+            (axes[1, 1], "rsa_p", "RSA p-value"),
+        ):
+            m = np.full((len(la), len(lb)), np.nan)
+            for i, a in enumerate(la):
+                for j, b in enumerate(lb):
+                    v = rows[(a, b)].get(key)
+                    m[i, j] = np.nan if v is None else v
+            is_p = key.endswith("_p")
+            im = ax.imshow(np.log10(m) if is_p else m, cmap="viridis_r" if is_p else "viridis", aspect="auto")
+            for i in range(len(la)):
+                for j in range(len(lb)):
+                    if np.isfinite(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:.2g}" if is_p else f"{m[i, j]:.2f}", ha="center", va="center",
+                                fontsize=7, color="w")  # fmt: skip
+            ax.set(xticks=range(len(lb)), xticklabels=lb, yticks=range(len(la)), yticklabels=la,
+                   xlabel=f"{name_b} layer", ylabel=f"{name_a} layer", title=title + (" (log10)" if is_p else ""))  # fmt: skip
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        ctx.save_figure("heatmaps.png", fig)
+
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        best = ctx.state["best"] or (ctx.state["pairs"][0] if ctx.state["pairs"] else None)
+        if best is not None:
+            c = ctx.state["correlations"]
+            key = f"{best['layer_a']}_{best['layer_b']}"
+            bins = np.linspace(-0.2, 1.0, 49)
+            ax.hist(
+                c[f"{key}_all"].numpy(), bins=bins, alpha=0.6, label=f"all matches ({len(c[f'{key}_all'])})"
+            )
+            ax.hist(
+                c[f"{key}_kept"].numpy(),
+                bins=bins,
+                alpha=0.8,
+                label=f"after filters ({len(c[f'{key}_kept'])})",
+            )
+            ax.set(title=f"activation correlation of matched features, layers {best['layer_a']} / {best['layer_b']}",
+                   xlabel="Pearson correlation over paired tokens", ylabel="features")  # fmt: skip
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        ctx.save_figure("correlations.png", fig)
+
+    # -------------------------------------------------------------------------------- outputs
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        keys = ("layer_a", "layer_b", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean",
+                "rsa_p", "linear_cka", "linear_cka_null_mean", "linear_cka_p")  # fmt: skip
+        sub_keys = ("name", "layer_a", "layer_b", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa",
+                    "rsa_null_mean", "rsa_p")  # fmt: skip
+        r = ctx.results
+        best = r.get("best")
+        c = r.get("controls", {})
+        return {
+            "models": [r["models"]["a"], r["models"]["b"]],
+            "pairs": [{k: p.get(k) for k in keys} for p in r.get("pairs", [])],
+            "best": None if best is None else {k: best.get(k) for k in keys},
+            "subspaces": [{k: s.get(k) for k in sub_keys} for s in r.get("subspaces", [])],
+            "controls": {
+                "same_model_svcca": c.get("same_model_svcca"),
+                "random_model_svcca": c.get("random_model_svcca"),
+                "layer_a": c.get("layer_a"),
+                "layer_b": c.get("layer_b"),
+            },  # fmt: skip
+            "sae_metrics": r.get("sae_metrics", {}),
+            "pairing": r.get("pairing"),
+            "peak_rss_mb": r.get("peak_rss_mb"),
+            "timings_s": r.get("timings_s"),
+            "run_dir": str(ctx.run_dir),
+        }
+
+    def report(self, ctx: RunContext) -> None:
+        ctx.results["peak_rss_mb"] = peak_rss_mb()
+        ctx.save_json("results.json", ctx.results)
+        _write_report(ctx)
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        a, b = summary["models"]
+        print(f"{a} vs {b}: {len(summary['pairs'])} layer pairs ({summary['pairing']['mode']}, "
+              f"{summary['pairing']['n_pairs']} paired tokens)")  # fmt: skip
+        best = summary["best"]
+        if best is None:
+            print("no layer pair kept enough feature pairs after the filters")
+        else:
+            print(f"best pair: layers {best['layer_a']} / {best['layer_b']}, {best['n_pairs']} feature pairs, "
+                  f"SVCCA {best['svcca']:.3f} (null {best['svcca_null_mean']:.3f}, p {best['svcca_p']:.3g}), "
+                  f"RSA {best['rsa']:.3f} (null {best['rsa_null_mean']:.3f}, p {best['rsa_p']:.3g})")  # fmt: skip
+        c = summary["controls"]
+        print(f"controls: same model, other seed SVCCA {_f(c['same_model_svcca'])}; "
+              f"random-init model A SVCCA {_f(c['random_model_svcca'])}")  # fmt: skip
+        print(f"run directory: {summary['run_dir']} (report.html)")
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def _write_report(ctx: RunContext) -> None:
+    import html
+
+    from ..report import write_report
+    from ..report.html import _table
+
+    r = ctx.results
+    best = r.get("best") or {}
+    c = r.get("controls", {})
+    summary = _table([
+        ("models", f"{r['models']['a']} vs {r['models']['b']}"),
+        ("pairing", r.get("pairing")),
+        ("best layer pair (paired SVCCA)", f"{best.get('layer_a')} / {best.get('layer_b')}" if best else "none"),
+        ("best: SVCCA / null / p", f"{_f(best.get('svcca'))} / {_f(best.get('svcca_null_mean'))} / {best.get('svcca_p')}"),
+        ("best: RSA / null / p", f"{_f(best.get('rsa'))} / {_f(best.get('rsa_null_mean'))} / {best.get('rsa_p')}"),
+        ("controls: same model, other seed (ceiling) SVCCA", c.get("same_model_svcca")),
+        ("controls: random-init model A SVCCA", c.get("random_model_svcca")),
+        ("peak RSS (MB)", r.get("peak_rss_mb")),
+        ("timings (s)", r.get("timings_s")),
+    ])  # fmt: skip
+    head = "".join(f"<th>{h}</th>" for h in ("layer A", "layer B", "matched", "pairs", "SVCCA", "null", "p", "RSA",
+                                              "null", "p", "CKA", "null", "p"))  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(p.get(k)))}</td>" for k in (
+            "layer_a", "layer_b", "n_matched", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean",
+            "rsa_p", "linear_cka", "linear_cka_null_mean", "linear_cka_p")) + "</tr>"
+        for p in r.get("pairs", [])
+    )  # fmt: skip
+    shead = "".join(
+        f"<th>{h}</th>"
+        for h in ("subspace", "pairs", "SVCCA", "null", "p", "RSA", "null", "p", "examples (A|B)")
+    )
+    sbody = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(s.get(k)))}</td>" for k in (
+            "name", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean", "rsa_p")) +
+        f"<td>{html.escape(', '.join(s.get('examples', [])))}</td></tr>"
+        for s in r.get("subspaces", [])
+    )  # fmt: skip
+    mrows = [(f"{m} {h}", v) for m, per in r.get("sae_metrics", {}).items() for h, v in per.items()]
+    sections = [
+        ("Summary", summary),
+        ("Layer pairs", "<img src='heatmaps.png' width='900'>" + f"<table>{head}{body}</table>"),
+        ("Activation correlations before / after filtering", "<img src='correlations.png' width='640'>"),
+        (f"Semantic subspaces (layer pair {best.get('layer_a')} / {best.get('layer_b')})", f"<table>{shead}{sbody}</table>"),
+        ("Controls", _table([(k, v) for k, v in c.items()])),
+        ("SAE quality (held-out tokens; FVU with the variance about the mean)", _table(mrows)),
+    ]  # fmt: skip
+    write_report(ctx.run_dir, "rosettalens: SAE feature-space universality", sections)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+EXPERIMENT = SAEUniversality()
+
+
+def run(
+    cfg: SAEUniversalityConfig | None = None, progress: bool = True, resume: str | os.PathLike | None = None
+):
+    """Run the experiment (the ``rosetta run sae-universality`` entry point as a function)."""
+    from .base import run_experiment
+
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
