@@ -351,7 +351,7 @@ def _step_loss(
         e_hat = _sparse_decode(avals, aidx, sae.W_dec)
         aux = (e_hat - e.detach()).pow(2).sum() / B
         loss = loss + aux_coeff * min(n_dead / cfg.aux_k_, 1.0) * aux
-        aux_val = float(aux)
+        aux_val = float(aux.detach())
     with torch.no_grad():
         xc = x - x.mean(0)
         st = run.stats
