@@ -9,6 +9,7 @@ from .base import Experiment, RunContext, Stage, run_experiment
 # experiment name -> module exposing EXPERIMENT (one line per experiment)
 EXPERIMENTS = {
     "refusal-transfer": "rosettalens.experiments.refusal_transfer",
+    "sae-universality": "rosettalens.experiments.sae_universality",
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run_experiment"]
