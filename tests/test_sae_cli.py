@@ -1,0 +1,159 @@
+"""``rosetta sae train | eval`` end to end on a tiny model, splice metrics with known answers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rosettalens.cli import main
+from rosettalens.sae import SAE, SAEConfig, splice_metrics
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rosettalens.models.tiny import tiny_model
+
+    d = tmp_path_factory.mktemp("models") / "tiny-llama"
+    m, t = tiny_model("llama", seed=1)
+    m.save_pretrained(d)
+    t.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hm(model_dir):
+    from rosettalens.models.loading import load
+
+    return load(str(model_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(hm, tmp_path_factory):
+    from rosettalens.store import extract
+
+    out = tmp_path_factory.mktemp("sae_cli_store") / "store"
+    return extract(hm, "resid_post.1", "mini-web", out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from rosettalens.data import load_documents
+
+    return load_documents("mini-web").documents[:12]
+
+
+def _identity_sae(d: int) -> SAE:
+    """relu(x) - relu(-x) = x: a ReLU SAE of width 2d that reconstructs exactly."""
+    sae = SAE(SAEConfig(d_in=d, width=2 * d, arch="relu"))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def _zero_sae(d: int) -> SAE:
+    sae = SAE(SAEConfig(d_in=d, width=8, arch="relu"))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_splice_metrics_known_answers(hm, texts):
+    exact = splice_metrics(_identity_sae(48), hm, "resid_post.1", texts, batch_size=4)
+    assert exact["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["kl_score"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["kl_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert exact["kl_zero"] > 1e-4 and abs(exact["ce_zero"] - exact["ce_clean"]) > 1e-4  # not vacuous
+    # an SAE that outputs zeros everywhere (special tokens too) is exactly zero-ablation: scores 0
+    zero = splice_metrics(_zero_sae(48), hm, "resid_post.1", texts, batch_size=4, exclude_special=False)
+    assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-4)
+    assert zero["kl_score"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_splice_clean_ce_equals_hf_loss(hm, texts):
+    """Independent reference: HF's own loss for one unpadded document (no token excluded)."""
+    enc = hm.tokenize([texts[0]])
+    ids = enc["input_ids"]
+    got = splice_metrics(_identity_sae(48), hm, "resid_post.1", [ids], exclude_special=False)
+    with torch.no_grad():
+        want = float(hm.model(input_ids=ids, labels=ids).loss)
+    assert got["ce_clean"] == pytest.approx(want, rel=1e-5)
+    assert got["n_tokens"] == ids.shape[1]
+
+
+def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
+    out = tmp_path / "saes"
+    args = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--arch", "topk"]
+    args += ["--width", "64,96", "--k", "4", "--out", str(out), "--batch-size", "128", "--lr", "2e-3"]
+    assert main([*args, "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["width"] for s in summary["saes"]] == [64, 96]
+    assert summary["heldout_rows"] > 0 and summary["metrics_on"] == "heldout"
+    assert sorted(p.name for p in out.iterdir()) == ["topk-w64-k4", "topk-w96-k4"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    for s in summary["saes"]:
+        assert 0 < s["fvu"] < 1.0 and s["l0"] <= 4
+
+    sae_dir = out / "topk-w64-k4"
+    ev = ["sae", "eval", "--sae", str(sae_dir), "--model", str(model_dir), "--data", "mini-web"]
+    assert main([*ev, "--max-tokens", "600", "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_score"):
+        assert isinstance(res[key], float), key
+    assert res["hook"] == "resid_post.1" and res["n_tokens"] >= 600
+
+
+def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
+    base = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--batch-size", "128"]
+    out = tmp_path / "x"
+    assert main([*base, "--arch", "topk", "--width", "32", "--k", "32", "--out", str(out)]) == 2
+    assert "k must be in [1, width)" in capsys.readouterr().err
+    assert (
+        main([*base, "--arch", "topk", "--width", "32", "--k", "4", "--d-in", "64", "--out", str(out)]) == 2
+    )
+    assert "has width 48 but --d-in is 64" in capsys.readouterr().err
+    assert main([*base, "--arch", "gated", "--width", "32", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                *base[:2],
+                "--store",
+                str(tmp_path / "nostore"),
+                "--arch",
+                "relu",
+                "--width",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "not an activation store" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # an SAE of another width than the model's hook; a folder without cfg.json
+    other = SAE(SAEConfig(d_in=32, width=64, arch="topk", k=4, hook="resid_post.1"))
+    other.save(tmp_path / "w32")
+    ev = ["--model", str(model_dir), "--data", "mini-web", "--max-tokens", "50"]
+    assert main(["sae", "eval", "--sae", str(tmp_path / "w32"), *ev]) == 2
+    assert "width 48 but the SAE takes d_in=32" in capsys.readouterr().err
+    (tmp_path / "w32" / "cfg.json").unlink()
+    assert main(["sae", "eval", "--sae", str(tmp_path / "w32"), *ev]) == 2
+    err = capsys.readouterr().err
+    assert "has no cfg.json" in err and err.count("\n") == 1
