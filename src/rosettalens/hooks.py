@@ -88,7 +88,7 @@ class HookedModel:
         self.adapter: Adapter = adapter_for(model.config)
         self.cfg: ModelConfig = model_config(model.config, self.name)
         self._layers: Any = _get_module(model, self.adapter.layers)
-        self._handlers: dict[str, list[tuple[int, HookFn, bool]]] = {}  # (priority, fn, give a copy)
+        self._handlers: dict[str, list[tuple[int, HookFn, str]]] = {}  # (priority, fn, mode)
         self._torch_handles: dict[tuple[int, bool], Any] = {}
         self._sites: dict[str, _Site] = {}
         self._stash: dict[int, Tensor] = {}  # layer -> latest resid_pre (for resid_mid)
@@ -227,14 +227,17 @@ class HookedModel:
         raise HookPointError(f"unknown hook point {name!r}")  # pragma: no cover
 
     # ------------------------------------------------------------------ handler registry
-    def _add_handler(self, name: str, fn: HookFn, priority: int, copy: bool = False) -> Callable[[], None]:
+    def _add_handler(self, name: str, fn: HookFn, priority: int, mode: str = "plain") -> Callable[[], None]:
         """Register ``fn`` at hook ``name``; returns a function that removes it.
 
-        ``copy=True`` (user functions): ``fn`` gets a private copy of the activation, and an in-place
-        edit of that copy (with ``None`` or the copy returned) counts as the new value.
+        mode ``"copy"`` (user functions): ``fn`` gets a private copy of the activation, and an
+        in-place edit of that copy (with ``None`` or the copy returned) counts as the new value.
+        ``"plain"``: rosettalens' own functions that never mutate their input. ``"resize"``: like
+        plain, but the result may have another batch size (the batched patching engine grows the
+        batch at a ``resid_pre`` point; every other input of the layer must broadcast over it).
         """
         site = self._site(name)
-        entry = (priority, fn, copy)
+        entry = (priority, fn, mode)
         handlers = self._handlers.setdefault(name, [])
         handlers.append(entry)
         handlers.sort(key=lambda e: e[0])  # stable: interventions (0) before recorders (1)
@@ -332,13 +335,14 @@ class HookedModel:
                 continue
             act = site.get(raw)
             changed = False
-            for _, fn, copy in list(self._handlers.get(site.name, ())):
-                if copy:
+            for _, fn, mode in list(self._handlers.get(site.name, ())):
+                if mode == "copy":
                     out = _call_on_copy(fn, act, site.name)
                 else:
                     out = fn(act, site.name)
                 if out is not None and out is not act:
-                    if out.shape != act.shape:
+                    resized = mode == "resize" and site.put is _replace and out.shape[1:] == act.shape[1:]
+                    if out.shape != act.shape and not resized:
                         raise ShapeError(
                             f"intervention at {site.name} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}"
                         )
@@ -380,16 +384,16 @@ class HookedModel:
         ``fn`` gets its own copy of the activation: returning a new tensor, or editing the copy in
         place (returning it or ``None``), replaces the activation; nothing else sees the edit.
         """
-        with self._intervene([(n, fn, True) for n, fn in fwd_hooks]):
+        with self._intervene([(n, fn, "copy") for n, fn in fwd_hooks]):
             yield self
 
     @contextlib.contextmanager
-    def _intervene(self, fwd_hooks: Sequence[tuple[str, HookFn, bool]]) -> Iterator[HookedModel]:
-        """``hooks`` for rosettalens' own functions: ``copy=False`` for those known not to mutate."""
+    def _intervene(self, fwd_hooks: Sequence[tuple[str, HookFn, str]]) -> Iterator[HookedModel]:
+        """``hooks`` with a handler mode each (see ``_add_handler``): for rosettalens' own functions."""
         removers = []
         try:
-            for name, fn, copy in fwd_hooks:
-                removers.append(self._add_handler(self.resolve_hook(name), fn, _INTERVENE, copy=copy))
+            for name, fn, mode in fwd_hooks:
+                removers.append(self._add_handler(self.resolve_hook(name), fn, _INTERVENE, mode=mode))
             yield self
         finally:
             for r in reversed(removers):
@@ -424,16 +428,18 @@ class HookedModel:
         if not isinstance(hook, dict) and value is None:
             raise ShapeError(f"patch({hook!r}) needs a value: a tensor or a function fn(act, hook)")
         selective = positions is not None or rows is not None or heads is not None
-        fwd: list[tuple[str, HookFn, bool]] = []
+        fwd: list[tuple[str, HookFn, str]] = []
         for name, val in patches.items():
             canonical = self.resolve_hook(name)
             is_fn = callable(val) and not isinstance(val, Tensor)
             if not selective:
                 fwd.append(
-                    (canonical, val, True) if is_fn else (canonical, _tensor_patch(canonical, val), False)
+                    (canonical, val, "copy") if is_fn else (canonical, _tensor_patch(canonical, val), "plain")
                 )
             else:
-                fwd.append((canonical, self._selective_patch(canonical, val, positions, rows, heads), False))
+                fwd.append(
+                    (canonical, self._selective_patch(canonical, val, positions, rows, heads), "plain")
+                )
         with contextlib.ExitStack() as stack:
             if positions is not None:
                 stack.enter_context(self._track_offset())
@@ -535,7 +541,7 @@ class HookedModel:
             out[:, idx] += v
             return out
 
-        with self._track_offset(), self._intervene([(name, add, False)]):
+        with self._track_offset(), self._intervene([(name, add, "plain")]):
             yield self
 
     @contextlib.contextmanager
@@ -570,7 +576,7 @@ class HookedModel:
             u = unit.to(device=act.device, dtype=act.dtype)
             return act - (act @ u).unsqueeze(-1) * u
 
-        with self._intervene([(n, project_out, False) for n in names]):
+        with self._intervene([(n, project_out, "plain") for n in names]):
             yield self
 
     def _width(self, name: str) -> int:

@@ -1,0 +1,404 @@
+"""Batched activation patching on the Hugging Face model: ``patch_sweep``.
+
+Activation patching (Meng et al. 2022; Wang et al. 2023): run the *corrupted* prompt, replace one
+component's activation by its value on the *clean* prompt, and read a metric of the logits. A sweep
+does this for every layer x position (``resid_pre``, ``attn_out``, ``mlp_out``), every layer x head
+(``heads``: the head's output ``head_z``; ``q``, ``k``, ``v``: its query / key / value, where with
+GQA ``k``/``v`` have one entry per key-value head, which serves a group of query heads), optionally
+per position for the per-head sweeps.
+
+Many patches share one forward pass: the batch grows inside the forward. The forward starts with
+one row (the corrupted prompt); at ``resid_pre.L`` the hook appends one copy of that row for every
+patch at layer ``L`` and the patch hooks write the clean values into their own rows. A patch at
+layer ``L`` therefore costs only the layers from ``L`` on (everything before it is the shared
+corrupted row), about half of the work of stacking the patches into a batch from the embedding on.
+Every other input of a layer (masks, rotary tables) has batch 1 and broadcasts; this is why each
+forward holds one prompt. Rows per forward are bounded by a memory budget. The result equals one
+forward per patch to float tolerance (tests/test_patching.py, on every tiny architecture).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+
+__all__ = ["SWEEPS", "PatchResult", "patch_sweep"]
+
+Metric = Callable[[Tensor], Tensor]
+
+#: sweep kind -> hook point kind it patches
+SWEEPS = {
+    "resid_pre": "resid_pre",
+    "attn_out": "attn_out",
+    "mlp_out": "mlp_out",
+    "heads": "head_z",
+    "q": "q",
+    "k": "k",
+    "v": "v",
+}
+_POSITION_SWEEPS = ("resid_pre", "attn_out", "mlp_out")
+
+
+@dataclass
+class PatchResult:
+    """The metric with each component patched from the clean into the corrupted run.
+
+    values: ``[n_layers, n_positions]`` (``resid_pre``/``attn_out``/``mlp_out``), ``[n_layers,
+    n_heads]`` (``heads``, ``q``; ``n_kv_heads`` for ``k``/``v``) or ``[n_layers, n_positions,
+    n_heads]`` with ``by_position``; the mean over prompts of ``per_prompt [n_prompts, *values.shape]``.
+    axes / labels: the name of each axis of ``values`` and its labels (layer and head numbers,
+    positions as indices into the prompt, ``tokens`` the clean prompt's tokens at those positions).
+    clean / corrupted: the metric of the unpatched runs per prompt ``[n_prompts]``.
+    kv_groups: for ``k``/``v`` sweeps, key-value head -> the query heads that read it.
+    """
+
+    sweep: str
+    hook: str
+    values: Tensor
+    per_prompt: Tensor
+    axes: tuple[str, ...]
+    labels: dict[str, list]
+    clean: Tensor
+    corrupted: Tensor
+    kv_groups: dict[int, list[int]] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clean_metric(self) -> float:
+        return float(self.clean.mean())
+
+    @property
+    def corrupted_metric(self) -> float:
+        return float(self.corrupted.mean())
+
+    def normalized(self) -> Tensor:
+        """``(values - corrupted) / (clean - corrupted)``: 0 = no effect, 1 = restores the clean metric."""
+        denom = self.clean_metric - self.corrupted_metric
+        if denom == 0:
+            raise ShapeError(
+                "clean and corrupted metrics are equal: the patching effect cannot be normalised"
+            )
+        return (self.values - self.corrupted_metric) / denom
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (values as nested lists)."""
+        out: dict[str, Any] = {
+            "sweep": self.sweep,
+            "hook": self.hook,
+            "axes": list(self.axes),
+            "shape": list(self.values.shape),
+            "labels": self.labels,
+            "clean_metric": self.clean_metric,
+            "corrupted_metric": self.corrupted_metric,
+            "values": self.values.tolist(),
+            "n_prompts": int(self.per_prompt.shape[0]),
+        }
+        try:
+            out["normalized"] = self.normalized().tolist()
+        except ShapeError:
+            out["normalized"] = None
+        if self.kv_groups is not None:
+            out["kv_groups"] = {str(k): v for k, v in self.kv_groups.items()}
+        out.update(self.meta)
+        return out
+
+    def top(self, k: int = 5) -> list[tuple[dict[str, int], float]]:
+        """The ``k`` entries whose patch moves the metric most towards the clean run."""
+        eff = self.values - self.corrupted_metric
+        sign = 1.0 if self.clean_metric >= self.corrupted_metric else -1.0
+        flat = (sign * eff).flatten()
+        order = flat.argsort(descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            idx = torch.unravel_index(torch.tensor(i), self.values.shape)
+            where = {ax: self.labels[ax][int(j)] for ax, j in zip(self.axes, idx)}
+            out.append((where, float(self.values.flatten()[i])))
+        return out
+
+
+def _as_ids(x: Any, name: str, device: torch.device) -> Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2 or t.dtype.is_floating_point:
+        raise ShapeError(f"{name} must be token ids [batch, pos], got shape {tuple(t.shape)} ({t.dtype})")
+    return t.long().to(device)
+
+
+def _select(sel: Sequence[int] | None, size: int, what: str) -> list[int]:
+    if sel is None:
+        return list(range(size))
+    out = []
+    for i in sel:
+        i = int(i)
+        if not -size <= i < size:
+            raise ConfigError(f"{what} {i} out of range (0..{size - 1}, or negative from the end)")
+        out.append(i % size)
+    if not out:
+        raise ConfigError(f"no {what}s to sweep")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"a {what} is listed twice: {list(sel)}")
+    return out
+
+
+def _row_bytes(hm: Any, n_pos: int) -> int:
+    """A rough upper bound of the memory one extra row costs in a forward (activations + logits)."""
+    c = hm.cfg
+    text = hm.model.config.get_text_config()
+    d_ff = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * c.d_model)
+    itemsize = torch.empty((), dtype=hm.dtype).element_size()
+    per_pos = 2 * c.vocab_size + 8 * c.d_model + 4 * d_ff + 3 * c.n_heads * (c.d_head + n_pos)
+    return itemsize * n_pos * per_pos
+
+
+@torch.no_grad()
+def patch_sweep(
+    hm: Any,
+    clean_ids: Any,
+    corrupted_ids: Any,
+    metric: Metric,
+    sweep: str = "resid_pre",
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    by_position: bool = False,
+    memory_budget: float = 2**30,
+    max_rows: int | None = None,
+    progress: bool = False,
+) -> PatchResult:
+    """Activation patching of every component of one kind, many patches per forward pass.
+
+    hm: a :class:`~rosettalens.hooks.HookedModel`.
+    clean_ids, corrupted_ids: token ids ``[n_prompts, pos]`` (or ``[pos]``) of equal shape, no
+    padding (prompts of equal token length).
+    metric: ``metric(logits [n_prompts, pos, vocab]) -> [n_prompts]``, called with the logits of the
+    ``n_prompts`` corrupted prompts with one patch applied (row ``i`` is prompt ``i``).
+    sweep: ``resid_pre`` | ``attn_out`` | ``mlp_out`` (layer x position), ``heads`` (``head_z``,
+    layer x head), ``q`` | ``k`` | ``v`` (layer x head; ``k``/``v`` per key-value head).
+    layers / positions: the layers / positions to sweep (default all; negative from the end).
+    by_position: for ``heads``/``q``/``k``/``v``, patch each head at each position separately
+    (``[n_layers, n_positions, n_heads]``) instead of at all positions at once.
+    memory_budget: bytes for the rows of one forward (and the logits they return); ``max_rows``
+    caps the patches per forward directly.
+
+    Returns a :class:`PatchResult` (``values`` ``[n_layers, n_positions]`` / ``[n_layers, n_heads]``
+    / ``[n_layers, n_positions, n_heads]``, the mean over prompts).
+    """
+    if sweep not in SWEEPS:
+        raise ConfigError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
+    kind = SWEEPS[sweep]
+    c = hm.cfg
+    clean = _as_ids(clean_ids, "clean_ids", hm.device)
+    corrupted = _as_ids(corrupted_ids, "corrupted_ids", hm.device)
+    if clean.shape != corrupted.shape:
+        raise ShapeError(
+            f"clean and corrupted prompts must have the same shape [n_prompts, pos] (equal token length), "
+            f"got {tuple(clean.shape)} and {tuple(corrupted.shape)}"
+        )
+    n_prompts, n_pos = clean.shape
+    layer_list = _select(layers, c.n_layers, "layer")
+    pos_list = _select(positions, n_pos, "position")
+    per_head = sweep not in _POSITION_SWEEPS
+    if by_position and not per_head:
+        raise ConfigError(f"by_position is for the per-head sweeps (heads, q, k, v), not {sweep}")
+    n_heads = c.n_kv_heads if kind in ("k", "v") else c.n_heads
+
+    # the grid of patches, in layer order: (layer, position or None, head or None)
+    if not per_head:
+        grid = [(lay, p, None) for lay in layer_list for p in pos_list]
+        axes: tuple[str, ...] = ("layer", "position")
+        shape: tuple[int, ...] = (len(layer_list), len(pos_list))
+    elif by_position:
+        grid = [(lay, p, h) for lay in layer_list for p in pos_list for h in range(n_heads)]
+        axes = ("layer", "position", "kv_head" if kind in ("k", "v") else "head")
+        shape = (len(layer_list), len(pos_list), n_heads)
+    else:
+        grid = [(lay, None, h) for lay in layer_list for h in range(n_heads)]
+        axes = ("layer", "kv_head" if kind in ("k", "v") else "head")
+        shape = (len(layer_list), n_heads)
+
+    # clean activations and the two unpatched metrics
+    names = [f"{kind}.{lay}" for lay in layer_list]
+    clean_logits, cache = hm.run_with_cache(clean, hooks=names)
+    clean_m = _metric_rows(metric, clean_logits, n_prompts)
+    del clean_logits
+    corrupted_m = _metric_rows(metric, hm.forward(corrupted), n_prompts)
+
+    row_cost = _row_bytes(hm, n_pos) * n_prompts
+    rows = max(1, int(memory_budget // row_cost))
+    if max_rows is not None:
+        rows = max(1, min(rows, int(max_rows)))
+    chunks = [grid[i : i + rows] for i in range(0, len(grid), rows)]
+    values = torch.empty(len(grid), n_prompts, dtype=torch.float64)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc=f"patch {sweep}", unit="patch", file=sys.stderr, leave=False)
+    done = 0
+    try:
+        for chunk in chunks:
+            chunk_logits = []
+            for i in range(n_prompts):
+                handlers = _chunk_handlers(chunk, kind, {n: cache[n][i] for n in names})
+                with hm._intervene(handlers):
+                    logits = hm.forward(corrupted[i : i + 1])
+                if (
+                    logits.shape[0] != len(chunk) + 1
+                ):  # pragma: no cover - an architecture that does not broadcast
+                    raise ShapeError(
+                        f"batched patching got {logits.shape[0]} rows, expected {len(chunk) + 1}"
+                    )
+                chunk_logits.append(logits[1:])
+            stacked = torch.stack(chunk_logits, dim=1)  # [k, n_prompts, pos, vocab]
+            del chunk_logits
+            for j in range(len(chunk)):
+                values[done + j] = _metric_rows(metric, stacked[j], n_prompts)
+            done += len(chunk)
+            del stacked
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    per_prompt = values.T.reshape(n_prompts, *shape)
+    tokens = [hm.tokenizer.decode([int(t)]) for t in clean[0]] if hm.tokenizer is not None else []
+    labels: dict[str, list] = {"layer": layer_list}
+    if "position" in axes:
+        labels["position"] = pos_list
+        if tokens:
+            labels["tokens"] = [tokens[p] for p in pos_list]
+    if per_head:
+        labels[axes[-1]] = list(range(n_heads))
+    kv_groups = None
+    if kind in ("k", "v"):
+        g = c.n_heads // c.n_kv_heads
+        kv_groups = {h: list(range(h * g, (h + 1) * g)) for h in range(c.n_kv_heads)}
+    meta = {
+        "model": hm.name,
+        "n_positions": n_pos,
+        "patches": len(grid),
+        "forwards": len(chunks) * n_prompts,
+        "rows_per_forward": rows,
+    }
+    if kv_groups is not None:
+        meta["group_size"] = c.n_heads // c.n_kv_heads
+    return PatchResult(
+        sweep=sweep,
+        hook=kind,
+        values=per_prompt.mean(0),
+        per_prompt=per_prompt,
+        axes=axes,
+        labels=labels,
+        clean=clean_m,
+        corrupted=corrupted_m,
+        kv_groups=kv_groups,
+        meta=meta,
+    )
+
+
+def _metric_rows(metric: Metric, logits: Tensor, n: int) -> Tensor:
+    out = torch.as_tensor(metric(logits))
+    if out.shape != (n,):
+        raise ShapeError(
+            f"metric must return one value per prompt row, shape ({n},), got {tuple(out.shape)}; "
+            "e.g. metric = lambda logits: logits[:, -1, answer] - logits[:, -1, wrong]"
+        )
+    return out.detach().double().cpu()
+
+
+def _chunk_handlers(
+    chunk: list[tuple[int, int | None, int | None]], kind: str, clean: dict[str, Tensor]
+) -> list[tuple[str, Callable, str]]:
+    """Hook handlers for one forward: grow the batch at each layer's ``resid_pre``, patch its rows.
+
+    clean: ``{hook name: clean activation of this prompt}`` (``[pos, ...]``, no batch axis).
+    Row 0 stays the corrupted run; the patches of layer ``L`` get rows ``start_L .. start_L + k_L``.
+    """
+    by_layer: dict[int, list[tuple[int | None, int | None]]] = {}
+    for lay, p, h in chunk:
+        by_layer.setdefault(lay, []).append((p, h))
+    handlers: list[tuple[str, Callable, str]] = []
+    start = 1
+    for lay, items in by_layer.items():
+        k = len(items)
+        rows = torch.arange(start, start + k)
+        pos = torch.tensor([p if p is not None else -1 for p, _ in items])
+        head = torch.tensor([h if h is not None else -1 for _, h in items])
+        src = clean[f"{kind}.{lay}"]
+        write = _writer(rows, pos, head, src, all_pos=items[0][0] is None)
+        if kind == "resid_pre":
+            handlers.append((f"resid_pre.{lay}", _grow(k, write), "resize"))
+        else:
+            handlers.append((f"resid_pre.{lay}", _grow(k, None), "resize"))
+            handlers.append((f"{kind}.{lay}", write, "plain"))
+        start += k
+    return handlers
+
+
+def _grow(k: int, write: Callable | None) -> Callable:
+    def grow(act: Tensor, name: str) -> Tensor:
+        new = torch.cat([act, act[:1].expand(k, *act.shape[1:])])
+        return write(new, name, inplace=True) if write is not None else new
+
+    return grow
+
+
+def _writer(rows: Tensor, pos: Tensor, head: Tensor, src: Tensor, all_pos: bool) -> Callable:
+    """Write the clean values into rows ``rows``: at (pos) / (pos, head) / (all positions, head)."""
+    has_head = bool((head >= 0).all())
+    cache: dict[torch.device, tuple] = {}
+
+    def index(act: Tensor) -> tuple:
+        if act.device not in cache:
+            r, p, h = rows.to(act.device), pos.to(act.device), head.to(act.device)
+            s = src.to(device=act.device, dtype=act.dtype)
+            if has_head and all_pos:
+                ar = torch.arange(act.shape[1], device=act.device)
+                dst = (r[:, None], ar[None, :], h[:, None])
+                val = s[ar[None, :], h[:, None]]  # [k, pos, d_head]
+            elif has_head:
+                dst = (r, p, h)
+                val = s[p, h]  # [k, d_head]
+            else:
+                dst = (r, p)
+                val = s[p]  # [k, d_model]
+            cache[act.device] = (dst, val)
+        return cache[act.device]
+
+    def write(act: Tensor, name: str, inplace: bool = False) -> Tensor:
+        if act.shape[0] <= int(rows.max()):
+            raise ShapeError(
+                f"batched patching: {name} has {act.shape[0]} rows, rows {rows.tolist()} expected"
+            )
+        dst, val = index(act)
+        new = act if inplace else act.clone()
+        new[dst] = val
+        return new
+
+    return write
+
+
+def grid_shape(hm: Any, sweep: str, n_pos: int, by_position: bool = False) -> tuple[int, ...]:
+    """The shape of ``patch_sweep(...).values`` for ``sweep`` on ``hm`` over ``n_pos`` positions."""
+    if sweep not in SWEEPS:
+        raise ConfigError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
+    c = hm.cfg
+    if sweep in _POSITION_SWEEPS:
+        return (c.n_layers, n_pos)
+    n_heads = c.n_kv_heads if sweep in ("k", "v") else c.n_heads
+    return (c.n_layers, n_pos, n_heads) if by_position else (c.n_layers, n_heads)
+
+
+def estimate_rows(hm: Any, n_pos: int, n_prompts: int = 1, memory_budget: float = 2**30) -> int:
+    """Patches per forward that ``patch_sweep`` uses under ``memory_budget`` bytes."""
+    return max(1, int(memory_budget // (_row_bytes(hm, n_pos) * n_prompts)))
