@@ -222,7 +222,13 @@ def load_task_file(path: str | Path) -> list[SequenceTask]:
 
 # ----------------------------------------------------------------------------------------- tokenizer
 def _ids(tok: Any, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``text`` without special tokens; an unknown word (the unk token) counts as two, so
+    it is never taken for a single token."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and unk in ids and text.strip() != getattr(tok, "unk_token", None):
+        return ids + [unk]
+    return ids
 
 
 def _answer_forms(tok: Any, members: Sequence[str]) -> tuple[str, dict[str, int], dict[str, str]]:

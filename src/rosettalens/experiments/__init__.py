@@ -10,6 +10,7 @@ from .base import Experiment, RunContext, Stage, run_experiment
 EXPERIMENTS = {
     "refusal-transfer": "rosettalens.experiments.refusal_transfer",
     "sae-universality": "rosettalens.experiments.sae_universality",
+    "seqcont-circuits": "rosettalens.experiments.seqcont_circuits",
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run_experiment"]

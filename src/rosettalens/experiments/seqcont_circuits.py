@@ -1,0 +1,593 @@
+"""Shared sequence-continuation circuits across tasks and models (Lan, Torr, Barez 2024).
+
+Stages, all written to one run directory:
+
+1. prompts: per model and task, clean prompts in the paper's style (names and verbs) with corrupted
+   twins (members replaced by random members); the competence filter (next member top-1 and
+   p(next) > 2 p(last)) keeps at most ``n_prompts``; competence per model and task (``prompts.json``);
+2. circuits: node pruning by iterative mean-ablation (heads and MLPs; backward then forward over the
+   layers) keeping ``threshold`` of the full model's metric (``circuits.json``);
+3. edges: path patching between the circuit's nodes (``edges.json``);
+4. faithfulness: f(C) with the complement mean-ablated, EAP node attribution, the MIB faithfulness
+   curve (CPR / CMD) and random circuits of the same sizes (``faithfulness.json``);
+5. shared: IoU matrix of the task circuits, the shared sub-circuit (their intersection), its
+   faithfulness on each task, its heads' roles (successor / copy scores, attention to the members),
+   and the ablation test: the shared sub-circuit vs random component sets of the same size,
+   mean-ablated, on every task and on other tasks (one-digit addition, interval sequences), with
+   top-1 accuracies (``shared.json``);
+6. cross-model (``--models A,B``): circuits by relative depth, the shared sub-circuits' heads of two
+   models matched by their role scores (``cross_model.json``);
+7. plots (attribution per head, EAP of ``resid_pre`` by layer x position, faithfulness curves, IoU
+   matrices, relative depths; optional exact patching heatmaps with ``--patching true``) and
+   ``report.html``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .base import Experiment, RunContext, Stage
+
+
+@dataclass
+class SeqcontConfig:
+    """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
+
+    model: str = "smollm2-135m-instruct"
+    models: str | None = None  # comma-separated: compare across models (overrides --model)
+    tasks: str = "digits,number-words,months"
+    task_file: str | None = None  # user tasks (JSON), added to --tasks
+    other_tasks: str = "addition,interval-digits"  # tasks of the ablation test only
+    templates: str = "paper"  # built-in template style: paper | bare
+    n_prompts: int = 16  # prompts per task after the competence filter
+    threshold: float = 0.8  # share of the full model's metric a circuit keeps
+    group_first: bool = True  # pruning tries a whole layer's heads first (one forward)
+    edges: bool = True  # path patching between circuit nodes
+    max_edge_nodes: int = 10  # path patching among at most this many circuit nodes (most important)
+    n_random: int = 3  # random circuits / component sets per comparison
+    patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
+    batch_size: int = 32
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    out: str | None = None
+
+    def model_list(self) -> list[str]:
+        names = [m.strip() for m in (self.models or self.model).split(",") if m.strip()]
+        if not names:
+            raise ConfigError("no model given")
+        return names
+
+    def validate(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"--threshold must be in (0, 1], got {self.threshold}")
+        for name in ("n_prompts", "batch_size", "max_edge_nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.n_random < 0:
+            raise ConfigError("--n-random must be >= 0")
+        if self.templates not in ("paper", "bare"):
+            raise ConfigError(f"--templates must be paper or bare, got {self.templates!r}")
+        self.model_list()
+        _tasks(self)
+
+
+def _tasks(cfg: SeqcontConfig) -> tuple[list[Any], list[Any]]:
+    """(main tasks, other tasks of the ablation test) as SequenceTask objects."""
+    from ..circuits.tasks import load_task, load_task_file
+
+    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    main = [load_task(t) for t in names]
+    if cfg.task_file:
+        main += load_task_file(cfg.task_file)
+    if not main:
+        raise ConfigError("no task given (--tasks or --task-file)")
+    seen = [t.name for t in main]
+    if len(set(seen)) != len(seen):
+        raise ConfigError(f"repeated task names: {seen}")
+    other = [load_task(t.strip()) for t in cfg.other_tasks.split(",") if t.strip() and t.strip() not in seen]
+    return main, other
+
+
+def _heads_set(c: dict) -> set[str]:
+    return set(c["heads"])
+
+
+def _components(c: dict) -> set[str]:
+    return set(c["heads"]) | {f"mlp.{m}" for m in c["mlps"]}
+
+
+def _iou(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+class SeqcontExperiment(Experiment):
+    name = "seqcont-circuits"
+    config_cls = SeqcontConfig
+    title = "rosettalens: shared sequence-continuation circuits"
+
+    def stages(self, cfg: SeqcontConfig) -> list[Stage]:
+        stages = [
+            Stage("models", (), self.load_models),
+            Stage("prompts", ("prompts.json",), self.prompts, load=self.load_prompts),
+            Stage("circuits", ("circuits.json",), self.circuits),
+            Stage("faithfulness", ("faithfulness.json",), self.faithfulness),
+            Stage("shared", ("shared.json",), self.shared),
+        ]
+        if cfg.edges:
+            stages.append(Stage("edges", ("edges.json",), self.edges))
+        if len(cfg.model_list()) > 1:
+            stages.append(Stage("cross_model", ("cross_model.json",), self.cross_model))
+        stages.append(Stage("plots", (), self.plots))
+        return stages
+
+    # ------------------------------------------------------------------------------------ models
+    def load_models(self, ctx: RunContext) -> None:
+        import rosettalens
+
+        cfg = ctx.config
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        hms = {}
+        for name in cfg.model_list():
+            kw: dict[str, Any] = {"progress": ctx.progress}
+            if cfg.device:
+                kw["device"] = cfg.device
+            if dtype is not None:
+                kw["dtype"] = dtype
+            hms[name] = rosettalens.load(name, **kw)
+        ctx.state["hms"] = hms
+        ctx.state["task_objs"] = _tasks(cfg)
+
+    # ----------------------------------------------------------------------------------- prompts
+    def _build(self, ctx: RunContext, keep: dict | None) -> dict:
+        """Prompt sets per model and task; ``keep`` (from prompts.json) gives the kept rows."""
+        from ..circuits.tasks import competence, make_prompts
+
+        cfg = ctx.config
+        main, other = ctx.state["task_objs"]
+        user = {t.name for t in main} - {n.strip() for n in cfg.tasks.split(",")}
+        sets: dict[str, dict[str, Any]] = {}
+        report: dict[str, dict[str, Any]] = {}
+        for mname, hm in ctx.state["hms"].items():
+            sets[mname], report[mname] = {}, {}
+            for task in [*main, *other]:
+                is_main = task in main
+                tpl = None if task.templates else cfg.templates
+                ps = make_prompts(hm, task, n=4 * cfg.n_prompts, seed=cfg.seed, strict=task.name in user,
+                                  templates=tpl)  # fmt: skip
+                if keep is not None:
+                    rows = keep[mname][task.name]["rows"]
+                    stats = keep[mname][task.name]
+                else:
+                    mask, stats = competence(hm, ps, cfg.batch_size)
+                    rows = mask.nonzero().flatten().tolist()
+                    if is_main:
+                        rows = rows[: cfg.n_prompts]
+                    else:  # ablation test: all prompts, accuracy measured with and without ablation
+                        rows = list(range(min(len(ps), cfg.n_prompts)))
+                    if is_main and not rows:
+                        raise DataError(
+                            f"{mname} passes no prompt of the competence filter on task {task.name!r} "
+                            f"(next member top-1 and p(next) > 2 p(last) on 0 of {len(ps)}); drop the task"
+                        )
+                    stats = {**stats, "rows": rows, "tokenization": ps.tokenization,
+                             "examples": ps.subset(rows).examples(2), "main": is_main}  # fmt: skip
+                sets[mname][task.name] = ps.subset(rows)
+                report[mname][task.name] = stats
+        return {"sets": sets, "report": report}
+
+    def prompts(self, ctx: RunContext) -> None:
+        out = self._build(ctx, None)
+        ctx.state["sets"] = out["sets"]
+        ctx.save_json("prompts.json", out["report"])
+        ctx.state["prompts"] = out["report"]
+
+    def load_prompts(self, ctx: RunContext) -> None:
+        keep = ctx.load_json("prompts.json")
+        ctx.state["prompts"] = keep
+        ctx.state["sets"] = self._build(ctx, keep)["sets"]
+
+    def _main(self, ctx: RunContext) -> list[str]:
+        return [t.name for t in ctx.state["task_objs"][0]]
+
+    # ---------------------------------------------------------------------------------- circuits
+    def circuits(self, ctx: RunContext) -> None:
+        from ..circuits.pruning import prune_nodes
+
+        cfg = ctx.config
+        out: dict[str, dict[str, Any]] = {}
+        for mname, hm in ctx.state["hms"].items():
+            out[mname] = {}
+            for task in self._main(ctx):
+                ps = ctx.state["sets"][mname][task]
+                res = prune_nodes(
+                    hm, ps.clean_ids, ps.metric(), ps.corrupted_ids, threshold=cfg.threshold,
+                    group_first=cfg.group_first, batch_size=cfg.batch_size, progress=ctx.progress,
+                )  # fmt: skip
+                out[mname][task] = {**res.to_dict(), "trace": res.trace}
+        ctx.state["circuits"] = out
+        ctx.save_json("circuits.json", out)
+
+    # ------------------------------------------------------------------------------------- edges
+    def edges(self, ctx: RunContext) -> None:
+        from ..circuits.pruning import path_patch_edges
+
+        cfg = ctx.config
+        out: dict[str, dict[str, Any]] = {}
+        for mname, hm in ctx.state["hms"].items():
+            out[mname] = {}
+            for task in self._main(ctx):
+                c = ctx.state["circuits"][mname][task]
+                ranked = _rank_nodes(c)
+                nodes = ranked[: cfg.max_edge_nodes]
+                ps = ctx.state["sets"][mname][task]
+                edges = path_patch_edges(
+                    hm, ps.clean_ids, ps.corrupted_ids, ps.metric(), senders=nodes,
+                    receivers=[*nodes, "logits"], inputs=("qkv",), progress=ctx.progress,
+                )  # fmt: skip
+                edges.sort(key=lambda e: -abs(e["effect"]))
+                out[mname][task] = {"nodes": nodes, "n_circuit_nodes": len(ranked), "edges": edges}
+        ctx.save_json("edges.json", out)
+
+    # ------------------------------------------------------------------------------ faithfulness
+    def faithfulness(self, ctx: RunContext) -> None:
+        from ..circuits.attribution import attribute_nodes
+        from ..circuits.faithfulness import Circuit, Faithfulness
+
+        cfg = ctx.config
+        out: dict[str, dict[str, Any]] = {}
+        for mname, hm in ctx.state["hms"].items():
+            out[mname] = {}
+            for task in self._main(ctx):
+                ps = ctx.state["sets"][mname][task]
+                c = ctx.state["circuits"][mname][task]
+                metric = ps.metric()
+                fa = Faithfulness(hm, ps.clean_ids, metric, ablation="mean", reference=ps.corrupted_ids,
+                                  batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+                f_c = fa(Circuit(heads=list(c["heads"]), mlps=list(c["mlps"])))
+                attr = attribute_nodes(hm, ps.clean_ids, ps.corrupted_ids, metric, method="eap", resid=True,
+                                       batch_size=cfg.batch_size)  # fmt: skip
+                ev = fa.evaluate(attr, n_random=max(cfg.n_random, 1), seed=cfg.seed)
+                out[mname][task] = {
+                    "faithfulness": f_c, "m_full": fa.m_full, "m_empty": fa.m_empty,
+                    "cpr": ev["cpr"], "cmd": ev["cmd"], "random_cpr": ev["random_cpr"],
+                    "random_cmd": ev["random_cmd"], "curve_signed": ev["curve_signed"],
+                    "curve_absolute": ev["curve_absolute"], "random_curves": ev["random_curves"],
+                    "attribution": {"heads": attr.heads.tolist(), "mlps": attr.mlps.tolist(),
+                                    "resid": attr.resid.tolist() if attr.resid is not None else None},
+                }  # fmt: skip
+        ctx.state["faithfulness"] = out
+        ctx.save_json("faithfulness.json", out)
+
+    # ------------------------------------------------------------------------------------ shared
+    def shared(self, ctx: RunContext) -> None:
+        from ..circuits.faithfulness import Circuit, Faithfulness
+        from ..circuits.pruning import component_means, mean_ablate, run_last_logits
+        from ..circuits.roles import member_attention, successor_scores
+
+        cfg = ctx.config
+        main = self._main(ctx)
+        tasks_by_name = {t.name: t for t in [*ctx.state["task_objs"][0], *ctx.state["task_objs"][1]]}
+        out: dict[str, dict[str, Any]] = {}
+        for mname, hm in ctx.state["hms"].items():
+            circ = ctx.state["circuits"][mname]
+            comps = {t: _components(circ[t]) for t in main}
+            iou = [[_iou(comps[a], comps[b]) for b in main] for a in main]
+            shared = set.intersection(*comps.values()) if comps else set()
+            all_comp = [f"{L}.{h}" for L in range(hm.cfg.n_layers) for h in range(hm.cfg.n_heads)]
+            all_comp += [f"mlp.{L}" for L in range(hm.cfg.n_layers)]
+            rng = random.Random(cfg.seed)
+            # expected IoU of random sets with the circuits' sizes (the chance overlap)
+            rand_iou = []
+            for _ in range(20):
+                rs = {t: set(rng.sample(all_comp, len(comps[t]))) for t in main}
+                rand_iou.append(sum(_iou(rs[a], rs[b]) for i, a in enumerate(main) for b in main[i + 1 :]))
+            n_pairs = max(1, len(main) * (len(main) - 1) // 2)
+            mean_iou = sum(iou[i][j] for i in range(len(main)) for j in range(i + 1, len(main))) / n_pairs
+            sh = Circuit.from_components(shared)
+            rand_shared = [len(set.intersection(*[set(rng.sample(all_comp, len(comps[t]))) for t in main]))
+                           for _ in range(20)]  # fmt: skip
+            entry: dict[str, Any] = {
+                "heads": sh.heads, "mlps": sh.mlps, "iou": iou, "tasks": main, "mean_iou": mean_iou,
+                "random_mean_iou": sum(rand_iou) / len(rand_iou) / n_pairs,
+                "random_shared_size": sum(rand_shared) / len(rand_shared), "size": len(sh),
+            }  # fmt: skip
+            # faithfulness of the shared sub-circuit on each task
+            entry["faithfulness"] = {}
+            for t in main:
+                ps = ctx.state["sets"][mname][t]
+                fa = Faithfulness(hm, ps.clean_ids, ps.metric(), ablation="mean", reference=ps.corrupted_ids,
+                                  batch_size=cfg.batch_size)  # fmt: skip
+                entry["faithfulness"][t] = fa(sh)
+            # head roles (every head: the cross-model matching uses them), member attention per task
+            roles: dict[str, dict[str, list]] = {}
+            for t in main:
+                succ, copy = successor_scores(hm, tasks_by_name[t])
+                att = member_attention(hm, ctx.state["sets"][mname][t], batch_size=cfg.batch_size)
+                roles[t] = {
+                    "successor": succ.tolist(),
+                    "copy": copy.tolist(),
+                    "member_attention": att.tolist(),
+                }
+            entry["roles"] = roles
+            entry["shared_roles"] = {
+                h: {
+                    k: sum(roles[t][k][int(h.split(".")[0])][int(h.split(".")[1])] for t in main) / len(main)
+                    for k in ("successor", "copy", "member_attention")
+                }
+                for h in sh.heads
+            }
+            # ablation test: shared sub-circuit vs random sets of the same size, mean-ablated
+            test: dict[str, Any] = {}
+            if len(sh):
+                heads_all = [c for c in all_comp if not c.startswith("mlp.")]
+                for t, ps in ctx.state["sets"][mname].items():
+                    means = component_means(hm, ps.corrupted_ids, cfg.batch_size)
+
+                    def acc(
+                        heads: list[str], mlps: list[int], ps: Any = ps, means: Any = means, hm: Any = hm
+                    ) -> tuple:
+                        with mean_ablate(hm, means, heads, mlps):
+                            lg = run_last_logits(hm, ps.clean_ids, cfg.batch_size)
+                        a = float((lg[:, -1].argmax(-1).cpu() == ps.answer_ids).float().mean())
+                        return a, float(ps.metric()(lg).mean())
+
+                    base = acc([], [])
+                    abl = acc(sh.heads, sh.mlps)
+                    rands = []
+                    for _ in range(cfg.n_random):
+                        rh = rng.sample(heads_all, len(sh.heads))
+                        rm = rng.sample(range(hm.cfg.n_layers), len(sh.mlps))
+                        rands.append(acc(rh, rm))
+                    test[t] = {
+                        "main_task": t in main, "n_prompts": len(ps), "accuracy": base[0], "metric": base[1],
+                        "accuracy_shared_ablated": abl[0], "metric_shared_ablated": abl[1],
+                        "accuracy_random_ablated": [r[0] for r in rands],
+                        "metric_random_ablated": [r[1] for r in rands],
+                    }  # fmt: skip
+            entry["ablation_test"] = test
+            out[mname] = entry
+        ctx.state["shared"] = out
+        ctx.save_json("shared.json", out)
+
+    # ------------------------------------------------------------------------------- cross-model
+    def cross_model(self, ctx: RunContext) -> None:
+        from scipy.optimize import linear_sum_assignment
+
+        main = self._main(ctx)
+        hms = ctx.state["hms"]
+        depth: dict[str, dict[str, Any]] = {}
+        for mname, hm in hms.items():
+            nL = hm.cfg.n_layers
+            depth[mname] = {}
+            for t in main:
+                c = ctx.state["circuits"][mname][t]
+                depth[mname][t] = {
+                    "heads": [int(h.split(".")[0]) / max(nL - 1, 1) for h in c["heads"]],
+                    "mlps": [m / max(nL - 1, 1) for m in c["mlps"]],
+                }
+        names = list(hms)
+        matches = []
+        keys = ("successor", "copy", "member_attention")
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ra, rb = ctx.state["shared"][a]["shared_roles"], ctx.state["shared"][b]["shared_roles"]
+                if not ra or not rb:
+                    matches.append(
+                        {"models": [a, b], "pairs": [], "note": "a shared sub-circuit has no head"}
+                    )
+                    continue
+                ha, hb = list(ra), list(rb)
+                cost = torch.tensor(
+                    [[sum((ra[x][k] - rb[y][k]) ** 2 for k in keys) ** 0.5 for y in hb] for x in ha]
+                )
+                r, c = linear_sum_assignment(cost.numpy())
+                nA, nB = hms[a].cfg.n_layers, hms[b].cfg.n_layers
+                pairs = [
+                    {
+                        a: ha[x],
+                        b: hb[y],
+                        "role_distance": float(cost[x, y]),
+                        "relative_depth": [
+                            int(ha[x].split(".")[0]) / max(nA - 1, 1),
+                            int(hb[y].split(".")[0]) / max(nB - 1, 1),
+                        ],
+                        "roles": [ra[ha[x]], rb[hb[y]]],
+                    }  # fmt: skip
+                    for x, y in zip(r.tolist(), c.tolist())
+                ]
+                matches.append({"models": [a, b], "pairs": pairs})
+        out = {"relative_depth": depth, "role_matches": matches}
+        ctx.state["cross_model"] = out
+        ctx.save_json("cross_model.json", out)
+
+    # ------------------------------------------------------------------------------------- plots
+    def plots(self, ctx: RunContext) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        main = self._main(ctx)
+        for mname, hm in ctx.state["hms"].items():
+            safe = mname.replace("/", "_")
+            fa = ctx.state["faithfulness"][mname]
+            fig, axes = plt.subplots(1, len(main), figsize=(4.2 * len(main), 3.6), squeeze=False)
+            for ax, t in zip(axes[0], main):
+                im = ax.imshow(
+                    torch.tensor(fa[t]["attribution"]["heads"]).numpy(), aspect="auto", cmap="RdBu"
+                )
+                ax.set(title=f"{t}: EAP per head", xlabel="head", ylabel="layer")
+                fig.colorbar(im, ax=ax)
+            ctx.save_figure(f"attribution_heads_{safe}.png", fig)
+            if all(fa[t]["attribution"]["resid"] is not None for t in main):
+                fig, axes = plt.subplots(1, len(main), figsize=(4.2 * len(main), 3.6), squeeze=False)
+                for ax, t in zip(axes[0], main):
+                    im = ax.imshow(
+                        torch.tensor(fa[t]["attribution"]["resid"]).numpy(), aspect="auto", cmap="RdBu"
+                    )
+                    ax.set(title=f"{t}: EAP resid_pre", xlabel="position", ylabel="layer")
+                    fig.colorbar(im, ax=ax)
+                ctx.save_figure(f"attribution_resid_{safe}.png", fig)
+            fig, axes = plt.subplots(1, len(main), figsize=(4.2 * len(main), 3.4), squeeze=False)
+            for ax, t in zip(axes[0], main):
+                cs = fa[t]["curve_signed"]
+                ax.plot(cs["fractions"], cs["faithfulness"], "o-", label=f"EAP (CPR {fa[t]['cpr']:.2f})")
+                for j, rc in enumerate(fa[t]["random_curves"]):
+                    ax.plot(rc["fractions"], rc["faithfulness"], "--", color="grey", alpha=0.6,
+                            label="random" if j == 0 else None)  # fmt: skip
+                ax.axhline(
+                    fa[t]["faithfulness"],
+                    color="C3",
+                    lw=1,
+                    label=f"pruned circuit f={fa[t]['faithfulness']:.2f}",
+                )
+                ax.set(xscale="log", title=t, xlabel="share of components", ylabel="faithfulness")
+                ax.legend(fontsize=7)
+            ctx.save_figure(f"faithfulness_{safe}.png", fig)
+            sh = ctx.state["shared"][mname]
+            fig, ax = plt.subplots(figsize=(3.2 + 0.5 * len(main), 3 + 0.4 * len(main)))
+            im = ax.imshow(torch.tensor(sh["iou"]).numpy(), vmin=0, vmax=1, cmap="viridis")
+            ax.set(xticks=range(len(main)), yticks=range(len(main)), title=f"circuit IoU ({mname})")
+            ax.set_xticklabels(main, rotation=45, ha="right")
+            ax.set_yticklabels(main)
+            for i in range(len(main)):
+                for j in range(len(main)):
+                    ax.text(j, i, f"{sh['iou'][i][j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            ctx.save_figure(f"iou_{safe}.png", fig)
+            if ctx.config.patching:
+                from ..circuits.patching import patch_sweep
+
+                fig, axes = plt.subplots(1, len(main), figsize=(4.2 * len(main), 3.6), squeeze=False)
+                for ax, t in zip(axes[0], main):
+                    ps = ctx.state["sets"][mname][t]
+                    res = patch_sweep(hm, ps.clean_ids, ps.corrupted_ids, ps.metric(), sweep="heads")
+                    im = ax.imshow(res.values.cpu().numpy(), aspect="auto", cmap="RdBu")
+                    ax.set(title=f"{t}: patch clean head into corrupted", xlabel="head", ylabel="layer")
+                    fig.colorbar(im, ax=ax)
+                ctx.save_figure(f"patching_heads_{safe}.png", fig)
+        if "cross_model" in ctx.state:
+            depth = ctx.state["cross_model"]["relative_depth"]
+            fig, axes = plt.subplots(1, len(main), figsize=(4.2 * len(main), 3.4), squeeze=False)
+            for ax, t in zip(axes[0], main):
+                for k, m in enumerate(depth):
+                    ax.hist(depth[m][t]["heads"], bins=10, range=(0, 1), alpha=0.5, label=m, color=f"C{k}")
+                ax.set(title=f"{t}: circuit heads by relative depth", xlabel="layer / (n_layers - 1)")
+                ax.legend(fontsize=7)
+            ctx.save_figure("relative_depth.png", fig)
+
+    # ----------------------------------------------------------------------------------- summary
+    def _model_summary(self, ctx: RunContext, mname: str) -> dict[str, Any]:
+        main = self._main(ctx)
+        tasks = {}
+        for t in main:
+            p = ctx.state["prompts"][mname][t]
+            c = ctx.state["circuits"][mname][t]
+            f = ctx.state["faithfulness"][mname][t]
+            tasks[t] = {
+                "n_prompts": len(p["rows"]), "competence": p["competence"], "baseline_metric": c["score_full"],
+                "circuit": {"heads": c["heads"], "mlps": c["mlps"]}, "circuit_ratio": c["ratio"],
+                "faithfulness": f["faithfulness"], "cpr": f["cpr"], "cmd": f["cmd"],
+                "random_cpr": f["random_cpr"], "random_cmd": f["random_cmd"],
+            }  # fmt: skip
+        sh = ctx.state["shared"][mname]
+        other = {
+            t: ctx.state["prompts"][mname][t]["competence"]
+            for t in ctx.state["prompts"][mname]
+            if t not in main
+        }
+        return {
+            "model": mname,
+            "tasks": tasks,
+            "other_tasks_competence": other,
+            "shared": {
+                "heads": sh["heads"],
+                "mlps": sh["mlps"],
+                "iou": sh["iou"],
+                "mean_iou": sh["mean_iou"],
+                "random_mean_iou": sh["random_mean_iou"],
+                "faithfulness": sh["faithfulness"],
+                "roles": sh["shared_roles"],
+                "ablation_test": sh["ablation_test"],
+            },  # fmt: skip
+        }
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        names = list(ctx.state["hms"])
+        out = self._model_summary(ctx, names[0])
+        if len(names) > 1:
+            out["models"] = {m: self._model_summary(ctx, m) for m in names}
+            out["cross_model"] = ctx.state.get("cross_model")
+        out["run_dir"] = str(ctx.run_dir)
+        return out
+
+    def report(self, ctx: RunContext) -> None:
+        import html
+
+        from ..report import write_report
+        from ..report.html import _table
+
+        s = self.summary(ctx)
+        sections = []
+        for m, ms in (s.get("models") or {s["model"]: s}).items():
+            rows = []
+            for t, v in ms["tasks"].items():
+                rows.append((f"{t}", f"competence {v['competence']:.2f}, n={v['n_prompts']}, metric "
+                             f"{v['baseline_metric']:.2f}; circuit {len(v['circuit']['heads'])} heads + "
+                             f"{len(v['circuit']['mlps'])} MLPs keeps {v['circuit_ratio']:.2f}, f={v['faithfulness']:.2f}; "
+                             f"CPR {v['cpr']:.2f} (random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}"))  # fmt: skip
+            sh = ms["shared"]
+            rows.append(("shared sub-circuit", f"heads {sh['heads']}, MLPs {sh['mlps']}; mean IoU "
+                         f"{sh['mean_iou']:.2f} (random sets {sh['random_mean_iou']:.2f})"))  # fmt: skip
+            rows.append(("shared faithfulness", sh["faithfulness"]))
+            rows.append(("shared heads' roles", sh["roles"]))
+            for t, v in sh["ablation_test"].items():
+                rr = v["accuracy_random_ablated"]
+                rows.append((f"ablation test: {t}", f"accuracy {v['accuracy']:.2f} -> shared ablated "
+                             f"{v['accuracy_shared_ablated']:.2f}, random ablated "
+                             f"{(sum(rr) / len(rr)) if rr else float('nan'):.2f}"))  # fmt: skip
+            sections.append((html.escape(m), _table(rows)))
+        if s.get("cross_model"):
+            sections.append(
+                (
+                    "Cross-model role matches",
+                    f"<pre>{html.escape(str(s['cross_model']['role_matches']))}</pre>",
+                )
+            )
+        pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
+        if pngs:
+            sections.append(("Plots", "".join(f"<img src='{p}' width='900'><br>" for p in pngs)))
+        write_report(ctx.run_dir, self.title, sections)
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        for m, ms in (summary.get("models") or {summary["model"]: summary}).items():
+            print(m)
+            for t, v in ms["tasks"].items():
+                c = v["circuit"]
+                print(f"  {t}: competence {v['competence']:.2f} (n={v['n_prompts']}), circuit {len(c['heads'])} heads "
+                      f"+ {len(c['mlps'])} MLPs, f={v['faithfulness']:.2f}, CPR {v['cpr']:.2f} "
+                      f"(random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}")  # fmt: skip
+            sh = ms["shared"]
+            print(f"  shared: heads {sh['heads']} MLPs {sh['mlps']}, mean IoU {sh['mean_iou']:.2f} "
+                  f"(random {sh['random_mean_iou']:.2f})")  # fmt: skip
+        print(f"run directory: {summary['run_dir']} (report.html)")
+
+
+def _rank_nodes(c: dict) -> list[str | int]:
+    """Circuit nodes, most important first: by the pruning trace's ratio when each was tried (lower =
+    removing it hurt more)."""
+    nodes: list[str | int] = [*c["heads"], *c["mlps"]]
+    ratio: dict[Any, float] = {}
+    for e in c.get("trace", []):
+        ratio[e["component"]] = min(ratio.get(e["component"], float("inf")), e["ratio"])
+    return sorted(nodes, key=lambda n: ratio.get(n, float("inf")))
+
+
+EXPERIMENT = SeqcontExperiment()

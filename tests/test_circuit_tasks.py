@@ -1,0 +1,179 @@
+"""Sequence tasks: prompts, corrupted twins, single-token checks, metric, competence, task files."""
+
+import json
+
+import pytest
+import torch
+
+from rosettalens.circuits.tasks import (
+    BUILTIN_TASKS,
+    AnswerMetric,
+    PromptSet,
+    SequenceTask,
+    _answer_forms,
+    competence,
+    load_task,
+    load_task_file,
+    make_prompts,
+)
+from rosettalens.errors import DataError, ShapeError
+from rosettalens.models.tiny import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _letters(tok, n=9):
+    """Capital letters that are one token in the tiny tokenizer (as answers)."""
+    _, ok, _ = _answer_forms(tok, [chr(65 + i) for i in range(26)])
+    return [m for m in (chr(65 + i) for i in range(26)) if m in ok][:n]
+
+
+def test_builtin_tasks_load():
+    for name in BUILTIN_TASKS:
+        t = load_task(name)
+        assert t.items(), name
+    digits = load_task("digits")
+    shown, ans, last = digits.items()[0]
+    assert shown == ["0", "1", "2", "3"] and ans == "4" and last == "3"
+    inter = load_task("interval-digits")
+    assert inter.items()[0] == (["0", "2", "4"], "6", "4")
+    add = load_task("addition")
+    assert all(int(a) + int(b) == int(ans) and last == b for (a, b), ans, last in add.items())
+    with pytest.raises(DataError, match="unknown task"):
+        load_task("fibonacci")
+
+
+def test_prompts_equal_length_answer_is_next_token(tok):
+    members = _letters(tok)
+    task = SequenceTask("letters", members, templates=["{1} {2} {3} {4}", "so {1} {2} {3} {4}"])
+    ps = make_prompts(tok, task, n=12, seed=1)
+    n, pos = ps.clean_ids.shape
+    assert n == len(ps) and ps.corrupted_ids.shape == (n, pos)
+    assert ps.tokenization["answer_form"] == "split"
+    for i in range(n):
+        # the answer is exactly the token that follows the prompt in the tokenization of prompt + answer
+        full = tok(ps.texts[i] + " " + ps.answers[i])["input_ids"]
+        assert full == ps.clean_ids[i].tolist() + [int(ps.answer_ids[i])]
+        assert ps.lasts[i] == members[members.index(ps.answers[i]) - 1]
+        # member positions hold the shown members' tokens
+        shown = ps.texts[i].split()[-4:]
+        got = [tok.convert_ids_to_tokens(int(ps.clean_ids[i, p])) for p in ps.member_positions[i]]
+        assert got == shown
+        # corrupted: the same template with other members, not ending in order
+        c = ps.corrupted_texts[i].split()[-4:]
+        assert all(m in members for m in c)
+        assert members.index(c[-1]) - members.index(c[-2]) != 1
+    assert len(set(ps.texts)) == n
+
+
+def test_not_single_token_reported_and_strict_refuses(tok):
+    members = _letters(tok, 7) + ["fox"]
+    task = SequenceTask("mixed", members, templates=["{1} {2} {3} {4}"])
+    ps = make_prompts(tok, task, n=8)
+    assert "fox" in ps.tokenization["not_single_token"]
+    assert "fox" not in ps.tokenization["usable_members"]
+    assert all("fox" not in t for t in ps.texts)
+    with pytest.raises(DataError, match="not a single token"):
+        make_prompts(tok, task, n=8, strict=True)
+    bad = SequenceTask("words", ["quick", "brown", "lazy", "jumps", "over"], templates=["{1} {2} {3} {4}"])
+    with pytest.raises(DataError, match="no prompt can be made"):
+        make_prompts(tok, bad, n=4)
+
+
+def test_metric_against_hand_computed():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    a, b = torch.tensor([1, 4, 7]), torch.tensor([2, 2, 0])
+    m = AnswerMetric(a, b)
+    want = torch.stack([logits[i, -1, a[i]] - logits[i, -1, b[i]] for i in range(3)])
+    assert torch.allclose(m(logits), want)
+    # rows of a chunk
+    assert torch.allclose(m(logits[1:], torch.tensor([1, 2])), want[1:])
+    # the set stacked twice (batched patching)
+    assert torch.allclose(m(torch.cat([logits, logits])), torch.cat([want, want]))
+    p = AnswerMetric(a, b, kind="prob")(logits)
+    assert torch.allclose(p, torch.stack([logits[i, -1].softmax(-1)[a[i]] for i in range(3)]))
+    with pytest.raises(ShapeError):
+        m(torch.randn(4, 5, 11))
+    with pytest.raises(ShapeError):
+        AnswerMetric(a, b, kind="kl")
+
+
+class _FixedModel:
+    """Stands in for a HookedModel: returns given last-position logits."""
+
+    def __init__(self, last):
+        self.last = last
+
+    def forward(self, ids):
+        return self.last[: ids.shape[0]].unsqueeze(1).expand(-1, ids.shape[1], -1)
+
+
+def test_competence_filter_rule():
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    ans, last = torch.tensor([1, 1, 1, 1]), torch.tensor([2, 2, 2, 2])
+    logp = torch.log(
+        torch.tensor(
+            [
+                [0.1, 0.6, 0.2, 0.1],  # top-1 and 0.6 > 2*0.2: kept
+                [0.1, 0.45, 0.3, 0.15],  # top-1 but 0.45 < 0.6: dropped
+                [0.1, 0.3, 0.1, 0.5],  # not top-1: dropped
+                [0.05, 0.7, 0.05, 0.2],  # kept
+            ]
+        )
+    )
+    ps = PromptSet("t", ["a"] * 4, ["b"] * 4, ids, ids, ans, last, ["x"] * 4, ["y"] * 4, [0] * 4)
+    mask, stats = competence(_FixedModel(logp), ps)
+    assert mask.tolist() == [True, False, False, True]
+    assert stats["competence"] == 0.5 and stats["top1"] == 0.75 and stats["n_kept"] == 2
+
+
+def test_task_file(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"name": "planets", "members": ["Mercury", "Venus", "Earth", "Mars", "Jupiter"],
+                             "templates": ["{name} saw {1}, {2} and {3}, then"], "k": 3}))  # fmt: skip
+    (t,) = load_task_file(p)
+    assert t.name == "planets" and t.k == 3 and len(t.items()) == 2
+    p.write_text(
+        json.dumps(
+            [
+                {"name": "a", "members": ["x", "y", "z"], "k": 2},
+                {"name": "b", "members": ["1", "2", "3"], "k": 2},
+            ]
+        )
+    )
+    assert [t.name for t in load_task_file(p)] == ["a", "b"]
+    for bad, msg in [
+        ("{", "not valid JSON"),
+        (json.dumps({"members": ["a", "b"]}), "needs 'name'"),
+        (json.dumps({"name": "x", "members": ["a", "b", "c"], "k": 2, "templates": ["{1} then"]}), "must hold"),
+        (json.dumps({"name": "x", "members": ["a", "b", "c"], "k": 2, "templates": ["{1} {2} {who}"]}), "unknown placeholders"),
+        (json.dumps({"name": "x", "members": ["a", "a", "c"], "k": 2}), "repeated members"),
+        (json.dumps({"name": "x", "members": ["a", "b"], "k": 4}), "too few"),
+        (json.dumps({"name": "x", "members": ["a", "b", "c"], "colour": 1}), "unknown task fields"),
+    ]:  # fmt: skip
+        p.write_text(bad)
+        with pytest.raises(DataError, match=msg):
+            load_task_file(p)
+    with pytest.raises(DataError, match="cannot read"):
+        load_task_file(tmp_path / "missing.json")
+
+
+def test_names_need_single_token_names(tok):
+    task = SequenceTask("letters", _letters(tok), templates=["{name1} got {1}. {name2} got {2}. {name3} got {3}. {name4} got {4}. {name5} got"])  # fmt: skip
+    with pytest.raises(DataError, match="single-token names"):
+        make_prompts(tok, task, n=4)
+
+
+@pytest.mark.real
+def test_smollm_competence_on_digits(smollm):
+    ps = make_prompts(smollm, load_task("digits"), n=16)
+    assert ps.tokenization["answer_form"] == "split"  # SmolLM2 writes " 5" as " " + "5"
+    assert ps.tokenization["not_single_token"] == {}
+    mask, stats = competence(smollm, ps)
+    assert stats["competence"] >= 0.6, stats
+    nw = make_prompts(smollm, load_task("number-words"), n=8)
+    assert nw.tokenization["answer_form"] == "space"
