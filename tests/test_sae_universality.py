@@ -377,3 +377,30 @@ def test_bad_options(tmp_path, kw, msg):
     cfg = _cfg(kw.pop("models", "x,y"), tmp_path / "r", **kw)
     with pytest.raises(ConfigError, match=msg):
         cfg.validate()
+
+
+def test_cli_json_and_bad_layer(tiny_dirs, tmp_path, capsys):
+    from rosettalens.cli import main
+
+    models = f"{tiny_dirs['llama']},{tiny_dirs['qwen']}"
+    rc = main(
+        ["run", "sae-universality", "--models", models, "--layers", "0,9", "--out", str(tmp_path / "bad")]
+    )
+    err = capsys.readouterr().err
+    errors = [
+        ln for ln in err.splitlines() if "error" in ln
+    ]  # (progress bars of model loading may precede it)
+    assert (
+        rc == 2
+        and len(errors) == 1
+        and errors[0].startswith("rosetta: error:")
+        and "out of range" in errors[0]
+    )
+    assert not (tmp_path / "bad").exists()
+    args = ["run", "sae-universality", "--models", models, "--layers", "1/2", "--tokens", "800", "--width", "32",
+            "--k", "4", "--epochs", "1", "--batch-size", "128", "--n-permutations", "10", "--controls", "false",
+            "--one-to-one", "first", "--out", str(tmp_path / "ok"), "--json"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
+    assert {"models", "pairs", "best", "subspaces", "controls", "sae_metrics", "run_dir"} <= set(out)
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["one_to_one"] == "first"

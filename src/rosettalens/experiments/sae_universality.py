@@ -196,8 +196,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 def train_layer_sae(store: Any, hook: str, rows: tuple[int, int], cfg: SAEUniversalityConfig, seed: int,
                     progress: bool) -> Any:  # fmt: skip
     """An SAE on the store's rows ``[start, stop)`` at ``hook`` (``--epochs`` passes, streamed from disk)."""
-    from ..sae.model import SAEConfig
-    from ..sae.train import TrainConfig, train_saes
+    from ..sae import SAEConfig, TrainConfig, train_saes
 
     n = rows[1] - rows[0]
     batch = min(cfg.batch_size, n)
@@ -219,21 +218,12 @@ def decoder_rows(sae: Any) -> torch.Tensor:
     return sae.W_dec.detach().to(torch.float64).cpu()
 
 
-def sae_metrics(sae: Any, x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+def sae_metrics(sae: Any, x: torch.Tensor) -> dict[str, float]:
     """FVU (variance about the mean), L0 and dead fraction of ``sae`` on held-out ``x [n, d_in]``."""
-    n = x.shape[0]
-    mu = x.double().mean(0)
-    err = var = l0 = 0.0
-    fired = torch.zeros(sae.width, dtype=torch.bool)
-    with torch.no_grad():
-        for sl in _chunks(n, chunk):
-            xc = x[sl].to(torch.float32)
-            z = sae.encode(xc)
-            err += float(((sae.decode(z).double() - xc.double()) ** 2).sum())
-            var += float(((xc.double() - mu) ** 2).sum())
-            l0 += float((z != 0).sum())
-            fired |= (z != 0).any(0).cpu()
-    return {"fvu": err / max(var, 1e-300), "l0": l0 / max(n, 1), "dead_fraction": float((~fired).float().mean())}
+    from ..sae import evaluate_sae
+
+    m = evaluate_sae(sae, x)
+    return {k: float(m[k]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
 
 
 def save_sae(sae: Any, path: Path) -> None:
@@ -241,7 +231,7 @@ def save_sae(sae: Any, path: Path) -> None:
 
 
 def load_sae(path: Path) -> Any:
-    from ..sae.model import load_sae as _load
+    from ..sae import load_sae as _load
 
     return _load(path)
 
