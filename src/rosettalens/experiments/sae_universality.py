@@ -203,14 +203,21 @@ def train_layer_sae(store: Any, hook: str, rows: tuple[int, int], cfg: SAEUniver
     sc = SAEConfig(d_in=store.d_model, width=cfg.width, arch=cfg.arch, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None,
                    seed=seed, model=store.manifest["model"]["name"], hook=hook)  # fmt: skip
     tc = TrainConfig(batch_size=batch, tokens=max(batch, cfg.epochs * n), lr=cfg.lr, seed=seed,
-                     device=cfg.device or "cpu")  # fmt: skip
+                     device=_sae_device(cfg))  # fmt: skip
     return train_saes(store, [sc], tc, hook=hook, rows=rows, progress=progress)[0]
+
+
+def _sae_device(cfg: SAEUniversalityConfig) -> str:
+    """Where SAEs train: ``--device``, else CUDA when there is one (as model loading does), else CPU."""
+    if cfg.device not in (None, "auto"):
+        return str(cfg.device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
     """Feature activations ``[n, width]`` of ``x [n, d_in]``."""
     with torch.no_grad():
-        return sae.encode(x.to(torch.float32))
+        return sae.encode(x.to(device=sae.device, dtype=torch.float32)).cpu()
 
 
 def decoder_rows(sae: Any) -> torch.Tensor:
