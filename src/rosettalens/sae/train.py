@@ -224,11 +224,13 @@ class _Dist:
 
 # --------------------------------------------------------------------------------------- sparse encoder
 class _GatherPre(torch.autograd.Function):
-    """``pre[b, idx[b, j]]`` with ``pre = x_in @ W_enc + b_enc`` given (no grad); the backward touches only
-    the selected ``[n, k]`` entries (sparse products), not the dense ``[n, width]`` pre-activations."""
+    """``pre[b, idx[b, j]]`` with ``pre = (x - b_dec) @ W_enc + b_enc`` given (computed without grad); the
+    backward touches only the selected ``[n, k]`` entries (one sparse product), never the dense
+    ``[n, width]`` pre-activations. ``x`` itself gets no gradient (it is data); ``b_dec`` gets
+    ``-W_enc @ grad_b_enc``."""
 
     @staticmethod
-    def forward(ctx, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
+    def forward(ctx, x_in: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor):
         ctx.save_for_backward(x_in, W_enc, idx)
         return pre.gather(1, idx)
 
@@ -237,19 +239,17 @@ class _GatherPre(torch.autograd.Function):
         x_in, W_enc, idx = ctx.saved_tensors
         n, k = idx.shape
         w = W_enc.shape[1]
-        rows = torch.arange(n, device=idx.device).repeat_interleave(k)
         cols = idx.reshape(-1)
         vals = g.reshape(-1)
-        gW = gb = gx = None
-        if ctx.needs_input_grad[1]:
+        gW = gbd = None
+        gb = torch.zeros(w, dtype=g.dtype, device=g.device).index_add_(0, cols, vals)
+        if ctx.needs_input_grad[2]:
+            rows = torch.arange(n, device=idx.device).repeat_interleave(k)
             Gt = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (w, n), check_invariants=False)
             gW = torch.sparse.mm(Gt, x_in).t()
-        if ctx.needs_input_grad[2]:
-            gb = torch.zeros(w, dtype=g.dtype, device=g.device).index_add_(0, cols, vals)
-        if ctx.needs_input_grad[0]:
-            G = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, w), check_invariants=False)
-            gx = torch.sparse.mm(G, W_enc.t())
-        return gx, gW, gb, None, None
+        if ctx.needs_input_grad[1]:
+            gbd = -(W_enc @ gb)
+        return None, gbd, gW, gb if ctx.needs_input_grad[3] else None, None, None
 
 
 def _sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
@@ -291,15 +291,15 @@ def _step_loss(
     and the per-latent fire counts ``[width]`` of these rows."""
     sae, cfg = run.sae, run.cfg
     arch = cfg.arch
-    x_in = x - sae.b_dec
     dead = run.dead_mask().to(x.device)
     n_dead = int(dead.sum())
     aux_coeff = cfg.aux_coeff_
     with torch.no_grad():
-        pre_ng = torch.addmm(sae.b_enc, x_in, sae.W_enc)
+        x_in_ng = x - sae.b_dec
+        pre_ng = torch.addmm(sae.b_enc, x_in_ng, sae.W_enc)
     if arch == "topk":
         _, idx = pre_ng.topk(int(cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
-        vals = _GatherPre.apply(x_in, sae.W_enc, sae.b_enc, pre_ng, idx).relu()
+        vals = _GatherPre.apply(x_in_ng, sae.b_dec, sae.W_enc, sae.b_enc, pre_ng, idx).relu()
         x_hat = _sparse_decode(vals, idx, sae.W_dec) + sae.b_dec
         fired = torch.zeros(sae.width, dtype=torch.float64, device=x.device).index_add_(
             0, idx.reshape(-1), (vals.detach() > 0).reshape(-1).double()
@@ -307,7 +307,7 @@ def _step_loss(
         nnz = float((vals.detach() > 0).sum())
         penalty = None
     else:
-        pre = torch.addmm(sae.b_enc, x_in, sae.W_enc)
+        pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
         if arch == "relu":
             z = pre.relu()
             penalty = cfg.l1_coeff * l1_scale * (z * sae.W_dec.norm(dim=1)).sum()
@@ -347,7 +347,7 @@ def _step_loss(
         k_aux = min(cfg.aux_k_, n_dead)
         masked = pre_ng.masked_fill(~dead[None, :], float("-inf"))
         _, aidx = masked.topk(k_aux, dim=-1, sorted=False)
-        avals = _GatherPre.apply(x_in, sae.W_enc, sae.b_enc, pre_ng, aidx).relu()
+        avals = _GatherPre.apply(x_in_ng, sae.b_dec, sae.W_enc, sae.b_enc, pre_ng, aidx).relu()
         e_hat = _sparse_decode(avals, aidx, sae.W_dec)
         aux = (e_hat - e.detach()).pow(2).sum() / B
         loss = loss + aux_coeff * min(n_dead / cfg.aux_k_, 1.0) * aux
