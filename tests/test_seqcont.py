@@ -1,0 +1,97 @@
+"""`rosetta run seqcont-circuits` end to end on the planted model (tests/test_pruning.py), and its
+bad-input paths."""
+
+import json
+
+import pytest
+
+from rosettalens.cli import main
+from test_pruning import planted_model
+
+TASKS = [
+    {"name": "letters-then", "members": ["A", "B", "C", "D", "E", "F", "G", "H"],
+     "templates": ["then {1} and {2} and {3} and {4}"]},
+    {"name": "letters-so", "members": ["A", "B", "C", "D", "E", "F", "G", "H"],
+     "templates": ["so {1} then {2} then {3} and {4}"]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("planted")
+    hm = planted_model()
+    hm.model.save_pretrained(d)
+    hm.tokenizer.save_pretrained(d)
+    return d
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_end_to_end_json(model_dir, tmp_path, capsys):
+    tf = tmp_path / "tasks.json"
+    tf.write_text(json.dumps(TASKS))
+    out = tmp_path / "run"
+    argv = ["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "", "--task-file", str(tf),
+            "--other-tasks", "", "--n-prompts", "4", "--n-random", "1", "--out", str(out), "--json"]  # fmt: skip
+    rc, stdout, _ = _run(argv, capsys)
+    assert rc == 0
+    r = json.loads(stdout)  # exactly one JSON object
+    assert set(r) >= {"model", "tasks", "shared", "run_dir"}
+    assert r["run_dir"] == str(out)
+    for name in ("letters-then", "letters-so"):
+        t = r["tasks"][name]
+        assert set(t) >= {"n_prompts", "competence", "baseline_metric", "circuit", "faithfulness", "cpr", "cmd",
+                          "random_cpr"}  # fmt: skip
+        assert t["n_prompts"] == 4 and t["competence"] == 1.0
+        assert t["circuit"] == {"heads": ["1.2"], "mlps": []}  # the planted head, found by pruning
+        assert t["faithfulness"] > 0.8
+        assert t["cpr"] > t["random_cpr"]
+    sh = r["shared"]
+    assert sh["heads"] == ["1.2"] and sh["mlps"] == [] and sh["iou"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert sh["roles"]["1.2"]["successor"] == 1.0
+    test = sh["ablation_test"]["letters-then"]
+    assert test["accuracy"] == 1.0 and test["accuracy_shared_ablated"] < 0.5
+    assert min(test["accuracy_random_ablated"]) == 1.0  # random single heads are never the planted one
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "results.json", "report.html", "prompts.json", "circuits.json", "edges.json",
+            "faithfulness.json", "shared.json"} <= names  # fmt: skip
+    assert any(n.startswith("iou_") for n in names) and any(n.startswith("faithfulness_") for n in names)
+    edges = json.loads((out / "edges.json").read_text())
+    (m,) = edges.values()
+    top = m["letters-then"]["edges"][0]
+    assert top["sender"] == "1.2" and top["receiver"] == "logits"
+    # resume: every stage is skipped and the summary is the same
+    rc, stdout2, _ = _run(["run", "seqcont-circuits", "--resume", str(out), "--json"], capsys)
+    assert rc == 0
+    r2 = json.loads(stdout2)
+    assert r2["tasks"] == r["tasks"] and r2["shared"]["heads"] == sh["heads"]
+
+
+@pytest.mark.parametrize(
+    "tasks, msg",
+    [
+        ([{"name": "backwards", "members": ["H", "G", "F", "E", "D", "C", "B", "A"],
+           "templates": ["then {1} and {2} and {3} and {4}"]}], "passes no prompt of the competence filter"),
+        ([{"name": "words", "members": ["A", "B", "C", "D", "Elephant", "F"],
+           "templates": ["then {1} and {2} and {3} and {4}"]}], "not a single token"),
+    ],
+)  # fmt: skip
+def test_bad_input_one_line_exit_2(model_dir, tmp_path, capsys, tasks, msg):
+    tf = tmp_path / "tasks.json"
+    tf.write_text(json.dumps(tasks))
+    out = tmp_path / "run"
+    rc, stdout, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "", "--task-file",
+                            str(tf), "--other-tasks", "", "--out", str(out), "--json"], capsys)  # fmt: skip
+    assert rc == 2 and stdout == ""
+    (line,) = [x for x in err.splitlines() if "rosetta" in x]  # one line (besides loading bars)
+    assert line.startswith("rosetta: error:") and msg in line
+    assert not out.exists()  # nothing half-written
+
+
+def test_unknown_task_exit_2(model_dir, capsys):
+    rc, _, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "fibonacci"], capsys)
+    assert rc == 2 and "unknown task" in err
