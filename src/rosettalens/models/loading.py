@@ -40,6 +40,11 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
     if model in zoo.ZOO:
         return model, (zoo.pull(model, progress=progress) if pull else zoo.model_dir(model))
     p = Path(model).expanduser()
+    if "+" in model and not p.exists():  # an organism, BASE+task (rosettalens.organisms)
+        from ..organisms.registry import is_organism_name, resolve_organism
+
+        if is_organism_name(model):
+            return resolve_organism(model)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise UnknownModelError(

