@@ -122,10 +122,17 @@ def test_pruning_recovers_planted_head(planted, planted_prompts, group_first):
     assert res.ratio >= 0.8 and res.score_full > 3
     assert planted.active_hook_count() == 0
     # every entry of the trace is keyed by its own component (the paper's swapped-keys bug)
-    heads = {e["component"] for e in res.trace if isinstance(e["component"], str) and "." in e["component"]
-             and not e["component"].startswith("heads.")}  # fmt: skip
+    groups = ("heads.", "layer.")  # group_first entries: a layer's heads / the whole layer
+    heads = {e["component"] for e in res.trace if isinstance(e["component"], str)
+             and not e["component"].startswith(groups)}  # fmt: skip
     assert heads <= {head_name(L, h) for L, h in all_heads(planted)}
-    assert {e["component"] for e in res.trace if isinstance(e["component"], int)} == {0, 1, 2}
+    mlps = {e["component"] for e in res.trace if isinstance(e["component"], int)}
+    assert mlps <= {0, 1, 2}
+    if not group_first:
+        assert mlps == {0, 1, 2} and len(heads) == 18
+    else:  # layers 0 and 2 go in one step each; layer 1 is tested part by part
+        assert [e["component"] for e in res.trace[:2]] == ["layer.2", "layer.1"] and res.trace[0]["removed"]
+        assert res.n_forward < 18 + 3
     # without the planted head the circuit keeps almost nothing
     means = component_means(planted, ps.corrupted_ids)
     without = float(circuit_score(planted, ps.clean_ids, ps.metric(), means, [], []).mean())

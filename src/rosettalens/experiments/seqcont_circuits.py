@@ -44,12 +44,12 @@ class SeqcontConfig:
     task_file: str | None = None  # user tasks (JSON), added to --tasks
     other_tasks: str = "addition,interval-digits"  # tasks of the ablation test only
     templates: str = "paper"  # built-in template style: paper | bare
-    n_prompts: int = 16  # prompts per task after the competence filter
+    n_prompts: int = 8  # prompts per task after the competence filter
     threshold: float = 0.8  # share of the full model's metric a circuit keeps
     group_first: bool = True  # pruning tries a whole layer's heads first (one forward)
     edges: bool = True  # path patching between circuit nodes
-    max_edge_nodes: int = 10  # path patching among at most this many circuit nodes (most important)
-    n_random: int = 3  # random circuits / component sets per comparison
+    max_edge_nodes: int = 6  # path patching among at most this many circuit nodes (most important)
+    n_random: int = 2  # random circuits / component sets per comparison
     patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
     batch_size: int = 32
     seed: int = 0
