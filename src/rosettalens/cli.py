@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "rosettalens.steering.cli",
     "rosettalens.mapping.cli",
     "rosettalens.experiments.cli",
+    "rosettalens.circuits.cli",
     "rosettalens.sae.cli",
     "rosettalens.organisms.cli",
 ]

@@ -1,0 +1,219 @@
+"""``rosetta circuits patch``: an activation-patching sweep on one model.
+
+::
+
+    rosetta circuits patch --model M --clean TEXT --corrupted TEXT --sweep KIND [--json] [--out DIR]
+    rosetta circuits patch --model M --task months [--n-prompts 8] --sweep KIND [--json] [--out DIR]
+
+KIND: resid_pre | attn_out | mlp_out (layer x position), heads | q | k | v (layer x head, with
+``--by-position`` also per position; k/v per key-value head). With ``--clean``/``--corrupted`` the
+metric is ``logit(answer) - logit(wrong)`` at the last position (``--answer``/``--wrong``: one token
+each; by default the clean and the corrupted run's top predictions); with ``--task`` it is the task's
+``logit(next member) - logit(last member)``. ``--out DIR`` writes ``patch.safetensors`` (values,
+per-prompt values, clean and corrupted metrics) and ``patch.json``. Bad input (prompts of unequal
+token length, an unknown sweep kind, an answer that is not one token) prints one line on stderr and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rosettalens.errors import ConfigError, DataError, ShapeError
+
+__all__ = ["register"]
+
+
+def _single_token(hm: Any, text: str, what: str) -> int:
+    ids = hm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise DataError(
+            f"--{what} {text!r} is {len(ids)} tokens for {hm.name}; give one token (e.g. ' Paris')"
+        )
+    return int(ids[0])
+
+
+def _text_inputs(hm: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
+    clean = hm.tokenize(args.clean)["input_ids"]
+    corrupted = hm.tokenize(args.corrupted)["input_ids"]
+    if clean.shape != corrupted.shape:
+        raise ShapeError(
+            f"clean and corrupted prompts must have the same token length for {hm.name}: "
+            f"{clean.shape[1]} vs {corrupted.shape[1]} tokens"
+        )
+    if args.answer is not None:
+        answer = _single_token(hm, args.answer, "answer")
+    else:
+        answer = int(hm.forward(clean)[0, -1].argmax())
+    if args.wrong is not None:
+        wrong = _single_token(hm, args.wrong, "wrong")
+    else:
+        top = hm.forward(corrupted)[0, -1].topk(2).indices.tolist()
+        wrong = top[0] if top[0] != answer else top[1]
+    if wrong == answer:
+        raise ConfigError("--answer and --wrong are the same token")
+
+    def metric(logits: Any) -> Any:  # [batch, pos, vocab] -> [batch]
+        return logits[:, -1, answer] - logits[:, -1, wrong]
+
+    info = {
+        "clean": args.clean,
+        "corrupted": args.corrupted,
+        "metric": "logit(answer) - logit(wrong) at the last position",
+        "answer": hm.tokenizer.decode([answer]),
+        "wrong": hm.tokenizer.decode([wrong]),
+    }
+    return clean, corrupted, metric, info
+
+
+def _task_inputs(hm: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, dict]:
+    try:
+        from rosettalens.circuits.tasks import load_task, make_prompts
+    except ImportError as e:  # pragma: no cover - tasks ship with the package
+        raise ConfigError(f"--task needs rosettalens.circuits.tasks ({e})") from e
+    prompts = make_prompts(
+        hm, load_task(args.task), n=args.n_prompts, seed=args.seed or 0, templates=args.templates
+    )
+    info = {
+        "task": args.task,
+        "n_prompts": len(prompts),
+        "metric": "logit(next member) - logit(last shown member) at the last position",
+        "examples": prompts.texts[:3],
+        "corrupted_examples": prompts.corrupted_texts[:3],
+    }
+    return prompts.clean_ids, prompts.corrupted_ids, prompts.metric("logit_diff"), info
+
+
+def _write_out(out: Path, res: Any, payload: dict) -> None:
+    """``patch.safetensors`` + ``patch.json`` into ``out``, written to a temp dir and renamed."""
+    from safetensors.torch import save_file
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        save_file(
+            {
+                "values": res.values.contiguous(),
+                "per_prompt": res.per_prompt.contiguous(),
+                "clean": res.clean.contiguous(),
+                "corrupted": res.corrupted.contiguous(),
+            },
+            str(tmp / "patch.safetensors"),
+            metadata={"sweep": res.sweep, "axes": ",".join(res.axes)},
+        )
+        (tmp / "patch.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        if out.exists():
+            if not (out / "patch.json").exists() and any(out.iterdir()):
+                raise ConfigError(f"--out {out} exists and is not a patch result directory")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _table(res: Any) -> list[str]:
+    """The normalised grid as text: one row per layer."""
+    norm = res.normalized() if res.clean_metric != res.corrupted_metric else res.values
+    lines = []
+    if len(res.axes) == 2:
+        cols = res.labels.get("tokens") or [str(x) for x in res.labels[res.axes[1]]]
+        head = " ".join(f"{str(c)[:7]:>7}" for c in cols)
+        lines.append(f"{'layer':>5} {head}")
+        for i, lay in enumerate(res.labels["layer"]):
+            lines.append(f"{lay:>5} " + " ".join(f"{float(v):7.3f}" for v in norm[i]))
+    return lines
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    import torch
+
+    import rosettalens
+    from rosettalens.circuits.patching import patch_sweep
+
+    if (args.task is None) == (args.clean is None and args.corrupted is None):
+        raise ConfigError("give either --clean TEXT and --corrupted TEXT, or --task NAME")
+    if args.task is None and (args.clean is None or args.corrupted is None):
+        raise ConfigError("--clean and --corrupted go together")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    clean, corrupted, metric, info = _task_inputs(hm, args) if args.task else _text_inputs(hm, args)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    t0 = time.perf_counter()
+    res = patch_sweep(
+        hm,
+        clean,
+        corrupted,
+        metric,
+        args.sweep,
+        layers=layers,
+        by_position=args.by_position,
+        memory_budget=args.memory_budget * 2**20,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    elapsed = time.perf_counter() - t0
+    payload = {"model": hm.name, **info, **res.to_dict(), "seconds": round(elapsed, 3)}
+    payload["top"] = [{**where, "value": v} for where, v in res.top(5)]
+    if args.out:
+        _write_out(Path(args.out), res, payload)
+        payload["out"] = str(Path(args.out).resolve())
+    if args.json:
+        print(json.dumps(payload, default=str))
+        return 0
+    print(
+        f"{hm.name}: {args.sweep} sweep {'x'.join(map(str, res.values.shape))} ({', '.join(res.axes)}), "
+        f"{res.meta['patches']} patches in {res.meta['forwards']} forwards, {elapsed:.1f} s"
+    )
+    print(
+        f"metric clean {res.clean_metric:.4f}, corrupted {res.corrupted_metric:.4f}; "
+        "values below: 0 = corrupted, 1 = clean restored"
+    )
+    for line in _table(res):
+        print(line)
+    print(
+        "top: "
+        + "; ".join(", ".join(f"{k} {v}" for k, v in w.items()) + f" -> {val:.4f}" for w, val in res.top(5))
+    )
+    if args.out:
+        print(f"wrote {payload['out']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``circuits`` with its ``patch`` subcommand."""
+    from rosettalens.circuits.patching import SWEEPS
+
+    circuits = subparsers.add_parser("circuits", help="circuits: activation patching sweeps")
+    sub = circuits.add_subparsers(dest="circuits_command", metavar="{patch}")
+    sub.required = True
+    p = sub.add_parser("patch", help="activation patching sweep: layer x position or layer x head")
+    p.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    p.add_argument("--clean", default=None, help="clean prompt text")
+    p.add_argument("--corrupted", default=None, help="corrupted prompt text (same token length)")
+    p.add_argument("--task", default=None, help="a built-in sequence task instead of --clean/--corrupted")
+    p.add_argument("--n-prompts", type=int, default=8, help="--task: prompts to average over")
+    p.add_argument("--templates", choices=["paper", "bare"], default=None, help="--task: one template style")
+    p.add_argument("--answer", default=None, help="the clean answer token (default: clean top-1)")
+    p.add_argument("--wrong", default=None, help="the competing token (default: corrupted top-1)")
+    p.add_argument("--sweep", required=True, choices=list(SWEEPS), help="what to patch")
+    p.add_argument("--by-position", action="store_true", help="heads/q/k/v: each position separately")
+    p.add_argument(
+        "--layers", default=None, help="comma-separated layers (default all; negative from the end)"
+    )
+    p.add_argument("--memory-budget", type=float, default=1024, help="MiB per forward (default 1024)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="directory for patch.safetensors + patch.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=_cmd_patch)
