@@ -78,6 +78,14 @@ def parse_mlp(hm: HookedModel, mlp: int | str) -> int:
     return layer % n
 
 
+def _get_module_path(hm: HookedModel, layer: int, path: str) -> Any:
+    """The submodule at ``path`` (an adapter path relative to a decoder layer) of layer ``layer``."""
+    mod: Any = hm._layers[layer]
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
 def all_heads(hm: HookedModel) -> list[str]:
     """Every head of the model, ``["0.0", "0.1", ...]`` in layer-major order."""
     return [f"{layer}.{h}" for layer in range(hm.cfg.n_layers) for h in range(hm.cfg.n_heads)]
