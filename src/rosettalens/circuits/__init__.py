@@ -17,6 +17,7 @@ from .attribution import attribute_nodes as attribute_nodes
 from .attribution import logit_diff_metric as logit_diff_metric
 from .faithfulness import MIB_FRACTIONS as MIB_FRACTIONS
 from .faithfulness import Circuit as Circuit
+from .faithfulness import EdgeFaithfulness as EdgeFaithfulness
 from .faithfulness import Faithfulness as Faithfulness
 from .faithfulness import FaithfulnessCurve as FaithfulnessCurve
 from .faithfulness import circuit_from_scores as circuit_from_scores
