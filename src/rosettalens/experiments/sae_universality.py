@@ -559,12 +559,17 @@ class SAEUniversality(Experiment):
                     v = rows[(a, b)].get(key)
                     m[i, j] = np.nan if v is None else v
             is_p = key.endswith("_p")
-            im = ax.imshow(np.log10(m) if is_p else m, cmap="viridis_r" if is_p else "viridis", aspect="auto")
+            shown = np.log10(m) if is_p else m
+            ok = np.isfinite(shown)
+            lo, hi = (float(shown[ok].min()), float(shown[ok].max())) if ok.any() else (0.0, 1.0)
+            im = ax.imshow(shown, cmap="viridis_r" if is_p else "viridis", aspect="auto")
             for i in range(len(la)):
                 for j in range(len(lb)):
                     if np.isfinite(m[i, j]):
+                        bright = (shown[i, j] - lo) / max(hi - lo, 1e-12)
+                        bright = 1 - bright if is_p else bright  # viridis_r for p-values
                         ax.text(j, i, f"{m[i, j]:.2g}" if is_p else f"{m[i, j]:.2f}", ha="center", va="center",
-                                fontsize=7, color="w")  # fmt: skip
+                                fontsize=7, color="k" if bright > 0.6 else "w")  # fmt: skip
             ax.set(xticks=range(len(lb)), xticklabels=lb, yticks=range(len(la)), yticklabels=la,
                    xlabel=f"{name_b} layer", ylabel=f"{name_a} layer", title=title + (" (log10)" if is_p else ""))  # fmt: skip
             fig.colorbar(im, ax=ax)
