@@ -42,7 +42,7 @@ def word_tokenizer():
     )
 
 
-def planted_model(copy_scale: float = 0.2) -> HookedModel:
+def planted_model(copy_scale: float = 0.2, succ_head: tuple[int, int] = (1, 2)) -> HookedModel:
     """The hand-built GPT-2 described in the module docstring (successor head 1.2, copy head 2.0)."""
     import transformers as T
 
@@ -87,7 +87,7 @@ def planted_model(copy_scale: float = 0.2) -> HookedModel:
             blk.c_proj.weight[sl, :] = scale * out_dirs.T  # z @ W_O
 
         succ = torch.stack([G[:, min(j + 1, 7)] for j in range(8)], 1)
-        plant(1, 2, succ, 1.0)
+        plant(*succ_head, succ, 1.0)
         plant(2, 0, G, copy_scale)
     return HookedModel.from_hf(model, tok, name="planted-gpt2")
 

@@ -16,13 +16,21 @@ TASKS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("planted")
-    hm = planted_model()
+def _save(d, hm):
     hm.model.save_pretrained(d)
     hm.tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("planted"), planted_model())
+
+
+@pytest.fixture(scope="module")
+def model_dir2(tmp_path_factory):
+    """The same construction with the successor head at 2.3 (the last layer)."""
+    return _save(tmp_path_factory.mktemp("planted2"), planted_model(succ_head=(2, 3)))
 
 
 def _run(argv, capsys):
@@ -31,11 +39,11 @@ def _run(argv, capsys):
     return rc, cap.out, cap.err
 
 
-def test_end_to_end_json(model_dir, tmp_path, capsys):
+def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
     tf = tmp_path / "tasks.json"
     tf.write_text(json.dumps(TASKS))
     out = tmp_path / "run"
-    argv = ["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "", "--task-file", str(tf),
+    argv = ["run", "seqcont-circuits", "--models", f"{model_dir},{model_dir2}", "--tasks", "", "--task-file", str(tf),
             "--other-tasks", "", "--n-prompts", "4", "--n-random", "1", "--out", str(out), "--json"]  # fmt: skip
     rc, stdout, _ = _run(argv, capsys)
     assert rc == 0
@@ -61,14 +69,25 @@ def test_end_to_end_json(model_dir, tmp_path, capsys):
             "faithfulness.json", "shared.json"} <= names  # fmt: skip
     assert any(n.startswith("iou_") for n in names) and any(n.startswith("faithfulness_") for n in names)
     edges = json.loads((out / "edges.json").read_text())
-    (m,) = edges.values()
-    top = m["letters-then"]["edges"][0]
+    top = edges[str(model_dir)]["letters-then"]["edges"][0]
     assert top["sender"] == "1.2" and top["receiver"] == "logits"
+    # across models: the second model's circuit is its own successor head, matched to the first's by role
+    assert r["models"][str(model_dir2)]["shared"]["heads"] == ["2.3"]
+    assert r["models"][str(model_dir)]["tasks"] == r["tasks"]
+    cm = r["cross_model"]
+    assert cm["relative_depth"][str(model_dir)]["letters-then"]["heads"] == [0.5]
+    assert cm["relative_depth"][str(model_dir2)]["letters-then"]["heads"] == [1.0]
+    (match,) = cm["role_matches"]
+    (pair,) = match["pairs"]
+    assert pair[str(model_dir)] == "1.2" and pair[str(model_dir2)] == "2.3" and pair["role_distance"] < 0.05
+    assert (out / "relative_depth.png").exists()
     # resume: every stage is skipped and the summary is the same
     rc, stdout2, _ = _run(["run", "seqcont-circuits", "--resume", str(out), "--json"], capsys)
     assert rc == 0
     r2 = json.loads(stdout2)
     assert r2["tasks"] == r["tasks"] and r2["shared"]["heads"] == sh["heads"]
+    saved = json.loads((out / "results.json").read_text())  # the numbers, also after a resume
+    assert saved["tasks"] == r["tasks"] and saved["timings_s"]["circuits"] == "skipped"
 
 
 @pytest.mark.parametrize(

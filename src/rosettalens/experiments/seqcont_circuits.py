@@ -124,7 +124,14 @@ class SeqcontExperiment(Experiment):
         if len(cfg.model_list()) > 1:
             stages.append(Stage("cross_model", ("cross_model.json",), self.cross_model))
         stages.append(Stage("plots", (), self.plots))
+        stages.append(Stage("summary", (), self.collect))
         return stages
+
+    def collect(self, ctx: RunContext) -> None:
+        """results.json: the summary (also after --resume, from the stages' files)."""
+        out = self.summary(ctx)
+        out.pop("run_dir", None)
+        ctx.results.update(out)
 
     # ------------------------------------------------------------------------------------ models
     def load_models(self, ctx: RunContext) -> None:
