@@ -145,3 +145,56 @@ def test_user_contexts_still_apply_inside_the_sweep(hm):
     assert torch.allclose(res.values, ref, atol=1e-5)
     plain = patch_sweep(hm, CLEAN, CORRUPTED, _metric, "mlp_out", layers=[1])
     assert not torch.allclose(plain.values, res.values, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt_neox", "qwen2"])
+def test_shared_prefix_over_a_sliding_window_equals_full_forwards(family):
+    """Prompts longer than Gemma 3's sliding window (8): the KV-cached prefix gives the same values."""
+    model, tok = tiny_model(family, n_layers=2)
+    hm = HookedModel.from_hf(model, tok)
+    g = torch.Generator().manual_seed(3)
+    clean, corrupted = (
+        torch.randint(0, 380, (2, 12), generator=g),
+        torch.randint(0, 380, (2, 12), generator=g),
+    )
+    res = patch_sweep(hm, clean, corrupted, _metric, "resid_pre", max_rows=6)
+    full = patch_sweep(hm, clean, corrupted, _metric, "resid_pre", max_rows=6, reuse_prefix=False)
+    assert res.meta["shared_prefix"] and not full.meta["shared_prefix"]
+    assert res.meta["token_rows"] < 0.7 * full.meta["token_rows"]
+    assert torch.allclose(res.values, full.values, atol=1e-5)
+    assert torch.allclose(res.values, _reference(hm, res, clean, corrupted), atol=1e-5)
+    heads = patch_sweep(
+        hm, clean, corrupted, _metric, "heads", by_position=True, positions=[2, 9, 11], layers=[1]
+    )
+    assert heads.meta["shared_prefix"]
+    assert torch.allclose(heads.values, _reference(hm, heads, clean, corrupted), atol=1e-5)
+
+
+def test_no_shared_prefix_inside_a_prompt_only_steer(hm):
+    """steer(positions="prompt") tells prompt from cached forwards: the sweep then runs full forwards."""
+    v = torch.randn(hm.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    with hm.steer("resid_pre.0", v, positions="prompt"):
+        res = patch_sweep(hm, CLEAN, CORRUPTED, _metric, "resid_pre", layers=[1])
+        ref = _reference(hm, res, CLEAN, CORRUPTED)
+    assert not res.meta["shared_prefix"]
+    assert torch.allclose(res.values, ref, atol=1e-5)
+
+
+@pytest.mark.real
+def test_real_smollm_sweep_equals_loop(smollm):
+    enc_c = smollm.tokenize("The months in order: January February March April")["input_ids"]
+    enc_x = smollm.tokenize("The months in order: April March January February")["input_ids"]
+    assert enc_c.shape == enc_x.shape
+    answer, wrong = smollm.tokenizer(" May")["input_ids"][-1], smollm.tokenizer(" March")["input_ids"][-1]
+
+    def metric(logits):
+        return logits[:, -1, answer] - logits[:, -1, wrong]
+
+    res = patch_sweep(smollm, enc_c, enc_x, metric, "resid_pre", layers=[0, 15, -1])
+    _, cache = smollm.run_with_cache(enc_c, hooks=["resid_pre.0", "resid_pre.15", "resid_pre.-1"])
+    for i, lay in enumerate(res.labels["layer"]):
+        for j, p in enumerate(res.labels["position"]):
+            with smollm.patch(f"resid_pre.{lay}", cache[f"resid_pre.{lay}"], positions=p):
+                want = float(metric(smollm.forward(enc_x))[0])
+            assert res.values[i, j] == pytest.approx(want, abs=2e-4)
+    assert res.clean_metric > res.corrupted_metric  # the prompts differ in the way the metric measures

@@ -171,6 +171,7 @@ def patch_sweep(
     by_position: bool = False,
     memory_budget: float = 2**30,
     max_rows: int | None = None,
+    reuse_prefix: bool = True,
     progress: bool = False,
 ) -> PatchResult:
     """Activation patching of every component of one kind, many patches per forward pass.
@@ -187,6 +188,9 @@ def patch_sweep(
     (``[n_layers, n_positions, n_heads]``) instead of at all positions at once.
     memory_budget: bytes for the rows of one forward (and the logits they return); ``max_rows``
     caps the patches per forward directly.
+    reuse_prefix: for sweeps where every patch has a position, run the corrupted tokens before the
+    earliest patched position of a forward once (batch 1, KV cache) and only the rest with the
+    grown batch: the positions before a patch are the corrupted run's (attention is causal).
 
     Returns a :class:`PatchResult` (``values`` ``[n_layers, n_positions]`` / ``[n_layers, n_heads]``
     / ``[n_layers, n_positions, n_heads]``, the mean over prompts).
@@ -229,13 +233,15 @@ def patch_sweep(
     clean_logits, cache = hm.run_with_cache(clean, hooks=names)
     clean_m = _metric_rows(metric, clean_logits, n_prompts)
     del clean_logits
-    corrupted_m = _metric_rows(metric, hm.forward(corrupted), n_prompts)
+    corrupted_logits = hm.forward(corrupted)
+    corrupted_m = _metric_rows(metric, corrupted_logits, n_prompts)
 
     row_cost = _row_bytes(hm, n_pos) * n_prompts
     rows = max(1, int(memory_budget // row_cost))
     if max_rows is not None:
         rows = max(1, min(rows, int(max_rows)))
-    chunks = [grid[i : i + rows] for i in range(0, len(grid), rows)]
+    prefix = reuse_prefix and all(p is not None for _, p, _ in grid) and hm._offset_users == 0
+    chunks = _chunks(grid, rows, prefix)
     values = torch.empty(len(grid), n_prompts, dtype=torch.float64)
 
     bar = None
@@ -243,32 +249,30 @@ def patch_sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), desc=f"patch {sweep}", unit="patch", file=sys.stderr, leave=False)
-    done = 0
+    tokens_run = 0
     try:
         for chunk in chunks:
+            items = [grid[j] for j in chunk]
+            start = min(p for _, p, _ in items) if prefix else 0  # type: ignore[type-var]
             chunk_logits = []
             for i in range(n_prompts):
-                handlers = _chunk_handlers(chunk, kind, {n: cache[n][i] for n in names})
-                with hm._intervene(handlers):
-                    logits = hm.forward(corrupted[i : i + 1])
-                if (
-                    logits.shape[0] != len(chunk) + 1
-                ):  # pragma: no cover - an architecture that does not broadcast
-                    raise ShapeError(
-                        f"batched patching got {logits.shape[0]} rows, expected {len(chunk) + 1}"
-                    )
+                handlers = _chunk_handlers(items, kind, {n: cache[n][i] for n in names}, offset=start)
+                logits = _forward_rows(
+                    hm, corrupted[i : i + 1], corrupted_logits[i : i + 1], items, start, handlers
+                )
                 chunk_logits.append(logits[1:])
+                tokens_run += logits.shape[0] * (n_pos - start)
             stacked = torch.stack(chunk_logits, dim=1)  # [k, n_prompts, pos, vocab]
             del chunk_logits
-            for j in range(len(chunk)):
-                values[done + j] = _metric_rows(metric, stacked[j], n_prompts)
-            done += len(chunk)
+            for j, g in enumerate(chunk):
+                values[g] = _metric_rows(metric, stacked[j], n_prompts)
             del stacked
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
+    del corrupted_logits
 
     per_prompt = values.T.reshape(n_prompts, *shape)
     tokens = [hm.tokenizer.decode([int(t)]) for t in clean[0]] if hm.tokenizer is not None else []
@@ -288,6 +292,8 @@ def patch_sweep(
         "n_positions": n_pos,
         "patches": len(grid),
         "forwards": len(chunks) * n_prompts,
+        "shared_prefix": prefix,
+        "token_rows": tokens_run,
         "rows_per_forward": rows,
     }
     if kv_groups is not None:
@@ -317,11 +323,12 @@ def _metric_rows(metric: Metric, logits: Tensor, n: int) -> Tensor:
 
 
 def _chunk_handlers(
-    chunk: list[tuple[int, int | None, int | None]], kind: str, clean: dict[str, Tensor]
+    chunk: list[tuple[int, int | None, int | None]], kind: str, clean: dict[str, Tensor], offset: int = 0
 ) -> list[tuple[str, Callable, str]]:
     """Hook handlers for one forward: grow the batch at each layer's ``resid_pre``, patch its rows.
 
     clean: ``{hook name: clean activation of this prompt}`` (``[pos, ...]``, no batch axis).
+    offset: the forward runs positions ``offset ..`` only (the rest comes from the KV cache).
     Row 0 stays the corrupted run; the patches of layer ``L`` get rows ``start_L .. start_L + k_L``.
     """
     by_layer: dict[int, list[tuple[int | None, int | None]]] = {}
@@ -332,9 +339,9 @@ def _chunk_handlers(
     for lay, items in by_layer.items():
         k = len(items)
         rows = torch.arange(start, start + k)
-        pos = torch.tensor([p if p is not None else -1 for p, _ in items])
+        pos = torch.tensor([p - offset if p is not None else -1 for p, _ in items])
         head = torch.tensor([h if h is not None else -1 for _, h in items])
-        src = clean[f"{kind}.{lay}"]
+        src = clean[f"{kind}.{lay}"][offset:]
         write = _writer(rows, pos, head, src, all_pos=items[0][0] is None)
         if kind == "resid_pre":
             handlers.append((f"resid_pre.{lay}", _grow(k, write), "resize"))
@@ -343,6 +350,71 @@ def _chunk_handlers(
             handlers.append((f"{kind}.{lay}", write, "plain"))
         start += k
     return handlers
+
+
+def _chunks(grid: list[tuple[int, int | None, int | None]], rows: int, prefix: bool) -> list[list[int]]:
+    """Indices into ``grid`` per forward (each sorted by layer, for the growing batch), ``<= rows`` each.
+
+    With a shared prefix a forward costs its rows times the positions from its earliest patch on, so
+    the patches go in position order and a forward takes one position's patches (splitting those
+    over ``rows``), merging the next positions only while it has fewer than ``_MIN_ROWS`` rows.
+    """
+    if not prefix:
+        chunks = [list(range(i, min(i + rows, len(grid)))) for i in range(0, len(grid), rows)]
+    else:
+        by_pos: dict[int, list[int]] = {}
+        for j, (_, p, _) in enumerate(grid):
+            by_pos.setdefault(int(p), []).append(j)  # type: ignore[arg-type]
+        chunks = []
+        cur: list[int] = []
+        for p in sorted(by_pos):
+            group = by_pos[p]
+            if cur and (len(cur) >= _MIN_ROWS or len(cur) + len(group) > rows):
+                chunks.append(cur)
+                cur = []
+            while len(cur) + len(group) > rows:
+                take = rows - len(cur)
+                chunks.append(cur + group[:take])
+                cur, group = [], group[take:]
+            cur = cur + group
+        if cur:
+            chunks.append(cur)
+    return [sorted(c, key=lambda j: grid[j][0]) for c in chunks]
+
+
+_MIN_ROWS = 16
+
+
+def _forward_rows(
+    hm: Any, ids: Tensor, full_logits: Tensor, items: list, start: int, handlers: list
+) -> Tensor:
+    """Logits ``[1 + k, pos, vocab]`` of one prompt ``ids [1, pos]`` with the chunk's patches in rows 1..k.
+
+    ``start > 0``: positions ``< start`` are the corrupted run's: their keys/values come from a batch-1
+    forward over the prefix (expanded per layer to the rows alive there, a view), their logits from
+    ``full_logits [1, pos, vocab]``; only positions ``start ..`` run with the grown batch.
+    """
+    if start == 0:
+        with hm._intervene(handlers):
+            logits = hm.forward(ids)
+    else:
+        pkv = hm.model(input_ids=ids[:, :start], use_cache=True).cache
+        alive = 1
+        counts: dict[int, int] = {}
+        for lay, _, _ in items:
+            counts[lay] = counts.get(lay, 0) + 1
+        for lay, layer in enumerate(pkv.layers):
+            alive += counts.get(lay, 0)
+            if alive > 1:
+                layer.keys = layer.keys.expand(alive, *layer.keys.shape[1:])
+                layer.values = layer.values.expand(alive, *layer.values.shape[1:])
+        with hm._intervene(handlers):
+            tail = hm.model(input_ids=ids[:, start:], cache=pkv, use_cache=True).logits
+        head = full_logits[:, :start].to(tail.dtype).expand(tail.shape[0], -1, -1)
+        logits = torch.cat([head, tail], dim=1)
+    if logits.shape[0] != len(items) + 1:  # pragma: no cover - an architecture that does not broadcast
+        raise ShapeError(f"batched patching got {logits.shape[0]} rows, expected {len(items) + 1}")
+    return logits
 
 
 def _grow(k: int, write: Callable | None) -> Callable:
