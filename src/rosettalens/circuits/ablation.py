@@ -256,8 +256,7 @@ class Ablator:
                 state["batch"], state["fresh"] = batch, False
             return state["rows"]
 
-        first_name = None
-        fwd = []
+        fwd: list[tuple[str, Any]] = []
         for layer, hs in sorted(by_layer.items()):
             idx = torch.tensor(hs)
 
@@ -275,10 +274,9 @@ class Ablator:
                 return torch.zeros_like(act) + val
 
             fwd.append((f"mlp_out.{layer}", mlp_fn))
-        if fwd:
-            first_name = min((int(n.split(".")[1]), n.startswith("mlp_out"), n) for n, _ in fwd)[
-                2
-            ]  # head_z.L fires before mlp_out.L
+        # the first hook of a forward pass (head_z.L fires before mlp_out.L) marks a fresh draw
+        order = sorted((int(n.split(".")[1]), n.startswith("mlp_out"), n) for n, _ in fwd)
+        first_name = order[0][2] if order else None
 
         def mark_fresh(act: Tensor, name: str) -> None:
             state["fresh"] = True

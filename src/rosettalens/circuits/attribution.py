@@ -60,7 +60,7 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from ..hooks import HookedModel
 
-Metric = Callable[[Tensor], Tensor]
+Metric = Callable[..., Tensor]  # (logits [batch, pos, vocab]) or (logits, rows [batch]) -> [batch]
 METHODS = ("eap", "eap-ig")
 
 
@@ -346,13 +346,13 @@ def attribute_nodes(
                     alpha = k / n_steps
                     vals, acts = _grad_forward(hm, ids_c, m, rows, metric, names, e_x + alpha * (e_c - e_x))
                 gs = _grads(vals.sum(), [acts[n] for n in names], retain=False)
-                for n, g in zip(names, gs):
+                for name, g in zip(names, gs):
                     g = g.detach().double()
-                    grad_sum[n] = g if n not in grad_sum else grad_sum[n] + g
+                    grad_sum[name] = g if name not in grad_sum else grad_sum[name] + g
                 del acts, vals, gs
-            for n in names:
-                d = (cache_x[n].double() - clean_acts[n].double()) * grad_sum[n] / n_steps
-                kind, layer = n.split(".")[0], int(n.split(".")[1])
+            for name in names:
+                d = (cache_x[name].double() - clean_acts[name].double()) * grad_sum[name] / n_steps
+                kind, layer = name.split(".")[0], int(name.split(".")[1])
                 if kind == "head_z":
                     heads[layer] += d.sum((0, 1, 3)).cpu()
                 elif kind == "mlp_out":
