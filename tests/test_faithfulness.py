@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from rosettalens.circuits.attribution import attribute_nodes, logit_diff_metric
+from rosettalens.circuits.attribution import EdgeAttribution, attribute_nodes, logit_diff_metric
 from rosettalens.circuits.faithfulness import (
     MIB_FRACTIONS,
     Circuit,
@@ -16,6 +16,7 @@ from rosettalens.circuits.faithfulness import (
     cmd,
     component_names,
     cpr,
+    edges_from_scores,
 )
 from rosettalens.errors import ConfigError, DataError, ShapeError
 from rosettalens.hooks import HookedModel
@@ -56,6 +57,19 @@ def test_circuit_from_scores():
     }
     with pytest.raises(ConfigError):
         circuit_from_scores(scores, 6)
+    ea = EdgeAttribution(
+        scores=torch.tensor([[-3.0, float("nan")], [0.5, 4.0]], dtype=torch.float64),
+        senders=["embed", "0.0"],
+        receivers=["1.0.q", "logits"],
+        method="eap",
+        steps=1,
+        n_prompts=1,
+        clean_metric=0.0,
+        corrupted_metric=0.0,
+    )
+    assert edges_from_scores(ea, 2) == ["embed->1.0.q", "0.0->1.0.q"]
+    assert edges_from_scores(ea, 2, absolute=True) == ["0.0->logits", "embed->1.0.q"]
+    assert len(edges_from_scores(ea, 1.0)) == 3
     with pytest.raises(ConfigError):
         circuit_from_scores(scores, 1.5)
 

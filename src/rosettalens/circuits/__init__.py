@@ -23,6 +23,7 @@ from .faithfulness import FaithfulnessCurve as FaithfulnessCurve
 from .faithfulness import circuit_from_scores as circuit_from_scores
 from .faithfulness import cmd as cmd
 from .faithfulness import cpr as cpr
+from .faithfulness import edges_from_scores as edges_from_scores
 from .patching import SWEEPS as SWEEPS
 from .patching import PatchResult as PatchResult
 from .patching import patch_sweep as patch_sweep

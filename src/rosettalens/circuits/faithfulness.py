@@ -106,6 +106,17 @@ def circuit_from_scores(
     return Circuit.from_components(keys[i] for i in order[:n])
 
 
+def edges_from_scores(scores: EdgeAttribution, size: int | float, *, absolute: bool = False) -> list[str]:
+    """The top-``size`` edges (``"sender->receiver"``) by score, ranked as :func:`circuit_from_scores`."""
+    table = scores.edges()
+    if not table:
+        raise DataError("no edge scores to build a circuit from")
+    keys = list(table)
+    n = _size(size, len(keys))
+    order = sorted(range(len(keys)), key=lambda i: (-abs(table[keys[i]]) if absolute else table[keys[i]], i))
+    return [keys[i] for i in order[:n]]
+
+
 def _size(size: int | float, total: int) -> int:
     if isinstance(size, float):
         if not 0.0 <= size <= 1.0:
@@ -528,13 +539,9 @@ class EdgeFaithfulness:
         table = scores.edges()
         if set(table) != set(self.edge_names):
             raise DataError("edge scores are for another graph (other model?)")
-        keys = self.edge_names
         fr = _check_fractions(fractions)
-        sizes = [int(p * len(keys)) for p in fr]
-        order = sorted(
-            range(len(keys)), key=lambda i: (-abs(table[keys[i]]) if absolute else table[keys[i]], i)
-        )
-        ms = [self.metric_of(keys[i] for i in order[:n]) for n in sizes]
+        sizes = [int(p * len(self.edge_names)) for p in fr]
+        ms = [self.metric_of(edges_from_scores(scores, n, absolute=absolute)) for n in sizes]
         return FaithfulnessCurve(fr, sizes, [self._f(m) for m in ms], ms)
 
     def random_curve(self, *, fractions: Sequence[float] = MIB_FRACTIONS, seed: int = 0) -> FaithfulnessCurve:
