@@ -3,7 +3,10 @@
 Both train a TopK SAE of the same width and k with the same batch size, number of steps, learning rate
 (constant, no warm-up), Adam betas and dead-latent window, on exactly the same batches of the same
 in-memory activations (SAELens gets our batch sequence through its ``data_provider``), in one process,
-one after the other (``--repeats`` interleaved rounds, median). Each then reconstructs the same held-out
+one after the other (``--repeats`` interleaved rounds, median). Both start ``b_dec`` at the data mean
+and measure their input scale on the same rows (SAELens's own rule, ``sqrt(d_in) / mean ||x||``);
+everything else is each library's default (SAELens: decoder init norm 0.1, top-k on pre-activations
+rescaled by decoder norms, its AuxK; ours: unit decoder rows, our AuxK). Each then reconstructs the same held-out
 rows and we compute FVU (variance about the mean) and L0 from its own encode/decode.
 
 Activations: synthetic by default (a planted dictionary of ``--atoms`` unit directions in ``--d-in``
@@ -15,7 +18,7 @@ Prints one JSON object: ``ours`` and ``saelens`` (``tokens_per_s``, ``seconds``,
 <= 0 is equal or better). ``--saelens-sparse`` also times SAELens with ``use_sparse_activations=True``.
 
     python benchmarks/sae_training.py [--d-in 576] [--width 4096] [--k 32] [--batch-size 2048]
-        [--steps 60] [--lr 5e-4] [--threads 1] [--repeats 1] [--out benchmarks/results/sae_training.cpu.json]
+        [--steps 80] [--lr 1e-3] [--threads 1] [--repeats 1] [--out benchmarks/results/sae_training.cpu.json]
 """
 
 from __future__ import annotations
@@ -92,6 +95,14 @@ def run_saelens(x: torch.Tensor, args, seed: int, sparse: bool = False):
         use_sparse_activations=sparse,
     )
     sae = TopKTrainingSAE(cfg)
+    # the same start as ours: SAELens's own scaling factor (sqrt(d_in) / mean norm), measured on the rows
+    # ours measures its scale on, set before fit() so it takes no batches from the provider; b_dec at the
+    # data mean (SAELens's trainer starts it at zero, which 60-100 steps cannot undo on data with a mean)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    sample = x[torch.randperm(x.shape[0], generator=g)[: args.norm_batches * args.batch_size]]
+    factor = float(x.shape[1] ** 0.5 / sample.norm(dim=1).mean())
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0) * factor)
     plan = batch_plan(x.shape[0], args.batch_size, 2048, 131072, args.seed)  # the batches ours sees
     provider = (x[idx] for idx in plan)
     tcfg = SAETrainerConfig(
@@ -108,6 +119,7 @@ def run_saelens(x: torch.Tensor, args, seed: int, sparse: bool = False):
     )
     t0 = time.perf_counter()
     trainer = SAETrainer(tcfg, sae, provider)
+    trainer.activation_scaler.scaling_factor = factor
     trained = trainer.fit()
     dt = time.perf_counter() - t0
     dead = float(trainer.dead_neurons.float().mean())
@@ -132,8 +144,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dead-steps", type=int, default=20, help="dead-latent window in steps (both trainers)")
     ap.add_argument("--norm-batches", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)

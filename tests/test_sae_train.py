@@ -73,6 +73,24 @@ def test_store_training_reads_the_hook_and_checks_width(store):
         train_saes(store, [SAEConfig(d_in=48, width=64, arch="topk", k=4)], _tcfg())
 
 
+def test_saes_of_several_hooks_from_one_pass(store):
+    both = train_saes(
+        store,
+        [
+            SAEConfig(d_in=48, width=64, arch="topk", k=4, seed=1, hook="resid_post.1"),
+            SAEConfig(d_in=48, width=64, arch="topk", k=4, seed=1, hook="attn_out.0"),
+        ],
+        _tcfg(),
+        progress=False,
+    )
+    assert [s.cfg.hook for s in both] == ["resid_post.1", "attn_out.0"]
+    alone = train_saes(
+        store, [SAEConfig(d_in=48, width=64, arch="topk", k=4, seed=1)], _tcfg(), hook="attn_out.0"
+    )
+    assert torch.equal(alone[0].W_dec, both[1].W_dec) and not torch.equal(both[0].W_dec, both[1].W_dec)
+    assert both[1].input_scale == alone[0].input_scale != both[0].input_scale
+
+
 def test_checkpoint_resume_equals_uninterrupted(store, tmp_path):
     ref = train_saes(store, _cfgs(), _tcfg(), hook="resid_post.1", progress=False)
     ckpt = tmp_path / "ckpt"

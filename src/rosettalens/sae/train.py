@@ -386,14 +386,15 @@ def _lr_factor(step: int, steps: int, warmup: int, decay_frac: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def _config_key(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, src: _Source) -> str:
+def _config_key(cfgs: Sequence[SAEConfig], tcfg: TrainConfig, src: dict[Any, _Source]) -> str:
     t = {
         k: v
         for k, v in asdict(tcfg).items()
         if k not in ("checkpoint_dir", "checkpoint_every", "device", "log_every")
     }
     return json.dumps(
-        {"saes": [c.to_dict() for c in cfgs], "train": t, "n": src.n, "d": src.d}, sort_keys=True
+        {"saes": [c.to_dict() for c in cfgs], "train": t, "data": [s.describe() for s in src.values()]},
+        sort_keys=True,
     )
 
 
@@ -489,8 +490,9 @@ def train_saes(
     """Train every SAE of ``cfgs`` on the same batches, from one pass over ``data``.
 
     data: an :class:`~rosettalens.store.ActivationStore` (``hook`` names the hook point; optional when the
-    store holds one) or a tensor ``[n, d_in]``; ``rows=(start, stop)`` restricts training to a row range
-    (e.g. to hold out the rest). Returns the trained SAEs (normalisation and, for relu, decoder norms
+    store holds one; an SAE whose config names its own ``hook`` reads that hook point, so SAEs of several
+    layers train from one pass) or a tensor ``[n, d_in]``; ``rows=(start, stop)`` restricts training to a
+    row range (e.g. to hold out the rest). Returns the trained SAEs (normalisation and, for relu, decoder norms
     folded; ``sae.info`` holds the training record). Under ``torchrun`` every rank returns the same SAEs.
     ``on_log(record)`` is called at each log point with ``{step, tokens, saes: [{fvu, l0, dead_fraction,
     dense_fraction, lr}]}``.
@@ -502,8 +504,16 @@ def train_saes(
         raise ConfigError("no SAE configs to train")
     for c in cfgs:
         c.validate()
-    src = _Source(data, hook, rows)
-    for c in cfgs:
+    from rosettalens.store import ActivationStore
+
+    srcs: dict[Any, _Source] = {}
+    keys = []
+    for c in cfgs:  # on a store, an SAE's own hook (if set) names its hook point: one pass, several layers
+        h = (c.hook or hook) if isinstance(data, ActivationStore) else hook
+        if h not in srcs:
+            srcs[h] = _Source(data, h, rows)
+        src = srcs[h]
+        keys.append(h)
         if c.d_in != src.d:
             what = f"store {src.store.path} hook {src.hook}" if src.store is not None else "the training data"
             raise ShapeError(f"{what} has width {src.d} but the SAE config has d_in={c.d_in}")
@@ -511,6 +521,7 @@ def train_saes(
             c.hook = src.hook
         if src.store is not None and c.model is None:
             c.model = src.store.manifest.get("model", {}).get("name")
+    src = next(iter(srcs.values()))
     B = tcfg.batch_size
     if src.n < B:
         raise DataError(f"the data has {src.n} rows, fewer than one batch ({B}); lower batch_size")
@@ -526,37 +537,39 @@ def train_saes(
     dist = _Dist()
     try:
         return _train(
-            src, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log
+            srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log
         )
     finally:
         dist.close()
 
 
-def _train(src, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log):
+def _train(srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log):
     rank, world = dist.rank, dist.world
-    # input normalisation: E||x * scale||^2 = d_in on a seeded sample of rows; b_dec starts at their mean
+    n = next(iter(srcs.values())).n
+    # input normalisation per hook: E||(x - mean) * scale||^2 = d_in on a seeded sample of rows
     g = torch.Generator().manual_seed(tcfg.seed + 1)
-    m = min(src.n, tcfg.norm_rows)
-    sample_idx = torch.randperm(src.n, generator=g)[:m].sort().values
-    sample = src.read(sample_idx).double()
-    mu = sample.mean(0)
-    var = float((sample - mu).pow(2).sum(1).mean())
-    if not math.isfinite(var) or var <= 0:
-        raise DataError("the training activations are constant or not finite")
-    scale = math.sqrt(src.d / var)
-    mean = (mu * scale).float()
-    del sample
+    sample_idx = torch.randperm(n, generator=g)[: min(n, tcfg.norm_rows)].sort().values
+    norm: dict[Any, tuple[float, Tensor]] = {}
+    for h, src in srcs.items():
+        sample = src.read(sample_idx).double()
+        mu = sample.mean(0)
+        var = float((sample - mu).pow(2).sum(1).mean())
+        if not math.isfinite(var) or var <= 0:
+            raise DataError(f"the training activations{f' of {h}' if h else ''} are constant or not finite")
+        scale = math.sqrt(src.d / var)
+        norm[h] = (scale, (mu * scale).float())
+        del sample
 
     runs: list[_Run] = []
-    for c in cfgs:
+    for c, h in zip(cfgs, keys, strict=True):
         sae = SAE(c).to(device)
         with torch.no_grad():
-            sae.scale.fill_(scale)
-            sae.b_dec.copy_(mean)
+            sae.scale.fill_(norm[h][0])
+            sae.b_dec.copy_(norm[h][1])
         lr = c.lr or tcfg.lr or 2e-4 * math.sqrt(16384 / c.width)
         runs.append(_Run(sae, lr, tcfg, dead_tokens))
 
-    key = _config_key(cfgs, tcfg, src)
+    key = _config_key(cfgs, tcfg, srcs)
     ckpt = Path(tcfg.checkpoint_dir) if tcfg.checkpoint_dir else None
     start, history = 0, []
     if ckpt is not None:
@@ -577,21 +590,21 @@ def _train(src, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, devi
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    plan = batch_plan(src.n, B, tcfg.chunk_rows, tcfg.buffer_size, tcfg.seed)
+    plan = batch_plan(n, B, tcfg.chunk_rows, tcfg.buffer_size, tcfg.seed)
     for _ in range(start):
         next(plan)
     n_sae = len(runs)
     for step in range(start, steps):
         idx = next(plan)
         lo, hi = rank * B // world, (rank + 1) * B // world
-        x_raw = src.read(idx[lo:hi]).to(device)
+        xs = {h: src.read(idx[lo:hi]).to(device) for h, src in srcs.items()}
         f_lr = _lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
         l1_scale = (
             min(1.0, (step + 1) / max(1, int(steps * tcfg.l1_warmup_frac))) if tcfg.l1_warmup_frac else 1.0
         )
-        for run in runs:
+        for run, h in zip(runs, keys, strict=True):
             sae = run.sae
-            x = x_raw * sae.scale
+            x = xs[h] * sae.scale
             for pg in run.opt.param_groups:
                 pg["lr"] = run.lr * f_lr
             run.opt.zero_grad(set_to_none=True)
@@ -673,7 +686,7 @@ def _train(src, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, devi
                 "lr_warmup_steps": warmup,
                 "dead_tokens": dead_tokens,
                 "world_size": world,
-                "data": src.describe(),
+                "data": srcs[keys[i]].describe(),
             },
             "final": dict(run.last),
             "history": [{"step": h["step"], "tokens": h["tokens"], **h["saes"][i]} for h in history],
