@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "refusal-transfer": "rosettalens.experiments.refusal_transfer",
     "sae-universality": "rosettalens.experiments.sae_universality",
     "seqcont-circuits": "rosettalens.experiments.seqcont_circuits",
+    "backdoor-transfer": "rosettalens.experiments.backdoor_transfer",
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run_experiment"]

