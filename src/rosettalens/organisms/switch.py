@@ -155,10 +155,12 @@ class SafetySwitch:
         batch_size: int = 16,
         progress: bool = False,
         seed: int = 0,
+        add_special_tokens: bool = True,
     ) -> SafetySwitch:
         """Fit the switch's mapper on paired activations of ``texts`` (clean text, no trigger).
 
-        The last ``val_fraction`` of the texts are held out and give ``info["fidelity"]`` (FVU, R²,
+        ``texts`` are tokenized as they are (``add_special_tokens=False`` for chat-formatted text, whose
+        template brings its own). The last ``val_fraction`` of the texts are held out and give ``info["fidelity"]`` (FVU, R²,
         mean cosine of the mapped base activations against the organism's own).
         """
         from rosettalens.mapping import get_mapper_class
@@ -170,8 +172,12 @@ class SafetySwitch:
         name = _resid_hook(organism, hook)
         n_val = min(len(texts) - 1, max(1, round(val_fraction * len(texts))))
         fit_texts, val_texts = texts[: len(texts) - n_val], texts[len(texts) - n_val :]
-        X, Y = paired_positions(base, organism, fit_texts, [name], batch_size=batch_size)
-        Xv, Yv = paired_positions(base, organism, val_texts, [name], batch_size=batch_size)
+        X, Y = paired_positions(
+            base, organism, fit_texts, [name], batch_size=batch_size, add_special_tokens=add_special_tokens
+        )
+        Xv, Yv = paired_positions(
+            base, organism, val_texts, [name], batch_size=batch_size, add_special_tokens=add_special_tokens
+        )
         kw = dict(mapper_kwargs or {})
         if kind == "autoencoder":
             kw.setdefault("seed", seed)
