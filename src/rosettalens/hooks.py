@@ -431,11 +431,11 @@ class HookedModel:
         fwd: list[tuple[str, HookFn, str]] = []
         for name, val in patches.items():
             canonical = self.resolve_hook(name)
-            is_fn = callable(val) and not isinstance(val, Tensor)
             if not selective:
-                fwd.append(
-                    (canonical, val, "copy") if is_fn else (canonical, _tensor_patch(canonical, val), "plain")
-                )
+                if callable(val) and not isinstance(val, Tensor):
+                    fwd.append((canonical, val, "copy"))
+                else:
+                    fwd.append((canonical, _tensor_patch(canonical, val), "plain"))
             else:
                 fwd.append(
                     (canonical, self._selective_patch(canonical, val, positions, rows, heads), "plain")
@@ -847,7 +847,7 @@ def _index_tuple(act: Tensor, selectors: dict[int, tuple[str, Selector]], name: 
     return tuple(idx)
 
 
-def _tensor_patch(name: str, value: Tensor) -> HookFn:
+def _tensor_patch(name: str, value: Any) -> HookFn:
     value = torch.as_tensor(value).detach()
 
     def patch(act: Tensor, hook_name: str) -> Tensor:

@@ -215,6 +215,7 @@ def patch_sweep(
     n_heads = c.n_kv_heads if kind in ("k", "v") else c.n_heads
 
     # the grid of patches, in layer order: (layer, position or None, head or None)
+    grid: list[tuple[int, int | None, int | None]]
     if not per_head:
         grid = [(lay, p, None) for lay in layer_list for p in pos_list]
         axes: tuple[str, ...] = ("layer", "position")
@@ -253,7 +254,7 @@ def patch_sweep(
     try:
         for chunk in chunks:
             items = [grid[j] for j in chunk]
-            start = min(p for _, p, _ in items) if prefix else 0  # type: ignore[type-var]
+            start = min(int(p) for _, p, _ in items if p is not None) if prefix else 0
             chunk_logits = []
             for i in range(n_prompts):
                 handlers = _chunk_handlers(items, kind, {n: cache[n][i] for n in names}, offset=start)
@@ -434,6 +435,7 @@ def _writer(rows: Tensor, pos: Tensor, head: Tensor, src: Tensor, all_pos: bool)
         if act.device not in cache:
             r, p, h = rows.to(act.device), pos.to(act.device), head.to(act.device)
             s = src.to(device=act.device, dtype=act.dtype)
+            dst: tuple[Tensor, ...]
             if has_head and all_pos:
                 ar = torch.arange(act.shape[1], device=act.device)
                 dst = (r[:, None], ar[None, :], h[:, None])
