@@ -78,8 +78,8 @@ def test_node_scores_rank_correlate_with_exact_patching(family):
     metric = _metric()
     ex_h, ex_m = _exact_node_effects(hm, clean, corrupted, metric)
     exact = torch.cat([ex_h.flatten(), ex_m])
-    for method in ("eap", "eap-ig"):
-        att = attribute_nodes(hm, clean, corrupted, metric, method=method, steps=8, batch_size=4)
+    for method in ("eap", "eap-ig") if family == "llama" else ("eap",):
+        att = attribute_nodes(hm, clean, corrupted, metric, method=method, steps=4, batch_size=4)
         est = torch.cat([att.heads.flatten(), att.mlps])
         rho = spearmanr(exact.numpy(), est.numpy()).statistic
         assert rho > 0.85, (family, method, rho)
@@ -105,20 +105,19 @@ def test_eap_is_the_directional_derivative(family):
     _, cx = hm.run_with_cache(corrupted, hooks=hooks)
     _, cc = hm.run_with_cache(clean, hooks=hooks)
     eps = 1e-3  # central differences: O(eps^2); Gemma norms compute in float32 even in a float64 model
-    for layer in range(L):
-        for h in range(H):
-            vals = []
-            for sign in (1, -1):
+    for layer, h in [(i % L, i) for i in range(H)]:  # one head per head index, spread over the layers
+        vals = []
+        for sign in (1, -1):
 
-                def fn(act, name, h=h, a=cc[f"head_z.{layer}"], b=cx[f"head_z.{layer}"], e=sign * eps):
-                    out = act.clone()
-                    out[:, :, h] = a[:, :, h] + e * (b[:, :, h] - a[:, :, h])
-                    return out
+            def fn(act, name, h=h, a=cc[f"head_z.{layer}"], b=cx[f"head_z.{layer}"], e=sign * eps):
+                out = act.clone()
+                out[:, :, h] = a[:, :, h] + e * (b[:, :, h] - a[:, :, h])
+                return out
 
-                with hm.patch({f"head_z.{layer}": fn}):
-                    vals.append(_mean_metric(hm, metric, clean))
-            fd = (vals[0] - vals[1]) / (2 * eps)
-            assert float(att.heads[layer, h]) == pytest.approx(fd, rel=2e-3, abs=3e-5)
+            with hm.patch({f"head_z.{layer}": fn}):
+                vals.append(_mean_metric(hm, metric, clean))
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        assert float(att.heads[layer, h]) == pytest.approx(fd, rel=2e-3, abs=3e-5)
 
 
 def _linear_model() -> HookedModel:
