@@ -149,6 +149,10 @@ def test_cli_json_and_bad_input(tmp_path, organisms, capsys):
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
+    from rosettalens.mapping import AffineMapper
+
+    R = torch.randn(64, 10)
+    AffineMapper().fit(R, R[:, :6]).save(tmp_path / "wrong_mapper")  # 10 -> 6, the organisms have 48
     from rosettalens.cli import main
 
     for args, needle in [
@@ -157,6 +161,26 @@ def test_cli_json_and_bad_input(tmp_path, organisms, capsys):
         (["--source", "no-such-model", "--target", tgt], "unknown model"),
         (["--source", src, "--target", tgt, "--task", "corrupted"], "task"),
         (["--source", src, "--target", tgt, "--mapper", "quadratic"], "unknown mapper kind"),
+        (
+            [
+                "--source",
+                src,
+                "--target",
+                tgt,
+                "--mapper-dir",
+                str(tmp_path / "wrong_mapper"),
+                "--sweep-points",
+                "0",
+                "--source-layer",
+                "1",
+                "--n-train",
+                "8",
+                "--n-val",
+                "2",
+            ],
+            "maps width 10 -> 6",
+        ),
+        (["--source", src, "--target", tgt, "--mapper-dir", str(tmp_path / "nothing")], "does not exist"),
     ]:
         capsys.readouterr()
         code = main(["run", "backdoor-transfer", *args, "--out", str(tmp_path / "bad")])

