@@ -61,6 +61,11 @@ class SAEUniversalityConfig:
     batch_size: int = 256  # SAE training batch (tokens)
     lr: float | None = None  # default: rosettalens.sae's rule, 2e-4 * sqrt(16384 / width)
     eval_fraction: float = 0.1  # held-out tokens for the SAE metrics
+    # tokens left out of SAE training and matching: the first `skip_first` positions of every document
+    # (attention sinks: without a BOS token the first token carries norms ~100x the median) and any
+    # token whose norm at some grid layer exceeds `outlier_norm` x that layer's median norm (0: off)
+    skip_first: int = 1
+    outlier_norm: float = 10.0
     min_corr: float = 0.3  # pair filter: activation correlation threshold
     drop_nonconcept: bool = True  # pair filter: drop pairs whose top tokens are all non-concept tokens
     shared_top_token: bool = True  # pair filter: top tokens must share at least one token
@@ -105,6 +110,8 @@ class SAEUniversalityConfig:
             raise ConfigError(
                 f"--hook must be a residual-like hook kind (resid_post, ...), got {self.hook!r}"
             )
+        if self.skip_first < 0 or self.outlier_norm < 0:
+            raise ConfigError("--skip-first and --outlier-norm must be >= 0")
         if self.generate_tokens < 0:
             raise ConfigError("--generate-tokens must be >= 0")
 
@@ -186,6 +193,16 @@ def _generated(cfg: SAEUniversalityConfig, hm_a, progress: bool) -> list[str]:
     return load_documents(str(out)).documents
 
 
+def _filter_pairs(pair: Any, keep_a: torch.Tensor, keep_b: torch.Tensor) -> Any:
+    """``pair`` (a PairedStores) restricted to pairs whose rows are kept on both sides (in place)."""
+    m = keep_a[pair.rows_a] & keep_b[pair.rows_b]
+    pair.rows_a, pair.rows_b = pair.rows_a[m], pair.rows_b[m]
+    n = int(m.sum())
+    pair.fraction_a, pair.fraction_b = n / max(len(keep_a), 1), n / max(len(keep_b), 1)
+    pair.paired_fraction = 2 * n / max(len(keep_a) + len(keep_b), 1)
+    return pair
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for s in range(0, n, size):
         yield slice(s, min(s + size, n))
@@ -193,18 +210,31 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 # ------------------------------------------------------------------------------------ SAE access
 # Everything the experiment needs from rosettalens.sae goes through these four functions.
-def train_layer_sae(store: Any, hook: str, rows: tuple[int, int], cfg: SAEUniversalityConfig, seed: int,
+def train_layer_sae(store: Any, hook: str, rows: torch.Tensor, cfg: SAEUniversalityConfig, seed: int,
                     progress: bool) -> Any:  # fmt: skip
-    """An SAE on the store's rows ``[start, stop)`` at ``hook`` (``--epochs`` passes, streamed from disk)."""
+    """An SAE on the store's rows ``rows [n]`` at ``hook`` (``--epochs`` passes over them)."""
     from ..sae import SAEConfig, TrainConfig, train_saes
 
-    n = rows[1] - rows[0]
+    n = len(rows)
     batch = min(cfg.batch_size, n)
     sc = SAEConfig(d_in=store.d_model, width=cfg.width, arch=cfg.arch, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None,
                    seed=seed, model=store.manifest["model"]["name"], hook=hook)  # fmt: skip
     tc = TrainConfig(batch_size=batch, tokens=max(batch, cfg.epochs * n), lr=cfg.lr, seed=seed,
                      device=_sae_device(cfg))  # fmt: skip
-    return train_saes(store, [sc], tc, hook=hook, rows=rows, progress=progress)[0]
+    x = store.read(hook, rows=rows).to(torch.float32)  # [n, d]: the kept rows are not one contiguous range
+    return train_saes(x, [sc], tc, progress=progress)[0]
+
+
+def kept_rows(store: Any, cfg: SAEUniversalityConfig, hooks: list[str] | None = None) -> torch.Tensor:
+    """``[rows]`` bool: rows used for SAEs and matching (``--skip-first`` positions and ``--outlier-norm``
+    tokens left out; see the config)."""
+    keep = store.pos_index >= cfg.skip_first
+    if cfg.outlier_norm > 0:
+        for h in hooks or store.hooks:
+            norms = torch.cat([store.read(h, rows=torch.arange(s.start, s.stop)).double().norm(dim=1)
+                               for s in _chunks(len(store), 16384)])  # fmt: skip
+            keep &= norms <= cfg.outlier_norm * norms[keep].median()
+    return keep
 
 
 def _sae_device(cfg: SAEUniversalityConfig) -> str:
@@ -341,11 +371,17 @@ class SAEUniversality(Experiment):
         sb = ActivationStore.open(ctx.run_dir / "acts" / "b")
         pair = PairedStores(sa, sb, mode="aligned")
         same_tok = sa.manifest["tokenizer"]["sha256"] == sb.manifest["tokenizer"]["sha256"]
+        keep_a, keep_b = kept_rows(sa, ctx.config), kept_rows(sb, ctx.config)
+        n_all = len(pair)
+        pair = _filter_pairs(pair, keep_a, keep_b)
         info = {
             "mode": "position (same tokenizer)" if same_tok else "character offsets (different tokenizers)",
             "n_pairs": len(pair),
+            "n_pairs_before_row_filter": n_all,
             "rows_a": len(sa),
             "rows_b": len(sb),
+            "rows_left_out_a": int((~keep_a).sum()),
+            "rows_left_out_b": int((~keep_b).sum()),
             "fraction_a": pair.fraction_a,
             "fraction_b": pair.fraction_b,
             "n_documents": sa.manifest["n_documents"],
@@ -357,20 +393,25 @@ class SAEUniversality(Experiment):
                 f"pair up on this corpus (need {MIN_PAIRED_TOKENS}): the models share too little text; "
                 "give more or other --data"
             )
-        ctx.state.update(store_a=sa, store_b=sb, pair=pair)
+        ctx.state.update(store_a=sa, store_b=sb, pair=pair, keep_a=keep_a, keep_b=keep_b)
         ctx.results["pairing"] = info
         if write:
             ctx.save_json("pairing.json", info)
 
     # ---------------------------------------------------------------------------------- 3 saes
-    def _split(self, n: int, cfg: SAEUniversalityConfig) -> tuple[tuple[int, int], torch.Tensor]:
-        """Training row range ``(0, cut)`` and the held-out rows ``[cut, n)`` (the last documents)."""
+    def _split(self, keep: torch.Tensor, cfg: SAEUniversalityConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept training rows and kept held-out rows (the last ``--eval-fraction`` of the store: its last
+        documents)."""
+        n = len(keep)
         cut = n - max(1, int(round(n * cfg.eval_fraction)))
-        return (0, cut), torch.arange(cut, n)
+        idx = torch.arange(n)
+        return idx[:cut][keep[:cut]], idx[cut:][keep[cut:]]
 
-    def _train_eval(self, ctx: RunContext, store: Any, hook: str, seed: int) -> tuple[Any, dict[str, float]]:
+    def _train_eval(
+        self, ctx: RunContext, store: Any, keep: torch.Tensor, hook: str, seed: int
+    ) -> tuple[Any, dict[str, float]]:
         cfg: SAEUniversalityConfig = ctx.config
-        tr, ev = self._split(len(store), cfg)
+        tr, ev = self._split(keep, cfg)
         sae = train_layer_sae(store, hook, tr, cfg, seed, ctx.progress)
         return sae, sae_metrics(sae, store.read(hook, rows=ev).to(torch.float32))
 
@@ -382,7 +423,10 @@ class SAEUniversality(Experiment):
             store = ctx.state[f"store_{side}"]
             saes[side], metrics[side] = {}, {}
             for layer in ctx.state[f"layers_{side}"]:
-                sae, metrics[side][str(layer)] = self._train_eval(ctx, store, _hook(cfg, layer), cfg.seed)
+                keep = ctx.state[f"keep_{side}"]
+                sae, metrics[side][str(layer)] = self._train_eval(
+                    ctx, store, keep, _hook(cfg, layer), cfg.seed
+                )
                 saes[side][layer] = sae
                 save_sae(sae, ctx.path(f"saes/{side}/layer{layer}/.keep").parent)
         ctx.state["saes"] = saes
@@ -514,7 +558,7 @@ class SAEUniversality(Experiment):
             return {**s, **{k: v for k, v in fm.to_dict().items() if k != "n_pairs"}}
 
         # ceiling: model A's layer, a second SAE with another seed, matched over A's paired tokens
-        sae_a2, _ = self._train_eval(ctx, sa, ha, cfg.seed + 1)
+        sae_a2, _ = self._train_eval(ctx, sa, ctx.state["keep_a"], ha, cfg.seed + 1)
         save_sae(sae_a2, ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
         fm = match_pair(sae_a, sae_a2, sa, sa, ha, ha, pair.rows_a, pair.rows_a, tok_a, tok_a, filters)
         same = score(fm, decoder_rows(sae_a), decoder_rows(sae_a2), cfg.seed + 11)
@@ -524,9 +568,10 @@ class SAEUniversality(Experiment):
         sr = extract(hm_r, [ha], corpus, ctx.path("acts/random/manifest.json").parent, max_length=cfg.max_length,
                      batch_size=cfg.extract_batch_size, progress=ctx.progress)  # fmt: skip
         del hm_r
-        sae_r, rand_metrics = self._train_eval(ctx, sr, ha, cfg.seed)
+        keep_r = kept_rows(sr, cfg)
+        sae_r, rand_metrics = self._train_eval(ctx, sr, keep_r, ha, cfg.seed)
         save_sae(sae_r, ctx.path(f"saes/random/layer{la}/.keep").parent)
-        pr = PairedStores(sr, sb, mode="aligned")
+        pr = _filter_pairs(PairedStores(sr, sb, mode="aligned"), keep_r, ctx.state["keep_b"])
         fm = match_pair(sae_r, sae_b, sr, sb, ha, hb, pr.rows_a, pr.rows_b, tok_a, tok_b, filters)
         rand = score(fm, decoder_rows(sae_r), decoder_rows(sae_b), cfg.seed + 13)
         rand["sae_metrics"] = rand_metrics
