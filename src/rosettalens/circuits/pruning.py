@@ -121,7 +121,7 @@ def mean_ablate(
     for h in heads:
         L, H = parse_head(h)
         by_layer.setdefault(L, []).append(H)
-    fwd = []
+    fwd: list[tuple[str, Callable]] = []
     for L, hs in by_layer.items():
         idx = torch.tensor(sorted(set(hs)))
         m = means[f"head_z.{L}"]
@@ -378,7 +378,7 @@ def path_patch_edges(
         # step 3: each receiver input patched into a clean run
         for r in targets:
             r_kind, rL, rH = r
-            jobs: list[tuple[str, list[tuple[str, Callable]], list[int] | None]] = []
+            jobs: list[tuple[str, list[tuple[str, Callable]], list[str] | None]] = []
             if r_kind == "logits":
                 patched = float(metric(direct_logits).mean())
                 results.append(_edge(s_kind, sL, sH, r, "resid", clean_metric, patched, None))
@@ -390,7 +390,7 @@ def path_patch_edges(
                 for inp in inputs:
                     kinds = ("q", "k", "v") if inp == "qkv" else (inp,)
                     hooks_ = []
-                    kv_group = None
+                    kv_group: list[str] | None = None
                     for k in kinds:
                         idx = rH if k == "q" else rH // group
                         if k != "q":

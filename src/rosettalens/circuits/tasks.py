@@ -420,29 +420,30 @@ def make_prompts(
     rng = random.Random(f"{task.name}:{seed}")
     mode, answer_id, bad = _answer_forms(tok, task.members)
     if bad and strict:
-        shown = ", ".join(f"{m!r} ({why})" for m, why in list(bad.items())[:6])
+        listed = ", ".join(f"{m!r} ({why})" for m, why in list(bad.items())[:6])
         raise DataError(
-            f"task {task.name!r}: members that are not a single token for this tokenizer: {shown}"
+            f"task {task.name!r}: members that are not a single token for this tokenizer: {listed}"
             f"{' ...' if len(bad) > 6 else ''}; use single-token members"
         )
     pools = name_pool()
     names = _single_token_names(tok, pools["names"])
     verbs = [v for v in pools["verbs"] if len(_ids(tok, " " + v)) == 1]
+    tpls: list[str]
     if templates is None:
-        templates = task.templates or task.default_templates()
+        tpls = task.templates or task.default_templates()
     elif isinstance(templates, str):
         styles = dict(zip(("paper", "bare"), task.default_templates()))
         if templates not in styles:
             raise DataError(f"templates must be 'paper', 'bare' or a list of templates, got {templates!r}")
-        templates = [styles[templates]]
+        tpls = [styles[templates]]
     else:
-        templates = list(templates)
-        for t in templates:
-            _check_template(task.name, t, task.k)
+        tpls = list(templates)
+        for tp in tpls:
+            _check_template(task.name, tp, task.k)
     needs_names = max(
-        [int(p[4:]) for t in templates for p in _PLACEHOLDER.findall(t) if re.fullmatch(r"name\d+", p)] or [0]
+        [int(p[4:]) for tp in tpls for p in _PLACEHOLDER.findall(tp) if re.fullmatch(r"name\d+", p)] or [0]
     )
-    uses = {p for t in templates for p in _PLACEHOLDER.findall(t)}
+    uses = {p for tp in tpls for p in _PLACEHOLDER.findall(tp)}
     if len(names) < (needs_names or int("name" in uses)) or ("verb" in uses and not verbs):
         raise DataError(
             f"task {task.name!r}: the templates need {needs_names or 1} single-token names and a verb; this "
@@ -472,16 +473,16 @@ def make_prompts(
 
     rows: list[dict] = []
     seen: set[str] = set()
-    order = [(i, t) for t in range(len(templates)) for i in range(len(items))]
+    order = [(i, ti) for ti in range(len(tpls)) for i in range(len(items))]
     rng.shuffle(order)
     tries = 0
     while len(rows) < n * 2 and tries < n * 10 + len(order):
-        i, t = order[tries % len(order)]
+        i, ti = order[tries % len(order)]
         tries += 1
         shown, ans, last = items[i]
         picked = rng.sample(names, needs_names) if needs_names else []
         one, verb = rng.choice(names), rng.choice(verbs)
-        text, ends = _fill(templates[t], shown, picked, one, verb)
+        text, ends = _fill(tpls[ti], shown, picked, one, verb)
         ids = encode(text)
         if text in seen:
             continue
@@ -491,7 +492,7 @@ def make_prompts(
         corrupt = None
         for _ in range(20):
             cand = _corrupt(task, shown, members_ok, rng)
-            ctext, _ = _fill(templates[t], cand, picked, one, verb)
+            ctext, _ = _fill(tpls[ti], cand, picked, one, verb)
             cids = encode(ctext)
             if len(cids) == len(ids):
                 corrupt = (ctext, cids)
@@ -501,7 +502,7 @@ def make_prompts(
         seen.add(text)
         # token index of each shown member: the last token of the text cut after the member
         mpos = [len(tok(text[:e])["input_ids"]) - 1 for e in ends]
-        rows.append(dict(text=text, ids=ids, ctext=corrupt[0], cids=corrupt[1], ans=ans, last=last, t=t,
+        rows.append(dict(text=text, ids=ids, ctext=corrupt[0], cids=corrupt[1], ans=ans, last=last, t=ti,
                          mpos=mpos))  # fmt: skip
     if not rows:
         raise DataError(f"task {task.name!r}: no prompt tokenizes with the answer as one token")
@@ -509,7 +510,7 @@ def make_prompts(
     kept = [r for r in rows if len(r["ids"]) == length][:n]
     report["dropped_other_length"] = len(rows) - sum(len(r["ids"]) == length for r in rows)
     report["n_tokens"] = length
-    report["templates"] = templates
+    report["templates"] = tpls
     return PromptSet(
         task=task.name,
         texts=[r["text"] for r in kept],
