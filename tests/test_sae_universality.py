@@ -320,6 +320,40 @@ def test_pipeline_across_tokenizers_writes_every_output(cross_run):
     assert "Semantic subspaces" in (out / "report.html").read_text()
 
 
+def test_first_positions_and_norm_outliers_are_left_out(cross_run):
+    from rosettalens.store import ActivationStore
+
+    s, out = cross_run
+    info = json.loads((out / "pairing.json").read_text())
+    sb = ActivationStore.open(out / "acts" / "b")  # qwen2 tokenizer: no BOS, position 0 is a real token
+    assert info["rows_left_out_b"] >= int((sb.pos_index == 0).sum()) > 0
+    assert info["n_pairs"] <= info["n_pairs_before_row_filter"] - int((sb.pos_index == 0).sum())
+
+
+class _FakeStore:
+    def __init__(self, x: torch.Tensor, pos: torch.Tensor):
+        self.x, self.pos_index, self.hooks = x, pos, ["h"]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def read(self, hook, rows=None):
+        return self.x if rows is None else self.x[rows]
+
+
+def test_kept_rows_rule():
+    from rosettalens.experiments.sae_universality import SAEUniversalityConfig, kept_rows
+
+    x = torch.ones(8, 4)
+    x[3] *= 50  # an outlier (norm 50x the median)
+    x[5] *= 5  # large but within 10x
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    keep = kept_rows(_FakeStore(x, pos), SAEUniversalityConfig())
+    assert keep.tolist() == [False, True, True, False, False, True, True, True]
+    keep = kept_rows(_FakeStore(x, pos), SAEUniversalityConfig(skip_first=0, outlier_norm=0))
+    assert keep.all()
+
+
 def test_pipeline_pair_filters_are_counted(cross_run):
     s, out = cross_run
     for p in json.loads((out / "pairs.json").read_text()):
