@@ -25,6 +25,7 @@ Stages, all written to one run directory:
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,15 +209,24 @@ class SeqcontExperiment(Experiment):
 
         cfg = ctx.config
         out: dict[str, dict[str, Any]] = {}
-        for mname, hm in ctx.state["hms"].items():
+        for k, (mname, hm) in enumerate(ctx.state["hms"].items()):
             out[mname] = {}
             for task in self._main(ctx):
+                # one file per model and task as soon as it is pruned: a resumed run keeps them
+                part = f"circuits/{k}-{task}.json"
+                if ctx.exists(part):
+                    out[mname][task] = ctx.load_json(part)
+                    continue
                 ps = ctx.state["sets"][mname][task]
                 res = prune_nodes(
                     hm, ps.clean_ids, ps.metric(), ps.corrupted_ids, threshold=cfg.threshold,
                     group_first=cfg.group_first, batch_size=cfg.batch_size, progress=ctx.progress,
                 )  # fmt: skip
                 out[mname][task] = {**res.to_dict(), "trace": res.trace}
+                ctx.save_json(part, out[mname][task])
+                if ctx.progress:
+                    print(f"{mname} {task}: {len(res.heads)} heads {res.heads} + MLPs {res.mlps} keep "
+                          f"{res.ratio:.2f} of {res.score_full:.3f} ({res.n_forward} forwards)", file=sys.stderr)  # fmt: skip
         ctx.state["circuits"] = out
         ctx.save_json("circuits.json", out)
 
