@@ -68,6 +68,8 @@ def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
     assert {"config.json", "results.json", "report.html", "prompts.json", "circuits.json", "edges.json",
             "faithfulness.json", "shared.json"} <= names  # fmt: skip
     assert any(n.startswith("iou_") for n in names) and any(n.startswith("faithfulness_") for n in names)
+    # each circuit was saved as soon as it was pruned (model index - task)
+    assert json.loads((out / "circuits" / "1-letters-so.json").read_text())["heads"] == ["2.3"]
     edges = json.loads((out / "edges.json").read_text())
     top = edges[str(model_dir)]["letters-then"]["edges"][0]
     assert top["sender"] == "1.2" and top["receiver"] == "logits"
