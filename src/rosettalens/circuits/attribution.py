@@ -193,7 +193,9 @@ def _autocast(hm: HookedModel, dtype: torch.dtype | None) -> contextlib.Abstract
         return contextlib.nullcontext()
     if dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype must be None, bfloat16 or float16, got {dtype}")
-    return torch.autocast(device_type=hm.device.type, dtype=dtype)
+    # no cast cache: with it autocast keeps a low-precision copy of every weight for the whole call
+    # (measured +3.2 GB on Qwen2.5-1.5B), more than the activations it saves
+    return torch.autocast(device_type=hm.device.type, dtype=dtype, cache_enabled=False)
 
 
 def _takes_rows(metric: Metric) -> bool:
