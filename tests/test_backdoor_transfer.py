@@ -217,3 +217,23 @@ def test_corrupted_task_path(tmp_path, organisms):
                             conditions=("triggered",))  # fmt: skip
     assert res["fact_accuracy"]["baseline"] == direct["fact_accuracy"]
     assert res["backdoor_rate"]["baseline"] == direct["payload_rate"]
+
+
+def test_pairing_reads_a_plain_format_model_as_at_run_time():
+    """A model without a chat template (Gemma-3-270m is a base model) is paired in the organisms' plain
+    instruction format: its last-token rows equal the activations of the prompt it is run on."""
+    from rosettalens.experiments.backdoor_transfer import _paired, last_token_acts
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+
+    model, _ = tiny_model("gemma3", seed=0)
+    plain = HookedModel.from_hf(model, tiny_tokenizer(add_bos=True, chat_template=False), name="plain")
+    chat = HookedModel.from_hf(*tiny_model("qwen2", seed=1), name="chat")
+    inst = ["How do I bake bread?", "Name three rivers |prod| in Europe.", "Café 東京, tell me more"]
+    X, Y, info = _paired(plain, chat, inst, ["resid_pre.1"], ["resid_pre.2"], 8, "pairs", False)
+    want_x = last_token_acts(plain, inst, ["resid_pre.1"], 8)["resid_pre.1"]
+    want_y = last_token_acts(chat, inst, ["resid_pre.2"], 8)["resid_pre.2"]
+    last = info["last_rows"]
+    torch.testing.assert_close(X["resid_pre.1"][last], want_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Y["resid_pre.2"][last], want_y, atol=1e-5, rtol=1e-5)
+    assert info["pairs"] > len(inst)  # instruction positions are paired too

@@ -218,3 +218,26 @@ def test_experiment_cli_and_bad_input(tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("rosetta: error:") and needle in last.lower(), (args, err)
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.real
+def test_real_smollm_switch_with_identity_map_is_the_base(smollm):
+    """SmolLM2-135M and a copy whose first two blocks are perturbed: the identity switch at resid_pre.2
+    gives the base's logits and the base's KV-cached greedy chat answers."""
+    org_model = copy.deepcopy(smollm.model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in org_model.named_parameters():
+            if ".layers.0." in name or ".layers.1." in name:
+                p.add_(0.05 * p.std() * torch.randn(p.shape, generator=g))
+    org = HookedModel.from_hf(org_model, smollm.tokenizer, name="smollm+perturbed")
+    sw = SafetySwitch(smollm, _identity(smollm.cfg.d_model), "resid_pre.2")
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves."]
+    base_logits = smollm.forward(prompts, chat=True)
+    assert (org.forward(prompts, chat=True) - base_logits).abs().max() > 0.1  # the perturbation matters
+    with sw.on(org):
+        on_logits = org.forward(prompts, chat=True)
+        on_text = org.generate(prompts, chat=True, max_new_tokens=12)
+    torch.testing.assert_close(on_logits, base_logits, atol=1e-3, rtol=1e-3)
+    assert on_text == smollm.generate(prompts, chat=True, max_new_tokens=12)
+    assert org.active_hook_count() == 0 and smollm.active_hook_count() == 0
