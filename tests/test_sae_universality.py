@@ -371,13 +371,17 @@ def test_resume_skips_finished_stages(cross_run):
     assert all(t[k] == "skipped" for k in ("extract", "saes", "match", "subspaces", "controls", "plots"))
 
 
-def test_same_tokenizer_pairs_by_position(tiny_dirs, tmp_path):
+def test_same_tokenizer_pairs_by_position_with_a_generated_corpus(tiny_dirs, tmp_path, monkeypatch):
     from rosettalens.experiments.sae_universality import run
 
-    s = run(_cfg(f"{tiny_dirs['llama']},{tiny_dirs['llama2']}", tmp_path / "r", layers="1", controls=False),
-            progress=False)  # fmt: skip
+    monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(f"{tiny_dirs['llama']},{tiny_dirs['llama2']}", tmp_path / "r", layers="1", controls=False,
+               data="sequences", generate_tokens=300)  # fmt: skip
+    s = run(cfg, progress=False)
     assert s["pairing"]["mode"].startswith("position") and s["pairing"]["fraction_a"] == 1.0
     assert len(s["pairs"]) == 1 and s["controls"]["same_model_svcca"] is None
+    assert s["pairing"]["corpus"]["spec"] == "sequences+generated:300"
+    assert list((tmp_path / "cache" / "corpora").glob("llama-300-seed0.jsonl"))
 
 
 def test_layer_out_of_range_leaves_nothing(tiny_dirs, tmp_path):

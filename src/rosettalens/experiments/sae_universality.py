@@ -160,8 +160,7 @@ def load_corpus(cfg: SAEUniversalityConfig, hm_a, progress: bool):
         docs.extend(load_documents(s).documents)
     if cfg.generate_tokens:
         docs.extend(_generated(cfg, hm_a, progress))
-    seen: set[str] = set()
-    uniq = [d for d in docs if d.strip() and not (d in seen or seen.add(d))]
+    uniq = [d for d in dict.fromkeys(docs) if d.strip()]  # first occurrence of each document, in order
     chosen, total = [], 0
     for d in uniq:
         if total >= cfg.tokens:
