@@ -420,7 +420,7 @@ class BackdoorTransfer(Experiment):
             return
         mapper = get_mapper_class(cfg.mapper)()
         if cfg.mapper == "autoencoder":
-            mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)
+            mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)  # type: ignore[call-arg]
         else:
             mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
         metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
@@ -510,8 +510,9 @@ class BackdoorTransfer(Experiment):
         # damage on clean prompts: the unsteered target's own greedy answers, teacher-forced
         answers, answer_ids = generate_answer_ids(tgt, p["clean_test"], 32, bs, ctx.progress, "clean answers")
         clean: dict[str, Any] = {}
+        ids: Any = answer_ids  # clean_kl scores token-id responses exactly (its annotation says texts)
         for name in ("native", "transferred", "random"):
-            r = clean_kl(tgt, tgt, p["clean_test"], responses=answer_ids, intervention=conds[name],
+            r = clean_kl(tgt, tgt, p["clean_test"], responses=ids, intervention=conds[name],
                          batch_size=max(1, bs // 2), progress=ctx.progress)  # fmt: skip
             clean[f"kl_{name}"], clean[f"ppl_{name}"] = r["clean_kl"], r["ppl"]
             clean["ppl_baseline"] = r["ppl_reference"]

@@ -191,6 +191,7 @@ class SafetySwitchExperiment(Experiment):
         conds: dict[str, Any] = {"off": contextlib.nullcontext}
         for h, sw in st["switch_objs"].items():
             conds[h] = lambda sw=sw: sw.on(org)
+        off_ids: Any  # clean_kl scores token-id responses exactly (its annotation says texts)
         _, off_ids = generate_answer_ids(org, p["clean_test"], 32, bs, ctx.progress, "clean answers (off)")
         by_id = {f.id: f for f in facts()}
         fs = [by_id[i] for i in p["fact_ids"]]
