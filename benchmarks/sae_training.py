@@ -141,6 +141,13 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=8192)
     ap.add_argument("--store", default=None)
     ap.add_argument("--hook", default=None)
+    ap.add_argument(
+        "--min-pos",
+        type=int,
+        default=1,
+        help="store rows at position >= P only (the first token's residual norm is ~100x: it would "
+        "dominate the FVU)",
+    )
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=2048)
@@ -161,11 +168,12 @@ def main() -> None:
 
         st = ActivationStore.open(args.store)
         hook = args.hook or st.hooks[0]
-        n = len(st)
-        allx = st.read(hook, slice(0, min(n, args.rows + args.heldout))).float()
+        keep = torch.nonzero(st.pos_index >= args.min_pos).reshape(-1)[: args.rows + args.heldout]
+        allx = st.read(hook, keep.numpy()).float()
         allx = allx.reshape(allx.shape[0], -1)
         x, held = allx[: -args.heldout], allx[-args.heldout :]
         data = {"store": str(st.path), "hook": hook, "model": st.manifest["model"]["name"]}
+        data["min_pos"] = args.min_pos
     else:
         allx = synthetic(args.rows + args.heldout, args.d_in, args.atoms, args.active, args.seed)
         x, held = allx[: args.rows], allx[args.rows :]

@@ -187,3 +187,15 @@ def test_sparse_topk_gradients_equal_dense_autograd():
     fast, ref = grads(True), grads(False)
     for key in params:
         assert torch.allclose(fast[key], ref[key], atol=1e-4, rtol=1e-4), key
+
+
+def test_training_on_a_row_subset_equals_training_on_those_rows():
+    x, _ = planted(3000)
+    idx = torch.arange(0, 3000, 3)
+    tcfg = TrainConfig(batch_size=200, tokens=2000, lr=1e-3)
+    cfg = SAEConfig(d_in=48, width=64, arch="topk", k=4)
+    a = train_sae(x, cfg, tcfg, rows=idx.flip(0), progress=False)  # order and duplicates do not matter
+    b = train_sae(x[idx], SAEConfig.from_dict(cfg.to_dict()), tcfg, progress=False)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.b_dec, b.b_dec)
+    with pytest.raises(ConfigError, match="subset"):
+        train_sae(x, cfg, tcfg, rows=torch.tensor([5000]))

@@ -117,6 +117,19 @@ def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
     assert res["hook"] == "resid_post.1" and res["n_tokens"] >= 600
 
 
+def test_cli_min_pos_leaves_out_first_tokens(store, tmp_path, capsys):
+    args = ["sae", "train", "--store", str(store.path), "--arch", "relu", "--width", "32"]
+    args += ["--out", str(tmp_path / "s"), "--batch-size", "128", "--heldout", "0.2", "--min-pos", "2"]
+    assert main([*args, "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    n = len(store)
+    n_train = n - round(n * 0.2)
+    pos = store.pos_index
+    assert summary["train_rows"] == int((pos[:n_train] >= 2).sum()) < n_train  # pos 0 is BOS here
+    assert summary["heldout_rows"] == int((pos[n_train:] >= 2).sum())
+    assert SAE.load(tmp_path / "s").info["train"]["data"]["rows"]["subset"] == summary["train_rows"]
+
+
 def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     base = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--batch-size", "128"]
     out = tmp_path / "x"

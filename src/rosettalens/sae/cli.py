@@ -4,7 +4,8 @@
 
     rosetta sae train --store DIR --hook H --arch topk|batchtopk|jumprelu|relu --width N[,N..] [--k K[,K..]]
                       --out DIR [--tokens N] [--batch-size B] [--lr LR] [--l1-coeff C] [--l0-coeff C]
-                      [--heldout F] [--seed S] [--device D] [--checkpoint-every STEPS] [--overwrite] [--json]
+                      [--heldout F] [--min-pos P] [--seed S] [--device D] [--checkpoint-every STEPS]
+                      [--overwrite] [--json]
     rosetta sae eval  --sae DIR|HUB_ID --model M --data D [--hook H] [--max-tokens N] [--json]
 
 ``train`` trains one SAE per (width, k) from one pass over the store's rows (the last ``--heldout``
@@ -121,9 +122,18 @@ def _train(args: argparse.Namespace) -> int:
             cfgs.append(c)
     n = len(store)
     n_train = n - int(round(n * args.heldout))
-    if n_train < args.batch_size:
+    if args.min_pos < 0:
+        raise ConfigError(f"--min-pos must be >= 0, got {args.min_pos}")
+    train_rows: Any = (0, n_train)
+    held_idx = torch.arange(n_train, n)
+    if args.min_pos > 0:  # leave out the first tokens of every document (attention sinks)
+        keep = store.pos_index >= args.min_pos
+        train_rows = torch.nonzero(keep[:n_train]).reshape(-1)
+        held_idx = held_idx[keep[n_train:]]
+    n_used = n_train if isinstance(train_rows, tuple) else len(train_rows)
+    if n_used < args.batch_size:
         raise DataError(
-            f"store {store.path} has {n} rows; {n_train} for training is less than one batch ({args.batch_size})"
+            f"store {store.path} has {n} rows; {n_used} for training is less than one batch ({args.batch_size})"
         )
     ckpt = out.parent / f".{out.name}.checkpoint" if args.checkpoint_every else None
     tcfg = TrainConfig(
@@ -135,13 +145,13 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_dir=str(ckpt) if ckpt else None,
         checkpoint_every=args.checkpoint_every or 0,
     )
-    saes = train_saes(store, cfgs, tcfg, hook=hook, rows=(0, n_train), progress=not args.no_progress)
+    saes = train_saes(store, cfgs, tcfg, hook=hook, rows=train_rows, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     rows_summary = []
     held = None
-    if n_train < n:
-        held = store.read(hook, slice(n_train, min(n, n_train + 65536))).float().reshape(-1, d_in)
+    if len(held_idx):
+        held = store.read(hook, held_idx[:65536].numpy()).float().reshape(-1, d_in)
     names = [_name(c) for c in cfgs]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
@@ -174,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         "out": str(out),
         "store": str(store.path),
         "hook": hook,
-        "train_rows": n_train,
+        "train_rows": n_used,
         "heldout_rows": 0 if held is None else int(held.shape[0]),
         "steps": info["steps"],
         "tokens": info["tokens"],
@@ -304,6 +314,13 @@ def register(subparsers) -> None:
     t.add_argument("--l1-coeff", type=float, default=2.0, help="relu: L1 coefficient")
     t.add_argument("--l0-coeff", type=float, default=1.0, help="jumprelu: L0 coefficient")
     t.add_argument("--heldout", type=float, default=0.05, help="fraction of rows (the last ones) held out")
+    t.add_argument(
+        "--min-pos",
+        type=int,
+        default=0,
+        help="train and evaluate on tokens at position >= P of their document only (1: leave out the "
+        "first token, whose residual norm is often 100x the others')",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")

@@ -109,7 +109,7 @@ class TrainConfig:
 class _Source:
     """Rows ``[n, d]`` to train on: a store's hook (optionally a row range) or a tensor."""
 
-    def __init__(self, data: Any, hook: str | None, rows: tuple[int, int] | None):
+    def __init__(self, data: Any, hook: str | None, rows: Any):
         from rosettalens.store import ActivationStore
 
         if isinstance(data, ActivationStore):
@@ -137,22 +137,39 @@ class _Source:
             raise ConfigError(
                 f"training data must be an ActivationStore or a tensor, got {type(data).__name__}"
             )
+        self.index: Tensor | None = None  # the rows trained on, when a subset (sorted, unique)
+        if isinstance(rows, Tensor) or (rows is not None and not isinstance(rows, tuple)):
+            index = torch.as_tensor(rows).long().reshape(-1).unique(sorted=True)
+            if len(index) == 0 or int(index[0]) < 0 or int(index[-1]) >= total:
+                raise ConfigError(f"training rows must be a non-empty subset of the data's {total} rows")
+            self.index, self.r0, self.n = index, 0, len(index)
+            return
         r0, r1 = rows if rows is not None else (0, total)
         if not 0 <= r0 < r1 <= total:
             raise ConfigError(f"row range {rows} is outside the data's {total} rows")
         self.r0, self.n = r0, r1 - r0
 
+    def _rows(self, idx: Tensor) -> Tensor:
+        return self.index[idx] if self.index is not None else idx + self.r0
+
     def read(self, idx: Tensor) -> Tensor:
-        """Float32 rows ``[len(idx), d]`` (``idx`` relative to the row range)."""
+        """Float32 rows ``[len(idx), d]`` (``idx`` into the rows trained on)."""
         if self.tensor is not None:
-            return self.tensor[idx + self.r0].float()
+            return self.tensor[self._rows(idx)].float()
         assert self.store is not None
-        return self.store.read(self.hook, (idx + self.r0).numpy()).float().reshape(len(idx), self.d)
+        return self.store.read(self.hook, self._rows(idx).numpy()).float().reshape(len(idx), self.d)
 
     def describe(self) -> dict[str, Any]:
+        if self.index is not None:
+            import hashlib
+
+            h = hashlib.sha256(self.index.numpy().tobytes()).hexdigest()[:16]
+            rows: Any = {"subset": self.n, "sha256": h}
+        else:
+            rows = [self.r0, self.r0 + self.n]
         if self.store is not None:
-            return {"store": str(self.store.path), "hook": self.hook, "rows": [self.r0, self.r0 + self.n]}
-        return {"tensor": True, "rows": [self.r0, self.r0 + self.n]}
+            return {"store": str(self.store.path), "hook": self.hook, "rows": rows}
+        return {"tensor": True, "rows": rows}
 
 
 def batch_plan(n: int, batch_size: int, chunk_rows: int, buffer_size: int, seed: int) -> Iterator[Tensor]:
@@ -296,8 +313,10 @@ def _step_loss(
     aux_coeff = cfg.aux_coeff_
     with torch.no_grad():
         x_in_ng = x - sae.b_dec
-        pre_ng = torch.addmm(sae.b_enc, x_in_ng, sae.W_enc)
+        # TopK needs the pre-activations only without grad (its backward is sparse); the others with grad
+        pre_ng = torch.addmm(sae.b_enc, x_in_ng, sae.W_enc) if arch == "topk" else None
     if arch == "topk":
+        assert pre_ng is not None
         _, idx = pre_ng.topk(int(cfg.k), dim=-1, sorted=False)  # type: ignore[arg-type]
         vals = _GatherPre.apply(x_in_ng, sae.b_dec, sae.W_enc, sae.b_enc, pre_ng, idx).relu()
         x_hat = _sparse_decode(vals, idx, sae.W_dec) + sae.b_dec
@@ -308,6 +327,7 @@ def _step_loss(
         penalty = None
     else:
         pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.W_enc)
+        pre_ng = pre.detach()
         if arch == "relu":
             z = pre.relu()
             penalty = cfg.l1_coeff * l1_scale * (z * sae.W_dec.norm(dim=1)).sum()
@@ -483,7 +503,7 @@ def train_saes(
     tcfg: TrainConfig | None = None,
     *,
     hook: str | None = None,
-    rows: tuple[int, int] | None = None,
+    rows: tuple[int, int] | Tensor | None = None,
     progress: bool = True,
     on_log: Callable[[dict], None] | None = None,
 ) -> list[SAE]:
@@ -492,7 +512,9 @@ def train_saes(
     data: an :class:`~rosettalens.store.ActivationStore` (``hook`` names the hook point; optional when the
     store holds one; an SAE whose config names its own ``hook`` reads that hook point, so SAEs of several
     layers train from one pass) or a tensor ``[n, d_in]``; ``rows=(start, stop)`` restricts training to a
-    row range (e.g. to hold out the rest). Returns the trained SAEs (normalisation and, for relu, decoder norms
+    row range (e.g. to hold out the rest), a tensor of row indices a subset (e.g. ``torch.nonzero(
+    store.pos_index > 0)`` leaves out the first token of every document, whose residual norm is often
+    100 times the others' and would dominate the input scale and the FVU). Returns the trained SAEs (normalisation and, for relu, decoder norms
     folded; ``sae.info`` holds the training record). Under ``torchrun`` every rank returns the same SAEs.
     ``on_log(record)`` is called at each log point with ``{step, tokens, saes: [{fvu, l0, dead_fraction,
     dense_fraction, lr}]}``.
