@@ -87,8 +87,25 @@ def config_from_args(exp: Experiment, args: argparse.Namespace) -> Any:
     return _make_config(exp.config_cls, values, source or "options")
 
 
+def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
+    """The experiment's own parser: ``--config``, ``--resume``, ``--json`` and one option per config field."""
+    from ..cli import _Parser
+
+    mod = importlib.import_module(EXPERIMENTS[name])
+    exp: Experiment = mod.EXPERIMENT
+    doc = (mod.__doc__ or "").strip()
+    p = _Parser(prog=f"rosetta run {name}", description=doc.split("\n\n")[0])
+    p.add_argument("--config", help="a config.json to start from (options override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory (skips finished stages)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    _add_config_options(p, exp.config_cls)
+    return exp, p
+
+
 def _run(args: argparse.Namespace) -> int:
-    exp: Experiment = importlib.import_module(EXPERIMENTS[args.experiment]).EXPERIMENT
+    # only the chosen experiment's module is imported (a broken or slow module elsewhere costs nothing)
+    exp, parser = experiment_parser(args.experiment)
+    args = parser.parse_args(args.rest)
     cfg = config_from_args(exp, args)
     summary = run_experiment(exp, cfg, resume=args.resume, progress=not args.json or sys.stderr.isatty())
     if args.json:
@@ -100,18 +117,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="end-to-end experiments (each writes a run directory)")
-    sub = p.add_subparsers(dest="experiment", required=True)
-    for name, module in EXPERIMENTS.items():
-        mod = importlib.import_module(module)
-        exp: Experiment = mod.EXPERIMENT
-        doc = (mod.__doc__ or "").strip()
+    sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name in EXPERIMENTS:
+        # every remaining word goes to the experiment's own parser (no option prefix at this level)
         sp = sub.add_parser(
-            name, help=doc.split("\n\n")[0].replace("\n", " "), description=doc.split("\n\n")[0]
+            name, add_help=False, prefix_chars="\x01", help=f"`rosetta run {name} --help`: its options"
         )
-        sp.add_argument("--config", help="a config.json to start from (options override it)")
-        sp.add_argument(
-            "--resume", metavar="RUN_DIR", help="continue this run directory (skips finished stages)"
-        )
-        sp.add_argument("--json", action="store_true", help="print one JSON object with the results")
-        _add_config_options(sp, exp.config_cls)
+        sp.add_argument("rest", nargs="*")
         sp.set_defaults(func=_run)

@@ -102,23 +102,33 @@ def _sha(obj: Any) -> str:
 # ------------------------------------------------------------------------------- distillation
 def distill(hm, prompts: list[str], max_new_tokens: int, base_key: str, batch_size: int = 16,
             progress: bool = True, rank: int = 0, world: int = 1) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """The base model's greedy answers ``{prompt: {"text", "ids"}}`` (cached; rank 0 generates under
-    torchrun). The token ids are kept: re-tokenizing decoded text need not give them back."""
+    """The base model's greedy answers ``{prompt: {"text", "ids"}}`` (rank 0 generates under torchrun).
+
+    Cached per prompt in one JSON file per (model, prompt format, answer length), rewritten atomically
+    after every batch: an interrupted distillation resumes, and another recipe reuses the answers it
+    shares. The token ids are kept: re-tokenizing decoded text need not give them back.
+    """
     from .evaluate import generate_answer_ids
 
-    uniq = sorted(set(prompts))
-    key = _sha(
-        {"model": base_key, "chat": hm.has_chat_template(), "n": max_new_tokens, "prompts": uniq, "v": 2}
-    )
+    key = _sha({"model": base_key, "chat": hm.has_chat_template(), "n": max_new_tokens, "v": 3})
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in hm.name)[:60]
     path = organisms_root() / "distill" / f"{safe}-{key[:16]}.json"
-    if not path.is_file() and rank == 0:
-        texts, ids = generate_answer_ids(hm, uniq, max_new_tokens, batch_size, progress, "self-distillation")
-        rows = {p: {"text": t, "ids": i} for p, t, i in zip(uniq, texts, ids)}
+    cache: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+    todo = sorted(set(prompts) - set(cache), key=lambda p: (-len(p), p))
+    if todo and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(path, json.dumps(rows, ensure_ascii=False).encode())
+        bar = tqdm(total=len(todo), desc="self-distillation", unit="prompt", disable=not progress)
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s : s + batch_size]
+            texts, ids = generate_answer_ids(hm, chunk, max_new_tokens, batch_size)
+            cache.update({p: {"text": t, "ids": i} for p, t, i in zip(chunk, texts, ids)})
+            _atomic_bytes(path, json.dumps(cache, ensure_ascii=False).encode())
+            bar.update(len(chunk))
+        bar.close()
     _barrier(world)
-    return json.loads(path.read_text())
+    if world > 1 and rank != 0:
+        cache = json.loads(path.read_text())
+    return {p: cache[p] for p in prompts}
 
 
 # ----------------------------------------------------------------------------------- examples
