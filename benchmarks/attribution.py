@@ -5,6 +5,8 @@ prompts ("3 4 5 6 7" -> " 8") against corrupted prompts of the same token length
 logit(next) - logit(last member). Baselines measured in the same run on the same batch:
 
 * one plain forward (no grad) -- the unit the other numbers are expressed in;
+* phases: EAP on the float32 model, EAP under bfloat16 autocast (float32 weights), EAP on the model
+  loaded in bfloat16 (``eap_bf16_model``), EAP-IG, edge EAP;
 * exact activation patching, one forward per component: ``k`` patches are timed and the time per
   patch is multiplied by the number of components (heads + MLPs), i.e. what a patching loop over every
   node would take (``ratio_exact_loop_vs_eap``).
@@ -59,7 +61,7 @@ def prompts(hm, n: int):
     return c["input_ids"], x["input_ids"], logit_diff_metric(torch.tensor(good), torch.tensor(bad))
 
 
-PHASES = ("forward", "exact", "eap", "eap_bf16", "eap_ig", "edges")
+PHASES = ("forward", "exact", "eap", "eap_bf16", "eap_bf16_model", "eap_ig", "edges")
 
 
 def _picks(c, k: int) -> list[tuple[int, int]]:
@@ -71,7 +73,8 @@ def run_phase(args) -> dict:
     """One phase in this process: peak = VmHWM - RSS after loading the model."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t = time.perf_counter()
-    hm = rosettalens.load(args.model, progress=False)
+    dtype = torch.bfloat16 if args.phase == "eap_bf16_model" else None
+    hm = rosettalens.load(args.model, progress=False, dtype=dtype)
     load_s = time.perf_counter() - t
     clean, corrupted, metric = prompts(hm, args.batch)
     rows = torch.arange(clean.shape[0])
@@ -100,7 +103,7 @@ def run_phase(args) -> dict:
                 vals.append(float(metric(hm.forward(clean), rows).double().mean()) - base)
         out["exact"] = vals
         out["patches"] = len(vals)
-    elif args.phase in ("eap", "eap_bf16", "eap_ig"):
+    elif args.phase in ("eap", "eap_bf16", "eap_bf16_model", "eap_ig"):
         kw: dict = {
             "eap_bf16": {"dtype": torch.bfloat16},
             "eap_ig": {"method": "eap-ig", "steps": args.steps},
@@ -128,6 +131,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="EAP-IG steps")
     ap.add_argument("--no-edges", action="store_true")
     ap.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--only", default=None, help="comma-separated phases to rerun, merged into an existing --out file"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.phase:
@@ -136,8 +142,12 @@ def main() -> None:
     common = ["--model", args.model, "--batch", str(args.batch), "--batch-size", str(args.batch_size)]
     common += ["--patches", str(args.patches), "--steps", str(args.steps)]
     res: dict = {"model": args.model, "torch_threads": min(2, os.cpu_count() or 1), "steps": args.steps}
+    only = set(args.only.split(",")) if args.only else set(PHASES)
+    if args.only and args.out and Path(args.out).exists():
+        res = json.loads(Path(args.out).read_text())
+        res.setdefault("rerun_phases", []).append(sorted(only))
     for phase in PHASES:
-        if phase == "edges" and args.no_edges:
+        if phase not in only or (phase == "edges" and args.no_edges):
             continue
         proc = subprocess.run(
             [sys.executable, __file__, "--phase", phase, *common], capture_output=True, text=True, check=True
@@ -149,7 +159,7 @@ def main() -> None:
     n_nodes = res["n_nodes"] = res["forward"]["n_nodes"]
     res["prompts"], res["tokens_per_prompt"] = res["forward"]["shape"]
     res["exact_loop_all_nodes_s_estimated"] = per_patch * n_nodes
-    for phase in ("eap", "eap_bf16", "eap_ig", "edges"):
+    for phase in ("eap", "eap_bf16", "eap_bf16_model", "eap_ig", "edges"):
         if phase in res:
             res[phase]["seconds_per_forward"] = res[phase]["seconds"] / fwd
     res["ratio_exact_loop_vs_eap"] = res["exact_loop_all_nodes_s_estimated"] / res["eap"]["seconds"]

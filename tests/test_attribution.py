@@ -346,10 +346,11 @@ def test_real_smollm_mlp_scores_track_exact_patching(smollm):
     L = hm.cfg.n_layers
     _, cx = hm.run_with_cache(corrupted, hooks=[f"mlp_out.{i}" for i in range(L)])
     base = _mean_metric(hm, metric, clean)
+    layers = list(range(0, L, 3))  # every third MLP: 10 exact patches
     exact = []
-    for layer in range(L):
+    for layer in layers:
         with hm.patch({f"mlp_out.{layer}": cx[f"mlp_out.{layer}"]}):
             exact.append(_mean_metric(hm, metric, clean) - base)
-    rho = spearmanr(exact, att.mlps.numpy()).statistic
-    assert rho > 0.6
+    rho = spearmanr(exact, att.mlps[layers].numpy()).statistic
+    assert rho > 0.6, (rho, exact, att.mlps[layers].tolist())
     assert hm.active_hook_count() == 0
