@@ -21,7 +21,11 @@ Stable API (used by ``rosetta run sae-universality``)::
   (jumprelu, batchtopk; else ``None``); ``input_scale`` (the input normalisation of training, folded into
   the weights), ``info`` (training record and metrics, saved in ``cfg.json``).
 * ``TrainConfig(batch_size, tokens, lr, lr_warmup_steps, lr_decay_frac, ..., seed, device,
-  checkpoint_dir, checkpoint_every)``; ``train_saes(data, cfgs, tcfg, hook=, rows=, progress=, on_log=)``.
+  checkpoint_dir, checkpoint_every)``; ``train_saes(data, cfgs, tcfg, hook=, rows=, progress=, on_log=)``:
+  ``data`` an ``ActivationStore`` (an SAE config's own ``hook`` picks its hook point, so several layers
+  train from one pass) or a tensor ``[n, d_in]``; ``rows`` a ``(start, stop)`` range or an index tensor
+  (e.g. ``torch.nonzero(store.pos_index >= 1).reshape(-1)``: leave out first tokens, whose residual norm
+  dominates the input scale and the FVU).
 * FVU is the fraction of variance unexplained with the variance taken about the mean
   (:mod:`rosettalens.sae.evaluate`).
 
