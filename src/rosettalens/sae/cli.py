@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
     saes = train_saes(store, cfgs, tcfg, hook=hook, rows=train_rows, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    rows_summary = []
+    rows_summary: list[dict[str, Any]] = []
     held = None
     if len(held_idx):
         held = store.read(hook, held_idx[:65536].numpy()).float().reshape(-1, d_in)

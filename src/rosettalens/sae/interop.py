@@ -102,7 +102,7 @@ def load_folder(path: Path) -> SAE:
 
 def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
     ours = cfg.get("rosettalens")
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
     d_in, d_sae = _int(cfg, "d_in", path), _int(cfg, "d_sae", path)
     arch_peer = cfg.get("architecture") or "standard"
     act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"

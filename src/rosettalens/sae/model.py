@@ -175,6 +175,9 @@ class SAE(nn.Module):
     sparsify's folders.
     """
 
+    threshold: Tensor | None
+    scale: Tensor
+
     def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None):
         super().__init__()
         cfg.validate()

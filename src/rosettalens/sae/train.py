@@ -112,6 +112,9 @@ class _Source:
     def __init__(self, data: Any, hook: str | None, rows: Any):
         from rosettalens.store import ActivationStore
 
+        self.store: ActivationStore | None
+        self.hook: str | None
+        self.tensor: Tensor | None
         if isinstance(data, ActivationStore):
             if hook is None:
                 if len(data.hooks) != 1:
@@ -156,7 +159,7 @@ class _Source:
         """Float32 rows ``[len(idx), d]`` (``idx`` into the rows trained on)."""
         if self.tensor is not None:
             return self.tensor[self._rows(idx)].float()
-        assert self.store is not None
+        assert self.store is not None and self.hook is not None
         return self.store.read(self.hook, self._rows(idx).numpy()).float().reshape(len(idx), self.d)
 
     def describe(self) -> dict[str, Any]:
@@ -282,7 +285,9 @@ class _Run:
         self.sae = sae
         self.cfg = sae.cfg
         self.lr = lr
-        self.opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(tcfg.adam_betas))
+        self.opt = torch.optim.Adam(
+            sae.parameters(), lr=lr, betas=(float(tcfg.adam_betas[0]), float(tcfg.adam_betas[1]))
+        )
         w = sae.width
         self.since_fired = torch.zeros(w, dtype=torch.long)
         self.fire_count = torch.zeros(w, dtype=torch.float64)
