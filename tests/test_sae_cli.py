@@ -166,6 +166,12 @@ def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     ev = ["--model", str(model_dir), "--data", "mini-web", "--max-tokens", "50"]
     assert main(["sae", "eval", "--sae", str(tmp_path / "w32"), *ev]) == 2
     assert "width 48 but the SAE takes d_in=32" in capsys.readouterr().err
+    ok = SAE(SAEConfig(d_in=48, width=64, arch="topk", k=4))
+    ok.save(tmp_path / "w48")
+    assert main(["sae", "eval", "--sae", str(tmp_path / "w48"), *ev, "--hook", "resid_post.7"]) == 2
+    assert "out of range" in capsys.readouterr().err.lower()
+    assert main(["sae", "eval", "--sae", str(tmp_path / "w48"), *ev]) == 2  # no hook recorded, none given
+    assert "records no hook" in capsys.readouterr().err
     (tmp_path / "w32" / "cfg.json").unlink()
     assert main(["sae", "eval", "--sae", str(tmp_path / "w32"), *ev]) == 2
     err = capsys.readouterr().err
