@@ -198,3 +198,18 @@ def test_real_smollm_sweep_equals_loop(smollm):
                 want = float(metric(smollm.forward(enc_x))[0])
             assert res.values[i, j] == pytest.approx(want, abs=2e-4)
     assert res.clean_metric > res.corrupted_metric  # the prompts differ in the way the metric measures
+
+
+@pytest.mark.parametrize("sweep", ["resid_pre", "heads"])
+def test_last_logits_only_gives_the_same_values(hm, sweep):
+    seen = []
+
+    def metric(logits):
+        seen.append(logits.shape[1])
+        return _metric(logits)
+
+    full = patch_sweep(hm, CLEAN, CORRUPTED, _metric, sweep, max_rows=4)
+    last = patch_sweep(hm, CLEAN, CORRUPTED, metric, sweep, max_rows=4, last_logits_only=True)
+    assert set(seen) == {1} and last.meta["last_logits_only"]
+    assert torch.allclose(full.values, last.values, atol=1e-5)
+    assert torch.allclose(full.clean, last.clean) and torch.allclose(full.corrupted, last.corrupted)

@@ -159,6 +159,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         layers=layers,
         by_position=args.by_position,
         memory_budget=args.memory_budget * 2**20,
+        last_logits_only=True,  # both metrics read the last position only
         progress=not args.json and sys.stderr.isatty(),
     )
     elapsed = time.perf_counter() - t0

@@ -172,6 +172,7 @@ def patch_sweep(
     memory_budget: float = 2**30,
     max_rows: int | None = None,
     reuse_prefix: bool = True,
+    last_logits_only: bool = False,
     progress: bool = False,
 ) -> PatchResult:
     """Activation patching of every component of one kind, many patches per forward pass.
@@ -191,6 +192,8 @@ def patch_sweep(
     reuse_prefix: for sweeps where every patch has a position, run the corrupted tokens before the
     earliest patched position of a forward once (batch 1, KV cache) and only the rest with the
     grown batch: the positions before a patch are the corrupted run's (attention is causal).
+    last_logits_only: the metric reads only the last position: the LM head runs there only and
+    every metric call gets ``[n_prompts, 1, vocab]`` (``logits[:, -1]`` metrics work unchanged).
 
     Returns a :class:`PatchResult` (``values`` ``[n_layers, n_positions]`` / ``[n_layers, n_heads]``
     / ``[n_layers, n_positions, n_heads]``, the mean over prompts).
@@ -232,10 +235,11 @@ def patch_sweep(
     # clean activations and the two unpatched metrics
     names = [f"{kind}.{lay}" for lay in layer_list]
     clean_logits, cache = hm.run_with_cache(clean, hooks=names)
-    clean_m = _metric_rows(metric, clean_logits, n_prompts)
+    keep = slice(-1, None) if last_logits_only else slice(None)
+    clean_m = _metric_rows(metric, clean_logits[:, keep], n_prompts)
     del clean_logits
     corrupted_logits = hm.forward(corrupted)
-    corrupted_m = _metric_rows(metric, corrupted_logits, n_prompts)
+    corrupted_m = _metric_rows(metric, corrupted_logits[:, keep], n_prompts)
 
     row_cost = _row_bytes(hm, n_pos) * n_prompts
     rows = max(1, int(memory_budget // row_cost))
@@ -259,7 +263,13 @@ def patch_sweep(
             for i in range(n_prompts):
                 handlers = _chunk_handlers(items, kind, {n: cache[n][i] for n in names}, offset=start)
                 logits = _forward_rows(
-                    hm, corrupted[i : i + 1], corrupted_logits[i : i + 1], items, start, handlers
+                    hm,
+                    corrupted[i : i + 1],
+                    corrupted_logits[i : i + 1],
+                    items,
+                    start,
+                    handlers,
+                    last_logits_only,
                 )
                 chunk_logits.append(logits[1:])
                 tokens_run += logits.shape[0] * (n_pos - start)
@@ -294,6 +304,7 @@ def patch_sweep(
         "patches": len(grid),
         "forwards": len(chunks) * n_prompts,
         "shared_prefix": prefix,
+        "last_logits_only": last_logits_only,
         "token_rows": tokens_run,
         "rows_per_forward": rows,
     }
@@ -383,21 +394,23 @@ def _chunks(grid: list[tuple[int, int | None, int | None]], rows: int, prefix: b
     return [sorted(c, key=lambda j: grid[j][0]) for c in chunks]
 
 
-_MIN_ROWS = 16
+_MIN_ROWS = 64
 
 
 def _forward_rows(
-    hm: Any, ids: Tensor, full_logits: Tensor, items: list, start: int, handlers: list
+    hm: Any, ids: Tensor, full_logits: Tensor, items: list, start: int, handlers: list, last: bool = False
 ) -> Tensor:
-    """Logits ``[1 + k, pos, vocab]`` of one prompt ``ids [1, pos]`` with the chunk's patches in rows 1..k.
+    """Logits ``[1 + k, pos, vocab]`` of one prompt ``ids [1, pos]`` with the chunk's patches in rows 1..k
+    (``[1 + k, 1, vocab]``, the last position only, with ``last``).
 
     ``start > 0``: positions ``< start`` are the corrupted run's: their keys/values come from a batch-1
     forward over the prefix (expanded per layer to the rows alive there, a view), their logits from
     ``full_logits [1, pos, vocab]``; only positions ``start ..`` run with the grown batch.
     """
+    keep = {"logits_to_keep": 1} if last else {}
     if start == 0:
         with hm._intervene(handlers):
-            logits = hm.forward(ids)
+            logits = hm.model(input_ids=ids, use_cache=False, **keep).logits
     else:
         pkv = hm.model(input_ids=ids[:, :start], use_cache=True).cache
         alive = 1
@@ -410,9 +423,12 @@ def _forward_rows(
                 layer.keys = layer.keys.expand(alive, *layer.keys.shape[1:])
                 layer.values = layer.values.expand(alive, *layer.values.shape[1:])
         with hm._intervene(handlers):
-            tail = hm.model(input_ids=ids[:, start:], cache=pkv, use_cache=True).logits
-        head = full_logits[:, :start].to(tail.dtype).expand(tail.shape[0], -1, -1)
-        logits = torch.cat([head, tail], dim=1)
+            tail = hm.model(input_ids=ids[:, start:], cache=pkv, use_cache=True, **keep).logits
+        if last:
+            logits = tail
+        else:
+            head = full_logits[:, :start].to(tail.dtype).expand(tail.shape[0], -1, -1)
+            logits = torch.cat([head, tail], dim=1)
     if logits.shape[0] != len(items) + 1:  # pragma: no cover - an architecture that does not broadcast
         raise ShapeError(f"batched patching got {logits.shape[0]} rows, expected {len(items) + 1}")
     return logits
