@@ -181,6 +181,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     )
     for line in _table(res):
         print(line)
+    if res.kv_groups is not None:
+        print("kv heads -> query heads: " + "; ".join(f"{k}: {v}" for k, v in res.kv_groups.items()))
     print(
         "top: "
         + "; ".join(", ".join(f"{k} {v}" for k, v in w.items()) + f" -> {val:.4f}" for w, val in res.top(5))
