@@ -182,6 +182,12 @@ def test_user_error_in_a_stage_leaves_nothing(tmp_path):
     with pytest.raises(DataError):
         run_experiment(Failing(), Cfg(out=str(tmp_path / "r")), progress=False)
     assert not (tmp_path / "r").exists()
+    # a directory that already existed keeps what it had, and gets nothing of this run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DataError):
+        run_experiment(Failing(), Cfg(out=str(tmp_path / "mine")), progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def _main(argv, capsys):

@@ -269,6 +269,7 @@ def run_experiment(
     stages = experiment.stages(cfg)
     ctx = RunContext(config=cfg, run_dir=rdir, progress=progress, resumed=resume is not None)
     created = not rdir.exists()
+    before = set() if created else {p.name for p in rdir.iterdir()}
     t_start = time.perf_counter()
     try:
         rdir.mkdir(parents=True, exist_ok=True)
@@ -282,8 +283,12 @@ def run_experiment(
         ctx.save_json(RESULTS_FILE, ctx.results)
         experiment.report(ctx)
     except RosettaError:
-        if created and resume is None:
+        if resume is None and created:
             shutil.rmtree(rdir, ignore_errors=True)
+        elif resume is None:  # a directory that existed (empty or unrelated files): remove only ours
+            for p in rdir.iterdir():
+                if p.name not in before:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         raise
     out = dict(experiment.summary(ctx))
     out.setdefault("run_dir", str(rdir))

