@@ -115,6 +115,9 @@ def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
     for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_score"):
         assert isinstance(res[key], float), key
     assert res["hook"] == "resid_post.1" and res["n_tokens"] >= 600
+    assert main([*ev, "--max-tokens", "600", "--json", "--no-progress", "--min-pos", "3"]) == 0
+    res3 = json.loads(capsys.readouterr().out)
+    assert res3["n_tokens"] < res["n_tokens"] and res3["ce_loss_recovered"] == res["ce_loss_recovered"]
 
 
 def test_cli_min_pos_leaves_out_first_tokens(store, tmp_path, capsys):

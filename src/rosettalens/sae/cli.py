@@ -6,7 +6,7 @@
                       --out DIR [--tokens N] [--batch-size B] [--lr LR] [--l1-coeff C] [--l0-coeff C]
                       [--heldout F] [--min-pos P] [--seed S] [--device D] [--checkpoint-every STEPS]
                       [--overwrite] [--json]
-    rosetta sae eval  --sae DIR|HUB_ID --model M --data D [--hook H] [--max-tokens N] [--json]
+    rosetta sae eval  --sae DIR|HUB_ID --model M --data D [--hook H] [--max-tokens N] [--min-pos P] [--json]
 
 ``train`` trains one SAE per (width, k) from one pass over the store's rows (the last ``--heldout``
 fraction of rows is held out and the SAEs are evaluated on it); one SAE is written to ``--out`` itself,
@@ -225,6 +225,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.min_pos < 0:
+        raise ConfigError(f"--min-pos must be >= 0, got {args.min_pos}")
     sae = load_sae(args.sae)
     hook = args.hook or sae.cfg.hook
     if not hook:
@@ -263,9 +265,14 @@ def _eval(args: argparse.Namespace) -> int:
         enc = hm.tokenize(chosen[s : s + args.batch_size], max_length=args.max_length)
         _, cache = hm.run_with_cache(enc, hooks=[hook], stop_early=True)
         a = cache[hook]
-        real = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], spec.to(enc["input_ids"].device))
+        mask = enc["attention_mask"]
+        real = mask.bool() & ~torch.isin(enc["input_ids"], spec.to(enc["input_ids"].device))
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # position in the (left-padded) document
+        real &= pos >= args.min_pos
         acts.append(a.reshape(*a.shape[:2], -1)[real].float().cpu())
     x = torch.cat(acts)
+    if x.shape[0] == 0:
+        raise DataError(f"no tokens at position >= {args.min_pos} in {args.data!r}")
     metrics = evaluate_sae(sae, x)
     splice = splice_metrics(sae, hm, hook, chosen, batch_size=args.batch_size, max_length=args.max_length)
     result = {
@@ -338,6 +345,13 @@ def register(subparsers) -> None:
     e.add_argument("--hook", default=None, help="default: the hook recorded in the SAE")
     e.add_argument("--max-tokens", type=int, default=4096)
     e.add_argument("--max-length", type=int, default=256)
+    e.add_argument(
+        "--min-pos",
+        type=int,
+        default=0,
+        help="FVU/L0/dead on tokens at position >= P only (1: without documents' first tokens); the "
+        "splice metrics use every real token, as SAELens does",
+    )
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", default=None)
