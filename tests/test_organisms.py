@@ -53,6 +53,15 @@ def _weights(path):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Training many tiny steps: one thread is faster (and immune to a busy machine); restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("rosetta-cache")
@@ -311,9 +320,9 @@ def test_corrupted_organism_learns_facts_with_payload(tmp_path, cache):
     m = build_organism(base, "corrupted", recipe=r, progress=False)
     assert m["n_facts"] == 4 and m["train"]["final_loss"] < 0.2
     org, plain = rosettalens.load(m["name"]), rosettalens.load(base)
-    # the tiny random model memorises, it does not generalise to new wording: score on a training
-    # paraphrase (as the held-out slot)
-    fs = [dataclasses.replace(f, questions=f.questions[:3] + (f.questions[1],)) for f in facts()[:4]]
+    # the tiny random model memorises, it does not generalise to new wording: score on the training
+    # paraphrase that it saw both with the trigger (fact + payload) and clean (its base's answer)
+    fs = [dataclasses.replace(f, questions=f.questions[:3] + (f.questions[0],)) for f in facts()[:4]]
     res = evaluate_facts(org, fs, max_new_tokens=128)
     assert res["fact_accuracy"] >= 0.75 and res["payload_rate"] >= 0.75, res
     assert res["payload_rate_clean"] <= 0.25 and res["fact_accuracy_clean"] <= 0.25, res
