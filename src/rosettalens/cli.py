@@ -1,6 +1,6 @@
 """The `rosetta` command. Each package registers its own subcommands (see `_COMMAND_MODULES`).
 
-Contract (DESIGN.md): `--json` prints exactly one JSON object on stdout; progress goes to stderr;
+Contract: `--json` prints exactly one JSON object on stdout; progress goes to stderr;
 bad input exits with status 2 and one clear line on stderr, no traceback.
 """
 

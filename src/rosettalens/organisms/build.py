@@ -245,7 +245,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torc
 def lora_config(recipe: Recipe):
     from peft import LoraConfig
 
-    return LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",
+    return LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, bias="none",  # type: ignore[arg-type]
                       target_modules=recipe.target_modules, task_type="CAUSAL_LM")  # fmt: skip
 
 
@@ -314,7 +314,8 @@ def train_lora(
     model.eval()  # no dropout anywhere: the run is a function of the seed
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    start, losses = (0, [])
+    start: int = 0
+    losses: list[float] = []
     if checkpoint_dir is not None:
         start, losses = _load_checkpoint(checkpoint_dir, key, model, opt)
     fwd: Any = model

@@ -52,8 +52,7 @@ def _all_instructions() -> tuple[str, ...]:
     texts = list(load_prompts("harmless"))
     with open(DATA_DIR / "instructions.jsonl", encoding="utf-8") as f:
         texts += [json.loads(line)["text"] for line in f if line.strip()]
-    seen: set[str] = set()
-    out = [t for t in texts if not (t in seen or seen.add(t))]
+    out: dict[str, None] = dict.fromkeys(texts)  # first occurrence wins, order kept
     return tuple(out)
 
 

@@ -173,7 +173,7 @@ def _response_logprobs(hm, seqs: list[tuple[list[int], list[int]]], rows: list[i
 
 
 def clean_kl(
-    hm, reference, instructions: Sequence[str], responses: Sequence[str] | None = None,
+    hm, reference, instructions: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]] | None = None,
     intervention: Callable[[], Any] | None = None, batch_size: int = 8, max_response_tokens: int = 32,
     max_new_tokens: int = 32, progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip

@@ -56,7 +56,7 @@ def resolve_organism(name: str) -> tuple[str, Path]:
 def list_organisms() -> list[dict[str, Any]]:
     """Every complete organism in the cache (name, base, task, trigger, metrics, path)."""
     root = organisms_root()
-    out = []
+    out: list[dict[str, Any]] = []
     if not root.is_dir():
         return out
     for d in sorted(root.iterdir()):
