@@ -249,8 +249,8 @@ def _reference_patch(hm, enc, hook, fn):
 def test_patch_positions_equals_hand_written_closure(tiny_hm):
     enc_clean = tiny_hm.tokenize(["0 1 2 3 4 5 6", "The quick brown fox jumps"])
     enc_corr = tiny_hm.tokenize(["6 5 4 3 2 1 0", "The lazy brown dog jumps"])
-    if enc_clean["input_ids"].shape != enc_corr["input_ids"].shape:
-        pytest.skip("prompts tokenise to different lengths")
+    # the premise of the test (equal lengths) holds on every tiny tokenizer: fail loudly, never skip
+    assert enc_clean["input_ids"].shape == enc_corr["input_ids"].shape
     enc_corr["attention_mask"] = enc_clean["attention_mask"]
     _, cache = tiny_hm.run_with_cache(enc_clean, hooks=["resid_pre.1"])
     clean = cache["resid_pre.1"]
