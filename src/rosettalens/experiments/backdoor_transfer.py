@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ShapeError
 from .base import Experiment, RunContext, Stage, run_experiment
+from .refusal_transfer import load_mapper_state, record_mapper
 
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
@@ -262,7 +263,7 @@ class BackdoorTransfer(Experiment):
                   self.source_direction),
             Stage("paired_activations", (), self.paired_activations),
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
-                  self.mapper, self.load_mapper),
+                  self.mapper, load_mapper_state),
             Stage("directions", ("directions.safetensors", "directions_info.json"), self.directions),
             Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
             *([Stage("sweep", ("sweep.json",), self.sweep)] if cfg.sweep_points else []),
@@ -399,7 +400,6 @@ class BackdoorTransfer(Experiment):
     # 4. the mapper for the chosen pair
     def mapper(self, ctx: RunContext) -> None:
         from ..mapping import get_mapper_class
-        from ..mapping.evaluate import activation_metrics
 
         hs, ht = self._hooks(ctx)
         st, cfg = ctx.state, ctx.config
@@ -413,27 +413,14 @@ class BackdoorTransfer(Experiment):
                     f"mapper {cfg.mapper_dir} maps width {mapper.d_src} -> {mapper.d_tgt}, but {src.name} has d_model "
                     f"{src.cfg.d_model} and {tgt.name} has d_model {tgt.cfg.d_model}"
                 )
-            metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
-            mapper.save(ctx.path("mapper"))
-            ctx.save_json("mapper_metrics.json", metrics)
-            st["mapper"], st["mapper_metrics"] = mapper, metrics
+            record_mapper(ctx, mapper, hs, ht)
             return
         mapper = get_mapper_class(cfg.mapper)()
         if cfg.mapper == "autoencoder":
             mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)  # type: ignore[call-arg]
         else:
             mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
-        metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
-        mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=hs, target_model=st["tgt"].name,
-                    target_hook=ht)  # fmt: skip
-        ctx.save_json("mapper_metrics.json", metrics)
-        st["mapper"], st["mapper_metrics"] = mapper, metrics
-
-    def load_mapper(self, ctx: RunContext) -> None:
-        from ..mapping import load_mapper
-
-        ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
-        ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")
+        record_mapper(ctx, mapper, hs, ht)
 
     # 5. transferred, native and random directions at the target layer
     def directions(self, ctx: RunContext) -> None:

@@ -288,7 +288,7 @@ class RefusalTransfer(Experiment):
         ]
         middle = [
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
-                  self.mapper, self.load_mapper),
+                  self.mapper, load_mapper_state),
             Stage("directions", ("transferred_refusal.safetensors", "native_refusal.safetensors"),
                   self.directions, self.load_directions),
             Stage("generation_eval", ("completions.json", "generation_eval.json"), self.generation_eval),
@@ -476,23 +476,11 @@ class RefusalTransfer(Experiment):
     # 4. the mapper for the chosen pair
     def mapper(self, ctx: RunContext) -> None:
         from ..mapping import get_mapper_class
-        from ..mapping.evaluate import activation_metrics
 
         hs, ht = self._hooks(ctx)
-        st = ctx.state
         mapper = get_mapper_class(ctx.config.mapper)()
-        mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
-        metrics = activation_metrics(mapper, st["Xva"][hs], st["Yva"][ht])
-        mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=hs, target_model=st["tgt"].name,
-                    target_hook=ht)  # fmt: skip
-        ctx.save_json("mapper_metrics.json", metrics)
-        st["mapper"], st["mapper_metrics"] = mapper, metrics
-
-    def load_mapper(self, ctx: RunContext) -> None:
-        from ..mapping import load_mapper
-
-        ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
-        ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")
+        mapper.fit(ctx.state["Xtr"][hs], ctx.state["Ytr"][ht])
+        record_mapper(ctx, mapper, hs, ht)
 
     # 5. transferred and native directions at the target layer (+ a random one of equal norm)
     def directions(self, ctx: RunContext) -> None:
@@ -638,3 +626,25 @@ def run(
 ) -> dict[str, Any]:
     """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
     return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
+
+
+def record_mapper(ctx: RunContext, mapper: Any, source_hook: str, target_hook: str) -> None:
+    """The mapper stage's outputs, shared by the transfer experiments: held-out fidelity on the
+    validation rows (``state["Xva"][source_hook]`` -> ``state["Yva"][target_hook]``), the mapper folder
+    and ``mapper_metrics.json`` in the run dir, and both in ``ctx.state``."""
+    from ..mapping.evaluate import activation_metrics
+
+    st = ctx.state
+    metrics = activation_metrics(mapper, st["Xva"][source_hook], st["Yva"][target_hook])
+    mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=source_hook,
+                target_model=st["tgt"].name, target_hook=target_hook)  # fmt: skip
+    ctx.save_json("mapper_metrics.json", metrics)
+    st["mapper"], st["mapper_metrics"] = mapper, metrics
+
+
+def load_mapper_state(ctx: RunContext) -> None:
+    """Reload what :func:`record_mapper` wrote (the mapper stage on ``--resume``)."""
+    from ..mapping import load_mapper
+
+    ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
+    ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")
