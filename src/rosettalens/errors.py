@@ -52,3 +52,7 @@ class ShapeError(RosettaError, ValueError):
 
 class ConfigError(RosettaError, ValueError):
     """An invalid option value or combination of options."""
+
+
+class OutputExistsError(RosettaError, FileExistsError):
+    """An output exists and ``--overwrite`` was not given, or it cannot be written at all."""

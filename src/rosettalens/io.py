@@ -1,0 +1,229 @@
+"""One way to write files: atomic writes, whole-output replacement, sha256, a writer's lock.
+
+Every command that writes follows one rule: an existing output is refused (:class:`OutputExistsError`,
+one line, exit 2) unless ``overwrite=True`` (``--overwrite``), and with it the old output is
+replaced as a whole: the new one is written to a temporary sibling and swapped in, so a reader
+sees the old output or the new one, never a mix, and an error leaves the old one untouched.
+Temporary siblings are named ``.NAME.tmp-PID-RANDOM`` and removed on any error. Files get the
+user's normal permissions (``0o666 & ~umask``), not ``mkstemp``'s 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError, RosettaError
+
+__all__ = [
+    "FileLock",
+    "LockedError",
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_output",
+    "is_temp_name",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+_TMP_MARK = ".tmp-"
+
+
+class LockedError(RosettaError):
+    """Another live process holds the writer's lock of an output."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh name beside ``path`` that :func:`is_temp_name` recognises."""
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of our temporary siblings (for cleaners and listings)."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def check_output(path: str | Path, overwrite: bool = False, what: str = "output") -> Path:
+    """Refuse an existing ``path`` unless ``overwrite``; check that its folder can be made.
+
+    Call it before any expensive work, so a refused output costs nothing.
+    """
+    p = Path(path)
+    if len(p.name.encode()) > 255:
+        raise OutputExistsError(f"{what} name is too long ({len(p.name)} characters): {p}")
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"{what} {p} exists; pass --overwrite to replace it")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputExistsError(f"cannot write {what} {p}: {parent} is not a writable folder")
+    return p
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _swap_in(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is replaced whole only with ``overwrite``."""
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{final} exists; pass --overwrite to replace it")
+        if final.is_dir() and not final.is_symlink():
+            trash = temp_sibling(final)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling file name to write; on success it replaces ``path``.
+
+    For writers that need a file name (``safetensors.torch.save_file``, ``matplotlib``'s
+    ``savefig``). ``overwrite=False`` refuses an existing ``path`` at the swap.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
+        _swap_in(tmp, final, overwrite)
+    finally:
+        _remove(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp sibling, fsync, rename)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path: str | Path, obj: Any, overwrite: bool = True, indent: int = 2) -> None:
+    """JSON with ``allow_nan=False``: a NaN or inf is a bug upstream, never invalid JSON on disk."""
+    text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; on success it becomes ``path`` as a whole.
+
+    An existing ``path`` is refused unless ``overwrite`` (checked before and at the swap); with it,
+    the old folder is replaced entirely, so no stale file of an earlier run survives. On any error
+    the temporary folder is removed and ``path`` is left as it was.
+    """
+    final = Path(path)
+    check_output(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    tmp.mkdir(mode=0o777 & ~_umask())
+    try:
+        yield tmp
+        _swap_in(tmp, final, overwrite)
+    finally:
+        _remove(tmp)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+class FileLock:
+    """An exclusive writer's lock: a file holding the owner's pid, created with ``O_EXCL``.
+
+    A lock whose owner is no longer alive (killed, machine rebooted) is stale and taken over.
+    A live owner makes :meth:`acquire` raise :class:`LockedError` (one line for the CLI) rather than
+    wait, so two writers never share an output.
+    """
+
+    def __init__(self, path: str | Path, what: str = "output"):
+        self.path = Path(path)
+        self.what = what
+        self._held = False
+
+    def acquire(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and _pid_alive(owner):
+                    raise LockedError(
+                        f"{self.what} is being written by process {owner} (lock {self.path})"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self._held = True
+            return self
+        raise LockedError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._held = False
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
