@@ -111,9 +111,10 @@ def tb_cka(k, l, debiased=False):  # noqa: E741
     return f(k, l) / math.sqrt(f(k, k) * f(l, l))
 
 
-def tb_rbf(x, sigma):
+def tb_rbf(x, sigma, median="all"):
     d2 = squareform(pdist(x, "sqeuclidean"))
-    med = np.median(pdist(x, "sqeuclidean"))
+    # "all": median of the whole n x n matrix, diagonal zeros included (Kornblith et al.'s code)
+    med = np.median(d2) if median == "all" else np.median(pdist(x, "sqeuclidean"))
     return np.exp(-d2 / (2 * sigma**2 * med))
 
 
@@ -203,12 +204,23 @@ def test_linear_cka_matches_textbook_on_both_paths(n, d1, d2, debiased):
     assert abs(linear_cka(x, y, debiased=debiased) - ref) < TOL
 
 
+@pytest.mark.parametrize("median", ["all", "pairs"])
 @pytest.mark.parametrize("debiased", [False, True])
-def test_rbf_cka_matches_textbook(debiased):
-    x, y = related(n=60, d1=5, d2=9, noise=1.0, seed=8)
-    for sigma in (0.5, 1.0):
-        ref = tb_cka(tb_rbf(x, sigma), tb_rbf(y, sigma), debiased)
-        assert abs(rbf_cka(x, y, sigma=sigma, debiased=debiased) - ref) < TOL
+def test_rbf_cka_matches_textbook(debiased, median):
+    # n = 60 (even number of pairs and of entries) and n = 61 (odd): both median branches
+    for n in (60, 61):
+        x, y = related(n=n, d1=5, d2=9, noise=1.0, seed=8)
+        for sigma in (0.5, 1.0):
+            ref = tb_cka(tb_rbf(x, sigma, median), tb_rbf(y, sigma, median), debiased)
+            assert abs(rbf_cka(x, y, sigma=sigma, debiased=debiased, median=median) - ref) < TOL
+
+
+def test_rbf_cka_default_median_includes_the_diagonal():
+    x, y = related(n=40, d1=5, d2=9, noise=1.0, seed=3)
+    assert rbf_cka(x, y) == rbf_cka(x, y, median="all")
+    assert abs(rbf_cka(x, y) - rbf_cka(x, y, median="pairs")) > 1e-6  # the two choices differ
+    with pytest.raises(RosettaError, match="median"):
+        rbf_cka(x, y, median="upper")
 
 
 def test_cka_of_identical_inputs_is_one():

@@ -13,8 +13,9 @@ Conventions (stated once, here):
   ``keep_variance`` of the total, then averages the canonical correlations.
 * ``pwcca`` weights the canonical correlations by how much of the *smaller* input (fewer directions)
   each canonical variate accounts for (Morcos et al. 2018), using centred activations.
-* CKA bandwidth for the RBF kernel is ``sigma x median pairwise distance`` (median over pairs i<j of
-  squared distances, then square-rooted). Debiased CKA uses the unbiased HSIC estimator of Song et
+* CKA bandwidth for the RBF kernel is ``sigma x`` the median distance, as Kornblith et al.'s code:
+  the median over all ``n^2`` squared distances (diagonal zeros included), then square-rooted
+  (``median="pairs"`` takes pairs i<j only). Debiased CKA uses the unbiased HSIC estimator of Song et
   al. (2012); it may be negative and is never clamped.
 * RSA compares the upper triangles (i < j) of the two representational dissimilarity matrices.
 """
@@ -403,27 +404,44 @@ def _prep_linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -
     return feature_fn
 
 
-def _median_offdiag_(d: torch.Tensor) -> float:
-    """Median over pairs ``i < j`` of a symmetric ``[n, n]`` matrix (the diagonal is left as it was)."""
+RBF_MEDIANS = ("all", "pairs")
+
+
+def _pair_order_stats_(d: torch.Tensor, ranks: list[int]) -> list[float]:
+    """Order statistics (1-based ``ranks``) of the pairs ``i < j`` of a symmetric ``[n, n]`` matrix.
+
+    ``d`` is left as it was.
+    """
     n = d.shape[0]
-    m = n * (n - 1) // 2
     if d.device.type == "cpu":  # copy out the upper triangle, then an in-place numpy selection
         vals = _upper_tri(d).numpy()  # a fresh copy
-        hi = m // 2
-        if m % 2:
-            vals.partition(hi)
-            return float(vals[hi])
-        vals.partition([hi - 1, hi])
-        return 0.5 * float(vals[hi - 1] + vals[hi])
+        vals.partition([r - 1 for r in ranks])
+        return [float(vals[r - 1]) for r in ranks]
     diag = d.diagonal().clone()
     d.fill_diagonal_(-1.0)  # sorts below every distance: pair r sits at full ranks n+2r-1 and n+2r
     flat = d.reshape(-1)
-    if m % 2:
-        med = float(torch.kthvalue(flat, n + m + 1).values)
-    else:
-        med = 0.5 * float(torch.kthvalue(flat, n + m).values + torch.kthvalue(flat, n + m + 2).values)
+    out = [float(torch.kthvalue(flat, n + 2 * r - 1).values) for r in ranks]
     d.diagonal().copy_(diag)
-    return med
+    return out
+
+
+def _median_sq_dist_(d: torch.Tensor, median: str) -> float:
+    """Median of the squared distances ``d [n, n]`` (symmetric, zero diagonal, entries >= 0).
+
+    ``median="all"``: over all ``n^2`` entries, the ``n`` zeros of the diagonal included (Kornblith et
+    al.'s ``np.median(sq_distances)``); ``"pairs"``: over the ``n (n - 1) / 2`` pairs ``i < j``.
+    """
+    n = d.shape[0]
+    if median == "pairs":
+        m = n * (n - 1) // 2
+        ranks = [(m + 1) // 2] if m % 2 else [m // 2, m // 2 + 1]
+        return float(np.mean(_pair_order_stats_(d, ranks)))
+    # all n^2 entries sorted: n zeros, then every pair twice (pair rank r at full ranks n+2r-1, n+2r)
+    big = n * n
+    full = [(big + 1) // 2] if big % 2 else [big // 2, big // 2 + 1]
+    pair_ranks = [(k - n + 1) // 2 for k in full if k > n]
+    vals = [0.0] * (len(full) - len(pair_ranks)) + _pair_order_stats_(d, pair_ranks)
+    return float(np.mean(vals))
 
 
 def _sq_dists(x: torch.Tensor) -> torch.Tensor:
@@ -435,9 +453,9 @@ def _sq_dists(x: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _rbf_gram(x: torch.Tensor, sigma: float, name: str) -> torch.Tensor:
+def _rbf_gram(x: torch.Tensor, sigma: float, name: str, median: str = "all") -> torch.Tensor:
     g = _sq_dists(center(x))
-    med = _median_offdiag_(g)
+    med = _median_sq_dist_(g, median)
     if not med > 0:
         raise DegenerateInputError(
             f"rbf_cka: the median pairwise distance of {name} is 0 (most rows are identical); "
@@ -446,22 +464,32 @@ def _rbf_gram(x: torch.Tensor, sigma: float, name: str) -> torch.Tensor:
     return g.mul_(-1.0 / (2.0 * sigma * sigma * med)).exp_()
 
 
-def rbf_cka(X: ArrayLike, Y: ArrayLike, sigma: float = 0.5, debiased: bool = False) -> float:
-    """RBF-kernel CKA (Kornblith et al. 2019): bandwidth = ``sigma x`` median pairwise distance.
+def rbf_cka(
+    X: ArrayLike, Y: ArrayLike, sigma: float = 0.5, debiased: bool = False, median: str = "all"
+) -> float:
+    """RBF-kernel CKA (Kornblith et al. 2019) with the bandwidth of their reference code.
 
+    The kernel is ``exp(-|x_i - x_j|^2 / (2 sigma^2 m))`` where ``m`` is the median squared distance:
+    with ``median="all"`` (default) over all ``n^2`` entries of the distance matrix, diagonal zeros
+    included, exactly as Kornblith et al.'s ``gram_rbf``; ``median="pairs"`` takes it over the pairs
+    ``i < j`` only (a slightly wider bandwidth). ``X [n, d1]``, ``Y [n, d2]`` -> float.
     Builds two ``[n, n]`` float64 Gram matrices (``16 n^2`` bytes); use on up to ~10-20k rows.
     ``debiased=True`` uses the unbiased HSIC estimator (may be negative; never clamped).
     """
     x, y = paired(X, Y, min_rows=2, what="rbf_cka")
-    return _prep_rbf_cka(x, y, sigma, debiased)(None)
+    return _prep_rbf_cka(x, y, sigma, debiased, median)(None)
 
 
-def _prep_rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float = 0.5, debiased: bool = False) -> Prepared:
+def _prep_rbf_cka(
+    x: torch.Tensor, y: torch.Tensor, sigma: float = 0.5, debiased: bool = False, median: str = "all"
+) -> Prepared:
     if not sigma > 0:
         raise ConfigError(f"rbf_cka: sigma must be > 0, got {sigma}")
+    if median not in RBF_MEDIANS:
+        raise ConfigError(f"rbf_cka: median must be one of {', '.join(RBF_MEDIANS)}; got {median!r}")
     _check_debiased_rows(x.shape[0], debiased, "rbf_cka")
-    k = _center_gram_(_rbf_gram(x, sigma, "X"), debiased)
-    l = _center_gram_(_rbf_gram(y, sigma, "Y"), debiased)  # noqa: E741
+    k = _center_gram_(_rbf_gram(x, sigma, "X", median), debiased)
+    l = _center_gram_(_rbf_gram(y, sigma, "Y", median), debiased)  # noqa: E741
     xx, yy = _gram_dot(k, k), _gram_dot(l, l)
 
     def fn(perm: torch.Tensor | None) -> float:
