@@ -16,7 +16,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,26 @@ CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_JSON = "checkpoint.json"
 
 
+class _TrainState(TypedDict):
+    """Training counters, saved in the checkpoint's JSON after every epoch."""
+
+    epoch: int  # epochs completed
+    best_val: float
+    best_epoch: int  # -1 before the first epoch
+    bad_epochs: int  # epochs since the last improvement
+    history: list[dict[str, float]]  # {"epoch", "train_loss", "val_loss"} per epoch
+    done: bool
+    stopped_early: NotRequired[bool]
+
+
 class _Net(nn.Module):
     """``y = my + sy * net((x - mx) / sx)``; ``mx/my`` are mean vectors, ``sx/sy`` scalar RMS scales."""
+
+    # buffers (registered in __init__; declared so their type is known)
+    mx: torch.Tensor  # [d_src]
+    sx: torch.Tensor  # []
+    my: torch.Tensor  # [d_tgt]
+    sy: torch.Tensor  # []
 
     def __init__(self, d_src: int, hidden: int, d_tgt: int) -> None:
         super().__init__()
@@ -64,6 +82,7 @@ def _init_weights(net: _Net, seed: int) -> None:
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for layer in (net.net[0], net.net[2]):
+            assert isinstance(layer, nn.Linear)
             bound = 1.0 / math.sqrt(layer.in_features)
             layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) * 2 * bound - bound)
             layer.bias.copy_(torch.rand(layer.bias.shape, generator=g) * 2 * bound - bound)
@@ -199,7 +218,7 @@ class AutoencoderMapper(Mapper):
         net.to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-        state = {
+        state: _TrainState = {
             "epoch": 0,
             "best_val": math.inf,
             "best_epoch": -1,
@@ -245,7 +264,7 @@ class AutoencoderMapper(Mapper):
                 rec = {"epoch": epoch, "train_loss": run / seen, "val_loss": val}
                 state["history"].append(rec)
                 if val < state["best_val"] * (1.0 - self.min_delta) or state["best_epoch"] < 0:
-                    state.update(best_val=val, best_epoch=epoch, bad_epochs=0)
+                    state["best_val"], state["best_epoch"], state["bad_epochs"] = val, epoch, 0
                     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 else:
                     state["bad_epochs"] += 1
@@ -280,7 +299,15 @@ class AutoencoderMapper(Mapper):
         self._record_norms(X, Y)
         return self
 
-    def _save_checkpoint(self, d: Path, ident: dict, state: dict, net: _Net, opt, best: dict) -> None:
+    def _save_checkpoint(
+        self,
+        d: Path,
+        ident: dict[str, Any],
+        state: _TrainState,
+        net: _Net,
+        opt: torch.optim.Optimizer,
+        best: dict[str, torch.Tensor],
+    ) -> None:
         tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
         tensors.update({f"best.{k}": v for k, v in best.items()})
         for idx, st in opt.state_dict()["state"].items():
@@ -289,7 +316,9 @@ class AutoencoderMapper(Mapper):
         digest = atomic_save_tensors(d / CKPT_TENSORS, tensors)
         atomic_write_json(d / CKPT_JSON, {**ident, "state": state, "sha256": digest})
 
-    def _load_checkpoint(self, d: Path, ident: dict, net: _Net, opt, dev) -> tuple[dict, dict]:
+    def _load_checkpoint(
+        self, d: Path, ident: dict[str, Any], net: _Net, opt: torch.optim.Optimizer, dev: torch.device
+    ) -> tuple[_TrainState, dict[str, torch.Tensor]]:
         meta = read_json(d / CKPT_JSON, "autoencoder checkpoint")
         for key in ("hparams", "data", "hidden"):
             if meta.get(key) != ident[key]:
@@ -351,6 +380,8 @@ class AutoencoderMapper(Mapper):
         return {k: v.detach() for k, v in self.net.state_dict().items()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.d_src is None or self.d_tgt is None:
+            raise MapperError("autoencoder mapper: d_src and d_tgt must be set before its weights are loaded")
         hidden = int(tensors["net.0.weight"].shape[0])
         net = _Net(self.d_src, hidden, self.d_tgt)
         net.load_state_dict(tensors)

@@ -167,7 +167,7 @@ class _TopK:
 
     def add(self, chunk: torch.Tensor | sp.csr_matrix, offset: int) -> None:
         f = self.values.shape[1]
-        if sp.issparse(chunk):
+        if not isinstance(chunk, torch.Tensor):  # a scipy CSR chunk (see _as_chunk)
             coo = chunk.tocoo()
             order = np.lexsort((-coo.data, coo.col))
             cols, rows, vals = coo.col[order], coo.row[order], coo.data[order]
@@ -208,7 +208,7 @@ class _CorrStats:
 
     @staticmethod
     def _sums(c: torch.Tensor | sp.csr_matrix, f: int) -> tuple[np.ndarray, np.ndarray]:
-        if sp.issparse(c):
+        if not isinstance(c, torch.Tensor):  # a scipy CSR chunk
             return (
                 np.bincount(c.indices, weights=c.data, minlength=f),
                 np.bincount(c.indices, weights=c.data * c.data, minlength=f),
@@ -224,15 +224,15 @@ class _CorrStats:
         self.sb += s
         self.qb += q
         self.n += a.shape[0]
-        if sp.issparse(a) and sp.issparse(b):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):  # both scipy CSR
             prod = sp.csr_matrix(a.T @ b)
             prod.sum_duplicates()
             coo = prod.tocoo()
             self.cross.numpy()[coo.row, coo.col] += coo.data  # CPU: a view of the accumulator
             return
         # mixed or dense chunks: dense product straight into the accumulator (no [f_a, f_b] temporary)
-        ad = torch.from_numpy(a.toarray()).to(self.device) if sp.issparse(a) else a
-        bd = torch.from_numpy(b.toarray()).to(self.device) if sp.issparse(b) else b
+        ad = a if isinstance(a, torch.Tensor) else torch.from_numpy(a.toarray()).to(self.device)
+        bd = b if isinstance(b, torch.Tensor) else torch.from_numpy(b.toarray()).to(self.device)
         self.cross.addmm_(ad.T, bd)
 
     def finish(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

@@ -650,11 +650,11 @@ def _symmetric_from_upper(v: torch.Tensor, n: int) -> torch.Tensor:
         f[_upper_mask(n, v.device)] = v
         return f + f.T
     vn = v.numpy()
-    f = np.zeros((n, n), dtype=vn.dtype)
+    fn = np.zeros((n, n), dtype=vn.dtype)
     for i, start, stop in _tri_rows(n):
-        f[i, i + 1 :] = vn[start:stop]
-    f += f.T
-    return torch.from_numpy(f)
+        fn[i, i + 1 :] = vn[start:stop]
+    fn += fn.T
+    return torch.from_numpy(fn)
 
 
 def _argsort_packed(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -718,17 +718,17 @@ def _rank_average(v: torch.Tensor) -> torch.Tensor:
             first = members[starts[members]]
             counts = np.bincount(group)
             by_pos[members] = (first + (counts + 1) / 2.0)[group]
-        ranks = np.empty(a.size, dtype=np.float64)
-        ranks[idx] = by_pos
-        return torch.from_numpy(ranks)
-    vals, idx = torch.sort(v)
+        ranks_np = np.empty(a.size, dtype=np.float64)
+        ranks_np[idx] = by_pos
+        return torch.from_numpy(ranks_np)
+    vals, order = torch.sort(v)
     ranks = torch.empty_like(v)
     if not bool((vals[1:] == vals[:-1]).any()):
-        ranks[idx] = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
+        ranks[order] = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
         return ranks
-    _, inverse, counts = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
-    avg = torch.cumsum(counts, 0).to(v.dtype) - (counts.to(v.dtype) - 1) / 2
-    ranks[idx] = avg[inverse]
+    _, inverse, sizes = torch.unique_consecutive(vals, return_inverse=True, return_counts=True)
+    avg = torch.cumsum(sizes, 0).to(v.dtype) - (sizes.to(v.dtype) - 1) / 2
+    ranks[order] = avg[inverse]
     return ranks
 
 
