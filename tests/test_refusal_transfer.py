@@ -83,18 +83,103 @@ def test_layer_selection_by_sweep_takes_the_best_validation_pair(tmp_path):
     assert not (tmp_path / "run2" / "results.json").exists()
 
 
-def test_cross_architecture_pairs_aligned_positions(tmp_path):
-    src = _save(tmp_path, "llama", family="llama", d_model=36)
-    tgt = _save(tmp_path, "qwen", family="qwen2", d_model=48, seed=1)
+def _other_tokenizer(vocab_size=300):
+    """A second byte-level BPE (fewer merges than the tiny one, same specials and chat template):
+    the same texts tokenize differently, so positions must be paired by character offsets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rosettalens.models import tiny
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=tiny.SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator([tiny._TRAIN_TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    fast.chat_template = tiny.CHAT_TEMPLATE
+    return fast
+
+
+def _user_ends(tok, prompt):
+    """Char ends (relative to the user text) of the tokens of the chat-formatted prompt that end inside
+    it, by decoding prefixes (ASCII prompts only: every token ends on a character)."""
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    start = text.index(prompt)
+    ends = [len(tok.decode(ids[: i + 1])) - start for i in range(len(ids))]
+    return ids, {e for e in ends if 0 < e <= len(prompt)}
+
+
+def test_same_tokenizer_pairs_every_position_across_architectures(tmp_path):
+    # the tiny llama and qwen2 share one tokenizer (only BOS handling differs, unused in chat text):
+    # every position pairs, and each row is the model's own activation at that position
+    import torch
+
     a = HookedModel.from_hf(*tiny_model("llama", d_model=36))
     b = HookedModel.from_hf(*tiny_model("qwen2", d_model=48, seed=1))
     prompts = ["How do I bake bread?", "Café 東京 — tell me more"]
-    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"])
-    assert X["resid_pre.1"].shape[0] == Y["resid_pre.2"].shape[0] == info["pairs"] > len(prompts)
+    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], progress=False)
+    n_tokens = [len(_user_ends(a.tokenizer, p)[0]) for p in prompts]
+    assert info["same_tokenizer"] is True and info["paired_fraction"] == 1.0
+    assert info["pairs"] == sum(n_tokens) == X["resid_pre.1"].shape[0] == Y["resid_pre.2"].shape[0]
     assert X["resid_pre.1"].shape[1] == 36 and Y["resid_pre.2"].shape[1] == 48
-    res = run(_cfg(tmp_path, src, tgt, mapper="orthogonal"), progress=False)
+    # reference: HF hidden_states[L] is the input of block L (resid_pre.L), unpadded, one prompt at a time
+    row = 0
+    for p, n in zip(prompts, n_tokens):
+        ids = torch.tensor([_user_ends(a.tokenizer, p)[0]])
+        with torch.no_grad():
+            ha = a.model(ids, output_hidden_states=True).hidden_states[1][0]
+            hb = b.model(ids, output_hidden_states=True).hidden_states[2][0]
+        assert torch.allclose(X["resid_pre.1"][row : row + n], ha, atol=1e-4)
+        assert torch.allclose(Y["resid_pre.2"][row : row + n], hb, atol=1e-4)
+        row += n
+
+
+def test_different_tokenizers_pair_positions_by_character_offsets(tmp_path):
+    import torch
+
+    a = HookedModel.from_hf(*tiny_model("llama", d_model=36))
+    b = HookedModel.from_hf(tiny_model("qwen2", d_model=48, seed=1)[0], _other_tokenizer())
+    prompts = ["How do I bake bread at home?", "Tell me about the lazy dog, please."]  # ASCII: see _user_ends
+    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], progress=False)
+    assert info["same_tokenizer"] is False
+    # independent count: user-text char ends both tokenizations share, plus the last prompt token
+    expected = 0
+    n_all = 0
+    for p in prompts:
+        ids_a, ends_a = _user_ends(a.tokenizer, p)
+        ids_b, ends_b = _user_ends(b.tokenizer, p)
+        assert ids_a != ids_b  # the two tokenizations really differ
+        assert 0 < len(ends_a & ends_b) < max(len(ends_a), len(ends_b))  # some, not all, positions pair
+        expected += len(ends_a & ends_b) + 1
+        n_all += len(ids_a) + len(ids_b)
+    assert info["pairs"] == expected == X["resid_pre.1"].shape[0] == Y["resid_pre.2"].shape[0]
+    assert info["paired_fraction"] == 2 * expected / n_all < 1.0
+    # the last prompt token of each prompt is paired, and its rows hold each model's own activation there
+    for i, p in enumerate(prompts):
+        r = int(info["last_rows"][i])
+        for hm, acts, layer in ((a, X["resid_pre.1"], 1), (b, Y["resid_pre.2"], 2)):
+            ids = torch.tensor([_user_ends(hm.tokenizer, p)[0]])
+            with torch.no_grad():
+                ref = hm.model(ids, output_hidden_states=True).hidden_states[layer][0, -1]
+            assert torch.allclose(acts[r], ref, atol=1e-4)
+
+
+def test_cross_architecture_run_with_different_tokenizers(tmp_path):
+    src = _save(tmp_path, "llama", family="llama", d_model=36)
+    model, _ = tiny_model("qwen2", d_model=48, seed=1)
+    tgt = tmp_path / "qwen"
+    model.save_pretrained(tgt)
+    _other_tokenizer().save_pretrained(tgt)
+    res = run(_cfg(tmp_path, src, str(tgt), mapper="orthogonal"), progress=False)
     assert res["layers"]["source"].startswith("resid_pre.") and res["mapper"]["kind"] == "orthogonal"
-    assert not res["pairing"]["same_tokenizer"] or res["pairing"]["paired_fraction"] > 0
+    assert res["pairing"]["same_tokenizer"] is False
+    assert 0.0 < res["pairing"]["paired_fraction"] < 1.0
 
 
 def _cli(*args):
