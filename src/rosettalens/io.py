@@ -14,10 +14,11 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ __all__ = [
     "atomic_write_text",
     "check_output",
     "is_temp_name",
+    "json_safe",
     "sha256_bytes",
     "sha256_file",
+    "temp_sibling",
 ]
 
 _TMP_MARK = ".tmp-"
@@ -60,16 +63,31 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
 
 
-def check_output(path: str | Path, overwrite: bool = False, what: str = "output") -> Path:
+def check_output(
+    path: str | Path,
+    overwrite: bool = False,
+    what: str = "output",
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
     """Refuse an existing ``path`` unless ``overwrite``; check that its folder can be made.
 
-    Call it before any expensive work, so a refused output costs nothing.
+    Call it before any expensive work, so a refused output costs nothing. ``replaceable``, when
+    given, guards ``overwrite`` for folders: an existing non-empty folder is replaced only if
+    ``replaceable(path)`` says it is an output of this kind (a mapper, a run), so ``--overwrite``
+    never deletes a folder of unrelated files.
     """
     p = Path(path)
     if len(p.name.encode()) > 255:
         raise OutputExistsError(f"{what} name is too long ({len(p.name)} characters): {p}")
     if p.exists() and not overwrite:
         raise OutputExistsError(f"{what} {p} exists; pass --overwrite to replace it")
+    if p.exists() and replaceable is not None:
+        if not p.is_dir():
+            raise OutputExistsError(f"{what} {p} exists and is not a folder")
+        if any(p.iterdir()) and not replaceable(p):
+            raise OutputExistsError(
+                f"{what} {p} holds files that are not a {what}; not replacing it (choose another path)"
+            )
     parent = p.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -132,22 +150,45 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> No
     atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
-def atomic_write_json(path: str | Path, obj: Any, overwrite: bool = True, indent: int = 2) -> None:
-    """JSON with ``allow_nan=False``: a NaN or inf is a bug upstream, never invalid JSON on disk."""
-    text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+def atomic_write_json(
+    path: str | Path, obj: Any, overwrite: bool = True, indent: int = 2, allow_nan: bool = False
+) -> None:
+    """JSON with ``allow_nan=False``: a NaN or inf is a bug upstream, never invalid JSON on disk.
+
+    Pass a value through :func:`json_safe` first where NaN means "undefined" (it becomes ``null``);
+    ``allow_nan=True`` is for internal checkpoints that must round-trip an ``inf`` exactly.
+    """
+    text = json.dumps(obj, indent=indent, allow_nan=allow_nan, ensure_ascii=False) + "\n"
     atomic_write_text(path, text, overwrite=overwrite)
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None and tuples -> lists, recursively (what strict JSON can hold)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path,
+    overwrite: bool = False,
+    what: str = "output",
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; on success it becomes ``path`` as a whole.
 
     An existing ``path`` is refused unless ``overwrite`` (checked before and at the swap); with it,
     the old folder is replaced entirely, so no stale file of an earlier run survives. On any error
-    the temporary folder is removed and ``path`` is left as it was.
+    the temporary folder is removed and ``path`` is left as it was. ``what`` and ``replaceable``
+    are as in :func:`check_output`.
     """
     final = Path(path)
-    check_output(final, overwrite)
+    check_output(final, overwrite, what, replaceable)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(final)
     tmp.mkdir(mode=0o777 & ~_umask())

@@ -35,11 +35,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from rosettalens.errors import ChecksumError, ConfigError, DataError, HookPointError, StoreError
+from rosettalens.errors import (
+    ChecksumError,
+    ConfigError,
+    DataError,
+    HookPointError,
+    RosettaError,
+    StoreError,
+)
+from rosettalens.io import (
+    FileLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    is_temp_name,
+    sha256_bytes,
+    sha256_file,
+)
 
 FORMAT = "rosettalens.activation_store/1"
 MANIFEST = "manifest.json"
 PROGRESS = ".extract-in-progress.json"
+LOCK = ".extract.lock"  # the writer's lock (owner pid) while an extraction writes the store
 DOCUMENTS = "documents.jsonl"
 INDEX_TENSORS = ("token_ids", "doc_index", "pos_index", "char_end")
 
@@ -52,27 +68,6 @@ __all__ = ["ActivationStore", "ExtractConfig", "extract", "shard_name", "StoreEr
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -92,7 +87,46 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
+
+
+def _check_manifest(mp: Path, m: Any) -> None:
+    """One :class:`StoreError` line for a manifest that is valid JSON but not a store's manifest."""
+    if not isinstance(m, dict):
+        raise StoreError(f"{mp} is not a store manifest (a JSON {type(m).__name__}, expected an object)")
+    if m.get("format") != FORMAT:
+        raise StoreError(f"{mp.parent}: unknown store format {m.get('format')!r} (expected {FORMAT})")
+
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{mp} is corrupt: {what}; extract the store again")
+
+    for key in ("hooks", "hook_shapes", "d_model", "dtype", "shards", "model"):
+        if key not in m:
+            raise bad(f"no {key!r}")
+    hooks = m["hooks"]
+    if not isinstance(hooks, list) or not hooks or not all(isinstance(h, str) for h in hooks):
+        raise bad("'hooks' is not a non-empty list of hook names")
+    shapes = m["hook_shapes"]
+    if not isinstance(shapes, dict) or any(
+        not isinstance(shapes.get(h), list) or not all(isinstance(n, int) for n in shapes[h]) for h in hooks
+    ):
+        raise bad("'hook_shapes' does not give a shape for every hook")
+    if not isinstance(m["d_model"], int) or isinstance(m["d_model"], bool):
+        raise bad("'d_model' is not an integer")
+    if m["dtype"] not in STORAGE_DTYPES:
+        raise bad(f"'dtype' {m['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    if not isinstance(m["model"], dict) or not isinstance(m["model"].get("name"), str):
+        raise bad("'model' has no name")
+    shards = m["shards"]
+    if not isinstance(shards, list) or not all(
+        isinstance(sh, dict)
+        and isinstance(sh.get("file"), str)
+        and "/" not in sh["file"]
+        and isinstance(sh.get("rows"), int)
+        and isinstance(sh.get("sha256"), str)
+        for sh in shards
+    ):
+        raise bad("'shards' is not a list of {file, rows, sha256}")
 
 
 # --------------------------------------------------------------------------------------------- reader
@@ -141,8 +175,7 @@ class ActivationStore:
             manifest = json.loads(mp.read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise StoreError(f"{mp} is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise StoreError(f"{p}: unknown store format {manifest.get('format')!r} (expected {FORMAT})")
+        _check_manifest(mp, manifest)
         store = cls(p, manifest)
         if verify:
             store.verify()
@@ -151,7 +184,7 @@ class ActivationStore:
     def verify(self) -> None:
         """Check every shard against the sha256 recorded in the manifest; the first bad one is named."""
         for s in self._shards:
-            got = _sha256_file(self.path / s["file"])
+            got = sha256_file(self.path / s["file"])
             if got != s["sha256"]:
                 raise ChecksumError(
                     f"store {self.path}: shard {s['file']} was changed (sha256 {got[:12]}…, manifest {s['sha256'][:12]}…)"
@@ -351,9 +384,9 @@ def model_fingerprint(hm) -> str:
 def tokenizer_info(tok) -> dict:
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        digest = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        digest = sha256_bytes(backend.to_str().encode())
     else:
-        digest = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+        digest = sha256_bytes(json.dumps(sorted(tok.get_vocab().items())).encode())
     return {
         "name_or_path": str(getattr(tok, "name_or_path", "")),
         "class": type(tok).__name__,
@@ -408,7 +441,9 @@ def _tokenize_docs(tok, documents: Sequence[str], cfg: ExtractConfig, max_length
             if fast:
                 offs = enc["offset_mapping"][j]
                 nxt = offs[max_length][0] if len(ids_full) > max_length else None
-                ends = np.array(char_ends_from_offsets(offs[:max_length], is_special, nxt), dtype=np.int64)
+                ends = np.array(
+                    char_ends_from_offsets(offs[:max_length], is_special.tolist(), nxt), dtype=np.int64
+                )
             else:
                 ends = np.array(char_ends_by_decoding(tok, text, ids), dtype=np.int64)
             keep = np.arange(len(ids)) if cfg.keep_special else np.nonzero(~is_special)[0]
@@ -551,147 +586,161 @@ def _extract(
         "tokenizer": tokenizer_info(hm.tokenizer),
         "dataset": corpus.describe(),
     }
-    config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    config_hash = sha256_bytes(json.dumps(identity, sort_keys=True).encode())
 
-    err: StoreError | None = None
-    if rank == 0:
-        try:
-            _prepare_out(out, config_hash, overwrite)
-        except StoreError as e:
-            err = e
-    if world > 1:  # every rank stops if rank 0 refused --out (no rank waits at a barrier forever)
-        import torch.distributed as dist
+    # rank 0 holds the writer's lock of --out from the first check to the manifest (a stale lock of a
+    # killed run is taken over); the other ranks only write their own shards
+    lock = FileLock(out / LOCK, what=f"--out {out}")
+    try:
+        err: RosettaError | None = None
+        if rank == 0:
+            try:
+                if out.exists() and not out.is_dir():
+                    raise StoreError(f"--out {out} exists and is not a directory")
+                lock.acquire()  # a second writer into the same --out is refused, never interleaved
+                _prepare_out(out, config_hash, overwrite)
+            except RosettaError as e:
+                err = e
+        if world > 1:  # every rank stops if rank 0 refused --out (no rank waits at a barrier forever)
+            import torch.distributed as dist
 
-        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if err is not None else 0], device=dev)
-        dist.broadcast(flag, src=0)
-        if flag.item() and err is None:
-            raise StoreError(f"rank 0 refused --out {out} (see its error)")
-    if err is not None:
-        raise err
-    if (out / MANIFEST).is_file():
-        return ActivationStore.open(out)
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([1 if err is not None else 0], device=dev)
+            dist.broadcast(flag, src=0)
+            if flag.item() and err is None:
+                raise StoreError(f"rank 0 refused --out {out} (see its error)")
+        if err is not None:
+            raise err
+        if (out / MANIFEST).is_file():
+            return ActivationStore.open(out)
 
-    # row tables in canonical order
-    row_doc = np.concatenate([np.full(len(d.keep), i, dtype=np.int64) for i, d in enumerate(docs)])
-    row_pos = np.concatenate([d.keep for d in docs])
-    row_tok = np.concatenate([d.ids[d.keep] for d in docs])
-    row_end = np.concatenate([d.char_end for d in docs])
-    doc_first_row = np.concatenate([[0], np.cumsum([len(d.keep) for d in docs])])
-    n_shards = (n_rows + cfg.shard_size - 1) // cfg.shard_size
-    store_dtype = STORAGE_DTYPES[cfg.dtype]
-    pad_id = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
-    shapes: dict[str, tuple[int, ...] | None] = {h: _hook_shape(hm, h) for h in cfg.hooks}
+        # row tables in canonical order
+        row_doc = np.concatenate([np.full(len(d.keep), i, dtype=np.int64) for i, d in enumerate(docs)])
+        row_pos = np.concatenate([d.keep for d in docs])
+        row_tok = np.concatenate([d.ids[d.keep] for d in docs])
+        row_end = np.concatenate([d.char_end for d in docs])
+        doc_first_row = np.concatenate([[0], np.cumsum([len(d.keep) for d in docs])])
+        n_shards = (n_rows + cfg.shard_size - 1) // cfg.shard_size
+        store_dtype = STORAGE_DTYPES[cfg.dtype]
+        pad_id = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
+        shapes: dict[str, tuple[int, ...] | None] = {h: _hook_shape(hm, h) for h in cfg.hooks}
 
-    mine = [k for k in range(n_shards) if k % world == rank]
-    todo = [
-        k
-        for k in mine
-        if not _shard_ok(out / shard_name(k), cfg.hooks, min(cfg.shard_size, n_rows - k * cfg.shard_size))
-    ]
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(mine),
-        initial=len(mine) - len(todo),
-        desc=f"extract {hm.name}",
-        unit="shard",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    for k in todo:
-        r0, r1 = k * cfg.shard_size, min((k + 1) * cfg.shard_size, n_rows)
-        d0, d1 = int(row_doc[r0]), int(row_doc[r1 - 1]) + 1
-        bufs: dict[str, torch.Tensor] = {}
-        # batch documents of similar length together (less padding); rows land at their canonical place
-        shard_docs = sorted(range(d0, d1), key=lambda i: len(docs[i].ids))
-        for b in range(0, len(shard_docs), cfg.batch_size):
-            batch = shard_docs[b : b + cfg.batch_size]
-            T = max(len(docs[i].ids) for i in batch)
-            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            flat, dest = [], []
-            for j, i in enumerate(batch):
-                d = docs[i]
-                L = len(d.ids)
-                ids[j, T - L :] = torch.from_numpy(d.ids)
-                mask[j, T - L :] = 1
-                rows = np.arange(doc_first_row[i], doc_first_row[i + 1])
-                sel = (rows >= r0) & (rows < r1)
-                flat.append(j * T + (T - L) + d.keep[sel])
-                dest.append(rows[sel] - r0)
-            flat_t = torch.from_numpy(np.concatenate(flat)).to(hm.device)
-            dest_t = torch.from_numpy(np.concatenate(dest))
-            _, cache = hm.run_with_cache(
-                ids.to(hm.device), hooks=cfg.hooks, attention_mask=mask.to(hm.device), stop_early=True
-            )
-            for h in cfg.hooks:
-                act = cache[h]
-                act = act.reshape(act.shape[0] * act.shape[1], *act.shape[2:])
-                vals = act.index_select(0, flat_t.to(act.device)).to(store_dtype).cpu()
-                if h not in bufs:
-                    shapes[h] = tuple(vals.shape[1:])
-                    bufs[h] = torch.empty((r1 - r0, *vals.shape[1:]), dtype=store_dtype)
-                bufs[h][dest_t] = vals
-            del cache
-        tensors = dict(bufs)
-        tensors["token_ids"] = torch.from_numpy(row_tok[r0:r1].astype(np.int32))
-        tensors["doc_index"] = torch.from_numpy(row_doc[r0:r1])
-        tensors["pos_index"] = torch.from_numpy(row_pos[r0:r1].astype(np.int32))
-        tensors["char_end"] = torch.from_numpy(row_end[r0:r1].astype(np.int32))
-        meta = json.dumps({"format": FORMAT, "first_row": r0, "config_hash": config_hash}, sort_keys=True)
-        _write_shard(out / shard_name(k), tensors, {"rosettalens": meta})  # one key: byte-reproducible
-        bar.update(1)
-    bar.close()
-    _barrier(world)
-
-    if rank == 0:
-        hook_shapes = {}
-        for h in cfg.hooks:
-            _, header = _read_header(out / shard_name(0))
-            hook_shapes[h] = header[h]["shape"][1:]
-        used_docs = int(row_doc[-1]) + 1
-        _write_documents(out / DOCUMENTS, corpus.documents[:used_docs])
-        shards = [
-            {
-                "file": shard_name(k),
-                "rows": min(cfg.shard_size, n_rows - k * cfg.shard_size),
-                "sha256": _sha256_file(out / shard_name(k)),
-            }
-            for k in range(n_shards)
+        mine = [k for k in range(n_shards) if k % world == rank]
+        todo = [
+            k
+            for k in mine
+            if not _shard_ok(out / shard_name(k), cfg.hooks, min(cfg.shard_size, n_rows - k * cfg.shard_size))
         ]
-        c = hm.cfg
-        manifest = {
-            "format": FORMAT,
-            "config_hash": config_hash,
-            "model": {**identity["model"], "family": c.family, "n_layers": c.n_layers, "d_model": c.d_model},
-            "tokenizer": identity["tokenizer"],
-            "hooks": cfg.hooks,
-            "hook_shapes": hook_shapes,
-            "dtype": cfg.dtype,
-            "d_model": c.d_model,
-            "n_rows": n_rows,
-            "n_documents": used_docs,
-            "dataset": identity["dataset"],
-            "positions": cfg.positions,
-            "keep_special": cfg.keep_special,
-            "max_length": max_length,
-            "max_tokens": cfg.max_tokens,
-            "batch_size": cfg.batch_size,
-            "shard_size": cfg.shard_size,
-            "index_tensors": list(INDEX_TENSORS),
-            "shards": shards,
-            "versions": _versions(),
-        }
-        _atomic_write_json(out / MANIFEST, manifest)
-        (out / PROGRESS).unlink(missing_ok=True)
-    _barrier(world)
-    return ActivationStore.open(out)
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=len(mine),
+            initial=len(mine) - len(todo),
+            desc=f"extract {hm.name}",
+            unit="shard",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        for k in todo:
+            r0, r1 = k * cfg.shard_size, min((k + 1) * cfg.shard_size, n_rows)
+            d0, d1 = int(row_doc[r0]), int(row_doc[r1 - 1]) + 1
+            bufs: dict[str, torch.Tensor] = {}
+            # batch documents of similar length together (less padding); rows land at their canonical place
+            shard_docs = sorted(range(d0, d1), key=lambda i: len(docs[i].ids))
+            for b in range(0, len(shard_docs), cfg.batch_size):
+                batch = shard_docs[b : b + cfg.batch_size]
+                T = max(len(docs[i].ids) for i in batch)
+                ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), T), dtype=torch.long)
+                flat, dest = [], []
+                for j, i in enumerate(batch):
+                    d = docs[i]
+                    L = len(d.ids)
+                    ids[j, T - L :] = torch.from_numpy(d.ids)
+                    mask[j, T - L :] = 1
+                    rows = np.arange(doc_first_row[i], doc_first_row[i + 1])
+                    sel = (rows >= r0) & (rows < r1)
+                    flat.append(j * T + (T - L) + d.keep[sel])
+                    dest.append(rows[sel] - r0)
+                flat_t = torch.from_numpy(np.concatenate(flat)).to(hm.device)
+                dest_t = torch.from_numpy(np.concatenate(dest))
+                _, cache = hm.run_with_cache(
+                    ids.to(hm.device), hooks=cfg.hooks, attention_mask=mask.to(hm.device), stop_early=True
+                )
+                for h in cfg.hooks:
+                    act = cache[h]
+                    act = act.reshape(act.shape[0] * act.shape[1], *act.shape[2:])
+                    vals = act.index_select(0, flat_t.to(act.device)).to(store_dtype).cpu()
+                    if h not in bufs:
+                        shapes[h] = tuple(vals.shape[1:])
+                        bufs[h] = torch.empty((r1 - r0, *vals.shape[1:]), dtype=store_dtype)
+                    bufs[h][dest_t] = vals
+                del cache
+            tensors = dict(bufs)
+            tensors["token_ids"] = torch.from_numpy(row_tok[r0:r1].astype(np.int32))
+            tensors["doc_index"] = torch.from_numpy(row_doc[r0:r1])
+            tensors["pos_index"] = torch.from_numpy(row_pos[r0:r1].astype(np.int32))
+            tensors["char_end"] = torch.from_numpy(row_end[r0:r1].astype(np.int32))
+            meta = json.dumps({"format": FORMAT, "first_row": r0, "config_hash": config_hash}, sort_keys=True)
+            _write_shard(out / shard_name(k), tensors, {"rosettalens": meta})  # one key: byte-reproducible
+            bar.update(1)
+        bar.close()
+        _barrier(world)
+
+        if rank == 0:
+            hook_shapes = {}
+            for h in cfg.hooks:
+                _, header = _read_header(out / shard_name(0))
+                hook_shapes[h] = header[h]["shape"][1:]
+            used_docs = int(row_doc[-1]) + 1
+            _write_documents(out / DOCUMENTS, corpus.documents[:used_docs])
+            shards = [
+                {
+                    "file": shard_name(k),
+                    "rows": min(cfg.shard_size, n_rows - k * cfg.shard_size),
+                    "sha256": sha256_file(out / shard_name(k)),
+                }
+                for k in range(n_shards)
+            ]
+            c = hm.cfg
+            manifest = {
+                "format": FORMAT,
+                "config_hash": config_hash,
+                "model": {
+                    **identity["model"],
+                    "family": c.family,
+                    "n_layers": c.n_layers,
+                    "d_model": c.d_model,
+                },
+                "tokenizer": identity["tokenizer"],
+                "hooks": cfg.hooks,
+                "hook_shapes": hook_shapes,
+                "dtype": cfg.dtype,
+                "d_model": c.d_model,
+                "n_rows": n_rows,
+                "n_documents": used_docs,
+                "dataset": identity["dataset"],
+                "positions": cfg.positions,
+                "keep_special": cfg.keep_special,
+                "max_length": max_length,
+                "max_tokens": cfg.max_tokens,
+                "batch_size": cfg.batch_size,
+                "shard_size": cfg.shard_size,
+                "index_tensors": list(INDEX_TENSORS),
+                "shards": shards,
+                "versions": _versions(),
+            }
+            atomic_write_json(out / MANIFEST, manifest, indent=1)
+            (out / PROGRESS).unlink(missing_ok=True)
+        _barrier(world)
+        return ActivationStore.open(out)
+    finally:
+        lock.release()
 
 
 def _write_documents(path: Path, documents: Sequence[str]) -> None:
     lines = [json.dumps({"doc": i, "text": t}, ensure_ascii=False) for i, t in enumerate(documents)]
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def _shard_ok(path: Path, hooks: Sequence[str], rows: int) -> bool:
@@ -710,17 +759,29 @@ def _shard_ok(path: Path, hooks: Sequence[str], rows: int) -> bool:
 
 def _is_store_file(name: str) -> bool:
     return (
-        name in (MANIFEST, PROGRESS, DOCUMENTS)
+        name in (MANIFEST, PROGRESS, DOCUMENTS, LOCK)
         or (name.startswith("shard-") and name.endswith(".safetensors"))
-        or (name.startswith(".") and ".tmp" in name)
+        or _is_temp(name)
     )
 
 
+def _is_temp(name: str) -> bool:
+    """A temp file of :mod:`rosettalens.io` (``.NAME.tmp-PID-RANDOM``) or of older versions (``.NAME.tmpPID``)."""
+    return is_temp_name(name) or (name.startswith(".") and ".tmp" in name)
+
+
 def _prepare_out(out: Path, config_hash: str, overwrite: bool) -> None:
-    """Create ``out``, or check that it holds this very extraction (finished or interrupted)."""
+    """Create ``out``, or check that it holds this very extraction (finished or interrupted).
+
+    The caller holds the writer's lock, so temp files found here belong to a killed run.
+    """
     if out.exists() and not out.is_dir():
         raise StoreError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not any(p.name != LOCK and not _is_temp(p.name) for p in out.iterdir()):
+        for p in out.iterdir():  # only temp files of a killed run (that had not written its marker yet)
+            if _is_temp(p.name):
+                p.unlink()
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         existing = None
         for name in (MANIFEST, PROGRESS):
             p = out / name
@@ -732,7 +793,7 @@ def _prepare_out(out: Path, config_hash: str, overwrite: bool) -> None:
                 break
         if existing == config_hash and not overwrite:
             for p in out.iterdir():  # temp files of a killed run
-                if p.name.startswith(".") and ".tmp" in p.name:
+                if _is_temp(p.name):
                     p.unlink()
             if (out / MANIFEST).is_file():
                 ActivationStore.open(out, verify=True)  # finished: make sure it is intact
@@ -750,6 +811,7 @@ def _prepare_out(out: Path, config_hash: str, overwrite: bool) -> None:
                 f"--out {out} holds files that are not part of a store ({others[0]}, ...); not overwriting"
             )
         for p in out.iterdir():
-            p.unlink()
+            if p.name != LOCK:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out / PROGRESS, {"format": FORMAT, "config_hash": config_hash})
+    atomic_write_json(out / PROGRESS, {"format": FORMAT, "config_hash": config_hash}, indent=1)

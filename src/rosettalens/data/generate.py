@@ -7,7 +7,6 @@ corpus. Near-empty, highly repetitive and duplicate samples are dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from rosettalens.errors import ConfigError, DataError
+from rosettalens.io import atomic_write_json, atomic_write_text, check_output, sha256_file
 
 OPENINGS = [
     "The history of",
@@ -152,37 +152,59 @@ def generate_corpus(
     return docs
 
 
-def write_corpus(docs: list[dict], out: Path) -> None:
-    """Write documents atomically: ``.jsonl`` keeps everything, ``.txt`` one document per line."""
-    import os
+def write_corpus(docs: list[dict], out: Path, overwrite: bool = False) -> None:
+    """Write documents atomically: ``.jsonl`` keeps everything, ``.txt`` one document per line.
 
+    An existing ``out`` is refused (:class:`~rosettalens.errors.OutputExistsError`) unless ``overwrite``.
+    """
     if out.suffix == ".jsonl":
         body = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
     elif out.suffix == ".txt":
         body = "".join(re.sub(r"\s*\n\s*", " ", d["text"]).strip() + "\n" for d in docs)
     else:
         raise ConfigError(f"--out must end in .jsonl or .txt, got {out.name!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, body, overwrite=overwrite)
+
+
+def check_corpus_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Check ``out`` before any generation: a ``.jsonl``/``.txt`` file name, not a folder, and not an
+    existing file unless ``overwrite`` or it is a corpus this module wrote (it has a ``.meta.json``
+    sidecar; :func:`generate_to_file` then reuses it when the options match, else replaces it)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a .jsonl or .txt file name")
+    if out.suffix not in (".jsonl", ".txt"):
+        raise ConfigError(f"--out must end in .jsonl or .txt, got {out.name!r}")
+    if not _meta_path(out).is_file():
+        check_output(out, overwrite, "corpus file")
+    return out
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
 
 
 def generate_to_file(
-    hm, out: str | Path, n_tokens: int, seed: int = 0, progress: bool = False, **kw: Any
+    hm,
+    out: str | Path,
+    n_tokens: int,
+    seed: int = 0,
+    progress: bool = False,
+    overwrite: bool = False,
+    **kw: Any,
 ) -> dict:
     """Generate (or reuse the cached) corpus at ``out``; returns a summary dict.
 
     A sidecar ``<out>.meta.json`` records the model fingerprint and options; a rerun with the same ones
-    returns the existing file untouched (``cached: true``).
+    returns the existing file untouched (``cached: true``). A corpus this function wrote with other
+    options is replaced; any other existing file is refused unless ``overwrite`` (checked before the
+    model generates anything). A folder given as ``out`` is a :class:`ConfigError`.
     """
     from rosettalens.data.sources import documents_sha256
-    from rosettalens.store import _atomic_write_json, model_fingerprint
+    from rosettalens.store import model_fingerprint
 
-    out = Path(out)
-    if out.suffix not in (".jsonl", ".txt"):
-        raise ConfigError(f"--out must end in .jsonl or .txt, got {out.name!r}")
-    meta_path = out.with_name(out.name + ".meta.json")
+    out = check_corpus_out(out, overwrite)
+    meta_path = _meta_path(out)
     options = {"n_tokens": n_tokens, "seed": seed, **kw}
     ident = {"model": hm.name, "fingerprint": model_fingerprint(hm), "options": options}
     if out.is_file() and meta_path.is_file():
@@ -190,10 +212,12 @@ def generate_to_file(
             meta = json.loads(meta_path.read_text("utf-8"))
         except ValueError:
             meta = {}
-        if meta.get("identity") == ident and meta.get("file_sha256") == _sha(out):
+        same = isinstance(meta, dict) and meta.get("identity") == ident
+        if same and meta.get("file_sha256") == sha256_file(out):
             return {**meta["summary"], "cached": True}
     docs = generate_corpus(hm, n_tokens, seed=seed, progress=progress, **kw)
-    write_corpus(docs, out)
+    # checked above: a corpus of ours (it has a sidecar) or --overwrite; at the swap a newcomer is refused
+    write_corpus(docs, out, overwrite=overwrite or meta_path.is_file())
     texts = [d["text"] for d in docs]
     n_tok = sum(len(hm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     summary = {
@@ -204,9 +228,5 @@ def generate_to_file(
         "documents_sha256": documents_sha256(texts),
         "seed": seed,
     }
-    _atomic_write_json(meta_path, {"identity": ident, "summary": summary, "file_sha256": _sha(out)})
+    atomic_write_json(meta_path, {"identity": ident, "summary": summary, "file_sha256": sha256_file(out)})
     return {**summary, "cached": False}
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
