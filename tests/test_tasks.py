@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -62,16 +61,51 @@ def test_splits_partition_stratified_and_deterministic(name):
     n = len(allr)
     assert abs(len(parts["train"]) - 0.6 * n) <= len(cats)
     assert abs(len(parts["val"]) - 0.2 * n) <= len(cats)
-    # independent reference for the rule: per category, sort by sha256 key, 60% / 20% / rest
-    for c in cats:
-        members = sorted(
-            (r.text for r in allr if r.category == c),
-            key=lambda t: hashlib.sha256(("rosettalens-split:" + t).encode()).hexdigest(),
-        )
-        k = len(members)
-        n_tr, n_va = round(0.6 * k), round(0.2 * k)
-        assert set(members[:n_tr]) == {r.text for r in parts["train"] if r.category == c}
-        assert set(members[n_tr : n_tr + n_va]) == {r.text for r in parts["val"] if r.category == c}
+    # same records on every call
+    assert [(r.text, r.split) for r in load_prompt_records(name)] == [(r.text, r.split) for r in allr]
+
+
+def _items(n, cats="abc", prefix="prompt number"):
+    return [(f"{prefix} {i}", cats[i % len(cats)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 40, 101])
+def test_split_properties(n):
+    items = _items(n)
+    got = assign_splits(items)
+    assert got == assign_splits(list(items))  # deterministic
+    assert len(got) == n and set(got) <= {"train", "val", "test"}  # each item in exactly one split
+    for c in {c for _, c in items}:
+        mine = [s for (_, cc), s in zip(items, got) if cc == c]
+        k = len(mine)
+        if k >= 3:  # every split used, about 60 / 20 / 20
+            assert {"train", "val", "test"} == set(mine)
+            assert abs(mine.count("train") - 0.6 * k) <= 1.5 and abs(mine.count("val") - 0.2 * k) <= 1.5
+
+
+def test_split_is_stratified_other_categories_untouched():
+    # adding prompts to one category never moves a prompt of another category
+    items = _items(60)
+    before = assign_splits(items)
+    more = items + [(f"new prompt {j}", "a") for j in range(25)]
+    after = assign_splits(more)[:60]
+    assert [s for (_, c), s in zip(items, before) if c != "a"] == [
+        s for (_, c), s in zip(items, after) if c != "a"
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation of data/tasks.assign_splits: splits are ranks within a category "
+    "(first round(0.6 n) by hash are train), so appending prompts shifts the boundaries and moves "
+    "existing prompts between splits",
+)
+def test_split_is_stable_under_appending_prompts():
+    items = _items(60)
+    before = assign_splits(items)
+    for extra in range(1, 10):
+        more = items + _items(extra, prefix="new prompt")
+        assert assign_splits(more)[:60] == before, extra
 
 
 def test_split_does_not_depend_on_order():
