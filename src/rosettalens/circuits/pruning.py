@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ShapeError
+from .patching import _row_bytes
 
 Metric = Callable[[Tensor], Tensor]
 Head = tuple[int, int]
@@ -169,7 +170,12 @@ def circuit_score(
 @dataclass
 class PruneResult:
     """A pruned circuit: ``heads`` (``"L.H"``), ``mlps`` (layer ints), ``score_full`` / ``score_circuit``
-    (mean metric), ``ratio`` = circuit / full, ``trace``: one entry per tested removal."""
+    (mean metric), ``ratio`` = circuit / full, ``trace``: one entry per tested removal.
+
+    n_forward: circuits scored (one per tested removal, plus the full model and the final circuit),
+    the same for the sequential and the batched algorithm. n_model_calls: forward passes of the model
+    actually run; rows_scored: circuits scored including the batched path's speculative rows that
+    were thrown away (``rows_scored - n_forward + 2`` is the speculation's waste)."""
 
     heads: list[str]
     mlps: list[int]
@@ -179,11 +185,202 @@ class PruneResult:
     threshold: float
     n_forward: int
     trace: list[dict[str, Any]] = field(default_factory=list)
+    ablation: str = "mean"
+    batched: bool = False
+    n_model_calls: int = 0
+    rows_scored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"heads": self.heads, "mlps": self.mlps, "score_full": self.score_full,
                 "score_circuit": self.score_circuit, "ratio": self.ratio, "threshold": self.threshold,
-                "n_forward": self.n_forward}  # fmt: skip
+                "n_forward": self.n_forward, "ablation": self.ablation, "batched": self.batched,
+                "n_model_calls": self.n_model_calls, "rows_scored": self.rows_scored}  # fmt: skip
+
+
+# one step of the pruning program: (sweep, kind, layer, head); kind "layer" | "heads" | "mlp" | "head"
+_Step = tuple[str, str, int, int]
+
+
+def _program(n_layers: int, n_heads: int, sweeps: Sequence[str], group_first: bool) -> list[_Step]:
+    """The paper's order of tested removals; a step applies only to what is still in the circuit."""
+    steps: list[_Step] = []
+    for sweep in sweeps:
+        if sweep == "backward":
+            for L in range(n_layers - 1, -1, -1):
+                if group_first:
+                    steps.append((sweep, "layer", L, -1))
+                steps.append((sweep, "mlp", L, -1))
+                if group_first:
+                    steps.append((sweep, "heads", L, -1))
+                steps += [(sweep, "head", L, h) for h in range(n_heads)]
+        elif sweep == "forward":
+            for L in range(n_layers):
+                if group_first:
+                    steps.append((sweep, "layer", L, -1))
+                    steps.append((sweep, "heads", L, -1))
+                steps += [(sweep, "head", L, h) for h in range(n_heads)]
+                steps.append((sweep, "mlp", L, -1))
+        else:
+            raise ShapeError(f"unknown sweep {sweep!r}; use 'backward' and/or 'forward'")
+    return steps
+
+
+def _removal(
+    step: _Step, heads: set[Head], mlps: set[int], n_heads: int
+) -> tuple[set[Head], set[int], str | int] | None:
+    """What ``step`` removes from the circuit ``(heads, mlps)`` and its trace label; None: skipped.
+
+    Mirrors the sequential rules: a whole layer only when >= 2 of its parts are left; a layer's heads
+    as a group only when >= 2 of them are left; a single head or MLP only while it is in the circuit."""
+    _, kind, L, h = step
+    if kind == "layer":
+        ph, pm = {(L, x) for x in range(n_heads) if (L, x) in heads}, {L} & mlps
+        return (ph, pm, f"layer.{L}") if len(ph) + len(pm) >= 2 else None
+    if kind == "heads":
+        ph = {(L, x) for x in range(n_heads) if (L, x) in heads}
+        return (ph, set(), f"heads.{L}") if len(ph) > 1 else None
+    if kind == "mlp":
+        return (set(), {L}, L) if L in mlps else None
+    return ({(L, h)}, set(), head_name(L, h)) if (L, h) in heads else None
+
+
+class _Scorer:
+    """Scores circuits (mean metric over the prompts, every component outside ablated): one circuit
+    per forward (the sequential reference, through :class:`~rosettalens.circuits.ablation.Ablator`)
+    or many per forward (``batch``: the batch grows inside the forward; see :func:`prune_nodes`)."""
+
+    def __init__(self, hm: Any, clean_ids: Tensor, metric: Metric, ref_ids: Tensor | None, ablation: str,
+                 include_mlps: bool, batch_size: int, seed: int) -> None:  # fmt: skip
+        from .ablation import Ablator
+
+        self.hm, self.ids, self.metric, self.kind = hm, clean_ids, metric, ablation
+        self.batch_size = batch_size
+        self.ab = Ablator(
+            hm, ablation, None if ablation == "zero" else ref_ids, batch_size=batch_size, seed=seed
+        )
+        n = clean_ids.shape[0]
+        # resample: one reference row per prompt for the whole run (the same in both paths)
+        self.rows = (
+            torch.randint(0, self.ab.n_ref, (n,), generator=torch.Generator().manual_seed(seed))
+            if ablation == "resample"
+            else None
+        )
+        self.n_layers, self.n_heads = hm.cfg.n_layers, hm.cfg.n_heads
+        self.include_mlps = include_mlps
+        self.model_calls = 0
+        self.rows_scored = 0
+
+    def _ablated(self, heads: set[Head], mlps: set[int]) -> tuple[list[Head], list[int]]:
+        abl_h = [x for x in all_heads(self.hm) if x not in heads]
+        abl_m = [L for L in range(self.n_layers) if L not in mlps] if self.include_mlps else []
+        return abl_h, abl_m
+
+    def score(self, heads: set[Head], mlps: set[int]) -> float:
+        """One circuit, the sequential way: the complement ablated, prompts in chunks of batch_size."""
+        abl_h, abl_m = self._ablated(heads, mlps)
+        outs = []
+        for i in range(0, self.ids.shape[0], self.batch_size):
+            rows = None if self.rows is None else self.rows[i : i + self.batch_size]
+            with self.ab.ablate(abl_h, abl_m, rows=rows):
+                outs.append(run_last_logits(self.hm, self.ids[i : i + self.batch_size], self.batch_size))
+            self.model_calls += 1
+        self.rows_scored += 1
+        return float(self.metric(torch.cat(outs)).mean())
+
+    def _masks(self, heads: set[Head], mlps: set[int]) -> tuple[Tensor, Tensor]:
+        """Ablated components as masks ``([n_layers, n_heads], [n_layers])`` (True = ablated)."""
+        mh = torch.ones(self.n_layers, self.n_heads, dtype=torch.bool)
+        for L, h in heads:
+            mh[L, h] = False
+        mm = torch.zeros(self.n_layers, dtype=torch.bool)
+        if self.include_mlps:
+            mm[:] = True
+            for L in mlps:
+                mm[L] = False
+        return mh, mm
+
+    def _value(self, store: dict[int, Tensor], L: int, prompt: int) -> Tensor:
+        if self.kind == "zero":
+            return torch.zeros((), dtype=self.hm.dtype, device=self.hm.device)
+        v = store[L]
+        return v[0] if self.kind == "mean" else v[int(self.rows[prompt])]  # type: ignore[index]
+
+    @torch.no_grad()
+    def batch(
+        self, base: tuple[set[Head], set[int]], circuits: list[tuple[set[Head], set[int]]]
+    ) -> list[float]:
+        """Mean metric of each circuit, all of them in one forward per prompt.
+
+        The forward starts with one row (the prompt under ``base``'s ablations, the trunk); a circuit
+        whose ablations first differ from ``base``'s at layer ``d`` gets a copy of the trunk row at
+        ``resid_pre.d`` (the layers below are the same for both, so they run once), and from there
+        each row carries its own per-row head and MLP masks. Rows per forward: ``1 + len(circuits)``.
+        """
+        bh, bm = self._masks(*base)
+        masks = [self._masks(h, m) for h, m in circuits]
+        start = []
+        for mh, mm in masks:
+            diff = (mh != bh).any(1) | (mm != bm)
+            start.append(int(diff.nonzero()[0]) if diff.any() else self.n_layers)
+        order = sorted(range(len(circuits)), key=lambda r: start[r])
+        hmask = torch.stack([bh] + [masks[r][0] for r in order], 1)  # [n_layers, 1 + k, n_heads]
+        mmask = torch.stack([bm] + [masks[r][1] for r in order], 1)  # [n_layers, 1 + k]
+        grow: dict[int, int] = {}
+        for r in order:
+            if start[r] < self.n_layers:
+                grow[start[r]] = grow.get(start[r], 0) + 1
+        # rows alive at layer L: the trunk and every row started at or below L
+        alive = [1 + sum(k for d, k in grow.items() if d <= L) for L in range(self.n_layers)]
+        if any(s >= self.n_layers for s in start):  # pragma: no cover - a circuit equal to the base
+            raise ShapeError("a circuit to score equals the base circuit")
+        dev = self.hm.device
+        n = self.ids.shape[0]
+        per_prompt: list[Tensor] = []
+        for i in range(n):
+            handlers: list[tuple[str, Callable, str]] = []
+            for d, k in grow.items():
+                handlers.append((f"resid_pre.{d}", _grow_rows(k), "resize"))
+            for L in range(self.n_layers):
+                hm_ = hmask[L, : alive[L]].to(dev)
+                if hm_.any():
+                    val = self._value(self.ab.head_values, L, i)
+                    handlers.append((f"head_z.{L}", _masked(hm_[:, None, :, None], val), "plain"))
+                mm_ = mmask[L, : alive[L]].to(dev)
+                if mm_.any():
+                    val = self._value(self.ab.mlp_values, L, i)
+                    handlers.append((f"mlp_out.{L}", _masked(mm_[:, None, None], val), "plain"))
+            x = self.ids[i : i + 1].to(dev)
+            with self.hm._intervene(handlers):
+                try:
+                    out = self.hm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+                except TypeError:  # a model class without logits_to_keep
+                    out = self.hm.model(input_ids=x, use_cache=False).logits[:, -1:]
+            self.model_calls += 1
+            if out.shape[0] != 1 + len(
+                circuits
+            ):  # pragma: no cover - an architecture that does not broadcast
+                raise ShapeError(f"batched pruning got {out.shape[0]} rows, expected {1 + len(circuits)}")
+            per_prompt.append(out[1:, -1:].float())
+        stacked = torch.stack(per_prompt, 1)  # [k, n, 1, vocab], rows in `order`
+        self.rows_scored += len(circuits)
+        scores = [0.0] * len(circuits)
+        for j, r in enumerate(order):
+            scores[r] = float(self.metric(stacked[j]).mean())
+        return scores
+
+
+def _grow_rows(k: int) -> Callable:
+    def grow(act: Tensor, name: str) -> Tensor:
+        return torch.cat([act, act[:1].expand(k, *act.shape[1:])])
+
+    return grow
+
+
+def _masked(mask: Tensor, val: Tensor) -> Callable:
+    def f(act: Tensor, name: str) -> Tensor:
+        return torch.where(mask, val.to(act.dtype), act)
+
+    return f
 
 
 @torch.no_grad()
@@ -191,114 +388,123 @@ def prune_nodes(
     hm: Any,
     clean_ids: Tensor,
     metric: Metric,
-    ref_ids: Tensor,
+    ref_ids: Tensor | None,
     threshold: float = 0.8,
     include_mlps: bool = True,
     sweeps: Sequence[str] = ("backward", "forward"),
     group_first: bool = False,
     batch_size: int = 64,
     progress: bool = False,
+    *,
+    ablation: str = "mean",
+    batched: bool = True,
+    memory_budget: float = 2**30,
+    max_rows: int | None = 16,
+    seed: int = 0,
 ) -> PruneResult:
-    """Node pruning by iterative mean-ablation (see module docstring).
+    """Node pruning by iterative ablation (see module docstring).
 
     clean_ids ``[n, pos]``: the prompts the circuit must keep working on; ref_ids ``[m, pos]`` (same
-    ``pos``): the set whose per-position means replace removed components (the corrupted prompts in
-    the paper); ``metric(logits [batch, pos, vocab]) -> [batch]``, higher = better. Raises ShapeError
-    when the full model's mean metric is not positive (nothing to keep a share of).
+    ``pos``): the set whose per-position means (``ablation="mean"``, the paper) or activations
+    (``"resample"``: one reference row per prompt, drawn once with ``seed``) replace removed components
+    (the corrupted prompts in the paper); ``None`` for ``"zero"``. ``metric(logits [batch, pos, vocab])
+    -> [batch]``, higher = better. Raises ShapeError when the full model's mean metric is not positive
+    (nothing to keep a share of).
+
+    batched: score many candidate removals per forward (the same circuit and decisions as the
+    sequential algorithm, ``batched=False``, which scores one per forward). Each removal changes the
+    scores after it, so the batch is *speculative*: it holds the next removals along a predicted path
+    (predicted from earlier scores; unknown ones predicted removable), each scored on top of the circuit
+    the path reaches; the decisions are then taken in order exactly as the sequential algorithm would,
+    and the rows after the first wrong prediction are discarded (their scores only improve the next
+    predictions). Every forward decides at least one step. Rows per forward: ``max_rows`` and
+    ``memory_budget`` bytes (an upper-bound estimate per row); one prompt per forward, its rows sharing
+    the layers below their first difference from the current circuit.
     """
-    if clean_ids.shape[1] != ref_ids.shape[1]:
+    if ref_ids is not None and clean_ids.shape[1] != ref_ids.shape[1]:
         raise ShapeError(f"clean ids have {clean_ids.shape[1]} positions, reference ids {ref_ids.shape[1]}")
+    if ablation != "zero" and ref_ids is None:
+        raise ShapeError(f"{ablation} ablation needs reference ids [m, pos]")
     if not 0 < threshold <= 1:
         raise ShapeError(f"threshold must be in (0, 1], got {threshold}")
-    means = component_means(hm, ref_ids, batch_size)
     n_layers, n_heads = hm.cfg.n_layers, hm.cfg.n_heads
+    program = _program(n_layers, n_heads, sweeps, group_first)
+    sc = _Scorer(hm, clean_ids, metric, ref_ids, ablation, include_mlps, batch_size, seed)
     full = float(metric(run_last_logits(hm, clean_ids, batch_size)).mean())
+    sc.model_calls += -(-clean_ids.shape[0] // batch_size)
     if not full > 0:
         raise ShapeError(f"the full model's mean metric is {full:.4g} (not positive): no share of it to keep")
     heads = set(all_heads(hm))
     mlps = set(range(n_layers)) if include_mlps else set()
     excluded_mlps = set() if include_mlps else set(range(n_layers))
     trace: list[dict[str, Any]] = []
-    count = [1]
+    need = threshold * full
+    bar = tqdm(total=len(program), desc=f"pruning {hm.name}", unit="step", leave=False, disable=not progress)
 
-    def score(h: set[Head], m: set[int]) -> float:
-        count[0] += 1
-        abl_h = [x for x in all_heads(hm) if x not in h]
-        abl_m = [L for L in range(n_layers) if L not in m and L not in excluded_mlps]
-        with mean_ablate(hm, means, abl_h, abl_m):
-            return float(metric(run_last_logits(hm, clean_ids, batch_size)).mean())
+    def next_step(i: int, h: set[Head], m: set[int]) -> tuple[int, set[Head], set[int], str | int] | None:
+        while i < len(program):
+            rem = _removal(program[i], h, m, n_heads)
+            if rem is not None:
+                return (i, *rem)
+            i += 1
+        return None
 
-    current = full
-    total = len(sweeps) * n_layers
-    bar = tqdm(total=total, desc=f"pruning {hm.name}", unit="layer", leave=False, disable=not progress)
-
-    def try_heads(L: int, sweep: str) -> None:
-        nonlocal current
-        layer_heads = [(L, h) for h in range(n_heads) if (L, h) in heads]
-        if group_first and len(layer_heads) > 1:
-            s = score(heads - set(layer_heads), mlps)
-            ok = s >= threshold * full
-            trace.append({"sweep": sweep, "component": f"heads.{L}", "ratio": s / full, "removed": ok})
+    i = 0
+    if not batched:
+        while (req := next_step(i, heads, mlps)) is not None:
+            i, rh, rm, label = req
+            s = sc.score(heads - rh, mlps - rm)
+            ok = s >= need
+            trace.append({"sweep": program[i][0], "component": label, "ratio": s / full, "removed": ok})
             if ok:
-                heads.difference_update(layer_heads)
-                current = s
-                return
-        for c in layer_heads:
-            s = score(heads - {c}, mlps)
-            ok = s >= threshold * full
-            trace.append({"sweep": sweep, "component": head_name(*c), "ratio": s / full, "removed": ok})
-            if ok:
-                heads.discard(c)
-                current = s
-
-    def try_mlp(L: int, sweep: str) -> None:
-        nonlocal current
-        if L not in mlps:
-            return
-        s = score(heads, mlps - {L})
-        ok = s >= threshold * full
-        trace.append({"sweep": sweep, "component": L, "ratio": s / full, "removed": ok})
-        if ok:
-            mlps.discard(L)
-            current = s
-
-    def try_layer(L: int, sweep: str) -> bool:
-        """group_first: drop the whole layer (heads and MLP) in one step when the threshold allows."""
-        nonlocal current
-        parts_h = {(L, h) for h in range(n_heads) if (L, h) in heads}
-        parts_m = {L} & mlps
-        if not group_first or len(parts_h) + len(parts_m) < 2:
-            return False
-        s = score(heads - parts_h, mlps - parts_m)
-        ok = s >= threshold * full
-        trace.append({"sweep": sweep, "component": f"layer.{L}", "ratio": s / full, "removed": ok})
-        if ok:
-            heads.difference_update(parts_h)
-            mlps.difference_update(parts_m)
-            current = s
-        return ok
-
-    for sweep in sweeps:
-        if sweep == "backward":
-            for L in range(n_layers - 1, -1, -1):
-                if not try_layer(L, sweep):
-                    try_mlp(L, sweep)
-                    try_heads(L, sweep)
-                bar.update()
-        elif sweep == "forward":
-            for L in range(n_layers):
-                if not try_layer(L, sweep):
-                    try_heads(L, sweep)
-                    try_mlp(L, sweep)
-                bar.update()
-        else:
-            raise ShapeError(f"unknown sweep {sweep!r}; use 'backward' and/or 'forward'")
+                heads -= rh
+                mlps -= rm
+            i += 1
+            bar.n = i
+            bar.refresh()
+    else:
+        row_cap = max(1, int(memory_budget // _row_bytes(hm, clean_ids.shape[1])) - 1)
+        k_max = max(1, min(row_cap, max_rows) if max_rows is not None else row_cap)
+        hint: dict[int, bool] = {}  # step -> predicted removable (from a discarded row's score)
+        last: dict[str | int, bool] = {}  # label -> its last decision (e.g. of the backward sweep)
+        current = full  # the score of the circuit so far
+        while True:
+            plan: list[tuple[int, set[Head], set[int], str | int, bool]] = []
+            h, m, j = set(heads), set(mlps), i
+            while len(plan) < k_max and (req := next_step(j, h, m)) is not None:
+                j, rh, rm, label = req
+                pred = hint.get(j, last.get(label, True))
+                plan.append((j, h - rh, m - rm, label, pred))
+                if pred:
+                    h, m = h - rh, m - rm
+                j += 1
+            if not plan:
+                break
+            scores = sc.batch((heads, mlps), [(p[1], p[2]) for p in plan])
+            for q, ((j, kh, km, label, pred), s) in enumerate(zip(plan, scores)):
+                ok = s >= need
+                trace.append({"sweep": program[j][0], "component": label, "ratio": s / full, "removed": ok})
+                last[label] = ok
+                before = current
+                if ok:
+                    heads, mlps, current = kh, km, s
+                i = j + 1
+                if ok != pred:
+                    # the later rows were scored on a circuit one decision off: shift them by that
+                    # decision's effect and keep them as predictions
+                    delta = (s if ok else before) - (s if pred else before)
+                    for (j2, *_), s2 in zip(plan[q + 1 :], scores[q + 1 :]):
+                        hint[j2] = s2 + delta >= need
+                    break
+            bar.n = i
+            bar.refresh()
     bar.close()
-    final = score(heads, mlps) if trace else full
+    final = sc.score(heads, mlps) if trace else full
     kept_mlps = sorted(mlps) + sorted(excluded_mlps)
     return PruneResult(
         heads=[head_name(*h) for h in sorted(heads)], mlps=kept_mlps, score_full=full, score_circuit=final,
-        ratio=final / full, threshold=threshold, n_forward=count[0], trace=trace,
+        ratio=final / full, threshold=threshold, n_forward=len(trace) + 2 if trace else 1, trace=trace,
+        ablation=ablation, batched=batched, n_model_calls=sc.model_calls, rows_scored=sc.rows_scored + 1,
     )  # fmt: skip
 
 
