@@ -412,7 +412,7 @@ def _forward_rows(
         with hm._intervene(handlers):
             logits = hm.model(input_ids=ids, use_cache=False, **keep).logits
     else:
-        pkv = hm.model(input_ids=ids[:, :start], use_cache=True).cache
+        pkv = _kv_cache(hm.model(input_ids=ids[:, :start], use_cache=True))
         alive = 1
         counts: dict[int, int] = {}
         for lay, _, _ in items:
@@ -423,7 +423,8 @@ def _forward_rows(
                 layer.keys = layer.keys.expand(alive, *layer.keys.shape[1:])
                 layer.values = layer.values.expand(alive, *layer.values.shape[1:])
         with hm._intervene(handlers):
-            tail = hm.model(input_ids=ids[:, start:], cache=pkv, use_cache=True, **keep).logits
+            kv = {_CACHE_KWARG.setdefault(type(hm.model), _cache_kwarg(hm.model)): pkv}
+            tail = hm.model(input_ids=ids[:, start:], use_cache=True, **kv, **keep).logits
         if last:
             logits = tail
         else:
@@ -432,6 +433,21 @@ def _forward_rows(
     if logits.shape[0] != len(items) + 1:  # pragma: no cover - an architecture that does not broadcast
         raise ShapeError(f"batched patching got {logits.shape[0]} rows, expected {len(items) + 1}")
     return logits
+
+
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _kv_cache(out: Any) -> Any:
+    kv = getattr(out, "cache", None)
+    return kv if kv is not None else out.past_key_values
 
 
 def _grow(k: int, write: Callable | None) -> Callable:
