@@ -85,10 +85,10 @@ def test_patch_bad_input_one_line_exit_2(model_dir, tmp_path, capsys):
     )
     assert code == 2 and out == ""
     assert "same token length" in _one_error_line(err)
-    with pytest.raises(SystemExit) as e:
-        main(base + ["--clean", CLEAN, "--corrupted", CORRUPTED, "--sweep", "resid_middle"])
-    assert e.value.code == 2
-    assert "invalid choice" in _one_error_line(capsys.readouterr().err)
+    code, out, err = _run(
+        capsys, base + ["--clean", CLEAN, "--corrupted", CORRUPTED, "--sweep", "resid_middle"]
+    )
+    assert code == 2 and out == "" and "invalid choice" in _one_error_line(err)
     code, out, err = _run(
         capsys,
         base + ["--clean", CLEAN, "--corrupted", CORRUPTED, "--sweep", "heads", "--answer", " January 7"],

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rosettalens.cli import main
 from rosettalens.models.tiny import tiny_model
 from rosettalens.store import ActivationStore
-from rosettalens.store_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_killed_extraction_resumes_to_identical_store(model_dir, corpus, tmp_pat
     out = tmp_path / "killed"
     extra = ("--batch-size", "4", "--shard-size", "25", "--max-tokens", "800")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rosettalens.store_cli", *_argv(model_dir, corpus, out, *extra)],
+        [sys.executable, "-m", "rosettalens.cli", *_argv(model_dir, corpus, out, *extra)],
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -110,7 +110,7 @@ def test_torchrun_two_processes_match_single_process(model_dir, corpus, tmp_path
     assert main(_argv(model_dir, corpus, single, *extra)) == 0
     multi = tmp_path / "multi"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "rosettalens.store_cli", *_argv(model_dir, corpus, multi, *extra, "--json")]
+    cmd += ["-m", "rosettalens.cli", *_argv(model_dir, corpus, multi, *extra, "--json")]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])  # rank 0 prints the summary

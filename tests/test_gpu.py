@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from rosettalens import similarity as sim
+from rosettalens.cli import main
 from rosettalens.models.tiny import tiny_model
 from rosettalens.store import ActivationStore
-from rosettalens.store_cli import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from rosettalens.cli import main
 from rosettalens.mapping import AffineMapper, load_mapper
-from rosettalens.mapping.cli import register
 from rosettalens.models.tiny import tiny_model
 
 DOCS = [
@@ -57,10 +56,7 @@ def env(tmp_path_factory):
 
 
 def run(argv, capsys):
-    parser = argparse.ArgumentParser(prog="rosetta")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    rc = args.func(args)
+    rc = main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -104,18 +100,23 @@ def test_train_and_eval_identity(env, capsys):
 def test_train_cross_model_autoencoder_and_lowrank(env, capsys):
     for kind, extra in (("autoencoder", ["--epochs", "2", "--hidden", "16"]), ("lowrank", ["--rank", "4"])):
         out_dir = env["root"] / kind
-        rc, out, _ = run(
+        rc, out, err = run(
             ["map", "train", "--source", f"{env['llama']}:resid_post.-1", "--target", f"{env['qwen']}:resid_post.1",
              "--data", env["data"], "--kind", kind, "--out", str(out_dir), "--max-tokens", "200", "--json",
              *extra, *FAST],
             capsys,
         )  # fmt: skip
-        assert rc == 0, out
+        assert rc == 0, err
         res = json.loads(out)
         assert res["pairing"] == "aligned" and res["source"].endswith(":resid_post.2")
         m = load_mapper(out_dir)
         assert m.kind == kind and m.fit_info["heldout"]["n"] == res["n_heldout"]
-    assert (env["root"] / "autoencoder" / "checkpoint" / "checkpoint.json").is_file()
+    # the default checkpoint lives beside OUT while training and is gone once the mapper is saved
+    assert not (env["root"] / ".autoencoder.checkpoint").exists()
+    assert sorted(p.name for p in (env["root"] / "autoencoder").iterdir()) == [
+        "config.json",
+        "mapper.safetensors",
+    ]
     # non-JSON output is for people: it names the result
     rc, out, _ = run(
         ["map", "eval", "--mapper", str(env["root"] / "lowrank"), "--data", env["data"], "--fidelity-texts", "2",

@@ -188,7 +188,7 @@ def test_bad_input_writes_nothing(hm, data_file, tmp_path, kwargs, err, match):
 
 
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
-    from rosettalens.store_cli import main
+    from rosettalens.cli import main
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

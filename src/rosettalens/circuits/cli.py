@@ -18,15 +18,12 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from rosettalens import options as opt
 from rosettalens.errors import ConfigError, DataError, ShapeError
 
 __all__ = ["register"]
@@ -92,14 +89,13 @@ def _task_inputs(hm: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, dict
     return prompts.clean_ids, prompts.corrupted_ids, prompts.metric("logit_diff"), info
 
 
-def _write_out(out: Path, res: Any, payload: dict) -> None:
-    """``patch.safetensors`` + ``patch.json`` into ``out``, written to a temp dir and renamed."""
+def _write_out(out: Path, res: Any, payload: dict, overwrite: bool) -> None:
+    """``patch.safetensors`` + ``patch.json`` into ``out``, built in a temp sibling and swapped in whole."""
     from safetensors.torch import save_file
 
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    from rosettalens.io import atomic_dir
+
+    with atomic_dir(out.resolve(), overwrite=overwrite) as tmp:
         save_file(
             {
                 "values": res.values.contiguous(),
@@ -110,15 +106,7 @@ def _write_out(out: Path, res: Any, payload: dict) -> None:
             str(tmp / "patch.safetensors"),
             metadata={"sweep": res.sweep, "axes": ",".join(res.axes)},
         )
-        (tmp / "patch.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        if out.exists():
-            if not (out / "patch.json").exists() and any(out.iterdir()):
-                raise ConfigError(f"--out {out} exists and is not a patch result directory")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "patch.json").write_text(opt.to_json(payload, indent=2) + "\n")
 
 
 def _table(res: Any) -> list[str]:
@@ -144,11 +132,21 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         raise ConfigError("give either --clean TEXT and --corrupted TEXT, or --task NAME")
     if args.task is None and (args.clean is None or args.corrupted is None):
         raise ConfigError("--clean and --corrupted go together")
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ConfigError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+    if args.task is not None:
+        from rosettalens.circuits.tasks import load_task
+
+        load_task(args.task)  # an unknown task or a broken task file fails before the model loads
+    if args.out:
+        opt.check_output(args.out, args.overwrite, "patch result folder")
+    opt.check_models([args.model])
     if args.seed is not None:
         torch.manual_seed(args.seed)
     hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
     clean, corrupted, metric, info = _task_inputs(hm, args) if args.task else _text_inputs(hm, args)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     t0 = time.perf_counter()
     res = patch_sweep(
         hm,
@@ -166,10 +164,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     payload = {"model": hm.name, **info, **res.to_dict(), "seconds": round(elapsed, 3)}
     payload["top"] = [{**where, "value": v} for where, v in res.top(5)]
     if args.out:
-        _write_out(Path(args.out), res, payload)
+        _write_out(Path(args.out), res, payload, args.overwrite)
         payload["out"] = str(Path(args.out).resolve())
     if args.json:
-        print(json.dumps(payload, default=str))
+        opt.print_json(payload)
         return 0
     print(
         f"{hm.name}: {args.sweep} sweep {'x'.join(map(str, res.values.shape))} ({', '.join(res.axes)}), "
@@ -200,11 +198,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = circuits.add_subparsers(dest="circuits_command", metavar="{patch}")
     sub.required = True
     p = sub.add_parser("patch", help="activation patching sweep: layer x position or layer x head")
-    p.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    p.add_argument(
+        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
+    )
     p.add_argument("--clean", default=None, help="clean prompt text")
     p.add_argument("--corrupted", default=None, help="corrupted prompt text (same token length)")
     p.add_argument("--task", default=None, help="a built-in sequence task instead of --clean/--corrupted")
-    p.add_argument("--n-prompts", type=int, default=8, help="--task: prompts to average over")
+    p.add_argument("--n-prompts", type=opt.positive_int, default=8, help="--task: prompts to average over")
     p.add_argument("--templates", choices=["paper", "bare"], default=None, help="--task: one template style")
     p.add_argument("--answer", default=None, help="the clean answer token (default: clean top-1)")
     p.add_argument("--wrong", default=None, help="the competing token (default: corrupted top-1)")
@@ -213,10 +213,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layers", default=None, help="comma-separated layers (default all; negative from the end)"
     )
-    p.add_argument("--memory-budget", type=float, default=1024, help="MiB per forward (default 1024)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--memory-budget", type=opt.positive_float, default=1024, help="MiB per forward (default 1024)"
+    )
+    p.add_argument("--device", type=opt.device, default=None)
+    p.add_argument("--dtype", type=opt.dtype, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default=None, help="directory for patch.safetensors + patch.json")
+    p.add_argument("--out", type=opt.path, default=None, help="directory for patch.safetensors + patch.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out as a whole")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_cmd_patch)

@@ -206,6 +206,8 @@ def load_task_file(path: str | Path) -> list[SequenceTask]:
         d = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise DataError(f"cannot read task file {p}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"task file {p} is not valid UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise DataError(f"task file {p} is not valid JSON: {e}") from e
     if isinstance(d, dict) and "tasks" in d:

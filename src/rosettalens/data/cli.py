@@ -1,54 +1,46 @@
-"""``rosetta extract`` and ``rosetta data list|generate``."""
+"""``rosetta extract`` (activations into a store, see rosettalens.store) and ``rosetta data list|generate``."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import inspect
+import os
+from pathlib import Path
 
-from rosettalens.errors import RosettaError
-
-
-def _fail(e: Exception) -> int:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"rosetta: error: {msg}", file=sys.stderr)
-    return 2
+from rosettalens import options as opt
+from rosettalens.errors import ConfigError
 
 
-def _emit(args, obj: dict, text: str) -> None:
+def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(obj))
+        opt.print_json(obj)
     else:
         print(text)
 
 
-def cmd_extract(args) -> int:
+def cmd_extract(args: argparse.Namespace) -> int:
     from rosettalens.store import extract
 
-    try:
-        store = extract(
-            args.model,
-            args.hooks,
-            args.data,
-            args.out,
-            field=args.field,
-            max_tokens=args.max_tokens,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            positions=args.positions,
-            keep_special=args.keep_special,
-            shard_size=args.shard_size,
-            dtype=args.store_dtype,
-            overwrite=args.overwrite,
-            device=args.device,
-            model_dtype=args.dtype,
-            device_map=args.device_map,
-            progress=not args.no_progress,
-        )
-    except RosettaError as e:
-        return _fail(e)
-    import os
-
+    opt.check_models([args.model])
+    store = extract(
+        args.model,
+        args.hooks,
+        args.data,
+        args.out,
+        field=args.field,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        positions=args.positions,
+        keep_special=args.keep_special,
+        shard_size=args.shard_size,
+        dtype=args.store_dtype,
+        overwrite=args.overwrite,
+        device=args.device,
+        model_dtype=args.dtype,
+        device_map=args.device_map,
+        progress=not args.no_progress,
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     m = store.manifest
@@ -70,12 +62,12 @@ def cmd_extract(args) -> int:
     return 0
 
 
-def cmd_data_list(args) -> int:
+def cmd_data_list(args: argparse.Namespace) -> int:
     from rosettalens.data import builtin_datasets
 
     rows = builtin_datasets()
     if args.json:
-        print(json.dumps({"datasets": rows}))
+        opt.print_json({"datasets": rows})
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -83,30 +75,34 @@ def cmd_data_list(args) -> int:
     return 0
 
 
-def cmd_data_generate(args) -> int:
+def cmd_data_generate(args: argparse.Namespace) -> int:
     from rosettalens.data.generate import generate_to_file
+    from rosettalens.models.loading import load
 
-    try:
-        from rosettalens.errors import ConfigError
-
-        if args.n_tokens < 1:
-            raise ConfigError(f"--n-tokens must be >= 1, got {args.n_tokens}")
-        if not args.out.endswith((".jsonl", ".txt")):
-            raise ConfigError(f"--out must end in .jsonl or .txt, got {args.out!r}")
-        from rosettalens.models.loading import load
-
-        hm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
-        res = generate_to_file(
-            hm,
-            args.out,
-            args.n_tokens,
-            seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-    except RosettaError as e:
-        return _fail(e)
+    if not args.out.endswith((".jsonl", ".txt")):
+        raise ConfigError(f"--out must end in .jsonl or .txt, got {args.out!r}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a .jsonl or .txt file name")
+    # a corpus this command wrote (it has a .meta.json sidecar) is reused when the options match;
+    # any other existing file is the user's: refused unless --overwrite
+    if not out.with_name(out.name + ".meta.json").is_file():
+        opt.check_output(out, args.overwrite)
+    opt.check_models([args.model])
+    hm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    kw = {}
+    if "overwrite" in inspect.signature(generate_to_file).parameters:
+        kw["overwrite"] = args.overwrite
+    res = generate_to_file(
+        hm,
+        args.out,
+        args.n_tokens,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **kw,
+    )
     note = " (cached)" if res["cached"] else ""
     _emit(args, res, f"{res['path']}: {res['n_documents']} documents, {res['n_tokens']} tokens{note}")
     return 0
@@ -117,28 +113,42 @@ def register(subparsers) -> None:
         "extract",
         help="run a model over documents and store activations (sharded safetensors)",
         description="Store activations of one or more hook points at every token (or the last token) of "
-        "every document. Resumes an interrupted run with the same command; runs under torchrun.",
+        "every document. Resumes an interrupted run with the same command; runs under torchrun "
+        "(torchrun ... -m rosettalens.cli extract ...).",
     )
-    p.add_argument("--model", required=True, help="zoo name, HF folder, .gguf file or hub id")
+    p.add_argument("--model", required=True, type=opt.path, help="zoo name, HF folder, .gguf file or hub id")
     p.add_argument(
         "--hooks", required=True, help="comma-separated hook points, e.g. resid_post.10,resid_post.-1"
     )
-    p.add_argument("--data", required=True, help="built-in dataset name, .txt/.jsonl file or hf:<id>[:split]")
-    p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--field", default=None, help="text field of a .jsonl file or dataset (default: text)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many stored tokens")
     p.add_argument(
-        "--max-length", type=int, default=None, help="truncate documents to this many tokens (default 1024)"
+        "--data", required=True, type=opt.data_spec, help="built-in dataset name, .txt/.jsonl file or hf:<id>"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
+    p.add_argument("--out", required=True, type=opt.path, help="store directory")
+    p.add_argument("--field", default=None, help="text field of a .jsonl file or dataset (default: text)")
+    p.add_argument(
+        "--max-tokens", type=opt.positive_int, default=None, help="stop after this many stored tokens"
+    )
+    p.add_argument(
+        "--max-length",
+        type=opt.positive_int,
+        default=None,
+        help="truncate documents to this many tokens (default 1024)",
+    )
+    p.add_argument("--batch-size", type=opt.positive_int, default=8, help="documents per forward pass")
     p.add_argument("--positions", choices=["all", "last"], default="all")
     p.add_argument("--keep-special", action="store_true", help="also store BOS and other special tokens")
-    p.add_argument("--shard-size", type=int, default=16384, help="rows per shard")
+    p.add_argument("--shard-size", type=opt.positive_int, default=16384, help="rows per shard")
     p.add_argument("--store-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--dtype", default=None, help="model compute dtype (default float32)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--device-map", default=None, help="'auto' spreads a large model with accelerate")
-    p.add_argument("--overwrite", action="store_true", help="replace a store with a different config")
+    p.add_argument("--dtype", type=opt.dtype, default=None, help="model compute dtype (default float32)")
+    p.add_argument("--device", type=opt.device, default=None)
+    p.add_argument(
+        "--device-map", type=opt.device_map, default=None, help="'auto' spreads a large model with accelerate"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a store written with another config (the same command again resumes)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_extract)
@@ -149,26 +159,19 @@ def register(subparsers) -> None:
     lp.add_argument("--json", action="store_true")
     lp.set_defaults(func=cmd_data_list)
     g = dsub.add_parser("generate", help="sample a diverse, deduplicated corpus from a base model")
-    g.add_argument("--model", default="gemma-3-270m")
-    g.add_argument("--n-tokens", type=int, required=True)
-    g.add_argument("--out", required=True, help=".jsonl (keeps metadata) or .txt file")
+    g.add_argument("--model", type=opt.path, default="gemma-3-270m")
+    g.add_argument("--n-tokens", type=opt.positive_int, required=True)
+    g.add_argument("--out", required=True, type=opt.path, help=".jsonl (keeps metadata) or .txt file")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=96)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--device", default=None)
-    g.add_argument("--dtype", default=None)
+    g.add_argument("--max-new-tokens", type=opt.positive_int, default=96)
+    g.add_argument("--batch-size", type=opt.positive_int, default=8)
+    g.add_argument("--device", type=opt.device, default=None)
+    g.add_argument("--dtype", type=opt.dtype, default=None)
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (a rerun with the same options reuses the corpus this command wrote)",
+    )
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_data_generate)
-
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m rosettalens.store_cli``); ``rosetta`` uses :func:`register`."""
-    parser = argparse.ArgumentParser(prog="rosetta")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,14 +11,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+from .. import options as opt
 from ..errors import ConfigError
 from . import EXPERIMENTS
-from .base import Experiment, _json_default, _make_config, run_experiment
+from .base import Experiment, _make_config, run_experiment
+
+# config fields that name models (checked up front, without loading); "models" is comma-separated
+MODEL_FIELDS = ("source", "target", "model", "models", "generate_model", "judge")
+JUDGE_ROLES = ("target", "source", "none")
+# config fields that are user prompt files (read as UTF-8 before any work)
+PROMPT_FILE_FIELDS = ("harmful", "harmless", "harmful_eval", "harmless_eval", "eval_prompts")
 
 
 def _parse_bool(s: str) -> bool:
@@ -30,15 +40,48 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _field_type(f: dataclasses.Field) -> Any:
-    t = str(f.type)
-    if "bool" in t:
+def _base_types(cls: type, name: str) -> tuple[set[type], bool]:
+    """The plain types a config field accepts and whether it may be None."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = {typing.get_origin(a) or a for a in args if a is not type(None)}
+    return plain, type(None) in args
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    plain, _ = _base_types(cls, f.name)
+    if bool in plain:
         return _parse_bool
-    if "int" in t and "float" not in t:
+    if int in plain and float not in plain:
         return int
-    if "float" in t:
-        return float
+    if float in plain:
+        return opt.finite_float
+    if "device" == f.name:
+        return opt.device
     return str
+
+
+def check_types(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Each value has its field's type (a JSON int is accepted for a float); ConfigError otherwise."""
+    out = dict(values)
+    for name, v in values.items():
+        try:
+            plain, nullable = _base_types(cls, name)
+        except KeyError:
+            continue  # unknown fields: _make_config names them
+        if (v is None and nullable) or Any in plain:
+            continue
+        if float in plain and isinstance(v, int) and not isinstance(v, bool):
+            out[name] = float(v)
+            continue
+        if int in plain and isinstance(v, bool) and bool not in plain:
+            ok = False
+        else:
+            ok = any(isinstance(v, t) for t in plain)
+        if not ok:
+            want = " or ".join(sorted(t.__name__ for t in plain)) + (" or null" if nullable else "")
+            raise ConfigError(f"{where}: {name} must be {want}, got {json.dumps(v)[:40]}")
+    return out
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
@@ -47,7 +90,7 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        p.add_argument(flag, dest=f.name, type=_field_type(f), default=None,
+        p.add_argument(flag, dest=f.name, type=_field_type(cls, f), default=None,
                        help=f"(default: {default})")  # fmt: skip
 
 
@@ -76,6 +119,7 @@ def config_from_args(exp: Experiment, args: argparse.Namespace) -> Any:
         if named != exp.name:
             raise ConfigError(f"config {path} is for the {named} experiment, not {exp.name}")
         source = str(path)
+        values = check_types(exp.config_cls, values, f"config {path}")
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(exp.config_cls)
@@ -98,18 +142,68 @@ def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
     p.add_argument("--config", help="a config.json to start from (options override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory (skips finished stages)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out as a whole (not with --resume)",
+    )
     _add_config_options(p, exp.config_cls)
     return exp, p
+
+
+def _model_names(cfg: Any) -> list[str]:
+    names: list[str] = []
+    for field in MODEL_FIELDS:
+        v = getattr(cfg, field, None)
+        if not isinstance(v, str) or not v:
+            continue
+        if field == "judge" and v in JUDGE_ROLES:
+            continue
+        names += [m.strip() for m in v.split(",")] if field == "models" else [v]
+    return names
+
+
+def preflight(exp: Experiment, cfg: Any, args: argparse.Namespace) -> None:
+    """Every check that needs no model: config values, devices, model names, prompt files, the output."""
+    if cfg is None:
+        return  # a resumed run's own config was checked when it started
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    opt.check_device(getattr(cfg, "device", None))
+    for field in PROMPT_FILE_FIELDS:
+        v = getattr(cfg, field, None)
+        if v:
+            opt.check_text_file(v, "--" + field.replace("_", "-"))
+    opt.check_models(_model_names(cfg))
+    out = getattr(cfg, "out", None)
+    if out and not args.resume:
+        p = Path(out)
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {p} is a file; give a folder for the run")
+        if p.is_dir() and any(p.iterdir()):
+            opt.check_output(p, args.overwrite, "run folder")
 
 
 def _run(args: argparse.Namespace) -> int:
     # only the chosen experiment's module is imported (a broken or slow module elsewhere costs nothing)
     exp, parser = experiment_parser(args.experiment)
     args = parser.parse_args(args.rest)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume exclude each other")
     cfg = config_from_args(exp, args)
-    summary = run_experiment(exp, cfg, resume=args.resume, progress=not args.json or sys.stderr.isatty())
+    preflight(exp, cfg, args)
+    kw: dict[str, Any] = {}
+    if args.overwrite:
+        if "overwrite" not in inspect.signature(run_experiment).parameters:
+            raise ConfigError(
+                "--overwrite is not supported by this version's run_experiment; use another --out"
+            )
+        kw["overwrite"] = True
+    summary = run_experiment(
+        exp, cfg, resume=args.resume, progress=not args.json or sys.stderr.isatty(), **kw
+    )
     if args.json:
-        print(json.dumps(summary, default=_json_default))
+        opt.print_json(summary)
     else:
         exp.print_summary(summary)
     return 0
@@ -117,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="end-to-end experiments (each writes a run directory)")
-    sub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    sub = p.add_subparsers(dest="experiment", required=True)
     for name in EXPERIMENTS:
         # every remaining word goes to the experiment's own parser (no option prefix at this level)
         sp = sub.add_parser(

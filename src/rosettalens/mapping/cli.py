@@ -19,22 +19,16 @@ stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import sys
+import inspect
+from pathlib import Path
 from typing import Any
 
-from rosettalens.errors import ConfigError, DataError, RosettaError
+from rosettalens import options as opt
+from rosettalens.errors import ConfigError, DataError
 
 __all__ = ["register"]
 
 KINDS = ("affine", "orthogonal", "lowrank", "autoencoder")
-
-
-def _err(msg: str) -> int:
-    msg = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
-    print(f"rosetta map: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _model_hook(spec: str | None, what: str) -> tuple[str, str]:
@@ -48,22 +42,12 @@ def _model_hook(spec: str | None, what: str) -> tuple[str, str]:
     return model, hook
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None (json.dumps would write invalid JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def _load_models(args, src_name: str, tgt_name: str):
     import rosettalens
 
-    src = rosettalens.load(src_name, device=args.device, dtype=args.dtype)
-    tgt = src if tgt_name == src_name else rosettalens.load(tgt_name, device=args.device, dtype=args.dtype)
+    kw = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    src = rosettalens.load(src_name, **kw)
+    tgt = src if tgt_name == src_name else rosettalens.load(tgt_name, **kw)
     return src, tgt
 
 
@@ -97,47 +81,49 @@ def _make_mapper(args):
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _default_checkpoint(out: Path) -> Path:
+    """Where an autoencoder fit checkpoints by default: a hidden sibling of ``OUT`` (removed on success),
+    so ``OUT`` appears only whole and an interrupted run resumes with the same command."""
+    return out.parent / f".{out.name}.checkpoint"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    try:
-        return _train(args)
-    except RosettaError as e:
-        return _err(str(e))
-
-
-def _train(args: argparse.Namespace) -> int:
     import torch
 
     from rosettalens.mapping.evaluate import activation_metrics
 
     if args.kind not in KINDS:
         raise ConfigError(f"unknown --kind {args.kind!r}; expected one of {', '.join(KINDS)}")
-    if not 0.0 < args.heldout < 1.0:
-        raise ConfigError(f"--heldout must be in (0, 1), got {args.heldout}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ConfigError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     src_name, src_hook = _model_hook(args.source, "source")
     tgt_name, tgt_hook = _model_hook(args.target, "target")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    progress = not args.no_progress
-    mapper = _make_mapper(args)  # validates hyper-parameters before any heavy work
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder for the mapper")
+    opt.check_output(out_dir, args.overwrite, "mapper folder")
     stores = args.source_store or args.target_store
     if stores:
         if not (args.source_store and args.target_store) or args.data:
             raise ConfigError("give either --data, or both --source-store and --target-store")
-        X, Y, Xh, Yh, data_info = _pairs_from_stores(args, src_hook, tgt_hook)
     else:
         if not args.data:
             raise ConfigError("--data is required (or --source-store and --target-store)")
+        opt.check_models([src_name, tgt_name])
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    mapper = _make_mapper(args)  # validates hyper-parameters before any heavy work
+    if stores:
+        X, Y, Xh, Yh, data_info = _pairs_from_stores(args, src_name, src_hook, tgt_name, tgt_hook)
+    else:
         X, Y, Xh, Yh, data_info, src_hook, tgt_hook = _pairs_from_models(
             args, src_name, src_hook, tgt_name, tgt_hook, progress
         )
     if args.kind == "lowrank" and args.rank > min(X.shape[1], Y.shape[1]):
         raise ConfigError(f"--rank {args.rank} exceeds min(d_src, d_tgt) = {min(X.shape[1], Y.shape[1])}")
     if args.kind == "autoencoder":
-        from pathlib import Path
-
-        ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "checkpoint"
+        ckpt = Path(args.checkpoint) if args.checkpoint else _default_checkpoint(out_dir)
         dev = (
             args.device
             if args.device not in (None, "auto")
@@ -149,9 +135,21 @@ def _train(args: argparse.Namespace) -> int:
     heldout = activation_metrics(mapper, Xh, Yh)
     mapper.fit_info["heldout"] = heldout
     mapper.fit_info["data"] = data_info
+    save_kw: dict[str, Any] = {}
+    if "overwrite" in inspect.signature(mapper.save).parameters:
+        save_kw["overwrite"] = args.overwrite
     out = mapper.save(
-        args.out, source_model=src_name, target_model=tgt_name, source_hook=src_hook, target_hook=tgt_hook
+        args.out,
+        source_model=src_name,
+        target_model=tgt_name,
+        source_hook=src_hook,
+        target_hook=tgt_hook,
+        **save_kw,
     )
+    if args.kind == "autoencoder" and not args.checkpoint:
+        import shutil
+
+        shutil.rmtree(_default_checkpoint(out_dir), ignore_errors=True)
     fit_summary = {k: v for k, v in mapper.fit_info.items() if k not in ("history", "heldout", "data")}
     result = {
         "out": str(out),
@@ -167,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
         "fit": fit_summary,
     }
     if args.json:
-        print(json.dumps(_clean(result)))
+        opt.print_json(result)
     else:
         print(
             f"{mapper.kind} mapper {src_name}:{src_hook} -> {tgt_name}:{tgt_hook} ({mapper.d_src} -> {mapper.d_tgt})"
@@ -217,7 +215,7 @@ def _pairs_from_models(args, src_name, src_hook, tgt_name, tgt_hook, progress):
     return X, Y, Xh, Yh, data_info, src_hook, tgt_hook
 
 
-def _pairs_from_stores(args, src_hook, tgt_hook):
+def _pairs_from_stores(args, src_name, src_hook, tgt_name, tgt_hook):
     import torch
 
     from rosettalens.align import PairedStores
@@ -225,6 +223,15 @@ def _pairs_from_stores(args, src_hook, tgt_hook):
 
     a = ActivationStore.open(args.source_store)
     b = ActivationStore.open(args.target_store)
+    from rosettalens.models.loading import display_name
+
+    for store, name, what in ((a, src_name, "source"), (b, tgt_name, "target")):
+        stored = store.manifest.get("model", {}).get("name")
+        if stored is not None and display_name(name) != stored:
+            raise ConfigError(
+                f"--{what} names model {name!r} but the {what} store {store.path} holds activations of "
+                f"{stored!r}; give --{what} {stored}:HOOK"
+            )
     for store, hook, what in ((a, src_hook, "source"), (b, tgt_hook, "target")):
         if hook not in store.hooks:
             raise ConfigError(
@@ -256,30 +263,33 @@ def _pairs_from_stores(args, src_hook, tgt_hook):
 
 # ---------------------------------------------------------------------------------------------- eval
 def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        return _eval(args)
-    except RosettaError as e:
-        return _err(str(e))
-
-
-def _eval(args: argparse.Namespace) -> int:
     from rosettalens.mapping import load_mapper
     from rosettalens.mapping.evaluate import _check_widths, evaluate
 
+    if args.out:
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a folder; give a .json file name")
+        opt.check_output(args.out, args.overwrite, "results file")
     mapper = load_mapper(args.mapper)
     meta = mapper.meta
-    if args.source:
-        src_name, src_hook = _model_hook(args.source, "source")
-    else:
-        src_name, src_hook = meta.get("source_model"), meta.get("source_hook")
-    if args.target:
-        tgt_name, tgt_hook = _model_hook(args.target, "target")
-    else:
-        tgt_name, tgt_hook = meta.get("target_model"), meta.get("target_hook")
+    src: tuple[str | None, str | None]
+    tgt: tuple[str | None, str | None]
+    src = (
+        _model_hook(args.source, "source")
+        if args.source
+        else (meta.get("source_model"), meta.get("source_hook"))
+    )
+    tgt = (
+        _model_hook(args.target, "target")
+        if args.target
+        else (meta.get("target_model"), meta.get("target_hook"))
+    )
+    (src_name, src_hook), (tgt_name, tgt_hook) = src, tgt
     if not (src_name and src_hook and tgt_name and tgt_hook):
         raise ConfigError(
             f"mapper {args.mapper} does not record its source/target model and hook; give --source M:HOOK --target M:HOOK"
         )
+    opt.check_models([src_name, tgt_name])
     docs, desc = _documents(args.data)
     src_hm, tgt_hm = _load_models(args, src_name, tgt_name)
     src_hook, tgt_hook = src_hm.resolve_hook(src_hook), tgt_hm.resolve_hook(tgt_hook)
@@ -303,15 +313,13 @@ def _eval(args: argparse.Namespace) -> int:
     res["mapper"]["dir"] = str(args.mapper)
     res["mapper"]["source_model"], res["mapper"]["target_model"] = src_name, tgt_name
     res["data"] = {k: desc.get(k) for k in ("spec", "n_documents", "sha256")}
-    res = _clean(res)
+    res = opt.json_safe(res)
     if args.out:
-        from pathlib import Path
+        from rosettalens.io import atomic_write_json
 
-        from rosettalens.mapping.base import atomic_write_json
-
-        atomic_write_json(Path(args.out), res)
+        atomic_write_json(Path(args.out), res, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(res))
+        opt.print_json(res)
         return 0
     a, f = res["activations"], res["fidelity"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
@@ -340,10 +348,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairing", default="auto", choices=("auto", "all", "aligned", "last"),
                    help="position pairing: all (same tokenizer), aligned (char offsets), last token; auto picks")  # fmt: skip
-    p.add_argument("--max-length", type=int, default=128, help="truncate each document to this many tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument(
+        "--max-length", type=opt.positive_int, default=128, help="truncate each document to this many tokens"
+    )
+    p.add_argument("--batch-size", type=opt.positive_int, default=8, help="documents per forward pass")
+    p.add_argument(
+        "--device", type=opt.device, default=None, help="cpu, cuda, cuda:1, auto (default: cuda if available)"
+    )
+    p.add_argument("--dtype", type=opt.dtype, default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out as a whole")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -360,28 +373,49 @@ def register(subparsers) -> None:
         "--source", required=True, help="MODEL:HOOK of the source, e.g. smollm2-135m-instruct:resid_post.12"
     )
     t.add_argument("--target", required=True, help="MODEL:HOOK of the target")
-    t.add_argument("--data", help="documents: built-in name, .txt, .jsonl or hf:<id>")
-    t.add_argument("--source-store", help="read source activations from this store instead of --data")
-    t.add_argument("--target-store", help="read target activations from this store instead of --data")
+    t.add_argument("--data", type=opt.data_spec, help="documents: built-in name, .txt, .jsonl or hf:<id>")
+    t.add_argument(
+        "--source-store", type=opt.path, help="read source activations from this store instead of --data"
+    )
+    t.add_argument(
+        "--target-store", type=opt.path, help="read target activations from this store instead of --data"
+    )
     t.add_argument("--kind", default="affine", help=f"mapper kind: {', '.join(KINDS)} (default affine)")
-    t.add_argument("--out", required=True, help="output directory for the mapper")
+    t.add_argument("--out", required=True, type=opt.path, help="output directory for the mapper")
     t.add_argument(
-        "--max-tokens", type=int, default=20000, help="paired training rows to extract (default 20000)"
-    )
-    t.add_argument("--heldout", type=float, default=0.1, help="fraction of documents held out for metrics")
-    t.add_argument("--rank", type=int, default=32, help="lowrank: rank")
-    t.add_argument(
-        "--alpha", type=float, default=None, help="affine/lowrank: fixed relative ridge (default: chosen)"
+        "--max-tokens",
+        type=opt.positive_int,
+        default=20000,
+        help="paired training rows to extract (default 20000)",
     )
     t.add_argument(
-        "--hidden", type=int, default=None, help="autoencoder: hidden width (default sqrt(d_src*d_tgt))"
+        "--heldout", type=opt.fraction_open, default=0.1, help="fraction of documents held out for metrics"
     )
-    t.add_argument("--epochs", type=int, default=100, help="autoencoder: max epochs")
-    t.add_argument("--patience", type=int, default=5, help="autoencoder: early-stopping patience")
-    t.add_argument("--lr", type=float, default=1e-3, help="autoencoder: AdamW learning rate")
-    t.add_argument("--train-batch-size", type=int, default=256, help="autoencoder: minibatch rows")
+    t.add_argument("--rank", type=opt.positive_int, default=32, help="lowrank: rank")
     t.add_argument(
-        "--checkpoint", default=None, help="autoencoder: checkpoint dir (default OUT/checkpoint); resumes"
+        "--alpha",
+        type=opt.nonneg_float,
+        default=None,
+        help="affine/lowrank: fixed relative ridge (default: chosen)",
+    )
+    t.add_argument(
+        "--hidden",
+        type=opt.positive_int,
+        default=None,
+        help="autoencoder: hidden width (default sqrt(d_src*d_tgt))",
+    )
+    t.add_argument("--epochs", type=opt.positive_int, default=100, help="autoencoder: max epochs")
+    t.add_argument(
+        "--patience", type=opt.positive_int, default=5, help="autoencoder: early-stopping patience"
+    )
+    t.add_argument("--lr", type=opt.positive_float, default=1e-3, help="autoencoder: AdamW learning rate")
+    t.add_argument(
+        "--train-batch-size", type=opt.positive_int, default=256, help="autoencoder: minibatch rows"
+    )
+    t.add_argument(
+        "--checkpoint",
+        default=None,
+        help="autoencoder: checkpoint dir (default .OUT.checkpoint beside OUT, removed on success); resumes",
     )
     _common(t)
     t.set_defaults(func=_cmd_train)
@@ -389,14 +423,27 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="evaluate a mapper on held-out data and inside the target model",
                        description="Held-out FVU/R2/cosine, and next-token KL, loss recovered and greedy token "
                                    "match with mapped activations spliced into the target.")  # fmt: skip
-    e.add_argument("--mapper", required=True, help="mapper directory written by `rosetta map train`")
-    e.add_argument("--data", required=True, help="held-out documents: built-in name, .txt, .jsonl or hf:<id>")
+    e.add_argument(
+        "--mapper", required=True, type=opt.path, help="mapper directory written by `rosetta map train`"
+    )
+    e.add_argument(
+        "--data",
+        required=True,
+        type=opt.data_spec,
+        help="held-out documents: built-in name, .txt, .jsonl or hf:<id>",
+    )
     e.add_argument("--source", default=None, help="override the mapper's recorded MODEL:HOOK of the source")
     e.add_argument("--target", default=None, help="override the mapper's recorded MODEL:HOOK of the target")
-    e.add_argument("--max-tokens", type=int, default=5000, help="paired rows for activation metrics")
-    e.add_argument("--fidelity-texts", type=int, default=32, help="documents spliced into the target")
-    e.add_argument("--generate", type=int, default=4, help="prompts for greedy completions (0 = skip)")
-    e.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per prompt")
-    e.add_argument("--out", default=None, help="also write the results JSON to this file")
+    e.add_argument(
+        "--max-tokens", type=opt.positive_int, default=5000, help="paired rows for activation metrics"
+    )
+    e.add_argument(
+        "--fidelity-texts", type=opt.nonneg_int, default=32, help="documents spliced into the target"
+    )
+    e.add_argument(
+        "--generate", type=opt.nonneg_int, default=4, help="prompts for greedy completions (0 = skip)"
+    )
+    e.add_argument("--max-new-tokens", type=opt.positive_int, default=16, help="greedy tokens per prompt")
+    e.add_argument("--out", type=opt.path, default=None, help="also write the results JSON to this file")
     _common(e)
     e.set_defaults(func=_cmd_eval)

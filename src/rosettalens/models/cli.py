@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..errors import UnknownModelError
+from .. import options as opt
+from ..errors import DataError, UnknownModelError
 from . import zoo
 
 
@@ -20,7 +20,7 @@ def _list(args: argparse.Namespace) -> int:
             "installed": wheels == len(e.packages), "cached": zoo.is_cached(e.name),
         })  # fmt: skip
     if args.json:
-        print(json.dumps({"models": rows, "cache": str(zoo.cache_root())}))
+        opt.print_json({"models": rows, "cache": str(zoo.cache_root())})
         return 0
     print(f"{'name':30} {'family':8} {'params':>6} {'layers x d':>11} {'heads':>6}  wheels  cached")
     for r in rows:
@@ -48,10 +48,17 @@ def _info(args: argparse.Namespace) -> int:
     from .adapters import model_config
     from .loading import resolve
 
+    opt.check_models([args.model])
     name, where = resolve(args.model)
-    info = model_config(AutoConfig.from_pretrained(str(where)), name).to_dict()
+    try:
+        config = AutoConfig.from_pretrained(str(where))
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(where, str):  # a hub id that is neither reachable nor in the HF cache
+            raise UnknownModelError(f"cannot read the config of {args.model!r}: {opt.one_line(e)}") from e
+        raise DataError(f"cannot read the config in {where}: {opt.one_line(e)}") from e
+    info = model_config(config, name).to_dict()
     if args.json:
-        print(json.dumps(info))
+        opt.print_json(info)
         return 0
     for k, v in info.items():
         if k == "hook_points":
@@ -75,7 +82,7 @@ def register(subparsers) -> None:
     pp.add_argument("--force", action="store_true", help="rebuild the cache even if it looks complete")
     pp.set_defaults(func=_pull)
     ip = sub.add_parser("info", help="layers, d_model, heads, kv heads, hook points of MODEL")
-    ip.add_argument("model", help="zoo name, HF folder, .gguf file or hub id")
+    ip.add_argument("model", type=opt.path, help="zoo name, HF folder, .gguf file or hub id")
     ip.add_argument("--json", action="store_true", help="print one JSON object")
     ip.set_defaults(func=_info)
 

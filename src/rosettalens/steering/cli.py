@@ -10,30 +10,26 @@
     rosetta steer eval     --model M --vector FILE --mode add|ablate [--scale S] --task refusal [--json]
 
 P / N are built-in prompt sets (``harmful``, ``harmless``), ``hf:`` sets or ``.txt``/``.jsonl`` files.
-Bad input prints one line on stderr and exits with status 2.
+Bad input prints one line on stderr and exits with status 2, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import sys
+from pathlib import Path
 from typing import Any
 
-from rosettalens.errors import ConfigError, RosettaError
+from rosettalens import options as opt
+from rosettalens.errors import ConfigError
 
 __all__ = ["register"]
 
 
-def _err(msg: str) -> int:
-    msg = msg.strip().splitlines()[0] if msg.strip() else "unknown error"
-    print(f"rosetta steer: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _emit(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(obj, default=str))
+        opt.print_json(obj)
     else:
         for line in lines:
             print(line)
@@ -49,7 +45,39 @@ def _seed(seed: int | None) -> None:
 def _load_model(args: argparse.Namespace):
     import rosettalens
 
-    return rosettalens.load(args.model, device=args.device, dtype=args.dtype)
+    return rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+
+
+def _vector_path(out: str) -> Path:
+    """Where ``SteeringVector.save(out)`` writes (``.safetensors`` appended when missing)."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"--out {p} is a folder; give a file name such as {p / 'vector.safetensors'}")
+    if p.suffix == ".json":
+        raise ConfigError(f"--out {p}: give the .safetensors path of the vector, not its .json sidecar")
+    return p if p.suffix == ".safetensors" else p.with_name(p.name + ".safetensors")
+
+
+def _check_vector_out(out: str, overwrite: bool) -> Path:
+    p = _vector_path(out)
+    for f in (p, p.with_suffix(".json")):
+        opt.check_output(f, overwrite, "vector file")
+    return p
+
+
+def _save_vector(sv: Any, path: Path, overwrite: bool) -> Path:
+    if "overwrite" in inspect.signature(sv.save).parameters:
+        return sv.save(path, overwrite=overwrite)
+    return sv.save(path)
+
+
+def _prompt_spec(spec: str, what: str) -> None:
+    """A prompt file is read as UTF-8 text before any model is loaded (built-in and hf: sets pass)."""
+    from rosettalens.data.tasks import BUILTIN_SETS
+
+    if spec in BUILTIN_SETS or spec.startswith("hf:"):
+        return
+    opt.check_text_file(spec, what)
 
 
 def _prompts(source: str, split: str | None, limit: int | None) -> list[str]:
@@ -66,56 +94,59 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     from rosettalens.steering.refusal import select_refusal_direction
     from rosettalens.steering.vectors import compute_vector
 
-    try:
-        _seed(args.seed)
-        src = {"positive": args.positive, "negative": args.negative}
-        if args.hook == "auto":
-            lim_val = args.limit if args.limit is None else max(1, args.limit // 3)
-            pos_tr = load_prompts(args.positive, "train", limit=args.limit)
-            neg_tr = load_prompts(args.negative, "train", limit=args.limit)
-            pos_va = load_prompts(args.positive, "val", limit=lim_val)
-            neg_va = load_prompts(args.negative, "val", limit=lim_val)
-            hm = _load_model(args)
-            sel = select_refusal_direction(
-                hm,
-                pos_tr,
-                neg_tr,
-                pos_va,
-                neg_va,
-                kl_threshold=args.kl_threshold,
-                induce_check=args.induce_check,
-                batch_size=args.batch_size,
-                progress=True,
-                source=src,
-            )
-            sv = sel.vector
-            sv.source["candidates"] = sel.candidates
-        else:
-            pos = _prompts(args.positive, args.split, args.limit)
-            neg = _prompts(args.negative, args.split, args.limit)
-            hm = _load_model(args)
-            positions: Any = args.positions
-            if positions not in ("last", "mean"):
-                try:
-                    positions = int(positions)
-                except ValueError:
-                    raise ConfigError(
-                        f"--positions must be last, mean or a negative int, got {positions!r}"
-                    ) from None
-            sv = compute_vector(
-                hm,
-                pos,
-                neg,
-                args.hook,
-                method=args.method,
-                positions=positions,
-                batch_size=args.batch_size,
-                progress=True,
-                source={**src, "split": args.split},
-            )
-        path = sv.save(args.out)
-    except RosettaError as e:
-        return _err(str(e))
+    positions: Any = args.positions
+    if positions not in ("last", "mean"):
+        try:
+            positions = int(positions)
+        except ValueError:
+            raise ConfigError(
+                f"--positions must be last, mean or a negative int, got {positions!r}"
+            ) from None
+        if positions >= 0:
+            raise ConfigError(f"--positions must be last, mean or a negative int, got {positions}")
+    out = _check_vector_out(args.out, args.overwrite)
+    _prompt_spec(args.positive, "--positive")
+    _prompt_spec(args.negative, "--negative")
+    opt.check_models([args.model])
+    _seed(args.seed)
+    src = {"positive": args.positive, "negative": args.negative}
+    if args.hook == "auto":
+        lim_val = args.limit if args.limit is None else max(1, args.limit // 3)
+        pos_tr = load_prompts(args.positive, "train", limit=args.limit)
+        neg_tr = load_prompts(args.negative, "train", limit=args.limit)
+        pos_va = load_prompts(args.positive, "val", limit=lim_val)
+        neg_va = load_prompts(args.negative, "val", limit=lim_val)
+        hm = _load_model(args)
+        sel = select_refusal_direction(
+            hm,
+            pos_tr,
+            neg_tr,
+            pos_va,
+            neg_va,
+            kl_threshold=args.kl_threshold,
+            induce_check=args.induce_check,
+            batch_size=args.batch_size,
+            progress=True,
+            source=src,
+        )
+        sv = sel.vector
+        sv.source["candidates"] = sel.candidates
+    else:
+        pos = _prompts(args.positive, args.split, args.limit)
+        neg = _prompts(args.negative, args.split, args.limit)
+        hm = _load_model(args)
+        sv = compute_vector(
+            hm,
+            pos,
+            neg,
+            args.hook,
+            method=args.method,
+            positions=positions,
+            batch_size=args.batch_size,
+            progress=True,
+            source={**src, "split": args.split},
+        )
+    path = _save_vector(sv, out, args.overwrite)
     obj = {
         "out": str(path),
         "model": sv.model,
@@ -143,23 +174,21 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     from rosettalens.steering.transfer import transfer
     from rosettalens.steering.vectors import SteeringVector
 
-    try:
-        sv = SteeringVector.load(args.vector)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = transfer(
-                sv,
-                args.mapper,
-                method=args.method,
-                calibrate=not args.no_calibrate,
-                target_model=args.target_model,
-                target_hook=args.target_hook,
-            )
-        for w in caught:
-            print(f"rosetta steer: warning: {w.message}", file=sys.stderr)
-        path = out.save(args.out)
-    except RosettaError as e:
-        return _err(str(e))
+    dest = _check_vector_out(args.out, args.overwrite)
+    sv = SteeringVector.load(args.vector)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = transfer(
+            sv,
+            args.mapper,
+            method=args.method,
+            calibrate=not args.no_calibrate,
+            target_model=args.target_model,
+            target_hook=args.target_hook,
+        )
+    for w in caught:
+        print(f"rosetta: warning: {w.message}", file=sys.stderr)
+    path = _save_vector(out, dest, args.overwrite)
     obj = {
         "out": str(path),
         "source_model": sv.model,
@@ -190,48 +219,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rosettalens.steering.evaluate import evaluate_refusal
     from rosettalens.steering.vectors import SteeringVector
 
-    try:
-        _seed(args.seed)
-        if args.task != "refusal":  # argparse choices already guard this
-            raise ConfigError(f"unknown task {args.task!r}")
-        sv = SteeringVector.load(args.vector)
-        # built-in sets: their held-out test split; files and hf: sets: every prompt
-        harmful = load_prompts(
-            args.harmful_eval, "test" if args.harmful_eval in BUILTIN_SETS else None, limit=args.limit
-        )
-        harmless = load_prompts(
-            args.harmless_eval, "test" if args.harmless_eval in BUILTIN_SETS else None, limit=args.limit
-        )
-        hm = _load_model(args)
-        sv.check_compatible(hm)
-        positions: Any = args.positions
-        res = evaluate_refusal(
-            hm,
-            sv,
-            mode=args.mode,
-            scale=args.scale,
-            positions=positions,
-            harmful=harmful,
-            harmless=harmless,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed if args.seed is not None else 0,
-            random_baseline=not args.no_random,
-            progress=True,
-        )
-        res["vector_file"] = args.vector
-        res["harmful_eval"] = args.harmful_eval
-        res["harmless_eval"] = args.harmless_eval
-        if args.out:
-            from pathlib import Path
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; give a .json file name")
+        opt.check_output(out, args.overwrite, "results file")
+    for spec, what in ((args.harmful_eval, "--harmful-eval"), (args.harmless_eval, "--harmless-eval")):
+        _prompt_spec(spec, what)
+    opt.check_models([args.model])
+    _seed(args.seed)
+    sv = SteeringVector.load(args.vector)
+    # built-in sets: their held-out test split; files and hf: sets: every prompt
+    harmful = load_prompts(
+        args.harmful_eval, "test" if args.harmful_eval in BUILTIN_SETS else None, limit=args.limit
+    )
+    harmless = load_prompts(
+        args.harmless_eval, "test" if args.harmless_eval in BUILTIN_SETS else None, limit=args.limit
+    )
+    hm = _load_model(args)
+    sv.check_compatible(hm)
+    res = evaluate_refusal(
+        hm,
+        sv,
+        mode=args.mode,
+        scale=args.scale,
+        positions=args.positions,
+        harmful=harmful,
+        harmless=harmless,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed if args.seed is not None else 0,
+        random_baseline=not args.no_random,
+        progress=True,
+    )
+    res["vector_file"] = args.vector
+    res["harmful_eval"] = args.harmful_eval
+    res["harmless_eval"] = args.harmless_eval
+    if args.out:
+        from rosettalens.io import atomic_write_text
 
-            from rosettalens.steering.vectors import _atomic_write
-
-            p = Path(args.out)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(p, (json.dumps(res, indent=2, default=str) + "\n").encode())
-    except RosettaError as e:
-        return _err(str(e))
+        atomic_write_text(Path(args.out), opt.to_json(res, indent=2) + "\n", overwrite=args.overwrite)
     h, s = res["harmful"], res["harmless"]
     lines = [
         f"{res['model']}: {args.mode} {sv.kind} vector at {sv.hook}"
@@ -248,10 +275,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- register
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument(
+        "--device", type=opt.device, default=None, help="torch device (default: cuda if available, else cpu)"
+    )
+    p.add_argument("--dtype", type=opt.dtype, default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument(
+        "--batch-size", type=opt.positive_int, default=16, help="prompts per forward pass (default 16)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -266,7 +297,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "vector", help="compute a contrastive steering vector (or select the refusal direction)"
     )
-    v.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    v.add_argument(
+        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
+    )
     v.add_argument(
         "--hook",
         required=True,
@@ -277,8 +310,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--negative", required=True, help="prompts the vector points away from")
     v.add_argument(
-        "--out", required=True, help="output .safetensors file (a .json sidecar is written beside it)"
+        "--out",
+        required=True,
+        type=opt.path,
+        help="output .safetensors file (a .json sidecar is written beside it)",
     )
+    v.add_argument("--overwrite", action="store_true", help="replace an existing vector file")
     v.add_argument("--method", choices=["diff_of_means", "pca"], default="diff_of_means")
     v.add_argument("--positions", default="last", help="last (default), mean, or a negative offset like -2")
     v.add_argument(
@@ -288,10 +325,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="split of the prompt sets (default: train for built-in sets, every prompt of a file)",
     )
     v.add_argument(
-        "--limit", type=int, default=None, help="at most N prompts per set (balanced over categories)"
+        "--limit",
+        type=opt.positive_int,
+        default=None,
+        help="at most N prompts per set (balanced over categories)",
     )
     v.add_argument(
-        "--kl-threshold", type=float, default=0.1, help="--hook auto: KL bound on harmless prompts"
+        "--kl-threshold",
+        type=opt.positive_float,
+        default=0.1,
+        help="--hook auto: KL bound on harmless prompts",
     )
     v.add_argument("--induce-check", action="store_true", help="--hook auto: also require refusal induction")
     _common(v)
@@ -300,7 +343,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = sub.add_parser("transfer", help="carry a steering vector into another model's space through a mapper")
     t.add_argument("--vector", required=True, help="steering vector .safetensors file")
     t.add_argument("--mapper", required=True, help="mapper directory written by `rosetta map train`")
-    t.add_argument("--out", required=True, help="output .safetensors file")
+    t.add_argument("--out", required=True, type=opt.path, help="output .safetensors file")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing vector file")
     t.add_argument(
         "--method", choices=["jacobian", "difference"], default="jacobian", help="rule for non-linear mappers"
     )
@@ -315,11 +359,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "eval", help="refusal rates with the vector applied, against a random direction of equal norm"
     )
-    e.add_argument("--model", required=True, help="zoo name, local HF folder, .gguf file or hub id")
+    e.add_argument(
+        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
+    )
     e.add_argument("--vector", required=True, help="steering vector .safetensors file")
     e.add_argument("--mode", choices=["add", "ablate"], required=True)
     e.add_argument(
-        "--scale", type=float, default=1.0, help="--mode add: multiplier of the vector (default 1)"
+        "--scale", type=opt.finite_float, default=1.0, help="--mode add: multiplier of the vector (default 1)"
     )
     e.add_argument(
         "--positions", choices=["all", "prompt", "generated"], default="all", help="--mode add: where to add"
@@ -329,9 +375,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--harmless-eval", default="harmless", help="harmless prompts (default: built-in test split)"
     )
-    e.add_argument("--limit", type=int, default=None, help="at most N prompts per set")
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--limit", type=opt.positive_int, default=None, help="at most N prompts per set")
+    e.add_argument("--max-new-tokens", type=opt.positive_int, default=32)
     e.add_argument("--no-random", action="store_true", help="skip the random-direction baseline")
-    e.add_argument("--out", default=None, help="also write the results JSON to this file")
+    e.add_argument("--out", type=opt.path, default=None, help="also write the results JSON to this file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common(e)
     e.set_defaults(func=_cmd_eval)

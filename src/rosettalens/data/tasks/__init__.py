@@ -151,10 +151,10 @@ def _read_txt(path: Path) -> list[tuple[str, str, str | None]]:
 def _load_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise DataError(f"prompt file not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = _read_jsonl(path)
-    else:
-        rows = _read_txt(path)
+    try:
+        rows = _read_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _read_txt(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"prompt file {path} is not valid UTF-8 text (byte {e.start})") from None
     if not rows:
         raise DataError(f"prompt file {path} contains no prompts")
     splits = assign_splits([(t, c) for t, c, _ in rows])
