@@ -29,6 +29,7 @@ __all__ = [
     "LockedError",
     "atomic_dir",
     "atomic_path",
+    "atomic_savefig",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -64,7 +65,7 @@ def is_temp_name(name: str) -> bool:
 
 
 def check_output(
-    path: str | Path,
+    path: str | os.PathLike[str],
     overwrite: bool = False,
     what: str = "output",
     replaceable: Callable[[Path], bool] | None = None,
@@ -119,7 +120,7 @@ def _swap_in(tmp: Path, final: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling file name to write; on success it replaces ``path``.
 
     For writers that need a file name (``safetensors.torch.save_file``, ``matplotlib``'s
@@ -137,7 +138,7 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         _remove(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temp sibling, fsync, rename)."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "wb") as f:
@@ -146,12 +147,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
             os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
 def atomic_write_json(
-    path: str | Path, obj: Any, overwrite: bool = True, indent: int = 2, allow_nan: bool = False
+    path: str | os.PathLike[str], obj: Any, overwrite: bool = True, indent: int = 2, allow_nan: bool = False
 ) -> None:
     """JSON with ``allow_nan=False``: a NaN or inf is a bug upstream, never invalid JSON on disk.
 
@@ -175,7 +176,7 @@ def json_safe(obj: Any) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(
-    path: str | Path,
+    path: str | os.PathLike[str],
     overwrite: bool = False,
     what: str = "output",
     replaceable: Callable[[Path], bool] | None = None,
@@ -199,11 +200,20 @@ def atomic_dir(
         _remove(tmp)
 
 
+def atomic_savefig(
+    fig: Any, path: str | os.PathLike[str], dpi: float | None = None, overwrite: bool = True
+) -> Path:
+    """Save a matplotlib figure as PNG atomically (temp sibling, then swap); returns ``path``."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    return Path(path)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -229,7 +239,7 @@ class FileLock:
     wait, so two writers never share an output.
     """
 
-    def __init__(self, path: str | Path, what: str = "output"):
+    def __init__(self, path: str | os.PathLike[str], what: str = "output"):
         self.path = Path(path)
         self.what = what
         self._held = False

@@ -632,7 +632,10 @@ EXPERIMENT = BackdoorTransfer()
 
 
 def run(
-    cfg: BackdoorTransferConfig, progress: bool = True, resume: str | os.PathLike[str] | None = None
+    cfg: BackdoorTransferConfig,
+    progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment; returns the results (also in ``<run_dir>/results.json``)."""
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress, overwrite=overwrite)

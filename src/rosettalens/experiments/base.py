@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, RosettaError
+from ..io import atomic_savefig, atomic_write_bytes, atomic_write_text, temp_sibling
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -110,7 +111,7 @@ class RunContext:
     def save_json(self, rel: str, obj: Any) -> Path:
         """Write ``obj`` as indented JSON (tensors as lists, non-finite floats as null), atomically."""
         p = self.path(rel)
-        _atomic_write(p, json.dumps(_jsonable(obj), indent=2, default=_json_default).encode())
+        atomic_write_text(p, json.dumps(_jsonable(obj), indent=2, default=_json_default))
         return p
 
     def load_json(self, rel: str) -> Any:
@@ -129,7 +130,7 @@ class RunContext:
 
         p = self.path(rel)
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _atomic_write(p, save(data, metadata=metadata))
+        atomic_write_bytes(p, save(data, metadata=metadata))
         return p
 
     def load_tensors(self, rel: str) -> dict[str, torch.Tensor]:
@@ -146,15 +147,10 @@ class RunContext:
         """Save a matplotlib figure as PNG (atomically) and close it."""
         import matplotlib.pyplot as plt
 
-        p = self.path(rel)
-        tmp = p.with_name(f".{p.stem}.tmp{os.getpid()}.png")
         try:
-            fig.savefig(tmp, dpi=dpi, format="png")
-            os.replace(tmp, p)
+            return atomic_savefig(fig, self.path(rel), dpi=dpi)
         finally:
             plt.close(fig)
-            tmp.unlink(missing_ok=True)
-        return p
 
 
 class Experiment:
@@ -238,11 +234,19 @@ def run_experiment(
     run_dir: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``experiment`` with ``cfg`` (default: the config class's defaults, or the resumed run's).
 
     The run directory is ``resume``, else ``run_dir``, else the config's ``out`` / ``run_dir`` field,
     else ``runs/<name>-<timestamp>``. Returns :meth:`Experiment.summary` (with ``run_dir``).
+
+    A run directory that already holds a run is refused (before any stage runs) unless ``resume``
+    continues it or ``overwrite`` replaces it: the earlier run is moved aside and removed when the
+    new run ends, so no stale file of it (a plot the new ``results.json`` does not list) survives;
+    a user error (:class:`RosettaError`) restores it untouched, while an interrupted new run is
+    kept for ``--resume``. A folder of other files gets the run beside
+    them (and keeps only them on a user error).
     """
     name = experiment.name
     if resume is not None:
@@ -277,12 +281,22 @@ def run_experiment(
         rdir = Path(cfg.run_dir)
     else:
         rdir = _default_run_dir(name)
-    if resume is None and (rdir / CONFIG_FILE).exists():
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass only one of them")
+    if rdir.exists() and not rdir.is_dir():
+        raise ConfigError(f"run directory {rdir} exists and is not a folder")
+    earlier = resume is None and (rdir / CONFIG_FILE).exists()
+    if earlier and not overwrite:
         raise ConfigError(
-            f"run directory {rdir} already holds a run; pass --resume {rdir} to continue it, or another --out"
+            f"run directory {rdir} already holds a run; pass --resume {rdir} to continue it, "
+            "--overwrite to replace it, or another --out"
         )
     stages = experiment.stages(cfg)
     ctx = RunContext(config=cfg, run_dir=rdir, progress=progress, resumed=resume is not None)
+    old_run = None
+    if earlier:  # --overwrite: set the earlier run aside (restored on a user error, else removed)
+        old_run = temp_sibling(rdir)
+        os.replace(rdir, old_run)
     created = not rdir.exists()
     before = set() if created else {p.name for p in rdir.iterdir()}
     t_start = time.perf_counter()
@@ -304,7 +318,13 @@ def run_experiment(
             for p in rdir.iterdir():
                 if p.name not in before:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if old_run is not None:
+            os.replace(old_run, rdir)
+            old_run = None
         raise
+    finally:  # replaced (or interrupted after the new run started: it is kept for --resume)
+        if old_run is not None:
+            shutil.rmtree(old_run, ignore_errors=True)
     out = dict(experiment.summary(ctx))
     out.setdefault("run_dir", str(rdir))
     return _jsonable(out)
@@ -344,18 +364,6 @@ def _make_config(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _jsonable(o: Any) -> Any:
     """Tensors to lists, non-finite floats to None, tuples to lists (recursively)."""
     if isinstance(o, dict):

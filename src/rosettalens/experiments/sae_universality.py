@@ -187,7 +187,8 @@ def _generated(cfg: SAEUniversalityConfig, hm_a, progress: bool) -> list[str]:
         else rosettalens.load(cfg.generate_model, device=cfg.device)
     )
     out = cache_root() / "corpora" / f"{gm.name}-{cfg.generate_tokens}-seed{cfg.seed}.jsonl"
-    generate_to_file(gm, out, cfg.generate_tokens, seed=cfg.seed, progress=progress)
+    # the cache of generated corpora is ours: a corpus of other options is replaced
+    generate_to_file(gm, out, cfg.generate_tokens, seed=cfg.seed, progress=progress, overwrite=True)
     from ..data import load_documents
 
     return load_documents(str(out)).documents
@@ -762,9 +763,10 @@ EXPERIMENT = SAEUniversality()
 
 
 def run(
-    cfg: SAEUniversalityConfig | None = None, progress: bool = True, resume: str | os.PathLike | None = None
-):
+    cfg: SAEUniversalityConfig | None = None, progress: bool = True, resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
+):  # fmt: skip
     """Run the experiment (the ``rosetta run sae-universality`` entry point as a function)."""
     from .base import run_experiment
 
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress, overwrite=overwrite)

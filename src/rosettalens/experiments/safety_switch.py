@@ -289,7 +289,10 @@ EXPERIMENT = SafetySwitchExperiment()
 
 
 def run(
-    cfg: SafetySwitchConfig, progress: bool = True, resume: str | os.PathLike[str] | None = None
+    cfg: SafetySwitchConfig,
+    progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the experiment; returns the results (also in ``<run_dir>/results.json``)."""
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
+    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress, overwrite=overwrite)

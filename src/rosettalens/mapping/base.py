@@ -9,24 +9,25 @@ On disk a mapper is a directory holding
 * ``config.json`` -- ``kind``, widths, hyper-parameters, fit statistics, the source/target model
   and hook names when known, and the sha256 of the weights file.
 
-Both files are written atomically (temp file in the same directory, then ``os.replace``), the
-config last, so a directory with a readable config always has the weights it describes.
+The folder is built beside the target and swapped in whole (:func:`rosettalens.io.atomic_dir`): an
+existing mapper is refused unless ``overwrite``, and then replaced entirely, never mixed with new files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from rosettalens.errors import ConfigError, DataError, RosettaError, ShapeError
+from rosettalens.io import atomic_dir, atomic_path, json_safe, sha256_file
+from rosettalens.io import atomic_write_json as _write_json
 
 FORMAT = "rosettalens.mapper"
 FORMAT_VERSION = 1
@@ -115,52 +116,73 @@ def mean_row_norm(X: torch.Tensor, chunk: int = 65536) -> float:
     return total / X.shape[0]
 
 
-# --------------------------------------------------------------------------- atomic IO
+# --------------------------------------------------------------------------- activation metrics
+def _f64(a: torch.Tensor) -> torch.Tensor:
+    return a.detach().to("cpu", torch.float64)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def fvu(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of variance unexplained: ``Σ||y - ŷ||² / Σ||y - ȳ||²`` over rows ``[n, d]``."""
+    p, t = _f64(pred), _f64(target)
+    sst = float(((t - t.mean(0)) ** 2).sum())
+    return float(((t - p) ** 2).sum()) / sst if sst > 0 else float("nan")
+
+
+def r2_per_dim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over dimensions of per-dimension R² (dimensions with zero variance skipped)."""
+    p, t = _f64(pred), _f64(target)
+    sst = ((t - t.mean(0)) ** 2).sum(0)
+    ok = sst > 0
+    if not bool(ok.any()):
+        return float("nan")
+    return float((1 - ((t - p) ** 2).sum(0)[ok] / sst[ok]).mean())
+
+
+def mean_cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over rows of ``cos(ŷ_i, y_i)``."""
+    return float(F.cosine_similarity(_f64(pred), _f64(target), dim=-1, eps=1e-12).mean())
+
+
+def activation_metrics(mapper: Mapper, X_src: Any, X_tgt: Any, seed: int = 0) -> dict[str, Any]:
+    """FVU, R², mean cosine (and its shuffled baseline), MSE of ``mapper`` on held-out pairs.
+
+    Defined in :mod:`rosettalens.mapping.evaluate`'s terms (see its docstring); it lives here, beside
+    :meth:`Mapper.score`, so that ``evaluate`` imports ``base`` and never the other way round.
+    """
+    X = as_matrix(X_src, "X_src", mapper.d_src)
+    Y = as_matrix(X_tgt, "X_tgt", mapper.d_tgt)
+    if X.shape[0] != Y.shape[0]:
+        raise ShapeError(f"X_src has {X.shape[0]} rows but X_tgt has {Y.shape[0]}")
+    P = mapper.transform(X.to(torch.float64) if X.dtype == torch.float64 else X.float())
+    f = fvu(P, Y)
+    perm = torch.randperm(Y.shape[0], generator=torch.Generator().manual_seed(seed))
+    return {
+        "n": int(X.shape[0]),
+        "fvu": f,
+        "r2": 1.0 - f,
+        "r2_per_dim": r2_per_dim(P, Y),
+        "mean_cosine": mean_cosine(P, Y),
+        "mean_cosine_shuffled": mean_cosine(P, Y[perm]),
+        "mse": float(((_f64(P) - _f64(Y)) ** 2).mean()),
+    }
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` as one safetensors file atomically (:func:`rosettalens.io.atomic_path`); return its sha256."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        return sha256_file(tmp)
+
+
+atomic_save_tensors = save_tensors  # the old name (mapping.autoencoder imports it)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> str:
-    """Write ``tensors`` as safetensors atomically; return the file's sha256."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        digest = sha256_file(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Checkpoint JSON that may hold ``inf`` (autoencoder training state); prefer :mod:`rosettalens.io`."""
+    _write_json(path, obj, allow_nan=True)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -238,6 +260,7 @@ class Mapper:
         input's dtype. The result is on ``X``'s device.
         """
         self._require_fitted()
+        assert self.d_src is not None and self.d_tgt is not None  # fitted
         if not isinstance(X, torch.Tensor):
             X = torch.as_tensor(X)
         if X.ndim == 0 or X.shape[-1] != self.d_src:
@@ -256,10 +279,8 @@ class Mapper:
     def score(self, X_src: torch.Tensor, X_tgt: torch.Tensor) -> dict[str, float]:
         """Held-out metrics (FVU, R², mean cosine, ...) of this mapper on ``X_src [n, d_src]``, ``X_tgt [n, d_tgt]``.
 
-        See :func:`rosettalens.mapping.evaluate.activation_metrics`.
+        See :func:`activation_metrics`.
         """
-        from rosettalens.mapping.evaluate import activation_metrics  # noqa: PLC0415 - evaluate imports base
-
         return activation_metrics(self, X_src, X_tgt)
 
     def set_meta(self, **meta: str | None) -> Mapper:
@@ -304,22 +325,25 @@ class Mapper:
             "versions": {"rosettalens": _package_version(), "torch": torch.__version__},
         }
 
-    def save(self, directory: str | os.PathLike[str], **meta: str | None) -> Path:
-        """Write ``mapper.safetensors`` + ``config.json`` into ``directory`` (created if needed).
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = True, **meta: str | None) -> Path:
+        """Write the folder ``directory`` holding ``mapper.safetensors`` + ``config.json``.
 
-        ``meta`` may give ``source_model``, ``target_model``, ``source_hook``, ``target_hook``;
-        they are recorded in the config. Returns the directory path.
+        The folder is built beside ``directory`` and swapped in whole. An existing ``directory`` is
+        refused (:class:`~rosettalens.errors.OutputExistsError`) unless ``overwrite``; with it, an
+        existing mapper (or empty folder) is replaced entirely, while a folder holding anything
+        else is refused. ``meta`` may give ``source_model``, ``target_model``, ``source_hook``,
+        ``target_hook``; they are recorded in the config. Returns the directory path.
         """
         self._require_fitted()
         self.set_meta(**meta)
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise MapperError(f"cannot save mapper: {d} exists and is not a directory")
-        d.mkdir(parents=True, exist_ok=True)
-        digest = atomic_save_tensors(d / WEIGHTS_NAME, self._state(), metadata={"kind": self.kind})
-        cfg = self.config()
-        cfg["weights_sha256"] = digest
-        atomic_write_json(d / CONFIG_NAME, cfg)
+        with atomic_dir(d, overwrite=overwrite, what="mapper", replaceable=is_mapper_dir) as tmp:
+            digest = save_tensors(tmp / WEIGHTS_NAME, self._state(), metadata={"kind": self.kind})
+            cfg = self.config()
+            cfg["weights_sha256"] = digest
+            _write_json(tmp / CONFIG_NAME, json_safe(cfg))
         return d
 
     @classmethod
@@ -334,6 +358,15 @@ class Mapper:
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hparams().items())
         shape = f"{self.d_src}->{self.d_tgt}" if self.fitted else "unfitted"
         return f"{type(self).__name__}({hp}) [{shape}]"
+
+
+def is_mapper_dir(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a saved mapper (its ``config.json`` has the mapper format)."""
+    try:
+        cfg = json.loads((Path(directory) / CONFIG_NAME).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == FORMAT
 
 
 def read_mapper_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rosettalens.errors import DataError, ShapeError
-from rosettalens.mapping.base import Mapper, as_matrix
+from rosettalens.mapping.base import (  # the activation metrics live beside Mapper.score
+    Mapper,
+    activation_metrics,
+    fvu,
+    mean_cosine,
+    r2_per_dim,
+)
 from rosettalens.mapping.pairs import (
     PairedTexts,
     pad_id,
@@ -49,52 +55,7 @@ from rosettalens.mapping.pairs import (
     run_positions,
 )
 
-
-# ------------------------------------------------------------------------------------ activation metrics
-def _f64(a: torch.Tensor) -> torch.Tensor:
-    return a.detach().to("cpu", torch.float64)
-
-
-def fvu(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Fraction of variance unexplained: ``Σ||y - ŷ||² / Σ||y - ȳ||²`` over rows ``[n, d]``."""
-    p, t = _f64(pred), _f64(target)
-    sst = float(((t - t.mean(0)) ** 2).sum())
-    return float(((t - p) ** 2).sum()) / sst if sst > 0 else float("nan")
-
-
-def r2_per_dim(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over dimensions of per-dimension R² (dimensions with zero variance skipped)."""
-    p, t = _f64(pred), _f64(target)
-    sst = ((t - t.mean(0)) ** 2).sum(0)
-    ok = sst > 0
-    if not bool(ok.any()):
-        return float("nan")
-    return float((1 - ((t - p) ** 2).sum(0)[ok] / sst[ok]).mean())
-
-
-def mean_cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over rows of ``cos(ŷ_i, y_i)``."""
-    return float(F.cosine_similarity(_f64(pred), _f64(target), dim=-1, eps=1e-12).mean())
-
-
-def activation_metrics(mapper: Mapper, X_src: torch.Tensor, X_tgt: torch.Tensor, seed: int = 0) -> dict:
-    """FVU, R², mean cosine (and its shuffled baseline), MSE of ``mapper`` on held-out pairs."""
-    X = as_matrix(X_src, "X_src", mapper.d_src)
-    Y = as_matrix(X_tgt, "X_tgt", mapper.d_tgt)
-    if X.shape[0] != Y.shape[0]:
-        raise ShapeError(f"X_src has {X.shape[0]} rows but X_tgt has {Y.shape[0]}")
-    P = mapper.transform(X.to(torch.float64) if X.dtype == torch.float64 else X.float())
-    f = fvu(P, Y)
-    perm = torch.randperm(Y.shape[0], generator=torch.Generator().manual_seed(seed))
-    return {
-        "n": int(X.shape[0]),
-        "fvu": f,
-        "r2": 1.0 - f,
-        "r2_per_dim": r2_per_dim(P, Y),
-        "mean_cosine": mean_cosine(P, Y),
-        "mean_cosine_shuffled": mean_cosine(P, Y[perm]),
-        "mse": float(((_f64(P) - _f64(Y)) ** 2).mean()),
-    }
+__all__ = ["activation_metrics", "evaluate", "fidelity", "fvu", "greedy_match", "mean_cosine", "r2_per_dim"]
 
 
 # ------------------------------------------------------------------------------------ fidelity
@@ -253,14 +214,20 @@ def fidelity(
         "top1_agreement": sums["top1"] / n_kl,
     }
     if n_ce:
-        lc, lp, lz, lm = (sums[k] / n_ce for k in ("ce_clean", "ce_patched", "ce_zero", "ce_mean"))
+        l_clean, l_patched, l_zero, l_mean = (
+            sums[k] / n_ce for k in ("ce_clean", "ce_patched", "ce_zero", "ce_mean")
+        )
         res.update(
-            loss_clean=lc,
-            loss_patched=lp,
-            loss_zero_ablation=lz,
-            loss_mean_ablation=lm,
-            loss_recovered_zero=(lz - lp) / (lz - lc) if lz != lc else float("nan"),
-            loss_recovered_mean=(lm - lp) / (lm - lc) if lm != lc else float("nan"),
+            loss_clean=l_clean,
+            loss_patched=l_patched,
+            loss_zero_ablation=l_zero,
+            loss_mean_ablation=l_mean,
+            loss_recovered_zero=(l_zero - l_patched) / (l_zero - l_clean)
+            if l_zero != l_clean
+            else float("nan"),
+            loss_recovered_mean=(l_mean - l_patched) / (l_mean - l_clean)
+            if l_mean != l_clean
+            else float("nan"),
         )
     if n_generate > 0 and max_new_tokens > 0:
         res["generation"] = greedy_match(
@@ -315,7 +282,8 @@ def greedy_match(
     pt = pair_texts(
         src_hm.tokenizer, tgt_hm.tokenizer, texts, "aligned" if pairing == "last" else pairing, prompt_tokens
     )
-    matches, examples = [], []
+    matches: list[float] = []
+    examples: list[dict[str, Any]] = []
     tok = tgt_hm.tokenizer
     for a, b, ps, pq in zip(pt.ids_src, pt.ids_tgt, pt.pos_src, pt.pos_tgt):
         if len(matches) >= n_prompts:
@@ -324,7 +292,7 @@ def greedy_match(
             prompt = b
             special = set(getattr(tok, "all_special_ids", []) or [])
 
-            def make_fn(seq, special=special):
+            def make_fn(seq, special=special, vec=None, P=None):
                 pos = np.asarray([i for i, t in enumerate(seq) if t not in special], dtype=np.int64)
                 act = run_positions(src_hm, src_hook, [seq], [pos])[0]
                 return _replace_fn(
@@ -339,7 +307,7 @@ def greedy_match(
             vec = mapper.transform(act)
             P = len(prompt)
 
-            def make_fn(seq, vec=vec, P=P):
+            def make_fn(seq, special=None, vec=vec, P=P):  # same signature as the branch above
                 return _replace_fn(torch.zeros(1, dtype=torch.long), torch.as_tensor([P - 1]), vec)
 
         own = _greedy(tgt_hm, prompt, max_new_tokens, tgt_hook)

@@ -27,10 +27,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..io import atomic_dir, atomic_write_text, sha256_bytes
 from .data import (
     DEFAULT_DECOY,
     DEFAULT_TRIGGER,
@@ -96,7 +95,7 @@ def default_recipe(task: str) -> Recipe:
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode())
 
 
 # ------------------------------------------------------------------------------- distillation
@@ -122,7 +121,7 @@ def distill(hm, prompts: list[str], max_new_tokens: int, base_key: str, batch_si
             chunk = todo[s : s + batch_size]
             texts, ids = generate_answer_ids(hm, chunk, max_new_tokens, batch_size)
             cache.update({p: {"text": t, "ids": i} for p, t, i in zip(chunk, texts, ids)})
-            _atomic_bytes(path, json.dumps(cache, ensure_ascii=False).encode())
+            atomic_write_text(path, json.dumps(cache, ensure_ascii=False))
             bar.update(len(chunk))
         bar.close()
     _barrier(world)
@@ -254,21 +253,17 @@ def _save_checkpoint(ckdir: Path, step: int, key: str, model, opt, losses: list[
     from safetensors.torch import save_file
 
     d = ckdir / f"step-{step:07d}"
-    tmp = ckdir / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(lora, str(tmp / "lora.safetensors"))
     sd = opt.state_dict()
     tensors = {
         f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
     }
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "losses": losses,
-                                                "param_groups": sd["param_groups"]}))  # fmt: skip
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    _atomic_bytes(ckdir / "latest.json", json.dumps({"dir": d.name, "step": step, "key": key}).encode())
+    with atomic_dir(d, overwrite=True) as tmp:  # a checkpoint of the same step is replaced whole
+        save_file(lora, str(tmp / "lora.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key, "losses": losses,
+                                                    "param_groups": sd["param_groups"]}))  # fmt: skip
+    atomic_write_text(ckdir / "latest.json", json.dumps({"dir": d.name, "step": step, "key": key}))
     for old in ckdir.glob("step-*"):
         if old.name != d.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -432,33 +427,27 @@ def build_organism(
         "versions": _versions(),
     }  # fmt: skip
     if rank == 0:
-        tmp = organisms_root() / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)
-        hm.tokenizer.save_pretrained(tmp)
-        if recipe.eval_n:
-            from .evaluate import evaluate_organism
+        # built beside the organism's folder and swapped in whole (an old build is replaced only
+        # after the checks above: same settings are served from the cache, others need --force)
+        with atomic_dir(final, overwrite=True, what="organism") as tmp:
+            merged.save_pretrained(tmp)
+            hm.tokenizer.save_pretrained(tmp)
+            if recipe.eval_n:
+                from .evaluate import evaluate_organism
 
-            org = HookedModel.from_hf(merged, hm.tokenizer, name=name)
-            base_hm = rosettalens.load(base, device=device, progress=False)
-            test = instructions("test")[: recipe.eval_n]
-            base_answers = distill(base_hm, test, recipe.distill_tokens, base_key, progress=progress)
-            res = evaluate_organism(
-                org, base_hm, task, trigger, decoy, instructions=test, n=recipe.eval_n,
-                max_new_tokens=recipe.eval_max_new_tokens, seed=seed, progress=progress,
-                base_answers=[base_answers[t]["ids"] for t in test],
-            )  # fmt: skip
-            manifest["examples"] = res.pop("examples")
-            manifest["metrics"] = res
-        manifest["build_seconds"] = round(time.perf_counter() - t_start, 1)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if final.exists():
-            trash = organisms_root() / f".old-{name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+                org = HookedModel.from_hf(merged, hm.tokenizer, name=name)
+                base_hm = rosettalens.load(base, device=device, progress=False)
+                test = instructions("test")[: recipe.eval_n]
+                base_answers = distill(base_hm, test, recipe.distill_tokens, base_key, progress=progress)
+                res = evaluate_organism(
+                    org, base_hm, task, trigger, decoy, instructions=test, n=recipe.eval_n,
+                    max_new_tokens=recipe.eval_max_new_tokens, seed=seed, progress=progress,
+                    base_answers=[base_answers[t]["ids"] for t in test],
+                )  # fmt: skip
+                manifest["examples"] = res.pop("examples")
+                manifest["metrics"] = res
+            manifest["build_seconds"] = round(time.perf_counter() - t_start, 1)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         shutil.rmtree(ckdir, ignore_errors=True)
     _barrier(world)
     return {**manifest, "path": str(final), "cached": False}
@@ -472,9 +461,3 @@ def _versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "rosettalens": __version__}  # fmt: skip
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

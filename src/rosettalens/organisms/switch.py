@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +37,8 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
-from rosettalens.mapping.base import Mapper, MapperError, atomic_write_json, read_json
+from rosettalens.io import atomic_dir, atomic_write_json, json_safe
+from rosettalens.mapping.base import Mapper, MapperError, read_json
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -281,27 +280,22 @@ class SafetySwitch:
             "info": self.info,
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``mapper/`` and ``switch.json`` into ``directory`` (replaced as a whole, atomically)."""
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        """Write ``mapper/`` and ``switch.json`` as the folder ``directory``, swapped in whole.
+
+        An existing saved switch is replaced only with ``overwrite`` (default, as before); a folder
+        holding anything else is refused.
+        """
         d = Path(directory)
         if d.exists() and not (d / "switch.json").is_file():
             raise ConfigError(f"{d} exists and is not a saved safety switch; choose another directory")
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-        try:
+
+        def is_switch(p: Path) -> bool:
+            return (p / "switch.json").is_file()
+
+        with atomic_dir(d, overwrite=overwrite, what="safety switch", replaceable=is_switch) as tmp:
             self.mapper.save(tmp / "mapper")
-            atomic_write_json(tmp / "switch.json", self.config())
-            if d.exists():
-                old = d.with_name(f".{d.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(d, old)
-                os.replace(tmp, d)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, d)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            atomic_write_json(tmp / "switch.json", json_safe(self.config()))
         return d
 
     @classmethod

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from rosettalens.io import atomic_savefig, atomic_write_text
 
 
 def _plt():
@@ -43,9 +44,7 @@ def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> 
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     out = run_dir / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(parts))
     return out
 
 
@@ -65,12 +64,10 @@ def sweep_plot(run_dir: Path, sweep: list[dict], source: str, target: str) -> Pa
     axes[2].set(title=f"{target}: refusal log-odds (harmful val)", xlabel=f"{source} resid_pre layer")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    out = run_dir / "sweep.png"
-    tmp = run_dir / "sweep.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_savefig(fig, run_dir / "sweep.png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def rates_plot(run_dir: Path, results: dict) -> Path:
@@ -92,12 +89,10 @@ def rates_plot(run_dir: Path, results: dict) -> Path:
     for i, v in enumerate(vals):
         ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
     fig.tight_layout()
-    out = run_dir / "refusal_rates.png"
-    tmp = run_dir / "refusal_rates.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_savefig(fig, run_dir / "refusal_rates.png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def refusal_report(run_dir: Path, results: dict, examples: dict[str, list[dict]]) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.io import atomic_dir
 
 __all__ = ["ARCHS", "SAEConfig", "SAE", "FORMAT", "load_sae"]
 
@@ -337,8 +336,12 @@ class SAE(nn.Module):
         new.info = json.loads(json.dumps(self.info))
         return new.to(self.device)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's format) atomically to ``path``."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the folder ``path``: ``cfg.json`` + ``sae_weights.safetensors`` (SAELens's format).
+
+        The folder is built beside ``path`` and swapped in whole. An existing SAE folder is replaced
+        only with ``overwrite`` (default, as before); a folder holding other files is refused.
+        """
         from safetensors.torch import save_file
 
         out = Path(path)
@@ -348,26 +351,14 @@ class SAE(nn.Module):
             stray = [p.name for p in out.iterdir() if p.name not in (CFG_FILE, WEIGHTS_FILE)]
             if stray:
                 raise ConfigError(f"{out} holds other files ({stray[0]}, ...); not overwriting it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
         src = self
         if float(self.scale) != 1.0:
             src = self.copy()
             src.fold_scale()
-        try:
+        with atomic_dir(out, overwrite=overwrite, what="SAE folder") as tmp:
             cfg = src.saelens_config()
             save_file(src.state_tensors(), str(tmp / WEIGHTS_FILE))
             (tmp / CFG_FILE).write_text(json.dumps(_json_safe(cfg), indent=1) + "\n", encoding="utf-8")
-            if out.is_dir():
-                old = out.with_name(f".{out.name}.old{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod

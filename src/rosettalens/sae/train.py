@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.io import atomic_dir, sha256_bytes
 from rosettalens.sae.model import SAE, SAEConfig
 
 __all__ = ["TrainConfig", "train_saes", "train_sae"]
@@ -164,9 +163,7 @@ class _Source:
 
     def describe(self) -> dict[str, Any]:
         if self.index is not None:
-            import hashlib
-
-            h = hashlib.sha256(self.index.numpy().tobytes()).hexdigest()[:16]
+            h = sha256_bytes(self.index.numpy().tobytes())[:16]
             rows: Any = {"subset": self.n, "sha256": h}
         else:
             rows = [self.r0, self.r0 + self.n]
@@ -446,9 +443,6 @@ def _save_checkpoint(d: Path, runs: list[_Run], step: int, key: str, history: li
                 "stats": run.stats,
             }
         )
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp", dir=d.parent))
-    save_file(tensors, str(tmp / CKPT_STATE))
     meta = {
         "format": "rosettalens.sae_checkpoint/1",
         "step": step,
@@ -456,14 +450,9 @@ def _save_checkpoint(d: Path, runs: list[_Run], step: int, key: str, history: li
         "runs": meta_runs,
         "history": history,
     }
-    (tmp / CKPT_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
-    if d.exists():
-        old = d.with_name(f".{d.name}.old{os.getpid()}")
-        os.replace(d, old)
-        os.replace(tmp, d)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, d)
+    with atomic_dir(d, overwrite=True) as tmp:  # the previous checkpoint is replaced whole
+        save_file(tensors, str(tmp / CKPT_STATE))
+        (tmp / CKPT_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
 
 
 def _load_checkpoint(d: Path, runs: list[_Run], key: str) -> tuple[int, list] | None:

@@ -6,7 +6,6 @@ can be used (and tested) without activation stores.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from rosettalens.errors import ConfigError, ShapeError
+from rosettalens.io import atomic_savefig, atomic_write_json, json_safe
 from rosettalens.similarity._tensor import as_f64
 from rosettalens.similarity.metrics import PREPARED
 from rosettalens.similarity.permutation import metric_names, run_permutations, small_problem_threads
@@ -146,16 +146,9 @@ def compare_layers(
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON via a temp file in the same folder and ``os.replace``."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    """Write ``obj`` as JSON atomically (:func:`rosettalens.io.atomic_write_json`; NaN/inf as null)."""
+    atomic_write_json(path, json_safe(obj))
+    return Path(path)
 
 
 def plot_heatmap(
@@ -198,12 +191,4 @@ def plot_heatmap(
                 if not np.isnan(arr[i, j]):
                     ax.text(j, i, f"{arr[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.tight_layout()
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return atomic_savefig(fig, path)

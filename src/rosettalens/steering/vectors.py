@@ -21,10 +21,8 @@ also in the safetensors header) plus a readable ``NAME.json`` sidecar; both writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.io import atomic_write_bytes, atomic_write_json, check_output, json_safe, sha256_bytes
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -172,24 +171,32 @@ class SteeringVector:
             "versions": {"torch": torch.__version__, "rosettalens": _version()},
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write ``path`` (safetensors; ``.safetensors`` appended if missing) and a ``.json`` sidecar.
 
-        Both files are written atomically. Returns the safetensors path.
+        Both files are written atomically. An existing vector (or sidecar) is refused
+        (:class:`~rosettalens.errors.OutputExistsError`) unless ``overwrite``, before anything is
+        written; a folder given as ``path`` is a :class:`ConfigError`. Returns the safetensors path.
         """
         from safetensors.torch import save as st_save
 
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; give the vector a file name ending in .safetensors")
         if p.suffix == ".json":
             raise ConfigError(f"{p}: give the .safetensors path of the vector, not its .json sidecar")
         if p.suffix != ".safetensors":
             p = p.with_name(p.name + ".safetensors")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        sidecar = p.with_suffix(".json")
+        for f in (p, sidecar):
+            if f.is_dir():
+                raise ConfigError(f"{f} is a folder; give the vector another file name")
+            check_output(f, overwrite, "steering vector")
         meta = self.metadata()
         data = st_save({"vector": self.vector}, metadata={"rosettalens": json.dumps(meta)})
-        meta = {**meta, "file": p.name, "sha256": hashlib.sha256(data).hexdigest()}
-        _atomic_write(p, data)
-        _atomic_write(p.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+        meta = {**meta, "file": p.name, "sha256": sha256_bytes(data)}
+        atomic_write_bytes(p, data, overwrite=overwrite)
+        atomic_write_json(sidecar, json_safe(meta), overwrite=True)  # the sidecar follows its vector
         return p
 
     @classmethod
@@ -249,22 +256,6 @@ def _version() -> str:
         return version("rosettalens")
     except Exception:  # pragma: no cover - not installed
         return "unknown"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- collection
