@@ -138,3 +138,66 @@ def test_file_lock_live_owner_refused_dead_owner_taken_over(tmp_path):
     lock.write_text("not a pid")  # unreadable content counts as stale too
     with FileLock(lock):
         pass
+
+
+# ------------------------------------------------------------------------ one hf: dataset syntax
+class _FakeDataset:
+    column_names = ["text"]
+
+    def __init__(self):
+        self.rows = [{"text": "one document"}, {"text": "another one"}]
+
+    def __getitem__(self, key):
+        return [r[key] for r in self.rows]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+HF_SPECS = [
+    ("hf:org/name", ("org/name", None, "train")),
+    ("hf:org/name@test", ("org/name", None, "test")),
+    ("hf:wikitext:wikitext-2-raw-v1", ("wikitext", "wikitext-2-raw-v1", "train")),
+    ("hf:wikitext:wikitext-2-raw-v1@validation", ("wikitext", "wikitext-2-raw-v1", "validation")),
+    ("hf:allenai/c4:en:validation", ("allenai/c4", "en", "validation")),  # the older spelling
+]
+
+
+@pytest.mark.parametrize("spec,want", HF_SPECS, ids=[s for s, _ in HF_SPECS])
+def test_one_hf_syntax_reaches_load_dataset(spec, want, monkeypatch):
+    import datasets
+
+    from rosettalens.data import load_documents, parse_hf_spec
+
+    seen = []
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda i, c, split: seen.append((i, c, split)) or _FakeDataset()
+    )
+    assert parse_hf_spec(spec) == want
+    corpus = load_documents(spec)
+    assert seen == [want] and corpus.documents == ["one document", "another one"]
+
+
+BAD_HF = [
+    ("hf:", "empty dataset id"),
+    ("hf:@test", "empty dataset id"),
+    ("hf:org/name@", "empty split"),
+    ("hf:org/name@a@b", "more than one"),
+    ("hf:org/name::x", "cannot parse"),
+    ("hf:a:b:c:d", "cannot parse"),
+    ("hf:a:b:c@d", "cannot parse"),
+    ("hf:imdb:test", "ambiguous"),  # once the split, now the config: refused, not guessed
+]
+
+
+@pytest.mark.parametrize("spec,match", BAD_HF, ids=[s for s, _ in BAD_HF])
+def test_bad_hf_specs_are_one_data_error(spec, match, monkeypatch):
+    import datasets
+
+    from rosettalens.data import load_documents
+    from rosettalens.errors import DataError
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must fail before loading"))
+    with pytest.raises(DataError, match=match) as e:
+        load_documents(spec)
+    assert "\n" not in str(e.value)

@@ -162,21 +162,49 @@ def _read_file(path: Path, field: str | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- HF datasets
-def _parse_hf(spec: str) -> tuple[str, str | None, str]:
-    parts = spec[len("hf:") :].split(":")
-    if not parts[0]:
-        raise DataError(f"empty dataset id in {spec!r}; expected hf:<dataset id>[:split]")
-    if len(parts) == 1:
-        return parts[0], None, "train"
-    if len(parts) == 2:
-        return parts[0], None, parts[1] or "train"
-    if len(parts) == 3:
-        return parts[0], parts[1] or None, parts[2] or "train"
-    raise DataError(f"cannot parse {spec!r}; expected hf:<id>[:split] or hf:<id>:<config>:<split>")
+HF_SYNTAX = "hf:<dataset id>[:<config>][@<split>]"
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``(dataset id, config or None, split)`` of ``hf:<dataset id>[:<config>][@<split>]``.
+
+    The one ``hf:`` syntax of every command (``--data``, prompt sets): the split follows ``@``
+    (default ``train``), the config follows ``:``. Examples: ``hf:wikitext:wikitext-2-raw-v1@test``,
+    ``hf:tatsu-lab/alpaca``, ``hf:allenai/c4:en@validation``. The older spelling
+    ``hf:<id>:<config>:<split>`` is still read (it is unambiguous); ``hf:<id>:<name>`` where ``<name>``
+    looks like a split (``hf:imdb:test``) is refused with one line, since it once meant the split and
+    now means the config.
+    """
+    if not spec.startswith("hf:"):
+        raise DataError(f"{spec!r} is not a dataset spec; expected {HF_SYNTAX}")
+    body = spec[len("hf:") :]
+    split: str | None = None
+    if body.count("@") > 1:
+        raise DataError(f"cannot parse {spec!r}: more than one '@'; expected {HF_SYNTAX}")
+    if "@" in body:
+        body, split = body.split("@")
+        if not split:
+            raise DataError(f"empty split after '@' in {spec!r}; expected {HF_SYNTAX}")
+    parts = body.split(":")
+    ds_id = parts[0]
+    if not ds_id:
+        raise DataError(f"empty dataset id in {spec!r}; expected {HF_SYNTAX}")
+    if any(not p for p in parts[1:]) or len(parts) > 3 or (len(parts) == 3 and split is not None):
+        raise DataError(f"cannot parse {spec!r}; expected {HF_SYNTAX}")
+    if len(parts) == 3:  # the older hf:<id>:<config>:<split>
+        return ds_id, parts[1], parts[2]
+    config = parts[1] if len(parts) == 2 else None
+    if config is not None and split is None and config.lower() in _SPLIT_NAMES:
+        raise DataError(
+            f"{spec!r} is ambiguous: write hf:{ds_id}@{config} for the split {config!r}, "
+            f"or hf:{ds_id}:{config}@train for a config named {config!r}"
+        )
+    return ds_id, config, split or "train"
 
 
 def _load_hf(spec: str, field: str | None) -> tuple[list[str], dict]:
-    ds_id, config, split = _parse_hf(spec)
+    ds_id, config, split = parse_hf_spec(spec)
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -207,7 +235,8 @@ def _looks_offline(e: BaseException) -> bool:
 
 # --------------------------------------------------------------------------------------------- entry point
 def load_documents(spec: str | os.PathLike, field: str | None = None) -> Corpus:
-    """Load the documents named by ``spec`` (file path, ``hf:<id>[:split]`` or built-in name).
+    """Load the documents named by ``spec``: a file path, ``hf:<dataset id>[:<config>][@<split>]``
+    (see :func:`parse_hf_spec`) or a built-in name.
 
     Raises :class:`DataError` for a missing, empty or unreadable source, an unknown name, or an
     unreachable dataset.
