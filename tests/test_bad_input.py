@@ -64,6 +64,7 @@ def env(tmp_path_factory):
     (root / "results.json").write_text("{}")
     (root / "runs").mkdir()
     (root / "runs" / "old.png").write_bytes(b"png")
+    (root / "runs" / "config.json").write_text('{"experiment": "refusal-transfer"}')
     (root / "afile").write_text("x")
     return root
 

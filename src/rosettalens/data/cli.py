@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
-from pathlib import Path
 
 from rosettalens import options as opt
-from rosettalens.errors import ConfigError
 
 
 def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
@@ -76,23 +73,14 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
 
 def cmd_data_generate(args: argparse.Namespace) -> int:
-    from rosettalens.data.generate import generate_to_file
+    from rosettalens.data.generate import check_corpus_out, generate_to_file
     from rosettalens.models.loading import load
 
-    if not args.out.endswith((".jsonl", ".txt")):
-        raise ConfigError(f"--out must end in .jsonl or .txt, got {args.out!r}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give a .jsonl or .txt file name")
     # a corpus this command wrote (it has a .meta.json sidecar) is reused when the options match;
     # any other existing file is the user's: refused unless --overwrite
-    if not out.with_name(out.name + ".meta.json").is_file():
-        opt.check_output(out, args.overwrite)
+    check_corpus_out(args.out, args.overwrite)
     opt.check_models([args.model])
     hm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
-    kw = {}
-    if "overwrite" in inspect.signature(generate_to_file).parameters:
-        kw["overwrite"] = args.overwrite
     res = generate_to_file(
         hm,
         args.out,
@@ -101,7 +89,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=not args.no_progress,
-        **kw,
+        overwrite=args.overwrite,
     )
     note = " (cached)" if res["cached"] else ""
     _emit(args, res, f"{res['path']}: {res['n_documents']} documents, {res['n_tokens']} tokens{note}")

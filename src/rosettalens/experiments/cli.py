@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import json
 import sys
 import types
@@ -180,8 +179,10 @@ def preflight(exp: Experiment, cfg: Any, args: argparse.Namespace) -> None:
         p = Path(out)
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--out {p} is a file; give a folder for the run")
-        if p.is_dir() and any(p.iterdir()):
-            opt.check_output(p, args.overwrite, "run folder")
+        if (p / "config.json").is_file() and not args.overwrite:  # other files: the run goes beside them
+            raise ConfigError(
+                f"--out {p} already holds a run; pass --resume {p} to continue it or --overwrite to replace it"
+            )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -192,16 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--overwrite and --resume exclude each other")
     cfg = config_from_args(exp, args)
     preflight(exp, cfg, args)
-    kw: dict[str, Any] = {}
-    if args.overwrite:
-        if "overwrite" not in inspect.signature(run_experiment).parameters:
-            raise ConfigError(
-                "--overwrite is not supported by this version's run_experiment; use another --out"
-            )
-        kw["overwrite"] = True
-    summary = run_experiment(
-        exp, cfg, resume=args.resume, progress=not args.json or sys.stderr.isatty(), **kw
-    )
+    progress = not args.json or sys.stderr.isatty()
+    summary = run_experiment(exp, cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
     if args.json:
         opt.print_json(summary)
     else:

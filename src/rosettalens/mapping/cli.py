@@ -19,9 +19,7 @@ stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
-from typing import Any
 
 from rosettalens import options as opt
 from rosettalens.errors import ConfigError, DataError
@@ -135,16 +133,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     heldout = activation_metrics(mapper, Xh, Yh)
     mapper.fit_info["heldout"] = heldout
     mapper.fit_info["data"] = data_info
-    save_kw: dict[str, Any] = {}
-    if "overwrite" in inspect.signature(mapper.save).parameters:
-        save_kw["overwrite"] = args.overwrite
     out = mapper.save(
         args.out,
         source_model=src_name,
         target_model=tgt_name,
         source_hook=src_hook,
         target_hook=tgt_hook,
-        **save_kw,
+        overwrite=args.overwrite,
     )
     if args.kind == "autoencoder" and not args.checkpoint:
         import shutil

@@ -16,7 +16,6 @@ Bad input prints one line on stderr and exits with status 2, before any model is
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,7 @@ def _check_vector_out(out: str, overwrite: bool) -> Path:
 
 
 def _save_vector(sv: Any, path: Path, overwrite: bool) -> Path:
-    if "overwrite" in inspect.signature(sv.save).parameters:
-        return sv.save(path, overwrite=overwrite)
-    return sv.save(path)
+    return sv.save(path, overwrite=overwrite)
 
 
 def _prompt_spec(spec: str, what: str) -> None:
