@@ -100,7 +100,7 @@ def test_hf_offline_is_one_clear_error(monkeypatch):
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     with pytest.raises(DataError) as ei:
-        load_documents("hf:someone/corpus:validation")
+        load_documents("hf:someone/corpus@validation")
     msg = str(ei.value)
     assert "\n" not in msg and "offline" in msg and "'someone/corpus'" in msg and "validation" in msg
 
@@ -124,12 +124,19 @@ def test_hf_spec_parsing(monkeypatch):
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert load_documents("hf:org/name").documents == ["doc one", "doc two"]
-    load_documents("hf:org/name:test")
-    load_documents("hf:wikitext:wikitext-2-raw-v1:validation")
+    load_documents("hf:org/name@test")
+    load_documents("hf:wikitext:wikitext-2-raw-v1@validation")
+    load_documents("hf:wikitext:wikitext-2-raw-v1:validation")  # the older spelling, still read
+    load_documents("hf:allenai/c4:en")  # a config, default split
     assert calls == [
         ("org/name", None, "train"),
         ("org/name", None, "test"),
         ("wikitext", "wikitext-2-raw-v1", "validation"),
+        ("wikitext", "wikitext-2-raw-v1", "validation"),
+        ("allenai/c4", "en", "train"),
     ]
+    with pytest.raises(DataError, match="ambiguous"):  # once meant the split, now would be a config
+        load_documents("hf:org/name:test")
+    assert len(calls) == 5  # refused before the dataset is opened
     with pytest.raises(DataError, match="no column 'body'"):
         load_documents("hf:org/name", field="body")
