@@ -131,3 +131,20 @@ def test_cli_models_list_json():
     assert names == set(zoo.ZOO)
     for m in data["models"]:
         assert {"family", "params", "installed", "cached"} <= set(m)
+
+
+def test_no_progress_hides_the_weight_loading_bar(tmp_path, capfd):
+    """`--no-progress` (progress=False) also silences transformers' own weight-loading bar."""
+    from rosettalens.models.loading import load
+    from rosettalens.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    load(str(tmp_path / "m"), device="cpu", progress=True)
+    shown = capfd.readouterr().err
+    load(str(tmp_path / "m"), device="cpu", progress=False)
+    hidden = capfd.readouterr().err
+    assert "Loading weights" in shown  # the bar this test is about exists ...
+    assert "Loading weights" not in hidden and "%|" not in hidden  # ... and progress=False hides it
