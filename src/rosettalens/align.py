@@ -197,14 +197,9 @@ class PairedStores:
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield row-aligned ``(X_a [batch, d_a], X_b [batch, d_b])``; shuffled by ``seed`` if asked."""
-        n = len(self)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        )
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
-            if drop_last and len(idx) < batch_size:
-                break
+        from rosettalens.store import row_batches
+
+        for idx in row_batches(len(self), batch_size, shuffle, seed, drop_last):
             yield self.read(hook_a, hook_b, rows=idx)
 
 

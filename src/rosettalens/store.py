@@ -18,6 +18,10 @@ Shard ``k`` holds rows ``[k * shard_size, (k + 1) * shard_size)``: the plan is a
 config, so an interrupted extraction resumes at the first missing shard and the finished store is
 identical to an uninterrupted one; under ``torchrun`` rank ``r`` computes shards ``k % world == r`` and
 rank 0 writes the manifest, so the store is the same as a single-process one.
+
+While an extraction writes a store, ``.extract.lock`` in it holds the writer's pid: a second
+``extract`` into the same folder is refused with one line (:class:`rosettalens.io.LockedError`)
+instead of deleting the first one's temporary shards; the lock of a killed writer is taken over.
 """
 
 from __future__ import annotations
@@ -316,17 +320,22 @@ class ActivationStore:
         self, hook: str, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
     ) -> Iterator[torch.Tensor]:
         """Yield ``[batch, d]`` activations of ``hook``; a seeded permutation of all rows if ``shuffle``."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        )
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
-            if drop_last and len(idx) < batch_size:
-                break
+        for idx in row_batches(len(self), batch_size, shuffle, seed, drop_last):
             yield self.read(hook, idx)
+
+
+def row_batches(
+    n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+) -> Iterator[torch.Tensor]:
+    """Row indices ``[batch]`` covering ``range(n)`` once: a seeded permutation if ``shuffle``."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    for s in range(0, n, batch_size):
+        idx = order[s : s + batch_size]
+        if drop_last and len(idx) < batch_size:
+            break
+        yield idx
 
 
 # --------------------------------------------------------------------------------------------- extraction
