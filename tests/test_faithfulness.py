@@ -261,3 +261,28 @@ def test_edge_faithfulness_refuses_unsupported_models():
         hm = HookedModel.from_hf(model, tok)
         with pytest.raises(ConfigError):
             EdgeFaithfulness(hm, clean, corrupted, metric)
+
+
+def test_random_baseline_of_equal_size(planted):
+    """Random circuits have the circuit's number of heads and MLPs; the p-value is the permutation
+    formula over the values returned (recomputed here from F itself, seeded draws reproduced)."""
+    hm = planted
+    clean, corrupted, metric = _data()
+    F = Faithfulness(hm, clean, metric, corrupted_ids=corrupted)
+    out = F.random_baseline(PLANTED, n=6, seed=3)
+    assert out["n_heads"] == 2 and out["n_mlps"] == 1 and len(out["random"]) == 6
+    assert out["faithfulness"] == pytest.approx(F(PLANTED))
+    rng = random.Random(3)
+    heads = [c for c in component_names(hm) if not c.startswith("mlp.")]
+    mlps = [c for c in component_names(hm) if c.startswith("mlp.")]
+    for r in out["random"]:
+        c = Circuit.from_components(rng.sample(heads, 2) + rng.sample(mlps, 1))
+        assert len(c.heads) == 2 and len(c.mlps) == 1
+        assert r == pytest.approx(F(c), abs=1e-9)
+    assert out["p_value"] == pytest.approx((1 + sum(r >= out["faithfulness"] for r in out["random"])) / 7)
+    assert out["p_value"] == pytest.approx(1 / 7)  # the planted circuit beats every random one
+    # a random circuit scored against random circuits of its own size is no outlier
+    worst = Circuit(heads=["1.0", "1.2"], mlps=[0])
+    assert F.random_baseline(worst, n=6, seed=3)["p_value"] > 1 / 7
+    with pytest.raises(ConfigError):
+        F.random_baseline(PLANTED, n=0)

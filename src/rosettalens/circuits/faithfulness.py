@@ -303,6 +303,34 @@ class Faithfulness:
         ms = [self._run(Circuit.from_components(rng.sample(self.components, n))) for n in sizes]
         return self._curve(fr, sizes, ms)
 
+    def random_baseline(self, circuit: Circuit, *, n: int = 20, seed: int = 0) -> dict[str, Any]:
+        """``f(circuit)`` against ``n`` random circuits of its size: as many heads (drawn uniformly
+        without replacement from all heads) and as many MLPs (from all MLPs), seeded.
+
+        Returns ``faithfulness``, ``random`` (the ``n`` values), their ``random_mean`` / ``random_std``
+        and ``p_value = (1 + #{random >= f(circuit)}) / (1 + n)``: the one-sided permutation p-value of
+        "a random circuit of this size is at least as faithful" (its smallest value is ``1 / (1 + n)``).
+        """
+        if n < 1:
+            raise ConfigError(f"n must be >= 1 random circuits, got {n}")
+        heads = [c for c in self.components if not c.startswith("mlp.")]
+        mlps = [c for c in self.components if c.startswith("mlp.")]
+        nh, nm = len(circuit.heads), len(circuit.mlps)
+        f = self(circuit)
+        rng = random.Random(seed)
+        rand = [self(Circuit.from_components(rng.sample(heads, nh) + rng.sample(mlps, nm))) for _ in range(n)]
+        mean = sum(rand) / n
+        std = (sum((r - mean) ** 2 for r in rand) / max(1, n - 1)) ** 0.5
+        return {
+            "faithfulness": f,
+            "n_heads": nh,
+            "n_mlps": nm,
+            "random": rand,
+            "random_mean": mean,
+            "random_std": std,
+            "p_value": (1 + sum(r >= f for r in rand)) / (1 + n),
+        }
+
     def evaluate(
         self,
         scores: Mapping[str, float] | NodeAttribution,

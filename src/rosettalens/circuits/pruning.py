@@ -314,7 +314,8 @@ class _Scorer:
         The forward starts with one row (the prompt under ``base``'s ablations, the trunk); a circuit
         whose ablations first differ from ``base``'s at layer ``d`` gets a copy of the trunk row at
         ``resid_pre.d`` (the layers below are the same for both, so they run once), and from there
-        each row carries its own per-row head and MLP masks. Rows per forward: ``1 + len(circuits)``.
+        each row carries its own per-row head and MLP masks; the trunk is dropped once the last row has
+        its copy. Rows per forward: at most ``1 + len(circuits)``.
         """
         bh, bm = self._masks(*base)
         masks = [self._masks(h, m) for h, m in circuits]
@@ -325,30 +326,32 @@ class _Scorer:
         order = sorted(range(len(circuits)), key=lambda r: start[r])
         hmask = torch.stack([bh] + [masks[r][0] for r in order], 1)  # [n_layers, 1 + k, n_heads]
         mmask = torch.stack([bm] + [masks[r][1] for r in order], 1)  # [n_layers, 1 + k]
+        if any(d >= self.n_layers for d in start):  # pragma: no cover - a circuit equal to the base
+            raise ShapeError("a circuit to score equals the base circuit")
         grow: dict[int, int] = {}
         for r in order:
-            if start[r] < self.n_layers:
-                grow[start[r]] = grow.get(start[r], 0) + 1
-        # rows alive at layer L: the trunk and every row started at or below L
-        alive = [1 + sum(k for d, k in grow.items() if d <= L) for L in range(self.n_layers)]
-        if any(s >= self.n_layers for s in start):  # pragma: no cover - a circuit equal to the base
-            raise ShapeError("a circuit to score equals the base circuit")
+            grow[start[r]] = grow.get(start[r], 0) + 1
+        # rows alive at layer L: the trunk (dropped at the last growth layer `top`, where every row
+        # has its copy) and every row started at or below L
+        top = max(grow)
+        lo = [1 if L >= top else 0 for L in range(self.n_layers)]
+        hi = [1 + sum(k for d, k in grow.items() if d <= L) for L in range(self.n_layers)]
         dev = self.hm.device
+        hms = [hmask[L, lo[L] : hi[L]].to(dev) for L in range(self.n_layers)]
+        mms = [mmask[L, lo[L] : hi[L]].to(dev) for L in range(self.n_layers)]
         n = self.ids.shape[0]
         per_prompt: list[Tensor] = []
         for i in range(n):
             handlers: list[tuple[str, Callable, str]] = []
             for d, k in grow.items():
-                handlers.append((f"resid_pre.{d}", _grow_rows(k), "resize"))
+                handlers.append((f"resid_pre.{d}", _grow_rows(k, drop_first=d == top), "resize"))
             for L in range(self.n_layers):
-                hm_ = hmask[L, : alive[L]].to(dev)
-                if hm_.any():
+                if hms[L].any():
                     val = self._value(self.ab.head_values, L, i)
-                    handlers.append((f"head_z.{L}", _masked(hm_[:, None, :, None], val), "plain"))
-                mm_ = mmask[L, : alive[L]].to(dev)
-                if mm_.any():
+                    handlers.append((f"head_z.{L}", _masked(hms[L][:, None, :, None], val), "plain"))
+                if mms[L].any():
                     val = self._value(self.ab.mlp_values, L, i)
-                    handlers.append((f"mlp_out.{L}", _masked(mm_[:, None, None], val), "plain"))
+                    handlers.append((f"mlp_out.{L}", _masked(mms[L][:, None, None], val), "plain"))
             x = self.ids[i : i + 1].to(dev)
             with self.hm._intervene(handlers):
                 try:
@@ -356,11 +359,9 @@ class _Scorer:
                 except TypeError:  # a model class without logits_to_keep
                     out = self.hm.model(input_ids=x, use_cache=False).logits[:, -1:]
             self.model_calls += 1
-            if out.shape[0] != 1 + len(
-                circuits
-            ):  # pragma: no cover - an architecture that does not broadcast
-                raise ShapeError(f"batched pruning got {out.shape[0]} rows, expected {1 + len(circuits)}")
-            per_prompt.append(out[1:, -1:].float())
+            if out.shape[0] != len(circuits):  # pragma: no cover - an architecture that does not broadcast
+                raise ShapeError(f"batched pruning got {out.shape[0]} rows, expected {len(circuits)}")
+            per_prompt.append(out[:, -1:].float())
         stacked = torch.stack(per_prompt, 1)  # [k, n, 1, vocab], rows in `order`
         self.rows_scored += len(circuits)
         scores = [0.0] * len(circuits)
@@ -369,9 +370,11 @@ class _Scorer:
         return scores
 
 
-def _grow_rows(k: int) -> Callable:
+def _grow_rows(k: int, drop_first: bool = False) -> Callable:
+    """Append ``k`` copies of row 0 (the trunk); ``drop_first``: the trunk's last use, drop it."""
+
     def grow(act: Tensor, name: str) -> Tensor:
-        return torch.cat([act, act[:1].expand(k, *act.shape[1:])])
+        return torch.cat([act[1:] if drop_first else act, act[:1].expand(k, *act.shape[1:])])
 
     return grow
 
@@ -465,37 +468,43 @@ def prune_nodes(
     else:
         row_cap = max(1, int(memory_budget // _row_bytes(hm, clean_ids.shape[1])) - 1)
         k_max = max(1, min(row_cap, max_rows) if max_rows is not None else row_cap)
-        hint: dict[int, bool] = {}  # step -> predicted removable (from a discarded row's score)
-        last: dict[str | int, bool] = {}  # label -> its last decision (e.g. of the backward sweep)
+        # each step's effect on the score (score after removal - score before), last seen: the
+        # prediction of a step is "removable" when the predicted score after it keeps the threshold
+        # (a step never scored is predicted removable)
+        effect: dict[str | int, float] = {}
         current = full  # the score of the circuit so far
+        k = k_max
         while True:
             plan: list[tuple[int, set[Head], set[int], str | int, bool]] = []
-            h, m, j = set(heads), set(mlps), i
-            while len(plan) < k_max and (req := next_step(j, h, m)) is not None:
+            h, m, j, est = set(heads), set(mlps), i, current
+            while len(plan) < k and (req := next_step(j, h, m)) is not None:
                 j, rh, rm, label = req
-                pred = hint.get(j, last.get(label, True))
+                e = effect.get(label)
+                pred = e is None or est + e >= need
                 plan.append((j, h - rh, m - rm, label, pred))
                 if pred:
-                    h, m = h - rh, m - rm
+                    h, m, est = h - rh, m - rm, est + (e or 0.0)
                 j += 1
             if not plan:
                 break
             scores = sc.batch((heads, mlps), [(p[1], p[2]) for p in plan])
-            for q, ((j, kh, km, label, pred), s) in enumerate(zip(plan, scores)):
+            before = current
+            for (_, _, _, label, pred), s in zip(plan, scores):
+                effect[label] = s - before  # `before`: the score of the row's own starting circuit
+                if pred:
+                    before = s
+            missed = False
+            for (j, kh, km, label, pred), s in zip(plan, scores):
                 ok = s >= need
                 trace.append({"sweep": program[j][0], "component": label, "ratio": s / full, "removed": ok})
-                last[label] = ok
-                before = current
                 if ok:
                     heads, mlps, current = kh, km, s
                 i = j + 1
-                if ok != pred:
-                    # the later rows were scored on a circuit one decision off: shift them by that
-                    # decision's effect and keep them as predictions
-                    delta = (s if ok else before) - (s if pred else before)
-                    for (j2, *_), s2 in zip(plan[q + 1 :], scores[q + 1 :]):
-                        hint[j2] = s2 + delta >= need
+                if ok != pred:  # the later rows start from a circuit this decision makes wrong
+                    missed = True
                     break
+            # fewer rows after a wrong prediction (less to throw away), more after a right batch
+            k = max(min(4, k_max), k // 2) if missed else min(k_max, 2 * k)
             bar.n = i
             bar.refresh()
     bar.close()
