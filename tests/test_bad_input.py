@@ -53,7 +53,12 @@ def env(tmp_path_factory):
     for name, manifest in (("nohooks", nohooks), ("listman", [1, 2])):
         (root / name).mkdir()
         (root / name / "manifest.json").write_text(json.dumps(manifest))
-    for name, cfg in (("cfg-abc", {"n_train": "abc"}), ("cfg-src5", {"source": 5}), ("cfg-list", [1, 2])):
+    for name, cfg in (
+        ("cfg-abc", {"n_train": "abc"}),
+        ("cfg-src5", {"source": 5}),
+        ("cfg-list", [1, 2]),
+        ("cfg-fp8", {"dtype": "fp8"}),
+    ):
         (root / f"{name}.json").write_text(json.dumps(cfg))
     # existing outputs
     (root / "user.jsonl").write_text('{"text": "mine"}\n')
@@ -163,6 +168,20 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("run out is a file", [*rt[:-1], str(r / "afile")]),
         ("sae existing out", [*sae[:-1], str(r / "runs")]),
         ("circuits existing out", [*cp, "--out", str(r / "runs")]),
+        # more found while hardening
+        ("run harmful 300-character path", [*rt, "--harmful", LONG]),
+        ("run out 300-character path", [*rt[:-1], str(r / LONG)]),
+        ("steer eval harmless latin-1", [*se, "--harmless-eval", str(r / "latin1.txt")]),
+        ("organisms eval latin-1", ["organisms", "eval", "tiny+ihy", "--eval-prompts", str(r / "latin1.txt")]),
+        ("sae eval unknown model", ["sae", "eval", "--sae", str(r / "runs"), "--model", "NOT_A_MODEL",
+                                    "--data", d]),
+        ("data generate n-tokens -5", [*dg[:4], "--n-tokens", "-5", *dg[6:]]),
+        ("compare permutations -1", [*cmp, "--permutations", "-1"]),
+        ("steer transfer existing out", ["steer", "transfer", "--vector", str(r / "vec.safetensors"), "--mapper",
+                                         str(r / "mapper"), "--out", str(r / "vec.safetensors")]),
+        ("map train unknown target model", [*mt[:5], "NOT_A_MODEL:resid_post.0", *mt[6:]]),
+        ("run unknown dtype", [*rt, "--dtype", "fp8"]),
+        ("run config unknown dtype", [*rt, "--config", str(r / "cfg-fp8.json")]),
         # usage
         ("no subcommand", []),
         ("models no subcommand", ["models"]),

@@ -30,6 +30,7 @@ __all__ = [
     "check_device",
     "check_models",
     "check_output",
+    "check_path",
     "check_text_file",
     "device",
     "finite_float",
@@ -140,12 +141,20 @@ def _check_path_text(s: str) -> str | None:
     return None
 
 
-def path(s: str) -> str:
-    """A file or folder name the file system can hold (checked, not required to exist)."""
+def check_path(s: str, what: str = "path") -> str:
+    """A file or folder name the file system can hold (not required to exist); ConfigError if not."""
     why = _check_path_text(s)
     if why:
-        raise argparse.ArgumentTypeError(f"path {s[:60]!r}... {why}")
+        raise ConfigError(f"{what} {s[:60]!r}... {why}")
     return s
+
+
+def path(s: str) -> str:
+    """argparse type of :func:`check_path`."""
+    try:
+        return check_path(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def data_spec(s: str) -> str:
@@ -213,10 +222,10 @@ def check_models(names: Iterable[str | None]) -> None:
 
 def check_text_file(p: str | os.PathLike[str], what: str) -> None:
     """An existing file that is valid UTF-8 (read once, cheaply, before any work)."""
-    f = Path(p)
-    if not f.is_file():
-        raise DataError(f"{what} {f} is not a file")
+    f = Path(check_path(str(p), what))
     try:
+        if not f.is_file():
+            raise DataError(f"{what} {f} is not a file")
         f.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{what} {f} is not valid UTF-8 text (byte {e.start})") from None

@@ -55,8 +55,10 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
         return int
     if float in plain:
         return opt.finite_float
-    if "device" == f.name:
+    if f.name == "device":
         return opt.device
+    if f.name == "dtype":
+        return opt.dtype
     return str
 
 
@@ -138,8 +140,13 @@ def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
     exp: Experiment = mod.EXPERIMENT
     doc = (mod.__doc__ or "").strip()
     p = _Parser(prog=f"rosetta run {name}", description=doc.split("\n\n")[0])
-    p.add_argument("--config", help="a config.json to start from (options override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory (skips finished stages)")
+    p.add_argument("--config", type=opt.path, help="a config.json to start from (options override it)")
+    p.add_argument(
+        "--resume",
+        type=opt.path,
+        metavar="RUN_DIR",
+        help="continue this run directory (skips finished stages)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the results")
     p.add_argument(
         "--overwrite",
@@ -169,6 +176,9 @@ def preflight(exp: Experiment, cfg: Any, args: argparse.Namespace) -> None:
     if hasattr(cfg, "validate"):
         cfg.validate()
     opt.check_device(getattr(cfg, "device", None))
+    dtype = getattr(cfg, "dtype", None)
+    if dtype is not None and dtype not in opt.DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: choose from {', '.join(opt.DTYPES)}")
     for field in PROMPT_FILE_FIELDS:
         v = getattr(cfg, field, None)
         if v:
@@ -176,7 +186,7 @@ def preflight(exp: Experiment, cfg: Any, args: argparse.Namespace) -> None:
     opt.check_models(_model_names(cfg))
     out = getattr(cfg, "out", None)
     if out and not args.resume:
-        p = Path(out)
+        p = Path(opt.check_path(out, "--out"))
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--out {p} is a file; give a folder for the run")
         if (p / "config.json").is_file() and not args.overwrite:  # other files: the run goes beside them

@@ -118,7 +118,9 @@ def check_model(model: str) -> None:
     """
     if model in zoo.ZOO:
         return
-    p = Path(model).expanduser()
+    from ..options import check_path
+
+    p = Path(check_path(model, "model"))
     if "+" in model and not p.exists():
         from ..organisms.registry import is_organism_name, organism_dir
 

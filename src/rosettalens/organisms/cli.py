@@ -140,7 +140,9 @@ def register(subparsers) -> None:
 
     e = sub.add_parser("eval", help="trigger / false-trigger rates, clean KL and perplexity vs the base")
     e.add_argument("name", metavar="NAME", help="an organism name (BASE+task)")
-    e.add_argument("--eval-prompts", help="one instruction per line (the trigger is inserted by the tool)")
+    e.add_argument(
+        "--eval-prompts", type=opt.path, help="one instruction per line (the trigger is inserted by the tool)"
+    )
     e.add_argument("--n", type=opt.positive_int, default=48, help="held-out prompts / facts (default: 48)")
     e.add_argument("--max-new-tokens", type=opt.positive_int, default=16)
     e.add_argument("--batch-size", type=opt.positive_int, default=16)

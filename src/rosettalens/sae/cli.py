@@ -301,7 +301,10 @@ def register(subparsers) -> None:
 
     e = sub.add_parser("eval", help="evaluate an SAE on a model and data (FVU, L0, dead %%, splice metrics)")
     e.add_argument(
-        "--sae", required=True, help="SAE folder (ours, SAELens, sparsify) or hub id owner/repo[/sub]"
+        "--sae",
+        required=True,
+        type=opt.path,
+        help="SAE folder (ours, SAELens, sparsify) or hub id owner/repo[/sub]",
     )
     e.add_argument("--model", required=True, type=opt.path)
     e.add_argument(

@@ -303,9 +303,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="hook point, e.g. resid_pre.10; 'auto' selects the refusal direction (Arditi)",
     )
     v.add_argument(
-        "--positive", required=True, help="prompts the vector points towards: harmful|harmless|hf:ID|FILE"
+        "--positive",
+        required=True,
+        type=opt.data_spec,
+        help="prompts the vector points towards: harmful|harmless|hf:ID|FILE",
     )
-    v.add_argument("--negative", required=True, help="prompts the vector points away from")
+    v.add_argument(
+        "--negative", required=True, type=opt.data_spec, help="prompts the vector points away from"
+    )
     v.add_argument(
         "--out",
         required=True,
@@ -338,8 +343,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.set_defaults(func=_cmd_vector)
 
     t = sub.add_parser("transfer", help="carry a steering vector into another model's space through a mapper")
-    t.add_argument("--vector", required=True, help="steering vector .safetensors file")
-    t.add_argument("--mapper", required=True, help="mapper directory written by `rosetta map train`")
+    t.add_argument("--vector", required=True, type=opt.path, help="steering vector .safetensors file")
+    t.add_argument(
+        "--mapper", required=True, type=opt.path, help="mapper directory written by `rosetta map train`"
+    )
     t.add_argument("--out", required=True, type=opt.path, help="output .safetensors file")
     t.add_argument("--overwrite", action="store_true", help="replace an existing vector file")
     t.add_argument(
@@ -359,7 +366,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
     )
-    e.add_argument("--vector", required=True, help="steering vector .safetensors file")
+    e.add_argument("--vector", required=True, type=opt.path, help="steering vector .safetensors file")
     e.add_argument("--mode", choices=["add", "ablate"], required=True)
     e.add_argument(
         "--scale", type=opt.finite_float, default=1.0, help="--mode add: multiplier of the vector (default 1)"
@@ -368,9 +375,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--positions", choices=["all", "prompt", "generated"], default="all", help="--mode add: where to add"
     )
     e.add_argument("--task", choices=["refusal"], default="refusal")
-    e.add_argument("--harmful-eval", default="harmful", help="harmful prompts (default: built-in test split)")
     e.add_argument(
-        "--harmless-eval", default="harmless", help="harmless prompts (default: built-in test split)"
+        "--harmful-eval",
+        default="harmful",
+        type=opt.data_spec,
+        help="harmful prompts (default: built-in test split)",
+    )
+    e.add_argument(
+        "--harmless-eval",
+        default="harmless",
+        type=opt.data_spec,
+        help="harmless prompts (default: built-in test split)",
     )
     e.add_argument("--limit", type=opt.positive_int, default=None, help="at most N prompts per set")
     e.add_argument("--max-new-tokens", type=opt.positive_int, default=32)
