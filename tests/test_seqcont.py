@@ -58,6 +58,8 @@ def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
         assert t["circuit"] == {"heads": ["1.2"], "mlps": []}  # the planted head, found by pruning
         assert t["faithfulness"] > 0.8
         assert t["cpr"] > t["random_cpr"]
+        # 20 random single heads: only the planted head itself (if drawn) is as faithful
+        assert t["random_faithfulness"] < 0.5 and t["faithfulness_p_value"] < 0.25
     sh = r["shared"]
     assert sh["heads"] == ["1.2"] and sh["mlps"] == [] and sh["iou"] == [[1.0, 1.0], [1.0, 1.0]]
     assert sh["roles"]["1.2"]["successor"] == 1.0

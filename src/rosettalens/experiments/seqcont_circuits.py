@@ -48,9 +48,12 @@ class SeqcontConfig:
     n_prompts: int = 8  # prompts per task after the competence filter
     threshold: float = 0.8  # share of the full model's metric a circuit keeps
     group_first: bool = True  # pruning tries a whole layer's heads first (one forward)
+    batched: bool = True  # pruning: many candidate removals per forward (the same circuit)
+    max_rows: int = 16  # batched pruning: circuits scored per forward at most
     edges: bool = True  # path patching between circuit nodes
     max_edge_nodes: int = 6  # path patching among at most this many circuit nodes (most important)
     n_random: int = 2  # random circuits / component sets per comparison
+    n_random_circuits: int = 20  # random circuits of the pruned circuit's size (its p-value)
     patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
     batch_size: int = 32
     seed: int = 0
@@ -67,7 +70,7 @@ class SeqcontConfig:
     def validate(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"--threshold must be in (0, 1], got {self.threshold}")
-        for name in ("n_prompts", "batch_size", "max_edge_nodes"):
+        for name in ("n_prompts", "batch_size", "max_edge_nodes", "max_rows", "n_random_circuits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.n_random < 0:
@@ -221,6 +224,7 @@ class SeqcontExperiment(Experiment):
                 res = prune_nodes(
                     hm, ps.clean_ids, ps.metric(), ps.corrupted_ids, threshold=cfg.threshold,
                     group_first=cfg.group_first, batch_size=cfg.batch_size, progress=ctx.progress,
+                    batched=cfg.batched, max_rows=cfg.max_rows, seed=cfg.seed,
                 )  # fmt: skip
                 out[mname][task] = {**res.to_dict(), "trace": res.trace}
                 ctx.save_json(part, out[mname][task])
@@ -266,12 +270,15 @@ class SeqcontExperiment(Experiment):
                 metric = ps.metric()
                 fa = Faithfulness(hm, ps.clean_ids, metric, ablation="mean", reference=ps.corrupted_ids,
                                   batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
-                f_c = fa(Circuit(heads=list(c["heads"]), mlps=list(c["mlps"])))
+                circuit = Circuit(heads=list(c["heads"]), mlps=list(c["mlps"]))
+                rb = fa.random_baseline(circuit, n=cfg.n_random_circuits, seed=cfg.seed)
+                f_c = rb["faithfulness"]
                 attr = attribute_nodes(hm, ps.clean_ids, ps.corrupted_ids, metric, method="eap", resid=True,
                                        batch_size=cfg.batch_size)  # fmt: skip
                 ev = fa.evaluate(attr, n_random=max(cfg.n_random, 1), seed=cfg.seed)
                 out[mname][task] = {
                     "faithfulness": f_c, "m_full": fa.m_full, "m_empty": fa.m_empty,
+                    "random_same_size": {k: rb[k] for k in ("random", "random_mean", "random_std", "p_value")},
                     "cpr": ev["cpr"], "cmd": ev["cmd"], "random_cpr": ev["random_cpr"],
                     "random_cmd": ev["random_cmd"], "curve_signed": ev["curve_signed"],
                     "curve_absolute": ev["curve_absolute"], "random_curves": ev["random_curves"],
@@ -512,6 +519,8 @@ class SeqcontExperiment(Experiment):
                 "n_prompts": len(p["rows"]), "competence": p["competence"], "baseline_metric": c["score_full"],
                 "circuit": {"heads": c["heads"], "mlps": c["mlps"]}, "circuit_ratio": c["ratio"],
                 "faithfulness": f["faithfulness"], "cpr": f["cpr"], "cmd": f["cmd"],
+                "random_faithfulness": f.get("random_same_size", {}).get("random_mean"),
+                "faithfulness_p_value": f.get("random_same_size", {}).get("p_value"),
                 "random_cpr": f["random_cpr"], "random_cmd": f["random_cmd"],
             }  # fmt: skip
         sh = ctx.state["shared"][mname]
@@ -558,8 +567,8 @@ class SeqcontExperiment(Experiment):
             for t, v in ms["tasks"].items():
                 rows.append((f"{t}", f"competence {v['competence']:.2f}, n={v['n_prompts']}, metric "
                              f"{v['baseline_metric']:.2f}; circuit {len(v['circuit']['heads'])} heads + "
-                             f"{len(v['circuit']['mlps'])} MLPs keeps {v['circuit_ratio']:.2f}, f={v['faithfulness']:.2f}; "
-                             f"CPR {v['cpr']:.2f} (random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}"))  # fmt: skip
+                             f"{len(v['circuit']['mlps'])} MLPs keeps {v['circuit_ratio']:.2f}, f={v['faithfulness']:.2f}"
+                             f"{_vs_random(v)}; CPR {v['cpr']:.2f} (random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}"))  # fmt: skip
             sh = ms["shared"]
             rows.append(("shared sub-circuit", f"heads {sh['heads']}, MLPs {sh['mlps']}; mean IoU "
                          f"{sh['mean_iou']:.2f} (random sets {sh['random_mean_iou']:.2f})"))  # fmt: skip
@@ -589,12 +598,19 @@ class SeqcontExperiment(Experiment):
             for t, v in ms["tasks"].items():
                 c = v["circuit"]
                 print(f"  {t}: competence {v['competence']:.2f} (n={v['n_prompts']}), circuit {len(c['heads'])} heads "
-                      f"+ {len(c['mlps'])} MLPs, f={v['faithfulness']:.2f}, CPR {v['cpr']:.2f} "
+                      f"+ {len(c['mlps'])} MLPs, f={v['faithfulness']:.2f}{_vs_random(v)}, CPR {v['cpr']:.2f} "
                       f"(random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}")  # fmt: skip
             sh = ms["shared"]
             print(f"  shared: heads {sh['heads']} MLPs {sh['mlps']}, mean IoU {sh['mean_iou']:.2f} "
                   f"(random {sh['random_mean_iou']:.2f})")  # fmt: skip
         print(f"run directory: {summary['run_dir']} (report.html)")
+
+
+def _vs_random(v: dict) -> str:
+    """`` (random same size 0.12, p=0.048)`` when the summary has the random baseline (older runs do not)."""
+    if v.get("faithfulness_p_value") is None:
+        return ""
+    return f" (random same size {v['random_faithfulness']:.2f}, p={v['faithfulness_p_value']:.3f})"
 
 
 def _rank_nodes(c: dict) -> list[str | int]:
