@@ -42,6 +42,17 @@ def _boom(*a, **k):
     raise Boom("serializer failed")
 
 
+def _error_keeps_old(monkeypatch, target: str, replacement, save, out: Path) -> None:
+    """``save()`` with ``target`` patched to fail: it raises, ``out`` is as before, no temp is left."""
+    old = _snapshot(out.parent)
+    monkeypatch.setattr(target, replacement)
+    with pytest.raises(Boom):
+        save()
+    monkeypatch.undo()
+    assert _snapshot(out.parent) == old
+    _no_temp(out.parent)
+
+
 # ------------------------------------------------------------------------------------------ mapper
 def _mapper(seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -57,17 +68,9 @@ def test_mapper_save_refuses_replaces_whole_and_survives_errors(tmp_path, monkey
     (d / "stale.txt").write_text("from an earlier run")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         m2.save(d, overwrite=False)
-    old = _snapshot(d)
-
-    import rosettalens.mapping.base as base
-
-    monkeypatch.setattr(base, "save_file", _boom)
-    with pytest.raises(Boom):
-        m2.save(d, overwrite=True)
-    monkeypatch.undo()
-    assert _snapshot(d) == old
-    _no_temp(tmp_path)
-
+    _error_keeps_old(
+        monkeypatch, "rosettalens.mapping.base.save_file", _boom, lambda: m2.save(d, overwrite=True), d
+    )
     m2.save(d, overwrite=True)
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "mapper.safetensors"]  # stale gone
     torch.testing.assert_close(load_mapper(d).transform(torch.ones(2, 6)), m2.transform(torch.ones(2, 6)))
@@ -96,23 +99,15 @@ def test_vector_save_refuses_replaces_and_survives_errors(tmp_path, monkeypatch)
     assert {f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == {_mode()}
     with pytest.raises(OutputExistsError):
         _vector(1).save(p, overwrite=False)
-    old = _snapshot(tmp_path)
+    from rosettalens.io import atomic_path
 
-    import rosettalens.io as io
-
-    real = io.atomic_write_bytes
-
-    def failing_write(path, data, overwrite=True):
-        with io.atomic_path(path, overwrite=overwrite) as tmp:
+    def half_written(path, data, overwrite=True):
+        with atomic_path(path, overwrite=overwrite) as tmp:
             tmp.write_bytes(data[: len(data) // 2])
             _boom()
 
-    monkeypatch.setattr("rosettalens.steering.vectors.atomic_write_bytes", failing_write)
-    with pytest.raises(Boom):
-        _vector(1).save(p, overwrite=True)
-    monkeypatch.setattr("rosettalens.steering.vectors.atomic_write_bytes", real)
-    assert _snapshot(tmp_path) == old
-    _no_temp(tmp_path)
+    target = "rosettalens.steering.vectors.atomic_write_bytes"
+    _error_keeps_old(monkeypatch, target, half_written, lambda: _vector(1).save(p, overwrite=True), p)
 
     _vector(1).save(p, overwrite=True)
     assert torch.equal(SteeringVector.load(p).vector, _vector(1).vector)
@@ -136,13 +131,7 @@ def test_sae_save_refuses_replaces_and_survives_errors(tmp_path, monkeypatch):
     a.save(d, overwrite=False)
     with pytest.raises(OutputExistsError):
         b.save(d, overwrite=False)
-    old = _snapshot(d)
-    monkeypatch.setattr("safetensors.torch.save_file", _boom)
-    with pytest.raises(Boom):
-        b.save(d, overwrite=True)
-    monkeypatch.undo()
-    assert _snapshot(d) == old
-    _no_temp(tmp_path)
+    _error_keeps_old(monkeypatch, "safetensors.torch.save_file", _boom, lambda: b.save(d, overwrite=True), d)
     b.save(d, overwrite=True)
     assert torch.equal(SAE.load(d).W_enc, b.W_enc)
     (d / "stale.txt").write_text("x")
