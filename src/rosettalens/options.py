@@ -245,11 +245,13 @@ def json_safe(obj: Any) -> Any:
 
 
 def _default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
+    import dataclasses
+
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
         return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    return str(o)  # paths, dtypes, devices
 
 
 def to_json(obj: Any, indent: int | None = None) -> str:
