@@ -182,6 +182,7 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("map train unknown target model", [*mt[:5], "NOT_A_MODEL:resid_post.0", *mt[6:]]),
         ("run unknown dtype", [*rt, "--dtype", "fp8"]),
         ("run config unknown dtype", [*rt, "--config", str(r / "cfg-fp8.json")]),
+        ("offline hub id not cached", [*ex, "--model", "rosettalens-test/no-such-model"]),
         # usage
         ("no subcommand", []),
         ("models no subcommand", ["models"]),
@@ -201,6 +202,7 @@ CASE_IDS = [name for name, _ in _cases(Path("/x"))]
 def test_bad_input_one_line_exit_2_nothing_written(env, case, capsys, monkeypatch, tmp_path):
     argv = dict(_cases(env))[case]
     monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))  # organisms etc. would write here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is then checked against the HF cache
     before = _listing(env)
     capsys.readouterr()
     rc = main(argv)

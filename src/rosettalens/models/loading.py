@@ -139,6 +139,14 @@ def check_model(model: str) -> None:
     if _looks_like_path(model):
         raise UnknownModelError(f"no such model folder or file: {p}")
     if _HUB_ID.match(model):
+        if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):  # offline: only the HF cache can serve it
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+                raise UnknownModelError(
+                    f"hub model {model!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                    f"zoo models: {', '.join(zoo.ZOO)}"
+                )
         return
     raise _unknown(model)
 
