@@ -278,6 +278,9 @@ def test_batched_pruning_equals_sequential(random_llama, ablation, mode):
     if mode == "heads only":
         assert seq.mlps == [0, 1, 2] and all(isinstance(e["component"], str) for e in seq.trace)
     assert bat.rows_scored > bat.n_forward - 1  # speculative rows were discarded and rescored
+    assert sum(d for _, d in bat.batches) == len(bat.trace)  # every tested removal decided once
+    assert sum(k for k, _ in bat.batches) == bat.rows_scored - 2  # + the full model and the final circuit
+    assert all(d >= 1 for _, d in bat.batches)  # each forward decides at least one step
     assert hm.active_hook_count() == 0
 
 

@@ -189,6 +189,7 @@ class PruneResult:
     batched: bool = False
     n_model_calls: int = 0
     rows_scored: int = 0
+    batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, steps decided) per forward
 
     def to_dict(self) -> dict[str, Any]:
         return {"heads": self.heads, "mlps": self.mlps, "score_full": self.score_full,
@@ -441,6 +442,7 @@ def prune_nodes(
     mlps = set(range(n_layers)) if include_mlps else set()
     excluded_mlps = set() if include_mlps else set(range(n_layers))
     trace: list[dict[str, Any]] = []
+    batches: list[tuple[int, int]] = []
     need = threshold * full
     bar = tqdm(total=len(program), desc=f"pruning {hm.name}", unit="step", leave=False, disable=not progress)
 
@@ -469,9 +471,11 @@ def prune_nodes(
         row_cap = max(1, int(memory_budget // _row_bytes(hm, clean_ids.shape[1])) - 1)
         k_max = max(1, min(row_cap, max_rows) if max_rows is not None else row_cap)
         # each step's effect on the score (score after removal - score before), last seen: the
-        # prediction of a step is "removable" when the predicted score after it keeps the threshold
-        # (a step never scored is predicted removable)
+        # prediction of a step is "removable" when the predicted score after it keeps the threshold;
+        # a step never scored is predicted as most steps of its kind in this sweep were decided
+        # (removable when none was yet)
         effect: dict[str | int, float] = {}
+        votes: dict[tuple[str, str], int] = {}  # (sweep, kind) -> removed - kept
         current = full  # the score of the circuit so far
         k = k_max
         while True:
@@ -480,7 +484,7 @@ def prune_nodes(
             while len(plan) < k and (req := next_step(j, h, m)) is not None:
                 j, rh, rm, label = req
                 e = effect.get(label)
-                pred = e is None or est + e >= need
+                pred = votes.get(program[j][:2], 0) >= 0 if e is None else est + e >= need
                 plan.append((j, h - rh, m - rm, label, pred))
                 if pred:
                     h, m, est = h - rh, m - rm, est + (e or 0.0)
@@ -488,6 +492,7 @@ def prune_nodes(
             if not plan:
                 break
             scores = sc.batch((heads, mlps), [(p[1], p[2]) for p in plan])
+            n_before = len(trace)
             before = current
             for (_, _, _, label, pred), s in zip(plan, scores):
                 effect[label] = s - before  # `before`: the score of the row's own starting circuit
@@ -497,12 +502,14 @@ def prune_nodes(
             for (j, kh, km, label, pred), s in zip(plan, scores):
                 ok = s >= need
                 trace.append({"sweep": program[j][0], "component": label, "ratio": s / full, "removed": ok})
+                votes[program[j][:2]] = votes.get(program[j][:2], 0) + (1 if ok else -1)
                 if ok:
                     heads, mlps, current = kh, km, s
                 i = j + 1
                 if ok != pred:  # the later rows start from a circuit this decision makes wrong
                     missed = True
                     break
+            batches.append((len(plan), len(trace) - n_before))
             # fewer rows after a wrong prediction (less to throw away), more after a right batch
             k = max(min(4, k_max), k // 2) if missed else min(k_max, 2 * k)
             bar.n = i
@@ -513,7 +520,7 @@ def prune_nodes(
     return PruneResult(
         heads=[head_name(*h) for h in sorted(heads)], mlps=kept_mlps, score_full=full, score_circuit=final,
         ratio=final / full, threshold=threshold, n_forward=len(trace) + 2 if trace else 1, trace=trace,
-        ablation=ablation, batched=batched, n_model_calls=sc.model_calls, rows_scored=sc.rows_scored + 1,
+        ablation=ablation, batched=batched, n_model_calls=sc.model_calls, rows_scored=sc.rows_scored + 1, batches=batches,
     )  # fmt: skip
 
 
