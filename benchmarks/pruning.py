@@ -15,6 +15,12 @@ max abs difference of the traced score ratios; writes it to ``--out``.
 Prompts: the task's paper-style prompts (``make_prompts(n=4 * n_prompts)``), the first
 ``--n-prompts`` that pass the competence filter, their corrupted twins as the reference set.
 On a shared machine the CPU-time ratio is the one to read (other processes stretch wall times).
+
+``--random-init`` (for a machine without the zoo weights, e.g. a GPU box with no network): a Llama of
+SmolLM2-135M's shape (30 layers, 9 heads, 3 key-value heads, d_model 576, d_ff 1536, vocab 49152) with
+random weights, random prompts of ``--n-pos`` tokens and the metric "logit of the clean top token
+minus logit of its bottom token"; the circuit means nothing, the timing compares the two algorithms
+on that shape. ``--device cuda`` runs either on a GPU (wall times synchronised).
 """
 
 from __future__ import annotations
@@ -42,10 +48,40 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Any, **kw: Any) -> tuple[Any, float, float]:
+    _sync()
     w, c = time.perf_counter(), time.process_time()
     out = fn(**kw)
+    _sync()
     return out, time.perf_counter() - w, time.process_time() - c
+
+
+def _random_setup(a: argparse.Namespace) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    import transformers as T
+
+    from rosettalens.circuits.tasks import AnswerMetric
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_tokenizer
+
+    cfg = T.LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                        max_position_embeddings=2048)  # fmt: skip
+    torch.manual_seed(a.seed)
+    model = T.LlamaForCausalLM(cfg).eval()
+    if a.device:
+        model = model.to(a.device)
+    hm = HookedModel.from_hf(model, tiny_tokenizer(), name="smollm2-shape-random")
+    g = torch.Generator().manual_seed(a.seed)
+    clean = torch.randint(100, 40000, (a.n_prompts, a.n_pos), generator=g)
+    ref = torch.randint(100, 40000, (a.n_prompts, a.n_pos), generator=g)
+    with torch.no_grad():
+        lg = hm.forward(clean)[:, -1].float().cpu()
+    return hm, clean, ref, AnswerMetric(lg.argmax(-1), lg.argmin(-1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,19 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batched-first", type=_bool, default=False, help="run the batched variant first")
     ap.add_argument("--out", default=None, help="write the JSON here too (atomically)")
+    ap.add_argument("--random-init", type=_bool, default=False, help="SmolLM2-135M's shape, random weights")
+    ap.add_argument("--n-pos", type=int, default=33, help="prompt length with --random-init")
+    ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    hm = rosettalens.load(a.model)
-    ps = make_prompts(hm, load_task(a.task), n=4 * a.n_prompts, seed=a.seed)
-    mask, stats = competence(hm, ps, a.batch_size)
-    rows = mask.nonzero().flatten().tolist()[: a.n_prompts]
-    if not rows:
-        raise SystemExit(f"{a.model} passes no {a.task} prompt of the competence filter")
-    ps = ps.subset(rows)
-    kw = dict(hm=hm, clean_ids=ps.clean_ids, metric=ps.metric(), ref_ids=ps.corrupted_ids,
-              threshold=a.threshold, group_first=a.group_first, batch_size=a.batch_size,
-              ablation=a.ablation, seed=a.seed)  # fmt: skip
+    stats: dict[str, Any] = {}
+    if a.random_init:
+        hm, clean, ref, metric = _random_setup(a)
+        a.model, a.task = "smollm2-135m shape, random weights", "random tokens"
+    else:
+        hm = rosettalens.load(a.model, **({"device": a.device} if a.device else {}))
+        ps = make_prompts(hm, load_task(a.task), n=4 * a.n_prompts, seed=a.seed)
+        mask, stats = competence(hm, ps, a.batch_size)
+        rows = mask.nonzero().flatten().tolist()[: a.n_prompts]
+        if not rows:
+            raise SystemExit(f"{a.model} passes no {a.task} prompt of the competence filter")
+        ps = ps.subset(rows)
+        clean, ref, metric = ps.clean_ids, ps.corrupted_ids, ps.metric()
+    kw = dict(hm=hm, clean_ids=clean, metric=metric, ref_ids=ref, threshold=a.threshold,
+              group_first=a.group_first, batch_size=a.batch_size, ablation=a.ablation, seed=a.seed)  # fmt: skip
     runs: dict[str, Any] = {}
     order = ["batched", "sequential"] if a.batched_first else ["sequential", "batched"]
     for name in order:
@@ -92,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pruning",
         "model": a.model,
         "task": a.task,
-        "n_prompts": len(ps),
-        "n_positions": int(ps.clean_ids.shape[1]),
+        "n_prompts": int(clean.shape[0]),
+        "n_positions": int(clean.shape[1]),
+        "device": str(hm.device),
         "competence": stats.get("competence"),
+        "n_forwards_batched_groups": len(b.batches),
+        "mean_rows_per_batched_forward": sum(k for k, _ in b.batches) / max(1, len(b.batches)),
         "threshold": a.threshold,
         "group_first": a.group_first,
         "ablation": a.ablation,
@@ -126,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             "threads": a.threads,
             "cpus": os.cpu_count(),
             "loadavg_end": os.getloadavg(),
-            "note": "shared machine: 2 cores, other jobs running (a 1-thread real-model job among them)",
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "note": "GPU machine, nothing else running"
+            if torch.cuda.is_available()
+            else "shared machine: 2 cores, other jobs running (a 1-thread real-model job among them)",
         },
     }
     text = json.dumps(out, indent=2)
