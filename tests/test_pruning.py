@@ -262,10 +262,18 @@ def test_batched_pruning_equals_sequential(random_llama, ablation, mode):
               include_mlps=mode != "heads only")  # fmt: skip
     r = None if ablation == "zero" else ref
     seq = prune_nodes(hm, clean, metric, r, batched=False, **kw)
-    bat = prune_nodes(hm, clean, metric, r, batched=True, max_rows=5, **kw)
+    bat = prune_nodes(hm, clean, metric, r, batched=True, max_rows=5, grow=True, **kw)
+    stk = prune_nodes(hm, clean, metric, r, batched=True, max_rows=5, grow=False, **kw)
     assert [(e["sweep"], e["component"], e["removed"]) for e in bat.trace] == [
         (e["sweep"], e["component"], e["removed"]) for e in seq.trace
     ]
+    # all prompts of every circuit stacked into one forward (the GPU mode): the same decisions
+    assert [(e["component"], e["removed"]) for e in stk.trace] == [
+        (e["component"], e["removed"]) for e in seq.trace
+    ]
+    assert max(abs(a["ratio"] - b["ratio"]) for a, b in zip(seq.trace, stk.trace)) < 1e-5
+    # one forward per batch, plus 2 chunks of 4 prompts for the full model and for the final circuit
+    assert stk.n_model_calls == len(stk.batches) + 4
     for a, b in zip(seq.trace, bat.trace):
         assert b["ratio"] == pytest.approx(a["ratio"], abs=1e-5)
     assert (bat.heads, bat.mlps) == (seq.heads, seq.mlps)

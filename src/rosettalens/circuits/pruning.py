@@ -307,6 +307,40 @@ class _Scorer:
         return v[0] if self.kind == "mean" else v[int(self.rows[prompt])]  # type: ignore[index]
 
     @torch.no_grad()
+    def stacked(self, circuits: list[tuple[set[Head], set[int]]]) -> list[float]:
+        """Mean metric of each circuit: every circuit's copy of all prompts stacked into one forward
+        from the embedding on (``len(circuits) * n`` rows; fewer, larger forwards than :meth:`batch`,
+        for a GPU, where rows are nearly free and forwards are not)."""
+        k, n = len(circuits), self.ids.shape[0]
+        masks = [self._masks(h, m) for h, m in circuits]
+        dev = self.hm.device
+        hmask = torch.stack([mh for mh, _ in masks], 1).repeat_interleave(n, 1).to(dev)  # [L, k*n, H]
+        mmask = torch.stack([mm for _, mm in masks], 1).repeat_interleave(n, 1).to(dev)  # [L, k*n]
+        handlers: list[tuple[str, Callable, str]] = []
+        for L in range(self.n_layers):
+            for name, msk, store in ((f"head_z.{L}", hmask[L][:, None, :, None], self.ab.head_values),
+                                     (f"mlp_out.{L}", mmask[L][:, None, None], self.ab.mlp_values)):  # fmt: skip
+                if not msk.any():
+                    continue
+                if self.kind == "zero":
+                    val = torch.zeros((), dtype=self.hm.dtype, device=dev)
+                elif self.kind == "mean":
+                    val = store[L][0]
+                else:  # each row takes its prompt's reference row
+                    val = store[L][self.rows].repeat(k, *([1] * (store[L].dim() - 1)))
+                handlers.append((name, _masked(msk, val), "plain"))
+        x = self.ids.repeat(k, 1).to(dev)
+        with self.hm._intervene(handlers):
+            try:
+                out = self.hm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+            except TypeError:  # a model class without logits_to_keep
+                out = self.hm.model(input_ids=x, use_cache=False).logits[:, -1:]
+        self.model_calls += 1
+        self.rows_scored += k
+        out = out[:, -1:].float().view(k, n, 1, -1)
+        return [float(self.metric(out[j]).mean()) for j in range(k)]
+
+    @torch.no_grad()
     def batch(
         self, base: tuple[set[Head], set[int]], circuits: list[tuple[set[Head], set[int]]]
     ) -> list[float]:
@@ -405,6 +439,7 @@ def prune_nodes(
     memory_budget: float = 2**30,
     max_rows: int | None = 16,
     seed: int = 0,
+    grow: bool | None = None,
 ) -> PruneResult:
     """Node pruning by iterative ablation (see module docstring).
 
@@ -422,8 +457,10 @@ def prune_nodes(
     the path reaches; the decisions are then taken in order exactly as the sequential algorithm would,
     and the rows after the first wrong prediction are discarded (their scores only improve the next
     predictions). Every forward decides at least one step. Rows per forward: ``max_rows`` and
-    ``memory_budget`` bytes (an upper-bound estimate per row); one prompt per forward, its rows sharing
-    the layers below their first difference from the current circuit.
+    ``memory_budget`` bytes (an upper-bound estimate per row). grow (default: on a CPU): one prompt
+    per forward, its rows sharing the layers below their first difference from the current circuit
+    (fewer FLOPs); else (default on a GPU) every circuit's copy of all prompts stacked into one
+    forward from the embedding (fewer, larger forwards).
     """
     if ref_ids is not None and clean_ids.shape[1] != ref_ids.shape[1]:
         raise ShapeError(f"clean ids have {clean_ids.shape[1]} positions, reference ids {ref_ids.shape[1]}")
@@ -468,7 +505,10 @@ def prune_nodes(
             bar.n = i
             bar.refresh()
     else:
-        row_cap = max(1, int(memory_budget // _row_bytes(hm, clean_ids.shape[1])) - 1)
+        if grow is None:
+            grow = torch.device(hm.device).type == "cpu"
+        per = _row_bytes(hm, clean_ids.shape[1]) * (1 if grow else clean_ids.shape[0])
+        row_cap = max(1, int(memory_budget // per) - (1 if grow else 0))
         k_max = max(1, min(row_cap, max_rows) if max_rows is not None else row_cap)
         # each step's effect on the score (score after removal - score before), last seen: the
         # prediction of a step is "removable" when the predicted score after it keeps the threshold;
@@ -491,7 +531,8 @@ def prune_nodes(
                 j += 1
             if not plan:
                 break
-            scores = sc.batch((heads, mlps), [(p[1], p[2]) for p in plan])
+            cs = [(p[1], p[2]) for p in plan]
+            scores = sc.batch((heads, mlps), cs) if grow else sc.stacked(cs)
             n_before = len(trace)
             before = current
             for (_, _, _, label, pred), s in zip(plan, scores):
