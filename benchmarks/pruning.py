@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-init", type=_bool, default=False, help="SmolLM2-135M's shape, random weights")
     ap.add_argument("--n-pos", type=int, default=33, help="prompt length with --random-init")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--grow", default="auto", choices=("auto", "true", "false"),
+                    help="batched rows: grown per prompt (CPU default) or stacked (GPU default)")  # fmt: skip
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -122,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Any] = {}
     order = ["batched", "sequential"] if a.batched_first else ["sequential", "batched"]
     for name in order:
-        extra = {"batched": True, "max_rows": a.max_rows} if name == "batched" else {"batched": False}
+        grow = None if a.grow == "auto" else a.grow == "true"
+        extra = (
+            {"batched": True, "max_rows": a.max_rows, "grow": grow}
+            if name == "batched"
+            else {"batched": False}
+        )
         res, wall, cpu = _timed(prune_nodes, **kw, **extra)
         runs[name] = {"res": res, "wall_s": wall, "cpu_s": cpu}
         print(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU, {res.n_model_calls} forwards, "
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "group_first": a.group_first,
         "ablation": a.ablation,
         "max_rows": a.max_rows,
+        "grow": a.grow,
         "order": order,
         "identical_circuit": (s.heads, s.mlps) == (b.heads, b.mlps),
         "identical_decisions": same_trace,
