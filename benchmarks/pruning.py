@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": runs["sequential"]["cpu_s"],
             "forwards": s.n_model_calls,
             "circuits_scored": s.rows_scored,
+            "layer_rows": s.layer_rows,
         },  # fmt: skip
         "batched": {
             "wall_s": runs["batched"]["wall_s"],
@@ -172,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             "forwards": b.n_model_calls,
             "circuits_scored": b.rows_scored,
             "speculative_rows_discarded": b.rows_scored - s.rows_scored,
+            "layer_rows": b.layer_rows,
         },  # fmt: skip
+        "compute_ratio_layer_rows": s.layer_rows / max(1, b.layer_rows),
         "speedup_wall": runs["sequential"]["wall_s"] / runs["batched"]["wall_s"],
         "speedup_cpu": runs["sequential"]["cpu_s"] / runs["batched"]["cpu_s"],
         "machine": {

@@ -272,6 +272,10 @@ def test_batched_pruning_equals_sequential(random_llama, ablation, mode):
         (e["component"], e["removed"]) for e in seq.trace
     ]
     assert max(abs(a["ratio"] - b["ratio"]) for a, b in zip(seq.trace, stk.trace)) < 1e-5
+    # compute: every sequential score runs 3 layers x 6 prompts; grown rows skip the layers below
+    # their first difference, so they never cost more than the same batches stacked
+    assert seq.layer_rows == 3 * 6 * seq.n_forward and stk.layer_rows == 3 * 6 * stk.rows_scored
+    assert bat.batches == stk.batches and bat.layer_rows < stk.layer_rows
     # one forward per batch, plus 2 chunks of 4 prompts for the full model and for the final circuit
     assert stk.n_model_calls == len(stk.batches) + 4
     for a, b in zip(seq.trace, bat.trace):

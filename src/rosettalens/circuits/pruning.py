@@ -190,12 +190,14 @@ class PruneResult:
     n_model_calls: int = 0
     rows_scored: int = 0
     batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, steps decided) per forward
+    layer_rows: int = 0  # decoder layers run x prompt rows, over all circuits scored (the compute)
 
     def to_dict(self) -> dict[str, Any]:
         return {"heads": self.heads, "mlps": self.mlps, "score_full": self.score_full,
                 "score_circuit": self.score_circuit, "ratio": self.ratio, "threshold": self.threshold,
                 "n_forward": self.n_forward, "ablation": self.ablation, "batched": self.batched,
-                "n_model_calls": self.n_model_calls, "rows_scored": self.rows_scored}  # fmt: skip
+                "n_model_calls": self.n_model_calls, "rows_scored": self.rows_scored,
+                "layer_rows": self.layer_rows}  # fmt: skip
 
 
 # one step of the pruning program: (sweep, kind, layer, head); kind "layer" | "heads" | "mlp" | "head"
@@ -270,6 +272,7 @@ class _Scorer:
         self.include_mlps = include_mlps
         self.model_calls = 0
         self.rows_scored = 0
+        self.layer_rows = 0  # decoder layers run x prompt rows (the compute, for a CPU)
 
     def _ablated(self, heads: set[Head], mlps: set[int]) -> tuple[list[Head], list[int]]:
         abl_h = [x for x in all_heads(self.hm) if x not in heads]
@@ -286,6 +289,7 @@ class _Scorer:
                 outs.append(run_last_logits(self.hm, self.ids[i : i + self.batch_size], self.batch_size))
             self.model_calls += 1
         self.rows_scored += 1
+        self.layer_rows += self.n_layers * self.ids.shape[0]
         return float(self.metric(torch.cat(outs)).mean())
 
     def _masks(self, heads: set[Head], mlps: set[int]) -> tuple[Tensor, Tensor]:
@@ -337,6 +341,7 @@ class _Scorer:
                 out = self.hm.model(input_ids=x, use_cache=False).logits[:, -1:]
         self.model_calls += 1
         self.rows_scored += k
+        self.layer_rows += self.n_layers * k * n
         out = out[:, -1:].float().view(k, n, 1, -1)
         return [float(self.metric(out[j]).mean()) for j in range(k)]
 
@@ -399,6 +404,7 @@ class _Scorer:
             per_prompt.append(out[:, -1:].float())
         stacked = torch.stack(per_prompt, 1)  # [k, n, 1, vocab], rows in `order`
         self.rows_scored += len(circuits)
+        self.layer_rows += n * (top + sum(self.n_layers - d for d in start))
         scores = [0.0] * len(circuits)
         for j, r in enumerate(order):
             scores[r] = float(self.metric(stacked[j]).mean())
@@ -562,6 +568,7 @@ def prune_nodes(
         heads=[head_name(*h) for h in sorted(heads)], mlps=kept_mlps, score_full=full, score_circuit=final,
         ratio=final / full, threshold=threshold, n_forward=len(trace) + 2 if trace else 1, trace=trace,
         ablation=ablation, batched=batched, n_model_calls=sc.model_calls, rows_scored=sc.rows_scored + 1, batches=batches,
+        layer_rows=sc.layer_rows + n_layers * clean_ids.shape[0],
     )  # fmt: skip
 
 
