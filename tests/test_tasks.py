@@ -213,3 +213,52 @@ def test_hf_alias_reads_field_and_filters(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake)
     assert load_prompts("hf:alpaca") == ["Give three tips for staying healthy.", "Name a color."]
     assert calls == [("tatsu-lab/alpaca", None, "train")]
+
+
+def _fake_datasets(monkeypatch, calls):
+    import types
+
+    class FakeDS(list):
+        column_names = ["text"]
+
+    def load_dataset(hub_id, config, split):
+        calls.append((hub_id, config, split))
+        return FakeDS([{"text": "one prompt"}])
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("hf:org/prompts", ("org/prompts", None, "train")),
+        ("hf:org/prompts@test", ("org/prompts", None, "test")),
+        ("hf:org/prompts:en", ("org/prompts", "en", "train")),
+        ("hf:org/prompts:en@validation", ("org/prompts", "en", "validation")),
+        ("hf:org/prompts:en:validation", ("org/prompts", "en", "validation")),  # older 3-part, still read
+        ("hf:ADVBENCH", ("walledai/AdvBench", None, "train")),  # aliases keep their own hub split
+        ("hf:jailbreakbench", ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful")),
+    ],
+)
+def test_hf_prompt_specs_in_the_one_syntax(monkeypatch, spec, expected):
+    """Prompt sets read hf:<id>[:<config>][@<split>] exactly as --data does (one parser)."""
+    calls: list = []
+    _fake_datasets(monkeypatch, calls)
+    try:
+        load_prompts(spec)
+    except DataError as e:  # an alias's own column is not in the fake: one line, not a KeyError
+        assert spec.lower() in ("hf:advbench", "hf:jailbreakbench") and "no column" in str(e)
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize(
+    "spec", ["hf:org/prompts:test", "hf:org/prompts@", "hf:@test", "hf:a:b:c@d", "hf:a@b@c"]
+)
+def test_hf_prompt_spec_refused_before_loading(monkeypatch, spec):
+    calls: list = []
+    _fake_datasets(monkeypatch, calls)
+    with pytest.raises(DataError) as ei:
+        load_prompts(spec)
+    assert calls == [] and "\n" not in str(ei.value) and "hf:" in str(ei.value)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rosettalens.data.sources import parse_hf_spec
 from rosettalens.errors import DataError
 
 __all__ = [
@@ -175,12 +176,8 @@ def _load_hf(spec: str) -> list[Prompt]:
     alias = HF_ALIASES.get(body.lower())
     if alias is not None:
         hub_id, config, hub_split, field, empty_field = alias
-    else:
-        hub_split = "train"
-        if "@" in body:
-            body, hub_split = body.rsplit("@", 1)
-        parts = body.split(":")
-        hub_id, config = parts[0], (parts[1] if len(parts) > 1 else None)
+    else:  # the one hf: syntax of every command, parsed in one place
+        hub_id, config, hub_split = parse_hf_spec(spec)
         field, empty_field = "", None
     try:
         import datasets  # type: ignore[import-not-found]
@@ -201,6 +198,8 @@ def _load_hf(spec: str) -> list[Prompt]:
         field = next((k for k in TEXT_FIELDS if k in cols), "")
         if not field:
             raise DataError(f"{spec}: no prompt column among {cols}; expected one of {list(TEXT_FIELDS)}")
+    elif field not in cols:  # an alias whose hub set changed its columns
+        raise DataError(f"{spec} ({hub_id}): no column {field!r} among {cols}; the hub set may have changed")
     cat_col = "category" if "category" in cols else ("Category" if "Category" in cols else None)
     rows: list[tuple[str, str]] = []
     for ex in ds:
