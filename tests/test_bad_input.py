@@ -71,6 +71,8 @@ def env(tmp_path_factory):
     (root / "runs" / "old.png").write_bytes(b"png")
     (root / "runs" / "config.json").write_text('{"experiment": "refusal-transfer"}')
     (root / "afile").write_text("x")
+    (root / "foreign").mkdir()  # a user's folder: --overwrite must not replace it (not a mapper, not an SAE)
+    (root / "foreign" / "thesis.tex").write_text("mine")
     return root
 
 
@@ -168,6 +170,9 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("run out is a file", [*rt[:-1], str(r / "afile")]),
         ("sae existing out", [*sae[:-1], str(r / "runs")]),
         ("circuits existing out", [*cp, "--out", str(r / "runs")]),
+        # --overwrite onto a folder of unrelated files: refused before training, the folder untouched
+        ("map train overwrite foreign folder", [*mt[:-1], str(r / "foreign"), "--overwrite"]),
+        ("sae train overwrite foreign folder", [*sae[:-1], str(r / "foreign"), "--overwrite"]),
         # more found while hardening
         ("run harmful 300-character path", [*rt, "--harmful", LONG]),
         ("run out 300-character path", [*rt[:-1], str(r / LONG)]),
@@ -191,8 +196,9 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
     ]  # fmt: skip
 
 
-def _listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+def _listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every path under ``root`` with its inode and modification time: a replaced file or folder shows."""
+    return sorted((str(p.relative_to(root)), p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
 CASE_IDS = [name for name, _ in _cases(Path("/x"))]
@@ -214,6 +220,23 @@ def test_bad_input_one_line_exit_2_nothing_written(env, case, capsys, monkeypatc
     assert out == ""
     assert _listing(env) == before, "files were written"
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("case", ["map train overwrite foreign folder", "sae train overwrite foreign folder"])
+def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys, monkeypatch):
+    """The refusal comes from the up-front output check, not from the writer after the work."""
+    import rosettalens.mapping.cli
+    import rosettalens.sae
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(rosettalens.mapping.cli, "_pairs_from_models", no_work)
+    monkeypatch.setattr(rosettalens.sae, "train_saes", no_work)
+    assert main(dict(_cases(env))[case]) == 2
+    err = capsys.readouterr().err
+    assert "holds files that are not a" in err and "foreign" in err, err
+    assert (env / "foreign" / "thesis.tex").read_text() == "mine"
 
 
 @pytest.mark.parametrize("argv", [["models"], ["extract", "--model", "x", "--hooks", "h", "--data", "d",

@@ -199,3 +199,28 @@ def test_training_on_a_row_subset_equals_training_on_those_rows():
     assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.b_dec, b.b_dec)
     with pytest.raises(ConfigError, match="subset"):
         train_sae(x, cfg, tcfg, rows=torch.tensor([5000]))
+
+
+def test_save_replaces_an_sae_folder_but_never_a_foreign_one(tmp_path):
+    """SAE.save and `sae train --overwrite` replace an SAE (or `sae train`'s folder of SAEs), nothing else."""
+    from rosettalens.errors import OutputExistsError
+    from rosettalens.sae.model import is_sae_dir, is_sae_output
+
+    a = SAE(SAEConfig(d_in=8, width=16, arch="relu"))
+    b = SAE(SAEConfig(d_in=8, width=32, arch="relu"))
+    a.save(tmp_path / "s")
+    b.save(tmp_path / "s")  # an SAE folder: replaced whole
+    assert SAE.load(tmp_path / "s").width == 32
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="not a SAE folder"):
+        a.save(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    several = tmp_path / "several"
+    a.save(several / "relu-w16")
+    b.save(several / "relu-w32")
+    assert is_sae_output(several) and not is_sae_dir(several)
+    assert is_sae_output(tmp_path / "s") and not is_sae_output(tmp_path / "mine")
+    (several / "notes.txt").write_text("x")
+    assert not is_sae_output(several)

@@ -88,6 +88,7 @@ def _default_checkpoint(out: Path) -> Path:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from rosettalens.mapping.base import is_mapper_dir
     from rosettalens.mapping.evaluate import activation_metrics
 
     if args.kind not in KINDS:
@@ -99,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a folder for the mapper")
-    opt.check_output(out_dir, args.overwrite, "mapper folder")
+    opt.check_output(out_dir, args.overwrite, "mapper folder", replaceable=is_mapper_dir)  # before training
     stores = args.source_store or args.target_store
     if stores:
         if not (args.source_store and args.target_store) or args.data:

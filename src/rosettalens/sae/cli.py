@@ -53,13 +53,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from rosettalens.io import atomic_dir
     from rosettalens.sae import SAEConfig, TrainConfig, evaluate_sae, train_saes
-    from rosettalens.sae.model import ARCHS
+    from rosettalens.sae.model import ARCHS, is_sae_output
     from rosettalens.store import ActivationStore
 
     if args.arch not in ARCHS:
         raise ConfigError(f"unknown --arch {args.arch!r}; expected one of {', '.join(ARCHS)}")
     out = Path(args.out)
-    opt.check_output(out, args.overwrite, "SAE folder")
+    opt.check_output(out, args.overwrite, "SAE folder", replaceable=is_sae_output)  # before training
     widths = _ints(args.width, "width")
     ks = _ints(args.k, "k")
     if args.arch in ("topk", "batchtopk") and ks == [None]:
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         held = store.read(hook, held_idx[:65536].numpy()).float().reshape(-1, d_in)
     names = [_name(c) for c in cfgs]
     # built in a temp sibling and swapped in whole (an earlier --out is replaced only with --overwrite)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(out, overwrite=args.overwrite, what="SAE folder", replaceable=is_sae_output) as tmp:
         for sae, name in zip(saes, names, strict=True):
             if held is not None:
                 sae.info["heldout"] = evaluate_sae(sae, held.to(sae.device))

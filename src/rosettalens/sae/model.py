@@ -347,15 +347,11 @@ class SAE(nn.Module):
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"{out} exists and is not a directory")
-        if out.is_dir():
-            stray = [p.name for p in out.iterdir() if p.name not in (CFG_FILE, WEIGHTS_FILE)]
-            if stray:
-                raise ConfigError(f"{out} holds other files ({stray[0]}, ...); not overwriting it")
         src = self
         if float(self.scale) != 1.0:
             src = self.copy()
             src.fold_scale()
-        with atomic_dir(out, overwrite=overwrite, what="SAE folder") as tmp:
+        with atomic_dir(out, overwrite=overwrite, what="SAE folder", replaceable=is_sae_dir) as tmp:
             cfg = src.saelens_config()
             save_file(src.state_tensors(), str(tmp / WEIGHTS_FILE))
             (tmp / CFG_FILE).write_text(json.dumps(_json_safe(cfg), indent=1) + "\n", encoding="utf-8")
@@ -369,6 +365,31 @@ class SAE(nn.Module):
 
         sae = load_folder(Path(path))
         return sae.to(device) if device is not None else sae
+
+
+def is_sae_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of one saved SAE: nothing in it but ``cfg.json`` and an SAE weights
+    file (SAELens's or sparsify's name). :meth:`SAE.save` replaces only such a folder (or an empty one)."""
+    try:
+        entries = list(Path(path).iterdir())
+    except OSError:
+        return False
+    return all(e.is_file() and e.name in _SAE_FILES for e in entries)
+
+
+def is_sae_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is what ``rosetta sae train`` writes: one SAE folder (:func:`is_sae_dir`), or
+    folders of one SAE each (several widths / k); ``--overwrite`` replaces nothing else."""
+    if is_sae_dir(path):
+        return True
+    try:
+        entries = list(Path(path).iterdir())
+    except OSError:
+        return False
+    return all(e.is_dir() and not e.is_symlink() and is_sae_dir(e) for e in entries)
+
+
+_SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE)
 
 
 def _json_safe(obj: Any) -> Any:
