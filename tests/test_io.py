@@ -201,3 +201,16 @@ def test_bad_hf_specs_are_one_data_error(spec, match, monkeypatch):
     with pytest.raises(DataError, match=match) as e:
         load_documents(spec)
     assert "\n" not in str(e.value)
+
+
+def test_json_safe_is_one_function_and_takes_tensors():
+    import numpy as np
+    import torch
+
+    from rosettalens import options
+
+    assert options.json_safe is json_safe  # the CLI's --json and the writers share it
+    got = json_safe(
+        {"t": torch.tensor([1.5, float("nan")]), "n": np.float32(2.0), "s": "x", "i": (3, np.int64(4))}
+    )
+    assert json.dumps(got, allow_nan=False) == '{"t": [1.5, null], "n": 2.0, "s": "x", "i": [3, 4]}'

@@ -164,13 +164,16 @@ def atomic_write_json(
 
 
 def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None and tuples -> lists, recursively (what strict JSON can hold)."""
+    """NaN/inf -> None, tuples -> lists, tensors and numpy values -> lists or numbers, recursively
+    (what strict JSON can hold)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):  # torch / numpy
+        return json_safe(obj.tolist())
     return obj
 
 

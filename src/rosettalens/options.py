@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .io import check_output
+from .io import check_output, json_safe
 
 __all__ = [
     "DEVICE_MAPS",
@@ -231,17 +231,6 @@ def check_text_file(p: str | os.PathLike[str], what: str) -> None:
         raise DataError(f"{what} {f} is not valid UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise DataError(f"cannot read {what} {f}: {e.strerror or e}") from None
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, recursively (``json.dumps`` would otherwise write invalid JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def _default(o: Any) -> Any:

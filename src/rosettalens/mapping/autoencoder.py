@@ -24,15 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rosettalens.errors import ConfigError
+from rosettalens.io import atomic_write_json
 from rosettalens.mapping.base import (
     Mapper,
     MapperError,
-    atomic_save_tensors,
-    atomic_write_json,
     check_pair,
     read_json,
     read_tensors,
     register_kind,
+    save_tensors,
     split_indices,
 )
 
@@ -313,8 +313,9 @@ class AutoencoderMapper(Mapper):
         for idx, st in opt.state_dict()["state"].items():
             for name, val in st.items():
                 tensors[f"opt.{idx}.{name}"] = val if torch.is_tensor(val) else torch.tensor(val)
-        digest = atomic_save_tensors(d / CKPT_TENSORS, tensors)
-        atomic_write_json(d / CKPT_JSON, {**ident, "state": state, "sha256": digest})
+        digest = save_tensors(d / CKPT_TENSORS, tensors)
+        # the training state may hold inf (no best loss yet): allow_nan, read back exactly by json.load
+        atomic_write_json(d / CKPT_JSON, {**ident, "state": state, "sha256": digest}, allow_nan=True)
 
     def _load_checkpoint(
         self, d: Path, ident: dict[str, Any], net: _Net, opt: torch.optim.Optimizer, dev: torch.device

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from rosettalens.errors import ConfigError, DataError, RosettaError, ShapeError
-from rosettalens.io import atomic_dir, atomic_path, json_safe, sha256_file
-from rosettalens.io import atomic_write_json as _write_json
+from rosettalens.io import atomic_dir, atomic_path, atomic_write_json, json_safe, sha256_file
 
 FORMAT = "rosettalens.mapper"
 FORMAT_VERSION = 1
@@ -175,14 +174,6 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         return sha256_file(tmp)
-
-
-atomic_save_tensors = save_tensors  # the old name (mapping.autoencoder imports it)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Checkpoint JSON that may hold ``inf`` (autoencoder training state); prefer :mod:`rosettalens.io`."""
-    _write_json(path, obj, allow_nan=True)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -343,7 +334,7 @@ class Mapper:
             digest = save_tensors(tmp / WEIGHTS_NAME, self._state(), metadata={"kind": self.kind})
             cfg = self.config()
             cfg["weights_sha256"] = digest
-            _write_json(tmp / CONFIG_NAME, json_safe(cfg))
+            atomic_write_json(tmp / CONFIG_NAME, json_safe(cfg))
         return d
 
     @classmethod

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
-from rosettalens.io import atomic_dir
+from rosettalens.io import atomic_dir, atomic_write_json, json_safe
 
 __all__ = ["ARCHS", "SAEConfig", "SAE", "FORMAT", "load_sae"]
 
@@ -354,7 +354,7 @@ class SAE(nn.Module):
         with atomic_dir(out, overwrite=overwrite, what="SAE folder", replaceable=is_sae_dir) as tmp:
             cfg = src.saelens_config()
             save_file(src.state_tensors(), str(tmp / WEIGHTS_FILE))
-            (tmp / CFG_FILE).write_text(json.dumps(_json_safe(cfg), indent=1) + "\n", encoding="utf-8")
+            atomic_write_json(tmp / CFG_FILE, json_safe(cfg), indent=1)
         return out
 
     @classmethod
@@ -390,18 +390,6 @@ def is_sae_output(path: str | os.PathLike) -> bool:
 
 
 _SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _json_safe(obj.tolist())
-    return obj
 
 
 def load_sae(spec: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
