@@ -187,12 +187,6 @@ def test_report_shows_the_headline_numbers(config_results):
     assert not missing, ", ".join(missing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report.html (rosettalens.report.html.refusal_report) leaves out the mapper's n, r2, "
-    "r2_per_dim, mean_cosine, mean_cosine_shuffled, mse and the three vector norms of results.json "
-    "(issue #12 asks for every number)",
-)
 def test_report_shows_every_number_of_results_json(config_results):
     _, _, run_dir, res = config_results
     text = (run_dir / "report.html").read_text(encoding="utf-8")

@@ -117,7 +117,16 @@ def refusal_report(run_dir: Path, results: dict, examples: dict[str, list[dict]]
         ("pairing", results.get("pairing")),
         ("timings (s)", results.get("timings_s")),
     ])  # fmt: skip
-    sections = [("Summary", summary), ("Refusal rates", "<img src='refusal_rates.png' width='640'>")]
+    # every number of results.json's mapper and vectors, named as there (r2_per_dim: the mean over
+    # target dimensions of each dimension's R²; n: held-out pairs)
+    mapper_rows = [(k, v) for k, v in results["mapper"].items() if k != "kind"]
+    vector_rows = list(results["vectors"].items())
+    sections = [
+        ("Summary", summary),
+        ("Refusal rates", "<img src='refusal_rates.png' width='640'>"),
+        (f"Mapper ({results['mapper']['kind']}) on held-out pairs", _table(mapper_rows)),
+        ("Vectors", _table(vector_rows)),
+    ]
     if sweep_png is not None:
         rows = "".join(
             f"<tr><td>{s['source_layer']}</td><td>{s['target_layer']}</td><td>{s['fvu']:.3f}</td>"
