@@ -184,3 +184,30 @@ def tiny_llama_hm():
 
     m, t = tiny_model("llama", seed=0)
     return HookedModel.from_hf(m, t, name="tiny-llama")
+
+
+def test_first_token_ids_drop_what_yes_and_no_share():
+    """On the tiny tokenizer " Yes" and " No" both start with the bare-space token: it counts for neither."""
+    from rosettalens.models.tiny import tiny_tokenizer
+    from rosettalens.steering.judge import _first_token_ids
+
+    tok = tiny_tokenizer()
+    space = tok.encode(" ", add_special_tokens=False)
+    assert len(space) == 1 and tok.encode(" Yes", add_special_tokens=False)[0] == space[0]
+    assert tok.encode(" No", add_special_tokens=False)[0] == space[0]
+    yes, no = _first_token_ids(tok, ["Yes", "yes", " Yes", " yes"], ["No", "no", " No", " no"])
+    assert space[0] not in yes and space[0] not in no and not set(yes) & set(no)
+    # by what they spell: "Y", "y" for yes; "No", "n", " n" for no
+    assert sorted(tok.decode([i]) for i in yes) == ["Y", "y"]
+    assert sorted(tok.decode([i]) for i in no) == [" n", "No", "n"]
+
+    # a tokenizer whose answers share nothing keeps every first token; a word that encodes to nothing
+    # adds none; a shared id leaves both sides
+    class Tok(_FakeTok):
+        ids = {**_FakeTok.ids, "Nope": 1}
+
+        def encode(self, w, add_special_tokens=False):
+            return [] if w == "" else super().encode(w)
+
+    assert _first_token_ids(Tok(), ["Yes", " yes", ""], ["No", " no"]) == ([1, 2], [3, 4])
+    assert _first_token_ids(Tok(), ["Yes", " yes"], ["Nope", "No"]) == ([2], [3])
