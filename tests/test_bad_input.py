@@ -173,6 +173,7 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         # --overwrite onto a folder of unrelated files: refused before training, the folder untouched
         ("map train overwrite foreign folder", [*mt[:-1], str(r / "foreign"), "--overwrite"]),
         ("sae train overwrite foreign folder", [*sae[:-1], str(r / "foreign"), "--overwrite"]),
+        ("compare overwrite foreign folder", [*cmp[:-1], str(r / "foreign"), "--overwrite"]),
         # more found while hardening
         ("run harmful 300-character path", [*rt, "--harmful", LONG]),
         ("run out 300-character path", [*rt[:-1], str(r / LONG)]),
@@ -222,18 +223,20 @@ def test_bad_input_one_line_exit_2_nothing_written(env, case, capsys, monkeypatc
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("case", ["map train overwrite foreign folder", "sae train overwrite foreign folder"])
+@pytest.mark.parametrize("case", ["map train", "sae train", "compare"])
 def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys, monkeypatch):
     """The refusal comes from the up-front output check, not from the writer after the work."""
     import rosettalens.mapping.cli
     import rosettalens.sae
+    import rosettalens.similarity.compare
 
     def no_work(*a, **k):
         raise AssertionError("work started before the output was checked")
 
     monkeypatch.setattr(rosettalens.mapping.cli, "_pairs_from_models", no_work)
     monkeypatch.setattr(rosettalens.sae, "train_saes", no_work)
-    assert main(dict(_cases(env))[case]) == 2
+    monkeypatch.setattr(rosettalens.similarity.compare, "compare_layers", no_work)
+    assert main(dict(_cases(env))[case + " overwrite foreign folder"]) == 2
     err = capsys.readouterr().err
     assert "holds files that are not a" in err and "foreign" in err, err
     assert (env / "foreign" / "thesis.tex").read_text() == "mine"

@@ -135,7 +135,9 @@ def test_sae_save_refuses_replaces_and_survives_errors(tmp_path, monkeypatch):
     b.save(d, overwrite=True)
     assert torch.equal(SAE.load(d).W_enc, b.W_enc)
     (d / "stale.txt").write_text("x")
-    with pytest.raises(ConfigError, match="other files"):  # never mixes with or deletes other files
+    with pytest.raises(
+        OutputExistsError, match="not a SAE folder"
+    ):  # never mixes with or deletes other files
         a.save(d, overwrite=True)
     assert (d / "stale.txt").exists()
 

@@ -174,3 +174,26 @@ def test_store_reader_is_the_one_used(stores):
     # guard for the store API this command relies on
     s = ActivationStore.open(stores["a"].path)
     assert s.hooks == HOOKS and s.read("resid_post.0").shape == (len(s), s.d_model)
+
+
+def test_overwrite_replaces_an_earlier_compare_whole_and_nothing_else(stores, tmp_path, capsys):
+    base = [
+        "compare",
+        "--a",
+        str(stores["a"].path),
+        "--b",
+        str(stores["b"].path),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert run([*base, "--metrics", "svcca,rsa"], capsys)[0] == 0
+    assert {"svcca.png", "rsa.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert run([*base, "--metrics", "linear_cka"], capsys)[0] == 2  # exists: refused without --overwrite
+    assert run([*base, "--metrics", "linear_cka", "--overwrite"], capsys)[0] == 0
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert names == {"config.json", "results.json", "linear_cka.png"}  # no stale plot of the first run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = run([*base[:-1], str(mine), "--overwrite"], capsys)
+    assert code == 2 and "not a compare folder" in err and (mine / "notes.txt").read_text() == "keep"

@@ -93,6 +93,18 @@ def load_paired(
     return xa, xb, info
 
 
+def is_compare_dir(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``rosetta compare`` output (its ``config.json`` says so):
+    the only non-empty folder that ``--overwrite`` replaces."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("command") == "compare"
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from rosettalens.io import atomic_dir
     from rosettalens.similarity.compare import compare_layers, plot_heatmap, write_json_atomic
@@ -108,7 +120,7 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    opt.check_output(out, args.overwrite, "run folder")
+    opt.check_output(out, args.overwrite, "compare folder", replaceable=is_compare_dir)
     hooks_a = _split(args.hooks_a) or _split(args.hooks)
     hooks_b = _split(args.hooks_b) or _split(args.hooks)
     xa, xb, info = load_paired(args.a, args.b, hooks_a, hooks_b, args.pairing, args.max_rows, args.seed)
@@ -149,7 +161,7 @@ def run_compare(args: argparse.Namespace) -> int:
     results = {**info, **res}
     plots = {}
     # the run folder is built beside --out and swapped in whole: no stale plot of an earlier run survives
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(out, overwrite=args.overwrite, what="compare folder", replaceable=is_compare_dir) as tmp:
         for m in metrics:
             png = plot_heatmap(
                 res["metrics"][m]["value"],
