@@ -189,6 +189,12 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("run unknown dtype", [*rt, "--dtype", "fp8"]),
         ("run config unknown dtype", [*rt, "--config", str(r / "cfg-fp8.json")]),
         ("offline hub id not cached", [*ex, "--model", "rosettalens-test/no-such-model"]),
+        # hf: specs outside the one syntax hf:<id>[:<config>][@<split>], refused before any model
+        ("extract data hf ambiguous split", ["extract", "--model", g, "--hooks", "resid_post.0", "--data",
+                                             "hf:imdb:test", "--out", str(r / "new-store")]),
+        ("map train data hf empty split", [*mt[:7], "hf:org/docs@", *mt[8:]]),
+        ("steer vector positive hf ambiguous", [*sv[:7], "hf:org/prompts:validation", *sv[8:]]),
+        ("run harmful hf two @", [*rt, "--harmful", "hf:org/prompts@a@b"]),
         # usage
         ("no subcommand", []),
         ("models no subcommand", ["models"]),
@@ -240,6 +246,24 @@ def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys
     err = capsys.readouterr().err
     assert "holds files that are not a" in err and "foreign" in err, err
     assert (env / "foreign" / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", [c for c in CASE_IDS if " hf " in c])
+def test_hf_spec_refused_up_front(env, case, capsys, monkeypatch):
+    """By the option checks: before any model is loaded and before the data or prompt loaders run."""
+    import rosettalens
+    import rosettalens.data.sources
+    import rosettalens.data.tasks
+    import rosettalens.models.loading
+
+    def no_work(*a, **k):
+        raise AssertionError("a model or a data set was loaded before the hf: spec was checked")
+
+    for module, name in ((rosettalens, "load"), (rosettalens.models.loading, "load"),
+                         (rosettalens.data.sources, "_load_hf"), (rosettalens.data.tasks, "_load_hf")):  # fmt: skip
+        monkeypatch.setattr(module, name, no_work)
+    assert main(dict(_cases(env))[case]) == 2
+    assert "hf:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["models"], ["extract", "--model", "x", "--hooks", "h", "--data", "d",

@@ -31,6 +31,7 @@ __all__ = [
     "check_models",
     "check_output",
     "check_path",
+    "check_prompt_spec",
     "check_text_file",
     "device",
     "finite_float",
@@ -158,8 +159,32 @@ def path(s: str) -> str:
 
 
 def data_spec(s: str) -> str:
-    """A ``--data`` value: a built-in name, an ``hf:`` id or a file name (checked as :func:`path`)."""
-    return s if s.startswith("hf:") else path(s)
+    """A ``--data`` value: a built-in name, an ``hf:`` spec in the one syntax (checked by
+    :func:`~rosettalens.data.sources.parse_hf_spec`) or a file name (checked as :func:`path`)."""
+    if not s.startswith("hf:"):
+        return path(s)
+    from .data.sources import parse_hf_spec
+
+    try:
+        parse_hf_spec(s)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def check_prompt_spec(spec: str, what: str) -> None:
+    """A prompt set before any model is loaded: a built-in set, an ``hf:`` alias or spec in the one
+    syntax, or a readable UTF-8 ``.txt``/``.jsonl`` file (:func:`check_text_file`)."""
+    from .data.sources import parse_hf_spec
+    from .data.tasks import BUILTIN_SETS, HF_ALIASES
+
+    if spec in BUILTIN_SETS:
+        return
+    if spec.startswith("hf:"):
+        if spec[len("hf:") :].lower() not in HF_ALIASES:
+            parse_hf_spec(spec)
+        return
+    check_text_file(spec, what)
 
 
 def check_device(s: str | None, what: str = "--device") -> str | None:

@@ -179,12 +179,10 @@ def preflight(exp: Experiment, cfg: Any, args: argparse.Namespace) -> None:
     dtype = getattr(cfg, "dtype", None)
     if dtype is not None and dtype not in opt.DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose from {', '.join(opt.DTYPES)}")
-    from ..data.tasks import BUILTIN_SETS
-
     for field in PROMPT_FILE_FIELDS:
         v = getattr(cfg, field, None)
-        if v and v not in BUILTIN_SETS and not v.startswith("hf:"):  # a file: readable UTF-8 text
-            opt.check_text_file(v, "--" + field.replace("_", "-"))
+        if v:  # a built-in set, an hf: set in the one syntax, or a readable UTF-8 file
+            opt.check_prompt_spec(v, "--" + field.replace("_", "-"))
     opt.check_models(_model_names(cfg))
     out = getattr(cfg, "out", None)
     if out and not args.resume:

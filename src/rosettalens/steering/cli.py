@@ -68,15 +68,6 @@ def _save_vector(sv: Any, path: Path, overwrite: bool) -> Path:
     return sv.save(path, overwrite=overwrite)
 
 
-def _prompt_spec(spec: str, what: str) -> None:
-    """A prompt file is read as UTF-8 text before any model is loaded (built-in and hf: sets pass)."""
-    from rosettalens.data.tasks import BUILTIN_SETS
-
-    if spec in BUILTIN_SETS or spec.startswith("hf:"):
-        return
-    opt.check_text_file(spec, what)
-
-
 def _prompts(source: str, split: str | None, limit: int | None) -> list[str]:
     from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
 
@@ -102,8 +93,8 @@ def _cmd_vector(args: argparse.Namespace) -> int:
         if positions >= 0:
             raise ConfigError(f"--positions must be last, mean or a negative int, got {positions}")
     out = _check_vector_out(args.out, args.overwrite)
-    _prompt_spec(args.positive, "--positive")
-    _prompt_spec(args.negative, "--negative")
+    opt.check_prompt_spec(args.positive, "--positive")
+    opt.check_prompt_spec(args.negative, "--negative")
     opt.check_models([args.model])
     _seed(args.seed)
     src = {"positive": args.positive, "negative": args.negative}
@@ -222,7 +213,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {out} is a folder; give a .json file name")
         opt.check_output(out, args.overwrite, "results file")
     for spec, what in ((args.harmful_eval, "--harmful-eval"), (args.harmless_eval, "--harmless-eval")):
-        _prompt_spec(spec, what)
+        opt.check_prompt_spec(spec, what)
     opt.check_models([args.model])
     _seed(args.seed)
     sv = SteeringVector.load(args.vector)
