@@ -195,6 +195,13 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("map train data hf empty split", [*mt[:7], "hf:org/docs@", *mt[8:]]),
         ("steer vector positive hf ambiguous", [*sv[:7], "hf:org/prompts:validation", *sv[8:]]),
         ("run harmful hf two @", [*rt, "--harmful", "hf:org/prompts@a@b"]),
+        # hook names that no model has, refused before any model is loaded
+        ("extract bad hook name", ["extract", "--model", g, "--hooks", "resid_post.0,bogus.1", "--data", d,
+                                   "--out", str(r / "new-store")]),
+        ("steer vector bad hook name", [*sv[:5], "resid_pree.1", *sv[6:]]),
+        ("map train bad hook name", [*mt[:3], f"{g}:resid_post", *mt[4:]]),
+        ("sae eval bad hook name", ["sae", "eval", "--sae", str(r / "runs"), "--model", g, "--data", d,
+                                    "--hook", "mlp.0"]),
         # usage
         ("no subcommand", []),
         ("models no subcommand", ["models"]),
@@ -248,8 +255,8 @@ def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys
     assert (env / "foreign" / "thesis.tex").read_text() == "mine"
 
 
-@pytest.mark.parametrize("case", [c for c in CASE_IDS if " hf " in c])
-def test_hf_spec_refused_up_front(env, case, capsys, monkeypatch):
+@pytest.mark.parametrize("case", [c for c in CASE_IDS if " hf " in c or "bad hook name" in c])
+def test_hf_spec_and_hook_name_refused_up_front(env, case, capsys, monkeypatch):
     """By the option checks: before any model is loaded and before the data or prompt loaders run."""
     import rosettalens
     import rosettalens.data.sources
@@ -257,13 +264,14 @@ def test_hf_spec_refused_up_front(env, case, capsys, monkeypatch):
     import rosettalens.models.loading
 
     def no_work(*a, **k):
-        raise AssertionError("a model or a data set was loaded before the hf: spec was checked")
+        raise AssertionError("a model or a data set was loaded before the options were checked")
 
     for module, name in ((rosettalens, "load"), (rosettalens.models.loading, "load"),
                          (rosettalens.data.sources, "_load_hf"), (rosettalens.data.tasks, "_load_hf")):  # fmt: skip
         monkeypatch.setattr(module, name, no_work)
     assert main(dict(_cases(env))[case]) == 2
-    assert "hf:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("hf:" if " hf " in case else "unknown hook point") in err, err
 
 
 @pytest.mark.parametrize("argv", [["models"], ["extract", "--model", "x", "--hooks", "h", "--data", "d",

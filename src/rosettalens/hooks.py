@@ -41,6 +41,20 @@ from .models.adapters import LAYER_HOOKS, Adapter, ModelConfig, adapter_for, mod
 HookFn = Callable[[Tensor, str], Tensor | None]
 Selector = None | int | slice | Sequence[int] | Tensor
 _NAME_RE = re.compile(r"^([a-z_]+)\.(-?\d+)$")
+
+
+def check_hook_name(name: str) -> None:
+    """A hook-point name as written, without a model: ``embed``, ``logits`` or ``KIND.L`` with a known
+    kind (``resid_post.3``, ``attn_out.-1``). Whether layer ``L`` exists is checked by
+    :meth:`HookedModel.resolve_hook` once the model is known. Raises :class:`HookPointError`."""
+    if name in ("embed", "logits"):
+        return
+    m = _NAME_RE.match(name)
+    if m is None or m.group(1) not in LAYER_HOOKS:
+        kinds = ", ".join(("embed", *(f"{k}.L" for k in LAYER_HOOKS), "logits"))
+        raise HookPointError(f"unknown hook point {name!r}; valid names: {kinds} (L may be negative)")
+
+
 _INTERVENE, _RECORD = 0, 1
 
 
@@ -124,10 +138,9 @@ class HookedModel:
         """Canonical name (negative layers resolved). Raises HookPointError."""
         if name in ("embed", "logits"):
             return name
+        check_hook_name(name)
         m = _NAME_RE.match(name)
-        if m is None or m.group(1) not in LAYER_HOOKS:
-            kinds = ", ".join(("embed", *(f"{k}.L" for k in LAYER_HOOKS), "logits"))
-            raise HookPointError(f"unknown hook point {name!r}; valid names: {kinds} (L may be negative)")
+        assert m is not None
         kind, layer = m.group(1), int(m.group(2))
         n = self.cfg.n_layers
         if not -n <= layer < n:

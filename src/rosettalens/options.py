@@ -30,6 +30,7 @@ __all__ = [
     "check_device",
     "check_models",
     "check_output",
+    "check_hooks",
     "check_path",
     "check_prompt_spec",
     "check_text_file",
@@ -170,6 +171,21 @@ def data_spec(s: str) -> str:
     except DataError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return s
+
+
+def check_hooks(names: str | Iterable[str] | None, what: str) -> None:
+    """Hook-point names (a list or comma-separated) as written, before any model is loaded
+    (:func:`rosettalens.hooks.check_hook_name`; the layer range is checked against the model later)."""
+    from .errors import HookPointError
+    from .hooks import check_hook_name
+
+    if isinstance(names, str):
+        names = [h.strip() for h in names.split(",") if h.strip()]
+    for name in names or ():
+        try:
+            check_hook_name(name)
+        except HookPointError as e:
+            raise HookPointError(f"{what}: {e}") from None
 
 
 def check_prompt_spec(spec: str, what: str) -> None:

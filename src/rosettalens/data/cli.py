@@ -18,6 +18,7 @@ def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
 def cmd_extract(args: argparse.Namespace) -> int:
     from rosettalens.store import extract
 
+    opt.check_hooks(args.hooks, "--hooks")
     opt.check_models([args.model])
     store = extract(
         args.model,

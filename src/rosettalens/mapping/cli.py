@@ -97,6 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     src_name, src_hook = _model_hook(args.source, "source")
     tgt_name, tgt_hook = _model_hook(args.target, "target")
+    opt.check_hooks([src_hook], "--source")
+    opt.check_hooks([tgt_hook], "--target")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; give a folder for the mapper")

@@ -180,6 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rosettalens.data import load_documents
     from rosettalens.sae import evaluate_sae, load_sae, splice_metrics
 
+    opt.check_hooks([args.hook] if args.hook else None, "--hook")
     opt.check_models([args.model])
     sae = load_sae(args.sae)
     hook = args.hook or sae.cfg.hook

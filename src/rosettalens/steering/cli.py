@@ -95,6 +95,8 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     out = _check_vector_out(args.out, args.overwrite)
     opt.check_prompt_spec(args.positive, "--positive")
     opt.check_prompt_spec(args.negative, "--negative")
+    if args.hook != "auto":
+        opt.check_hooks([args.hook], "--hook")
     opt.check_models([args.model])
     _seed(args.seed)
     src = {"positive": args.positive, "negative": args.negative}
