@@ -174,6 +174,7 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("map train overwrite foreign folder", [*mt[:-1], str(r / "foreign"), "--overwrite"]),
         ("sae train overwrite foreign folder", [*sae[:-1], str(r / "foreign"), "--overwrite"]),
         ("compare overwrite foreign folder", [*cmp[:-1], str(r / "foreign"), "--overwrite"]),
+        ("circuits patch overwrite foreign folder", [*cp, "--out", str(r / "foreign"), "--overwrite"]),
         # more found while hardening
         ("run harmful 300-character path", [*rt, "--harmful", LONG]),
         ("run out 300-character path", [*rt[:-1], str(r / LONG)]),
@@ -236,9 +237,10 @@ def test_bad_input_one_line_exit_2_nothing_written(env, case, capsys, monkeypatc
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("case", ["map train", "sae train", "compare"])
+@pytest.mark.parametrize("case", ["map train", "sae train", "compare", "circuits patch"])
 def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys, monkeypatch):
     """The refusal comes from the up-front output check, not from the writer after the work."""
+    import rosettalens.circuits.patching
     import rosettalens.mapping.cli
     import rosettalens.sae
     import rosettalens.similarity.compare
@@ -249,6 +251,7 @@ def test_overwrite_of_a_foreign_folder_refused_before_training(env, case, capsys
     monkeypatch.setattr(rosettalens.mapping.cli, "_pairs_from_models", no_work)
     monkeypatch.setattr(rosettalens.sae, "train_saes", no_work)
     monkeypatch.setattr(rosettalens.similarity.compare, "compare_layers", no_work)
+    monkeypatch.setattr(rosettalens.circuits.patching, "patch_sweep", no_work)
     assert main(dict(_cases(env))[case + " overwrite foreign folder"]) == 2
     err = capsys.readouterr().err
     assert "holds files that are not a" in err and "foreign" in err, err

@@ -89,13 +89,18 @@ def _task_inputs(hm: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, dict
     return prompts.clean_ids, prompts.corrupted_ids, prompts.metric("logit_diff"), info
 
 
+def is_patch_dir(path: Path) -> bool:
+    """True for a folder that ``circuits patch --out`` wrote: the only kind ``--overwrite`` replaces."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {"patch.safetensors", "patch.json"}
+
+
 def _write_out(out: Path, res: Any, payload: dict, overwrite: bool) -> None:
     """``patch.safetensors`` + ``patch.json`` into ``out``, built in a temp sibling and swapped in whole."""
     from safetensors.torch import save_file
 
     from rosettalens.io import atomic_dir
 
-    with atomic_dir(out.resolve(), overwrite=overwrite) as tmp:
+    with atomic_dir(out.resolve(), overwrite=overwrite, what="patch result folder", replaceable=is_patch_dir) as tmp:
         save_file(
             {
                 "values": res.values.contiguous(),
@@ -141,7 +146,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
         load_task(args.task)  # an unknown task or a broken task file fails before the model loads
     if args.out:
-        opt.check_output(args.out, args.overwrite, "patch result folder")
+        opt.check_output(args.out, args.overwrite, "patch result folder", replaceable=is_patch_dir)
     opt.check_models([args.model])
     if args.seed is not None:
         torch.manual_seed(args.seed)
