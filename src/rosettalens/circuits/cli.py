@@ -100,7 +100,9 @@ def _write_out(out: Path, res: Any, payload: dict, overwrite: bool) -> None:
 
     from rosettalens.io import atomic_dir
 
-    with atomic_dir(out.resolve(), overwrite=overwrite, what="patch result folder", replaceable=is_patch_dir) as tmp:
+    with atomic_dir(
+        out.resolve(), overwrite=overwrite, what="patch result folder", replaceable=is_patch_dir
+    ) as tmp:
         save_file(
             {
                 "values": res.values.contiguous(),
