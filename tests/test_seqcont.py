@@ -2,11 +2,16 @@
 bad-input paths."""
 
 import json
+import random
 
 import pytest
+import torch
 
+from rosettalens.circuits.ablation import mean_ablate
+from rosettalens.circuits.tasks import SequenceTask, competence, make_prompts
 from rosettalens.cli import main
-from test_pruning import planted_model
+from rosettalens.experiments.seqcont_circuits import ablation_test
+from test_pruning import MEMBERS, planted_model
 
 TASKS = [
     {"name": "letters-then", "members": ["A", "B", "C", "D", "E", "F", "G", "H"],
@@ -33,6 +38,20 @@ def model_dir2(tmp_path_factory):
     return _save(tmp_path_factory.mktemp("planted2"), planted_model(succ_head=(2, 3)))
 
 
+def stdout_print(run_dir):
+    """The summary as printed without --json (print_summary of the saved results)."""
+    import contextlib
+    import io
+
+    from rosettalens.experiments.seqcont_circuits import EXPERIMENT
+
+    r = json.loads((run_dir / "results.json").read_text())
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        EXPERIMENT.print_summary({**r, "run_dir": str(run_dir)})
+    return buf.getvalue()
+
+
 def _run(argv, capsys):
     rc = main(argv)
     cap = capsys.readouterr()
@@ -44,7 +63,8 @@ def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
     tf.write_text(json.dumps(TASKS))
     out = tmp_path / "run"
     argv = ["run", "seqcont-circuits", "--models", f"{model_dir},{model_dir2}", "--tasks", "", "--task-file", str(tf),
-            "--other-tasks", "", "--n-prompts", "4", "--n-random", "1", "--out", str(out), "--json"]  # fmt: skip
+            "--other-tasks", "", "--n-prompts", "4", "--n-random", "1", "--n-random-ablation", "8", "--out", str(out),
+            "--json"]  # fmt: skip
     rc, stdout, _ = _run(argv, capsys)
     assert rc == 0
     r = json.loads(stdout)  # exactly one JSON object
@@ -63,9 +83,18 @@ def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
     sh = r["shared"]
     assert sh["heads"] == ["1.2"] and sh["mlps"] == [] and sh["iou"] == [[1.0, 1.0], [1.0, 1.0]]
     assert sh["roles"]["1.2"]["successor"] == 1.0
-    test = sh["ablation_test"]["letters-then"]
-    assert test["accuracy"] == 1.0 and test["accuracy_shared_ablated"] < 0.5
-    assert min(test["accuracy_random_ablated"]) == 1.0  # random single heads are never the planted one
+    for key in ("ablation_test", "ablation_test_heads"):  # the shared sub-circuit is one head, no MLP
+        for task in ("letters-then", "letters-so"):
+            test = sh[key][task]
+            assert test["accuracy"] == 1.0 and test["accuracy_shared_ablated"] < 0.5
+            assert test["heads"] == ["1.2"] and test["mlps"] == [] and len(test["random_sets"]) == 8
+            # a random single head breaks the task exactly when it is the planted head
+            hits = ["1.2" in r["heads"] for r in test["random_sets"]]
+            assert [a < 0.5 for a in test["accuracy_random_ablated"]] == hits
+            assert test["p_value_accuracy"] == (1 + sum(hits)) / 9
+    assert "ablation test (shared heads only) letters-then: 1 heads + 0 MLPs; accuracy 1.00" in stdout_print(
+        out
+    )
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "results.json", "report.html", "prompts.json", "circuits.json", "edges.json",
             "faithfulness.json", "shared.json"} <= names  # fmt: skip
@@ -115,6 +144,67 @@ def test_bad_input_one_line_exit_2(model_dir, tmp_path, capsys, tasks, msg):
     assert not out.exists()  # nothing half-written
 
 
+def test_negative_n_random_ablation_exit_2(model_dir, capsys):
+    rc, _, err = _run(
+        ["run", "seqcont-circuits", "--model", str(model_dir), "--n-random-ablation", "-1"], capsys
+    )
+    assert rc == 2 and "--n-random-ablation must be >= 0" in err
+
+
 def test_unknown_task_exit_2(model_dir, capsys):
     rc, _, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "fibonacci"], capsys)
     assert rc == 2 and "unknown task" in err
+
+
+@pytest.fixture(scope="module")
+def planted_set():
+    hm = planted_model()
+    task = SequenceTask("letters", MEMBERS, templates=["then {1} and {2} and {3} and {4}"])
+    ps = make_prompts(hm, task, n=16, seed=0)
+    mask, _ = competence(hm, ps)
+    return hm, ps.subset(mask)
+
+
+def _reference(hm, ps, heads, mlps):
+    """Accuracy and mean metric with the components mean-ablated by the ablation module (its own hooks)."""
+    with mean_ablate(hm, heads, mlps, reference=ps.corrupted_ids), torch.no_grad():
+        lg = hm.forward(ps.clean_ids)
+    return float((lg[:, -1].argmax(-1) == ps.answer_ids).float().mean()), float(ps.metric()(lg).mean())
+
+
+@pytest.mark.parametrize("mlps", [[0, 1], []])  # the combined test (heads + MLPs) and the heads-only one
+def test_ablation_test_random_sets_and_p_values(planted_set, mlps):
+    hm, ps = planted_set
+    n = 12
+    out = ablation_test(hm, ps, ["1.2"], mlps, n, random.Random(3), batch_size=5)
+    sets = out["random_sets"]
+    assert len(sets) == n and out["n_random"] == n and out["n_prompts"] == len(ps)
+    all_heads = {f"{L}.{h}" for L in range(hm.cfg.n_layers) for h in range(hm.cfg.n_heads)}
+    for r in sets:  # as many heads (heads only) and as many MLPs as the tested set, no repeats
+        assert len(r["heads"]) == 1 and set(r["heads"]) <= all_heads
+        assert len(set(r["mlps"])) == len(mlps) and set(r["mlps"]) <= set(range(hm.cfg.n_layers))
+    # every number against the ablation module's mean ablation
+    assert (out["accuracy"], out["metric"]) == pytest.approx(_reference(hm, ps, [], []), abs=1e-4)
+    assert out["accuracy"] == 1.0  # the competence filter kept only prompts the model gets right
+    ref = _reference(hm, ps, ["1.2"], mlps)
+    assert (out["accuracy_shared_ablated"], out["metric_shared_ablated"]) == pytest.approx(ref, abs=1e-4)
+    for r, a, m in zip(sets, out["accuracy_random_ablated"], out["metric_random_ablated"]):
+        assert (a, m) == pytest.approx(_reference(hm, ps, r["heads"], r["mlps"]), abs=1e-4)
+    # planted: only the successor head matters (the MLPs write nothing), so a random set's drop is as
+    # large as the planted head's exactly when it holds that head
+    assert out["accuracy_shared_ablated"] < 0.5
+    hits = sum("1.2" in r["heads"] for r in sets)
+    assert out["p_value_accuracy"] == (1 + hits) / (1 + n)
+    drop = out["metric"] - out["metric_shared_ablated"]
+    assert out["p_value_metric"] == (
+        1 + sum(out["metric"] - m >= drop for m in out["metric_random_ablated"])
+    ) / (1 + n)
+    assert ablation_test(hm, ps, ["1.2"], mlps, 0, random.Random(3))["p_value_accuracy"] is None
+
+
+def test_ablation_test_same_rng_same_sets(planted_set):
+    hm, ps = planted_set
+    a = ablation_test(hm, ps, ["1.2", "2.0"], [1], 4, random.Random(7))
+    b = ablation_test(hm, ps, ["1.2", "2.0"], [1], 4, random.Random(7))
+    assert a["random_sets"] == b["random_sets"] and a == b
+    assert all(len(set(r["heads"])) == 2 for r in a["random_sets"])

@@ -14,7 +14,9 @@ Stages, all written to one run directory:
    faithfulness on each task, its heads' roles (successor / copy scores, attention to the members),
    and the ablation test: the shared sub-circuit vs random component sets of the same size,
    mean-ablated, on every task and on other tasks (one-digit addition, interval sequences), with
-   top-1 accuracies (``shared.json``);
+   top-1 accuracies, metrics and permutation p-values; the same test for the shared sub-circuit's heads
+   alone vs random head sets (``ablation_test_heads``; MLP ablation alone can break a model)
+   (``shared.json``);
 6. cross-model (``--models A,B``): circuits by relative depth, the shared sub-circuits' heads of two
    models matched by their role scores (``cross_model.json``);
 7. plots (attribution per head, EAP of ``resid_pre`` by layer x position, faithfulness curves, IoU
@@ -52,7 +54,8 @@ class SeqcontConfig:
     max_rows: int = 16  # batched pruning: circuits scored per forward at most
     edges: bool = True  # path patching between circuit nodes
     max_edge_nodes: int = 6  # path patching among at most this many circuit nodes (most important)
-    n_random: int = 2  # random circuits / component sets per comparison
+    n_random: int = 2  # random circuits per faithfulness curve (random_cpr / random_cmd)
+    n_random_ablation: int = 20  # random component sets per task in the ablation test (its p-values)
     n_random_circuits: int = 20  # random circuits of the pruned circuit's size (its p-value)
     patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
     batch_size: int = 32
@@ -73,8 +76,9 @@ class SeqcontConfig:
         for name in ("n_prompts", "batch_size", "max_edge_nodes", "max_rows", "n_random_circuits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.n_random < 0:
-            raise ConfigError("--n-random must be >= 0")
+        for name in ("n_random", "n_random_ablation"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         if self.templates not in ("paper", "bare"):
             raise ConfigError(f"--templates must be paper or bare, got {self.templates!r}")
         self.model_list()
@@ -291,7 +295,7 @@ class SeqcontExperiment(Experiment):
     # ------------------------------------------------------------------------------------ shared
     def shared(self, ctx: RunContext) -> None:
         from ..circuits.faithfulness import Circuit, Faithfulness
-        from ..circuits.pruning import component_means, mean_ablate, run_last_logits
+        from ..circuits.pruning import component_means
         from ..circuits.roles import member_attention, successor_scores
 
         cfg = ctx.config
@@ -346,35 +350,23 @@ class SeqcontExperiment(Experiment):
                 }
                 for h in sh.heads
             }
-            # ablation test: shared sub-circuit vs random sets of the same size, mean-ablated
+            # ablation test: shared sub-circuit vs random sets of the same size, mean-ablated; and the
+            # same test restricted to its heads (vs random head sets of as many heads)
             test: dict[str, Any] = {}
-            if len(sh):
-                heads_all = [c for c in all_comp if not c.startswith("mlp.")]
-                for t, ps in ctx.state["sets"][mname].items():
-                    means = component_means(hm, ps.corrupted_ids, cfg.batch_size)
-
-                    def acc(
-                        heads: list[str], mlps: list[int], ps: Any = ps, means: Any = means, hm: Any = hm
-                    ) -> tuple:
-                        with mean_ablate(hm, means, heads, mlps):
-                            lg = run_last_logits(hm, ps.clean_ids, cfg.batch_size)
-                        a = float((lg[:, -1].argmax(-1).cpu() == ps.answer_ids).float().mean())
-                        return a, float(ps.metric()(lg).mean())
-
-                    base = acc([], [])
-                    abl = acc(sh.heads, sh.mlps)
-                    rands = []
-                    for _ in range(cfg.n_random):
-                        rh = rng.sample(heads_all, len(sh.heads))
-                        rm = rng.sample(range(hm.cfg.n_layers), len(sh.mlps))
-                        rands.append(acc(rh, rm))
-                    test[t] = {
-                        "main_task": t in main, "n_prompts": len(ps), "accuracy": base[0], "metric": base[1],
-                        "accuracy_shared_ablated": abl[0], "metric_shared_ablated": abl[1],
-                        "accuracy_random_ablated": [r[0] for r in rands],
-                        "metric_random_ablated": [r[1] for r in rands],
-                    }  # fmt: skip
+            test_heads: dict[str, Any] = {}
+            for t, ps in ctx.state["sets"][mname].items() if len(sh) else ():
+                means = component_means(hm, ps.corrupted_ids, cfg.batch_size)
+                kw: dict[str, Any] = {
+                    "n_random": cfg.n_random_ablation,
+                    "rng": rng,
+                    "batch_size": cfg.batch_size,
+                    "means": means,
+                }
+                test[t] = {"main_task": t in main, **ablation_test(hm, ps, sh.heads, sh.mlps, **kw)}
+                if sh.heads:
+                    test_heads[t] = {"main_task": t in main, **ablation_test(hm, ps, sh.heads, [], **kw)}
             entry["ablation_test"] = test
+            entry["ablation_test_heads"] = test_heads
             out[mname] = entry
         ctx.state["shared"] = out
         ctx.save_json("shared.json", out)
@@ -542,6 +534,7 @@ class SeqcontExperiment(Experiment):
                 "faithfulness": sh["faithfulness"],
                 "roles": sh["shared_roles"],
                 "ablation_test": sh["ablation_test"],
+                "ablation_test_heads": sh.get("ablation_test_heads", {}),
             },  # fmt: skip
         }
 
@@ -574,11 +567,12 @@ class SeqcontExperiment(Experiment):
                          f"{sh['mean_iou']:.2f} (random sets {sh['random_mean_iou']:.2f})"))  # fmt: skip
             rows.append(("shared faithfulness", sh["faithfulness"]))
             rows.append(("shared heads' roles", sh["roles"]))
-            for t, v in sh["ablation_test"].items():
-                rr = v["accuracy_random_ablated"]
-                rows.append((f"ablation test: {t}", f"accuracy {v['accuracy']:.2f} -> shared ablated "
-                             f"{v['accuracy_shared_ablated']:.2f}, random ablated "
-                             f"{(sum(rr) / len(rr)) if rr else float('nan'):.2f}"))  # fmt: skip
+            for key, what in (
+                ("ablation_test", "shared sub-circuit"),
+                ("ablation_test_heads", "its heads only"),
+            ):
+                for t, v in sh.get(key, {}).items():
+                    rows.append((f"ablation test ({what}): {t}", _ablation_line(v)))
             sections.append((html.escape(m), _table(rows)))
         if s.get("cross_model"):
             sections.append(
@@ -603,7 +597,84 @@ class SeqcontExperiment(Experiment):
             sh = ms["shared"]
             print(f"  shared: heads {sh['heads']} MLPs {sh['mlps']}, mean IoU {sh['mean_iou']:.2f} "
                   f"(random {sh['random_mean_iou']:.2f})")  # fmt: skip
+            for key, what in (("ablation_test", "shared"), ("ablation_test_heads", "shared heads only")):
+                for t, v in sh.get(key, {}).items():
+                    print(f"  ablation test ({what}) {t}: {_ablation_line(v)}")
         print(f"run directory: {summary['run_dir']} (report.html)")
+
+
+def ablation_test(
+    hm: Any,
+    ps: Any,
+    heads: list[str],
+    mlps: list[int],
+    n_random: int,
+    rng: random.Random,
+    batch_size: int = 32,
+    means: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The paper's ablation test on one prompt set: mean-ablate ``heads`` and ``mlps`` (per position, the
+    means over ``ps.corrupted_ids``) and ``n_random`` random sets of as many heads (drawn from every
+    head) and as many MLPs (from every layer); top-1 accuracy of the next member and the mean metric on
+    ``ps.clean_ids``, without and with each ablation.
+
+    The effect of an ablation is the drop it causes (unablated minus ablated); ``p_value_accuracy`` /
+    ``p_value_metric`` = ``(1 + #{random sets whose drop >= the given set's}) / (1 + n_random)`` (the
+    one-sided permutation p-value, as for the pruned circuit's faithfulness); None without random sets.
+    With ``mlps=[]`` every random set is heads only (the heads-only test)."""
+    from ..circuits.pruning import component_means, mean_ablate, run_last_logits
+
+    if means is None:
+        means = component_means(hm, ps.corrupted_ids, batch_size)
+    metric = ps.metric()
+
+    def run(h: list[str], m: list[int]) -> tuple[float, float]:
+        with mean_ablate(hm, means, h, m):
+            lg = run_last_logits(hm, ps.clean_ids, batch_size)
+        return float((lg[:, -1].argmax(-1).cpu() == ps.answer_ids).float().mean()), float(metric(lg).mean())
+
+    all_h = [f"{L}.{h}" for L in range(hm.cfg.n_layers) for h in range(hm.cfg.n_heads)]
+    sets: list[dict[str, Any]] = [
+        {
+            "heads": rng.sample(all_h, len(heads)),
+            "mlps": sorted(rng.sample(range(hm.cfg.n_layers), len(mlps))),
+        }
+        for _ in range(n_random)
+    ]
+    base, abl = run([], []), run(list(heads), list(mlps))
+    rand = [run(r["heads"], r["mlps"]) for r in sets]
+
+    def p(k: int) -> float | None:
+        if not rand:
+            return None
+        drop = base[k] - abl[k]
+        return (1 + sum(base[k] - r[k] >= drop for r in rand)) / (1 + len(rand))
+
+    return {
+        "n_prompts": len(ps), "heads": list(heads), "mlps": list(mlps), "n_random": n_random,
+        "accuracy": base[0], "metric": base[1],
+        "accuracy_shared_ablated": abl[0], "metric_shared_ablated": abl[1],
+        "accuracy_random_ablated": [r[0] for r in rand], "metric_random_ablated": [r[1] for r in rand],
+        "random_sets": sets, "p_value_accuracy": p(0), "p_value_metric": p(1),
+    }  # fmt: skip
+
+
+def _ablation_line(v: dict) -> str:
+    """One line of an ablation test: accuracy and metric unablated -> the set ablated, the mean over
+    random sets of its size, and the p-values (``p=-`` without random sets; older runs have none)."""
+
+    def mean(x: list) -> float:
+        return sum(x) / len(x) if x else float("nan")
+
+    def pv(k: str) -> str:
+        return "-" if v.get(k) is None else f"{v[k]:.3f}"
+
+    size = f"{len(v['heads'])} heads + {len(v['mlps'])} MLPs; " if "heads" in v else ""
+    n = len(v["accuracy_random_ablated"])
+    return (f"{size}accuracy {v['accuracy']:.2f} -> {v['accuracy_shared_ablated']:.2f} ablated, "
+            f"{mean(v['accuracy_random_ablated']):.2f} for {n} random sets (p={pv('p_value_accuracy')}); "
+            f"metric {v['metric']:.2f} -> {v['metric_shared_ablated']:.2f}, random "
+            f"{mean(v['metric_random_ablated']):.2f} (p={pv('p_value_metric')})")  # fmt: skip
 
 
 def _vs_random(v: dict) -> str:
