@@ -84,7 +84,7 @@ def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_p
     from rosettalens.experiments.backdoor_transfer import run
 
     src, tgt = organisms
-    res = run(_cfg(tmp_path, src, tgt, source_layer=3), progress=False)
+    res = run(_cfg(tmp_path, src, tgt, source_layer=3, target_layer_choice="depth"), progress=False)
     r = res["backdoor_rate"]
     assert res["layers"] == {"source": "resid_pre.3", "target": "resid_pre.3"}
     assert r["baseline"] >= 0.7, res  # the tiny organism learned the backdoor
@@ -127,6 +127,28 @@ def test_same_organism_transfer_is_native(tmp_path, organisms):
     assert res["mapper"]["fvu"] < 1e-6
     assert res["vectors"]["cos_transferred_native"] > 0.999
     assert res["backdoor_rate"]["transferred"] == res["backdoor_rate"]["native"]
+
+
+def test_target_layer_chosen_on_the_targets_validation_prompts(tmp_path, organisms):
+    """validation: the target candidate with the largest drop of the target's own backdoor score (its
+    native direction), whatever the source layer; depth: the source layer's relative depth."""
+    from rosettalens.experiments.backdoor_transfer import run
+
+    src, tgt = organisms
+    res = run(_cfg(tmp_path / "v", src, tgt, sweep_points=0, n_eval=4, source_layer=1), progress=False)
+    sel = res["target_selection"]
+    assert sel["method"] == "validation" and [c["layer"] for c in sel["candidates"]] == [1, 2, 3]
+    for c in sel["candidates"]:  # the same baseline score for every candidate; the drop is its difference
+        assert c["drop"] == pytest.approx(c["score_baseline"] - c["score_steered"])
+    best = max(sel["candidates"], key=lambda c: c["drop"])["layer"]
+    assert res["layers"] == {"source": "resid_pre.1", "target": f"resid_pre.{best}"}
+    res = run(_cfg(tmp_path / "d", src, tgt, sweep_points=0, n_eval=4, source_layer=2, target_layer_choice="depth"),
+              progress=False)  # fmt: skip
+    assert (
+        res["target_selection"]["method"].startswith("relative depth")
+        and not res["target_selection"]["candidates"]
+    )
+    assert res["layers"]["target"] == "resid_pre.2"  # both organisms have 4 layers
 
 
 def _cli(*args):

