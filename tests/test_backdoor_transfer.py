@@ -302,6 +302,7 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
     import rosettalens
     from rosettalens.errors import DataError
     from rosettalens.experiments.backdoor_transfer import run, trigger_token_mean
+    from rosettalens.organisms import format_prompts
 
     src, tgt = organisms
     res = run(_cfg(tmp_path, src, tgt, position="trigger", sweep_points=2, n_eval=16), progress=False)
