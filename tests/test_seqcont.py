@@ -113,6 +113,10 @@ def test_end_to_end_json(model_dir, model_dir2, tmp_path, capsys):
     (match,) = cm["role_matches"]
     (pair,) = match["pairs"]
     assert pair[str(model_dir)] == "1.2" and pair[str(model_dir2)] == "2.3" and pair["role_distance"] < 0.05
+    # both are successor heads (successor score 1.0): one pair within the cutoff, sharing that role
+    assert pair["roles"] == ["successor", "successor"] and pair["same_role"] and pair["matched"]
+    assert match["n_same_role"] == 1 and 0 < match["p_value"] <= 1
+    assert json.loads((out / "circuits" / "1-letters-so.json").read_text())["model"] == str(model_dir2)
     assert (out / "relative_depth.png").exists()
     # resume: every stage is skipped and the summary is the same
     rc, stdout2, _ = _run(["run", "seqcont-circuits", "--resume", str(out), "--json"], capsys)

@@ -33,8 +33,10 @@ from .pruning import component_means as component_means
 from .pruning import path_patch_edges as path_patch_edges
 from .pruning import prune_nodes as prune_nodes
 from .roles import head_roles as head_roles
+from .roles import match_roles as match_roles
 from .roles import member_attention as member_attention
 from .roles import ov_logits as ov_logits
+from .roles import role_label as role_label
 from .roles import successor_scores as successor_scores
 from .tasks import BUILTIN_TASKS as BUILTIN_TASKS
 from .tasks import AnswerMetric as AnswerMetric

@@ -28,7 +28,9 @@ from torch import Tensor
 from ..errors import DataError
 from .tasks import PromptSet, SequenceTask, _answer_forms, _ids
 
-__all__ = ["ov_logits", "successor_scores", "member_attention", "head_roles"]
+__all__ = ["ov_logits", "successor_scores", "member_attention", "head_roles", "role_label", "match_roles"]
+
+ROLE_KEYS = ("successor", "copy", "member_attention")
 
 
 def _module(root: Any, path: str) -> Any:
@@ -159,3 +161,105 @@ def head_roles(
             row["member_attention"] = float(att[L, h])
         out[name] = row
     return out
+
+
+def role_label(scores: dict[str, float], min_score: float = 0.2) -> str:
+    """A head's role: the highest of its successor / copy / member-attention scores when that score is
+    at least ``min_score``, else ``"unassigned"`` (a head that scores about nothing has no role, and
+    two such heads must not count as "the same role")."""
+    keys = [k for k in ROLE_KEYS if k in scores]
+    if not keys:
+        raise DataError(f"no role score in {sorted(scores)}; expected some of {list(ROLE_KEYS)}")
+    best = max(keys, key=lambda k: scores[k])
+    return best if scores[best] >= min_score else "unassigned"
+
+
+def _hungarian(
+    ra: dict[str, dict[str, float]], rb: dict[str, dict[str, float]]
+) -> list[tuple[str, str, float]]:
+    from scipy.optimize import linear_sum_assignment
+
+    ha, hb = list(ra), list(rb)
+    if not ha or not hb:
+        return []
+    keys = [k for k in ROLE_KEYS if all(k in ra[h] for h in ha) and all(k in rb[h] for h in hb)]
+    cost = torch.tensor(
+        [[sum((ra[x][k] - rb[y][k]) ** 2 for k in keys) ** 0.5 for y in hb] for x in ha], dtype=torch.float64
+    )
+    r, c = linear_sum_assignment(cost.numpy())
+    return [(ha[x], hb[y], float(cost[x, y])) for x, y in zip(r.tolist(), c.tolist())]
+
+
+def _n_same(
+    pairs: list[tuple[str, str, float]], ra: dict, rb: dict, min_score: float, max_distance: float
+) -> int:
+    return sum(
+        d <= max_distance and role_label(ra[x], min_score) == role_label(rb[y], min_score) != "unassigned"
+        for x, y, d in pairs
+    )
+
+
+def match_roles(
+    ra: dict[str, dict[str, float]],
+    rb: dict[str, dict[str, float]],
+    *,
+    min_score: float = 0.2,
+    max_distance: float = 0.25,
+    null_a: dict[str, dict[str, float]] | None = None,
+    null_b: dict[str, dict[str, float]] | None = None,
+    n_null: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Match two models' heads by role: Hungarian matching on the Euclidean distance between their
+    (successor, copy, member attention) vectors; a pair farther apart than ``max_distance`` is not a
+    match, and a pair "shares a role" when both heads have the same :func:`role_label` other than
+    ``"unassigned"``.
+
+    With ``null_a``/``null_b`` (the role scores of *every* head of each model), the same count is
+    taken for random head sets of the same sizes drawn from them (``n_null`` draws): ``p_value`` is
+    the share of draws sharing at least as many roles (with the +1 correction), so a small p-value says
+    the two sub-circuits' heads agree in role more than arbitrary heads of the two models do.
+    """
+    if min_score < 0 or max_distance < 0:
+        raise ValueError("min_score and max_distance must be >= 0")
+    pairs = _hungarian(ra, rb)
+    out_pairs, unmatched_a, unmatched_b = [], [h for h in ra], [h for h in rb]
+    for x, y, d in pairs:
+        la, lb = role_label(ra[x], min_score), role_label(rb[y], min_score)
+        matched = d <= max_distance
+        if matched:
+            unmatched_a.remove(x)
+            unmatched_b.remove(y)
+        out_pairs.append(
+            {"heads": [x, y], "role_distance": d, "matched": matched, "roles": [la, lb],
+             "same_role": matched and la == lb != "unassigned", "scores": [ra[x], rb[y]]}
+        )  # fmt: skip
+    n_same = _n_same(pairs, ra, rb, min_score, max_distance)
+    res: dict[str, Any] = {
+        "pairs": out_pairs,
+        "unmatched": [unmatched_a, unmatched_b],
+        "n_matched": sum(p["matched"] for p in out_pairs),
+        "n_same_role": n_same,
+        "roles": [
+            {h: role_label(v, min_score) for h, v in ra.items()},
+            {h: role_label(v, min_score) for h, v in rb.items()},
+        ],
+        "min_score": min_score,
+        "max_distance": max_distance,
+    }
+    if null_a is not None and null_b is not None and ra and rb:
+        import random
+
+        if len(null_a) < len(ra) or len(null_b) < len(rb):
+            raise ValueError("the null head pools must be at least as large as the matched head sets")
+        rng = random.Random(seed)
+        ka, kb = list(null_a), list(null_b)
+        null = []
+        for _ in range(n_null):
+            sa = {h: null_a[h] for h in rng.sample(ka, len(ra))}
+            sb = {h: null_b[h] for h in rng.sample(kb, len(rb))}
+            null.append(_n_same(_hungarian(sa, sb), sa, sb, min_score, max_distance))
+        res["null_mean_same_role"] = sum(null) / len(null)
+        res["p_value"] = (1 + sum(v >= n_same for v in null)) / (1 + len(null))
+        res["n_null"] = n_null
+    return res

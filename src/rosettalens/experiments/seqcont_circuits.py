@@ -57,6 +57,8 @@ class SeqcontConfig:
     n_random: int = 2  # random circuits per faithfulness curve (random_cpr / random_cmd)
     n_random_ablation: int = 20  # random component sets per task in the ablation test (its p-values)
     n_random_circuits: int = 20  # random circuits of the pruned circuit's size (its p-value)
+    role_min_score: float = 0.2  # a head's role needs its best role score >= this, else "unassigned"
+    role_max_distance: float = 0.25  # cross-model head pairs farther apart in role scores do not match
     patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
     batch_size: int = 32
     seed: int = 0
@@ -79,6 +81,8 @@ class SeqcontConfig:
         for name in ("n_random", "n_random_ablation"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.role_min_score < 0 or self.role_max_distance < 0:
+            raise ConfigError("--role-min-score and --role-max-distance must be >= 0")
         if self.templates not in ("paper", "bare"):
             raise ConfigError(f"--templates must be paper or bare, got {self.templates!r}")
         self.model_list()
@@ -222,15 +226,18 @@ class SeqcontExperiment(Experiment):
                 # one file per model and task as soon as it is pruned: a resumed run keeps them
                 part = f"circuits/{k}-{task}.json"
                 if ctx.exists(part):
-                    out[mname][task] = ctx.load_json(part)
-                    continue
+                    saved = ctx.load_json(part)
+                    # a run resumed with another --models order must not take another model's circuit
+                    if saved.get("model", mname) == mname:
+                        out[mname][task] = saved
+                        continue
                 ps = ctx.state["sets"][mname][task]
                 res = prune_nodes(
                     hm, ps.clean_ids, ps.metric(), ps.corrupted_ids, threshold=cfg.threshold,
                     group_first=cfg.group_first, batch_size=cfg.batch_size, progress=ctx.progress,
                     batched=cfg.batched, max_rows=cfg.max_rows, seed=cfg.seed,
                 )  # fmt: skip
-                out[mname][task] = {**res.to_dict(), "trace": res.trace}
+                out[mname][task] = {**res.to_dict(), "trace": res.trace, "model": mname}
                 ctx.save_json(part, out[mname][task])
                 if ctx.progress:
                     print(f"{mname} {task}: {len(res.heads)} heads {res.heads} + MLPs {res.mlps} keep "
@@ -373,8 +380,9 @@ class SeqcontExperiment(Experiment):
 
     # ------------------------------------------------------------------------------- cross-model
     def cross_model(self, ctx: RunContext) -> None:
-        from scipy.optimize import linear_sum_assignment
+        from ..circuits.roles import match_roles
 
+        cfg = ctx.config
         main = self._main(ctx)
         hms = ctx.state["hms"]
         depth: dict[str, dict[str, Any]] = {}
@@ -389,35 +397,29 @@ class SeqcontExperiment(Experiment):
                 }
         names = list(hms)
         matches = []
-        keys = ("successor", "copy", "member_attention")
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                ra, rb = ctx.state["shared"][a]["shared_roles"], ctx.state["shared"][b]["shared_roles"]
+                sa, sb = ctx.state["shared"][a], ctx.state["shared"][b]
+                ra, rb = sa["shared_roles"], sb["shared_roles"]
                 if not ra or not rb:
                     matches.append(
                         {"models": [a, b], "pairs": [], "note": "a shared sub-circuit has no head"}
                     )
                     continue
-                ha, hb = list(ra), list(rb)
-                cost = torch.tensor(
-                    [[sum((ra[x][k] - rb[y][k]) ** 2 for k in keys) ** 0.5 for y in hb] for x in ha]
-                )
-                r, c = linear_sum_assignment(cost.numpy())
+                m = match_roles(
+                    ra, rb, min_score=cfg.role_min_score, max_distance=cfg.role_max_distance,
+                    null_a=_mean_roles(sa["roles"], main), null_b=_mean_roles(sb["roles"], main),
+                    seed=cfg.seed,
+                )  # fmt: skip
                 nA, nB = hms[a].cfg.n_layers, hms[b].cfg.n_layers
-                pairs = [
-                    {
-                        a: ha[x],
-                        b: hb[y],
-                        "role_distance": float(cost[x, y]),
-                        "relative_depth": [
-                            int(ha[x].split(".")[0]) / max(nA - 1, 1),
-                            int(hb[y].split(".")[0]) / max(nB - 1, 1),
-                        ],
-                        "roles": [ra[ha[x]], rb[hb[y]]],
-                    }  # fmt: skip
-                    for x, y in zip(r.tolist(), c.tolist())
-                ]
-                matches.append({"models": [a, b], "pairs": pairs})
+                for p in m["pairs"]:
+                    x, y = p["heads"]
+                    p[a], p[b] = x, y
+                    p["relative_depth"] = [
+                        int(x.split(".")[0]) / max(nA - 1, 1),
+                        int(y.split(".")[0]) / max(nB - 1, 1),
+                    ]
+                matches.append({"models": [a, b], **m})
         out = {"relative_depth": depth, "role_matches": matches}
         ctx.state["cross_model"] = out
         ctx.save_json("cross_model.json", out)
@@ -575,12 +577,15 @@ class SeqcontExperiment(Experiment):
                     rows.append((f"ablation test ({what}): {t}", _ablation_line(v)))
             sections.append((html.escape(m), _table(rows)))
         if s.get("cross_model"):
-            sections.append(
-                (
-                    "Cross-model role matches",
-                    f"<pre>{html.escape(str(s['cross_model']['role_matches']))}</pre>",
-                )
-            )
+            rows = []
+            for m in s["cross_model"]["role_matches"]:
+                a, b = m["models"]
+                rows.append((f"{a} vs {b}", html.escape(_roles_line(m))))
+                for p in m["pairs"]:
+                    rows.append((f"{p[a]} / {p[b]}", f"distance {p['role_distance']:.3f}, roles {p['roles'][0]} / "
+                                 f"{p['roles'][1]}{' (same)' if p['same_role'] else ''}"
+                                 f"{'' if p['matched'] else ' (too far: not matched)'}"))  # fmt: skip
+            sections.append(("Cross-model role matches", _table(rows)))
         pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
         if pngs:
             sections.append(("Plots", "".join(f"<img src='{p}' width='900'><br>" for p in pngs)))
@@ -600,6 +605,8 @@ class SeqcontExperiment(Experiment):
             for key, what in (("ablation_test", "shared"), ("ablation_test_heads", "shared heads only")):
                 for t, v in sh.get(key, {}).items():
                     print(f"  ablation test ({what}) {t}: {_ablation_line(v)}")
+        for m in (summary.get("cross_model") or {}).get("role_matches", []):
+            print(f"roles {m['models'][0]} vs {m['models'][1]}: {_roles_line(m)}")
         print(f"run directory: {summary['run_dir']} (report.html)")
 
 
@@ -682,6 +689,26 @@ def _vs_random(v: dict) -> str:
     if v.get("faithfulness_p_value") is None:
         return ""
     return f" (random same size {v['random_faithfulness']:.2f}, p={v['faithfulness_p_value']:.3f})"
+
+
+def _roles_line(m: dict) -> str:
+    if not m["pairs"]:
+        return m.get("note", "no pairs")
+    line = f"{m['n_matched']} of {len(m['pairs'])} head pairs within distance {m['max_distance']}, {m['n_same_role']} share a role"
+    if "p_value" in m:
+        line += f" (random head sets {m['null_mean_same_role']:.2f}, p={m['p_value']:.3f})"
+    return line
+
+
+def _mean_roles(roles: dict[str, dict[str, list]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Every head's role scores averaged over ``tasks`` (``roles[task][key][L][H]``): ``{"L.H": {...}}``."""
+    keys = ("successor", "copy", "member_attention")
+    first = roles[tasks[0]][keys[0]]
+    return {
+        f"{L}.{H}": {k: sum(roles[t][k][L][H] for t in tasks) / len(tasks) for k in keys}
+        for L in range(len(first))
+        for H in range(len(first[L]))
+    }
 
 
 def _rank_nodes(c: dict) -> list[str | int]:
