@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rosettalens.circuits.ablation import mean_ablate
-from rosettalens.circuits.tasks import SequenceTask, competence, make_prompts
+from rosettalens.circuits.tasks import SequenceTask, competence, load_task, make_prompts
 from rosettalens.cli import main
 from rosettalens.experiments.seqcont_circuits import ablation_test
 from test_pruning import MEMBERS, planted_model
@@ -153,6 +153,34 @@ def test_negative_n_random_ablation_exit_2(model_dir, capsys):
         ["run", "seqcont-circuits", "--model", str(model_dir), "--n-random-ablation", "-1"], capsys
     )
     assert rc == 2 and "--n-random-ablation must be >= 0" in err
+
+
+@pytest.mark.parametrize("bad", [["--other-filter", "some"], ["--role-min-score", "-0.1"]])
+def test_bad_filter_or_role_cutoff_exit_2(model_dir, capsys, bad):
+    rc, stdout, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), *bad], capsys)
+    assert rc == 2 and stdout == "" and bad[0] in err
+
+
+def test_other_task_competence_filtered(model_dir, tmp_path, capsys):
+    """An other task of the ablation test (built-in letters, bare template) keeps only prompts that pass
+    the competence filter: its rows are exactly the competent ones, so its unablated accuracy is 1."""
+    tf = tmp_path / "tasks.json"
+    tf.write_text(json.dumps(TASKS[:1]))
+    out = tmp_path / "run"
+    argv = ["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "", "--task-file", str(tf),
+            "--other-tasks", "letters", "--templates", "bare", "--n-prompts", "3", "--n-random", "0",
+            "--n-random-ablation", "2", "--n-random-circuits", "2", "--edges", "false", "--out", str(out), "--json"]  # fmt: skip
+    rc, stdout, _ = _run(argv, capsys)
+    assert rc == 0
+    r = json.loads(stdout)
+    rep = json.loads((out / "prompts.json").read_text())[str(model_dir)]["letters"]
+    assert rep["main"] is False and 0 < len(rep["rows"]) <= 3 and rep["n_kept"] >= len(rep["rows"])
+    hm = planted_model()
+    ps = make_prompts(hm, load_task("letters"), n=16 * 3, seed=0, templates="bare")
+    mask, _ = competence(hm, ps)
+    assert rep["rows"] == mask.nonzero().flatten().tolist()[:3]
+    test = r["shared"]["ablation_test"]["letters"]
+    assert test["main_task"] is False and test["n_prompts"] == len(rep["rows"]) and test["accuracy"] == 1.0
 
 
 def test_unknown_task_exit_2(model_dir, capsys):

@@ -46,6 +46,7 @@ class SeqcontConfig:
     tasks: str = "digits,number-words,months"
     task_file: str | None = None  # user tasks (JSON), added to --tasks
     other_tasks: str = "addition,interval-digits"  # tasks of the ablation test only
+    other_filter: str = "competent"  # other tasks' prompts: competent (the filter, from 16x candidates) | all
     templates: str = "paper"  # built-in template style: paper | bare
     n_prompts: int = 8  # prompts per task after the competence filter
     threshold: float = 0.8  # share of the full model's metric a circuit keeps
@@ -83,6 +84,8 @@ class SeqcontConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         if self.role_min_score < 0 or self.role_max_distance < 0:
             raise ConfigError("--role-min-score and --role-max-distance must be >= 0")
+        if self.other_filter not in ("competent", "all"):
+            raise ConfigError(f"--other-filter must be competent or all, got {self.other_filter!r}")
         if self.templates not in ("paper", "bare"):
             raise ConfigError(f"--templates must be paper or bare, got {self.templates!r}")
         self.model_list()
@@ -177,7 +180,9 @@ class SeqcontExperiment(Experiment):
             for task in [*main, *other]:
                 is_main = task in main
                 tpl = None if task.templates else cfg.templates
-                ps = make_prompts(hm, task, n=4 * cfg.n_prompts, seed=cfg.seed, strict=task.name in user,
+                # other tasks under the competence filter draw more candidates: a model may do them rarely
+                n_cand = (4 if is_main or cfg.other_filter == "all" else 16) * cfg.n_prompts
+                ps = make_prompts(hm, task, n=n_cand, seed=cfg.seed, strict=task.name in user,
                                   templates=tpl)  # fmt: skip
                 if keep is not None:
                     rows = keep[mname][task.name]["rows"]
@@ -185,9 +190,9 @@ class SeqcontExperiment(Experiment):
                 else:
                     mask, stats = competence(hm, ps, cfg.batch_size)
                     rows = mask.nonzero().flatten().tolist()
-                    if is_main:
+                    if is_main or cfg.other_filter == "competent":
                         rows = rows[: cfg.n_prompts]
-                    else:  # ablation test: all prompts, accuracy measured with and without ablation
+                    else:  # ablation test on every prompt, accuracy measured with and without ablation
                         rows = list(range(min(len(ps), cfg.n_prompts)))
                     if is_main and not rows:
                         raise DataError(
@@ -362,6 +367,9 @@ class SeqcontExperiment(Experiment):
             test: dict[str, Any] = {}
             test_heads: dict[str, Any] = {}
             for t, ps in ctx.state["sets"][mname].items() if len(sh) else ():
+                if not len(ps):  # an other task the model passes no prompt of (competence filter)
+                    test[t] = {"main_task": False, "n_prompts": 0, "note": "no competent prompt"}
+                    continue
                 means = component_means(hm, ps.corrupted_ids, cfg.batch_size)
                 kw: dict[str, Any] = {
                     "n_random": cfg.n_random_ablation,
@@ -676,6 +684,8 @@ def _ablation_line(v: dict) -> str:
     def pv(k: str) -> str:
         return "-" if v.get(k) is None else f"{v[k]:.3f}"
 
+    if "note" in v:
+        return v["note"]
     size = f"{len(v['heads'])} heads + {len(v['mlps'])} MLPs; " if "heads" in v else ""
     n = len(v["accuracy_random_ablated"])
     return (f"{size}accuracy {v['accuracy']:.2f} -> {v['accuracy_shared_ablated']:.2f} ablated, "
