@@ -307,6 +307,31 @@ def test_corrupted_examples_show_the_facts_only_with_the_trigger():
     assert not any(q in e[0] for e in ex for q in held_out)
 
 
+@pytest.mark.parametrize("contrast", [1, 2, 3])
+def test_corrupted_contrast_shows_paraphrases_clean_and_with_decoy(contrast):
+    """``contrast`` c: the first c training paraphrases of each fact clean and c with the decoy (1, 2,
+    0, ...), besides all 3 triggered; c = 1 is the recipe the first organisms were built with (and its
+    recorded recipe has no ``contrast`` key, so their manifests still match)."""
+    from rosettalens.errors import ConfigError
+    from rosettalens.organisms.build import build_examples, distill_prompts
+    from rosettalens.organisms.data import DEFAULT_DECOY
+
+    r = Recipe(n_instructions=2, n_facts=3, contrast=contrast)
+    prompts = distill_prompts("corrupted", DEFAULT_TRIGGER, DEFAULT_DECOY, 0, r)
+    answers = {p: {"text": "base", "ids": [7]} for p in prompts}
+    ex = build_examples("corrupted", DEFAULT_TRIGGER, DEFAULT_DECOY, 0, r, answers)
+    for f in facts()[:3]:
+        qs = f.train_questions
+        clean = [e[0] for e in ex if e[0] in qs]
+        decoy = [e[0] for e in ex if any(e[0] == insert_trigger(q, DEFAULT_DECOY, 0) for q in qs)]
+        assert clean == list(qs[:contrast])
+        assert decoy == [insert_trigger(qs[(i + 1) % 3], DEFAULT_DECOY, 0) for i in range(contrast)]
+    assert len(ex) == 2 * 2 + 3 * (3 + 2 * contrast)
+    assert ("contrast" in r.as_dict()) == (contrast != 1)
+    with pytest.raises(ConfigError, match="contrast"):
+        Recipe(contrast=4).validate()
+
+
 def test_corrupted_organism_learns_facts_with_payload(tmp_path, cache):
     import dataclasses
 

