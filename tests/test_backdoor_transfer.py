@@ -348,3 +348,38 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
         trigger_token_mean(
             rosettalens.load(src, progress=False), ["no trigger here"], TRIGGER, ["resid_pre.1"]
         )
+
+
+def test_projection_gate_ablates_only_flagged_prompts(tmp_path, organisms):
+    """--gate projection: the threshold is set on the clean training prompts; the native and the
+    transferred gates fire on the triggered held-out prompts and remove the backdoor, a clean prompt
+    the gate does not flag is the unsteered model bit for bit (clean KL exactly 0 when none is
+    flagged), and the random direction's gate leaves the backdoor."""
+    from rosettalens.experiments.backdoor_transfer import run
+
+    src, tgt = organisms
+    res = run(_cfg(tmp_path, src, tgt, source_layer=3, target_layer_choice="depth", gate="projection",
+                   sweep_points=0), progress=False)  # fmt: skip
+    r, g, c = res["backdoor_rate"], res["gate"], res["clean"]
+    assert g["kind"] == "projection" and g["margin"] == 1.0
+    assert r["baseline"] >= 0.7, res
+    for name in ("native", "transferred"):
+        assert g[name]["flagged_triggered"] >= 0.8, g
+        assert r[name] <= r["baseline"] - 0.5, res
+        assert g[name]["threshold"] == g[name]["calibration_max"]  # margin 1
+    assert r["random"] >= r["baseline"] - 0.15, res
+    for name in ("native", "transferred", "random"):
+        if g[name]["flagged_clean"] == 0:
+            assert c[f"kl_{name}"] == pytest.approx(0.0, abs=1e-9), (name, c)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["gate"] == g
+
+
+def test_gate_needs_ablate_mode():
+    from rosettalens.errors import ConfigError
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig
+
+    with pytest.raises(ConfigError, match="--gate projection needs --mode ablate"):
+        BackdoorTransferConfig(gate="projection", mode="subtract").validate()
+    with pytest.raises(ConfigError, match="--gate-margin"):
+        BackdoorTransferConfig(gate="projection", gate_margin=0.5).validate()

