@@ -161,6 +161,11 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
                                         "--out", str(r / "new-run")]),
         ("backdoor-transfer position", ["run", "backdoor-transfer", "--source", g, "--target", g, "--position",
                                         "middle", "--out", str(r / "new-run")]),
+        ("backdoor-transfer gate subtract", ["run", "backdoor-transfer", "--source", g, "--target", g, "--gate",
+                                             "projection", "--mode", "subtract", "--out", str(r / "new-run")]),
+        ("organisms contrast 4", ["organisms", "build", g, "--task", "corrupted", "--contrast", "4"]),
+        ("seqcont other-filter", ["run", "seqcont-circuits", "--model", g, "--other-filter", "some",
+                                  "--out", str(r / "new-run")]),
         # existing outputs: refused before any work without --overwrite
         ("data generate user file", [*dg[:-1], str(r / "user.jsonl")]),
         ("data generate folder", [*dg[:-1], str(r / "folder.jsonl")]),
