@@ -97,3 +97,32 @@ def test_bad_direction_or_layer(tiny_hm):
     with pytest.raises(HookPointError):
         gate_scores(tiny_hm, TEXTS, torch.ones(tiny_hm.cfg.d_model), tiny_hm.cfg.n_layers + 5)
     assert tiny_hm.active_hook_count() == 0
+
+
+def test_teacher_forced_kl_lets_only_the_prompt_decide(tiny_hm):
+    """clean_kl scores prompt + response in one pass; the gate must decide on the prompt alone (as in
+    generation). The direction is a *response* position's activation, so a full-sequence detector
+    would fire on that row while no prompt reaches the threshold: KL exactly 0; with every row
+    flagged, the ablation moves the distributions (KL > 0)."""
+    from rosettalens.organisms import clean_kl
+    from rosettalens.organisms.data import prompt_ids
+
+    prompts = ["the cat sat on the mat", "a b c"]
+    resp = [[5, 9, 13, 7], [11, 4, 8]]
+    layer = 1
+    hook = f"resid_pre.{layer}"
+    pids = prompt_ids(tiny_hm, prompts)
+    _, cache = tiny_hm.run_with_cache(torch.tensor([pids[0] + resp[0]]), hooks=[hook])
+    v = cache[hook][0, -1].double().cpu()
+    u = v / v.norm()
+    top = max(float((tiny_hm.run_with_cache(torch.tensor([p]), hooks=[hook])[1][hook][0].double().cpu() @ u).max())
+              for p in pids)  # fmt: skip
+    assert float(cache[hook][0, -1].double().cpu() @ u) > top  # a full-sequence detector would fire
+    thr = top + 1e-6 * abs(top)
+    gated = clean_kl(tiny_hm, tiny_hm, prompts, responses=resp,
+                     intervention=lambda: conditional_ablate(tiny_hm, v, layer, thr))  # fmt: skip
+    assert gated["clean_kl"] == pytest.approx(0.0, abs=1e-9)
+    always = clean_kl(tiny_hm, tiny_hm, prompts, responses=resp,
+                      intervention=lambda: conditional_ablate(tiny_hm, v, layer, float("-inf")))  # fmt: skip
+    assert always["clean_kl"] > 1e-6
+    assert tiny_hm.active_hook_count() == 0

@@ -154,9 +154,20 @@ def evaluate_facts(
 
 
 @torch.no_grad()
-def _response_logprobs(hm, seqs: list[tuple[list[int], list[int]]], rows: list[int]) -> list[torch.Tensor]:
+def _response_logprobs(hm, seqs: list[tuple[list[int], list[int]]], rows: list[int], gate: Any = None
+                       ) -> list[torch.Tensor]:  # fmt: skip
     """Per sequence (prompt ids, response ids): log-probs ``[n_response_tokens, vocab]`` predicting
-    each response token (right-padded batch, float32 on CPU)."""
+    each response token (right-padded batch, float32 on CPU). ``gate``: a conditional intervention's
+    state (``steering.conditional.Gate``), which decides on the prompts alone first, as in generation."""
+    if gate is not None:
+        pr = [seqs[i][0] for i in rows]
+        w = max(len(x) for x in pr)
+        pt = torch.full((len(pr), w), hm.tokenizer.pad_token_id, dtype=torch.long)
+        pm = torch.zeros_like(pt)
+        for r, x in enumerate(pr):  # left-padded, as a prompt is at generation
+            pt[r, w - len(x) :] = torch.as_tensor(x)
+            pm[r, w - len(x) :] = 1
+        gate.decide(pt, pm)
     ids = [seqs[i][0] + seqs[i][1] for i in rows]
     width = max(len(x) for x in ids)
     t = torch.full((len(ids), width), hm.tokenizer.pad_token_id, dtype=torch.long)
@@ -164,7 +175,11 @@ def _response_logprobs(hm, seqs: list[tuple[list[int], list[int]]], rows: list[i
     for r, x in enumerate(ids):
         t[r, : len(x)] = torch.as_tensor(x)
         m[r, : len(x)] = 1
-    logits = hm.forward(t, attention_mask=m)
+    try:
+        logits = hm.forward(t, attention_mask=m)
+    finally:
+        if gate is not None:
+            gate.release()
     out = []
     for r, i in enumerate(rows):
         p, a = len(seqs[i][0]), len(seqs[i][1])
@@ -212,8 +227,8 @@ def clean_kl(
     for s in range(0, len(seqs), batch_size):
         rows = list(range(s, min(s + batch_size, len(seqs))))
         ref = _response_logprobs(reference, seqs, rows)
-        with ctx():
-            new = _response_logprobs(hm, seqs, rows)
+        with ctx() as c:
+            new = _response_logprobs(hm, seqs, rows, c if hasattr(c, "decide") else None)
         for i, lr, ln in zip(rows, ref, new):
             tgt = torch.as_tensor(seqs[i][1])
             kl_sum += float((lr.exp() * (lr - ln)).sum())

@@ -38,7 +38,7 @@ from rosettalens.errors import ConfigError, ShapeError
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["POOLS", "calibrate_threshold", "conditional_ablate", "gate_scores"]
+__all__ = ["POOLS", "Gate", "calibrate_threshold", "conditional_ablate", "gate_scores"]
 
 POOLS = ("max", "last")
 
@@ -116,6 +116,32 @@ def calibrate_threshold(scores: Tensor, margin: float = 1.0) -> float:
     return top + (margin - 1) * abs(top)
 
 
+class Gate:
+    """The state of one :func:`conditional_ablate` context (what the ``with`` statement yields).
+
+    ``flags``: the rows flagged by the last prompt pass. A teacher-forced pass (prompt + response in
+    one forward) must not let the response tokens vote: :meth:`decide` runs the prompt alone first
+    and holds its flags for the next forward pass (``rosettalens.organisms.clean_kl`` does this)."""
+
+    def __init__(self, hm: HookedModel) -> None:
+        self.hm = hm
+        self.flags: Tensor | None = None
+        self.hold = False
+        self.history: list[Tensor] = []
+
+    @torch.no_grad()
+    def decide(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Flag the rows of a *left-padded* prompt batch and hold the flags for the next pass."""
+        self.hold = False
+        self.hm.forward(input_ids, attention_mask=attention_mask)
+        self.hold = True
+        assert self.flags is not None
+        return self.flags
+
+    def release(self) -> None:
+        self.hold = False
+
+
 @contextlib.contextmanager
 def conditional_ablate(
     hm: HookedModel,
@@ -125,16 +151,17 @@ def conditional_ablate(
     *,
     pool: str = "max",
     record: list | None = None,
-) -> Iterator[HookedModel]:
+) -> Iterator[Gate]:
     """Project ``direction`` out of layer ``layer`` and later (``resid_pre``, ``attn_out``, ``mlp_out``)
     in the rows whose prompt scores above ``threshold`` at ``resid_pre.{layer}`` (module docstring).
 
     ``record``: a list that receives each prompt pass's flags (a ``[batch]`` bool tensor), to count
-    how often the detector fired."""
+    how often the detector fired. Yields a :class:`Gate`."""
     _pool(pool)
     unit = _unit(hm, direction)
     first = _layer(hm, layer)
-    state: dict[str, Any] = {"mask": None, "offset": 0, "flags": None}
+    state: dict[str, Any] = {"mask": None, "offset": 0}
+    gate = Gate(hm)
 
     def pre(mod: Any, args: tuple, kwargs: dict) -> None:
         state["mask"] = kwargs.get("attention_mask")
@@ -142,7 +169,7 @@ def conditional_ablate(
         state["offset"] = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
 
     def ablate(act: Tensor, hook_name: str) -> Tensor | None:
-        flags = state["flags"]
+        flags = gate.flags
         if flags is None or flags.shape[0] != act.shape[0] or not bool(flags.any()):
             return None
         u = unit.to(device=act.device, dtype=act.dtype)
@@ -150,13 +177,14 @@ def conditional_ablate(
         return act - f * (act @ u).unsqueeze(-1) * u
 
     def detect(act: Tensor, hook_name: str) -> Tensor | None:
-        if state["offset"] == 0:  # a prompt pass decides the rows (generated tokens keep them)
+        if state["offset"] == 0 and not gate.hold:  # a prompt pass decides (generated tokens keep it)
             mask = state["mask"]
             if mask is not None and mask.dim() == 2 and mask.shape[1] != act.shape[1]:
                 mask = mask[:, -act.shape[1] :]
-            state["flags"] = (_scores(act, unit, mask, pool) > threshold).cpu()
+            gate.flags = (_scores(act, unit, mask, pool) > threshold).cpu()
+            gate.history.append(gate.flags.clone())
             if record is not None:
-                record.append(state["flags"].clone())
+                record.append(gate.flags.clone())
         return ablate(act, hook_name)
 
     names = [(f"resid_pre.{first}", detect)]
@@ -169,6 +197,6 @@ def conditional_ablate(
     handle = hm.model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         with hm.hooks(names):
-            yield hm
+            yield gate
     finally:
         handle.remove()
