@@ -557,13 +557,8 @@ class HookedModel:
         with self._track_offset(), self._intervene([(name, add, "plain")]):
             yield self
 
-    @contextlib.contextmanager
-    def ablate(self, direction: Tensor, hooks: Sequence[str] | None = None) -> Iterator[HookedModel]:
-        """Directional ablation: remove the component along ``direction`` (normalised) at ``hooks``.
-
-        Default: ``resid_pre.L``, ``attn_out.L`` and ``mlp_out.L`` of every layer (Arditi et al. 2024),
-        so no component along the direction is written to or read from the residual stream.
-        """
+    def unit_direction(self, direction: Tensor) -> Tensor:
+        """``direction`` as a float64 unit vector of width ``d_model`` (:class:`ShapeError` otherwise)."""
         d = torch.as_tensor(direction).detach().to(torch.float64)
         if d.dim() != 1 or d.shape[0] != self.cfg.d_model:
             raise ShapeError(
@@ -571,7 +566,16 @@ class HookedModel:
             )
         if not torch.isfinite(d).all() or d.norm() == 0:
             raise ShapeError("direction must be finite and non-zero")
-        unit = d / d.norm()
+        return d / d.norm()
+
+    @contextlib.contextmanager
+    def ablate(self, direction: Tensor, hooks: Sequence[str] | None = None) -> Iterator[HookedModel]:
+        """Directional ablation: remove the component along ``direction`` (normalised) at ``hooks``.
+
+        Default: ``resid_pre.L``, ``attn_out.L`` and ``mlp_out.L`` of every layer (Arditi et al. 2024),
+        so no component along the direction is written to or read from the residual stream.
+        """
+        unit = self.unit_direction(direction)
         names = (
             [
                 f"{k}.{layer}"

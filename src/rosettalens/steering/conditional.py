@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rosettalens.errors import ConfigError, ShapeError
+from rosettalens.errors import ConfigError
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -41,15 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["POOLS", "Gate", "calibrate_threshold", "conditional_ablate", "gate_scores"]
 
 POOLS = ("max", "last")
-
-
-def _unit(hm: HookedModel, direction: Tensor) -> Tensor:
-    d = torch.as_tensor(direction).detach().to(torch.float64)
-    if d.dim() != 1 or d.shape[0] != hm.cfg.d_model:
-        raise ShapeError(f"direction has shape {tuple(d.shape)}, but {hm.name} has d_model {hm.cfg.d_model}")
-    if not torch.isfinite(d).all() or d.norm() == 0:
-        raise ShapeError("direction must be finite and non-zero")
-    return d / d.norm()
 
 
 def _layer(hm: HookedModel, layer: int) -> int:
@@ -91,7 +82,7 @@ def gate_scores(
     texts = list(texts)
     if not texts:
         raise ConfigError("no texts to score")
-    unit = _unit(hm, direction)
+    unit = hm.unit_direction(direction)
     hook = f"resid_pre.{_layer(hm, layer)}"
     out = []
     for i in range(0, len(texts), batch_size):
@@ -158,15 +149,13 @@ def conditional_ablate(
     ``record``: a list that receives each prompt pass's flags (a ``[batch]`` bool tensor), to count
     how often the detector fired. Yields a :class:`Gate`."""
     _pool(pool)
-    unit = _unit(hm, direction)
+    unit = hm.unit_direction(direction)
     first = _layer(hm, layer)
-    state: dict[str, Any] = {"mask": None, "offset": 0}
+    state: dict[str, Any] = {"mask": None}
     gate = Gate(hm)
 
     def pre(mod: Any, args: tuple, kwargs: dict) -> None:
         state["mask"] = kwargs.get("attention_mask")
-        kv = kwargs.get("past_key_values", kwargs.get("cache"))
-        state["offset"] = int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
 
     def ablate(act: Tensor, hook_name: str) -> Tensor | None:
         flags = gate.flags
@@ -177,7 +166,7 @@ def conditional_ablate(
         return act - f * (act @ u).unsqueeze(-1) * u
 
     def detect(act: Tensor, hook_name: str) -> Tensor | None:
-        if state["offset"] == 0 and not gate.hold:  # a prompt pass decides (generated tokens keep it)
+        if hm._kv_offset == 0 and not gate.hold:  # a prompt pass decides (generated tokens keep it)
             mask = state["mask"]
             if mask is not None and mask.dim() == 2 and mask.shape[1] != act.shape[1]:
                 mask = mask[:, -act.shape[1] :]
@@ -196,7 +185,8 @@ def conditional_ablate(
     ]
     handle = hm.model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        with hm.hooks(names):
+        # the KV-cache offset (0 on a prompt pass) as the model's own position-selective hooks track it
+        with hm._track_offset(), hm.hooks(names):
             yield gate
     finally:
         handle.remove()
