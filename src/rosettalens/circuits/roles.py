@@ -223,7 +223,7 @@ def match_roles(
     if min_score < 0 or max_distance < 0:
         raise ValueError("min_score and max_distance must be >= 0")
     pairs = _hungarian(ra, rb)
-    out_pairs, unmatched_a, unmatched_b = [], [h for h in ra], [h for h in rb]
+    out_pairs, unmatched_a, unmatched_b = [], list(ra), list(rb)
     for x, y, d in pairs:
         la, lb = role_label(ra[x], min_score), role_label(rb[y], min_score)
         matched = d <= max_distance
@@ -234,7 +234,7 @@ def match_roles(
             {"heads": [x, y], "role_distance": d, "matched": matched, "roles": [la, lb],
              "same_role": matched and la == lb != "unassigned", "scores": [ra[x], rb[y]]}
         )  # fmt: skip
-    n_same = _n_same(pairs, ra, rb, min_score, max_distance)
+    n_same = sum(p["same_role"] for p in out_pairs)
     res: dict[str, Any] = {
         "pairs": out_pairs,
         "unmatched": [unmatched_a, unmatched_b],
