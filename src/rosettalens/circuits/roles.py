@@ -234,7 +234,7 @@ def match_roles(
             {"heads": [x, y], "role_distance": d, "matched": matched, "roles": [la, lb],
              "same_role": matched and la == lb != "unassigned", "scores": [ra[x], rb[y]]}
         )  # fmt: skip
-    n_same = sum(p["same_role"] for p in out_pairs)
+    n_same = sum(bool(p["same_role"]) for p in out_pairs)
     res: dict[str, Any] = {
         "pairs": out_pairs,
         "unmatched": [unmatched_a, unmatched_b],
