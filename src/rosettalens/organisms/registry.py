@@ -25,9 +25,20 @@ def organism_name(base_name: str, task: str) -> str:
 
 
 def is_organism_name(model: str) -> bool:
-    """``BASE+task`` with a known task (``smollm2-135m-instruct+ihy``)."""
+    """``BASE+task`` with a known task (``smollm2-135m-instruct+ihy``), or the name of a built organism
+    (``organisms build --name NAME``: any name whose folder in the organisms cache has a manifest)."""
     base, sep, task = model.rpartition("+")
-    return bool(sep and base and task in TASKS)
+    if sep and base and task in TASKS:
+        return True
+    return is_built_organism(model)
+
+
+def is_built_organism(name: str) -> bool:
+    """A complete organism folder ``$ROSETTA_CACHE/organisms/NAME`` exists (plain names only)."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+        return False
+    d = organisms_root() / name
+    return (d / MANIFEST).is_file() and (d / "config.json").is_file()
 
 
 def organism_dir(name: str) -> Path:
