@@ -112,6 +112,41 @@ def test_fit_paired_positions_save_load(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "switch"]
 
 
+def test_massive_positions_left_out_of_the_fit_and_kept_by_the_switch(tmp_path):
+    """massive_ratio: rows whose organism norm exceeds ratio x median are excluded from the fit (counted
+    by hand here), and inside the switch exactly the positions above that norm keep the organism's
+    own activation while every other position is mapper(base activation). The threshold survives
+    save / load."""
+    base, org = _pair("llama", perturb_layers=(0,))
+    texts, h = PROMPTS * 4, "resid_pre.1"
+    n_val = round(0.2 * len(texts))
+    _, Y = paired_positions(base, org, texts[: len(texts) - n_val], [h])
+    norms = Y[h].norm(dim=-1)
+    ratio = float(norms.max() / norms.median()) * 0.999  # just below the largest: at least one row out
+    want_out = int((norms > ratio * norms.median()).sum())
+    assert want_out >= 1
+    sw = SafetySwitch.fit(base, org, texts, h, kind="affine", massive_ratio=ratio)
+    thr = sw.info["massive_norm"]
+    assert thr == pytest.approx(ratio * float(norms.median()), rel=1e-6)
+    assert sw.info["n_massive_fit_rows"] == want_out
+    assert sw.info["n_fit_rows"] == Y[h].shape[0] - want_out
+    _, cb = base.run_with_cache(PROMPTS, hooks=[h])
+    _, co = org.run_with_cache(PROMPTS, hooks=[h])
+    with sw.on(org):
+        _, cs = org.run_with_cache(PROMPTS, hooks=[h])
+    big = co[h].norm(dim=-1) > thr
+    assert big.any() and (~big).any()
+    torch.testing.assert_close(cs[h][big], co[h][big], atol=0, rtol=0)
+    torch.testing.assert_close(cs[h][~big], sw.mapper.transform(cb[h])[~big].float(), atol=1e-5, rtol=1e-5)
+    again = SafetySwitch.load(sw.save(tmp_path / "sw"), base=base)
+    assert again.info["massive_norm"] == thr
+    with again.on(org):
+        _, ca = org.run_with_cache(PROMPTS, hooks=[h])
+    torch.testing.assert_close(ca[h], cs[h], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="massive_ratio"):
+        SafetySwitch.fit(base, org, texts, h, kind="affine", massive_ratio=1.0)
+
+
 def test_bad_input():
     base, org = _pair("llama")
     other, tok2 = tiny_model("qwen2", d_model=36)

