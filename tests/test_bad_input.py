@@ -164,8 +164,8 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("backdoor-transfer gate subtract", ["run", "backdoor-transfer", "--source", g, "--target", g, "--gate",
                                              "projection", "--mode", "subtract", "--out", str(r / "new-run")]),
         ("organisms contrast 4", ["organisms", "build", g, "--task", "corrupted", "--contrast", "4"]),
-        ("backdoor-transfer restore corrupted", ["run", "backdoor-transfer", "--source", g, "--target", g, "--task",
-                                                 "corrupted", "--layer-criterion", "restore", "--out", str(r / "new-run")]),
+        ("backdoor-transfer layer-criterion", ["run", "backdoor-transfer", "--source", g, "--target", g,
+                                               "--layer-criterion", "best", "--out", str(r / "new-run")]),
         ("seqcont other-filter", ["run", "seqcont-circuits", "--model", g, "--other-filter", "some",
                                   "--out", str(r / "new-run")]),
         # existing outputs: refused before any work without --overwrite

