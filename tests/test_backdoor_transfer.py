@@ -194,6 +194,11 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
     assert BackdoorTransfer._choose(rows, 0.1, "drop")[0]["layer"] == 1
     best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
     assert best["layer"] == 2 and "clean answer" in note
+    assert "no layer raises it" not in note
+    for r in rows:
+        r["restore"] = -abs(r["restore"])
+    best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
+    assert best["layer"] == 1 and "no layer raises it (best -2)" in note
     crit = BackdoorTransfer._criterion
     assert crit(BackdoorTransferConfig()) == "drop"
     assert crit(BackdoorTransferConfig(gate="projection")) == "restore"

@@ -589,9 +589,13 @@ class BackdoorTransfer(Experiment):
         kept = [r for r in rows if r["kept"]]
         what = "drop of the backdoor score" if criterion == "drop" else "rise of the clean answer's score"
         if kept:
-            return max(
-                kept, key=lambda r: r[criterion]
-            ), f"largest {what} among the layers with clean KL <= {max_kl}"
+            best = max(kept, key=lambda r: r[criterion])
+            note = f"largest {what} among the layers with clean KL <= {max_kl}"
+            if criterion == "restore" and best["restore"] <= 0:
+                note += (
+                    f"; no layer raises it (best {best['restore']:.3g}): the backdoor is not removed cleanly"
+                )
+            return best, note
         best = min(rows, key=lambda r: r["clean_kl"])
         return (
             best,
