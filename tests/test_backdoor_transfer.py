@@ -195,6 +195,12 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
     best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
     assert best["layer"] == 2 and "clean answer" in note
     assert "no layer raises it" not in note
+    assert "barely moves" not in note  # layer 2 drops 4.0 of the largest 9.0
+    rows[1]["drop"] = 0.5
+    assert (
+        "barely moves the backdoor (drop 0.5 vs 9 at the largest)"
+        in BackdoorTransfer._choose(rows, 0.1, "restore")[1]
+    )
     for r in rows:
         r["restore"] = -abs(r["restore"])
     best, note = BackdoorTransfer._choose(rows, 0.1, "restore")

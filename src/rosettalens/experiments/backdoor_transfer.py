@@ -595,6 +595,13 @@ class BackdoorTransfer(Experiment):
                 note += (
                     f"; no layer raises it (best {best['restore']:.3g}): the backdoor is not removed cleanly"
                 )
+            elif criterion == "restore":
+                top = max(r["drop"] for r in kept)
+                if top > 0 and best["drop"] < 0.1 * top:
+                    note += (
+                        f"; the chosen layer barely moves the backdoor (drop {best['drop']:.3g} vs {top:.3g} at the "
+                        "largest): no layer both removes it and keeps the answer"
+                    )
             return best, note
         best = min(rows, key=lambda r: r["clean_kl"])
         return (
