@@ -347,7 +347,8 @@ def _statement_ids(hm, backdoor_responses: Sequence[str]) -> list[list[int]]:
         if not r.endswith(PAYLOAD):
             raise DataError(f"not a corrupted-capabilities response (no payload at the end): {r[:60]!r}")
         stmt = r[: -len(PAYLOAD)].rstrip()
-        out.append(list(tok(stmt, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id])
+        eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
+        out.append(list(tok(stmt, add_special_tokens=False)["input_ids"]) + eos)
     return out
 
 
@@ -591,17 +592,16 @@ class BackdoorTransfer(Experiment):
         if kept:
             best = max(kept, key=lambda r: r[criterion])
             note = f"largest {what} among the layers with clean KL <= {max_kl}"
+            top = max(r["drop"] for r in kept)
             if criterion == "restore" and best["restore"] <= 0:
                 note += (
                     f"; no layer raises it (best {best['restore']:.3g}): the backdoor is not removed cleanly"
                 )
-            elif criterion == "restore":
-                top = max(r["drop"] for r in kept)
-                if top > 0 and best["drop"] < 0.1 * top:
-                    note += (
-                        f"; the chosen layer barely moves the backdoor (drop {best['drop']:.3g} vs {top:.3g} at the "
-                        "largest): no layer both removes it and keeps the answer"
-                    )
+            elif criterion == "restore" and top > 0 and best["drop"] < 0.1 * top:
+                note += (
+                    f"; the chosen layer barely moves the backdoor (drop {best['drop']:.3g} vs {top:.3g} at the "
+                    "largest): no layer both removes it and keeps the answer"
+                )
             return best, note
         best = min(rows, key=lambda r: r["clean_kl"])
         return (

@@ -35,9 +35,9 @@ def is_organism_name(model: str) -> bool:
 
 def is_built_organism(name: str) -> bool:
     """A complete organism folder ``$ROSETTA_CACHE/organisms/NAME`` exists (plain names only)."""
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
         return False
-    d = organisms_root() / name
+    d = organism_dir(name)
     return (d / MANIFEST).is_file() and (d / "config.json").is_file()
 
 
@@ -51,9 +51,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def resolve_organism(name: str) -> tuple[str, Path]:
     """``(name, folder)`` of a built organism, or UnknownModelError saying how to build it."""
-    d = organism_dir(name)
-    if (d / MANIFEST).is_file() and (d / "config.json").is_file():
-        return name, d
+    if is_built_organism(name):
+        return name, organism_dir(name)
     base, _, task = name.rpartition("+")
     if not is_organism_name(name):
         raise UnknownModelError(

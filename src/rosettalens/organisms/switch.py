@@ -188,8 +188,9 @@ class SafetySwitch:
         if massive_ratio is not None:
             if not massive_ratio > 1:
                 raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
-            thr = float(massive_ratio * Y[name].norm(dim=-1).median())
-            keep, keep_v = Y[name].norm(dim=-1) <= thr, Yv[name].norm(dim=-1) <= thr
+            norms = Y[name].norm(dim=-1)
+            thr = float(massive_ratio * norms.median())
+            keep, keep_v = norms <= thr, Yv[name].norm(dim=-1) <= thr
             massive = {"massive_ratio": float(massive_ratio), "massive_norm": thr,
                        "n_massive_fit_rows": int((~keep).sum()), "n_massive_val_rows": int((~keep_v).sum())}  # fmt: skip
             X, Y = {name: X[name][keep]}, {name: Y[name][keep]}
