@@ -239,7 +239,7 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     _, ids = generate_answer_ids(hm, p["val_clean"], 24, 16, False)
     lps, n = 0.0, 0
     for pr, a in zip(prompt_ids(hm, p["tgt_val_triggered"]), [x[:RESTORE_TOKENS] for x in ids]):
-        x = torch.tensor([list(pr) + list(a)])
+        x = torch.tensor([list(pr) + list(a)], device=hm.device)
         with torch.no_grad():
             lp = torch.log_softmax(hm.model(x).logits[0].double(), -1)
         for j, t in enumerate(a):
@@ -386,7 +386,7 @@ def test_trigger_token_mean_matches_a_hand_indexed_unpadded_run(organisms):
         assert through > before
         _, cache = hm.run_with_cache(torch.tensor([ids]), hooks=["resid_pre.1", "resid_pre.3"])
         for L in (1, 3):
-            total[L] = total[L] + cache[f"resid_pre.{L}"][0, before:through].double().sum(0)
+            total[L] = total[L] + cache[f"resid_pre.{L}"][0, before:through].double().sum(0).cpu()
         n += through - before
     for L in (1, 3):
         torch.testing.assert_close(got[f"resid_pre.{L}"], total[L] / n, atol=1e-5, rtol=1e-4)
@@ -420,7 +420,7 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
         chat = hm.has_chat_template()
         enc = hm.tokenize([t], chat=True) if chat else hm.tokenize(format_prompts(hm, [t]))
         _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook])
-        clean.append(cache[hook][0].double().mean(0))
+        clean.append(cache[hook][0].double().mean(0).cpu())
     want = trig - torch.stack(clean).mean(0)
     got = load_file(str(tmp_path / "run" / "directions.safetensors"))["native"].double()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -165,7 +165,7 @@ HF_SPECS = [
 
 @pytest.mark.parametrize("spec,want", HF_SPECS, ids=[s for s, _ in HF_SPECS])
 def test_one_hf_syntax_reaches_load_dataset(spec, want, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rosettalens.data import load_documents, parse_hf_spec
 
@@ -192,7 +192,7 @@ BAD_HF = [
 
 @pytest.mark.parametrize("spec,match", BAD_HF, ids=[s for s, _ in BAD_HF])
 def test_bad_hf_specs_are_one_data_error(spec, match, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rosettalens.data import load_documents
     from rosettalens.errors import DataError

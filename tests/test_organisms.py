@@ -171,7 +171,7 @@ def test_merged_organism_matches_the_unmerged_lora_model(tmp_path, cache):
     seqs = [([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17])] * 4
     model, info = train_lora(hm, seqs, Recipe(steps=5, lr=1e-2, batch_size=4), progress=False)
     assert info["tokens"] > 0 and len(info["losses"]) == 5
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]], device=hm.device)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits
         changed = get_peft_model(rosettalens.load(path).model, lora_config(Recipe()))(input_ids=ids).logits
@@ -371,8 +371,8 @@ def test_an_organism_built_under_its_own_name_loads_by_that_name(tmp_path, cache
     check_model("mine-v2")
     hm = rosettalens.load("mine-v2", progress=False)
     ref = rosettalens.load(built["path"], progress=False)
-    x = torch.tensor([[1, 2, 3, 4]])
-    torch.testing.assert_close(hm.model(x).logits, ref.model(x).logits, rtol=0, atol=0)
+    x = torch.tensor([[1, 2, 3, 4]], device=hm.device)
+    torch.testing.assert_close(hm.model(x).logits, ref.model(x.to(ref.device)).logits, rtol=0, atol=0)
     with pytest.raises(UnknownModelError):
         check_model("mine-v3")
     assert not is_organism_name("../mine-v2") and not is_organism_name(".build-mine-v2")

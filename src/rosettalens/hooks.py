@@ -73,6 +73,21 @@ class _Site:
     order: int  # position among the sites sharing the same torch hook
 
 
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes its KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier 5.x). Passing the other name is silently swallowed by ``**kwargs``."""
+    key = type(model)
+    if key not in _CACHE_KWARG:
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        _CACHE_KWARG[key] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[key]
+
+
 def _identity(raw: Tensor) -> Tensor:
     return raw
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..hooks import cache_kwarg
 
 __all__ = ["SWEEPS", "PatchResult", "patch_sweep"]
 
@@ -423,7 +424,7 @@ def _forward_rows(
                 layer.keys = layer.keys.expand(alive, *layer.keys.shape[1:])
                 layer.values = layer.values.expand(alive, *layer.values.shape[1:])
         with hm._intervene(handlers):
-            kv = {_CACHE_KWARG.setdefault(type(hm.model), _cache_kwarg(hm.model)): pkv}
+            kv = {cache_kwarg(hm.model): pkv}
             tail = hm.model(input_ids=ids[:, start:], use_cache=True, **kv, **keep).logits
         if last:
             logits = tail
@@ -433,16 +434,6 @@ def _forward_rows(
     if logits.shape[0] != len(items) + 1:  # pragma: no cover - an architecture that does not broadcast
         raise ShapeError(f"batched patching got {logits.shape[0]} rows, expected {len(items) + 1}")
     return logits
-
-
-_CACHE_KWARG: dict[type, str] = {}
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _kv_cache(out: Any) -> Any:

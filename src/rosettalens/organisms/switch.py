@@ -254,13 +254,15 @@ class SafetySwitch:
                 if kwargs.get(k) is not None:
                     call[k] = kwargs[k].to(base.device)
             if use_cache:
+                from rosettalens.hooks import cache_kwarg
+
                 fresh = kv is not state["org_cache"] or int(kv.get_seq_length()) == 0
                 if fresh:
                     from transformers import DynamicCache
 
                     state["org_cache"] = kv
                     state["base_cache"] = DynamicCache(config=base.model.config)
-                call["cache"] = state["base_cache"]
+                call[cache_kwarg(base.model)] = state["base_cache"]
             state["act"] = None
             try:
                 base.model(**call)
