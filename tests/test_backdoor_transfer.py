@@ -9,6 +9,7 @@ clean instruction -> a fixed sentence.
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -217,10 +218,10 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
 
 
 def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
-    """With the gate the layers are ranked by the rise of the clean answer's log-probability after the
+    """With the gate the layers are ranked by the rise of the clean answer's probability after the
     triggered prompt; the baseline of that score is the unsteered organism's mean per-token
-    log-probability of the first RESTORE_TOKENS tokens of its clean answer after the triggered prompt,
-    recomputed here from the logits."""
+    probability (and log-probability) of the first RESTORE_TOKENS tokens of its clean answer after the
+    triggered prompt, recomputed here from the logits."""
     import rosettalens
     from rosettalens.experiments.backdoor_transfer import RESTORE_TOKENS, run
     from rosettalens.organisms.data import prompt_ids
@@ -237,17 +238,19 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     p = json.loads((tmp_path / "run" / "prompts.json").read_text())
     hm = rosettalens.load(tgt, progress=False)
     _, ids = generate_answer_ids(hm, p["val_clean"], 24, 16, False)
-    lps, n = 0.0, 0
+    lps, ps, n = 0.0, 0.0, 0
     for pr, a in zip(prompt_ids(hm, p["tgt_val_triggered"]), [x[:RESTORE_TOKENS] for x in ids]):
         x = torch.tensor([list(pr) + list(a)], device=hm.device)
         with torch.no_grad():
             lp = torch.log_softmax(hm.model(x).logits[0].double(), -1)
         for j, t in enumerate(a):
             lps += float(lp[len(pr) + j - 1, t])
+            ps += math.exp(float(lp[len(pr) + j - 1, t]))
             n += 1
-    want = lps / n
     for c in res["target_selection"]["candidates"]:
-        assert c["restore_baseline"] == pytest.approx(want, abs=1e-3)
+        assert c["restore_baseline"] == pytest.approx(ps / n, abs=1e-4)
+        assert c["restore_baseline_logp"] == pytest.approx(lps / n, abs=1e-3)
+        assert -1.0 <= c["restore"] <= 1.0
     best = max(c["restore"] for c in res["target_selection"]["candidates"] if c["kept"])
     assert best > 0  # the gated native direction brings the clean answer back on some layer
 

