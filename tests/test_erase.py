@@ -1,0 +1,114 @@
+"""Token-gated erasure (rosettalens.steering.erase) on tiny random models: the flags against a hand
+computation, the erased forward against the model fed the erased embeddings directly (layer 0,
+``inputs_embeds``: the model's own path, not our hook), and the gate's calibration."""
+
+import pytest
+import torch
+
+from rosettalens.errors import ConfigError, ShapeError
+from rosettalens.hooks import HookedModel
+from rosettalens.models.tiny import tiny_model
+from rosettalens.steering.erase import CleanTokens, erase_tokens, prompt_flags, token_flags
+
+CLEAN = ["the dog sat on the mat", "a b c d", "one two three four five six", "hello there friend"]
+WORD = " zq"  # the planted "trigger": a rare character pair of the tiny tokenizer's alphabet
+TRIGGERED = [f"the dog{WORD} sat", f"one{WORD} two three", "no trigger here at all"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    m, t = tiny_model("llama", seed=3)
+    return HookedModel.from_hf(m, t, name="tiny-llama")
+
+
+def _trigger_direction(hm, clean: CleanTokens) -> torch.Tensor:
+    """The mean layer-0 activation of the trigger's tokens minus the clean mean token."""
+    ids = hm.tokenizer(WORD, add_special_tokens=False)["input_ids"]
+    emb = hm.model.get_input_embeddings().weight.detach()[ids].double().mean(0)
+    return (emb - clean.mean).float()
+
+
+def test_clean_tokens_and_threshold_match_a_hand_count(llama):
+    clean = CleanTokens.collect(llama, CLEAN, 0, massive_ratio=10.0)
+    enc = llama.tokenize(CLEAN)
+    emb = llama.model.get_input_embeddings()(enc["input_ids"]).detach()
+    rows = emb[enc["attention_mask"].bool()].double()
+    norms = rows.norm(dim=-1)
+    keep = norms <= 10 * norms.median()
+    assert clean.acts.shape[0] == int(keep.sum())
+    torch.testing.assert_close(clean.mean, rows[keep].mean(0), rtol=1e-5, atol=1e-6)
+    v = _trigger_direction(llama, clean)
+    u = v.double() / v.double().norm()
+    want = float(((rows[keep] - clean.mean) @ u).max())
+    assert clean.threshold(v) == pytest.approx(want, rel=1e-6)
+    assert clean.threshold(v, 2.0) > clean.threshold(v)  # a larger margin is stricter
+    # margin 1: no calibration token is flagged (strictly above the largest)
+    assert int(prompt_flags(llama, CLEAN, v, clean, clean.threshold(v)).sum()) == 0
+
+
+def test_erase_at_layer_0_equals_the_model_fed_erased_embeddings(llama):
+    """The flagged tokens are exactly the planted trigger's; the erased forward equals HF's forward on
+    ``inputs_embeds`` with those rows set to the clean mean (an independent path), and the rest of
+    the batch (the row without the trigger) is bit for bit the unsteered model."""
+    clean = CleanTokens.collect(llama, CLEAN, 0)
+    v = _trigger_direction(llama, clean)
+    thr = clean.threshold(v)
+    enc = llama.tokenize(TRIGGERED)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    emb = llama.model.get_input_embeddings()(ids).detach()
+    u = v.double() / v.double().norm()
+    want_flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    # the trigger's token positions, found from the text: every flagged token is one of them
+    trig_ids = set(llama.tokenizer(WORD, add_special_tokens=False)["input_ids"])
+    for r in range(len(TRIGGERED)):
+        flagged = {int(ids[r, j]) for j in range(ids.shape[1]) if want_flags[r, j]}
+        assert flagged <= trig_ids, (r, flagged)
+    assert bool(want_flags[:2].any(dim=1).all()) and not bool(want_flags[2].any())
+    rec: list = []
+    with torch.no_grad():
+        base = llama.forward(ids, attention_mask=mask)
+        with erase_tokens(llama, v, clean, thr, record=rec):
+            got = llama.forward(ids, attention_mask=mask)
+        e2 = emb.clone()
+        e2[want_flags] = clean.mean.to(e2.dtype)
+        ref = llama.model(inputs_embeds=e2, attention_mask=mask).logits
+    assert torch.equal(rec[0] & mask.bool(), want_flags)
+    m = mask.bool()
+    torch.testing.assert_close(got[m], ref[m], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2][m[2]], base[2][m[2]])  # the untriggered row is untouched
+    assert (got[:2][m[:2]] - base[:2][m[:2]]).abs().max() > 1e-3  # the erasure did something
+    # generation runs through the same gate: the prompt pass erases the same tokens
+    rec.clear()
+    with erase_tokens(llama, v, clean, thr, record=rec):
+        llama.generate(TRIGGERED, max_new_tokens=3)
+    assert torch.equal(rec[0] & mask.bool(), want_flags)
+
+
+def test_random_direction_of_equal_norm_flags_nothing_on_clean_prompts(llama):
+    clean = CleanTokens.collect(llama, CLEAN, 1)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(llama.cfg.d_model, generator=g)
+    assert int(prompt_flags(llama, CLEAN, v, clean, clean.threshold(v)).sum()) == 0
+
+
+def test_sink_tokens_are_never_flagged():
+    act = torch.tensor([[[100.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    f = token_flags(
+        act, torch.tensor([1.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 0.5, 10.0
+    )
+    assert f.tolist() == [[False, True, False]]  # the first token projects most but is a sink
+
+
+def test_bad_input(llama):
+    clean = CleanTokens.collect(llama, CLEAN, 0)
+    with pytest.raises(ConfigError, match="no clean texts"):
+        CleanTokens.collect(llama, [], 0)
+    with pytest.raises(ConfigError, match="massive_ratio"):
+        CleanTokens.collect(llama, CLEAN, 0, massive_ratio=1.0)
+    with pytest.raises(ConfigError, match="zero direction"):
+        clean.threshold(torch.zeros(llama.cfg.d_model))
+    with pytest.raises(ShapeError, match="d_model"):
+        clean.threshold(torch.ones(llama.cfg.d_model + 1))
+    with pytest.raises(ShapeError, match="d_model"):
+        with erase_tokens(llama, torch.ones(3), clean, 0.0):
+            pass
