@@ -255,6 +255,28 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     assert best > 0  # the gated native direction brings the clean answer back on some layer
 
 
+def test_erase_mode_removes_the_backdoor_and_random_flags_nothing(tmp_path, organisms):
+    """--mode erase with trigger-token directions: the native and the transferred direction erase the
+    trigger's tokens (their gate flags most held-out triggered prompts: 13 of 16 here) and the backdoor goes; the
+    random direction of equal norm, calibrated the same way on clean prompts, flags no triggered prompt
+    and leaves the rate where it was. Layers are ranked by the restored answer (auto criterion)."""
+    from rosettalens.experiments.backdoor_transfer import run
+
+    src, tgt = organisms
+    res = run(
+        _cfg(tmp_path, src, tgt, position="trigger", mode="erase", sweep_points=0, n_eval=16), progress=False
+    )
+    r, g = res["backdoor_rate"], res["gate"]
+    assert r["baseline"] >= 0.7, res
+    assert r["native"] <= r["baseline"] - 0.5 and r["transferred"] <= r["baseline"] - 0.5, res
+    assert r["random"] >= r["baseline"] - 0.15, res
+    assert g["kind"] == "erase" and "wanted answer" in res["selection"]["criterion"]
+    assert g["native"]["flagged_triggered"] >= 0.75 and g["transferred"]["flagged_triggered"] >= 0.75, g
+    assert g["random"]["flagged_triggered"] == 0.0 and g["random"]["tokens_erased_triggered"] == 0.0, g
+    assert g["native"]["flagged_clean"] <= 0.25, g
+    assert res["clean"]["kl_transferred"] < 0.05 and res["clean"]["kl_random"] < 0.05, res["clean"]
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "rosettalens.cli", "run", "backdoor-transfer", *args],
                           capture_output=True, text=True)  # fmt: skip

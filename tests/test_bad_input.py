@@ -163,6 +163,8 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
                                         "middle", "--out", str(r / "new-run")]),
         ("backdoor-transfer gate subtract", ["run", "backdoor-transfer", "--source", g, "--target", g, "--gate",
                                              "projection", "--mode", "subtract", "--out", str(r / "new-run")]),
+        ("backdoor-transfer gate erase", ["run", "backdoor-transfer", "--source", g, "--target", g, "--gate",
+                                          "projection", "--mode", "erase", "--out", str(r / "new-run")]),
         ("organisms contrast 4", ["organisms", "build", g, "--task", "corrupted", "--contrast", "4"]),
         ("backdoor-transfer layer-criterion", ["run", "backdoor-transfer", "--source", g, "--target", g,
                                                "--layer-criterion", "best", "--out", str(r / "new-run")]),
