@@ -1,5 +1,5 @@
 """Steering: contrastive vectors (difference of means, PCA), refusal-direction selection (Arditi et al.
-2024), application by addition or directional ablation, transfer through mappers, refusal judges and
+2024), application by addition, directional ablation (gated per prompt) or token erasure, transfer through mappers, refusal judges and
 refusal evaluation.
 
 >>> from rosettalens.steering import compute_vector, select_refusal_direction, ablate_vector
@@ -12,6 +12,7 @@ See docs/steering.md.
 
 from rosettalens.steering.apply import MODES, ablate_vector, add_vector, apply_vector
 from rosettalens.steering.conditional import calibrate_threshold, conditional_ablate, gate_scores
+from rosettalens.steering.erase import CleanTokens, erase_tokens
 from rosettalens.steering.evaluate import evaluate_refusal, generate_completions, random_like
 from rosettalens.steering.judge import (
     REFUSAL_SUBSTRINGS,
@@ -42,6 +43,8 @@ from rosettalens.steering.vectors import (
 
 __all__ = [
     "MODES",
+    "CleanTokens",
+    "erase_tokens",
     "REFUSAL_START_WORDS",
     "REFUSAL_SUBSTRINGS",
     "RefusalSelection",

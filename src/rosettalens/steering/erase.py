@@ -36,7 +36,7 @@ from rosettalens.errors import ConfigError, ShapeError
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["CleanTokens", "erase_tokens", "token_flags"]
+__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "token_flags"]
 
 
 @dataclass
