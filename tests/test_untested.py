@@ -115,9 +115,10 @@ def test_induce_scale_zero_adds_nothing(config_results):
     assert res["induced_refusal_rate"] == res["harmless"]["refusal_rate_baseline"]
 
 
-def test_induce_scale_is_applied(config_run, tmp_path):
+def test_induce_scale_is_applied(config_results, tmp_path):
     # the same config with a large scale (fresh --out): the added vector changes what the model writes
-    d, _ = config_run
+    # (config_results, not config_run: the scale-0 run it compares with must exist in any test order)
+    d, _, _, _ = config_results
     code = main(["run", "refusal-transfer", "--config", str(d / "config.json"), "--induce-scale", "200",
                  "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 0
