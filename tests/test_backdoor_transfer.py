@@ -419,7 +419,8 @@ def test_trigger_token_mean_matches_a_hand_indexed_unpadded_run(organisms):
 
 def test_trigger_position_end_to_end(tmp_path, organisms):
     """--position trigger: the native direction is the mean over the trigger's tokens minus the clean
-    prompts' mean token (the clean part recomputed here prompt by prompt, unpadded); the random
+    prompts' mean token, attention sinks (norm > 10x the median) left out (the clean part recomputed
+    here prompt by prompt, unpadded); the random
     direction of equal norm moves the backdoor rate no more than the native one. (On these 4-layer
     organisms the trigger direction lowers the rate only a little, 1.0 -> 0.875; removal on real
     organisms is measured in the README.)"""
@@ -445,8 +446,10 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
         chat = hm.has_chat_template()
         enc = hm.tokenize([t], chat=True) if chat else hm.tokenize(format_prompts(hm, [t]))
         _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook])
-        clean.append(cache[hook][0].double().mean(0).cpu())
-    want = trig - torch.stack(clean).mean(0)
+        clean.append(cache[hook][0].double().cpu())
+    tokens = torch.cat(clean)
+    norms = tokens.norm(dim=-1)
+    want = trig - tokens[norms <= 10 * norms.median()].mean(0)
     got = load_file(str(tmp_path / "run" / "directions.safetensors"))["native"].double()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(DataError, match="not in the prompt"):

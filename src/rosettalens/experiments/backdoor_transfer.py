@@ -275,19 +275,20 @@ def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], laye
                         trigger: str | None = None) -> dict[int, Tensor]:  # fmt: skip
     """Per layer, at ``resid_pre.L`` (``[d_model]``, float64): ``position="last"``: mean(triggered) -
     mean(clean) at the last prompt token; ``"trigger"``: the mean over the trigger's tokens in the
-    triggered prompts minus the mean token of the clean prompts (each prompt's mean, averaged)."""
+    triggered prompts minus the mean token of the clean prompts (over their real tokens, attention
+    sinks left out: a sink's norm, ~100x the rest at middle layers, would otherwise dominate the
+    clean mean and so the direction; see ``steering.erase.CleanTokens``)."""
     from ..steering import diff_of_means
-    from ..steering.vectors import collect_activations
 
     hooks = [f"resid_pre.{x}" for x in layers]
     if position == "trigger":
         if not trigger:
             raise ConfigError("position='trigger' needs the trigger string")
+        from ..steering.erase import CleanTokens
+
         t = trigger_token_mean(hm, triggered, trigger, hooks, batch_size)
-        c = collect_activations(
-            hm, _texts(hm, clean), hooks, positions="mean", chat=_chat(hm), batch_size=batch_size
-        )
-        return {x: t[h] - c[h].double().mean(0) for x, h in zip(layers, hooks)}
+        c = CleanTokens.collect_layers(hm, _texts(hm, clean), layers, chat=_chat(hm), batch_size=batch_size)
+        return {x: t[h] - c[x].mean for x, h in zip(layers, hooks)}
     if position != "last":
         raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     acts = last_token_acts(hm, list(triggered) + list(clean), hooks, batch_size)

@@ -49,7 +49,6 @@ class CleanTokens:
     sink_norm: float
 
     @classmethod
-    @torch.no_grad()
     def collect(
         cls,
         hm: HookedModel,
@@ -62,25 +61,46 @@ class CleanTokens:
     ) -> CleanTokens:
         """Run ``texts`` (prompts without the trigger; ``chat``: one user turn each) and keep every
         real token's activation whose norm is at most ``massive_ratio`` times the median."""
+        return cls.collect_layers(hm, texts, [layer], chat=chat, batch_size=batch_size,
+                                  massive_ratio=massive_ratio)[layer]  # fmt: skip
+
+    @classmethod
+    @torch.no_grad()
+    def collect_layers(
+        cls,
+        hm: HookedModel,
+        texts: Sequence[str],
+        layers: Sequence[int],
+        *,
+        chat: bool = False,
+        batch_size: int = 16,
+        massive_ratio: float = 10.0,
+    ) -> dict[int, CleanTokens]:
+        """:meth:`collect` at several layers in the same forward passes: ``{layer: CleanTokens}``."""
         texts = list(texts)
         if not texts:
             raise ConfigError("no clean texts to calibrate the token gate on")
         if not massive_ratio > 1:
             raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
-        hook = hm.resolve_hook(f"resid_pre.{layer}")
-        rows = []
+        hooks = {int(layer): hm.resolve_hook(f"resid_pre.{layer}") for layer in layers}
+        rows: dict[int, list[Tensor]] = {x: [] for x in hooks}
         for i in range(0, len(texts), batch_size):
             enc = hm.tokenize(texts[i : i + batch_size], chat=chat)
             _, cache = hm.run_with_cache(
-                enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"], stop_early=True
-            )
-            a = cache[hook]
-            rows.append(a[enc["attention_mask"].to(a.device).bool()].float().cpu())
-        acts = torch.cat(rows)
-        norms = acts.double().norm(dim=-1)
-        sink = float(massive_ratio * norms.median())
-        acts = acts[norms <= sink]
-        return cls(layer=int(hook.split(".")[1]), acts=acts, mean=acts.double().mean(0), sink_norm=sink)
+                enc["input_ids"], hooks=sorted(set(hooks.values())), attention_mask=enc["attention_mask"],
+                stop_early=True,
+            )  # fmt: skip
+            for x, h in hooks.items():
+                a = cache[h]
+                rows[x].append(a[enc["attention_mask"].to(a.device).bool()].float().cpu())
+        out = {}
+        for x, h in hooks.items():
+            acts = torch.cat(rows[x])
+            norms = acts.double().norm(dim=-1)
+            sink = float(massive_ratio * norms.median())
+            acts = acts[norms <= sink]
+            out[x] = cls(layer=int(h.split(".")[1]), acts=acts, mean=acts.double().mean(0), sink_norm=sink)
+        return out
 
     def scores(self, direction: Tensor) -> Tensor:
         """``[n_tokens]``: each clean token's centred projection on the unit ``direction``."""
