@@ -112,3 +112,23 @@ def test_bad_input(llama):
     with pytest.raises(ShapeError, match="d_model"):
         with erase_tokens(llama, torch.ones(3), clean, 0.0):
             pass
+
+
+def test_a_planted_sink_is_left_out_of_the_clean_mean():
+    """A token whose embedding is scaled 1000x (a planted attention-sink-like norm) is left out of the
+    clean tokens at layer 0, so the mean is the other tokens' mean (hand count)."""
+    m, t = tiny_model("llama", seed=5)
+    hm = HookedModel.from_hf(m, t, name="tiny-llama-sink")
+    sink_id = hm.tokenizer(" mat", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        hm.model.get_input_embeddings().weight[sink_id] *= 1000.0
+    clean = CleanTokens.collect_layers(hm, CLEAN, [0, 1])
+    enc = hm.tokenize(CLEAN)
+    ids, m_ = enc["input_ids"], enc["attention_mask"].bool()
+    emb = hm.model.get_input_embeddings()(ids).detach()[m_].double()
+    is_sink = ids[m_] == sink_id
+    assert int(is_sink.sum()) >= 1
+    assert clean[0].acts.shape[0] == int((~is_sink).sum())
+    torch.testing.assert_close(clean[0].mean, emb[~is_sink].mean(0), rtol=1e-5, atol=1e-6)
+    assert clean[0].sink_norm < float(emb[is_sink].norm(dim=-1).min())
+    assert set(clean) == {0, 1} and clean[1].layer == 1
