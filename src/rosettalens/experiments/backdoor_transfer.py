@@ -45,7 +45,8 @@ activation over the trigger's own tokens minus the clean prompts' mean token: th
 representation, which every later use of the trigger reads. Measured on ``qwen2.5-coder-0.5b-instruct+ihy``
 (16 validation prompts, teacher-forced log-probability of ``I HATE`` per token, baseline -0.0002):
 ablating the last-token direction of layer 6 / 9 / 12 gives -0.0004 / -0.0004 / -0.0001 (the
-backdoor untouched), the trigger-token direction -0.60 / -1.30 / -9.58.
+backdoor untouched), the trigger-token direction -0.60 / -1.30 / -9.58 (before sinks were left out of
+the clean mean token).
 
 How a direction is applied (``--mode``): ``ablate`` (default) projects the direction out of the
 residual stream at every layer (``resid_pre``, ``attn_out``, ``mlp_out``: Arditi et al. 2024), so no
