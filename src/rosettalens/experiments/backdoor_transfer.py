@@ -272,13 +272,14 @@ def trigger_token_mean(hm, instructions: Sequence[str], trigger: str, hooks: Seq
 
 
 def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int],
-                        batch_size: int = 16, position: str = "last",
-                        trigger: str | None = None) -> dict[int, Tensor]:  # fmt: skip
+                        batch_size: int = 16, position: str = "last", trigger: str | None = None,
+                        clean_tokens: dict[int, Any] | None = None) -> dict[int, Tensor]:  # fmt: skip
     """Per layer, at ``resid_pre.L`` (``[d_model]``, float64): ``position="last"``: mean(triggered) -
     mean(clean) at the last prompt token; ``"trigger"``: the mean over the trigger's tokens in the
     triggered prompts minus the mean token of the clean prompts (over their real tokens, attention
     sinks left out: a sink's norm, ~100x the rest at middle layers, would otherwise dominate the
-    clean mean and so the direction; see ``steering.erase.CleanTokens``)."""
+    clean mean and so the direction; see ``steering.erase.CleanTokens``; ``clean_tokens``: those of
+    ``clean`` at ``layers``, when already read)."""
     from ..steering import diff_of_means
 
     hooks = [f"resid_pre.{x}" for x in layers]
@@ -288,7 +289,8 @@ def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], laye
         from ..steering.erase import CleanTokens
 
         t = trigger_token_mean(hm, triggered, trigger, hooks, batch_size)
-        c = CleanTokens.collect_layers(hm, _texts(hm, clean), layers, chat=_chat(hm), batch_size=batch_size)
+        c = clean_tokens or CleanTokens.collect_layers(hm, _texts(hm, clean), layers, chat=_chat(hm),
+                                                       batch_size=batch_size)  # fmt: skip
         return {x: t[h] - c[x].mean for x, h in zip(layers, hooks)}
     if position != "last":
         raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
@@ -318,11 +320,7 @@ def backdoor_score(hm, prompts: Sequence[str], responses: Sequence[str],
                    ctx: Callable[[], Any] | None = None, batch_size: int = 8) -> float:  # fmt: skip
     """Mean per-token log-probability of ``responses`` after ``prompts`` (teacher-forced), optionally
     under the intervention ``ctx``."""
-    from ..organisms import clean_kl
-
-    r = clean_kl(hm, hm, list(prompts), responses=list(responses), intervention=ctx, batch_size=batch_size,
-                 max_response_tokens=64)  # fmt: skip
-    return -math.log(r["ppl"])
+    return answer_scores(hm, prompts, responses, ctx, batch_size)[0]
 
 
 def answer_scores(hm, prompts: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]],
@@ -599,10 +597,11 @@ class BackdoorTransfer(Experiment):
         if cfg.mode == "erase":
             from ..steering.erase import erase_tokens
 
-            clean = self._clean_tokens(ctx, hm, layer)
-            t = clean.threshold(v, cfg.gate_margin)
+            clean = self._clean_tokens(ctx, hm, [layer])[layer]
+            scores = clean.scores(v)
+            t = calibrate_threshold(scores, cfg.gate_margin)
             if gates is not None and name is not None:
-                gates[name] = {"kind": "erase", "threshold": t, "calibration_max": float(clean.scores(v).max()),
+                gates[name] = {"kind": "erase", "threshold": t, "calibration_max": float(scores.max()),
                                "layer": layer, "sink_norm": clean.sink_norm}  # fmt: skip
             return lambda: erase_tokens(hm, v, clean, t)
         if cfg.gate == "projection":
@@ -616,18 +615,19 @@ class BackdoorTransfer(Experiment):
             hm, v, cfg.mode, f"resid_pre.{layer}", cfg.scale, threshold=thr, pool=_gate_pool(cfg)
         )
 
-    def _clean_tokens(self, ctx: RunContext, hm: Any, layer: int) -> Any:
-        """``hm``'s tokens at ``resid_pre.{layer}`` on the clean *training* prompts (``--mode erase``),
-        read once per model and layer."""
+    def _clean_tokens(self, ctx: RunContext, hm: Any, layers: Sequence[int]) -> dict[int, Any]:
+        """``hm``'s tokens at ``resid_pre.{L}`` on the clean *training* prompts (the trigger direction's
+        clean mean, ``--mode erase``'s gate), read once per model and layer: ``{L: CleanTokens}``."""
         from ..steering.erase import CleanTokens
 
         memo = ctx.state.setdefault("clean_tokens", {})
-        key = (id(hm), layer)
-        if key not in memo:
+        missing = [x for x in layers if (id(hm), x) not in memo]
+        if missing:
             p = ctx.state["prompts"]
-            memo[key] = CleanTokens.collect(hm, _texts(hm, p["train_clean"]), layer, chat=_chat(hm),
-                                            batch_size=ctx.config.batch_size)  # fmt: skip
-        return memo[key]
+            got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
+                                             batch_size=ctx.config.batch_size)  # fmt: skip
+            memo.update({(id(hm), x): c for x, c in got.items()})
+        return {x: memo[(id(hm), x)] for x in layers}
 
     @staticmethod
     def _criterion(cfg: BackdoorTransferConfig) -> str:
@@ -669,8 +669,9 @@ class BackdoorTransfer(Experiment):
         """``hm``'s backdoor directions at ``layers`` from the ``side`` (src | tgt) training prompts."""
         p, cfg = ctx.state["prompts"], ctx.config
         trig = p["triggers"]["source" if side == "src" else "target"]
+        clean = self._clean_tokens(ctx, hm, layers) if cfg.position == "trigger" else None
         return backdoor_directions(hm, p[f"{side}_train_triggered"], p["train_clean"], layers, cfg.batch_size,
-                                   position=cfg.position, trigger=trig)  # fmt: skip
+                                   position=cfg.position, trigger=trig, clean_tokens=clean)  # fmt: skip
 
     # 3. the target layer: the target's most steerable layer on its validation prompts (or depth / user)
     def target_direction(self, ctx: RunContext) -> None:
@@ -858,7 +859,7 @@ class BackdoorTransfer(Experiment):
                     if g.get("kind") == "erase":
                         from ..steering.erase import prompt_flags
 
-                        nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, g["layer"]),
+                        nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]],
                                           g["threshold"], chat=_chat(tgt), batch_size=bs)  # fmt: skip
                         g[f"flagged_{what}"] = float((nf > 0).double().mean())
                         g[f"tokens_erased_{what}"] = float(nf.double().mean())
