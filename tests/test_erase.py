@@ -8,7 +8,7 @@ import torch
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model
-from rosettalens.steering.erase import CleanTokens, erase_tokens, prompt_flags, token_flags
+from rosettalens.steering.erase import CleanTokens, erase_tokens, prompt_flags, subtract_tokens, token_flags
 
 CLEAN = ["the dog sat on the mat", "a b c d", "one two three four five six", "hello there friend"]
 WORD = " zq"  # the planted "trigger": a rare character pair of the tiny tokenizer's alphabet
@@ -132,3 +132,53 @@ def test_a_planted_sink_is_left_out_of_the_clean_mean():
     torch.testing.assert_close(clean[0].mean, emb[~is_sink].mean(0), rtol=1e-5, atol=1e-6)
     assert clean[0].sink_norm < float(emb[is_sink].norm(dim=-1).min())
     assert set(clean) == {0, 1} and clean[1].layer == 1
+
+
+def test_subtract_at_layer_0_equals_the_model_fed_shifted_embeddings(llama):
+    """``subtract_tokens`` moves the flagged tokens alone by ``-scale * v``: the steered forward equals
+    HF's forward on ``inputs_embeds`` with exactly those rows shifted (an independent path); the row
+    without the trigger is bit for bit the unsteered model; ``generate`` gates the same tokens."""
+    clean = CleanTokens.collect(llama, CLEAN, 0)
+    v = _trigger_direction(llama, clean)
+    thr = clean.threshold(v)
+    enc = llama.tokenize(TRIGGERED)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    emb = llama.model.get_input_embeddings()(ids).detach()
+    u = v.double() / v.double().norm()
+    want_flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    assert bool(want_flags[:2].any(dim=1).all()) and not bool(want_flags[2].any())
+    rec: list = []
+    with torch.no_grad():
+        base = llama.forward(ids, attention_mask=mask)
+        with subtract_tokens(llama, v, clean, thr, 3.0, record=rec):
+            got = llama.forward(ids, attention_mask=mask)
+        e2 = emb.clone()
+        e2[want_flags] -= 3.0 * v.to(e2.dtype)
+        ref = llama.model(inputs_embeds=e2, attention_mask=mask).logits
+    assert torch.equal(rec[0] & mask.bool(), want_flags)
+    m = mask.bool()
+    torch.testing.assert_close(got[m], ref[m], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2][m[2]], base[2][m[2]])
+    assert (got[:2][m[:2]] - base[:2][m[:2]]).abs().max() > 1e-3
+    rec.clear()
+    with subtract_tokens(llama, v, clean, thr, 3.0, record=rec):
+        llama.generate(TRIGGERED, max_new_tokens=3)
+    assert torch.equal(rec[0] & mask.bool(), want_flags)
+    with pytest.raises(ConfigError, match="scale"):
+        with subtract_tokens(llama, v, clean, thr, 0.0):
+            pass
+
+
+def test_clean_tokens_from_ids_equal_clean_tokens_from_texts(llama):
+    """``collect_ids`` on the tokenized texts (given whole, unpadded) reads the same tokens as
+    ``collect_layers`` on the texts: the same rows, mean and sink bound."""
+    a = CleanTokens.collect_layers(llama, CLEAN, [0, 2], batch_size=3)
+    ids = [llama.tokenizer(t)["input_ids"] for t in CLEAN]
+    assert [list(x) for x in llama.tokenize(CLEAN[:1])["input_ids"]] == [list(ids[0])]
+    b = CleanTokens.collect_ids(llama, ids, [0, 2], batch_size=2)
+    for L in (0, 2):
+        assert a[L].acts.shape == b[L].acts.shape
+        torch.testing.assert_close(a[L].mean, b[L].mean, rtol=1e-5, atol=1e-5)
+        assert a[L].sink_norm == pytest.approx(b[L].sink_norm, rel=1e-5)
+    with pytest.raises(ConfigError, match="no clean token sequences"):
+        CleanTokens.collect_ids(llama, [[1, 2], []], [0])

