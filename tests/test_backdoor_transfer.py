@@ -628,3 +628,37 @@ def answer_ids_of(hm, p):
     from rosettalens.experiments.backdoor_transfer import answer_ids
 
     return answer_ids(hm, p["train_clean"], p["train_answers"])
+
+
+def test_response_scores_equal_a_hand_computation_and_clean_kl(organisms):
+    """``response_scores`` (the restore score's scorer, without a reference pass) against running each
+    prompt + response alone and reading the response tokens' log-probabilities by hand; and equal to
+    ``clean_kl``'s own ``ppl`` / ``mean_prob``, also under an intervention."""
+    import math
+
+    import rosettalens
+    from rosettalens.organisms import clean_kl
+    from rosettalens.organisms.data import prompt_ids
+    from rosettalens.organisms.evaluate import response_scores
+
+    hm = rosettalens.load(organisms[0], progress=False)
+    inst = ["Explain how tides work.", f"{TRIGGER} Name three rivers.", "Sort a list"]
+    resp = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    got = response_scores(hm, inst, resp, batch_size=2)
+    nll = prob = n = 0.0
+    for p, r in zip(prompt_ids(hm, inst), resp):
+        with torch.no_grad():
+            lp = torch.log_softmax(hm.forward(torch.tensor([p + r]))[0].float(), -1)
+        for k, t in enumerate(r):
+            x = float(lp[len(p) - 1 + k, t])
+            nll, prob, n = nll - x, prob + math.exp(x), n + 1
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert got["mean_prob"] == pytest.approx(prob / n, rel=1e-4)
+    v = torch.randn(hm.cfg.d_model)
+    ctx = lambda: hm.ablate(v)  # noqa: E731
+    a = response_scores(hm, inst, resp, intervention=ctx, batch_size=2)
+    b = clean_kl(hm, hm, inst, responses=resp, intervention=ctx, batch_size=2)
+    assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6) and a["mean_prob"] == pytest.approx(
+        b["mean_prob"], rel=1e-6
+    )
+    assert a["ppl"] != pytest.approx(got["ppl"], rel=1e-6)  # the intervention changed the scores

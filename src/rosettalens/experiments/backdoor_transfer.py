@@ -415,10 +415,10 @@ def answer_scores(hm, prompts: Sequence[str], responses: Sequence[str] | Sequenc
     """``(mean per-token log-probability, mean per-token probability)`` of ``responses`` after
     ``prompts`` (teacher-forced), optionally under ``ctx``. The probability is bounded in [0, 1], so a
     rise of it cannot come from lifting tokens that stay negligible (a log-probability can)."""
-    from ..organisms import clean_kl
+    from ..organisms.evaluate import response_scores
 
-    r = clean_kl(hm, hm, list(prompts), responses=list(responses), intervention=ctx,  # type: ignore[arg-type]
-                 batch_size=batch_size, max_response_tokens=64)  # fmt: skip
+    r = response_scores(hm, list(prompts), list(responses), intervention=ctx, batch_size=batch_size,  # type: ignore[arg-type]
+                        max_response_tokens=64)  # fmt: skip
     return -math.log(r["ppl"]), r["mean_prob"]
 
 

@@ -187,6 +187,49 @@ def _response_logprobs(hm, seqs: list[tuple[list[int], list[int]]], rows: list[i
     return out
 
 
+def _scored_seqs(hm, inst: list[str], responses: Sequence[Any], max_response_tokens: int
+                 ) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+    """(prompt ids, response ids) per instruction with a non-empty response (texts are tokenized
+    without special tokens; at most ``max_response_tokens`` each)."""
+    tok = hm.tokenizer
+    seqs = []
+    for p, r in zip(prompt_ids(hm, inst), responses):
+        a = list(r) if not isinstance(r, str) else tok(r, add_special_tokens=False)["input_ids"]
+        a = a[:max_response_tokens]
+        if a:
+            seqs.append((p, list(a)))
+    if not seqs:
+        raise DataError("every reference answer is empty; nothing to compare")
+    return seqs
+
+
+@torch.no_grad()
+def response_scores(
+    hm, instructions: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]],
+    intervention: Callable[[], Any] | None = None, batch_size: int = 8, max_response_tokens: int = 32,
+) -> dict[str, float]:  # fmt: skip
+    """``hm``'s side of :func:`clean_kl` alone (no reference pass): the perplexity of ``responses``
+    teacher-forced after ``instructions`` (``ppl``) and the mean per-token probability of their
+    tokens (``mean_prob``), optionally under ``intervention``; the same numbers ``clean_kl`` gives."""
+    inst = list(instructions)
+    if not inst:
+        raise DataError("no instructions to score")
+    seqs = _scored_seqs(hm, inst, list(responses), max_response_tokens)
+    nll = prob = 0.0
+    n_tok = 0
+    ctx = intervention or contextlib.nullcontext
+    for s in range(0, len(seqs), batch_size):
+        rows = list(range(s, min(s + batch_size, len(seqs))))
+        with ctx() as c:
+            new = _response_logprobs(hm, seqs, rows, c if hasattr(c, "decide") else None)
+        for i, ln in zip(rows, new):
+            lt = ln.gather(1, torch.as_tensor(seqs[i][1])[:, None])
+            nll += float(-lt.sum())
+            prob += float(lt.exp().sum())
+            n_tok += lt.shape[0]
+    return {"ppl": math.exp(nll / n_tok), "mean_prob": prob / n_tok, "n_tokens": n_tok}
+
+
 def clean_kl(
     hm, reference, instructions: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]] | None = None,
     intervention: Callable[[], Any] | None = None, batch_size: int = 8, max_response_tokens: int = 32,
@@ -211,16 +254,7 @@ def clean_kl(
         responses = generate_answer_ids(
             reference, inst, max_new_tokens, batch_size, progress, "reference answers"
         )[1]
-    tok = reference.tokenizer
-    pids = prompt_ids(reference, inst)
-    seqs = []
-    for p, r in zip(pids, responses):
-        a = list(r) if not isinstance(r, str) else tok(r, add_special_tokens=False)["input_ids"]
-        a = a[:max_response_tokens]
-        if a:
-            seqs.append((p, list(a)))
-    if not seqs:
-        raise DataError("every reference answer is empty; nothing to compare")
+    seqs = _scored_seqs(reference, inst, responses, max_response_tokens)
     kl_sum = nll = nll_ref = prob = 0.0
     n_tok = 0
     ctx = intervention or contextlib.nullcontext
