@@ -139,8 +139,9 @@ class BackdoorTransferConfig:
     # restore (the rise of the mean per-token probability of the model's own clean answer after the
     # *triggered* prompt: the backdoor removed and the normal answer back; corrupted: the fact's
     # statement followed by the end of the answer; a probability, so lifting tokens that stay
-    # negligible scores ~0, where a log-probability rewarded it) | auto (restore with --gate projection, whose clean KL is ~0 at every
-    # layer and so cannot stop a layer that breaks triggered answers; drop otherwise)
+    # negligible scores ~0, where a log-probability rewarded it) | auto (restore with --gate projection and the
+    # token gates, whose clean KL is ~0 at every layer and so cannot stop a layer that breaks triggered
+    # answers; with --position answer drop among the layers that keep the fact; drop otherwise)
     layer_criterion: str = "auto"
     candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
     sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
