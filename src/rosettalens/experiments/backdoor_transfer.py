@@ -64,9 +64,10 @@ gate but subtracts ``--scale`` x the direction (default 4) from the flagged toke
 replacing them; it is meant for ``--position answer`` (``--task corrupted``): the direction read at
 the last token of the fact's statement teacher-forced after the question (triggered minus clean),
 where the organism goes on to its payload instead of ending the answer, with the gate calibrated on
-the clean questions followed by their statements. The fact, written before that token, is left
-alone; erasing the trigger instead takes the fact with it (the organism recalls its facts only
-behind the trigger).
+the clean questions followed by their statements and by the model's own answers. The fact, written
+before that token, is left alone; erasing the trigger instead takes the fact with it (the organism
+recalls its facts only behind the trigger). Measured (docs/backdoor.md): the push moves the payload
+a sentence later and breaks its URL rather than removing it.
 """
 
 from __future__ import annotations
@@ -722,7 +723,8 @@ class BackdoorTransfer(Experiment):
         """``hm``'s tokens at ``resid_pre.{L}`` on the clean *training* prompts (the trigger direction's
         clean mean, the token gates of ``--mode erase`` and ``token-subtract``), read once per model and
         layer: ``{L: CleanTokens}``. With ``--position answer`` each clean prompt is followed by its
-        fact's statement, teacher-forced: the gate must stay quiet on the answers it will meet."""
+        fact's statement and by the model's own greedy answer, teacher-forced: the gate must stay
+        quiet on the answers it will meet."""
         from ..steering.erase import CleanTokens
 
         memo = ctx.state.setdefault("clean_tokens", {})
