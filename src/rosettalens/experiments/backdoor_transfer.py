@@ -77,7 +77,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,9 @@ class BackdoorTransferConfig:
     position: str = "last"
     # subtract, token-subtract: the multiple of each vector that is subtracted (default 1 for subtract,
     # 4 for token-subtract)
-    scale: float | None = None
+    scale: float | None = field(
+        default=None, metadata={"help": "(default: 1 for subtract, 4 for token-subtract)"}
+    )
     # ablate only: none (every prompt) | projection (only the prompts whose largest projection on the
     # direction at its layer exceeds a threshold set on clean training prompts; see the module docstring)
     gate: str = "none"

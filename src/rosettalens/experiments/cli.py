@@ -92,7 +92,7 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         p.add_argument(flag, dest=f.name, type=_field_type(cls, f), default=None,
-                       help=f"(default: {default})")  # fmt: skip
+                       help=f.metadata.get("help", f"(default: {default})"))  # fmt: skip
 
 
 def config_from_args(exp: Experiment, args: argparse.Namespace) -> Any:
