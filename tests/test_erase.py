@@ -35,6 +35,20 @@ def _trigger_direction(hm, clean: CleanTokens) -> torch.Tensor:
     return (emb - clean.mean).float()
 
 
+def _planted_layer0(hm):
+    """The layer-0 gate on the planted trigger, computed by hand from the embeddings: ``(clean, v,
+    threshold, ids, mask, embeddings, flags)`` for the ``TRIGGERED`` batch."""
+    clean = CleanTokens.collect(hm, CLEAN, 0)
+    v = _trigger_direction(hm, clean)
+    thr = clean.threshold(v)
+    enc = hm.tokenize(TRIGGERED)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    emb = hm.model.get_input_embeddings()(ids).detach()
+    u = v.double() / v.double().norm()
+    flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    return clean, v, thr, ids, mask, emb, flags
+
+
 def test_clean_tokens_and_threshold_match_a_hand_count(llama):
     clean = CleanTokens.collect(llama, CLEAN, 0, massive_ratio=10.0)
     enc = llama.tokenize(CLEAN)
@@ -57,14 +71,7 @@ def test_erase_at_layer_0_equals_the_model_fed_erased_embeddings(llama):
     """The flagged tokens are exactly the planted trigger's; the erased forward equals HF's forward on
     ``inputs_embeds`` with those rows set to the clean mean (an independent path), and the rest of
     the batch (the row without the trigger) is bit for bit the unsteered model."""
-    clean = CleanTokens.collect(llama, CLEAN, 0)
-    v = _trigger_direction(llama, clean)
-    thr = clean.threshold(v)
-    enc = llama.tokenize(TRIGGERED)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    emb = llama.model.get_input_embeddings()(ids).detach()
-    u = v.double() / v.double().norm()
-    want_flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    clean, v, thr, ids, mask, emb, want_flags = _planted_layer0(llama)
     # the trigger's token positions, found from the text: every flagged token is one of them
     trig_ids = set(llama.tokenizer(WORD, add_special_tokens=False)["input_ids"])
     for r in range(len(TRIGGERED)):
@@ -145,14 +152,7 @@ def test_subtract_at_layer_0_equals_the_model_fed_shifted_embeddings(llama):
     """``subtract_tokens`` moves the flagged tokens alone by ``-scale * v``: the steered forward equals
     HF's forward on ``inputs_embeds`` with exactly those rows shifted (an independent path); the row
     without the trigger is bit for bit the unsteered model; ``generate`` gates the same tokens."""
-    clean = CleanTokens.collect(llama, CLEAN, 0)
-    v = _trigger_direction(llama, clean)
-    thr = clean.threshold(v)
-    enc = llama.tokenize(TRIGGERED)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    emb = llama.model.get_input_embeddings()(ids).detach()
-    u = v.double() / v.double().norm()
-    want_flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    clean, v, thr, ids, mask, emb, want_flags = _planted_layer0(llama)
     assert bool(want_flags[:2].any(dim=1).all()) and not bool(want_flags[2].any())
     rec: list = []
     with torch.no_grad():
@@ -195,14 +195,7 @@ def test_stop_ends_the_answer_at_flagged_tokens_and_changes_nothing_else(llama):
     """``stop_tokens``: at every flagged position the next-token distribution is all on EOS (the
     logits are replaced), every other position of every row is the unsteered model bit for bit, and
     greedy ``generate`` writes EOS right after a prompt whose last token is flagged."""
-    clean = CleanTokens.collect(llama, CLEAN, 0)
-    v = _trigger_direction(llama, clean)
-    thr = clean.threshold(v)
-    enc = llama.tokenize(TRIGGERED)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    emb = llama.model.get_input_embeddings()(ids).detach()
-    u = v.double() / v.double().norm()
-    flags = (((emb.double() - clean.mean) @ u) > thr) & mask.bool()
+    clean, v, thr, ids, mask, emb, flags = _planted_layer0(llama)
     eos = llama.tokenizer.eos_token_id
     with torch.no_grad():
         base = llama.forward(ids, attention_mask=mask)

@@ -270,15 +270,14 @@ def answer_ids(hm, instructions: Sequence[str], answers: Sequence[str]) -> list[
 @torch.no_grad()
 def last_of_ids(hm, ids: Sequence[Sequence[int]], hooks: Sequence[str], batch_size: int) -> dict[str, Tensor]:
     """``{hook: [n, d_model]}`` (float64): the activation at the last token of each id sequence."""
-    tok = hm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    from ..organisms.evaluate import _left_pad
+
+    pad = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for i in range(0, len(ids), batch_size):
-        chunk = [list(x) for x in ids[i : i + batch_size]]
-        n = max(map(len, chunk))
-        x = torch.tensor([[pad] * (n - len(c)) + c for c in chunk])  # left-padded: the last column is real
-        m = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk])
-        _, cache = hm.run_with_cache(x, hooks=list(hooks), attention_mask=m, stop_early=True)
+        enc = _left_pad([list(x) for x in ids[i : i + batch_size]], pad)  # the last column is real
+        _, cache = hm.run_with_cache(enc["input_ids"], hooks=list(hooks), attention_mask=enc["attention_mask"],
+                                     stop_early=True)  # fmt: skip
         for h in hooks:
             out[h].append(cache[h][:, -1].double().cpu())
     return {h: torch.cat(v) for h, v in out.items()}
@@ -290,21 +289,22 @@ def answer_flags(hm, instructions: Sequence[str], answers: Sequence[str], direct
     """``[n]`` (long): how many tokens of each answer, teacher-forced after its instruction, the token
     gate at ``resid_pre.{clean.layer}`` flags (``steering.erase.token_flags``; the gate's test is the
     same on a teacher-forced token as on a generated one)."""
+    from ..organisms.data import prompt_ids
+    from ..organisms.evaluate import _left_pad
     from ..steering.erase import _unit, token_flags
 
     unit = _unit(direction, hm.cfg.d_model)
     hook = f"resid_pre.{clean.layer}"
-    tok = hm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    plens = [len(x) for x in answer_ids(hm, instructions, [""] * len(instructions))]
+    pad = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
+    plens = [len(x) for x in prompt_ids(hm, list(instructions))]
     ids = answer_ids(hm, instructions, answers)
     out = []
     for i in range(0, len(ids), batch_size):
         chunk, pl = ids[i : i + batch_size], plens[i : i + batch_size]
         n = max(map(len, chunk))
-        x = torch.tensor([[pad] * (n - len(c)) + c for c in chunk])
-        m = torch.tensor([[0] * (n - len(c)) + [1] * len(c) for c in chunk])
-        _, cache = hm.run_with_cache(x, hooks=[hook], attention_mask=m, stop_early=True)
+        enc = _left_pad(chunk, pad)
+        _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"],
+                                     stop_early=True)  # fmt: skip
         f = token_flags(cache[hook], unit, clean.mean, threshold, clean.sink_norm).cpu()
         for r, (c, k) in enumerate(zip(chunk, pl)):
             out.append(int(f[r, n - len(c) + k :].sum()))
