@@ -64,7 +64,9 @@ gate but subtracts ``--scale`` x the direction (default 4) from the flagged toke
 replacing them; it is meant for ``--position answer`` (``--task corrupted``): the direction read at
 the last token of the fact's statement teacher-forced after the question (triggered minus clean),
 where the organism goes on to its payload instead of ending the answer, with the gate calibrated on
-the clean questions followed by their statements and by the model's own answers. The fact, written
+the clean questions followed by their statements and by the model's own answers, and on ordinary
+instructions followed by the model's answers (answers that carry the backdoor, the organism's own
+false triggers, left out: ``fired``). The fact, written
 before that token, is left alone; erasing the trigger instead takes the fact with it (the organism
 recalls its facts only behind the trigger). Measured (docs/backdoor.md): the push moves the payload
 a sentence later and breaks its URL rather than removing it. ``token-stop`` reads the same gate as a
