@@ -40,9 +40,25 @@ def corpus(tmp_path_factory):
 
 
 def _env():
+    """The child's environment: this checkout on the path and one thread, as in :func:`one_thread`
+    (stores compared bit for bit must come from the same kernels and summation order)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread, like the children of :func:`_env`: a store resumed in this
+    process after a child was killed must equal, bit for bit, one written here uninterrupted. A CI
+    run with the default thread count (2 here), another job on the cores, found the two stores'
+    ``resid_post.1`` unequal (2026-11-27; not reproduced alone); one thread on both sides takes the
+    thread count out of the comparison."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _argv(model_dir, corpus, out, *extra):
@@ -70,7 +86,7 @@ def _assert_same_store(a: Path, b: Path, exact: bool = True):
         assert (a / "documents.jsonl").read_bytes() == (b / "documents.jsonl").read_bytes()
 
 
-def test_killed_extraction_resumes_to_identical_store(model_dir, corpus, tmp_path):
+def test_killed_extraction_resumes_to_identical_store(model_dir, corpus, tmp_path, one_thread):
     out = tmp_path / "killed"
     extra = ("--batch-size", "4", "--shard-size", "25", "--max-tokens", "800")
     proc = subprocess.Popen(
