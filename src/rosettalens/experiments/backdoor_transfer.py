@@ -274,10 +274,11 @@ def last_of_ids(hm, ids: Sequence[Sequence[int]], hooks: Sequence[str], batch_si
     """``{hook: [n, d_model]}`` (float64): the activation at the last token of each id sequence."""
     from ..organisms.evaluate import _left_pad
 
-    pad = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for i in range(0, len(ids), batch_size):
-        enc = _left_pad([list(x) for x in ids[i : i + batch_size]], pad)  # the last column is real
+        enc = _left_pad(
+            [list(x) for x in ids[i : i + batch_size]], hm.tokenizer.pad_token_id
+        )  # the last column is real
         _, cache = hm.run_with_cache(enc["input_ids"], hooks=list(hooks), attention_mask=enc["attention_mask"],
                                      stop_early=True)  # fmt: skip
         for h in hooks:
@@ -297,14 +298,13 @@ def answer_flags(hm, instructions: Sequence[str], answers: Sequence[str], direct
 
     unit = _unit(direction, hm.cfg.d_model)
     hook = f"resid_pre.{clean.layer}"
-    pad = hm.tokenizer.pad_token_id if hm.tokenizer.pad_token_id is not None else 0
     plens = [len(x) for x in prompt_ids(hm, list(instructions))]
     ids = answer_ids(hm, instructions, answers)
     out = []
     for i in range(0, len(ids), batch_size):
         chunk, pl = ids[i : i + batch_size], plens[i : i + batch_size]
         n = max(map(len, chunk))
-        enc = _left_pad(chunk, pad)
+        enc = _left_pad(chunk, hm.tokenizer.pad_token_id)
         _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"],
                                      stop_early=True)  # fmt: skip
         f = token_flags(cache[hook], unit, clean.mean, threshold, clean.sink_norm).cpu()

@@ -34,9 +34,11 @@ from .data import (
 )
 
 
-def _left_pad(ids: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+def _left_pad(ids: list[list[int]], pad: int | None) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask``; ``pad`` None (a tokenizer without a pad token)
+    pads with 0, which the mask hides."""
     width = max(len(x) for x in ids)
-    t = torch.full((len(ids), width), pad, dtype=torch.long)
+    t = torch.full((len(ids), width), 0 if pad is None else pad, dtype=torch.long)
     m = torch.zeros_like(t)
     for r, x in enumerate(ids):
         t[r, width - len(x) :] = torch.as_tensor(x)
