@@ -3,6 +3,7 @@
 from .errors import RosettaError
 from .hooks import HookedModel
 from .models.loading import load
+from .names import hook_name
 
 __version__ = "0.1.0"
-__all__ = ["HookedModel", "RosettaError", "load", "__version__"]
+__all__ = ["HookedModel", "RosettaError", "hook_name", "load", "__version__"]

@@ -27,7 +27,6 @@ model's tensors or any cached activation; a tensor patch is copied into a fresh 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,23 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ChatTemplateError, HookPointError, ShapeError
-from .models.adapters import LAYER_HOOKS, Adapter, ModelConfig, adapter_for, model_config
+from .models.adapters import Adapter, ModelConfig, adapter_for, model_config
+from .names import hook_name, parse_hook_name
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Selector = None | int | slice | Sequence[int] | Tensor
-_NAME_RE = re.compile(r"^([a-z_]+)\.(-?\d+)$")
-
-
-def check_hook_name(name: str) -> None:
-    """A hook-point name as written, without a model: ``embed``, ``logits`` or ``KIND.L`` with a known
-    kind (``resid_post.3``, ``attn_out.-1``). Whether layer ``L`` exists is checked by
-    :meth:`HookedModel.resolve_hook` once the model is known. Raises :class:`HookPointError`."""
-    if name in ("embed", "logits"):
-        return
-    m = _NAME_RE.match(name)
-    if m is None or m.group(1) not in LAYER_HOOKS:
-        kinds = ", ".join(("embed", *(f"{k}.L" for k in LAYER_HOOKS), "logits"))
-        raise HookPointError(f"unknown hook point {name!r}; valid names: {kinds} (L may be negative)")
 
 
 _INTERVENE, _RECORD = 0, 1
@@ -153,16 +140,14 @@ class HookedModel:
         """Canonical name (negative layers resolved). Raises HookPointError."""
         if name in ("embed", "logits"):
             return name
-        check_hook_name(name)
-        m = _NAME_RE.match(name)
-        assert m is not None
-        kind, layer = m.group(1), int(m.group(2))
+        kind, layer = parse_hook_name(name)
+        assert layer is not None
         n = self.cfg.n_layers
         if not -n <= layer < n:
             raise HookPointError(
                 f"layer {layer} out of range for {self.name} ({n} layers: valid 0..{n - 1} or -{n}..-1)"
             )
-        canonical = f"{kind}.{layer % n}"
+        canonical = hook_name(kind, layer % n)
         if canonical not in self.cfg.hook_points:
             raise HookPointError(f"hook point {canonical!r} does not exist in {self.cfg.family} models")
         return canonical

@@ -177,7 +177,7 @@ def check_hooks(names: str | Iterable[str] | None, what: str) -> None:
     """Hook-point names (a list or comma-separated) as written, before any model is loaded
     (:func:`rosettalens.hooks.check_hook_name`; the layer range is checked against the model later)."""
     from .errors import HookPointError
-    from .hooks import check_hook_name
+    from .names import check_hook_name
 
     if isinstance(names, str):
         names = [h.strip() for h in names.split(",") if h.strip()]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnknownModelError
+from ..names import LAYER_HOOKS
 
 
 @dataclass(frozen=True)
@@ -152,18 +153,6 @@ class ModelConfig:
         }
 
 
-LAYER_HOOKS = (
-    "resid_pre",
-    "resid_mid",
-    "resid_post",
-    "attn_out",
-    "mlp_out",
-    "head_z",
-    "q",
-    "k",
-    "v",
-    "attn_pattern",
-)
 
 
 def adapter_for(hf_config) -> Adapter:
