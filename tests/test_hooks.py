@@ -78,8 +78,8 @@ def test_o_proj_of_head_z_reproduces_attention_output(tiny_hm):
     a = tiny_hm.adapter
     enc = tiny_hm.tokenize(PROMPTS[:2])
     layer = 1
-    attn_mod = _get_module(tiny_hm._layers[layer], a.attn)
-    o_mod = _get_module(tiny_hm._layers[layer], a.o_proj)
+    attn_mod = _get_module(tiny_hm.layers[layer], a.attn)
+    o_mod = _get_module(tiny_hm.layers[layer], a.o_proj)
     seen = {}
     h = attn_mod.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o[0]))
     try:

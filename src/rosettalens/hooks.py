@@ -103,7 +103,7 @@ class HookedModel:
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.adapter: Adapter = adapter_for(model.config)
         self.cfg: ModelConfig = model_config(model.config, self.name)
-        self._layers: Any = _get_module(model, self.adapter.layers)
+        self.layers: Any = _get_module(model, self.adapter.layers)  # the decoder blocks (nn.ModuleList)
         self._handlers: dict[str, list[tuple[int, HookFn, str]]] = {}  # (priority, fn, mode)
         self._torch_handles: dict[tuple[int, bool], Any] = {}
         self._sites: dict[str, _Site] = {}
@@ -167,7 +167,7 @@ class HookedModel:
             return _Site(name, self.model, False, -1, _identity, _replace, 0)
         kind, layer_s = name.split(".")
         layer = int(layer_s)
-        block = self._layers[layer]
+        block = self.layers[layer]
         if kind == "resid_pre":
             return _Site(name, block, True, 0, _identity, _replace, 0)
         if kind == "resid_post":
@@ -367,7 +367,9 @@ class HookedModel:
 
     # ------------------------------------------------------------------ KV offset (prompt vs generated)
     @contextlib.contextmanager
-    def _track_offset(self) -> Iterator[None]:
+    def track_offset(self) -> Iterator[None]:
+        """While open, position selectors of :meth:`patch` / :meth:`steer` count prompt positions
+        across cached generation steps (the KV-cache length is read before each forward)."""
         if self._offset_users == 0:
 
             def top_pre(mod: nn.Module, args: tuple, kwargs: dict):
@@ -397,12 +399,23 @@ class HookedModel:
         ``fn`` gets its own copy of the activation: returning a new tensor, or editing the copy in
         place (returning it or ``None``), replaces the activation; nothing else sees the edit.
         """
-        with self._intervene([(n, fn, "copy") for n, fn in fwd_hooks]):
+        with self.intervene([(n, fn, "copy") for n, fn in fwd_hooks]):
             yield self
 
     @contextlib.contextmanager
-    def _intervene(self, fwd_hooks: Sequence[tuple[str, HookFn, str]]) -> Iterator[HookedModel]:
-        """``hooks`` with a handler mode each (see ``_add_handler``): for rosettalens' own functions."""
+    def intervene(self, fwd_hooks: Sequence[tuple[str, HookFn, str]]) -> Iterator[HookedModel]:
+        """The intervention primitive: ``with hm.intervene([(hook, fn, mode), ...]):``.
+
+        ``fn(act, hook_name) -> new act or None`` runs at ``hook`` while the block is open; every
+        handler is removed on exit, also on error. ``mode`` says what ``fn`` may do:
+
+        - ``"copy"``: ``fn`` gets a private copy and may edit it in place (what :meth:`hooks` uses);
+        - ``"plain"``: ``fn`` never mutates its input and returns a tensor of the same shape (no copy);
+        - ``"resize"``: like ``"plain"``, but the result may have another batch size (batched patching
+          grows the batch at a ``resid_pre`` point; every other input of the layer must broadcast).
+
+        Activations are ``[batch, pos, ...]`` as listed in the module docstring.
+        """
         removers = []
         try:
             for name, fn, mode in fwd_hooks:
@@ -455,8 +468,8 @@ class HookedModel:
                 )
         with contextlib.ExitStack() as stack:
             if positions is not None:
-                stack.enter_context(self._track_offset())
-            stack.enter_context(self._intervene(fwd))
+                stack.enter_context(self.track_offset())
+            stack.enter_context(self.intervene(fwd))
             yield self
 
     def _selective_patch(
@@ -528,7 +541,7 @@ class HookedModel:
         """
         name = self.resolve_hook(hook)
         vec = torch.as_tensor(vector).detach()
-        width = self._width(name)
+        width = self.hook_width(name)
         if vec.shape[-1:] != (width,) or vec.dim() != 1:
             raise ShapeError(
                 f"steering vector has shape {tuple(vec.shape)}, but {name} of {self.name} is [{width}]"
@@ -554,7 +567,7 @@ class HookedModel:
             out[:, idx] += v
             return out
 
-        with self._track_offset(), self._intervene([(name, add, "plain")]):
+        with self.track_offset(), self.intervene([(name, add, "plain")]):
             yield self
 
     def unit_direction(self, direction: Tensor) -> Tensor:
@@ -586,17 +599,18 @@ class HookedModel:
             else [self.resolve_hook(h) for h in hooks]
         )
         for n in names:
-            if self._width(n) != self.cfg.d_model:
+            if self.hook_width(n) != self.cfg.d_model:
                 raise ShapeError(f"cannot ablate a d_model direction at {n}")
 
         def project_out(act: Tensor, hook_name: str) -> Tensor:
             u = unit.to(device=act.device, dtype=act.dtype)
             return act - (act @ u).unsqueeze(-1) * u
 
-        with self._intervene([(n, project_out, "plain") for n in names]):
+        with self.intervene([(n, project_out, "plain") for n in names]):
             yield self
 
-    def _width(self, name: str) -> int:
+    def hook_width(self, name: str) -> int:
+        """The last dimension of the activation at hook ``name`` (``d_model`` for the residual stream)."""
         kind = name.split(".")[0]
         if kind in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
             return self.cfg.d_model
@@ -770,7 +784,7 @@ class HookedModel:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         gen_kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         gen_kwargs.update(kwargs)
-        with self._track_offset():
+        with self.track_offset():
             out = self.model.generate(**enc, **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=skip_special_tokens)

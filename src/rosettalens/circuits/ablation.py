@@ -80,7 +80,7 @@ def parse_mlp(hm: HookedModel, mlp: int | str) -> int:
 
 def _get_module_path(hm: HookedModel, layer: int, path: str) -> Any:
     """The submodule at ``path`` (an adapter path relative to a decoder layer) of layer ``layer``."""
-    mod: Any = hm._layers[layer]
+    mod: Any = hm.layers[layer]
     for part in path.split("."):
         mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
     return mod

@@ -500,7 +500,7 @@ class EdgeFaithfulness:
             d = shift([ri[f"{layer}.{h}.{kind}"] for h in range(nh)])
             if d is None:
                 return None
-            block = hm._layers[layer]
+            block = hm.layers[layer]
             norm = block.input_layernorm
             proj = getattr(block.self_attn, f"{kind}_proj")
             out = act.clone()

@@ -410,7 +410,7 @@ def _forward_rows(
     """
     keep = {"logits_to_keep": 1} if last else {}
     if start == 0:
-        with hm._intervene(handlers):
+        with hm.intervene(handlers):
             logits = hm.model(input_ids=ids, use_cache=False, **keep).logits
     else:
         pkv = _kv_cache(hm.model(input_ids=ids[:, :start], use_cache=True))
@@ -423,7 +423,7 @@ def _forward_rows(
             if alive > 1:
                 layer.keys = layer.keys.expand(alive, *layer.keys.shape[1:])
                 layer.values = layer.values.expand(alive, *layer.values.shape[1:])
-        with hm._intervene(handlers):
+        with hm.intervene(handlers):
             kv = {cache_kwarg(hm.model): pkv}
             tail = hm.model(input_ids=ids[:, start:], use_cache=True, **kv, **keep).logits
         if last:

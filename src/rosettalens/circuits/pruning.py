@@ -334,7 +334,7 @@ class _Scorer:
                     val = store[L][self.rows].repeat(k, *([1] * (store[L].dim() - 1)))
                 handlers.append((name, _masked(msk, val), "plain"))
         x = self.ids.repeat(k, 1).to(dev)
-        with self.hm._intervene(handlers):
+        with self.hm.intervene(handlers):
             try:
                 out = self.hm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
             except TypeError:  # a model class without logits_to_keep
@@ -393,7 +393,7 @@ class _Scorer:
                     val = self._value(self.ab.mlp_values, L, i)
                     handlers.append((f"mlp_out.{L}", _masked(mms[L][:, None, None], val), "plain"))
             x = self.ids[i : i + 1].to(dev)
-            with self.hm._intervene(handlers):
+            with self.hm.intervene(handlers):
                 try:
                     out = self.hm.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
                 except TypeError:  # a model class without logits_to_keep

@@ -1148,9 +1148,9 @@ class BackdoorTransfer(Experiment):
         self._plot(ctx)
 
     def _plot(self, ctx: RunContext) -> None:
-        from ..report.html import _plt
+        from ..report.html import pyplot
 
-        plt = _plt()
+        plt = pyplot()
         r = ctx.results
         fig, ax = plt.subplots(
             1, 2 if r["sweep"] else 1, figsize=(10 if r["sweep"] else 5, 3.5), squeeze=False

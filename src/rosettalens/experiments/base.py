@@ -170,10 +170,10 @@ class Experiment:
     def report(self, ctx: RunContext) -> None:
         """Write ``report.html`` (default: a table of the results and every PNG in the run directory)."""
         from ..report import write_report
-        from ..report.html import _table
+        from ..report.html import html_table
 
         rows = [(k, v) for k, v in ctx.results.items()]
-        sections = [("Results", _table(rows))]
+        sections = [("Results", html_table(rows))]
         pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
         if pngs:
             sections.append(("Plots", "".join(f"<img src='{p}' width='800'><br>" for p in pngs)))

@@ -591,9 +591,9 @@ class SAEUniversality(Experiment):
 
     # --------------------------------------------------------------------------------- 7 plots
     def plots(self, ctx: RunContext) -> None:
-        from ..report.html import _plt
+        from ..report.html import pyplot
 
-        plt = _plt()
+        plt = pyplot()
         la, lb = ctx.state["layers_a"], ctx.state["layers_b"]
         rows = {(r["layer_a"], r["layer_b"]): r for r in ctx.state["pairs"]}
         name_a, name_b = ctx.results["models"]["a"], ctx.results["models"]["b"]
@@ -705,12 +705,12 @@ def _write_report(ctx: RunContext) -> None:
     import html
 
     from ..report import write_report
-    from ..report.html import _table
+    from ..report.html import html_table
 
     r = ctx.results
     best = r.get("best") or {}
     c = r.get("controls", {})
-    summary = _table([
+    summary = html_table([
         ("models", f"{r['models']['a']} vs {r['models']['b']}"),
         ("pairing", r.get("pairing")),
         ("best layer pair (paired SVCCA)", f"{best.get('layer_a')} / {best.get('layer_b')}" if best else "none"),
@@ -745,8 +745,8 @@ def _write_report(ctx: RunContext) -> None:
         ("Layer pairs", "<img src='heatmaps.png' width='900'>" + f"<table>{head}{body}</table>"),
         ("Activation correlations before / after filtering", "<img src='correlations.png' width='640'>"),
         (f"Semantic subspaces (layer pair {best.get('layer_a')} / {best.get('layer_b')})", f"<table>{shead}{sbody}</table>"),
-        ("Controls", _table([(k, v) for k, v in c.items()])),
-        ("SAE quality (held-out tokens; FVU with the variance about the mean)", _table(mrows)),
+        ("Controls", html_table([(k, v) for k, v in c.items()])),
+        ("SAE quality (held-out tokens; FVU with the variance about the mean)", html_table(mrows)),
     ]  # fmt: skip
     write_report(ctx.run_dir, "rosettalens: SAE feature-space universality", sections)
 

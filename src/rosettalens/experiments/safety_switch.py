@@ -262,9 +262,9 @@ class SafetySwitchExperiment(Experiment):
         self._plot(ctx)
 
     def _plot(self, ctx: RunContext) -> None:
-        from ..report.html import _plt
+        from ..report.html import pyplot
 
-        plt = _plt()
+        plt = pyplot()
         r = ctx.results
         xs = [int(e["layer"].split(".")[1]) for e in r["per_layer"]]
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))

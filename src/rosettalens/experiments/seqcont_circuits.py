@@ -561,7 +561,7 @@ class SeqcontExperiment(Experiment):
         import html
 
         from ..report import write_report
-        from ..report.html import _table
+        from ..report.html import html_table
 
         s = self.summary(ctx)
         sections = []
@@ -583,7 +583,7 @@ class SeqcontExperiment(Experiment):
             ):
                 for t, v in sh.get(key, {}).items():
                     rows.append((f"ablation test ({what}): {t}", _ablation_line(v)))
-            sections.append((html.escape(m), _table(rows)))
+            sections.append((html.escape(m), html_table(rows)))
         if s.get("cross_model"):
             rows = []
             for m in s["cross_model"]["role_matches"]:
@@ -593,7 +593,7 @@ class SeqcontExperiment(Experiment):
                     rows.append((f"{p[a]} / {p[b]}", f"distance {p['role_distance']:.3f}, roles {p['roles'][0]} / "
                                  f"{p['roles'][1]}{' (same)' if p['same_role'] else ''}"
                                  f"{'' if p['matched'] else ' (too far: not matched)'}"))  # fmt: skip
-            sections.append(("Cross-model role matches", _table(rows)))
+            sections.append(("Cross-model role matches", html_table(rows)))
         pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
         if pngs:
             sections.append(("Plots", "".join(f"<img src='{p}' width='900'><br>" for p in pngs)))

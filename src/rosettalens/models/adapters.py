@@ -153,8 +153,6 @@ class ModelConfig:
         }
 
 
-
-
 def adapter_for(hf_config) -> Adapter:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in _MODEL_TYPES:

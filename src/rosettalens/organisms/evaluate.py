@@ -67,7 +67,7 @@ def generate_answer_ids(
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
         enc = {k: v.to(hm.device) for k, v in _left_pad([ids[i] for i in chunk], tok.pad_token_id).items()}
-        with torch.no_grad(), hm._track_offset():
+        with torch.no_grad(), hm.track_offset():
             out = hm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)  # fmt: skip
         for i, row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist()):

@@ -10,7 +10,7 @@ from typing import Any
 from rosettalens.io import atomic_savefig, atomic_write_text
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +19,7 @@ def _plt():
     return plt
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
+def html_table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
@@ -51,7 +51,7 @@ def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> 
 def sweep_plot(run_dir: Path, sweep: list[dict], source: str, target: str) -> Path | None:
     if not sweep:
         return None
-    plt = _plt()
+    plt = pyplot()
     xs = [s["source_layer"] for s in sweep]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(xs, [s["fvu"] for s in sweep], "o-")
@@ -71,7 +71,7 @@ def sweep_plot(run_dir: Path, sweep: list[dict], source: str, target: str) -> Pa
 
 
 def rates_plot(run_dir: Path, results: dict) -> Path:
-    plt = _plt()
+    plt = pyplot()
     r = results["refusal_rate"]
     labels = [
         "baseline",
@@ -100,7 +100,7 @@ def refusal_report(run_dir: Path, results: dict, examples: dict[str, list[dict]]
     rates_plot(run_dir, results)
     sweep_png = sweep_plot(run_dir, results.get("sweep") or [], results["source"], results["target"])
     r = results["refusal_rate"]
-    summary = _table([
+    summary = html_table([
         ("source → target", f"{results['source']} → {results['target']}"),
         ("layers", f"{results['layers']['source']} → {results['layers']['target']}"),
         ("mapper", f"{results['mapper']['kind']}, held-out FVU {results['mapper']['fvu']:.3f}"),
@@ -124,8 +124,8 @@ def refusal_report(run_dir: Path, results: dict, examples: dict[str, list[dict]]
     sections = [
         ("Summary", summary),
         ("Refusal rates", "<img src='refusal_rates.png' width='640'>"),
-        (f"Mapper ({results['mapper']['kind']}) on held-out pairs", _table(mapper_rows)),
-        ("Vectors", _table(vector_rows)),
+        (f"Mapper ({results['mapper']['kind']}) on held-out pairs", html_table(mapper_rows)),
+        ("Vectors", html_table(vector_rows)),
     ]
     if sweep_png is not None:
         rows = "".join(

@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"data {args.data!r} holds no non-empty documents")
     hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
     hook = hm.resolve_hook(hook)
-    width = hm._width(hook)
+    width = hm.hook_width(hook)
     if width != sae.d_in:
         from rosettalens.errors import ShapeError
 

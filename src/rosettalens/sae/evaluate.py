@@ -156,7 +156,7 @@ def splice_metrics(
     if hook is None:
         raise DataError("no hook given and the SAE records none")
     hook = hm.resolve_hook(hook)
-    width = hm._width(hook) if hasattr(hm, "_width") else None
+    width = hm.hook_width(hook) if hasattr(hm, "hook_width") else None
     if width is not None and width != sae.d_in:
         raise ShapeError(f"{hm.name} {hook} has width {width} but the SAE takes d_in={sae.d_in}")
     special = torch.tensor(_special_ids(hm.tokenizer) if exclude_special else [], dtype=torch.long)

@@ -186,7 +186,7 @@ def conditional_ablate(
     handle = hm.model.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         # the KV-cache offset (0 on a prompt pass) as the model's own position-selective hooks track it
-        with hm._track_offset(), hm.hooks(names):
+        with hm.track_offset(), hm.hooks(names):
             yield gate
     finally:
         handle.remove()
