@@ -4,7 +4,8 @@ The model is the HF module itself; rosettalens only adds PyTorch hooks, and only
 asked for them. A forward pass with no intervention returns exactly the plain HF logits.
 
 Hook points (one name for one place, used by the API, the CLI, stores and reports): ``embed``,
-``resid_pre.L``, ``resid_mid.L``, ``resid_post.L``, ``attn_out.L``, ``mlp_out.L`` (all
+``resid_pre.L``, ``resid_mid.L``, ``resid_post.L``, ``attn_out.L``, ``mlp_in.L`` (the MLP's input
+after its norm), ``mlp_out.L`` (all
 ``[batch, pos, d_model]``), ``head_z.L`` (input of the attention output projection,
 ``[batch, pos, n_heads, d_head]``), ``q.L`` ``[batch, pos, n_heads, d_head]``, ``k.L``/``v.L``
 ``[batch, pos, n_kv_heads, d_head]`` (GQA groups are never silently repeated), ``attn_pattern.L``
@@ -185,6 +186,8 @@ class HookedModel:
             return _Site(name, _get_module(block, a.attn_out), False, 0, get_mid, put_mid, 1)
         if kind == "mlp_out":
             return _Site(name, _get_module(block, a.mlp_out), False, 0, _identity, _replace, 0)
+        if kind == "mlp_in":  # the MLP's input, after its pre-MLP norm
+            return _Site(name, _get_module(block, a.mlp), True, 0, _identity, _replace, 0)
         if kind == "attn_pattern":
             return _Site(name, _get_module(block, a.attn), False, 1, _identity, _replace, 0)
         if kind == "head_z":
@@ -612,7 +615,7 @@ class HookedModel:
     def hook_width(self, name: str) -> int:
         """The last dimension of the activation at hook ``name`` (``d_model`` for the residual stream)."""
         kind = name.split(".")[0]
-        if kind in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+        if kind in ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out"):
             return self.cfg.d_model
         if kind == "logits":
             return self.model.config.get_text_config().vocab_size

@@ -20,6 +20,7 @@ LAYER_HOOKS = (
     "resid_mid",
     "resid_post",
     "attn_out",
+    "mlp_in",
     "mlp_out",
     "head_z",
     "q",
