@@ -1,4 +1,4 @@
-"""Option types and up-front checks shared by every ``rosetta`` command (one definition each).
+"""Option types, up-front checks and the shared option definitions (``add_out``, ``add_overwrite``, ...) of every ``rosetta`` command.
 
 The ``type=`` helpers turn a bad value into argparse's usage error, which :mod:`rosettalens.cli`
 prints as one line ``rosetta: error: ...`` with exit status 2, before any model is loaded or store
@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError
 from .io import check_output, json_safe
+from .models.checks import DEVICE_MAPS, check_device, check_path, device_map
 
 __all__ = [
     "DEVICE_MAPS",
@@ -50,9 +51,7 @@ __all__ = [
     "to_json",
 ]
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
-_NAME_MAX = 255  # bytes per path component on every common file system
 
 
 def one_line(e: BaseException | str) -> str:
@@ -134,23 +133,6 @@ def fraction_upto1(s: str) -> float:
     return v
 
 
-def _check_path_text(s: str) -> str | None:
-    if "\x00" in s:
-        return "contains a NUL character"
-    for part in Path(s).expanduser().parts:
-        if len(part.encode()) > _NAME_MAX:
-            return f"has a name of {len(part)} characters (the file system allows {_NAME_MAX})"
-    return None
-
-
-def check_path(s: str, what: str = "path") -> str:
-    """A file or folder name the file system can hold (not required to exist); ConfigError if not."""
-    why = _check_path_text(s)
-    if why:
-        raise ConfigError(f"{what} {s[:60]!r}... {why}")
-    return s
-
-
 def path(s: str) -> str:
     """argparse type of :func:`check_path`."""
     try:
@@ -203,30 +185,6 @@ def check_prompt_spec(spec: str, what: str) -> None:
     check_text_file(spec, what)
 
 
-def check_device(s: str | None, what: str = "--device") -> str | None:
-    """``None``/``auto``/``cpu``/``cuda``/``cuda:N``/``mps``, and present on this machine."""
-    if s is None or s == "auto":
-        return s
-    import torch
-
-    try:
-        d = torch.device(s)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{what} {s!r} is not a device; use cpu, cuda, cuda:N, mps or auto") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {s}: CUDA is not available on this machine; use --device cpu")
-        n = torch.cuda.device_count()
-        if d.index is not None and d.index >= n:
-            raise ConfigError(f"{what} {s}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
-    elif d.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{what} {s}: MPS is not available on this machine")
-    elif d.type != "cpu":
-        raise ConfigError(f"{what} {s!r}: unsupported device type; use cpu, cuda, cuda:N, mps or auto")
-    return s
-
-
 def device(s: str) -> str:
     """argparse type for ``--device`` (see :func:`check_device`)."""
     try:
@@ -239,13 +197,6 @@ def dtype(s: str) -> str:
     """argparse type for a model's ``--dtype``."""
     if s not in DTYPES:
         raise argparse.ArgumentTypeError(f"{s!r} is not a dtype; choose from {', '.join(DTYPES)}")
-    return s
-
-
-def device_map(s: str) -> str:
-    """argparse type for ``--device-map`` (accelerate's strategies)."""
-    if s not in DEVICE_MAPS:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a device map; choose from {', '.join(DEVICE_MAPS)}")
     return s
 
 
@@ -294,3 +245,207 @@ def to_json(obj: Any, indent: int | None = None) -> str:
 def print_json(obj: Any) -> None:
     """Print a command's ``--json`` object: one line, valid JSON (``allow_nan=False``)."""
     print(to_json(obj))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One set of option definitions for every hand-written command (docs/cli.md has the vocabulary table).
+# Each ``add_*`` adds one option with its help text; ``aliases`` are old spellings, accepted but not
+# listed by ``--help``, that print one deprecation line on stderr when used.
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores like the new one and says so on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.new = new
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        import sys
+
+        print(f"rosetta: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_alias(p: argparse.ArgumentParser, old: str, action: argparse.Action) -> None:
+    """Accept ``old`` as a hidden, deprecated spelling of ``action``'s option."""
+    new = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+    kw: dict[str, Any] = {"dest": action.dest, "action": _DeprecatedAlias, "new": new}
+    kw.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if action.nargs == 0:
+        kw.update(nargs=0, const=action.const if action.const is not None else True)
+    else:
+        kw.update(type=action.type, choices=action.choices, metavar=action.metavar, nargs=action.nargs)
+    p.add_argument(old, **kw)
+
+
+def add_option(
+    p: argparse.ArgumentParser, *flags: str, aliases: Iterable[str] = (), **kw: Any
+) -> argparse.Action:
+    """``p.add_argument(*flags, **kw)`` plus hidden deprecated ``aliases``; a help text is required."""
+    if not kw.get("help"):
+        raise ValueError(f"option {flags[0]} needs a help text")
+    action = p.add_argument(*flags, **kw)
+    for old in aliases:
+        add_alias(p, old, action)
+    return action
+
+
+def _default_note(default: Any) -> str:
+    return "" if default is None else f" (default: {default})"
+
+
+def add_out(
+    p: argparse.ArgumentParser,
+    help: str,
+    *,
+    required: bool = True,
+    metavar: str = "DIR",
+    default: str | None = None,
+    aliases: Iterable[str] = (),
+) -> argparse.Action:
+    """``--out``: where the command writes (a folder or a file, as ``help`` says)."""
+    return add_option(p, "--out", required=required, default=default, type=path, metavar=metavar,
+                      help=help + _default_note(default), aliases=aliases)  # fmt: skip
+
+
+def add_overwrite(
+    p: argparse.ArgumentParser, what: str = "an existing --out as a whole", aliases: Iterable[str] = ()
+) -> argparse.Action:
+    """``--overwrite``: replace what ``--out`` names (never another kind of file or folder)."""
+    return add_option(p, "--overwrite", action="store_true", help=f"replace {what}", aliases=aliases)
+
+
+def add_json(p: argparse.ArgumentParser) -> argparse.Action:
+    """``--json``: one JSON object on stdout, nothing else."""
+    return add_option(p, "--json", action="store_true",
+                      help="print one JSON object on stdout (nothing else; progress stays on stderr)")  # fmt: skip
+
+
+def add_no_progress(p: argparse.ArgumentParser) -> argparse.Action:
+    """``--no-progress``: no progress bars on stderr."""
+    return add_option(p, "--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def add_device(
+    p: argparse.ArgumentParser, default_means: str = "cuda if available, else cpu"
+) -> argparse.Action:
+    """``--device``: cpu, cuda, cuda:N, mps or auto."""
+    return add_option(p, "--device", type=device, default=None, metavar="DEVICE",
+                      help=f"torch device: cpu, cuda, cuda:N, mps or auto (default: {default_means})")  # fmt: skip
+
+
+def add_dtype(p: argparse.ArgumentParser, what: str = "model compute dtype") -> argparse.Action:
+    """``--dtype``: the model's compute dtype."""
+    return add_option(p, "--dtype", type=dtype, default=None, metavar="{" + ",".join(DTYPES) + "}",
+                      help=f"{what} (default: float32)")  # fmt: skip
+
+
+def add_device_map(p: argparse.ArgumentParser) -> argparse.Action:
+    """``--device-map``: spread a large model over devices with accelerate."""
+    return add_option(p, "--device-map", type=device_map, default=None, metavar="{" + ",".join(DEVICE_MAPS) + "}",
+                      help="spread a large model over the devices with accelerate (default: one device)")  # fmt: skip
+
+
+def add_seed(
+    p: argparse.ArgumentParser, default: int | None = 0, what: str = "random seed"
+) -> argparse.Action:
+    """``--seed``."""
+    return add_option(p, "--seed", type=int, default=default, metavar="N", help=what + _default_note(default))
+
+
+MODEL_HELP = "zoo name (rosetta models list), local HF folder, .gguf file or hub id"
+
+
+def add_model(
+    p: argparse.ArgumentParser,
+    flag: str = "--model",
+    *,
+    required: bool = True,
+    default: str | None = None,
+    help: str = MODEL_HELP,
+    metavar: str = "MODEL",
+) -> argparse.Action:
+    """A model option (or positional when ``flag`` has no dashes)."""
+    if not flag.startswith("-"):
+        return add_option(p, flag, type=path, metavar=metavar, help=help)
+    return add_option(p, flag, required=required, default=default, type=path, metavar=metavar,
+                      help=help + _default_note(default))  # fmt: skip
+
+
+def add_hook(
+    p: argparse.ArgumentParser,
+    flag: str = "--hook",
+    *,
+    required: bool = True,
+    default: str | None = None,
+    help: str = "hook point, e.g. resid_post.10 (negative layers count from the end)",
+) -> argparse.Action:
+    """A hook-point option."""
+    return add_option(p, flag, required=required, default=default, metavar="HOOK", help=help)
+
+
+def add_data(
+    p: argparse.ArgumentParser,
+    *,
+    required: bool = True,
+    default: str | None = None,
+    help: str = "documents: built-in dataset name (rosetta data list), .txt (one per line), .jsonl or hf:<id>",
+) -> argparse.Action:
+    """``--data``: a document source."""
+    return add_option(p, "--data", required=required, default=default, type=data_spec, metavar="D",
+                      help=help + _default_note(default))  # fmt: skip
+
+
+def add_max_tokens(
+    p: argparse.ArgumentParser,
+    default: int | None,
+    help: str = "stop after this many tokens",
+    aliases: Iterable[str] = (),
+) -> argparse.Action:
+    """``--max-tokens``: a token count (old spellings ``--tokens``, ``--n-tokens`` as aliases)."""
+    return add_option(p, "--max-tokens", type=positive_int, default=default, metavar="N",
+                      help=help + _default_note(default), aliases=aliases)  # fmt: skip
+
+
+def add_max_length(p: argparse.ArgumentParser, default: int | None) -> argparse.Action:
+    """``--max-length``: tokens per document."""
+    return add_option(p, "--max-length", type=positive_int, default=default, metavar="N",
+                      help="truncate each document to this many tokens" + _default_note(default))  # fmt: skip
+
+
+def add_max_new_tokens(p: argparse.ArgumentParser, default: int) -> argparse.Action:
+    """``--max-new-tokens``: generated tokens per prompt."""
+    return add_option(p, "--max-new-tokens", type=positive_int, default=default, metavar="N",
+                      help="tokens generated per prompt" + _default_note(default))  # fmt: skip
+
+
+def add_n_prompts(
+    p: argparse.ArgumentParser,
+    default: int | None,
+    help: str = "prompts to use",
+    aliases: Iterable[str] = (),
+) -> argparse.Action:
+    """``--n-prompts``: a prompt count (old spellings ``--n``, ``--limit`` as aliases)."""
+    return add_option(p, "--n-prompts", type=positive_int, default=default, metavar="N",
+                      help=help + _default_note("all" if default is None else default), aliases=aliases)  # fmt: skip
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int, what: str = "documents") -> argparse.Action:
+    """``--batch-size``: items per forward pass."""
+    return add_option(p, "--batch-size", type=positive_int, default=default, metavar="B",
+                      help=f"{what} per forward pass" + _default_note(default))  # fmt: skip
+
+
+def add_heldout(p: argparse.ArgumentParser, default: float, what: str = "documents") -> argparse.Action:
+    """``--heldout``: the fraction held out for evaluation (old spelling ``--eval-fraction``)."""
+    return add_option(p, "--heldout", type=fraction_open, default=default, metavar="F",
+                      help=f"fraction of the {what} held out for evaluation" + _default_note(default),
+                      aliases=("--eval-fraction",))  # fmt: skip
+
+
+def add_skip_first(p: argparse.ArgumentParser, default: int) -> argparse.Action:
+    """``--skip-first``: positions at the start of each document left out (old spelling ``--min-pos``)."""
+    return add_option(p, "--skip-first", type=nonneg_int, default=default, metavar="P",
+                      help="leave out the first P positions of each document (attention sinks)"
+                      + _default_note(default), aliases=("--min-pos",))  # fmt: skip
