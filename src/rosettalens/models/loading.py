@@ -17,8 +17,8 @@ import torch
 
 from ..errors import CacheError, ConfigError, DataError, UnknownModelError
 from ..io import sha256_file
-from ..options import DEVICE_MAPS
 from . import zoo
+from .checks import DEVICE_MAPS, check_device, check_path
 
 
 def _dtype(dtype: Any) -> torch.dtype:
@@ -34,8 +34,6 @@ def _dtype(dtype: Any) -> torch.dtype:
 
 
 def _device(device: Any) -> torch.device:
-    from ..options import check_device
-
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, torch.device):
@@ -118,8 +116,6 @@ def check_model(model: str) -> None:
     """
     if model in zoo.ZOO:
         return
-    from ..options import check_path
-
     p = Path(check_path(model, "model"))
     if not p.exists():
         from ..organisms.registry import is_organism_name, organism_dir
