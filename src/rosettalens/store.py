@@ -55,6 +55,7 @@ from rosettalens.io import (
     sha256_bytes,
     sha256_file,
 )
+from rosettalens.offsets import char_ends_by_decoding, char_ends_from_offsets
 
 FORMAT = "rosettalens.activation_store/1"
 MANIFEST = "manifest.json"
@@ -430,8 +431,6 @@ class _Doc:
 
 def _tokenize_docs(tok, documents: Sequence[str], cfg: ExtractConfig, max_length: int) -> list[_Doc]:
     """Tokenize, truncate and choose the stored positions of every document (stops at max_tokens rows)."""
-    from rosettalens.align import char_ends_by_decoding, char_ends_from_offsets
-
     special = set(int(i) for i in tok.all_special_ids)
     out: list[_Doc] = []
     total = 0

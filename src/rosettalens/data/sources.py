@@ -9,7 +9,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rosettalens.data.hfspec import HF_SYNTAX, parse_hf_spec
+from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
 from rosettalens.errors import DataError
+
+__all__ = [
+    "BUILTIN_DIR",
+    "HF_SYNTAX",
+    "Corpus",
+    "builtin_datasets",
+    "documents_sha256",
+    "load_documents",
+    "parse_hf_spec",
+]
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -93,17 +105,12 @@ def _index() -> dict[str, _Builtin]:
         for p in sorted(BUILTIN_DIR.iterdir()):
             if p.suffix in (".txt", ".jsonl"):
                 out[p.stem] = _Builtin(p.stem, meta.get(p.stem, f"bundled file {p.name}"), _file_builtin(p))
-    try:  # the instruction sets of rosettalens.data.tasks (steering) are documents too
-        from rosettalens.data.tasks import BUILTIN_SETS, load_prompts
-
-        for name in BUILTIN_SETS:
-            out[name] = _Builtin(
-                name,
-                f"instruction set '{name}' of rosettalens.data.tasks (all splits)",
-                _prompts(load_prompts, name),
-            )
-    except ImportError:  # pragma: no cover - tasks package missing
-        pass
+    for name in BUILTIN_SETS:  # the instruction sets of rosettalens.data.tasks (steering) are documents too
+        out[name] = _Builtin(
+            name,
+            f"instruction set '{name}' of rosettalens.data.tasks (all splits)",
+            _prompts(load_prompts, name),
+        )
     out["sequences"] = _Builtin(
         "sequences",
         "ordered sequences: digits, number words, months, weekdays, letters (varied starts and lengths)",
@@ -162,47 +169,6 @@ def _read_file(path: Path, field: str | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- HF datasets
-HF_SYNTAX = "hf:<dataset id>[:<config>][@<split>]"
-_SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """``(dataset id, config or None, split)`` of ``hf:<dataset id>[:<config>][@<split>]``.
-
-    The one ``hf:`` syntax of every command (``--data``, prompt sets): the split follows ``@``
-    (default ``train``), the config follows ``:``. Examples: ``hf:wikitext:wikitext-2-raw-v1@test``,
-    ``hf:tatsu-lab/alpaca``, ``hf:allenai/c4:en@validation``. The older spelling
-    ``hf:<id>:<config>:<split>`` is still read (it is unambiguous); ``hf:<id>:<name>`` where ``<name>``
-    looks like a split (``hf:imdb:test``) is refused with one line, since it once meant the split and
-    now means the config.
-    """
-    if not spec.startswith("hf:"):
-        raise DataError(f"{spec!r} is not a dataset spec; expected {HF_SYNTAX}")
-    body = spec[len("hf:") :]
-    split: str | None = None
-    if body.count("@") > 1:
-        raise DataError(f"cannot parse {spec!r}: more than one '@'; expected {HF_SYNTAX}")
-    if "@" in body:
-        body, split = body.split("@")
-        if not split:
-            raise DataError(f"empty split after '@' in {spec!r}; expected {HF_SYNTAX}")
-    parts = body.split(":")
-    ds_id = parts[0]
-    if not ds_id:
-        raise DataError(f"empty dataset id in {spec!r}; expected {HF_SYNTAX}")
-    if any(not p for p in parts[1:]) or len(parts) > 3 or (len(parts) == 3 and split is not None):
-        raise DataError(f"cannot parse {spec!r}; expected {HF_SYNTAX}")
-    if len(parts) == 3:  # the older hf:<id>:<config>:<split>
-        return ds_id, parts[1], parts[2]
-    config = parts[1] if len(parts) == 2 else None
-    if config is not None and split is None and config.lower() in _SPLIT_NAMES:
-        raise DataError(
-            f"{spec!r} is ambiguous: write hf:{ds_id}@{config} for the split {config!r}, "
-            f"or hf:{ds_id}:{config}@train for a config named {config!r}"
-        )
-    return ds_id, config, split or "train"
-
-
 def _load_hf(spec: str, field: str | None) -> tuple[list[str], dict]:
     ds_id, config, split = parse_hf_spec(spec)
     try:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rosettalens.data.sources import parse_hf_spec
+from rosettalens.data.hfspec import parse_hf_spec
 from rosettalens.errors import DataError
 
 __all__ = [
