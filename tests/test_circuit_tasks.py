@@ -10,11 +10,12 @@ from rosettalens.circuits.tasks import (
     AnswerMetric,
     PromptSet,
     SequenceTask,
-    _answer_forms,
+    answer_forms,
     competence,
     load_task,
     load_task_file,
     make_prompts,
+    select_tasks,
 )
 from rosettalens.errors import DataError, ShapeError
 from rosettalens.models.tiny import tiny_tokenizer
@@ -27,7 +28,7 @@ def tok():
 
 def _letters(tok, n=9):
     """Capital letters that are one token in the tiny tokenizer (as answers)."""
-    _, ok, _ = _answer_forms(tok, [chr(65 + i) for i in range(26)])
+    _, ok, _ = answer_forms(tok, [chr(65 + i) for i in range(26)])
     return [m for m in (chr(65 + i) for i in range(26)) if m in ok][:n]
 
 
@@ -160,6 +161,36 @@ def test_task_file(tmp_path):
             load_task_file(p)
     with pytest.raises(DataError, match="cannot read"):
         load_task_file(tmp_path / "missing.json")
+
+
+def test_task_file_k_is_what_the_templates_show(tmp_path):
+    planets = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn"]
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"name": "planets", "members": planets,
+                             "templates": ["{name} saw {1}, {2} and {3}, then", "{1} {2} {3}"]}))  # fmt: skip
+    (t,) = load_task_file(p)
+    # three members shown: each item is 3 consecutive members and the one after them
+    assert t.k == 3
+    assert t.items() == [(planets[i : i + 3], planets[i + 3], planets[i + 2]) for i in range(3)]
+    p.write_text(json.dumps({"name": "planets", "members": planets}))  # no templates: the built-in k
+    assert load_task_file(p)[0].k == 4
+    p.write_text(json.dumps({"name": "planets", "members": planets, "templates": ["{1} {2}", "{1} {2} {3}"]}))
+    with pytest.raises(DataError, match="different numbers of members"):
+        load_task_file(p)
+
+
+def test_tasks_name_the_task_files_own_tasks(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps([{"name": "a", "members": ["x", "y", "z", "w"], "templates": ["{1} {2}"]},
+                             {"name": "b", "members": ["1", "2", "3", "4"], "templates": ["{1} {2}"]}]))  # fmt: skip
+    # named: only those, in the given order, built-ins and file tasks mixed
+    assert [t.name for t in select_tasks(["b", "digits"], p)] == ["b", "digits"]
+    assert select_tasks(["b"], p)[0].members == ["1", "2", "3", "4"]
+    # not named: the file adds every one of its tasks
+    assert [t.name for t in select_tasks(["months"], p)] == ["months", "a", "b"]
+    assert [t.name for t in select_tasks([], p)] == ["a", "b"]
+    with pytest.raises(DataError, match="unknown task 'c'"):
+        select_tasks(["c"], p)
 
 
 def test_names_need_single_token_names(tok):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .tasks import PromptSet, SequenceTask, _answer_forms, _ids
+from .tasks import PromptSet, SequenceTask, answer_forms, token_ids
 
 __all__ = ["ov_logits", "successor_scores", "member_attention", "head_roles", "role_label", "match_roles"]
 
@@ -80,7 +80,7 @@ def ov_logits(hm: Any, token_ids: Sequence[int], layers: Sequence[int] | None = 
 def _spellings(tok: Any, member: str) -> set[int]:
     out = set()
     for text in (member, " " + member):
-        ids = _ids(tok, text)
+        ids = token_ids(tok, text)
         if len(ids) == 1:
             out.add(ids[0])
     return out
@@ -97,7 +97,7 @@ def successor_scores(
     not in ``layers`` are NaN.
     """
     tok = hm.tokenizer
-    _, answer_id, _ = _answer_forms(tok, task.members)
+    _, answer_id, _ = answer_forms(tok, task.members)
     members = [m for m in task.members if m in answer_id]
     pairs = [
         (m, task.members[i + task.step])

@@ -29,7 +29,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -188,8 +188,10 @@ def _task_from_dict(d: Any, source: str) -> SequenceTask:
         not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates)
     ):
         raise DataError(f"{source}: 'templates' must be a non-empty list of strings")
+    shown = None if "k" in d else _shown_members(templates, source)
     try:
-        k, step = int(d.get("k", 4)), int(d.get("step", 1))
+        k = int(d["k"]) if shown is None else shown
+        step = int(d.get("step", 1))
     except (TypeError, ValueError) as e:
         raise DataError(f"{source}: k and step must be integers") from e
     return SequenceTask(
@@ -198,9 +200,37 @@ def _task_from_dict(d: Any, source: str) -> SequenceTask:
     )  # fmt: skip
 
 
+def _shown_members(templates: list[str] | None, source: str) -> int:
+    """``k`` as the templates show it (``{1} {2} {3}`` -> 3); 4 without templates."""
+    if not templates:
+        return 4
+    counts = {max((int(p) for p in _PLACEHOLDER.findall(t) if p.isdigit()), default=0) for t in templates}
+    if len(counts) != 1 or 0 in counts:
+        raise DataError(
+            f"{source}: the templates show different numbers of members ({sorted(counts)}); "
+            'give each {1} ... {k} and the same k, or say "k"'
+        )
+    return counts.pop()
+
+
+def select_tasks(names: Sequence[str], task_file: str | Path | None = None) -> list[SequenceTask]:
+    """The tasks ``--tasks`` names, from the built-ins and the tasks ``task_file`` defines.
+
+    When ``names`` name none of the file's tasks, every task of the file is added after them (a task
+    file adds its tasks); when they name some, only the named ones run, in the order given.
+    """
+    from_file = {t.name: t for t in load_task_file(task_file)} if task_file else {}
+    named = [n for n in names if n]
+    tasks = [from_file[n] if n in from_file else load_task(n) for n in named]
+    if not any(n in from_file for n in named):
+        tasks += list(from_file.values())
+    return tasks
+
+
 def load_task_file(path: str | Path) -> list[SequenceTask]:
     """User tasks from a JSON file: one object ``{"name", "members", "templates"?, "k"?, "step"?}``, a
-    list of them, or ``{"tasks": [...]}``. Raises :class:`DataError` on a missing or malformed file."""
+    list of them, or ``{"tasks": [...]}``; ``k`` defaults to the members the templates show
+    (``{1}, {2}, {3}``: 3), else 4. Raises :class:`DataError` on a missing or malformed file."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
@@ -223,7 +253,7 @@ def load_task_file(path: str | Path) -> list[SequenceTask]:
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
-def _ids(tok: Any, text: str) -> list[int]:
+def token_ids(tok: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens; an unknown word (the unk token) counts as two, so
     it is never taken for a single token."""
     ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -233,7 +263,7 @@ def _ids(tok: Any, text: str) -> list[int]:
     return ids
 
 
-def _answer_forms(tok: Any, members: Sequence[str]) -> tuple[str, dict[str, int], dict[str, str]]:
+def answer_forms(tok: Any, members: Sequence[str]) -> tuple[str, dict[str, int], dict[str, str]]:
     """Choose how answers are written for this tokenizer.
 
     ``"space"``: the answer is the token of ``" X"`` right after the prompt. ``"split"``: the
@@ -243,12 +273,12 @@ def _answer_forms(tok: Any, members: Sequence[str]) -> tuple[str, dict[str, int]
     """
     space_ok: dict[str, int] = {}
     split_ok: dict[str, int] = {}
-    space_tok = _ids(tok, " ")
+    space_tok = token_ids(tok, " ")
     for m in members:
-        a = _ids(tok, " " + m)
+        a = token_ids(tok, " " + m)
         if len(a) == 1:
             space_ok[m] = a[0]
-        b = _ids(tok, m)
+        b = token_ids(tok, m)
         if len(b) == 1 and len(space_tok) == 1 and a == space_tok + b:
             split_ok[m] = b[0]
     mode, ok = ("space", space_ok) if len(space_ok) >= len(split_ok) else ("split", split_ok)
@@ -256,13 +286,13 @@ def _answer_forms(tok: Any, members: Sequence[str]) -> tuple[str, dict[str, int]
     for m in members:
         if m not in ok:
             form = f"' {m}'" if mode == "space" else f"'{m}' after a space token"
-            pieces = _ids(tok, " " + m if mode == "space" else m)
+            pieces = token_ids(tok, " " + m if mode == "space" else m)
             bad[m] = f"{form} is {len(pieces)} tokens"
     return mode, ok, bad
 
 
 def _single_token_names(tok: Any, words: Sequence[str]) -> list[str]:
-    return [w for w in words if len(_ids(tok, w)) == 1 and len(_ids(tok, " " + w)) == 1]
+    return [w for w in words if len(token_ids(tok, w)) == 1 and len(token_ids(tok, " " + w)) == 1]
 
 
 # --------------------------------------------------------------------------------------------- metric
@@ -420,7 +450,7 @@ def make_prompts(
     if n < 1:
         raise DataError("n must be >= 1")
     rng = random.Random(f"{task.name}:{seed}")
-    mode, answer_id, bad = _answer_forms(tok, task.members)
+    mode, answer_id, bad = answer_forms(tok, task.members)
     if bad and strict:
         listed = ", ".join(f"{m!r} ({why})" for m, why in list(bad.items())[:6])
         raise DataError(
@@ -429,7 +459,7 @@ def make_prompts(
         )
     pools = name_pool()
     names = _single_token_names(tok, pools["names"])
-    verbs = [v for v in pools["verbs"] if len(_ids(tok, " " + v)) == 1]
+    verbs = [v for v in pools["verbs"] if len(token_ids(tok, " " + v)) == 1]
     tpls: list[str]
     if templates is None:
         tpls = task.templates or task.default_templates()
@@ -575,8 +605,3 @@ def competence(hm: Any, prompts: PromptSet, batch_size: int = 32) -> tuple[Tenso
         "mean_p_next": float(torch.cat(pn).mean()),
     }
     return mask, stats
-
-
-def metric_fn(prompts: PromptSet, kind: str = "logit_diff") -> Callable[[Tensor], Tensor]:
-    """Alias of :meth:`PromptSet.metric`."""
-    return prompts.metric(kind)
