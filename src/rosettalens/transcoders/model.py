@@ -63,8 +63,10 @@ class TranscoderConfig:
     """One transcoder: where it reads and writes, its shape and its sparsity rule.
 
     ``hook_in`` / ``hook_out``: ``hook_name("mlp_in", layer)`` / ``hook_name("mlp_out", layer)``.
-    ``skip_first``: positions at the start of each document left out of training and evaluation
-    (attention sinks). ``input_scale`` / ``output_scale``: the normalisation folded into the saved weights.
+    ``skip_first``, ``norm_ratio``, ``median_norm_in`` / ``median_norm_out``: the attention-sink rule
+    (:mod:`rosettalens.transcoders.sinks`): the first ``skip_first`` positions of each document and tokens
+    whose MLP input or output norm exceeds ``norm_ratio`` times the training median are left out of
+    training and evaluation. ``input_scale`` / ``output_scale``: the normalisation folded into the saved weights.
     ``tokens``: training tokens seen; ``seed``: the initialisation seed.
     """
 
@@ -79,6 +81,9 @@ class TranscoderConfig:
     hook_out: str = ""
     model: str = ""
     skip_first: int = 1
+    norm_ratio: float = 10.0
+    median_norm_in: float | None = None
+    median_norm_out: float | None = None
     input_scale: float = 1.0
     output_scale: float = 1.0
     tokens: int = 0
@@ -98,6 +103,8 @@ class TranscoderConfig:
             raise ConfigError(f"k must be in [1, width] = [1, {self.width}], got k={self.k}")
         if self.skip_first < 0:
             raise ConfigError(f"skip_first must be >= 0, got {self.skip_first}")
+        if not (math.isfinite(self.norm_ratio) and self.norm_ratio >= 0):
+            raise ConfigError(f"norm_ratio must be a finite number >= 0, got {self.norm_ratio}")
         for name in ("input_scale", "output_scale"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
@@ -200,6 +207,17 @@ class Transcoder(nn.Module):
         y = self.decode(self.encode(x))
         s = self.skip_out(x)
         return y if s is None else y + s
+
+    def keep_mask(self, x: Tensor, y: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Positions ``[batch, pos]`` this transcoder stands for (``True``) under its attention-sink rule,
+        from the MLP's real input ``x [batch, pos, d_in]`` and output ``y [batch, pos, d_out]``
+        (:func:`rosettalens.transcoders.sinks.keep_mask` with the training medians)."""
+        from rosettalens.transcoders.sinks import keep_mask
+
+        c = self.cfg
+        return keep_mask(
+            x, y, attention_mask, c.skip_first, c.norm_ratio, (c.median_norm_in, c.median_norm_out)
+        ).mask
 
     # ------------------------------------------------------------------ folding
     @torch.no_grad()

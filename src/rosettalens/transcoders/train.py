@@ -1,0 +1,412 @@
+"""Training per-layer transcoders in one pass over a model's activations (streamed, never stored).
+
+Documents are tokenised (at most ``max_length`` tokens each), a ``heldout`` fraction is kept aside for
+evaluation, and the rest is run through the model ``docs_per_forward`` documents at a time. Each forward
+records ``mlp_in.L`` and ``mlp_out.L`` of every chosen layer; each layer's transcoder then takes Adam
+steps of ``batch_size`` rows on that forward's tokens (rows shuffled), until ``max_tokens`` tokens were
+seen. Memory is one forward's activations, whatever the corpus size.
+
+Left out of training (and of evaluation, and of the replaced forward passes, where those positions keep
+the model's own MLP output): the attention-sink rule (:mod:`rosettalens.transcoders.sinks`): the first
+``skip_first`` positions of each document, and tokens whose MLP input or output norm exceeds
+``norm_ratio`` times its median.
+
+Losses, per token, with inputs and outputs scaled so that ``E||x - mean||^2 = d_in`` and
+``E||y - mean||^2 = d_out`` (measured on the first forward; folded into the saved weights):
+
+* ``||y - y_hat||^2 / d_out`` (the FVU of the batch, up to the batch's own variance);
+* topk: ``+ aux_coeff * AuxK`` (Gao et al. 2024): the ``aux_k`` largest pre-activations of the dead
+  features reconstruct the error ``y - y_hat`` (normalised by its variance), scaled by
+  ``min(n_dead / aux_k, 1)``; a feature is dead when it has not fired for ``dead_tokens`` tokens;
+* relu: ``+ l1_coeff * sum_i f_i ||W_dec_i||``.
+
+Learning rate: linear warm-up over the first ``warmup_frac`` of steps, linear decay to 0 over the last
+``decay_frac``. The TopK encoder's backward touches only the ``k`` selected pre-activations per row.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rosettalens.config import option
+from rosettalens.errors import ConfigError, DataError
+from rosettalens.names import hook_name
+from rosettalens.transcoders.model import Transcoder, TranscoderConfig, TranscoderSet
+from rosettalens.transcoders.sinks import NORM_RATIO, SKIP_FIRST, keep_mask
+
+__all__ = ["TrainConfig", "train_transcoders", "split_documents", "tokenize_documents"]
+
+
+@dataclass
+class TrainConfig:
+    """Transcoder training: architecture, budget, optimiser and the sink rule."""
+
+    layers: list[int] | None = option(None, "layers to train (negative counts from the end)", shown="all")
+    width: int = option(2048, "features per transcoder")
+    k: int = option(32, "active features per token (topk)")
+    arch: Literal["topk", "relu"] = option(
+        "topk", "sparsity rule: TopK per token, or ReLU with an L1 penalty"
+    )
+    skip: bool = option(False, "add a linear skip connection x @ W_skip")
+    max_tokens: int = option(40_000, "training tokens (every layer trains on each of them once)")
+    max_length: int = option(128, "tokens per document (longer documents are cut)")
+    docs_per_forward: int = option(16, "documents per model forward pass")
+    batch_size: int = option(256, "tokens per Adam step")
+    lr: float = option(2e-3, "peak learning rate")
+    warmup_frac: float = option(0.05, "fraction of steps of linear learning-rate warm-up")
+    decay_frac: float = option(0.3, "fraction of steps of linear decay to 0 at the end")
+    aux_coeff: float = option(1 / 32, "weight of the AuxK dead-feature loss (topk)")
+    aux_k: int = option(256, "dead features used by the AuxK loss")
+    dead_tokens: int = option(10_000, "a feature is dead when it has not fired for this many tokens")
+    l1_coeff: float = option(1e-3, "L1 penalty (relu)")
+    skip_first: int = option(SKIP_FIRST, "positions at the start of each document left out (attention sinks)")
+    norm_ratio: float = option(
+        NORM_RATIO, "leave out tokens whose MLP input/output norm exceeds this x median (0: off)"
+    )
+    heldout: float = option(0.1, "fraction of the documents held out for evaluation")
+    seed: int = option(0, "random seed (initialisation, document order, batches)")
+
+    def validate(self) -> None:
+        ints = {"width": self.width, "k": self.k, "max_tokens": self.max_tokens, "max_length": self.max_length,
+                "docs_per_forward": self.docs_per_forward, "batch_size": self.batch_size, "aux_k": self.aux_k,
+                "dead_tokens": self.dead_tokens}  # fmt: skip
+        for name, v in ints.items():
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.arch not in ("topk", "relu"):
+            raise ConfigError(f"arch must be topk or relu, got {self.arch!r}")
+        if self.arch == "topk" and self.k > self.width:
+            raise ConfigError(f"k={self.k} is larger than width={self.width}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in ("warmup_frac", "decay_frac"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {v}")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise ConfigError("warmup_frac + decay_frac must be <= 1")
+        if not 0 <= self.heldout < 1:
+            raise ConfigError(f"heldout must be in [0, 1), got {self.heldout}")
+        if self.skip_first < 0:
+            raise ConfigError(f"skip_first must be >= 0, got {self.skip_first}")
+        if not (math.isfinite(self.norm_ratio) and (self.norm_ratio == 0 or self.norm_ratio > 1)):
+            raise ConfigError(f"norm_ratio must be 0 (off) or > 1, got {self.norm_ratio}")
+        for name in ("aux_coeff", "l1_coeff"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def split_documents(documents: Sequence[str], heldout: float, seed: int) -> tuple[list[str], list[str]]:
+    """``(train, heldout)`` documents: a seeded shuffle, the last ``heldout`` fraction (at least one
+    document when ``heldout > 0`` and there are two or more) held out."""
+    docs = [d for d in documents if d.strip()]
+    if not docs:
+        raise DataError("no non-empty documents to train on")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(docs), generator=g).tolist()
+    docs = [docs[i] for i in order]
+    n_held = 0 if heldout == 0 or len(docs) < 2 else max(1, round(heldout * len(docs)))
+    return docs[: len(docs) - n_held], docs[len(docs) - n_held :]
+
+
+def tokenize_documents(tokenizer: Any, documents: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids of each document (the tokenizer's special tokens added), cut to ``max_length``;
+    documents of fewer than 2 tokens are dropped."""
+    out = []
+    for doc in documents:
+        ids = tokenizer(doc, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) >= 2:
+            out.append(list(ids))
+    return out
+
+
+def pad_batch(docs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> dict[str, Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` ``[batch, pos]`` of token-id lists."""
+    n = max(len(d) for d in docs)
+    ids = torch.full((len(docs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), n), dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+        mask[i, : len(d)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def pad_id(tokenizer: Any) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    return int(pid or 0)
+
+
+def token_batches(hm: Any, docs: Sequence[Sequence[int]], per_forward: int):
+    """Padded batches of ``per_forward`` documents on ``hm``'s device."""
+    pid = pad_id(hm.tokenizer)
+    for s in range(0, len(docs), per_forward):
+        yield pad_batch(docs[s : s + per_forward], pid, hm.device)
+
+
+def mlp_hooks(layers: Sequence[int]) -> list[str]:
+    """``[mlp_in.L, mlp_out.L, ...]`` of ``layers``."""
+    return [h for L in layers for h in (hook_name("mlp_in", L), hook_name("mlp_out", L))]
+
+
+def resolve_layers(hm: Any, layers: Sequence[int] | None) -> list[int]:
+    n = hm.cfg.n_layers
+    if layers is None:
+        return list(range(n))
+    out = []
+    for L in layers:
+        if not -n <= L < n:
+            raise ConfigError(f"layer {L} out of range for {hm.name} ({n} layers: 0..{n - 1} or -{n}..-1)")
+        out.append(L % n)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"a layer is listed twice: {list(layers)}")
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------- sparse encoder
+class _GatherPre(torch.autograd.Function):
+    """``pre[b, idx[b, j]]`` with ``pre = x @ W_enc + b_enc`` given (computed without grad): the
+    backward touches only the selected ``[n, k]`` entries, never the dense ``[n, width]`` block."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(x, idx)
+        ctx.width = W_enc.shape[1]
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:
+        (g,) = grads
+        x, idx = ctx.saved_tensors
+        n, k = idx.shape
+        w = ctx.width
+        cols, vals = idx.reshape(-1), g.reshape(-1)
+        gb = torch.zeros(w, dtype=g.dtype, device=g.device).index_add_(0, cols, vals)
+        rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+        Gt = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (w, n), check_invariants=False)
+        gW = torch.sparse.mm(Gt, x).t()
+        return None, gW, gb, None, None
+
+
+def _sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """``sum_j vals[b, j] * W_dec[idx[b, j]]`` ``[n, d_out]``."""
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+
+def _lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
+    w, d = max(1, round(warmup * steps)), round(decay * steps)
+    if step < w:
+        return (step + 1) / w
+    if d and step >= steps - d:
+        return max(0.0, (steps - step) / d)
+    return 1.0
+
+
+@dataclass
+class _Run:
+    """One layer's transcoder while it trains (normalised units)."""
+
+    tc: Transcoder
+    opt: torch.optim.Optimizer
+    since_fired: Tensor  # tokens since each feature last fired [width]
+    s_in: float = 1.0
+    s_out: float = 1.0
+    median_in: float | None = None
+    median_out: float | None = None
+    tokens: int = 0
+    steps: int = 0
+    sums: dict[str, float] = field(
+        default_factory=lambda: {"loss": 0.0, "fvu_num": 0.0, "fvu_den": 0.0, "l0": 0.0, "n": 0.0}
+    )
+
+
+def _step(run: _Run, x: Tensor, y: Tensor, cfg: TrainConfig, lr: float) -> None:
+    tc = run.tc
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    n = x.shape[0]
+    if cfg.arch == "topk":
+        with torch.no_grad():
+            pre = x @ tc.W_enc + tc.b_enc
+            _, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+        vals = _GatherPre.apply(x, tc.W_enc, tc.b_enc, pre, idx).relu()
+        y_hat = _sparse_decode(vals, idx, tc.W_dec) + tc.b_dec
+        fired = torch.zeros(tc.width, dtype=torch.bool, device=x.device)
+        fired[idx[vals.detach() > 0]] = True
+        l0 = float((vals.detach() > 0).sum()) / n
+        sparsity = None
+    else:
+        f = (x @ tc.W_enc + tc.b_enc).relu()
+        y_hat = f @ tc.W_dec + tc.b_dec
+        fired = (f.detach() > 0).any(0)
+        l0 = float((f.detach() > 0).sum()) / n
+        sparsity = cfg.l1_coeff * (f * tc.W_dec.norm(dim=1)).sum(-1).mean()
+    if tc.W_skip is not None:
+        y_hat = y_hat + x @ tc.W_skip
+    err = y - y_hat
+    mse = err.pow(2).sum(-1).mean()
+    loss = mse / y.shape[1]
+    if sparsity is not None:
+        loss = loss + sparsity
+    run.since_fired += n
+    run.since_fired[fired] = 0
+    dead = run.since_fired >= cfg.dead_tokens
+    n_dead = int(dead.sum())
+    if cfg.arch == "topk" and n_dead and cfg.aux_coeff > 0:
+        k_aux = min(cfg.aux_k, n_dead)
+        with torch.no_grad():
+            pre_d = pre.masked_fill(~dead, float("-inf"))
+            _, idx_d = pre_d.topk(k_aux, dim=-1, sorted=False)
+        vals_d = _GatherPre.apply(x, tc.W_enc, tc.b_enc, pre, idx_d).relu()
+        e = err.detach()
+        e_hat = _sparse_decode(vals_d, idx_d, tc.W_dec)
+        den = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        aux = (e - e_hat).pow(2).sum(-1).mean() / den
+        loss = loss + cfg.aux_coeff * min(n_dead / cfg.aux_k, 1.0) * aux
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    with torch.no_grad():
+        s = run.sums
+        s["loss"] += float(loss) * n
+        s["fvu_num"] += float(mse) * n
+        s["fvu_den"] += float((y - y.mean(0)).pow(2).sum(-1).mean()) * n
+        s["l0"] += l0 * n
+        s["n"] += n
+    run.tokens += n
+    run.steps += 1
+
+
+def _init_run(L: int, hm: Any, cfg: TrainConfig, x: Tensor, y: Tensor, medians: tuple[float, float]) -> _Run:
+    """A fresh transcoder for layer ``L``; its normalisation from the first kept rows ``x``, ``y``."""
+    d_in, d_out = x.shape[1], y.shape[1]
+    tcfg = TranscoderConfig(
+        layer=L, d_in=d_in, d_out=d_out, width=cfg.width, arch=cfg.arch, k=cfg.k, skip=cfg.skip,
+        hook_in=hook_name("mlp_in", L), hook_out=hook_name("mlp_out", L), model=hm.name,
+        skip_first=cfg.skip_first, norm_ratio=cfg.norm_ratio, seed=cfg.seed + L,
+    )  # fmt: skip
+    tc = Transcoder(tcfg, device=x.device)
+    x64, y64 = x.double(), y.double()
+    var_in = float((x64 - x64.mean(0)).pow(2).sum(-1).mean())
+    var_out = float((y64 - y64.mean(0)).pow(2).sum(-1).mean())
+    s_in = math.sqrt(d_in / var_in) if var_in > 0 else 1.0
+    s_out = math.sqrt(d_out / var_out) if var_out > 0 else 1.0
+    with torch.no_grad():
+        tc.b_dec.copy_((y64.mean(0) * s_out).float())
+        # encoder columns and decoder rows of norm ~1 in normalised units; pre-activations start centred
+        tc.b_enc.copy_(-(x64.mean(0) * s_in).float() @ tc.W_enc)
+        tc.W_dec.mul_(0.1)
+    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    since = torch.zeros(cfg.width, dtype=torch.long, device=x.device)
+    return _Run(tc, opt, since, s_in, s_out, medians[0], medians[1])
+
+
+def train_transcoders(
+    hm: Any,
+    documents: Sequence[str],
+    cfg: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[TranscoderSet, list[str]]:
+    """Train one transcoder per chosen layer of ``hm`` on ``documents`` (module docstring).
+
+    Returns ``(set, heldout_documents)``: the trained :class:`TranscoderSet` (raw units, sink rule and
+    training record in each config) and the documents held out for evaluation.
+    """
+    cfg = cfg or TrainConfig()
+    cfg.validate()
+    layers = resolve_layers(hm, cfg.layers)
+    train_docs, held = split_documents(documents, cfg.heldout, cfg.seed)
+    ids = tokenize_documents(hm.tokenizer, train_docs, cfg.max_length)
+    if not ids:
+        raise DataError("no training document has 2 or more tokens")
+    kept_est = sum(max(0, len(d) - cfg.skip_first) for d in ids)
+    if kept_est == 0:
+        raise DataError(f"every training token is among the first {cfg.skip_first} of its document")
+    budget = min(cfg.max_tokens, kept_est)
+    steps_total = max(1, math.ceil(budget / cfg.batch_size))
+    hooks = mlp_hooks(layers)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    runs: dict[int, _Run] = {}
+    seen = 0
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=budget, unit="tok", desc=f"transcoders x{len(layers)}", file=sys.stderr, leave=False)
+    try:
+        for enc in token_batches(hm, ids, cfg.docs_per_forward):
+            if seen >= budget:
+                break
+            with torch.no_grad():
+                _, cache = hm.run_with_cache(enc, hooks=hooks, stop_early=True)
+            mask = enc["attention_mask"]
+            n_batch = 0
+            for L in layers:
+                x_all = cache[hook_name("mlp_in", L)].float()
+                y_all = cache[hook_name("mlp_out", L)].float()
+                run = runs.get(L)
+                keep = keep_mask(x_all, y_all, mask, cfg.skip_first, cfg.norm_ratio,
+                                 None if run is None else (run.median_in, run.median_out))  # fmt: skip
+                x, y = x_all[keep.mask], y_all[keep.mask]
+                if run is None:
+                    run = runs[L] = _init_run(L, hm, cfg, x, y, keep.medians)
+                n = min(x.shape[0], budget - seen)
+                perm = torch.randperm(x.shape[0], generator=gen)[:n].to(x.device)
+                x, y = x[perm] * run.s_in, y[perm] * run.s_out
+                for s in range(0, n, cfg.batch_size):
+                    lr = cfg.lr * _lr_factor(run.steps, steps_total, cfg.warmup_frac, cfg.decay_frac)
+                    _step(run, x[s : s + cfg.batch_size], y[s : s + cfg.batch_size], cfg, lr)
+                n_batch = max(n_batch, n)
+            del cache
+            seen += n_batch
+            if bar is not None:
+                bar.update(n_batch)
+                fvus = [r.sums["fvu_num"] / max(r.sums["fvu_den"], 1e-12) for r in runs.values()]
+                bar.set_postfix(fvu=f"{sum(fvus) / len(fvus):.3f}")
+            if on_log is not None:
+                on_log({"tokens": seen, "seconds": time.time() - t0})
+    finally:
+        if bar is not None:
+            bar.close()
+    if not runs:
+        raise DataError("no training tokens were left after the attention-sink rule")
+    elapsed = time.time() - t0
+    tcs: dict[int, Transcoder] = {}
+    for L, run in runs.items():
+        tc = run.tc
+        tc.eval()
+        for p in tc.parameters():
+            p.requires_grad_(False)
+        tc.fold_scales(run.s_in, run.s_out)
+        sums = run.sums
+        tc.cfg.tokens = run.tokens
+        tc.cfg.median_norm_in = run.median_in
+        tc.cfg.median_norm_out = run.median_out
+        tc.cfg.info = {
+            "train_fvu": sums["fvu_num"] / max(sums["fvu_den"], 1e-12),
+            "train_l0": sums["l0"] / max(sums["n"], 1),
+            "steps": run.steps,
+            "dead_fraction_train": float((run.since_fired >= cfg.dead_tokens).double().mean()),
+        }
+        tcs[L] = tc
+    info = {"train": cfg.to_dict(), "tokens": seen, "seconds": elapsed, "n_train_documents": len(ids),
+            "n_heldout_documents": len(held)}  # fmt: skip
+    return TranscoderSet(hm.name, tcs, info=info), held
