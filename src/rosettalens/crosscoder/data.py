@@ -1,0 +1,162 @@
+"""Paired activations of two models for a crosscoder, with the positions they came from.
+
+Pairing (:func:`rosettalens.mapping.pairs.pair_texts`): with one tokenizer, every non-special position
+pairs with itself (``"all"``); with two tokenizers, positions whose tokens end at the same character of
+the text (``"aligned"``, :mod:`rosettalens.align`). Left out, in both models: special tokens, the first
+``skip_first`` positions of every document (attention sinks: without a BOS token the first token's
+residual norm is often ~100x the median), and tokens whose norm exceeds ``outlier_norm`` times the
+median norm of their model (``0``: off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rosettalens.errors import ConfigError, DataError
+
+__all__ = ["PairedActivations", "extract_pairs", "keep_positions", "random_init_copy"]
+
+
+@dataclass
+class PairedActivations:
+    """Row-aligned ``x_a [n, d_a]``, ``x_b [n, d_b]`` and where each row came from: ``doc [n]`` (text
+    index), ``pos_a [n]`` / ``pos_b [n]`` (token position in each model's tokenization)."""
+
+    x_a: Tensor
+    x_b: Tensor
+    doc: Tensor
+    pos_a: Tensor
+    pos_b: Tensor
+    pairing: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x_a.shape[0])
+
+    def subset(self, idx: Tensor) -> PairedActivations:
+        """The rows ``idx`` (an index or boolean tensor)."""
+        return PairedActivations(
+            self.x_a[idx],
+            self.x_b[idx],
+            self.doc[idx],
+            self.pos_a[idx],
+            self.pos_b[idx],
+            self.pairing,
+            dict(self.info),
+        )
+
+
+def keep_positions(pos_a: np.ndarray, pos_b: np.ndarray, skip_first: int) -> np.ndarray:
+    """Boolean mask of pairs whose positions are ``>= skip_first`` in both tokenizations."""
+    return (np.asarray(pos_a) >= skip_first) & (np.asarray(pos_b) >= skip_first)
+
+
+def extract_pairs(
+    hm_a,
+    hm_b,
+    texts: Sequence[str],
+    hook_a: str,
+    hook_b: str,
+    *,
+    pairing: str = "auto",
+    skip_first: int = 1,
+    outlier_norm: float = 10.0,
+    max_tokens: int | None = None,
+    max_length: int | None = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PairedActivations:
+    """Paired activations of ``hm_a`` at ``hook_a`` and ``hm_b`` at ``hook_b`` over ``texts`` (module docstring).
+
+    Texts are run in order until ``max_tokens`` pairs are kept (then cut to it). Returns float32 CPU
+    tensors. ``info``: ``pairing``, ``n_pairs``, ``n_texts``, ``paired_fraction`` (pairs over B's
+    tokens before the sink/outlier rule), ``dropped_first``, ``dropped_outliers``.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from rosettalens.mapping.pairs import hook_width, pair_texts, run_positions
+
+    if skip_first < 0 or outlier_norm < 0:
+        raise ConfigError("skip_first and outlier_norm must be >= 0")
+    hook_a, hook_b = hm_a.resolve_hook(hook_a), hm_b.resolve_hook(hook_b)
+    hook_width(hm_a, hook_a), hook_width(hm_b, hook_b)
+    pt = pair_texts(hm_a.tokenizer, hm_b.tokenizer, texts, pairing, max_length)
+    xs, ys, docs, pas, pbs = [], [], [], [], []
+    n = dropped_first = total_b = 0
+    used = 0
+    bar = tqdm(
+        total=max_tokens or pt.n_pairs,
+        desc="extract pairs",
+        unit="tok",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    try:
+        for s in range(0, len(pt.ids_src), batch_size):
+            sl = slice(s, s + batch_size)
+            keep = [keep_positions(a, b, skip_first) for a, b in zip(pt.pos_src[sl], pt.pos_tgt[sl])]
+            pa = [p[k] for p, k in zip(pt.pos_src[sl], keep)]
+            pb = [p[k] for p, k in zip(pt.pos_tgt[sl], keep)]
+            dropped_first += sum(int((~k).sum()) for k in keep)
+            a = run_positions(hm_a, hook_a, pt.ids_src[sl], pa, batch_size)
+            b = run_positions(hm_b, hook_b, pt.ids_tgt[sl], pb, batch_size)
+            for j, (xa, xb) in enumerate(zip(a, b)):
+                xs.append(xa.reshape(len(xa), -1))
+                ys.append(xb.reshape(len(xb), -1))
+                docs.append(torch.full((len(xa),), s + j, dtype=torch.long))
+                pas.append(torch.as_tensor(pa[j], dtype=torch.long))
+                pbs.append(torch.as_tensor(pb[j], dtype=torch.long))
+                n += len(xa)
+            used += len(a)
+            total_b += sum(len(x) for x in pt.ids_tgt[sl])
+            bar.update(sum(len(x) for x in a))
+            if max_tokens and n >= max_tokens:
+                break
+    finally:
+        bar.close()
+    if n == 0:
+        raise DataError(
+            f"no paired positions between {hm_a.name} and {hm_b.name} on these texts "
+            f"(after leaving out the first {skip_first} positions of each)"
+        )
+    out = PairedActivations(
+        torch.cat(xs), torch.cat(ys), torch.cat(docs), torch.cat(pas), torch.cat(pbs), pt.pairing
+    )
+    n_before = len(out)
+    if outlier_norm > 0:
+        na, nb = out.x_a.norm(dim=1), out.x_b.norm(dim=1)
+        out = out.subset((na <= outlier_norm * na.median()) & (nb <= outlier_norm * nb.median()))
+    dropped_outliers = n_before - len(out)
+    if max_tokens:
+        out = out.subset(torch.arange(min(len(out), max_tokens)))
+    out.info = {
+        "pairing": pt.pairing,
+        "n_pairs": len(out),
+        "n_texts": used,
+        "paired_fraction": (n + dropped_first) / max(total_b, 1),
+        "dropped_first": dropped_first,
+        "dropped_outliers": dropped_outliers,
+        "skip_first": skip_first,
+        "outlier_norm": outlier_norm,
+    }
+    return out
+
+
+def random_init_copy(hm, seed: int = 0):
+    """A randomly initialised model of ``hm``'s architecture and size (same tokenizer), as a HookedModel:
+    the control a trained model must beat."""
+    from transformers import AutoModelForCausalLM
+
+    from rosettalens.hooks import HookedModel
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hm.model.config, dtype=torch.float32).eval().to(hm.device)
+    return HookedModel(model, hm.tokenizer, name=f"{hm.name}-random-init")
