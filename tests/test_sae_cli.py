@@ -99,14 +99,23 @@ def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
     out = tmp_path / "saes"
     args = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--arch", "topk"]
     args += ["--width", "64,96", "--k", "4", "--out", str(out), "--batch-size", "128", "--lr", "2e-3"]
+    args += ["--model", str(model_dir), "--splice-docs", "4"]
     assert main([*args, "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert [s["width"] for s in summary["saes"]] == [64, 96]
     assert summary["heldout_rows"] > 0 and summary["metrics_on"] == "heldout"
+    assert summary["sinks"] == {"skip_first": 1, "norm_ratio": 10.0}  # pos 0 is BOS here (not stored)
     assert sorted(p.name for p in out.iterdir()) == ["topk-w64-k4", "topk-w96-k4"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
     for s in summary["saes"]:
         assert 0 < s["fvu"] < 1.0 and s["l0"] <= 4
+        assert s["explained_variance"] == pytest.approx(1 - s["fvu"])
+        assert s["alive_fraction"] == pytest.approx(1 - s["dead_fraction"])
+        assert isinstance(s["ce_loss_score"], float) and isinstance(s["kl_div_score"], float)
+    assert (out / "topk-w64-k4" / "training.png").stat().st_size > 1000
+    saved = SAE.load(out / "topk-w64-k4")
+    assert saved.cfg.skip_first == 1 and saved.cfg.median_norm is not None and saved.cfg.median_norm > 0
+    assert saved.info["heldout"]["ce_loss_score"] == summary["saes"][0]["ce_loss_score"]
 
     sae_dir = out / "topk-w64-k4"
     ev = ["sae", "eval", "--sae", str(sae_dir), "--model", str(model_dir), "--data", "mini-web"]
@@ -114,27 +123,44 @@ def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     for key in ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_score"):
         assert isinstance(res[key], float), key
-    assert res["hook"] == "resid_post.1" and res["n_tokens"] >= 600
-    assert main([*ev, "--max-tokens", "600", "--json", "--no-progress", "--min-pos", "3"]) == 0
+    assert res["hook"] == "resid_post.1" and res["n_tokens"] >= 500
+    assert res["sinks"]["skip_first"] == 1 and res["ce_loss_score"] == res["ce_loss_recovered"]
+    assert main([*ev, "--max-tokens", "600", "--json", "--no-progress", "--skip-first", "3"]) == 0
     res3 = json.loads(capsys.readouterr().out)
-    assert res3["n_tokens"] < res["n_tokens"] and res3["ce_loss_recovered"] == res["ce_loss_recovered"]
+    assert res3["n_tokens"] < res["n_tokens"] and res3["spliced_fraction"] < res["spliced_fraction"]
+    fig = tmp_path / "curves.png"
+    assert main([*ev, "--max-tokens", "100", "--json", "--no-progress", "--figure", str(fig)]) == 0
+    assert fig.stat().st_size > 1000
 
 
-def test_cli_min_pos_leaves_out_first_tokens(store, tmp_path, capsys):
-    args = ["sae", "train", "--store", str(store.path), "--arch", "relu", "--width", "32"]
-    args += ["--out", str(tmp_path / "s"), "--batch-size", "128", "--heldout", "0.2", "--min-pos", "2"]
-    assert main([*args, "--json", "--no-progress"]) == 0
+def test_cli_skip_first_leaves_out_first_tokens(store, tmp_path, capsys):
+    args = [
+        "sae",
+        "train",
+        "--store",
+        str(store.path),
+        "--arch",
+        "relu",
+        "--width",
+        "32",
+        "--splice-docs",
+        "0",
+    ]
+    args += ["--out", str(tmp_path / "s"), "--batch-size", "128", "--heldout", "0.2", "--skip-first", "2"]
+    assert main([*args, "--norm-ratio", "0", "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     n = len(store)
     n_train = n - round(n * 0.2)
     pos = store.pos_index
-    assert summary["train_rows"] == int((pos[:n_train] >= 2).sum()) < n_train  # pos 0 is BOS here
-    assert summary["heldout_rows"] == int((pos[n_train:] >= 2).sum())
-    assert SAE.load(tmp_path / "s").info["train"]["data"]["rows"]["subset"] == summary["train_rows"]
+    assert summary["train_rows"] == int((pos[:n_train] >= 2).sum()) < n_train
+    sae = SAE.load(tmp_path / "s")
+    assert sae.info["train"]["data"]["rows"]["subset"] == summary["train_rows"]
+    assert sae.info["heldout"]["n_tokens"] == int((pos[n_train:] >= 2).sum())
 
 
 def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     base = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--batch-size", "128"]
+    base += ["--splice-docs", "0"]
     out = tmp_path / "x"
     assert main([*base, "--arch", "topk", "--width", "32", "--k", "32", "--out", str(out)]) == 2
     assert "k must be in [1, width)" in capsys.readouterr().err
@@ -143,6 +169,8 @@ def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     )
     assert "has width 48 but --d-in is 64" in capsys.readouterr().err
     assert main([*base, "--arch", "gated", "--width", "32", "--out", str(out)]) == 2
+    assert main([*base, "--arch", "relu", "--width", "32", "--norm-ratio", "0.5", "--out", str(out)]) == 2
+    assert "norm_ratio must be 0 (off) or > 1" in capsys.readouterr().err
     assert (
         main(
             [

@@ -35,17 +35,23 @@ width`` or a bad option :class:`~rosettalens.errors.ConfigError`; a missing or i
 """
 
 from rosettalens.sae.evaluate import evaluate_sae, fvu, splice_metrics
-from rosettalens.sae.model import ARCHS, SAE, SAEConfig, load_sae
+from rosettalens.sae.interop import load_sae
+from rosettalens.sae.model import ARCHS, SAE, SAEConfig
+from rosettalens.sae.sinks import SinkRule, keep_mask, keep_rows, sae_rule
 from rosettalens.sae.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
     "ARCHS",
     "SAE",
     "SAEConfig",
+    "SinkRule",
     "TrainConfig",
     "evaluate_sae",
     "fvu",
+    "keep_mask",
+    "keep_rows",
     "load_sae",
+    "sae_rule",
     "splice_metrics",
     "train_sae",
     "train_saes",

@@ -16,6 +16,22 @@ Encoder (every architecture)::
 during training). A trained SAE has it folded into its weights (``scale == 1``, latents in the units of the input
 and ``input_scale`` records the value that was folded), so the saved SAE takes raw activations, as
 SAELens's SAEs do.
+
+Folders read by :func:`load_folder` (as the peers write them):
+
+* SAELens (>= 6, and the older schema it still reads): ``cfg.json`` (``architecture`` standard | topk |
+  jumprelu, ``d_in``, ``d_sae``, ``k``, ``apply_b_dec_to_input``, ``normalize_activations``,
+  ``metadata.hook_name`` ...) + ``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+  ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, ``threshold [d_sae]`` for jumprelu). A BatchTopK SAE is saved
+  as jumprelu with its learned threshold in every entry. Pre-6 configs (``hook_point``,
+  ``activation_fn_str``, ``activation_fn_kwargs.k``) are read too.
+* sparsify: ``cfg.json`` (``d_in``, ``num_latents`` or ``expansion_factor``, ``k``, ``activation``) +
+  ``sae.safetensors`` (``encoder.weight [num_latents, d_in]``, ``encoder.bias``, ``W_dec [num_latents,
+  d_in]``, ``b_dec [d_in]``); latents are the top k of ``relu(encoder(x - b_dec))``.
+* ours is SAELens's, with our own record under ``cfg.json["rosettalens"]``.
+
+Loaded weights are kept as they are (a peer's decoder rows need not be unit-norm), so latents equal the
+peer's own. Hub ids: :func:`rosettalens.sae.interop.load_sae`.
 """
 
 from __future__ import annotations
@@ -30,10 +46,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.errors import ConfigError, DataError
 from rosettalens.io import atomic_dir, atomic_write_json, json_safe
+from rosettalens.sae.sinks import NORM_RATIO, SKIP_FIRST, SinkRule
 
-__all__ = ["ARCHS", "SAEConfig", "SAE", "FORMAT", "load_sae"]
+__all__ = ["ARCHS", "SAEConfig", "SAE", "FORMAT", "load_folder"]
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 FORMAT = "rosettalens.sae/1"
@@ -53,6 +70,9 @@ class SAEConfig:
     ``aux_coeff`` / ``aux_k``: AuxK loss for dead latents (default 1/32 and ``d_in // 2`` for
     ``topk``/``batchtopk``, off for the others). ``lr``: overrides :class:`TrainConfig`'s learning rate.
     ``model`` / ``hook``: recorded in the saved config (SAELens metadata).
+    ``skip_first`` / ``norm_ratio`` / ``median_norm``: the positions left out of training, evaluation
+    and splicing (:mod:`rosettalens.sae.sinks`: the first ``skip_first`` positions of each document and
+    tokens whose norm exceeds ``norm_ratio`` x ``median_norm``; the trainer measures ``median_norm``).
     """
 
     d_in: int
@@ -69,6 +89,9 @@ class SAEConfig:
     seed: int = 0
     model: str | None = None
     hook: str | None = None
+    skip_first: int = SKIP_FIRST
+    norm_ratio: float = NORM_RATIO
+    median_norm: float | None = None
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -94,6 +117,11 @@ class SAEConfig:
             raise ConfigError(f"aux_k must be >= 1, got {self.aux_k}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        self.sink_rule()  # raises ConfigError on a bad rule
+
+    def sink_rule(self) -> SinkRule:
+        """The positions this SAE leaves out (:class:`rosettalens.sae.sinks.SinkRule`)."""
+        return SinkRule(int(self.skip_first), float(self.norm_ratio), self.median_norm)
 
     @property
     def aux_coeff_(self) -> float:
@@ -361,15 +389,13 @@ class SAE(nn.Module):
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
         """Load an SAE folder: ours / SAELens's (``cfg.json`` + ``sae_weights.safetensors``) or
         EleutherAI sparsify's (``cfg.json`` + ``sae.safetensors``). See :func:`load_sae` for hub ids."""
-        from rosettalens.sae.interop import load_folder
-
         sae = load_folder(Path(path))
         return sae.to(device) if device is not None else sae
 
 
 def is_sae_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder of one saved SAE: nothing in it but ``cfg.json`` and an SAE weights
-    file (SAELens's or sparsify's name). :meth:`SAE.save` replaces only such a folder (or an empty one)."""
+    """Whether ``path`` is a folder of one saved SAE: nothing in it but ``cfg.json``, an SAE weights
+    file (SAELens's or sparsify's name) and ``training.png``. :meth:`SAE.save` replaces only such a folder (or an empty one)."""
     try:
         entries = list(Path(path).iterdir())
     except OSError:
@@ -389,25 +415,188 @@ def is_sae_output(path: str | os.PathLike) -> bool:
     return all(e.is_dir() and not e.is_symlink() and is_sae_dir(e) for e in entries)
 
 
-_SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE)
+_SAE_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSIFY_WEIGHTS_FILE, "training.png")
 
 
-def load_sae(spec: str | os.PathLike, device: str | torch.device | None = None) -> SAE:
-    """An SAE from a local folder (ours, SAELens, sparsify) or, online, a hub id ``owner/repo[/subfolder]``
-    (``hf:`` prefix optional)."""
-    from rosettalens.sae.interop import load_folder, load_hub
+# ------------------------------------------------------------------------------------------ reading
+def _read_cfg(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise DataError(f"SAE folder {path} does not exist")
+    p = path / CFG_FILE
+    if not p.is_file():
+        raise DataError(f"SAE folder {path} has no {CFG_FILE}")
+    try:
+        cfg = json.loads(p.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{p} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{p} must hold a JSON object")
+    return cfg
 
-    s = str(spec)
-    p = Path(s)
-    if p.exists():
-        sae = load_folder(p)
-    elif s.startswith("hf:") or (s.count("/") >= 1 and not s.startswith((".", "/", "~"))):
-        sae = load_hub(s.removeprefix("hf:"))
+
+def _tensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(p))
+    except Exception as e:  # safetensors raises its own error types
+        raise DataError(f"{p} is not a readable safetensors file ({e})") from None
+    return {k: v.float() for k, v in t.items()}
+
+
+def _int(cfg: dict, key: str, where: Path) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise DataError(f"{where / CFG_FILE}: {key!r} must be an integer, got {v!r}")
+    return v
+
+
+def _expect(t: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: Path) -> torch.Tensor:
+    if name not in t:
+        raise DataError(f"{where}: the weights have no {name!r} (have: {', '.join(sorted(t))})")
+    if tuple(t[name].shape) != shape:
+        raise DataError(
+            f"{where}: {name} has shape {tuple(t[name].shape)} but cfg.json implies {shape} (inconsistent cfg.json)"
+        )
+    return t[name]
+
+
+def _build(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> SAE:
+    try:
+        sae = SAE(cfg)
+    except ConfigError as e:
+        raise DataError(f"inconsistent SAE config: {e}") from None
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+        if sae.threshold is not None:
+            sae.threshold.copy_(threshold)
+    return sae
+
+
+def load_folder(path: Path) -> SAE:
+    """An SAE from a local folder in any of the formats above."""
+    cfg = _read_cfg(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return _load_saelens(path, cfg)
+    if (path / SPARSIFY_WEIGHTS_FILE).is_file():
+        return _load_sparsify(path, cfg)
+    raise DataError(
+        f"SAE folder {path} has {CFG_FILE} but neither {WEIGHTS_FILE} nor {SPARSIFY_WEIGHTS_FILE}"
+    )
+
+
+def _load_saelens(path: Path, cfg: dict[str, Any]) -> SAE:
+    ours = cfg.get("rosettalens")
+    meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else {}
+    d_in, d_sae = _int(cfg, "d_in", path), _int(cfg, "d_sae", path)
+    arch_peer = cfg.get("architecture") or "standard"
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
+    k = cfg.get("k")
+    if k is None and isinstance(cfg.get("activation_fn_kwargs"), dict):
+        k = cfg["activation_fn_kwargs"].get("k")
+    if arch_peer == "standard" and act == "topk" and k is not None:
+        arch_peer = "topk"  # pre-6 topk schema
+    norm = cfg.get("normalize_activations") or "none"
+    if norm not in ("none", "expected_average_only_in"):
+        raise DataError(f"{path}: normalize_activations={norm!r} is not supported (only none)")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise DataError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
+
+    if isinstance(ours, dict):
+        if ours.get("format") != FORMAT:
+            raise DataError(
+                f"{path}: unknown rosettalens SAE format {ours.get('format')!r} (expected {FORMAT})"
+            )
+        try:
+            scfg = SAEConfig.from_dict(ours.get("config") or {})
+        except TypeError as e:
+            raise DataError(f"{path / CFG_FILE}: bad rosettalens config ({e})") from None
+        if (scfg.d_in, scfg.width) != (d_in, d_sae):
+            raise DataError(
+                f"{path / CFG_FILE} is inconsistent: d_in/d_sae {d_in}/{d_sae} vs its rosettalens config "
+                f"{scfg.d_in}/{scfg.width}"
+            )
+        want = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}.get(
+            scfg.arch
+        )
+        if want != arch_peer:
+            raise DataError(
+                f"{path / CFG_FILE} is inconsistent: architecture {arch_peer!r} vs rosettalens arch {scfg.arch!r}"
+            )
+        if scfg.arch == "topk" and k != scfg.k:
+            raise DataError(f"{path / CFG_FILE} is inconsistent: k={k} vs rosettalens k={scfg.k}")
     else:
-        raise DataError(f"SAE {s!r}: no such folder (and not a hub id owner/repo[/subfolder])")
-    return sae.to(device) if device is not None else sae
+        if arch_peer == "standard":
+            if act != "relu":
+                raise DataError(f"{path}: activation {act!r} is not supported (relu, topk, jumprelu)")
+            arch = "relu"
+        elif arch_peer in ("topk", "jumprelu"):
+            arch = arch_peer
+        else:
+            raise DataError(
+                f"{path}: SAELens architecture {arch_peer!r} is not supported (standard, topk, jumprelu)"
+            )
+        if arch == "topk" and not isinstance(k, int):
+            raise DataError(f"{path / CFG_FILE}: a topk SAE needs an integer k, got {k!r}")
+        scfg = SAEConfig(
+            d_in=d_in,
+            width=d_sae,
+            arch=arch,
+            k=int(k) if arch == "topk" else None,  # type: ignore[arg-type]
+            model=meta.get("model_name", cfg.get("model_name")),
+            hook=meta.get("hook_name", cfg.get("hook_name", cfg.get("hook_point"))),
+        )
+    t = _tensors(path / WEIGHTS_FILE)
+    W_enc = _expect(t, "W_enc", (d_in, d_sae), path)
+    b_enc = _expect(t, "b_enc", (d_sae,), path)
+    W_dec = _expect(t, "W_dec", (d_sae, d_in), path)
+    b_dec = _expect(t, "b_dec", (d_in,), path)
+    thr = None
+    if scfg.arch in ("jumprelu", "batchtopk"):
+        if "threshold" in t:
+            thr = _expect(t, "threshold", (d_sae,), path)
+        elif "log_threshold" in t:
+            thr = _expect(t, "log_threshold", (d_sae,), path).exp()
+        else:
+            raise DataError(f"{path}: a jumprelu SAE needs 'threshold' in {WEIGHTS_FILE}")
+    if not cfg.get("apply_b_dec_to_input", True):  # SAELens then encodes x, not x - b_dec
+        b_enc = b_enc + b_dec @ W_enc
+    sae = _build(scfg, W_enc, b_enc, W_dec, b_dec, thr)
+    if isinstance(ours, dict):
+        sae.input_scale = float(ours.get("input_scale") or 1.0)
+        sae.info = dict(ours.get("info") or {})
+    sae.info.setdefault(
+        "source", {"format": "rosettalens" if isinstance(ours, dict) else "saelens", "path": str(path)}
+    )
+    return sae
 
 
-def check_width(sae: SAE, d: int, what: str) -> None:
-    if d != sae.d_in:
-        raise ShapeError(f"{what} has width {d} but the SAE takes d_in={sae.d_in}")
+def _load_sparsify(path: Path, cfg: dict[str, Any]) -> SAE:
+    d_in = _int(cfg, "d_in", path)
+    n = cfg.get("num_latents") or 0
+    if not n:
+        ef = cfg.get("expansion_factor")
+        if not isinstance(ef, int) or ef < 1:
+            raise DataError(f"{path / CFG_FILE}: needs num_latents or expansion_factor")
+        n = d_in * ef
+    k = cfg.get("k")
+    if not isinstance(k, int):
+        raise DataError(f"{path / CFG_FILE}: 'k' must be an integer, got {k!r}")
+    if cfg.get("activation", "topk") != "topk":
+        raise DataError(f"{path}: sparsify activation {cfg.get('activation')!r} is not supported (topk only)")
+    if cfg.get("transcode"):
+        raise DataError(f"{path}: a sparsify transcoder is not an autoencoder; not supported")
+    t = _tensors(path / SPARSIFY_WEIGHTS_FILE)
+    if "W_skip" in t:
+        raise DataError(f"{path}: sparsify skip connections (W_skip) are not supported")
+    enc = _expect(t, "encoder.weight", (n, d_in), path)
+    b_enc = _expect(t, "encoder.bias", (n,), path)
+    W_dec = _expect(t, "W_dec", (n, d_in), path)
+    b_dec = _expect(t, "b_dec", (d_in,), path)
+    scfg = SAEConfig(d_in=d_in, width=n, arch="topk", k=k)
+    sae = _build(scfg, enc.t(), b_enc, W_dec, b_dec)
+    sae.info["source"] = {"format": "sparsify", "path": str(path)}
+    return sae

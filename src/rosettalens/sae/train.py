@@ -151,6 +151,41 @@ class _Source:
             raise ConfigError(f"row range {rows} is outside the data's {total} rows")
         self.r0, self.n = r0, r1 - r0
 
+    def all_rows(self) -> Tensor:
+        """Indices ``[n]`` of the rows trained on, in the data."""
+        return self.index if self.index is not None else torch.arange(self.r0, self.r0 + self.n)
+
+    def norms(self, chunk: int = 16384) -> Tensor:
+        """Norms ``[n]`` (float64) of the rows trained on."""
+        out = torch.empty(self.n, dtype=torch.float64)
+        for s in range(0, self.n, chunk):
+            e = min(self.n, s + chunk)
+            out[s:e] = self.read(torch.arange(s, e)).double().norm(dim=1)
+        return out
+
+    def positions(self, given: Tensor | None) -> Tensor | None:
+        """Position in its document ``[n]`` of each row trained on (a store's ``pos_index``; for a tensor,
+        ``given`` positions of all its rows, or ``None``)."""
+        if self.store is not None:
+            return self.store.pos_index[self.all_rows()]
+        if given is None:
+            return None
+        given = torch.as_tensor(given).long().reshape(-1)
+        if self.tensor is not None and len(given) != self.tensor.shape[0]:
+            raise ShapeError(
+                f"positions has {len(given)} entries but the data has {self.tensor.shape[0]} rows"
+            )
+        return given[self.all_rows()]
+
+    def restrict(self, keep: Tensor) -> None:
+        """Train only on the rows trained on where ``keep [n]`` is true."""
+        index = self.all_rows()[keep]
+        if len(index) == 0:
+            raise DataError(
+                "the sink rule leaves no row to train on (every row is a first position or an outlier)"
+            )
+        self.index, self.r0, self.n = index, 0, len(index)
+
     def _rows(self, idx: Tensor) -> Tensor:
         return self.index[idx] if self.index is not None else idx + self.r0
 
@@ -196,9 +231,9 @@ def batch_plan(n: int, batch_size: int, chunk_rows: int, buffer_size: int, seed:
 # ------------------------------------------------------------------------------------------ distributed
 class _Dist:
     def __init__(self) -> None:
-        from rosettalens.store import _init_distributed
+        from rosettalens.store import init_distributed
 
-        self.rank, self.world, self.own = _init_distributed()
+        self.rank, self.world, self.own = init_distributed()
 
     def sum_(self, t: Tensor) -> Tensor:
         if self.world > 1:
@@ -498,6 +533,7 @@ def train_saes(
     *,
     hook: str | None = None,
     rows: tuple[int, int] | Tensor | None = None,
+    positions: Tensor | None = None,
     progress: bool = True,
     on_log: Callable[[dict], None] | None = None,
 ) -> list[SAE]:
@@ -508,8 +544,17 @@ def train_saes(
     layers train from one pass) or a tensor ``[n, d_in]``; ``rows=(start, stop)`` restricts training to a
     row range (e.g. to hold out the rest), a tensor of row indices a subset (e.g. ``torch.nonzero(
     store.pos_index > 0)`` leaves out the first token of every document, whose residual norm is often
-    100 times the others' and would dominate the input scale and the FVU). Returns the trained SAEs (normalisation and, for relu, decoder norms
-    folded; ``sae.info`` holds the training record). Under ``torchrun`` every rank returns the same SAEs.
+    100 times the others' and would dominate the input scale and the FVU).
+
+    Positions left out (:mod:`rosettalens.sae.sinks`): the SAE configs' sink rule (``skip_first``,
+    ``norm_ratio``; every config of one call must share it) removes, from the rows above, the first
+    positions of every document (a store's ``pos_index``; for a tensor, ``positions [n]`` when given)
+    and rows whose norm exceeds ``norm_ratio`` x the median norm (per hook, over the rows at positions
+    ``>= skip_first``; a row left out at one hook is left out at all). Each SAE records its hook's
+    median as ``cfg.median_norm``, so that evaluation and splicing apply the same threshold.
+
+    Returns the trained SAEs (normalisation and, for relu, decoder norms folded; ``sae.info`` holds the
+    training record). Under ``torchrun`` every rank returns the same SAEs.
     ``on_log(record)`` is called at each log point with ``{step, tokens, saes: [{fvu, l0, dead_fraction,
     dense_fraction, lr}]}``.
     """
@@ -537,6 +582,10 @@ def train_saes(
             c.hook = src.hook
         if src.store is not None and c.model is None:
             c.model = src.store.manifest.get("model", {}).get("name")
+    rule = cfgs[0].sink_rule()
+    if any((c.skip_first, c.norm_ratio) != (rule.skip_first, rule.norm_ratio) for c in cfgs):
+        raise ConfigError("SAEs trained in one pass must share their sink rule (skip_first, norm_ratio)")
+    sinks = _apply_sinks(srcs, cfgs, keys, rule, positions)
     src = next(iter(srcs.values()))
     B = tcfg.batch_size
     if src.n < B:
@@ -552,11 +601,51 @@ def train_saes(
 
     dist = _Dist()
     try:
-        return _train(
+        saes = _train(
             srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log
         )
     finally:
         dist.close()
+    for sae in saes:
+        sae.info["train"]["sinks"] = sinks
+    return saes
+
+
+def _apply_sinks(
+    srcs: dict[Any, _Source], cfgs: list[SAEConfig], keys: list, rule: Any, positions: Tensor | None
+) -> dict[str, Any]:
+    """Restrict every source to the rows kept under ``rule`` (the same rows for every hook) and record
+    each hook's median norm in the SAE configs; returns the record for ``sae.info``."""
+    first = next(iter(srcs.values()))
+    n_before = first.n
+    keep = torch.ones(n_before, dtype=torch.bool)
+    pos = first.positions(positions)
+    if pos is not None and rule.skip_first > 0:
+        keep &= pos >= rule.skip_first
+    medians: dict[Any, float | None] = {}
+    for h, src in srcs.items():
+        if rule.norm_ratio == 0:
+            medians[h] = None
+            continue
+        norms = src.norms()
+        ref = norms[keep] if keep.any() else norms
+        med = rule.median_norm if rule.median_norm is not None else float(ref.median())
+        medians[h] = med
+        if med > 0:
+            keep &= norms <= rule.norm_ratio * med
+    if not bool(keep.all()):
+        for src in srcs.values():
+            src.restrict(keep)
+    for c, h in zip(cfgs, keys, strict=True):
+        c.median_norm = medians[h]
+    return {
+        "skip_first": rule.skip_first,
+        "norm_ratio": rule.norm_ratio,
+        "positions_known": pos is not None,
+        "rows_left_out": int(n_before - int(keep.sum())),
+        "rows_kept": int(keep.sum()),
+        "median_norm": {str(h): m for h, m in medians.items()},
+    }
 
 
 def _train(srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log):
