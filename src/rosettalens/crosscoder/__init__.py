@@ -35,6 +35,7 @@ from rosettalens.crosscoder.evaluate import (
     latent_stats,
     prompt_max_latents,
     splice_metrics,
+    summarize,
 )
 from rosettalens.crosscoder.model import ARCHS, CrossCoder, CrossCoderConfig, load_crosscoder
 from rosettalens.crosscoder.train import CrossCoderTrainConfig, train_crosscoder
@@ -55,5 +56,6 @@ __all__ = [
     "prompt_max_latents",
     "random_init_copy",
     "splice_metrics",
+    "summarize",
     "train_crosscoder",
 ]

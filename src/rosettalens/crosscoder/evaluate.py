@@ -49,6 +49,7 @@ __all__ = [
     "latent_stats",
     "prompt_max_latents",
     "splice_metrics",
+    "summarize",
 ]
 
 A_ONLY_MAX = 0.1  # rho < 0.1: A-only
@@ -402,3 +403,24 @@ def splice_metrics(
         o["n_tokens"] = n_kl[m]
         out[m] = o
     return out
+
+
+def summarize(cc: CrossCoder, x_a: Tensor, x_b: Tensor) -> dict[str, Any]:
+    """The headline numbers on paired ``x_a [n, d_a]``, ``x_b [n, d_b]``: ``explained_variance`` {a, b},
+    ``fvu`` {a, b}, ``l0``, ``dead_fraction``, ``n_alive``, ``n_shared``, ``n_a_only``, ``n_b_only``,
+    ``n_other``, ``shared_fraction``, ``shared_decoder_cosine_median``, ``latent_scaling_nu_median``,
+    ``rho_histogram``, ``n_tokens`` (plus ``"_stats"``: the full :func:`latent_stats` result)."""
+    ev = evaluate_crosscoder(cc, x_a, x_b)
+    st = latent_stats(cc, x_a, x_b, fires=ev["fires"])
+    return {
+        "explained_variance": {"a": ev["a"]["explained_variance"], "b": ev["b"]["explained_variance"]},
+        "fvu": {"a": ev["a"]["fvu"], "b": ev["b"]["fvu"]},
+        "l0": ev["l0"],
+        "dead_fraction": ev["dead_fraction"],
+        **{k: st[k] for k in ("n_alive", "n_shared", "n_a_only", "n_b_only", "n_other", "shared_fraction")},
+        "shared_decoder_cosine_median": st["shared_decoder_cosine_median"],
+        "latent_scaling_nu_median": st["latent_scaling"]["nu_median"],
+        "rho_histogram": st["rho_histogram"],
+        "n_tokens": ev["n_tokens"],
+        "_stats": st,
+    }
