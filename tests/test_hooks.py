@@ -203,7 +203,7 @@ def test_steer_inside_generate_prompt_vs_generated(tiny_hm):
     calls = []
     with (
         tiny_hm.steer("resid_pre.0", v, positions="generated"),
-        tiny_hm.hooks([("resid_pre.0", lambda act, name: calls.append((tiny_hm._kv_offset, act.shape[1])))]),
+        tiny_hm.hooks([("resid_pre.0", lambda act, name: calls.append((tiny_hm.kv_offset, act.shape[1])))]),
     ):
         tiny_hm.generate(PROMPTS[0], max_new_tokens=3)
     assert calls[0][0] == 0 and all(off > 0 and p == 1 for off, p in calls[1:])

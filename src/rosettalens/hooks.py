@@ -109,7 +109,7 @@ class HookedModel:
         self._torch_handles: dict[tuple[int, bool], Any] = {}
         self._sites: dict[str, _Site] = {}
         self._stash: dict[int, Tensor] = {}  # layer -> latest resid_pre (for resid_mid)
-        self._kv_offset = 0  # tokens already in the KV cache during the current forward
+        self.kv_offset = 0  # read-only: tokens in the KV cache during the current forward (track_offset)
         self._offset_handle: Any = None
         self._offset_users = 0
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is None:
@@ -369,6 +369,11 @@ class HookedModel:
         return raw
 
     # ------------------------------------------------------------------ KV offset (prompt vs generated)
+    @property
+    def tracking_offset(self) -> bool:
+        """A :meth:`track_offset` block is open (``kv_offset`` follows the KV cache)."""
+        return self._offset_users > 0
+
     @contextlib.contextmanager
     def track_offset(self) -> Iterator[None]:
         """While open, position selectors of :meth:`patch` / :meth:`steer` count prompt positions
@@ -379,7 +384,7 @@ class HookedModel:
                 kv = kwargs.get("cache", None)
                 if kv is None:
                     kv = kwargs.get("past_key_values", None)
-                self._kv_offset = (
+                self.kv_offset = (
                     int(kv.get_seq_length()) if kv is not None and hasattr(kv, "get_seq_length") else 0
                 )
 
@@ -392,7 +397,7 @@ class HookedModel:
             if self._offset_users == 0 and self._offset_handle is not None:
                 self._offset_handle.remove()
                 self._offset_handle = None
-                self._kv_offset = 0
+                self.kv_offset = 0
 
     # ------------------------------------------------------------------ interventions
     @contextlib.contextmanager
@@ -493,7 +498,7 @@ class HookedModel:
         tensor = None if is_fn else torch.as_tensor(value).detach()
 
         def fn(act: Tensor, hook_name: str) -> Tensor | None:
-            if positions is not None and self._kv_offset != 0:
+            if positions is not None and self.kv_offset != 0:
                 return None  # a generated token's forward: positions index the prompt only
             index = _index_tuple(act, {axes[k]: (k, v) for k, v in sel.items() if v is not None}, hook_name)
             new = act.clone()
@@ -556,7 +561,7 @@ class HookedModel:
 
         def add(act: Tensor, hook_name: str) -> Tensor | None:
             v = (scale * vec).to(device=act.device, dtype=act.dtype)
-            prompt = self._kv_offset == 0
+            prompt = self.kv_offset == 0
             if positions is None or positions == "all":
                 return act + v
             if positions == "prompt":

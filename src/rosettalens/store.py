@@ -474,7 +474,7 @@ def _hook_shape(hm, hook: str) -> tuple[int, ...] | None:
     return None  # learned from the first batch
 
 
-def _init_distributed() -> tuple[int, int, bool]:
+def init_distributed() -> tuple[int, int, bool]:
     """(rank, world, we_initialised) from torchrun's environment; gloo on CPU, NCCL on GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -545,7 +545,7 @@ def extract(
         dtype=dtype,
     )
     cfg.validate()
-    rank, world, own_pg = _init_distributed()
+    rank, world, own_pg = init_distributed()
     if isinstance(model, str):
         from rosettalens.models.loading import load
 

@@ -78,7 +78,7 @@ def parse_mlp(hm: HookedModel, mlp: int | str) -> int:
     return layer % n
 
 
-def _get_module_path(hm: HookedModel, layer: int, path: str) -> Any:
+def layer_module(hm: HookedModel, layer: int, path: str) -> Any:
     """The submodule at ``path`` (an adapter path relative to a decoder layer) of layer ``layer``."""
     mod: Any = hm.layers[layer]
     for part in path.split("."):
@@ -89,10 +89,6 @@ def _get_module_path(hm: HookedModel, layer: int, path: str) -> Any:
 def all_heads(hm: HookedModel) -> list[str]:
     """Every head of the model, ``["0.0", "0.1", ...]`` in layer-major order."""
     return [f"{layer}.{h}" for layer in range(hm.cfg.n_layers) for h in range(hm.cfg.n_heads)]
-
-
-def all_mlps(hm: HookedModel) -> list[int]:
-    return list(range(hm.cfg.n_layers))
 
 
 def _group_heads(hm: HookedModel, heads: Iterable[str | tuple[int, int]]) -> dict[int, list[int]]:

@@ -388,7 +388,7 @@ def edge_graph(hm: HookedModel) -> tuple[list[str], list[str], Tensor]:
     the same input) or ``> l`` (MLPs), and to the logits; the embedding sends to every receiver.
     """
     c = hm.cfg
-    parallel = _parallel(hm)
+    parallel = parallel_residual(hm)
     senders: list[str] = ["embed"]
     s_layer: list[tuple[int, int]] = [(-1, 2)]  # (layer, order within the layer: 0 heads, 1 mlp)
     for layer in range(c.n_layers):
@@ -444,7 +444,7 @@ def attribute_edges(
     c = hm.cfg
     L = c.n_layers
     senders, receivers, emask = edge_graph(hm)
-    parallel = _parallel(hm)
+    parallel = parallel_residual(hm)
     names = ["embed"]
     for layer in range(L):
         names += [f"resid_pre.{layer}", f"q.{layer}", f"k.{layer}", f"v.{layer}"]
@@ -515,7 +515,7 @@ def attribute_edges(
     )
 
 
-def _parallel(hm: HookedModel) -> bool:
+def parallel_residual(hm: HookedModel) -> bool:
     """Attention and MLP of a layer read the same residual (GPT-NeoX/Pythia): no resid_mid."""
     return hm.adapter.parallel_residual or "resid_mid.0" not in hm.cfg.hook_points
 

@@ -394,10 +394,10 @@ class EdgeFaithfulness:
         *,
         batch_size: int = 16,
     ):
-        from .attribution import _parallel, edge_graph
+        from .attribution import edge_graph, parallel_residual
 
         a = hm.adapter
-        if a.post_block_norms or a.qkv_fused is not None or _parallel(hm):
+        if a.post_block_norms or a.qkv_fused is not None or parallel_residual(hm):
             raise ConfigError(
                 f"edge faithfulness supports Llama/Mistral/Qwen-style models, not {hm.cfg.family} "
                 "(post-block norms, fused q/k/v or a parallel residual); evaluate node circuits instead"
@@ -438,9 +438,9 @@ class EdgeFaithfulness:
     # ------------------------------------------------------------------ plumbing
     def _head_writes(self, layer: int, z: Tensor) -> Tensor:
         """``[n_heads, batch, pos, d_model]``: each head's share of ``o_proj`` (bias excluded)."""
-        from .ablation import _get_module_path
+        from .ablation import layer_module
 
-        o = _get_module_path(self.hm, layer, self.hm.adapter.o_proj)
+        o = layer_module(self.hm, layer, self.hm.adapter.o_proj)
         H = self.hm.cfg.n_heads
         b, p = z.shape[:2]
         eye = torch.eye(H, dtype=z.dtype, device=z.device).view(H, 1, 1, H, 1)

@@ -149,7 +149,7 @@ def _select(sel: Sequence[int] | None, size: int, what: str) -> list[int]:
     return out
 
 
-def _row_bytes(hm: Any, n_pos: int) -> int:
+def row_bytes(hm: Any, n_pos: int) -> int:
     """A rough upper bound of the memory one extra row costs in a forward (activations + logits)."""
     c = hm.cfg
     text = hm.model.config.get_text_config()
@@ -242,11 +242,11 @@ def patch_sweep(
     corrupted_logits = hm.forward(corrupted)
     corrupted_m = _metric_rows(metric, corrupted_logits[:, keep], n_prompts)
 
-    row_cost = _row_bytes(hm, n_pos) * n_prompts
+    row_cost = row_bytes(hm, n_pos) * n_prompts
     rows = max(1, int(memory_budget // row_cost))
     if max_rows is not None:
         rows = max(1, min(rows, int(max_rows)))
-    prefix = reuse_prefix and all(p is not None for _, p, _ in grid) and hm._offset_users == 0
+    prefix = reuse_prefix and all(p is not None for _, p, _ in grid) and not hm.tracking_offset
     chunks = _chunks(grid, rows, prefix)
     values = torch.empty(len(grid), n_prompts, dtype=torch.float64)
 
@@ -483,19 +483,3 @@ def _writer(rows: Tensor, pos: Tensor, head: Tensor, src: Tensor, all_pos: bool)
         return new
 
     return write
-
-
-def grid_shape(hm: Any, sweep: str, n_pos: int, by_position: bool = False) -> tuple[int, ...]:
-    """The shape of ``patch_sweep(...).values`` for ``sweep`` on ``hm`` over ``n_pos`` positions."""
-    if sweep not in SWEEPS:
-        raise ConfigError(f"unknown sweep {sweep!r}; choose from {', '.join(SWEEPS)}")
-    c = hm.cfg
-    if sweep in _POSITION_SWEEPS:
-        return (c.n_layers, n_pos)
-    n_heads = c.n_kv_heads if sweep in ("k", "v") else c.n_heads
-    return (c.n_layers, n_pos, n_heads) if by_position else (c.n_layers, n_heads)
-
-
-def estimate_rows(hm: Any, n_pos: int, n_prompts: int = 1, memory_budget: float = 2**30) -> int:
-    """Patches per forward that ``patch_sweep`` uses under ``memory_budget`` bytes."""
-    return max(1, int(memory_budget // (_row_bytes(hm, n_pos) * n_prompts)))

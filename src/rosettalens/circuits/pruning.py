@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ShapeError
-from .patching import _row_bytes
+from .patching import row_bytes
 
 Metric = Callable[[Tensor], Tensor]
 Head = tuple[int, int]
@@ -513,7 +513,7 @@ def prune_nodes(
     else:
         if grow is None:
             grow = torch.device(hm.device).type == "cpu"
-        per = _row_bytes(hm, clean_ids.shape[1]) * (1 if grow else clean_ids.shape[0])
+        per = row_bytes(hm, clean_ids.shape[1]) * (1 if grow else clean_ids.shape[0])
         row_cap = max(1, int(memory_budget // per) - (1 if grow else 0))
         k_max = max(1, min(row_cap, max_rows) if max_rows is not None else row_cap)
         # each step's effect on the score (score after removal - score before), last seen: the

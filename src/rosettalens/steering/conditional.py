@@ -166,7 +166,7 @@ def conditional_ablate(
         return act - f * (act @ u).unsqueeze(-1) * u
 
     def detect(act: Tensor, hook_name: str) -> Tensor | None:
-        if hm._kv_offset == 0 and not gate.hold:  # a prompt pass decides (generated tokens keep it)
+        if hm.kv_offset == 0 and not gate.hold:  # a prompt pass decides (generated tokens keep it)
             mask = state["mask"]
             if mask is not None and mask.dim() == 2 and mask.shape[1] != act.shape[1]:
                 mask = mask[:, -act.shape[1] :]
