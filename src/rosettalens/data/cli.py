@@ -164,3 +164,6 @@ def register(subparsers) -> None:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_data_generate)
+    from rosettalens.data.corpus import register_cli as register_corpus
+
+    register_corpus(dsub)  # rosetta data corpus build

@@ -220,6 +220,10 @@ def load_documents(spec: str | os.PathLike, field: str | None = None) -> Corpus:
         if field:
             info["field"] = field
         return Corpus(s, docs, info)
+    if s == "corpus" or s.startswith("corpus:"):  # the offline real-text corpus (rosettalens.data.corpus)
+        from rosettalens.data.corpus import load_corpus
+
+        return load_corpus(s)
     index = _index()
     if s in index:
         return Corpus(s, index[s].load(), {"source": "builtin"})
