@@ -8,7 +8,7 @@
 
 ``train`` runs both models over ``D``'s documents, pairs their activations (by position with one
 tokenizer, by character ends with two), leaves out the first ``--skip-first`` positions and norm
-outliers, trains one crosscoder on the documents before the last ``--heldout`` fraction and evaluates
+outliers (the sink rule, recorded in the crosscoder and applied again by ``eval``), trains one crosscoder on the documents before the last ``--heldout`` fraction and evaluates
 it on those. ``eval`` reports, on ``D``, explained variance per model, L0, dead fraction, the latent
 classes (shared / A-only / B-only by the relative decoder norm), the shared latents' decoder cosine,
 Latent Scaling, and the CE / KL splice scores per model. Bad input: one line on stderr, exit status 2,
@@ -94,17 +94,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = dict(
         pairing=args.pairing,
         skip_first=args.skip_first,
-        outlier_norm=args.outlier_norm,
+        norm_ratio=args.norm_ratio,
         max_length=args.max_length,
         batch_size=args.extract_batch_size,
         progress=not args.no_progress,
     )
     pairs = extract_pairs(hm_a, hm_b, docs[: len(docs) - n_held], *hooks, max_tokens=args.tokens, **kw)
-    held = (
-        extract_pairs(hm_a, hm_b, docs[len(docs) - n_held :], *hooks, max_tokens=args.tokens, **kw)
-        if n_held
-        else None
-    )
+    medians = (pairs.info["median_norm_a"], pairs.info["median_norm_b"])
+    held = None
+    if n_held:  # held-out documents under the training medians
+        held = extract_pairs(
+            hm_a, hm_b, docs[len(docs) - n_held :], *hooks, max_tokens=args.tokens, median_norms=medians, **kw
+        )
     cfg = CrossCoderConfig(
         d_a=int(pairs.x_a.shape[1]),
         d_b=int(pairs.x_b.shape[1]),
@@ -119,6 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         hook_b=hm_b.resolve_hook(hooks[1]),
         pairing=pairs.pairing,
         skip_first=args.skip_first,
+        norm_ratio=args.norm_ratio,
+        median_norm_a=medians[0],
+        median_norm_b=medians[1],
     )
     tcfg = CrossCoderTrainConfig(
         batch_size=min(args.batch_size, len(pairs)),
@@ -186,7 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         c.hook_b,
         pairing=args.pairing,
         skip_first=c.skip_first,
-        outlier_norm=args.outlier_norm,
+        norm_ratio=c.norm_ratio,
+        median_norms=(c.median_norm_a, c.median_norm_b),
         max_tokens=args.max_tokens,
         max_length=args.max_length,
         batch_size=args.batch_size,
@@ -244,14 +249,6 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="how positions pair: all (one tokenizer, by position), aligned (by character ends), auto "
         "(all when the tokenizations agree) (default: auto)",
-    )
-    opt.add_option(
-        p,
-        "--outlier-norm",
-        type=opt.nonneg_float,
-        default=10.0,
-        metavar="X",
-        help="leave out tokens whose norm exceeds X times their model's median norm; 0: off (default: 10)",
     )
     opt.add_max_length(p, 256)
     opt.add_device(p)
@@ -359,6 +356,14 @@ def register(subparsers) -> None:
     )
     opt.add_heldout(t, 0.1)
     opt.add_skip_first(t, 1)
+    opt.add_option(
+        t,
+        "--norm-ratio",
+        type=opt.nonneg_float,
+        default=10.0,
+        metavar="R",
+        help="leave out tokens whose norm exceeds R times their model's median norm; 0: off (default: 10)",
+    )
     opt.add_seed(t)
     opt.add_overwrite(t)
     _common(t)

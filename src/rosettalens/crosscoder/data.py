@@ -2,10 +2,11 @@
 
 Pairing (:func:`rosettalens.mapping.pairs.pair_texts`): with one tokenizer, every non-special position
 pairs with itself (``"all"``); with two tokenizers, positions whose tokens end at the same character of
-the text (``"aligned"``, :mod:`rosettalens.align`). Left out, in both models: special tokens, the first
-``skip_first`` positions of every document (attention sinks: without a BOS token the first token's
-residual norm is often ~100x the median), and tokens whose norm exceeds ``outlier_norm`` times the
-median norm of their model (``0``: off).
+the text (``"aligned"``, :mod:`rosettalens.align`). Left out, in both models, by the sink rule of
+:mod:`rosettalens.sae.sinks`: special tokens, the first ``skip_first`` positions of every document
+(attention sinks: without a BOS token the first token's residual norm is often ~100x the median), and
+tokens whose norm exceeds ``norm_ratio`` times the median norm of their model (``0``: off); a pair is
+kept only when both of its tokens are.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rosettalens.errors import ConfigError, DataError
+from rosettalens.errors import DataError
 
 __all__ = ["PairedActivations", "extract_pairs", "keep_positions", "random_init_copy"]
 
@@ -66,7 +67,8 @@ def extract_pairs(
     *,
     pairing: str = "auto",
     skip_first: int = 1,
-    outlier_norm: float = 10.0,
+    norm_ratio: float = 10.0,
+    median_norms: tuple[float | None, float | None] = (None, None),
     max_tokens: int | None = None,
     max_length: int | None = 256,
     batch_size: int = 8,
@@ -74,18 +76,21 @@ def extract_pairs(
 ) -> PairedActivations:
     """Paired activations of ``hm_a`` at ``hook_a`` and ``hm_b`` at ``hook_b`` over ``texts`` (module docstring).
 
-    Texts are run in order until ``max_tokens`` pairs are kept (then cut to it). Returns float32 CPU
+    Texts are run in order until ``max_tokens`` pairs are kept (then cut to it). ``median_norms``: each
+    model's median norm for the norm test (``None``: the median of the extracted pairs, e.g. when
+    extracting training data; a crosscoder's recorded medians when evaluating it). Returns float32 CPU
     tensors. ``info``: ``pairing``, ``n_pairs``, ``n_texts``, ``paired_fraction`` (pairs over B's
-    tokens before the sink/outlier rule), ``dropped_first``, ``dropped_outliers``.
+    tokens before the sink rule), ``dropped_first``, ``dropped_outliers``, ``median_norm_a``,
+    ``median_norm_b``.
     """
     import sys
 
     from tqdm.auto import tqdm
 
     from rosettalens.mapping.pairs import hook_width, pair_texts, run_positions
+    from rosettalens.sae.sinks import SinkRule
 
-    if skip_first < 0 or outlier_norm < 0:
-        raise ConfigError("skip_first and outlier_norm must be >= 0")
+    rules = [SinkRule(skip_first, norm_ratio, m) for m in median_norms]  # checks the values
     hook_a, hook_b = hm_a.resolve_hook(hook_a), hm_b.resolve_hook(hook_b)
     hook_width(hm_a, hook_a), hook_width(hm_b, hook_b)
     pt = pair_texts(hm_a.tokenizer, hm_b.tokenizer, texts, pairing, max_length)
@@ -131,9 +136,14 @@ def extract_pairs(
         torch.cat(xs), torch.cat(ys), torch.cat(docs), torch.cat(pas), torch.cat(pbs), pt.pairing
     )
     n_before = len(out)
-    if outlier_norm > 0:
-        na, nb = out.x_a.norm(dim=1), out.x_b.norm(dim=1)
-        out = out.subset((na <= outlier_norm * na.median()) & (nb <= outlier_norm * nb.median()))
+    medians = [
+        m if m is not None else float(x.double().norm(dim=1).median())
+        for m, x in zip(median_norms, (out.x_a, out.x_b))
+    ]
+    if norm_ratio > 0:
+        ka = rules[0].with_median(medians[0]).keep(out.x_a)  # rows already past skip_first
+        kb = rules[1].with_median(medians[1]).keep(out.x_b)
+        out = out.subset(ka & kb)
     dropped_outliers = n_before - len(out)
     if max_tokens:
         out = out.subset(torch.arange(min(len(out), max_tokens)))
@@ -145,7 +155,9 @@ def extract_pairs(
         "dropped_first": dropped_first,
         "dropped_outliers": dropped_outliers,
         "skip_first": skip_first,
-        "outlier_norm": outlier_norm,
+        "norm_ratio": norm_ratio,
+        "median_norm_a": medians[0],
+        "median_norm_b": medians[1],
     }
     return out
 

@@ -18,8 +18,8 @@
   d_b`` (A's error must live in the space of ``d``); ``None`` otherwise.
 * :func:`splice_metrics`: per model, CE loss recovered and KL score of splicing that model's
   reconstruction into it at one hook (the crosscoder reads both models, so both run on each text).
-  Only paired positions at or after ``skip_first`` are replaced (attention sinks and unpaired tokens
-  keep the model's own activation); the zero-ablation baseline zeroes the same positions; CE and KL
+  Only paired positions kept by the crosscoder's sink rule in both models are replaced (attention
+  sinks, norm outliers and unpaired tokens keep the model's own activation); the zero-ablation baseline zeroes the same positions; CE and KL
   are averaged over those positions (CE where a next token exists).
 * :func:`prompt_max_latents` / :func:`auroc`: the largest activation of chosen latents over each
   prompt's paired positions, and the rank AUROC at separating two prompt sets (organism diffing).
@@ -253,41 +253,43 @@ def auroc(scores: Any, labels: Any) -> float:
 
 
 # --------------------------------------------------------------------------------- both models run
-def _paired_batches(
-    hm_a, hm_b, hook_a: str, hook_b: str, texts: Sequence[str], pairing: str, skip_first: int,
-    batch_size: int, max_length: int | None, with_logits: bool,
-):  # fmt: skip
-    """Per batch of texts: both models' encodings, logits (if asked), hook activations and the kept
-    paired positions ``(rows, cols_a, cols_b)`` (indices into the left-padded batches)."""
-    from rosettalens.crosscoder.data import keep_positions
+def _paired_batches(cc: CrossCoder, hm_a, hm_b, hook_a: str, hook_b: str, texts: Sequence[str], pairing: str,
+                    batch_size: int, max_length: int | None, with_logits: bool):  # fmt: skip
+    """Per batch of texts: both models' encodings, logits (if asked), hook activations and the paired
+    positions kept by the crosscoder's sink rule in both models ``(rows, cols_a, cols_b)`` (indices
+    into the left-padded batches)."""
     from rosettalens.mapping.pairs import pad_id, pad_left, pair_texts
 
     pt = pair_texts(hm_a.tokenizer, hm_b.tokenizer, texts, pairing, max_length)
+    rule_a, rule_b = cc.cfg.rule("a"), cc.cfg.rule("b")
     for s in range(0, len(pt.ids_src), batch_size):
         chunk_a, chunk_b = pt.ids_src[s : s + batch_size], pt.ids_tgt[s : s + batch_size]
         ids_a, mask_a = pad_left(chunk_a, pad_id(hm_a), hm_a.device)
         ids_b, mask_b = pad_left(chunk_b, pad_id(hm_b), hm_b.device)
-        rows, ca, cb = [], [], []
-        for j in range(len(chunk_a)):
-            pa, pb = pt.pos_src[s + j], pt.pos_tgt[s + j]
-            k = keep_positions(pa, pb, skip_first)
-            pa, pb = pa[k], pb[k]
-            rows.append(np.full(len(pa), j))
-            ca.append(pa + ids_a.shape[1] - len(chunk_a[j]))
-            cb.append(pb + ids_b.shape[1] - len(chunk_b[j]))
-        idx = tuple(torch.as_tensor(np.concatenate(v), dtype=torch.long) for v in (rows, ca, cb))
         la, cache_a = hm_a.run_with_cache(
             ids_a, hooks=[hook_a], attention_mask=mask_a, stop_early=not with_logits
         )
         lb, cache_b = hm_b.run_with_cache(
             ids_b, hooks=[hook_b], attention_mask=mask_b, stop_early=not with_logits
         )
+        act_a, act_b = cache_a[hook_a], cache_b[hook_b]
+        keep_a = rule_a.keep(act_a, mask_a).cpu()  # [batch, pos]
+        keep_b = rule_b.keep(act_b, mask_b).cpu()
+        rows, ca, cb = [], [], []
+        for j in range(len(chunk_a)):
+            pa = pt.pos_src[s + j] + ids_a.shape[1] - len(chunk_a[j])
+            pb = pt.pos_tgt[s + j] + ids_b.shape[1] - len(chunk_b[j])
+            k = (keep_a[j, pa] & keep_b[j, pb]).numpy().astype(bool)
+            rows.append(np.full(int(k.sum()), j))
+            ca.append(pa[k])
+            cb.append(pb[k])
+        idx = tuple(torch.as_tensor(np.concatenate(v), dtype=torch.long) for v in (rows, ca, cb))
         yield {
             "first": s,
             "ids": (ids_a, ids_b),
             "mask": (mask_a, mask_b),
             "logits": (la, lb),
-            "acts": (cache_a[hook_a], cache_b[hook_b]),
+            "acts": (act_a, act_b),
             "idx": idx,
         }
 
@@ -312,9 +314,7 @@ def prompt_max_latents(
     hook_b = hm_b.resolve_hook(hook_b or cc.cfg.hook_b)
     J = torch.arange(cc.width) if latents is None else torch.as_tensor(list(latents), dtype=torch.long)
     out = torch.zeros(len(texts), len(J))
-    for bt in _paired_batches(
-        hm_a, hm_b, hook_a, hook_b, texts, pairing, cc.cfg.skip_first, batch_size, max_length, False
-    ):
+    for bt in _paired_batches(cc, hm_a, hm_b, hook_a, hook_b, texts, pairing, batch_size, max_length, False):
         rows, ca, cb = bt["idx"]
         if len(rows) == 0:
             continue
@@ -353,9 +353,7 @@ def splice_metrics(
     tot = {m: dict.fromkeys(names, 0.0) for m in ("a", "b")}
     n_ce = {"a": 0, "b": 0}
     n_kl = {"a": 0, "b": 0}
-    for bt in _paired_batches(
-        hm_a, hm_b, hook_a, hook_b, texts, pairing, cc.cfg.skip_first, batch_size, max_length, True
-    ):
+    for bt in _paired_batches(cc, hm_a, hm_b, hook_a, hook_b, texts, pairing, batch_size, max_length, True):
         rows, ca, cb = bt["idx"]
         if len(rows) == 0:
             continue

@@ -60,8 +60,10 @@ class CrossCoderConfig:
     ``aux_k``: AuxK loss reviving dead latents (``batchtopk``; default 1/32 and ``(d_a + d_b) // 4``).
     ``model_a`` / ``model_b`` / ``hook_a`` / ``hook_b`` / ``pairing``: recorded where the crosscoder
     came from (``pairing``: ``"all"`` same tokenizer by position, ``"aligned"`` by character ends).
-    ``skip_first``: positions at the start of each document left out of training, evaluation and
-    splicing (attention sinks keep the model's own activation).
+    ``skip_first`` / ``norm_ratio`` / ``median_norm_a`` / ``median_norm_b``: the sink rule of
+    :mod:`rosettalens.sae.sinks` for each model (positions before ``skip_first`` and tokens whose norm
+    exceeds ``norm_ratio`` times the model's median training norm are left out of training, evaluation
+    and splicing; spliced runs keep the model's own activation there).
     """
 
     d_a: int
@@ -79,6 +81,9 @@ class CrossCoderConfig:
     hook_b: str | None = None
     pairing: str | None = None
     skip_first: int = 1
+    norm_ratio: float = 10.0
+    median_norm_a: float | None = None
+    median_norm_b: float | None = None
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -100,8 +105,14 @@ class CrossCoderConfig:
             raise ConfigError(f"aux_coeff must be >= 0, got {self.aux_coeff}")
         if self.aux_k is not None and self.aux_k < 1:
             raise ConfigError(f"aux_k must be >= 1, got {self.aux_k}")
-        if self.skip_first < 0:
-            raise ConfigError(f"skip_first must be >= 0, got {self.skip_first}")
+        self.rule("a"), self.rule("b")  # the sink rule checks skip_first, norm_ratio and the medians
+
+    def rule(self, side: str):
+        """The sink rule (:class:`rosettalens.sae.sinks.SinkRule`) of model ``side`` (``"a"`` or ``"b"``)."""
+        from rosettalens.sae.sinks import SinkRule
+
+        med = self.median_norm_a if side == "a" else self.median_norm_b
+        return SinkRule(self.skip_first, self.norm_ratio, med)
 
     @property
     def aux_coeff_(self) -> float:

@@ -231,12 +231,12 @@ def train_crosscoder(
                 keep = (rd >= cutoff) & (rd > 0)
                 kept_min = float(torch.where(keep, rd, torch.full_like(rd, math.inf)).min())
             z = r * keep.to(r.dtype)
+            penalty = None
             if math.isfinite(kept_min):
                 thr_ema = (1 - tcfg.threshold_lr) * thr_ema + tcfg.threshold_lr * kept_min
                 thr_decay *= 1 - tcfg.threshold_lr
                 assert cc.threshold is not None
                 cc.threshold.fill_(thr_ema / (1 - thr_decay))
-            penalty = None
         else:
             z = r
             l1_scale = (
