@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "rosettalens.experiments.cli",
     "rosettalens.circuits.cli",
     "rosettalens.sae.cli",
+    "rosettalens.transcoders.cli",
     "rosettalens.crosscoder.cli",
     "rosettalens.organisms.cli",
 ]
