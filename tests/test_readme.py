@@ -79,3 +79,29 @@ def test_the_readme_lists_exactly_the_hook_names_the_parser_accepts() -> None:
         kind, layer = parse_hook_name(name.replace(".L", ".3"))
         assert hook_name(kind, layer) == name.replace(".L", ".3")
     assert listed == {*GLOBAL_HOOKS, *(f"{kind}.L" for kind in LAYER_HOOKS)}
+
+
+def test_the_readme_python_block_runs_on_a_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API block as written, with ``rosettalens.load`` answering with a tiny random Llama deep enough
+    for the layers it names; the steered, ablated and intervened runs differ from the plain one."""
+    import torch
+
+    import rosettalens
+    from rosettalens import HookedModel
+    from rosettalens.models.tiny import tiny_model
+
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", _text(README), re.S)
+    assert code is not None
+    hm = HookedModel.from_hf(*tiny_model("llama", n_layers=12), name="tiny-llama")
+    monkeypatch.setattr(rosettalens, "load", lambda name, *a, **k: hm)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: None)
+    scope: dict = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code.group(1), "README.md", "exec"), scope)
+    finally:
+        torch.set_num_threads(threads)
+    assert scope["acts"].shape[:2] == scope["logits"].shape[:2]
+    assert not torch.allclose(scope["zero_mlp_logits"], hm.forward(["1, 2, 3, 4,"]))
+    assert hm.active_hook_count() == 0
