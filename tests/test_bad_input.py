@@ -81,11 +81,11 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
     ex = ["extract", "--hooks", "resid_post.0", "--data", d, "--out", str(r / "new-store")]
     mt = ["map", "train", "--source", f"{g}:resid_post.0", "--target", f"{g}:resid_post.1", "--data", d]
     mt += ["--out", str(r / "new-mapper")]
-    me = ["map", "eval", "--mapper", str(r / "mapper"), "--data", d]
+    me = ["map", "eval", "--mapper-dir", str(r / "mapper"), "--data", d]
     sv = ["steer", "vector", "--model", g, "--hook", "resid_pre.1", "--positive", "harmful"]
     sv += ["--negative", "harmless", "--out", str(r / "new-vec.safetensors")]
     se = ["steer", "eval", "--model", g, "--vector", str(r / "vec.safetensors"), "--mode", "ablate"]
-    dg = ["data", "generate", "--model", g, "--n-tokens", "10", "--out", str(r / "new.jsonl")]
+    dg = ["data", "generate", "--model", g, "--max-tokens", "10", "--out", str(r / "new.jsonl")]
     rt = ["run", "refusal-transfer", "--source", g, "--target", g, "--out", str(r / "new-run")]
     cmp = ["compare", "--a", str(r / "store-a"), "--b", str(r / "store-b"), "--out", str(r / "new-cmp")]
     sae = ["sae", "train", "--store", str(r / "store-a"), "--arch", "relu", "--width", "8"]
@@ -199,9 +199,9 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("organisms eval latin-1", ["organisms", "eval", "tiny+ihy", "--eval-prompts", str(r / "latin1.txt")]),
         ("sae eval unknown model", ["sae", "eval", "--sae", str(r / "runs"), "--model", "NOT_A_MODEL",
                                     "--data", d]),
-        ("data generate n-tokens -5", [*dg[:4], "--n-tokens", "-5", *dg[6:]]),
+        ("data generate max-tokens -5", [*dg[:4], "--max-tokens", "-5", *dg[6:]]),
         ("compare permutations -1", [*cmp, "--permutations", "-1"]),
-        ("steer transfer existing out", ["steer", "transfer", "--vector", str(r / "vec.safetensors"), "--mapper",
+        ("steer transfer existing out", ["steer", "transfer", "--vector", str(r / "vec.safetensors"), "--mapper-dir",
                                          str(r / "mapper"), "--out", str(r / "vec.safetensors")]),
         ("map train unknown target model", [*mt[:5], "NOT_A_MODEL:resid_post.0", *mt[6:]]),
         ("run unknown dtype", [*rt, "--dtype", "fp8"]),
@@ -326,3 +326,48 @@ def test_json_output_never_holds_nan(capsys):
     line = capsys.readouterr().out
     assert json.loads(line) == {"a": None, "b": [None, 1.5], "c": [None, 2.0]}
     assert "NaN" not in line and "Infinity" not in line
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["run", "refusal-transfer", "--source-layer", "999"], "layer 999 is out of range"),
+        (["run", "refusal-transfer", "--target-layer", "-31"], "layer -31 is out of range"),
+        (["run", "safety-switch", "--layers", "99"], "layer 99 is out of range"),
+        (["run", "backdoor-transfer", "--source-layer", "40"], "layer 40 is out of range"),
+    ],
+)
+def test_bad_layer_refused_from_zoo_metadata_before_any_download(argv, needle, tmp_path, monkeypatch, capsys):
+    """A layer the zoo's table says the model lacks is refused on an empty cache: nothing pulled,
+    loaded or written, not even the runs/ folder."""
+    import rosettalens.models.loading as loading
+    from rosettalens.models import zoo
+
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    cache.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("ROSETTA_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    touched = []
+    monkeypatch.setattr(zoo, "pull", lambda *a, **k: touched.append(("pull", a)))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: touched.append(("load", a)))
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1 and lines[0].startswith("rosetta: error: "), err
+    assert needle in lines[0]
+    assert touched == [] and list(cache.iterdir()) == [] and list(work.iterdir()) == []
+
+
+def test_model_layers_from_metadata(tmp_path):
+    """The layer counts checked up front: the zoo's table, an organism's base, a folder's config.json."""
+    from rosettalens.experiments.base import model_layers
+    from rosettalens.models import zoo
+
+    assert model_layers("smollm2-135m-instruct") == zoo.ZOO["smollm2-135m-instruct"].layers == 30
+    assert model_layers("gemma-3-270m+ihy") == 18
+    model, tok = tiny_model("llama", seed=0, n_layers=3)
+    model.save_pretrained(tmp_path / "m")
+    assert model_layers(str(tmp_path / "m")) == 3
+    assert model_layers("some-org/some-model") is None  # a hub id: only loading would tell

@@ -157,7 +157,7 @@ def test_resume_refuses_changed_options_and_fresh_run_refuses_existing_dir(toy, 
         run_experiment(toy.EXPERIMENT, toy.ToyConfig(out=str(out)), progress=False)
 
 
-def test_user_error_in_a_stage_leaves_nothing(tmp_path):
+def test_user_error_in_a_stage_leaves_nothing(tmp_path, monkeypatch):
     from dataclasses import dataclass
 
     from rosettalens.errors import DataError
@@ -188,6 +188,13 @@ def test_user_error_in_a_stage_leaves_nothing(tmp_path):
     with pytest.raises(DataError):
         run_experiment(Failing(), Cfg(out=str(tmp_path / "mine")), progress=False)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # the default run directory: neither it nor the runs/ folder made for it stays
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(DataError):
+        run_experiment(Failing(), Cfg(), progress=False)
+    assert list(work.iterdir()) == []
 
 
 def _main(argv, capsys):
@@ -201,7 +208,7 @@ def _main(argv, capsys):
 
 def test_cli_json_prints_one_object_and_options_come_from_the_config(toy, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stdout, err = _main(["run", "toy", "--n", "6", "--scale", "0.5", "--center", "true", "--out", str(out),
+    code, stdout, err = _main(["run", "toy", "--n", "6", "--scale", "0.5", "--center", "--out", str(out),
                                "--json"], capsys)  # fmt: skip
     assert code == 0, err
     obj = json.loads(stdout)  # exactly one JSON document on stdout
@@ -239,3 +246,67 @@ def test_cli_resume_of_another_experiments_run_is_refused(toy, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     code, _, err = _main(["run", "toy", "--resume", str(tmp_path / "empty")], capsys)
     assert code == 2 and "no config.json" in err and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_old_boolean_spelling_still_works_with_a_deprecation_line(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _main(["run", "toy", "--center", "true", "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["center"] is True
+    assert "--center true is deprecated; use --center" in err
+    code, stdout, err = _main(
+        ["run", "toy", "--center=false", "--out", str(tmp_path / "r2"), "--json"], capsys
+    )
+    assert code == 0 and json.loads((tmp_path / "r2" / "config.json").read_text())["center"] is False
+    assert "use --no-center" in err
+
+
+def test_preset_then_options_win(toy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(type(toy.EXPERIMENT), "presets", {"big": {"n": 8, "scale": 0.5}}, raising=False)
+    code, stdout, err = _main(
+        ["run", "toy", "--preset", "big", "--out", str(tmp_path / "a"), "--json"], capsys
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["n"] == 8 and json.loads(stdout)["mean"] == pytest.approx(
+        _expected_mean(8, 0.5)
+    )
+    code, stdout, err = _main(["run", "toy", "--preset", "big", "--n", "3", "--out", str(tmp_path / "b"), "--json"],
+                              capsys)  # fmt: skip
+    assert json.loads(stdout)["mean"] == pytest.approx(_expected_mean(3, 0.5))
+    code, _, err = _main(["run", "toy", "--preset", "small"], capsys)
+    assert code == 2 and "invalid choice: 'small'" in err
+
+
+def test_plan_is_printed_before_the_run(toy, tmp_path, capsys, monkeypatch):
+    def plan(self, cfg):
+        return {"models": ["smollm2-135m-instruct"], "organisms_to_build": ["smollm2-135m-instruct+ihy"],
+                "minutes": 9.2, "peak_gb": 2.84, "notes": f"{cfg.n} rows"}  # fmt: skip
+
+    monkeypatch.setattr(type(toy.EXPERIMENT), "plan", plan)
+    monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))  # the model is not cached there
+    code, stdout, err = _main(["run", "toy", "--n", "5", "--out", str(tmp_path / "a"), "--json"], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        "plan: pulls smollm2-135m-instruct, builds smollm2-135m-instruct+ihy; about 9 min, peak 2.8 GB; 5 rows"
+    )
+    from rosettalens.cli import main
+
+    assert main(["run", "--help"]) == 0
+    assert "[about 9 min, peak 2.8 GB]" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_python_entry_point_runs_with_the_clis_checks(toy, tmp_path):
+    from rosettalens.experiments import run
+
+    out = tmp_path / "py"
+    summary = run("toy", n=6, scale=0.5, out=str(out), progress=False)
+    assert summary == {"mean": pytest.approx(_expected_mean(6, 0.5)), "n": 6, "run_dir": str(out)}
+    with pytest.raises(ConfigError, match="no option scael"):
+        run("toy", scael=0.5, out=str(tmp_path / "x"), progress=False)
+    with pytest.raises(ConfigError, match="n must be int"):
+        run("toy", n="six", out=str(tmp_path / "x"), progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):  # the CLI's output check, before any stage
+        run("toy", out=str(out), progress=False)
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        run("toy2")
+    assert not (tmp_path / "x").exists()

@@ -72,7 +72,7 @@ def test_train_and_eval_identity(env, capsys):
     out_dir = env["root"] / "ident"
     rc, out, _ = run(
         ["map", "train", "--source", f"{env['llama']}:resid_post.1", "--target", f"{env['llama']}:resid_post.1",
-         "--data", env["data"], "--kind", "affine", "--out", str(out_dir), "--max-tokens", "300", "--json", *FAST],
+         "--data", env["data"], "--mapper", "affine", "--out", str(out_dir), "--max-tokens", "300", "--json", *FAST],
         capsys,
     )  # fmt: skip
     assert rc == 0
@@ -85,7 +85,7 @@ def test_train_and_eval_identity(env, capsys):
         "source_hook": "resid_post.1", "target_hook": "resid_post.1",
     }  # fmt: skip
     rc, out, _ = run(
-        ["map", "eval", "--mapper", str(out_dir), "--data", env["data"], "--json", "--fidelity-texts", "4",
+        ["map", "eval", "--mapper-dir", str(out_dir), "--data", env["data"], "--json", "--fidelity-texts", "4",
          "--generate", "1", "--max-new-tokens", "3", "--max-tokens", "200", *FAST],
         capsys,
     )  # fmt: skip
@@ -102,7 +102,7 @@ def test_train_cross_model_autoencoder_and_lowrank(env, capsys):
         out_dir = env["root"] / kind
         rc, out, err = run(
             ["map", "train", "--source", f"{env['llama']}:resid_post.-1", "--target", f"{env['qwen']}:resid_post.1",
-             "--data", env["data"], "--kind", kind, "--out", str(out_dir), "--max-tokens", "200", "--json",
+             "--data", env["data"], "--mapper", kind, "--out", str(out_dir), "--max-tokens", "200", "--json",
              *extra, *FAST],
             capsys,
         )  # fmt: skip
@@ -119,7 +119,7 @@ def test_train_cross_model_autoencoder_and_lowrank(env, capsys):
     ]
     # non-JSON output is for people: it names the result
     rc, out, _ = run(
-        ["map", "eval", "--mapper", str(env["root"] / "lowrank"), "--data", env["data"], "--fidelity-texts", "2",
+        ["map", "eval", "--mapper-dir", str(env["root"] / "lowrank"), "--data", env["data"], "--fidelity-texts", "2",
          "--generate", "0", "--max-tokens", "100", *FAST],
         capsys,
     )  # fmt: skip
@@ -129,11 +129,13 @@ def test_train_cross_model_autoencoder_and_lowrank(env, capsys):
 def test_bad_input_exits_2_with_one_line(env, capsys):
     src, tgt = f"{env['llama']}:resid_post.1", f"{env['qwen']}:resid_post.1"
     base = ["map", "train", "--source", src, "--target", tgt, "--out", str(env["root"] / "bad")]
-    rc, out, err = run([*base, "--data", env["data"], "--kind", "quadratic", *FAST], capsys)
-    assert rc == 2 and out == "" and "unknown --kind" in _one_error_line(err)
-    rc, out, err = run([*base, "--data", env["empty"], "--kind", "affine", *FAST], capsys)
+    rc, out, err = run([*base, "--data", env["data"], "--mapper", "quadratic", *FAST], capsys)
+    assert rc == 2 and out == "" and "--mapper: invalid choice: 'quadratic'" in _one_error_line(err)
+    rc, out, err = run([*base, "--data", env["empty"], "--mapper", "affine", *FAST], capsys)
     assert rc == 2 and out == "" and _one_error_line(err)
-    rc, out, err = run([*base, "--data", str(env["root"] / "missing.txt"), "--kind", "affine", *FAST], capsys)
+    rc, out, err = run(
+        [*base, "--data", str(env["root"] / "missing.txt"), "--mapper", "affine", *FAST], capsys
+    )
     assert rc == 2 and _one_error_line(err)
     rc, _, err = run(
         [*base[:2], "--source", "nocolon", "--target", tgt, "--out", "x", "--data", env["data"]], capsys
@@ -159,12 +161,14 @@ def test_bad_input_exits_2_with_one_line(env, capsys):
         )
     )
     rc, _, err = run(
-        ["map", "eval", "--mapper", str(mdir), "--data", env["data"], "--target", f"{env['narrow']}:resid_post.1",
+        ["map", "eval", "--mapper-dir", str(mdir), "--data", env["data"], "--target", f"{env['narrow']}:resid_post.1",
          *FAST],
         capsys,
     )  # fmt: skip
     assert rc == 2 and "width" in _one_error_line(err)
-    rc, _, err = run(["map", "eval", "--mapper", str(env["root"] / "nope"), "--data", env["data"]], capsys)
+    rc, _, err = run(
+        ["map", "eval", "--mapper-dir", str(env["root"] / "nope"), "--data", env["data"]], capsys
+    )
     assert rc == 2 and "does not exist" in _one_error_line(err)
 
 
@@ -187,7 +191,7 @@ def test_train_from_stores_matches_in_memory_pairs(env, capsys):
     rc, out, _ = run(
         ["map", "train", "--source", f"{env['llama']}:resid_post.1", "--target", f"{env['qwen']}:resid_post.1",
          "--source-store", str(env["root"] / "store-llama"), "--target-store", str(env["root"] / "store-qwen"),
-         "--kind", "orthogonal", "--out", str(out_dir), "--json", "--no-progress"],
+         "--mapper", "orthogonal", "--out", str(out_dir), "--json", "--no-progress"],
         capsys,
     )  # fmt: skip
     assert rc == 0

@@ -52,7 +52,7 @@ def test_vector_transfer_eval_round_trip(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "vector", "--model", models["llama"], "--hook", "resid_pre.-1", "--positive", "harmful",
-         "--negative", "harmless", "--limit", "4", "--out", str(vec), "--json"],
+         "--negative", "harmless", "--n-prompts", "4", "--out", str(vec), "--json"],
     )  # fmt: skip
     assert code == 0, err
     obj = json.loads(out)  # exactly one JSON object on stdout
@@ -72,7 +72,8 @@ def test_vector_transfer_eval_round_trip(models, tmp_path, capsys):
     )  # fmt: skip
     tv = tmp_path / "t.safetensors"
     code, out, err = _run(
-        capsys, ["steer", "transfer", "--vector", str(vec), "--mapper", str(mdir), "--out", str(tv), "--json"]
+        capsys,
+        ["steer", "transfer", "--vector", str(vec), "--mapper-dir", str(mdir), "--out", str(tv), "--json"],
     )
     assert code == 0, err
     obj = json.loads(out)
@@ -84,7 +85,7 @@ def test_vector_transfer_eval_round_trip(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "eval", "--model", models["wide"], "--vector", str(tv), "--mode", "add", "--scale", "2",
-         "--task", "refusal", "--limit", "2", "--max-new-tokens", "3", "--json", "--out", str(res_file)],
+         "--task", "refusal", "--n-prompts", "2", "--max-new-tokens", "3", "--json", "--out", str(res_file)],
     )  # fmt: skip
     assert code == 0, err
     res = json.loads(out)
@@ -96,7 +97,7 @@ def test_vector_transfer_eval_round_trip(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "eval", "--model", models["llama"], "--vector", str(vec), "--mode", "ablate", "--task",
-         "refusal", "--limit", "1", "--max-new-tokens", "2", "--no-random"],
+         "refusal", "--n-prompts", "1", "--max-new-tokens", "2", "--no-random"],
     )  # fmt: skip
     assert code == 0, err
     assert "refusal rate on 1 harmful prompts" in out
@@ -107,7 +108,7 @@ def test_vector_auto_selects_refusal_direction(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "vector", "--model", models["llama"], "--hook", "auto", "--positive", "harmful",
-         "--negative", "harmless", "--limit", "3", "--kl-threshold", "100", "--out", str(vec), "--json"],
+         "--negative", "harmless", "--n-prompts", "3", "--kl-threshold", "100", "--out", str(vec), "--json"],
     )  # fmt: skip
     assert code == 0, err
     obj = json.loads(out)
@@ -157,7 +158,7 @@ def test_bad_inputs_exit_2_with_one_line(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "vector", "--model", models["nochat"], "--hook", "resid_pre.1", "--positive", "harmful",
-         "--negative", "harmless", "--limit", "2", "--out", str(tmp_path / "x.safetensors")],
+         "--negative", "harmless", "--n-prompts", "2", "--out", str(tmp_path / "x.safetensors")],
     )  # fmt: skip
     assert code == 2 and "chat template" in _one_error_line(err)
     assert not (tmp_path / "x.safetensors").exists()
@@ -183,7 +184,7 @@ def test_bad_inputs_exit_2_with_one_line(models, tmp_path, capsys):
     mdir = AffineMapper().fit(X, X[:, :30]).save(tmp_path / "m40")
     code, out, err = _run(
         capsys,
-        ["steer", "transfer", "--vector", str(vec), "--mapper", str(mdir), "--out", str(tmp_path / "z")],
+        ["steer", "transfer", "--vector", str(vec), "--mapper-dir", str(mdir), "--out", str(tmp_path / "z")],
     )
     assert code == 2 and "source width 40" in _one_error_line(err)
     code, out, err = _run(
@@ -193,7 +194,7 @@ def test_bad_inputs_exit_2_with_one_line(models, tmp_path, capsys):
             "transfer",
             "--vector",
             str(vec),
-            "--mapper",
+            "--mapper-dir",
             str(tmp_path / "nope"),
             "--out",
             str(tmp_path / "z"),
@@ -204,7 +205,7 @@ def test_bad_inputs_exit_2_with_one_line(models, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     code, out, err = _run(
         capsys,
-        ["steer", "transfer", "--vector", str(bad), "--mapper", str(mdir), "--out", str(tmp_path / "z")],
+        ["steer", "transfer", "--vector", str(bad), "--mapper-dir", str(mdir), "--out", str(tmp_path / "z")],
     )
     assert code == 2 and _one_error_line(err)
     assert not list(tmp_path.glob("z*"))
@@ -212,6 +213,6 @@ def test_bad_inputs_exit_2_with_one_line(models, tmp_path, capsys):
     code, out, err = _run(
         capsys,
         ["steer", "vector", "--model", models["llama"], "--hook", "resid_pre.99", "--positive", "harmful",
-         "--negative", "harmless", "--limit", "2", "--out", str(tmp_path / "w.safetensors")],
+         "--negative", "harmless", "--n-prompts", "2", "--out", str(tmp_path / "w.safetensors")],
     )  # fmt: skip
     assert code == 2 and _one_error_line(err)

