@@ -121,3 +121,91 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "tc" / "transcoder.json").write_text("{}")
     with pytest.raises(DataError):
         Transcoder.load(tmp_path / "tc")
+
+
+# ------------------------------------------------------------------------------------- circuit-tracer
+def _write_ct(folder, layers, act, skip, d=6, width=12, k=3, listed=False):
+    """A circuit-tracer folder written by hand in its layout (encoder stored [width, d_model])."""
+    import yaml
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(7)
+    raw = {}
+    for L in range(layers):
+        t = {
+            "W_enc": torch.randn(width, d, generator=g),
+            "b_enc": torch.randn(width, generator=g),
+            "W_dec": torch.randn(width, d, generator=g),
+            "b_dec": torch.randn(d, generator=g),
+        }
+        if skip:
+            t["W_skip"] = torch.randn(d, d, generator=g)
+        if act == "jumprelu":
+            t["activation_function.threshold"] = torch.rand(width, generator=g)
+        save_file(t, str(folder / f"layer_{L}.safetensors"))
+        raw[L] = t
+    cfg = {
+        "model_kind": "transcoder_set",
+        "feature_input_hook": "mlp.hook_in",
+        "feature_output_hook": "mlp.hook_out",
+    }
+    if act != "jumprelu":
+        cfg["activation"] = act
+    if act == "topk":
+        cfg["k"] = k
+    if listed:
+        cfg["transcoders"] = [f"layer_{L}.safetensors" for L in range(layers)]
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return raw
+
+
+def _ct_forward(t, x, act, k=3):
+    """circuit-tracer's SingleLayerTranscoder.forward, written out."""
+    pre = torch.nn.functional.linear(x, t["W_enc"], t["b_enc"])
+    if act == "relu":
+        f = pre.relu()
+    elif act == "topk":
+        v, i = pre.topk(k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    else:
+        f = pre * (pre > t["activation_function.threshold"])
+    y = f @ t["W_dec"] + t["b_dec"]
+    return y + x @ t["W_skip"].T if "W_skip" in t else y
+
+
+@pytest.mark.parametrize(
+    ("act", "skip", "listed"), [("relu", True, False), ("topk", False, True), ("jumprelu", True, False)]
+)
+def test_load_circuit_tracer(tmp_path, act, skip, listed):
+    from rosettalens.transcoders.interop import load_circuit_tracer
+
+    raw = _write_ct(tmp_path / "ct", 3, act, skip, listed=listed)
+    tset = load_circuit_tracer(tmp_path / "ct", model="tiny")
+    assert tset.layers == [0, 1, 2] and tset.model == "tiny"
+    x = torch.randn(4, 5, 6)
+    for L in tset.layers:
+        tc = tset[L]
+        assert tc.cfg.arch == act and tc.cfg.skip == skip
+        assert tc.cfg.hook_in == f"mlp_in.{L}" and tc.cfg.hook_out == f"mlp_out.{L}"
+        torch.testing.assert_close(tc(x), _ct_forward(raw[L], x, act))
+
+
+def test_circuit_tracer_round_trip_and_bad_folders(tmp_path):
+    from rosettalens.transcoders.interop import load_circuit_tracer, save_circuit_tracer
+
+    tset = TranscoderSet("tiny", {L: _random_tc(layer=L, skip=True, seed=L) for L in range(2)})
+    save_circuit_tracer(tset, tmp_path / "ct")
+    back = load_circuit_tracer(tmp_path / "ct")
+    x = torch.randn(3, 6)
+    for L in tset.layers:
+        torch.testing.assert_close(back[L](x), tset[L](x))
+        assert back[L].cfg.k == tset[L].cfg.k
+    with pytest.raises(DataError, match="no config.yaml"):
+        load_circuit_tracer(tmp_path)
+    gap = TranscoderSet("tiny", {1: _random_tc(layer=1)})
+    with pytest.raises(ConfigError):
+        save_circuit_tracer(gap, tmp_path / "gap")
+    (tmp_path / "ct" / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
+    with pytest.raises(DataError, match="not supported"):
+        load_circuit_tracer(tmp_path / "ct")

@@ -8,6 +8,7 @@ stream; for Gemma after ``post_feedforward_layernorm``). Weights: ``W_enc [d_in,
     pre  = x @ W_enc + b_enc
     topk f = relu of the k largest entries of pre (last dim), the rest 0   (at most k nonzeros)
     relu f = relu(pre)
+    jumprelu f = pre * (pre > threshold)   (threshold [width]; loaded from circuit-tracer / Gemma Scope files)
     y_hat = f @ W_dec + b_dec (+ x @ W_skip with a skip connection)
 
 A saved transcoder takes raw activations: the normalisation used in training is folded into the
@@ -44,13 +45,13 @@ __all__ = [
     "is_transcoder_set_dir",
 ]
 
-ARCHS = ("topk", "relu")
+ARCHS = ("topk", "relu", "jumprelu")
 FORMAT = "rosettalens.transcoder/1"
 SET_FORMAT = "rosettalens.transcoders/1"
 CFG_FILE = "transcoder.json"
 WEIGHTS_FILE = "transcoder.safetensors"
 SET_FILE = "transcoders.json"
-TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
+TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "threshold")
 
 
 def layer_file(layer: int) -> str:
@@ -74,7 +75,7 @@ class TranscoderConfig:
     d_in: int
     d_out: int
     width: int
-    arch: Literal["topk", "relu"] = "topk"
+    arch: Literal["topk", "relu", "jumprelu"] = "topk"
     k: int = 32
     skip: bool = False
     hook_in: str = ""
@@ -129,6 +130,7 @@ class Transcoder(nn.Module):
     """
 
     W_skip: nn.Parameter | None
+    threshold: nn.Parameter | None
 
     def __init__(self, cfg: TranscoderConfig, device: str | torch.device | None = None):
         super().__init__()
@@ -145,6 +147,7 @@ class Transcoder(nn.Module):
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None
+        self.threshold = nn.Parameter(torch.zeros(w)) if cfg.arch == "jumprelu" else None
         if device is not None:
             self.to(device)
 
@@ -184,6 +187,8 @@ class Transcoder(nn.Module):
         """Feature activations ``[..., width]`` from pre-activations (TopK over the last dim, or ReLU)."""
         if self.cfg.arch == "relu":
             return pre.relu()
+        if self.threshold is not None:
+            return pre * (pre > self.threshold).to(pre.dtype)
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
@@ -238,6 +243,8 @@ class Transcoder(nn.Module):
         t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.W_skip is not None:
             t["W_skip"] = self.W_skip
+        if self.threshold is not None:
+            t["threshold"] = self.threshold
         return {k: v.detach().to("cpu").contiguous() for k, v in t.items()}
 
     def config_json(self) -> dict[str, Any]:
