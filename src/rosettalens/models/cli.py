@@ -37,8 +37,11 @@ def _pull(args: argparse.Namespace) -> int:
         close = difflib.get_close_matches(args.name, list(zoo.ZOO), n=3, cutoff=0.4)
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; zoo models: {', '.join(zoo.ZOO)}"
         raise UnknownModelError(f"{args.name!r} is not a zoo model{hint}")
-    path = zoo.pull(args.name, progress=not args.no_progress, force=args.overwrite)
-    print(path)
+    path = zoo.pull(args.name, progress=not (args.no_progress or args.json), force=args.overwrite)
+    if args.json:
+        opt.print_json({"name": args.name, "path": str(path)})
+    else:
+        print(path)
     return 0
 
 
@@ -81,6 +84,7 @@ def register(subparsers) -> None:
     opt.add_option(pp, "name", metavar="NAME", help="zoo model name (see `rosetta models list`)")
     opt.add_overwrite(pp, "the cached model: rebuild it even if it looks complete", aliases=("--force",))
     opt.add_no_progress(pp)
+    opt.add_json(pp)
     pp.set_defaults(func=_pull)
     ip = sub.add_parser("info", help="layers, d_model, heads, kv heads, hook points of MODEL")
     opt.add_model(ip, "model")
