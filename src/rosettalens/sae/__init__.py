@@ -34,7 +34,7 @@ width`` or a bad option :class:`~rosettalens.errors.ConfigError`; a missing or i
 :class:`~rosettalens.errors.DataError`. See docs/sae.md.
 """
 
-from rosettalens.sae.evaluate import evaluate_sae, fvu, splice_metrics
+from rosettalens.sae.evaluate import best_decoder_cosine, evaluate_sae, fvu, splice_metrics
 from rosettalens.sae.interop import load_sae
 from rosettalens.sae.model import ARCHS, SAE, SAEConfig
 from rosettalens.sae.sinks import SinkRule, keep_mask, keep_rows, sae_rule
@@ -46,6 +46,7 @@ __all__ = [
     "SAEConfig",
     "SinkRule",
     "TrainConfig",
+    "best_decoder_cosine",
     "evaluate_sae",
     "fvu",
     "keep_mask",

@@ -38,7 +38,7 @@ from rosettalens.errors import DataError, ShapeError
 from rosettalens.sae.model import SAE
 from rosettalens.sae.sinks import sae_rule
 
-__all__ = ["evaluate_sae", "splice_metrics", "fvu"]
+__all__ = ["evaluate_sae", "splice_metrics", "fvu", "best_decoder_cosine"]
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
@@ -73,6 +73,23 @@ def _batches(x: Any, hook: str | None, batch_size: int, positions: Tensor | None
             raise ShapeError(f"positions has {len(positions)} entries but x has {x.shape[0]} rows")
     for s in range(0, x.shape[0], batch_size):
         yield x[s : s + batch_size], None if positions is None else positions[s : s + batch_size]
+
+
+@torch.no_grad()
+def best_decoder_cosine(a: Any, b: Any) -> Tensor:
+    """For each latent of ``a``, the largest cosine of its decoder row with any decoder row of ``b``
+    ``[width_a]`` (float64). ``a`` / ``b``: SAEs or decoder matrices ``[width, d_in]``. Its median over
+    the latents is how much two SAEs (two seeds, say) agree."""
+    wa = (a.W_dec if isinstance(a, SAE) else a).detach().double().cpu()
+    wb = (b.W_dec if isinstance(b, SAE) else b).detach().double().cpu()
+    if wa.shape[1] != wb.shape[1]:
+        raise ShapeError(f"decoders of width {wa.shape[1]} and {wb.shape[1]} cannot be compared")
+    wa = wa / wa.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    wb = wb / wb.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    out = torch.empty(wa.shape[0], dtype=torch.float64)
+    for s in range(0, wa.shape[0], 4096):
+        out[s : s + 4096] = (wa[s : s + 4096] @ wb.T).max(1).values
+    return out
 
 
 @torch.no_grad()
