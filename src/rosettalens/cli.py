@@ -2,8 +2,9 @@
 
 Where each subcommand lives: models -> models/cli.py; extract, data -> data/cli.py; compare ->
 similarity/cli.py; steer -> steering/cli.py; map -> mapping/cli.py; run -> experiments/cli.py;
-circuits -> circuits/cli.py; sae -> sae/cli.py; organisms -> organisms/cli.py. Option types shared
-by every command are in options.py.
+circuits -> circuits/cli.py; sae -> sae/cli.py; organisms -> organisms/cli.py. The options shared
+by every command (``--out``, ``--overwrite``, ``--json``, ``--no-progress``, ``--device``, ...) are
+defined once in options.py; docs/cli.md has the vocabulary.
 
 Contract: `--json` prints exactly one JSON object on stdout; progress goes to stderr; bad input
 (argparse errors included) prints one line `rosetta: error: ...` on stderr and exits with status 2,

@@ -3,10 +3,11 @@
 An experiment module defines::
 
     @dataclass
-    class MyConfig:              # every field is a `rosetta run my-exp` option; saved as config.json
-        model: str = "smollm2-135m-instruct"
-        seed: int = 0
-        out: str | None = None   # the run directory (default runs/<name>-<timestamp>)
+    class MyConfig:  # every field is a `rosetta run my-exp` option (its help from option()); saved as config.json
+        model: str = option("smollm2-135m-instruct", "the model (zoo name, HF folder, .gguf or hub id)")
+        mode: Literal["add", "ablate"] = option("add", "add the vector, or project its direction out")
+        seed: int = option(0, "random seed")
+        out: str | None = option(None, "the run directory", shown="runs/my-exp-TIMESTAMP")
 
     class MyExperiment(Experiment):
         name = "my-exp"
@@ -28,7 +29,9 @@ An experiment module defines::
 
     EXPERIMENT = MyExperiment()
 
-and one line in ``rosettalens.experiments.EXPERIMENTS``. :func:`run_experiment` creates the run
+and one line in ``rosettalens.experiments.EXPERIMENTS``. Optional class attributes: ``summary_line``,
+``presets`` (``--preset NAME``), ``layer_fields`` (layers checked against the model before any work)
+and a ``plan(cfg)`` method (the cost printed before a run); see :class:`Experiment`. :func:`run_experiment` creates the run
 directory, writes ``config.json``, runs the stages in order, writes ``results.json`` (the stages'
 ``ctx.results`` plus timings) and ``report.html``, and returns :meth:`Experiment.summary`.
 
