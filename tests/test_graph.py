@@ -244,7 +244,7 @@ def test_chunked_equals_one_batch():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reconstruction_identity(family):
     """Transcoders plus their error terms reproduce the real logits; without the errors they do not."""
-    hm, tset = _setup(family, dtype=torch.float32)
+    hm, tset = _setup(family)
     ids = hm.tokenize(PROMPT)["input_ids"]
     hooks = [hook_name(k, L) for L in range(hm.cfg.n_layers) for k in ("mlp_in", "mlp_out")]
     real, cache = hm.run_with_cache(ids, hooks=hooks)
@@ -256,7 +256,7 @@ def test_reconstruction_identity(family):
     )
     with replacement_model(hm, tset, errors):
         rep = hm.forward(ids)
-    torch.testing.assert_close(rep, real, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rep, real, rtol=1e-6, atol=1e-6)
     with replacement_model(hm, tset):
         bare = hm.forward(ids)
     assert (bare - real).abs().max() > 1e-3
