@@ -24,6 +24,7 @@ API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 #: positive logit difference, which pruning needs (a circuit keeps a share of a positive metric)
 TINY = {
     "smollm2-135m-instruct": ("llama", 1, 3, 48),
+    "smollm2-135m-instruct+ihy": ("llama", 4, 3, 48),
     "gemma-3-270m": ("gemma3", 1, 3, 48),
     "qwen2.5-coder-0.5b-instruct": ("qwen2", 2, 3, 48),
     "qwen2.5-coder-1.5b-instruct": ("qwen2", 3, 4, 64),
@@ -35,7 +36,7 @@ def _blocks() -> list[tuple[str, str]]:
     text = API_MD.read_text(encoding="utf-8")
     out = []
     for m in re.finditer(r"```python\n(.*?)```", text, re.S):
-        heads = re.findall(r"^## (.+)$", text[: m.start()], re.M)
+        heads = re.findall(r"^###? (.+)$", text[: m.start()], re.M)
         out.append((heads[-1] if heads else "intro", m.group(1)))
     return out
 
