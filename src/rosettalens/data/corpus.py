@@ -25,7 +25,8 @@ Stored once, under ``$ROSETTA_CACHE/corpus/NAME/`` (default ``~/.cache/rosettale
     shard-00000.jsonl        {"text", "source", "path", "license"} per line, 20000 documents per shard
 
 ``--data corpus`` (or ``corpus:NAME``) reads it wherever a dataset name is accepted, building it first
-when it is missing. The corpus depends on what is installed: the manifest's hashes identify it.
+when it is missing, in a fixed shuffled order (the stored order permuted with seed 0), so that the
+first N tokens of it mix every source. The corpus depends on what is installed: the manifest's hashes identify it.
 """
 
 from __future__ import annotations
@@ -486,10 +487,14 @@ def load_corpus(spec: str = "corpus", *, verify: bool = False, build: bool = Tru
             raise DataError(f"corpus shard {p} does not match its sha256 in {d / MANIFEST}; rebuild it")
         with open(p, encoding="utf-8") as f:
             docs.extend(json.loads(line)["text"] for line in f if line.strip())
+    # a fixed interleaving: any prefix (``--max-tokens N``) mixes every source, prose and code
+    order = np.random.default_rng(0).permutation(len(docs))
+    docs = [docs[i] for i in order]
     info = {
         "source": "corpus",
         "name": name,
         "path": str(d),
+        "order": "stored order permuted with numpy default_rng(0)",
         "shards_sha256": [s["sha256"] for s in m["shards"]],
     }
     return Corpus(spec, docs, info)
