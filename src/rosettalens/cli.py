@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "rosettalens.mapping.cli",
     "rosettalens.experiments.cli",
     "rosettalens.circuits.cli",
+    "rosettalens.circuits.graph_cli",
     "rosettalens.sae.cli",
     "rosettalens.transcoders.cli",
     "rosettalens.crosscoder.cli",
