@@ -173,19 +173,19 @@ def graph_html(gj: dict[str, Any], title: str = "attribution graph") -> str:
     ]
     for lv in range(-1, n_layers + 1):
         label = "emb" if lv == -1 else ("logit" if lv == n_layers else f"L{lv}")
-        y = top + row_h * (n_layers + 1 - (lv + 1))
-        parts.append(f'<text x="4" y="{y + 4}" fill="#666">{label}</text>')
-        parts.append(f'<line x1="{left}" y1="{y}" x2="{width - 20}" y2="{y}" stroke="#eee"/>')
-    for x in sorted(links, key=lambda e: abs(e["weight"])):
-        if x["source"] not in xy or x["target"] not in xy:
+        ly = top + row_h * (n_layers + 1 - (lv + 1))
+        parts.append(f'<text x="4" y="{ly + 4}" fill="#666">{label}</text>')
+        parts.append(f'<line x1="{left}" y1="{ly}" x2="{width - 20}" y2="{ly}" stroke="#eee"/>')
+    for e in sorted(links, key=lambda e: abs(e["weight"])):
+        if e["source"] not in xy or e["target"] not in xy:
             continue
-        (x1, y1), (x2, y2) = xy[x["source"]], xy[x["target"]]
-        w = 0.3 + 3.5 * abs(x["weight"]) / wmax
-        color = "#2b6cb0" if x["weight"] >= 0 else "#c53030"
+        (x1, y1), (x2, y2) = xy[e["source"]], xy[e["target"]]
+        w = 0.3 + 3.5 * abs(e["weight"]) / wmax
+        color = "#2b6cb0" if e["weight"] >= 0 else "#c53030"
         parts.append(
             f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{color}" '
-            f'stroke-opacity="0.55" stroke-width="{w:.2f}"><title>{html.escape(x["source"])} -&gt; '
-            f"{html.escape(x['target'])}: {x['weight']:.4g}</title></line>"
+            f'stroke-opacity="0.55" stroke-width="{w:.2f}"><title>{html.escape(e["source"])} -&gt; '
+            f"{html.escape(e['target'])}: {e['weight']:.4g}</title></line>"
         )
     for n in nodes:
         x, y = xy[n["node_id"]]
@@ -204,9 +204,9 @@ def graph_html(gj: dict[str, Any], title: str = "attribution graph") -> str:
         parts[-1] += "</rect>" if shape.startswith("<rect") else "</circle>"
     base = top + row_h * (n_layers + 2) + 10
     for i, t in enumerate(tokens):
-        x = left + col_w * i + col_w / 2
+        tx = left + col_w * i + col_w / 2
         parts.append(
-            f'<text x="{x:.1f}" y="{base}" text-anchor="end" transform="rotate(-40 {x:.1f} {base})">'
+            f'<text x="{tx:.1f}" y="{base}" text-anchor="end" transform="rotate(-40 {tx:.1f} {base})">'
             f"{html.escape(repr(t)[1:-1][:14])}</text>"
         )
     parts.append("</svg>")
