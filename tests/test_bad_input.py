@@ -206,6 +206,8 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
         ("map train unknown target model", [*mt[:5], "NOT_A_MODEL:resid_post.0", *mt[6:]]),
         ("run unknown dtype", [*rt, "--dtype", "fp8"]),
         ("run config unknown dtype", [*rt, "--config", str(r / "cfg-fp8.json")]),
+        ("run reuse a folder that is no run", [*rt, "--reuse", str(r / "foreign")]),
+        ("run bad choice", [*rt, "--mapper", "quadratic"]),
         ("offline hub id not cached", [*ex, "--model", "rosettalens-test/no-such-model"]),
         # hf: specs outside the one syntax hf:<id>[:<config>][@<split>], refused before any model
         ("extract data hf ambiguous split", ["extract", "--model", g, "--hooks", "resid_post.0", "--data",

@@ -15,9 +15,7 @@ from rosettalens.experiments import EXPERIMENTS
 from rosettalens.experiments.cli import config_fields, experiment_parser, field_choices
 
 # commands whose options are still being converted (help texts from config fields); emptied at the end
-BEING_CONVERTED: set[str] = {
-    "rosetta run sae-universality",
-}
+BEING_CONVERTED: set[str] = set()
 
 ONLY_DEFAULT = re.compile(r"\(default: [^)]*\)")
 

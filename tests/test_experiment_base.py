@@ -310,3 +310,55 @@ def test_python_entry_point_runs_with_the_clis_checks(toy, tmp_path):
     with pytest.raises(ConfigError, match="unknown experiment"):
         run("toy2")
     assert not (tmp_path / "x").exists()
+
+
+def test_reuse_takes_the_matching_stages_of_an_earlier_run(toy, tmp_path, capsys):
+    from dataclasses import dataclass
+
+    calls = []
+
+    @dataclass
+    class Cfg:
+        n: int = 3
+        scale: float = 1.0
+        out: str | None = None
+
+    class Reuser(Experiment):
+        name = "reuser"
+        config_cls = Cfg
+
+        def stages(self, cfg):
+            def data(ctx):
+                calls.append("data")
+                ctx.state["data"] = {"x": torch.arange(cfg.n, dtype=torch.float32)}
+                ctx.save_tensors("data.safetensors", ctx.state["data"])
+
+            def scaled(ctx):
+                calls.append("scaled")
+                ctx.results["sum"] = float(ctx.state["data"]["x"].sum()) * cfg.scale
+                ctx.save_json("scaled.json", {"sum": ctx.results["sum"]})
+
+            return [
+                Stage("data", ("data.safetensors",), data, reuse_key=("n",)),
+                Stage("scaled", ("scaled.json",), scaled, reuse_key=("n", "scale")),
+            ]
+
+    a = tmp_path / "a"
+    run_experiment(Reuser(), Cfg(out=str(a)), progress=False)
+    # the data stage depends on n only: taken from run a; the scaled stage (new scale) recomputed on it
+    calls.clear()
+    b = run_experiment(Reuser(), Cfg(scale=2.0, out=str(tmp_path / "b")), reuse=[a], progress=False)
+    assert calls == ["scaled"] and b["sum"] == 2.0 * (0 + 1 + 2)
+    assert b["reused"] == {"data": str(a)} and b["timings_s"]["data"] == "reused"
+    assert (tmp_path / "b" / "data.safetensors").read_bytes() == (a / "data.safetensors").read_bytes()
+    # another n: nothing matches, everything is computed
+    calls.clear()
+    c = run_experiment(Reuser(), Cfg(n=4, out=str(tmp_path / "c")), reuse=[a], progress=False)
+    assert calls == ["data", "scaled"] and c["sum"] == 6.0 and "reused" not in c
+    # a run of another experiment, or no run at all: refused before anything is written
+    t = tmp_path / "toy-run"
+    run_experiment(toy.EXPERIMENT, toy.ToyConfig(out=str(t)), progress=False)
+    for bad, msg in ((t, "holds a toy run, not reuser"), (tmp_path, "no config.json")):
+        with pytest.raises(ConfigError, match=msg):
+            run_experiment(Reuser(), Cfg(out=str(tmp_path / "d")), reuse=[bad], progress=False)
+        assert not (tmp_path / "d").exists()

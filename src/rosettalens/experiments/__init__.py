@@ -8,6 +8,7 @@ the same options and the same checks. See docs/experiments.md and docs/cli.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .base import Experiment, RunContext, Stage, run_experiment
@@ -43,6 +44,7 @@ def run(
     config: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    reuse: Sequence[str | os.PathLike[str]] = (),
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
@@ -52,8 +54,8 @@ def run(
     command line's: an unknown name, a wrong type, a value outside a ``Literal`` field's choices, a
     layer the model lacks, an unknown model or an unreadable file raises a
     :class:`~rosettalens.errors.RosettaError` before anything is downloaded, loaded or written.
-    ``preset``, ``config`` (a config.json), ``resume`` (a run directory) and ``overwrite`` are the
-    options of the same names.
+    ``preset``, ``config`` (a config.json), ``resume`` (a run directory), ``reuse`` (earlier run
+    directories) and ``overwrite`` are the options of the same names.
 
     >>> run("refusal-transfer", n_eval=8, out="runs/quick")  # doctest: +SKIP
     """
@@ -68,7 +70,7 @@ def run(
         preset=preset,
         resume=resume_s,
     )
-    preflight(exp, cfg, resume=resume_s, overwrite=overwrite)
+    preflight(exp, cfg, resume=resume_s, overwrite=overwrite, reuse=reuse)
     if progress:
         print_plan(exp, cfg)
-    return run_experiment(exp, cfg, resume=resume_s, progress=progress, overwrite=overwrite)
+    return run_experiment(exp, cfg, resume=resume_s, progress=progress, overwrite=overwrite, reuse=reuse)

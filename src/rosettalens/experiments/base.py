@@ -78,12 +78,18 @@ class Stage:
 
     ``load(ctx)``, when given, restores the stage's values from its outputs on resume (default: each
     ``X.json`` / ``X.safetensors`` output into ``ctx.state["X"]``).
+
+    ``reuse_key``, when given, makes the stage reusable from another run (``--reuse RUN_DIR``): the
+    config fields its outputs depend on. A run given by ``--reuse`` whose ``config.json`` has the same
+    values for them and holds every output lends its outputs (copied), which are then loaded as on
+    resume.
     """
 
     name: str
     outputs: Sequence[str]
     run: Callable[[RunContext], Any]
     load: Callable[[RunContext], Any] | None = None
+    reuse_key: Sequence[str] | None = None
 
 
 @dataclass
@@ -97,6 +103,7 @@ class RunContext:
     results: dict[str, Any] = field(default_factory=dict)  # goes to results.json
     timings: dict[str, float | str] = field(default_factory=dict)  # stage -> seconds, or "skipped"
     resumed: bool = False
+    reuse: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # (run dir, its config)
 
     # ------------------------------------------------------------------------------------ paths
     def path(self, rel: str) -> Path:
@@ -292,17 +299,19 @@ def model_layers(model: str) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def read_run_config(run_dir: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any]]:
+def read_run_config(
+    run_dir: str | os.PathLike[str], what: str = "--resume"
+) -> tuple[str | None, dict[str, Any]]:
     """``(experiment name, config fields)`` of an existing run directory; ConfigError if it has none."""
     p = Path(run_dir) / CONFIG_FILE
     if not p.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a run directory)")
+        raise ConfigError(f"{what} {run_dir}: no {CONFIG_FILE} there (not a run directory)")
     try:
         values = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--resume {run_dir}: cannot read {CONFIG_FILE}: {e}") from e
+        raise ConfigError(f"{what} {run_dir}: cannot read {CONFIG_FILE}: {e}") from e
     if not isinstance(values, dict):
-        raise ConfigError(f"--resume {run_dir}: {CONFIG_FILE} is not a JSON object")
+        raise ConfigError(f"{what} {run_dir}: {CONFIG_FILE} is not a JSON object")
     name = values.pop("experiment", None)
     return name, values
 
@@ -322,8 +331,12 @@ def run_experiment(
     resume: str | os.PathLike[str] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    reuse: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
     """Run ``experiment`` with ``cfg`` (default: the config class's defaults, or the resumed run's).
+
+    ``reuse``: earlier run directories whose matching stages are taken instead of recomputed (see
+    :attr:`Stage.reuse_key`); each must hold a run of this experiment or of one in its ``reuse_from``.
 
     The run directory is ``resume``, else ``run_dir``, else the config's ``out`` / ``run_dir`` field,
     else ``runs/<name>-<timestamp>``. Returns :meth:`Experiment.summary` (with ``run_dir``).
@@ -378,8 +391,9 @@ def run_experiment(
             f"run directory {rdir} already holds a run; pass --resume {rdir} to continue it, "
             "--overwrite to replace it, or another --out"
         )
+    lenders = reuse_runs(experiment, reuse, rdir)
     stages = experiment.stages(cfg)
-    ctx = RunContext(config=cfg, run_dir=rdir, progress=progress, resumed=resume is not None)
+    ctx = RunContext(config=cfg, run_dir=rdir, progress=progress, resumed=resume is not None, reuse=lenders)
     old_run = None
     if earlier:  # --overwrite: set the earlier run aside (restored on a user error, else removed)
         old_run = temp_sibling(rdir)
@@ -423,9 +437,57 @@ def run_experiment(
     return _jsonable(out)
 
 
+def reuse_runs(
+    experiment: Experiment, dirs: Sequence[str | os.PathLike[str]], rdir: Path
+) -> list[tuple[Path, dict[str, Any]]]:
+    """The ``--reuse`` run directories with their configs, checked before any work."""
+    allowed = {experiment.name, *getattr(experiment, "reuse_from", ())}
+    out = []
+    for d in dirs:
+        p = Path(d)
+        if p.resolve() == rdir.resolve():
+            raise ConfigError(f"--reuse {p} is this run's own directory; use --resume to continue it")
+        name, values = read_run_config(p, "--reuse")
+        if name not in allowed:
+            raise ConfigError(
+                f"--reuse {p}: that directory holds a {name or 'unnamed'} run, not {experiment.name}"
+            )
+        out.append((p, values))
+    return out
+
+
+def _reused_from(stage: Stage, ctx: RunContext) -> Path | None:
+    """Copy the stage's outputs from the first ``--reuse`` run that matches; the run's directory."""
+    if stage.reuse_key is None or not stage.outputs:
+        return None
+    mine = config_dict(ctx.config)
+    for lender, values in ctx.reuse:
+        if any(values.get(k) != mine.get(k) for k in stage.reuse_key):
+            continue
+        if not all((lender / o).exists() for o in stage.outputs):
+            continue
+        for o in stage.outputs:
+            src, dest = lender / o, ctx.path(o)
+            tmp = temp_sibling(dest)
+            if src.is_dir():
+                shutil.copytree(src, tmp)
+            else:
+                shutil.copy2(src, tmp)
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        return lender
+    return None
+
+
 def _run_stage(stage: Stage, ctx: RunContext) -> None:
     outs = list(stage.outputs)
-    if ctx.resumed and outs and all(ctx.exists(o) for o in outs):
+    lender = None
+    if not (ctx.resumed and outs and all(ctx.exists(o) for o in outs)):
+        lender = _reused_from(stage, ctx)
+        if lender is not None:
+            ctx.results.setdefault("reused", {})[stage.name] = str(lender)
+    if (ctx.resumed or lender is not None) and outs and all(ctx.exists(o) for o in outs):
         if stage.load is not None:
             stage.load(ctx)
         else:
@@ -435,7 +497,7 @@ def _run_stage(stage: Stage, ctx: RunContext) -> None:
                     ctx.state[p.stem] = ctx.load_json(o)
                 elif p.suffix == ".safetensors":
                     ctx.state[p.stem] = ctx.load_tensors(o)
-        ctx.timings[stage.name] = "skipped"
+        ctx.timings[stage.name] = "skipped" if lender is None else "reused"
         return
     t0 = time.perf_counter()
     stage.run(ctx)

@@ -1,4 +1,4 @@
-"""`rosetta run EXPERIMENT [--config FILE] [--preset NAME] [--resume RUN_DIR] [options] [--json]`.
+"""`rosetta run EXPERIMENT [--config FILE] [--preset NAME] [--resume RUN_DIR] [--reuse RUN_DIR..] [options]`.
 
 One subcommand per entry of ``rosettalens.experiments.EXPERIMENTS``. The options are generated from
 the experiment's config dataclass: each field's help, shown default, aliases and metavar come from its
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import re
 import sys
 import types
@@ -256,7 +257,7 @@ def plan_text(plan: dict[str, Any]) -> str:
     """``plan: pulls X, uses Y, builds Z; about 9 min, peak 2.8 GB; NOTES``."""
     from ..models import zoo
 
-    models = [m for m in plan.get("models") or [] if m]
+    models = list(dict.fromkeys(m for m in plan.get("models") or [] if m))
     pulls = [m for m in models if m in zoo.ZOO and not zoo.is_cached(m)]
     uses = [m for m in models if m not in pulls]
     what = []
@@ -294,6 +295,9 @@ def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
                        help=f"a named set of options (options given beside it win): {lines}".replace("%", "%%"))  # fmt: skip
     opt.add_option(p, "--resume", type=opt.path, metavar="RUN_DIR",
                    help="continue this run directory (finished stages are skipped)")  # fmt: skip
+    opt.add_option(p, "--reuse", nargs="+", action="extend", type=opt.path, metavar="RUN_DIR", default=[],
+                   help="earlier run directories whose stages this run takes instead of recomputing them, "
+                   "where their config.json agrees on what the stage depends on")  # fmt: skip
     opt.add_overwrite(p, "an earlier run in --out as a whole (not with --resume)")
     opt.add_json(p)
     opt.add_no_progress(p)
@@ -376,9 +380,22 @@ def _model_names(cfg: Any) -> list[str]:
     return names
 
 
-def preflight(exp: Experiment, cfg: Any, *, resume: str | None = None, overwrite: bool = False) -> None:
+def preflight(
+    exp: Experiment,
+    cfg: Any,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    reuse: Sequence[str | os.PathLike[str]] = (),
+) -> None:
     """Every check that needs no model: config values, layer ranges (from the zoo's metadata or a
-    folder's config.json), devices, model names, prompt and task files, the output folder."""
+    folder's config.json), devices, model names, prompt and task files, the output folder, the runs
+    given to ``--reuse``."""
+    from .base import reuse_runs
+
+    if reuse:
+        out = getattr(cfg, "out", None) if cfg is not None else None
+        reuse_runs(exp, reuse, Path(resume or out or "runs/.new"))
     if cfg is None:
         return  # a resumed run's own config was checked when it started
     if overwrite and resume:
@@ -425,10 +442,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise ConfigError("--overwrite and --resume exclude each other")
     cfg = config_from_args(exp, args)
-    preflight(exp, cfg, resume=args.resume, overwrite=args.overwrite)
+    preflight(exp, cfg, resume=args.resume, overwrite=args.overwrite, reuse=args.reuse)
     print_plan(exp, cfg)
     progress = not args.no_progress and (not args.json or sys.stderr.isatty())
-    summary = run_experiment(exp, cfg, resume=args.resume, progress=progress, overwrite=args.overwrite)
+    summary = run_experiment(
+        exp, cfg, resume=args.resume, progress=progress, overwrite=args.overwrite, reuse=args.reuse
+    )
     if args.json:
         opt.print_json(summary)
     else:
