@@ -170,6 +170,14 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, name: str) -> Non
                 kw["metavar"] = meta["metavar"]
             elif choices is None and kw["type"] in (int, opt.finite_float):
                 kw["metavar"] = "N" if kw["type"] is int else "X"
+            elif f.name == "dtype":
+                kw["metavar"] = "{" + ",".join(opt.DTYPES) + "}"
+            elif f.name in MODEL_FIELDS and choices is None:
+                kw["metavar"] = "MODEL[,MODEL..]" if f.name == "models" else "MODEL"
+            elif f.name in PROMPT_FILE_FIELDS:
+                kw["metavar"] = "PROMPTS"
+            elif f.name == "out":
+                kw["metavar"] = "DIR"
         action = p.add_argument(flag, **kw)
         for old in aliases:
             opt.add_alias(p, old if old.startswith("-") else "--" + old.replace("_", "-"), action)
