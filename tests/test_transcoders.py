@@ -209,3 +209,257 @@ def test_circuit_tracer_round_trip_and_bad_folders(tmp_path):
     (tmp_path / "ct" / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
     with pytest.raises(DataError, match="not supported"):
         load_circuit_tracer(tmp_path / "ct")
+
+
+# ------------------------------------------------------------------------------------- sink rule
+def test_keep_mask_rule():
+    from rosettalens.transcoders.sinks import keep_mask
+
+    x = torch.ones(2, 5, 4)
+    y = torch.ones(2, 5, 3)
+    y[0, 3] *= 50.0  # an outlier MLP output (50 x the median norm)
+    x[1, 2] *= 20.0  # an outlier MLP input
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # row 1 left-padded
+    k = keep_mask(x, y, mask, skip_first=1, norm_ratio=10.0)
+    expected = torch.tensor([[False, True, True, False, True], [False, False, False, True, True]])
+    assert torch.equal(k.mask, expected)
+    assert k.medians == (2.0, pytest.approx(3**0.5))
+    # norm test off: only first positions and padding
+    k0 = keep_mask(x, y, mask, skip_first=1, norm_ratio=0)
+    assert torch.equal(
+        k0.mask, torch.tensor([[False, True, True, True, True], [False, False, False, True, True]])
+    )
+
+
+# ------------------------------------------------------------------------- tiny models: replace, eval
+@pytest.fixture(scope="module")
+def linear_hm():
+    """A tiny Llama whose MLPs are replaced by fixed linear maps ``x @ M_L`` (what a ReLU transcoder of
+    width 2d can represent exactly)."""
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_model
+
+    torch.set_num_threads(1)
+    m, tok = tiny_model("llama", seed=3)
+    hm = HookedModel.from_hf(m, tok, name="tiny-linear")
+    g = torch.Generator().manual_seed(5)
+    maps = {}
+    for L, block in enumerate(hm.layers):
+        M = torch.randn(hm.cfg.d_model, hm.cfg.d_model, generator=g) / hm.cfg.d_model**0.5
+        maps[L] = M
+        block.mlp.forward = lambda x, M=M: x @ M
+    hm.maps = maps
+    return hm
+
+
+def _exact_set(hm) -> TranscoderSet:
+    d = hm.cfg.d_model
+    tcs = {}
+    eye = torch.eye(d)
+    for L, M in hm.maps.items():
+        tc = Transcoder(TranscoderConfig(layer=L, d_in=d, d_out=d, width=2 * d, arch="relu", norm_ratio=0))
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.cat([eye, -eye], 1))  # f = [relu(x), relu(-x)]
+            tc.b_enc.zero_()
+            tc.W_dec.copy_(torch.cat([M, -M], 0))  # relu(x) @ M - relu(-x) @ M = x @ M
+            tc.b_dec.zero_()
+        tcs[L] = tc
+    return TranscoderSet(hm.name, tcs)
+
+
+def _texts():
+    from rosettalens.data.sources import load_documents
+
+    return load_documents("mini-web").documents[:10]
+
+
+def test_exact_transcoders_score_one(linear_hm):
+    from rosettalens.transcoders.evaluate import evaluate_transcoders
+
+    r = evaluate_transcoders(_exact_set(linear_hm), linear_hm, _texts(), progress=False)
+    for per in r["layers"].values():
+        assert per["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+        assert per["dead_fraction"] == 0.0
+        assert 0 < per["l0"] <= linear_hm.cfg.d_model
+    assert r["ce_replaced"] == pytest.approx(r["ce_clean"], abs=1e-4)
+    assert r["kl_replaced"] == pytest.approx(0.0, abs=1e-5)
+    assert r["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_zero_transcoders_score_zero_and_ce_matches_hf(linear_hm):
+    from rosettalens.transcoders.evaluate import evaluate_transcoders
+    from rosettalens.transcoders.train import pad_id, tokenize_documents
+
+    tset = _exact_set(linear_hm)
+    for L in tset.layers:
+        with torch.no_grad():
+            tset[L].W_dec.zero_()
+    texts = _texts()
+    r = evaluate_transcoders(tset, linear_hm, texts, docs_per_forward=3, progress=False)
+    assert r["ce_replaced"] == pytest.approx(r["ce_zero"], rel=1e-5)
+    assert r["kl_replaced"] == pytest.approx(r["kl_zero"], rel=1e-5)
+    assert r["ce_loss_score"] == pytest.approx(0.0, abs=1e-4)
+    # clean CE against the HF model run one document at a time (predictions from positions >= 1)
+    tot = n = 0.0
+    for ids in tokenize_documents(linear_hm.tokenizer, texts, 128):
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            logits = linear_hm.model(input_ids=t).logits[0].float()
+        ce = torch.nn.functional.cross_entropy(logits[1:-1], t[0, 2:], reduction="sum")
+        tot += float(ce)
+        n += len(ids) - 2
+    assert pad_id(linear_hm.tokenizer) is not None
+    assert r["ce_clean"] == pytest.approx(tot / n, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_replace_mlps_matches_plain_torch_hooks(family):
+    """replace_mlps (through HookedModel) against the same replacement written with raw PyTorch hooks
+    on the HF modules; positions left out keep the MLP's own output."""
+    from rosettalens.hooks import HookedModel
+    from rosettalens.models.tiny import tiny_model
+    from rosettalens.transcoders.evaluate import replace_mlps
+
+    m, tok = tiny_model(family, seed=2)
+    hm = HookedModel.from_hf(m, tok)
+    d = hm.cfg.d_model
+    tset = TranscoderSet(
+        hm.name,
+        {L: _random_tc(layer=L, d_in=d, d_out=d, width=32, k=4, seed=L) for L in range(hm.cfg.n_layers)},
+    )
+    for tc in tset.transcoders.values():
+        with torch.no_grad():
+            tc.W_dec.mul_(0.05)
+    ids = torch.randint(5, 300, (2, 9))
+    keep = {L: torch.ones(2, 9, dtype=torch.bool) for L in tset.layers}
+    for k in keep.values():
+        k[:, 0] = False
+    with replace_mlps(hm, tset, keep):
+        ours = hm.forward(ids)
+    out_mod = {"llama": "mlp", "gemma3": "post_feedforward_layernorm"}[family]
+    handles, stash = [], {}
+    for L, block in enumerate(hm.layers):
+        handles.append(
+            block.mlp.register_forward_pre_hook(lambda mod, args, L=L: stash.__setitem__(L, args[0]))
+        )
+
+        def post(mod, args, out, L=L):
+            new = tset[L](stash[L])
+            new[:, 0] = out[:, 0]
+            return new
+
+        handles.append(getattr(block, out_mod).register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            ref = m(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, hm.forward(ids), atol=1e-3)  # the replacement did change something
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_train_learns_a_linear_mlp_and_saves_raw_units(linear_hm, tmp_path):
+    from rosettalens.transcoders.evaluate import evaluate_transcoders
+    from rosettalens.transcoders.train import TrainConfig, train_transcoders
+
+    docs = _texts() * 6
+    cfg = TrainConfig(width=64, k=8, skip=True, max_tokens=4000, batch_size=64, lr=5e-3, heldout=0.2)
+    tset, held = train_transcoders(linear_hm, docs, cfg, progress=False)
+    assert tset.layers == list(range(linear_hm.cfg.n_layers)) and held
+    for L in tset.layers:
+        c = tset[L].cfg
+        assert (c.hook_in, c.hook_out, c.model) == (f"mlp_in.{L}", f"mlp_out.{L}", "tiny-linear")
+        assert c.tokens > 0 and c.median_norm_in and c.median_norm_out
+    tset.save(tmp_path / "set")
+    back = TranscoderSet.load(tmp_path / "set")
+    r = evaluate_transcoders(back, linear_hm, _texts(), progress=False)
+    # a linear MLP is learnt by the skip connection: nearly all of its variance explained
+    assert r["explained_variance_min"] > 0.95
+    assert r["ce_loss_score"] > 0.9
+    for per in r["layers"].values():
+        assert 0 < per["l0"] <= 8
+
+
+def test_train_bad_config():
+    from rosettalens.transcoders.train import TrainConfig
+
+    for bad in (
+        dict(k=0),
+        dict(width=8, k=9),
+        dict(lr=-1.0),
+        dict(heldout=1.0),
+        dict(norm_ratio=0.5),
+        dict(warmup_frac=0.8, decay_frac=0.5),
+    ):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad).validate()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from rosettalens.models.tiny import tiny_model
+
+    d = tmp_path_factory.mktemp("models") / "tiny-llama"
+    m, t = tiny_model("llama", seed=1)
+    m.save_pretrained(d)
+    t.save_pretrained(d)
+    return d
+
+
+def test_cli_train_and_eval(model_dir, tmp_path, capsys):
+    import json
+
+    from rosettalens.cli import main
+
+    out = tmp_path / "tc"
+    args = ["transcoders", "train", "--model", str(model_dir), "--data", "mini-web", "--out", str(out),
+            "--width", "32", "--k", "4", "--max-tokens", "600", "--batch-size", "64", "--layers", "0,-1",
+            "--no-progress", "--json"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    n = TranscoderSet.load(out)
+    last = len(n.transcoders) and max(n.layers)
+    assert summary["layers"] == n.layers == [0, last] and last > 0
+    assert set(summary["per_layer"]) == {"0", str(last)}
+    assert summary["ce_zero"] > 0 and "ce_loss_score" in summary
+    assert main(["transcoders", "eval", "--transcoders", str(out), "--data", "mini-web", "--max-tokens", "300",
+                 "--no-progress", "--json"]) == 0  # fmt: skip
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == str(model_dir) and 0 <= r["per_layer"]["0"]["dead_fraction"] <= 1
+    # an existing output is refused before any work, and kept
+    before = sorted(p.name for p in out.iterdir())
+    assert main(args) == 2
+    assert "exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layers", "0,x"], "--layers"),
+        (["--layers", "7"], "out of range"),
+        (["--width", "8", "--k", "9"], "larger than width"),
+        (["--arch", "gated"], "invalid choice"),
+        (["--data", "/nonexistent/file.txt"], ""),
+        (["--heldout", "1.5"], ""),
+    ],
+)
+def test_cli_bad_input(model_dir, tmp_path, capsys, extra, message):
+    from rosettalens.cli import main
+
+    base = ["transcoders", "train", "--model", str(model_dir), "--data", "mini-web", "--out", str(tmp_path / "o"),
+            "--max-tokens", "100", "--no-progress"]  # fmt: skip
+    assert main(base + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rosetta: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_bad_set(tmp_path, capsys):
+    from rosettalens.cli import main
+
+    assert main(["transcoders", "eval", "--transcoders", str(tmp_path), "--data", "mini-web"]) == 2
+    assert "not a transcoder set" in capsys.readouterr().err

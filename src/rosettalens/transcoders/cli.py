@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.time()
     tset, held = train_transcoders(hm, corpus.documents, cfg, progress=not args.no_progress)
     tset.info["data"] = corpus.describe()
+    tset.info["model_spec"] = args.model  # what loads the model again (`eval` defaults to it)
     result: dict[str, Any] = {}
     if args.eval_tokens and held:
         result = evaluate_transcoders(tset, hm, held, max_tokens=args.eval_tokens, max_length=cfg.max_length,
@@ -119,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rosettalens.transcoders.model import TranscoderSet
 
     tset = TranscoderSet.load(args.transcoders)
-    model = args.model or tset.model
+    model = args.model or tset.info.get("model_spec") or tset.model
     if not model:
         raise ConfigError("the transcoder set records no model; pass --model")
     opt.check_models([model])
