@@ -312,7 +312,12 @@ def test_pipeline_across_tokenizers_writes_every_output(cross_run):
     assert set(s["sae_metrics"]) == {"llama", "qwen"}
     m = s["sae_metrics"]["llama"]["resid_post.0"]
     assert 0 < m["fvu"] < 1.5 and m["l0"] == pytest.approx(4.0) and 0 <= m["dead_fraction"] <= 1
-    for f in ("config.json", "results.json", "report.html", "heatmaps.png", "correlations.png", "pairs.json",
+    assert [(r["layer_a"], r["layer_b"]) for r in c["per_pair"]] == [
+        (p["layer_a"], p["layer_b"]) for p in s["pairs"]
+    ]
+    for r in c["per_pair"]:  # every pair has its cross-model score beside ceiling, null and random-init
+        assert {"ceiling_svcca", "cross_svcca", "null_svcca", "random_svcca", "cross_p", "random_p"} <= set(r)
+    for f in ("config.json", "results.json", "report.html", "heatmaps.png", "correlations.png", "pairs.json", "controls.png",
               "subspaces.json", "controls.json", "saes/a/layer0/cfg.json", f"saes/random/layer{c['layer_a']}/cfg.json"):  # fmt: skip
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
@@ -350,7 +355,7 @@ def test_kept_rows_rule():
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     keep = kept_rows(_FakeStore(x, pos), SAEUniversalityConfig())
     assert keep.tolist() == [False, True, True, False, False, True, True, True]
-    keep = kept_rows(_FakeStore(x, pos), SAEUniversalityConfig(skip_first=0, outlier_norm=0))
+    keep = kept_rows(_FakeStore(x, pos), SAEUniversalityConfig(skip_first=0, norm_ratio=0))
     assert keep.all()
 
 
@@ -375,7 +380,7 @@ def test_same_tokenizer_pairs_by_position_with_a_generated_corpus(tiny_dirs, tmp
     from rosettalens.experiments.sae_universality import run
 
     monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))
-    cfg = _cfg(f"{tiny_dirs['llama']},{tiny_dirs['llama2']}", tmp_path / "r", layers="1", controls=False,
+    cfg = _cfg(f"{tiny_dirs['llama']},{tiny_dirs['llama2']}", tmp_path / "r", layers="1", controls="none",
                data="sequences", generate_tokens=300)  # fmt: skip
     s = run(cfg, progress=False)
     assert s["pairing"]["mode"].startswith("position") and s["pairing"]["fraction_a"] == 1.0
@@ -436,7 +441,7 @@ def test_cli_json_and_bad_layer(tiny_dirs, tmp_path, capsys):
     )
     assert not (tmp_path / "bad").exists()
     args = ["run", "sae-universality", "--models", models, "--layers", "1/2", "--tokens", "800", "--width", "32",
-            "--k", "4", "--epochs", "1", "--batch-size", "128", "--n-permutations", "10", "--controls", "false",
+            "--k", "4", "--epochs", "1", "--batch-size", "128", "--n-permutations", "10", "--controls", "none",
             "--one-to-one", "first", "--out", str(tmp_path / "ok"), "--json"]  # fmt: skip
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout

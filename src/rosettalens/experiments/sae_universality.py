@@ -16,9 +16,16 @@ Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outp
    RSA and linear CKA of the paired decoder rows against ``--n-permutations`` shuffled pairings;
 5. subspaces [``subspaces.json``]: at the best layer pair, the pairs grouped by team-written keyword
    lists (``data/semantic_subspaces.json``), each scored against ``--n-subspace-permutations`` shuffles;
-6. controls [``controls.json``]: at the best pair, two SAEs of model A's layer with different seeds
-   (the ceiling) and an SAE of the random-init copy of A matched to B's SAE (trained must beat it);
-7. heatmaps, correlation histogram, ``results.json`` and ``report.html``.
+6. controls [``controls.json``]: at every layer pair (``--controls all``) or the best one, two SAEs of
+   model A's layer with different seeds (the ceiling, and their median best decoder cosine) and an SAE
+   of the random-init copy of A matched to B's SAE (trained must beat it), each with its SVCCA, null
+   and p-value;
+7. heatmaps, correlation histogram, the controls figure (ceiling, cross-model, null and random-init
+   side by side per layer pair), ``results.json`` and ``report.html``.
+
+The positions left out of SAE training and matching follow :mod:`rosettalens.sae.sinks`
+(``--skip-first``, ``--norm-ratio``); the default documents are the offline corpus
+(:mod:`rosettalens.data.corpus`).
 """
 
 from __future__ import annotations
@@ -30,62 +37,81 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from ..config import option
 from ..errors import ConfigError, DataError
+from ..names import hook_name
+from ..sae.sinks import NORM_RATIO, SKIP_FIRST, SinkRule
+from ..similarity.universality import ONE_TO_ONE
 from .base import Experiment, RunContext, Stage
 
 DEFAULT_MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct"
-DEFAULT_DATA = "mini-web,harmless,harmful,sequences"
+DEFAULT_DATA = "corpus"
 MIN_PAIRED_TOKENS = 64
+HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
 @dataclass
 class SAEUniversalityConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    models: str = DEFAULT_MODELS  # "A,B"
-    layers: str = "auto"  # auto | auto:N | all | stride:K | 3,6,9 | 3,6,9/4,8 (see parse_layers)
-    hook: str = "resid_post"  # hook kind; the layer index is appended
-    data: str = DEFAULT_DATA  # comma-separated built-in names / .txt / .jsonl files / hf:<id>
-    generate_tokens: int = 0  # > 0: also sample a corpus of this many tokens from --generate-model
-    generate_model: str | None = None  # default: model A
-    tokens: int = 12000  # tokens of model A to extract (documents are kept whole)
-    max_length: int = 256  # tokens per document
-    width: int = 512  # SAE latents
-    arch: str = "topk"
-    k: int = 16  # active latents (topk / batchtopk)
-    epochs: int = 6  # passes over the training tokens
-    batch_size: int = 256  # SAE training batch (tokens)
-    lr: float | None = None  # default: rosettalens.sae's rule, 2e-4 * sqrt(16384 / width)
-    eval_fraction: float = 0.1  # held-out tokens for the SAE metrics
-    # tokens left out of SAE training and matching: the first `skip_first` positions of every document
-    # (attention sinks: without a BOS token the first token carries norms ~100x the median) and any
-    # token whose norm at some grid layer exceeds `outlier_norm` x that layer's median norm (0: off)
-    skip_first: int = 1
-    outlier_norm: float = 10.0
-    min_corr: float = 0.3  # pair filter: activation correlation threshold
-    drop_nonconcept: bool = True  # pair filter: drop pairs whose top tokens are all non-concept tokens
-    shared_top_token: bool = True  # pair filter: top tokens must share at least one token
-    one_to_one: str = "best"  # best | first (the paper's code) | none
-    top_k_tokens: int = 5  # top-activating tokens per feature used by the filters
-    n_permutations: int = 100  # shuffled pairings per layer pair
-    n_subspace_permutations: int = 1000
-    subspaces: str | None = None  # a keyword JSON file (default: the bundled team lists)
-    subspace_side: str = "a"  # whose top token assigns a pair to a subspace: a | b | both | either
-    keep_variance: float = 0.99  # SVCCA principal directions kept per side (at most a quarter of the rows)
-    controls: bool = True
-    extract_batch_size: int = 8
-    seed: int = 0
-    device: str | None = None
-    out: str | None = None
+    models: str = option(DEFAULT_MODELS, "the two models A,B (zoo names, HF folders, .gguf files or hub ids)")
+    layers: str = option("auto", "layer grid: auto (5 per model over the depth), auto:N, all, stride:K, "
+                         "3,6,9 (both models) or 3,6,9/4,8 (A/B)")  # fmt: skip
+    hook: Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"] = option(
+        "resid_post", "hook kind read at every grid layer"
+    )
+    data: str = option(DEFAULT_DATA, "comma-separated documents: corpus (rosetta data corpus build), built-in "
+                       "names, .txt/.jsonl files or hf:<id>")  # fmt: skip
+    generate_tokens: int = option(0, "> 0: also sample a corpus of this many tokens from --generate-model")
+    generate_model: str | None = option(None, "model that writes the generated corpus", shown="model A")
+    tokens: int = option(60000, "tokens of model A to extract (documents are kept whole)")
+    max_length: int = option(256, "tokens per document")
+    width: int = option(512, "SAE latents")
+    arch: Literal["topk", "batchtopk", "relu", "jumprelu"] = option("topk", "SAE architecture")
+    k: int = option(16, "active latents per token (topk / batchtopk)")
+    epochs: int = option(6, "passes over the training tokens")
+    batch_size: int = option(256, "SAE training batch (tokens)")
+    lr: float | None = option(None, "SAE learning rate", shown="2e-4 * sqrt(16384 / width)")
+    eval_fraction: float = option(0.1, "fraction of the tokens (the last documents) held out for the SAE "
+                                  "metrics")  # fmt: skip
+    skip_first: int = option(SKIP_FIRST, "positions left out at the start of every document (attention "
+                             "sinks), in SAE training and matching")  # fmt: skip
+    norm_ratio: float = option(NORM_RATIO, "tokens whose norm at some grid layer exceeds this multiple of the "
+                               "layer's median norm are left out (0: off)", aliases=("--outlier-norm",))  # fmt: skip
+    min_corr: float = option(0.3, "pair filter: activation correlation threshold")
+    drop_nonconcept: bool = option(
+        True, "pair filter: drop pairs whose top tokens are all non-concept tokens"
+    )
+    shared_top_token: bool = option(
+        True, "pair filter: the two features' top tokens share at least one token"
+    )
+    one_to_one: Literal["best", "first", "none"] = option(
+        "best", "one-to-one pairing: best (keep the best match of each B feature), first (the paper's code) "
+        "or none"
+    )  # fmt: skip
+    top_k_tokens: int = option(5, "top-activating tokens per feature used by the filters")
+    n_permutations: int = option(100, "shuffled pairings per layer pair (the null and its p-value)")
+    n_subspace_permutations: int = option(1000, "shuffled pairings per semantic subspace")
+    subspaces: str | None = option(None, "keyword JSON file of semantic subspaces", shown="the bundled lists")
+    subspace_side: Literal["a", "b", "both", "either"] = option(
+        "a", "whose top token assigns a pair to a subspace"
+    )
+    keep_variance: float = option(0.99, "SVCCA: variance kept per side (at most a quarter of the rows)")
+    controls: Literal["all", "best", "none"] = option(
+        "all", "controls (two-seed ceiling of model A, SAE of a randomly initialised copy of A) at every "
+        "layer pair, at the best pair only, or none"
+    )  # fmt: skip
+    extract_batch_size: int = option(8, "documents per forward pass in extraction")
+    seed: int = option(0, "random seed")
+    device: str | None = option(None, "torch device", shown="cuda if available, else cpu")
+    out: str | None = option(None, "run directory", shown="runs/sae-universality-TIMESTAMP")
 
     def validate(self) -> None:
-        from ..similarity.universality import ONE_TO_ONE
-
         names = [m.strip() for m in self.models.split(",")]
         if len(names) != 2 or not all(names):
             raise ConfigError(f"--models takes two models 'A,B', got {self.models!r}")
@@ -95,26 +121,25 @@ class SAEUniversalityConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.k >= self.width:
             raise ConfigError(f"--k ({self.k}) must be smaller than --width ({self.width})")
-        if self.arch not in ("topk", "batchtopk", "relu", "jumprelu"):
-            raise ConfigError(f"--arch must be topk, batchtopk, relu or jumprelu, got {self.arch!r}")
-        if self.one_to_one not in ONE_TO_ONE:
-            raise ConfigError(f"--one-to-one must be one of {', '.join(ONE_TO_ONE)}, got {self.one_to_one!r}")
-        if self.subspace_side not in ("a", "b", "both", "either"):
-            raise ConfigError(f"--subspace-side must be a, b, both or either, got {self.subspace_side!r}")
+        for name, allowed in (("arch", ("topk", "batchtopk", "relu", "jumprelu")), ("one_to_one", ONE_TO_ONE),
+                              ("subspace_side", ("a", "b", "both", "either")), ("hook", HOOK_KINDS),
+                              ("controls", ("all", "best", "none"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")  # fmt: skip
         if not 0.0 < self.eval_fraction < 0.5:
             raise ConfigError(f"--eval-fraction must be in (0, 0.5), got {self.eval_fraction}")
         if not 0.0 < self.keep_variance <= 1.0:
             raise ConfigError(f"--keep-variance must be in (0, 1], got {self.keep_variance}")
         if not -1.0 <= self.min_corr <= 1.0:
             raise ConfigError(f"--min-corr must be in [-1, 1], got {self.min_corr}")
-        if self.hook not in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
-            raise ConfigError(
-                f"--hook must be a residual-like hook kind (resid_post, ...), got {self.hook!r}"
-            )
-        if self.skip_first < 0 or self.outlier_norm < 0:
-            raise ConfigError("--skip-first and --outlier-norm must be >= 0")
+        self.sink_rule()
         if self.generate_tokens < 0:
             raise ConfigError("--generate-tokens must be >= 0")
+
+    def sink_rule(self) -> SinkRule:
+        """The positions left out (:mod:`rosettalens.sae.sinks`)."""
+        return SinkRule(self.skip_first, self.norm_ratio)
 
     @property
     def model_names(self) -> tuple[str, str]:
@@ -219,23 +244,20 @@ def train_layer_sae(store: Any, hook: str, rows: torch.Tensor, cfg: SAEUniversal
     n = len(rows)
     batch = min(cfg.batch_size, n)
     sc = SAEConfig(d_in=store.d_model, width=cfg.width, arch=cfg.arch, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None,
-                   seed=seed, model=store.manifest["model"]["name"], hook=hook)  # fmt: skip
+                   seed=seed, model=store.manifest["model"]["name"], hook=hook, skip_first=cfg.skip_first,
+                   norm_ratio=cfg.norm_ratio)  # fmt: skip
     tc = TrainConfig(batch_size=batch, tokens=max(batch, cfg.epochs * n), lr=cfg.lr, seed=seed,
                      device=_sae_device(cfg))  # fmt: skip
     x = store.read(hook, rows=rows).to(torch.float32)  # [n, d]: the kept rows are not one contiguous range
-    return train_saes(x, [sc], tc, progress=progress)[0]
+    return train_saes(x, [sc], tc, positions=store.pos_index[rows], progress=progress)[0]
 
 
 def kept_rows(store: Any, cfg: SAEUniversalityConfig, hooks: list[str] | None = None) -> torch.Tensor:
-    """``[rows]`` bool: rows used for SAEs and matching (``--skip-first`` positions and ``--outlier-norm``
-    tokens left out; see the config)."""
-    keep = store.pos_index >= cfg.skip_first
-    if cfg.outlier_norm > 0:
-        for h in hooks or store.hooks:
-            norms = torch.cat([store.read(h, rows=torch.arange(s.start, s.stop)).double().norm(dim=1)
-                               for s in _chunks(len(store), 16384)])  # fmt: skip
-            keep &= norms <= cfg.outlier_norm * norms[keep].median()
-    return keep
+    """``[rows]`` bool: rows used for SAEs and matching, under the sink rule of ``--skip-first`` and
+    ``--norm-ratio`` (:func:`rosettalens.sae.keep_rows`; a row left out at one hook is left out at all)."""
+    from ..sae import keep_rows
+
+    return keep_rows(store, hooks, cfg.sink_rule())[0]
 
 
 def _sae_device(cfg: SAEUniversalityConfig) -> str:
@@ -276,7 +298,7 @@ def load_sae(path: Path) -> Any:
 
 # ------------------------------------------------------------------------------------ experiment
 def _hook(cfg: SAEUniversalityConfig, layer: int) -> str:
-    return f"{cfg.hook}.{layer}"
+    return hook_name(cfg.hook, layer)
 
 
 def _filters(cfg: SAEUniversalityConfig):
@@ -326,7 +348,7 @@ class SAEUniversality(Experiment):
             Stage("match", ("pairs.json", "correlations.safetensors"), self.match, self.load_match),
             Stage("subspaces", ("subspaces.json",), self.subspaces, self.load_subspaces),
             Stage("controls", ("controls.json",), self.controls, self.load_controls),
-            Stage("plots", ("heatmaps.png", "correlations.png"), self.plots),
+            Stage("plots", ("heatmaps.png", "correlations.png", "controls.png"), self.plots),
         ]
 
     # --------------------------------------------------------------------------------- 1 setup
@@ -397,7 +419,7 @@ class SAEUniversality(Experiment):
                 "give more or other --data"
             )
         ctx.state.update(store_a=sa, store_b=sb, pair=pair, keep_a=keep_a, keep_b=keep_b)
-        # model B is not run again (its tokenizer is kept): free its weights (6 GB for Qwen 1.5B in float32)
+        # model B is not run again (its tokenizer is kept): free its weights
         ctx.state.pop("hm_b", None)
         gc.collect()
         ctx.results["pairing"] = info
@@ -532,31 +554,29 @@ class SAEUniversality(Experiment):
     # ------------------------------------------------------------------------------ 6 controls
     def controls(self, ctx: RunContext) -> None:
         from ..align import PairedStores
+        from ..sae import best_decoder_cosine
         from ..similarity.universality import paired_similarity
         from ..store import extract
 
         cfg: SAEUniversalityConfig = ctx.config
         best = ctx.state["best"]
-        out: dict[str, Any] = {"same_model_svcca": None, "random_model_svcca": None}
-        if best is None or not cfg.controls:
+        out: dict[str, Any] = {"same_model_svcca": None, "random_model_svcca": None, "per_pair": []}
+        if best is None or cfg.controls == "none":
             out["note"] = (
-                "no layer pair has enough filtered pairs" if best is not None else "controls disabled"
+                "controls disabled" if best is not None else "no layer pair has enough filtered pairs"
             )
             ctx.save_json("controls.json", out)
             ctx.results["controls"] = out
             return
-        la, lb = best["layer_a"], best["layer_b"]
-        ha, hb = _hook(cfg, la), _hook(cfg, lb)
+        grid = (
+            [(r["layer_a"], r["layer_b"]) for r in ctx.state["pairs"]]
+            if cfg.controls == "all"
+            else [(best["layer_a"], best["layer_b"])]
+        )
+        layers_a = sorted({la for la, _ in grid})
         sa, sb, pair = ctx.state["store_a"], ctx.state["store_b"], ctx.state["pair"]
         tok_a, tok_b = ctx.state["tok_a"], ctx.state["tok_b"]
-        sae_a, sae_b = ctx.state["saes"]["a"][la], ctx.state["saes"]["b"][lb]
         filters = _filters(cfg)
-        out.update(
-            layer_a=la,
-            layer_b=lb,
-            trained_svcca=best["svcca"],
-            trained_svcca_null_mean=best["svcca_null_mean"],
-        )
 
         def score(fm, w1, w2, seed):
             s = paired_similarity(w1, w2, fm.kept, n_permutations=cfg.n_permutations, seed=seed,
@@ -564,25 +584,51 @@ class SAEUniversality(Experiment):
             return {**s, **{k: v for k, v in fm.to_dict().items() if k != "n_pairs"}}
 
         # ceiling: model A's layer, a second SAE with another seed, matched over A's paired tokens
-        sae_a2, _ = self._train_eval(ctx, sa, ctx.state["keep_a"], ha, cfg.seed + 1)
-        save_sae(sae_a2, ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
-        fm = match_pair(sae_a, sae_a2, sa, sa, ha, ha, pair.rows_a, pair.rows_a, tok_a, tok_a, filters)
-        same = score(fm, decoder_rows(sae_a), decoder_rows(sae_a2), cfg.seed + 11)
-        # floor: an SAE on a randomly initialised copy of model A, matched to model B's SAE
+        ceiling: dict[int, dict[str, Any]] = {}
+        for la in layers_a:
+            ha = _hook(cfg, la)
+            sae_a, (sae_a2, _) = (
+                ctx.state["saes"]["a"][la],
+                self._train_eval(ctx, sa, ctx.state["keep_a"], ha, cfg.seed + 1),
+            )
+            save_sae(sae_a2, ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
+            fm = match_pair(sae_a, sae_a2, sa, sa, ha, ha, pair.rows_a, pair.rows_a, tok_a, tok_a, filters)
+            ceiling[la] = score(fm, decoder_rows(sae_a), decoder_rows(sae_a2), cfg.seed + 11 + la)
+            ceiling[la]["decoder_cosine_median"] = float(best_decoder_cosine(sae_a, sae_a2).median())
+        # floor: SAEs of a randomly initialised copy of model A, matched to model B's SAEs
         hm_r = random_copy(ctx.state["hm_a"], cfg.seed + 2)
         corpus = ctx.state.get("corpus") or load_corpus(cfg, ctx.state["hm_a"], ctx.progress)
-        sr = extract(hm_r, [ha], corpus, ctx.path("acts/random/manifest.json").parent, max_length=cfg.max_length,
-                     batch_size=cfg.extract_batch_size, progress=ctx.progress)  # fmt: skip
+        sr = extract(hm_r, [_hook(cfg, la) for la in layers_a], corpus, ctx.path("acts/random/manifest.json").parent,
+                     max_length=cfg.max_length, batch_size=cfg.extract_batch_size, progress=ctx.progress)  # fmt: skip
         del hm_r
         keep_r = kept_rows(sr, cfg)
-        sae_r, rand_metrics = self._train_eval(ctx, sr, keep_r, ha, cfg.seed)
-        save_sae(sae_r, ctx.path(f"saes/random/layer{la}/.keep").parent)
         pr = _filter_pairs(PairedStores(sr, sb, mode="aligned"), keep_r, ctx.state["keep_b"])
-        fm = match_pair(sae_r, sae_b, sr, sb, ha, hb, pr.rows_a, pr.rows_b, tok_a, tok_b, filters)
-        rand = score(fm, decoder_rows(sae_r), decoder_rows(sae_b), cfg.seed + 13)
-        rand["sae_metrics"] = rand_metrics
-        out.update(same_model_svcca=same["svcca"], random_model_svcca=rand["svcca"], same_model=same,
-                   random_model=rand)  # fmt: skip
+        rand_saes, rand_metrics = {}, {}
+        for la in layers_a:
+            rand_saes[la], rand_metrics[la] = self._train_eval(ctx, sr, keep_r, _hook(cfg, la), cfg.seed)
+            save_sae(rand_saes[la], ctx.path(f"saes/random/layer{la}/.keep").parent)
+        cross = {(r["layer_a"], r["layer_b"]): r for r in ctx.state["pairs"]}
+        for i, (la, lb) in enumerate(grid):
+            sae_r, sae_b = rand_saes[la], ctx.state["saes"]["b"][lb]
+            fm = match_pair(sae_r, sae_b, sr, sb, _hook(cfg, la), _hook(cfg, lb), pr.rows_a, pr.rows_b, tok_a, tok_b,
+                            filters)  # fmt: skip
+            rand = score(fm, decoder_rows(sae_r), decoder_rows(sae_b), cfg.seed + 13 + 7919 * i)
+            c = cross[(la, lb)]
+            out["per_pair"].append({
+                "layer_a": la, "layer_b": lb,
+                "cross_svcca": c.get("svcca"), "null_svcca": c.get("svcca_null_mean"), "cross_p": c.get("svcca_p"),
+                "ceiling_svcca": ceiling[la].get("svcca"), "ceiling_p": ceiling[la].get("svcca_p"),
+                "random_svcca": rand.get("svcca"), "random_null_svcca": rand.get("svcca_null_mean"),
+                "random_p": rand.get("svcca_p"), "random_n_pairs": rand.get("n_pairs"),
+            })  # fmt: skip
+            if (la, lb) == (best["layer_a"], best["layer_b"]):
+                rand["sae_metrics"] = rand_metrics[la]
+                out["random_model"] = rand
+        la, lb = best["layer_a"], best["layer_b"]
+        out.update(layer_a=la, layer_b=lb, trained_svcca=best["svcca"], trained_svcca_null_mean=best["svcca_null_mean"],
+                   same_model_svcca=ceiling[la].get("svcca"), same_model=ceiling[la],
+                   same_model_decoder_cosine_median=ceiling[la]["decoder_cosine_median"],
+                   random_model_svcca=out.get("random_model", {}).get("svcca"))  # fmt: skip
         ctx.save_json("controls.json", out)
         ctx.results["controls"] = out
 
@@ -647,6 +693,7 @@ class SAEUniversality(Experiment):
             ax.legend(fontsize=8)
         fig.tight_layout()
         ctx.save_figure("correlations.png", fig)
+        ctx.save_figure("controls.png", controls_figure(plt, ctx.results.get("controls", {}), name_a, name_b))
 
     # -------------------------------------------------------------------------------- outputs
     def summary(self, ctx: RunContext) -> dict[str, Any]:
@@ -665,8 +712,10 @@ class SAEUniversality(Experiment):
             "controls": {
                 "same_model_svcca": c.get("same_model_svcca"),
                 "random_model_svcca": c.get("random_model_svcca"),
+                "same_model_decoder_cosine_median": c.get("same_model_decoder_cosine_median"),
                 "layer_a": c.get("layer_a"),
                 "layer_b": c.get("layer_b"),
+                "per_pair": c.get("per_pair", []),
             },  # fmt: skip
             "sae_metrics": r.get("sae_metrics", {}),
             "pairing": r.get("pairing"),
@@ -695,6 +744,35 @@ class SAEUniversality(Experiment):
         print(f"controls: same model, other seed SVCCA {_f(c['same_model_svcca'])}; "
               f"random-init model A SVCCA {_f(c['random_model_svcca'])}")  # fmt: skip
         print(f"run directory: {summary['run_dir']} (report.html)")
+
+
+def controls_figure(plt, controls: dict[str, Any], name_a: str, name_b: str):
+    """Per layer pair, side by side: the two-seed ceiling (model A against itself), the cross-model SVCCA,
+    its shuffle null and the random-init control; the cross-model p-value above each group."""
+    rows = controls.get("per_pair") or []
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 3.8))
+    if not rows:
+        ax.text(0.5, 0.5, controls.get("note", "no controls"), ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    bars = (("ceiling_svcca", "ceiling (A, two seeds)", "tab:green"), ("cross_svcca", "cross-model", "tab:blue"),
+            ("null_svcca", "shuffle null", "tab:gray"), ("random_svcca", "random-init A vs B", "tab:red"))  # fmt: skip
+    x = np.arange(len(rows))
+    w = 0.2
+    for j, (key, label, color) in enumerate(bars):
+        vals = [np.nan if r.get(key) is None else r[key] for r in rows]
+        ax.bar(x + (j - 1.5) * w, vals, w, label=label, color=color)
+    for i, r in enumerate(rows):
+        if r.get("cross_p") is not None:
+            top = max(v for v in (r.get(k) for k, _, _ in bars) if v is not None) if any(
+                r.get(k) is not None for k, _, _ in bars) else 0.0  # fmt: skip
+            ax.text(i, top + 0.02, f"p={r['cross_p']:.2g}", ha="center", fontsize=7)
+    ax.set(xticks=x, xticklabels=[f"{r['layer_a']}/{r['layer_b']}" for r in rows], ylabel="paired SVCCA",
+           xlabel=f"layer pair ({name_a} / {name_b})", ylim=(0, 1.1),
+           title="SAE feature universality: ceiling, cross-model, null and random-init per layer pair")  # fmt: skip
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    fig.tight_layout()
+    return fig
 
 
 def _f(v: Any) -> str:
@@ -745,7 +823,8 @@ def _write_report(ctx: RunContext) -> None:
         ("Layer pairs", "<img src='heatmaps.png' width='900'>" + f"<table>{head}{body}</table>"),
         ("Activation correlations before / after filtering", "<img src='correlations.png' width='640'>"),
         (f"Semantic subspaces (layer pair {best.get('layer_a')} / {best.get('layer_b')})", f"<table>{shead}{sbody}</table>"),
-        ("Controls", html_table([(k, v) for k, v in c.items()])),
+        ("Controls per layer pair", "<img src='controls.png' width='900'>"),
+        ("Controls", html_table([(k, v) for k, v in c.items() if k != "per_pair"])),
         ("SAE quality (held-out tokens; FVU with the variance about the mean)", html_table(mrows)),
     ]  # fmt: skip
     write_report(ctx.run_dir, "rosettalens: SAE feature-space universality", sections)
