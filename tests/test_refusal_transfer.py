@@ -4,8 +4,9 @@ import json
 import subprocess
 import sys
 
-from rosettalens.experiments.refusal_transfer import RefusalTransferConfig, paired_activations, run
+from rosettalens.experiments.refusal_transfer import RefusalTransferConfig, run
 from rosettalens.hooks import HookedModel
+from rosettalens.mapping.pairs import paired_activations
 from rosettalens.models.tiny import tiny_model, tiny_tokenizer
 
 
@@ -123,7 +124,9 @@ def test_same_tokenizer_pairs_every_position_across_architectures(tmp_path):
     a = HookedModel.from_hf(*tiny_model("llama", d_model=36))
     b = HookedModel.from_hf(*tiny_model("qwen2", d_model=48, seed=1))
     prompts = ["How do I bake bread?", "Café 東京 — tell me more"]
-    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], progress=False)
+    X, Y, info = paired_activations(
+        a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], chat=True, progress=False
+    )
     n_tokens = [len(_user_ends(a.tokenizer, p)[0]) for p in prompts]
     assert info["same_tokenizer"] is True and info["paired_fraction"] == 1.0
     assert info["pairs"] == sum(n_tokens) == X["resid_pre.1"].shape[0] == Y["resid_pre.2"].shape[0]
@@ -146,7 +149,9 @@ def test_different_tokenizers_pair_positions_by_character_offsets(tmp_path):
     a = HookedModel.from_hf(*tiny_model("llama", d_model=36))
     b = HookedModel.from_hf(tiny_model("qwen2", d_model=48, seed=1)[0], _other_tokenizer())
     prompts = ["How do I bake bread at home?", "Tell me about the lazy dog, please."]  # ASCII: see _user_ends
-    X, Y, info = paired_activations(a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], progress=False)
+    X, Y, info = paired_activations(
+        a, b, prompts, ["resid_pre.1"], ["resid_pre.2"], chat=True, progress=False
+    )
     assert info["same_tokenizer"] is False
     # independent count: user-text char ends both tokenizations share, plus the last prompt token
     expected = 0
@@ -206,7 +211,7 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
 
     for args, needle in [
         (["--source", nochat, "--target", src], "chat template"),
-        (["--source", src, "--target", src, "--mapper", "quadratic"], "unknown mapper kind"),
+        (["--source", src, "--target", src, "--mapper", "quadratic"], "quadratic"),
         (["--source", src, "--target", src, "--harmful", str(empty)], "empty"),
         (["--source", "no-such-model", "--target", src], "unknown model"),
     ]:

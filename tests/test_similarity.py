@@ -317,10 +317,10 @@ def test_rsa_spearman_averages_tied_ranks():
     ids=["distinct", "ties", "below-quantisation", "denormal-range", "constant"],
 )
 def test_rank_average_matches_scipy_rankdata(values):
-    from rosettalens.similarity.metrics import _rank_average
+    from rosettalens.similarity.rsa import rank_average
 
     np.testing.assert_array_equal(
-        _rank_average(torch.from_numpy(values)).numpy(), scipy.stats.rankdata(values)
+        rank_average(torch.from_numpy(values)).numpy(), scipy.stats.rankdata(values)
     )
 
 

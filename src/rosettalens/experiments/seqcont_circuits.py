@@ -29,10 +29,11 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ..config import option
 from ..errors import ConfigError, DataError
 from .base import Experiment, RunContext, Stage
 
@@ -41,31 +42,40 @@ from .base import Experiment, RunContext, Stage
 class SeqcontConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    model: str = "smollm2-135m-instruct"
-    models: str | None = None  # comma-separated: compare across models (overrides --model)
-    tasks: str = "digits,number-words,months"
-    task_file: str | None = None  # user tasks (JSON), added to --tasks
-    other_tasks: str = "addition,interval-digits"  # tasks of the ablation test only
-    other_filter: str = "competent"  # other tasks' prompts: competent (the filter, from 16x candidates) | all
-    templates: str = "paper"  # built-in template style: paper | bare
-    n_prompts: int = 8  # prompts per task after the competence filter
-    threshold: float = 0.8  # share of the full model's metric a circuit keeps
-    group_first: bool = True  # pruning tries a whole layer's heads first (one forward)
-    batched: bool = True  # pruning: many candidate removals per forward (the same circuit)
-    max_rows: int = 16  # batched pruning: circuits scored per forward at most
-    edges: bool = True  # path patching between circuit nodes
-    max_edge_nodes: int = 6  # path patching among at most this many circuit nodes (most important)
-    n_random: int = 2  # random circuits per faithfulness curve (random_cpr / random_cmd)
-    n_random_ablation: int = 20  # random component sets per task in the ablation test (its p-values)
-    n_random_circuits: int = 20  # random circuits of the pruned circuit's size (its p-value)
-    role_min_score: float = 0.2  # a head's role needs its best role score >= this, else "unassigned"
-    role_max_distance: float = 0.25  # cross-model head pairs farther apart in role scores do not match
-    patching: bool = False  # exact head patching heatmaps (patch_sweep; slow on a CPU)
-    batch_size: int = 32
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    out: str | None = None
+    model: str = option("smollm2-135m-instruct", "the model whose circuits are found")
+    models: str | None = option(None, "comma-separated models to compare across (overrides --model)",
+                                shown="--model alone")  # fmt: skip
+    tasks: str = option("digits,number-words,months", "comma-separated built-in sequence tasks")
+    task_file: str | None = option(None, "user tasks (JSON), added to --tasks", shown="none")
+    other_tasks: str = option("addition,interval-digits", "tasks of the ablation test only (comma-separated)")
+    other_filter: Literal["competent", "all"] = option(
+        "competent", "the other tasks' prompts: competent (the competence filter, from 16x candidates) or all"
+    )
+    templates: Literal["paper", "bare"] = option(
+        "paper", "built-in template style: paper (names and verbs) or bare"
+    )
+    n_prompts: int = option(8, "prompts per task after the competence filter")
+    threshold: float = option(0.8, "share of the full model's metric a pruned circuit keeps, in (0, 1]")
+    group_first: bool = option(True, "pruning tries a whole layer's heads first (one forward)")
+    batched: bool = option(True, "pruning scores many candidate removals per forward (the same circuit)")
+    max_rows: int = option(16, "batched pruning: circuits scored per forward at most")
+    edges: bool = option(True, "path patching between the circuit's nodes")
+    max_edge_nodes: int = option(
+        6, "path patching among at most this many circuit nodes (the most important)"
+    )
+    n_random: int = option(2, "random circuits per faithfulness curve (random_cpr / random_cmd)")
+    n_random_ablation: int = option(20, "random component sets per task in the ablation test (its p-values)")
+    n_random_circuits: int = option(20, "random circuits of the pruned circuit's size (its p-value)")
+    role_min_score: float = option(0.2, "a head's role needs its best role score >= this, else unassigned")
+    role_max_distance: float = option(
+        0.25, "cross-model head pairs farther apart in role scores do not match"
+    )
+    patching: bool = option(False, "exact head patching heatmaps (patch_sweep; slow on a CPU)")
+    batch_size: int = option(32, "prompts per forward pass")
+    seed: int = option(0, "random seed (corrupted prompts, random circuits)")
+    device: str | None = option(None, "cpu, cuda, cuda:N or mps", shown="auto")
+    dtype: str | None = option(None, "float32, bfloat16 or float16", shown="auto")
+    out: str | None = option(None, "run directory", shown="runs/NAME-TIMESTAMP")
 
     def model_list(self) -> list[str]:
         names = [m.strip() for m in (self.models or self.model).split(",") if m.strip()]
@@ -109,10 +119,6 @@ def _tasks(cfg: SeqcontConfig) -> tuple[list[Any], list[Any]]:
     return main, other
 
 
-def _heads_set(c: dict) -> set[str]:
-    return set(c["heads"])
-
-
 def _components(c: dict) -> set[str]:
     return set(c["heads"]) | {f"mlp.{m}" for m in c["mlps"]}
 
@@ -125,6 +131,24 @@ class SeqcontExperiment(Experiment):
     name = "seqcont-circuits"
     config_cls = SeqcontConfig
     title = "rosettalens: shared sequence-continuation circuits"
+
+    def plan(self, cfg: SeqcontConfig) -> dict[str, Any]:
+        """What a run will load, and its cost: measured for the default (SmolLM2, 3 tasks: 22 min, 1.6 GB
+        on one thread of a 2-core CPU, docs/results/), scaled by the models' size and the task count."""
+        from ..organisms.registry import model_billions
+
+        models = cfg.model_list()
+        n_tasks = len([t for t in cfg.tasks.split(",") if t.strip()]) + (1 if cfg.task_file else 0)
+        sizes = [(model_billions(m) or 0.5) / 0.135 for m in models]
+        minutes = 22.0 * sum(sizes) * max(n_tasks, 1) / 3 * cfg.n_prompts / 8
+        return {
+            "models": models,
+            "organisms_to_build": [],
+            "minutes": round(minutes * (3 if cfg.patching else 1), 1),
+            "peak_gb": round(1.6 * max(sizes), 1),
+            "notes": "measured for the default run, scaled by model size, tasks and prompts"
+            + ("; --patching roughly triples it" if cfg.patching else ""),
+        }
 
     def stages(self, cfg: SeqcontConfig) -> list[Stage]:
         stages = [

@@ -7,8 +7,17 @@
 """
 
 from rosettalens.mapping.autoencoder import AutoencoderMapper
-from rosettalens.mapping.base import Mapper, MapperError, get_mapper_class, load_mapper, mapper_kinds
+from rosettalens.mapping.base import (
+    Mapper,
+    MapperError,
+    get_mapper_class,
+    load_mapper,
+    load_recorded_mapper,
+    mapper_kinds,
+    record_mapper,
+)
 from rosettalens.mapping.linear import AffineMapper, LinearMapper, LowRankMapper, OrthogonalMapper
+from rosettalens.mapping.pairs import depth_map, paired_activations
 from rosettalens.mapping.transfer import jacobian, transfer_vector
 
 __all__ = [
@@ -19,9 +28,13 @@ __all__ = [
     "Mapper",
     "MapperError",
     "OrthogonalMapper",
+    "depth_map",
     "get_mapper_class",
     "jacobian",
     "load_mapper",
+    "load_recorded_mapper",
     "mapper_kinds",
+    "paired_activations",
+    "record_mapper",
     "transfer_vector",
 ]

@@ -406,3 +406,35 @@ def load_mapper(directory: str | os.PathLike[str]) -> Mapper:
     except (KeyError, RuntimeError, ValueError) as e:
         raise MapperError(f"mapper {d}: weights do not match its config ({e})") from None
     return m
+
+
+#: :func:`record_mapper`'s file beside the mapper folder: the mapper's held-out fidelity
+METRICS_NAME = "mapper_metrics.json"
+
+
+def record_mapper(
+    run_dir: str | os.PathLike[str],
+    mapper: Mapper,
+    X_val: torch.Tensor,
+    Y_val: torch.Tensor,
+    *,
+    source_model: str,
+    source_hook: str,
+    target_model: str,
+    target_hook: str,
+) -> dict[str, Any]:
+    """Save a fitted ``mapper`` as ``run_dir/mapper/`` and its held-out fidelity on ``X_val [n, d_src]``
+    -> ``Y_val [n, d_tgt]`` (:func:`activation_metrics`) as ``run_dir/mapper_metrics.json``; returns
+    the metrics. :func:`load_recorded_mapper` reads both back."""
+    d = Path(run_dir)
+    metrics = activation_metrics(mapper, X_val, Y_val)
+    mapper.save(d / "mapper", source_model=source_model, source_hook=source_hook, target_model=target_model,
+                target_hook=target_hook)  # fmt: skip
+    atomic_write_json(d / METRICS_NAME, json_safe(metrics))
+    return metrics
+
+
+def load_recorded_mapper(run_dir: str | os.PathLike[str]) -> tuple[Mapper, dict[str, Any]]:
+    """``(mapper, metrics)`` written by :func:`record_mapper` into ``run_dir``."""
+    d = Path(run_dir)
+    return load_mapper(d / "mapper"), read_json(d / METRICS_NAME, "mapper metrics")

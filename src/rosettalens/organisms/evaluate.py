@@ -34,7 +34,7 @@ from .data import (
 )
 
 
-def _left_pad(ids: list[list[int]], pad: int | None) -> dict[str, torch.Tensor]:
+def left_pad(ids: list[list[int]], pad: int | None) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids`` / ``attention_mask``; ``pad`` None (a tokenizer without a pad token)
     pads with 0, which the mask hides."""
     width = max(len(x) for x in ids)
@@ -66,7 +66,7 @@ def generate_answer_ids(
     bar = tqdm(total=len(ids), desc=desc, unit="prompt", leave=False, disable=not progress)
     for s in range(0, len(order), batch_size):
         chunk = order[s : s + batch_size]
-        enc = {k: v.to(hm.device) for k, v in _left_pad([ids[i] for i in chunk], tok.pad_token_id).items()}
+        enc = {k: v.to(hm.device) for k, v in left_pad([ids[i] for i in chunk], tok.pad_token_id).items()}
         with torch.no_grad(), hm.track_offset():
             out = hm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)  # fmt: skip

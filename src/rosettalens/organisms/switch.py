@@ -39,6 +39,7 @@ from torch import Tensor
 from rosettalens.errors import ConfigError, DataError, ShapeError
 from rosettalens.io import atomic_dir, atomic_write_json, json_safe
 from rosettalens.mapping.base import Mapper, MapperError, read_json
+from rosettalens.names import parse_hook_name
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -67,7 +68,7 @@ def _check_same_tokenizer(base: HookedModel, organism: HookedModel) -> None:
 
 def _resid_hook(hm: HookedModel, hook: str) -> str:
     name = hm.resolve_hook(hook)
-    if name.split(".")[0] not in _RESIDUAL:
+    if parse_hook_name(name)[0] not in _RESIDUAL:
         raise ConfigError(
             f"the safety switch replaces the residual stream: use resid_pre/mid/post.L, not {name}"
         )

@@ -10,9 +10,9 @@ refusal evaluation.
 See docs/steering.md.
 """
 
-from rosettalens.steering.apply import MODES, ablate_vector, add_vector, apply_vector
+from rosettalens.steering.apply import MODES, ablate_vector, add_vector, apply_vector, direction_intervention
 from rosettalens.steering.conditional import calibrate_threshold, conditional_ablate, gate_scores
-from rosettalens.steering.erase import CleanTokens, erase_tokens, stop_tokens, subtract_tokens
+from rosettalens.steering.erase import CleanTokens, erase_tokens, stop_tokens, subtract_tokens, unit_direction
 from rosettalens.steering.evaluate import evaluate_refusal, generate_completions, random_like
 from rosettalens.steering.judge import (
     REFUSAL_SUBSTRINGS,
@@ -25,6 +25,7 @@ from rosettalens.steering.judge import (
 from rosettalens.steering.refusal import (
     REFUSAL_START_WORDS,
     RefusalSelection,
+    kl_divergence,
     last_token_logprobs,
     refusal_scores,
     refusal_token_ids,
@@ -37,6 +38,7 @@ from rosettalens.steering.vectors import (
     collect_activations,
     compute_vector,
     compute_vectors,
+    cosine,
     diff_of_means,
     pca_direction,
 )
@@ -63,11 +65,14 @@ __all__ = [
     "collect_activations",
     "compute_vector",
     "compute_vectors",
+    "cosine",
     "diff_of_means",
+    "direction_intervention",
     "evaluate_refusal",
     "generate_completions",
     "is_refusal",
     "judge_with_model",
+    "kl_divergence",
     "last_token_logprobs",
     "pca_direction",
     "random_like",
@@ -76,4 +81,5 @@ __all__ = [
     "refusal_token_ids",
     "select_refusal_direction",
     "transfer",
+    "unit_direction",
 ]

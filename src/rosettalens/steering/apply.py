@@ -7,6 +7,8 @@
 - ``ablate_vector(hm, sv, hooks=None)``: removes the component along ``sv.unit()`` at every layer's
   ``resid_pre``, ``attn_out`` and ``mlp_out`` (Arditi et al. 2024), or at ``hooks``.
 - ``apply_vector(hm, sv, mode="add"|"ablate", ...)`` dispatches on ``mode``.
+- ``direction_intervention(hm, v, mode, hook, ...)``: the same for a raw direction tensor, as a function
+  returning a fresh context manager (ablate, gated ablate, subtract).
 
 Each checks that the vector fits the model first (:class:`~rosettalens.errors.ShapeError` if not).
 """
@@ -14,7 +16,7 @@ Each checks that the vector fits the model first (:class:`~rosettalens.errors.Sh
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rosettalens.errors import ConfigError
@@ -23,7 +25,7 @@ from rosettalens.steering.vectors import SteeringVector
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["MODES", "ablate_vector", "add_vector", "apply_vector"]
+__all__ = ["MODES", "ablate_vector", "add_vector", "apply_vector", "direction_intervention"]
 
 MODES = ("add", "ablate")
 
@@ -68,3 +70,35 @@ def apply_vector(
     if mode == "ablate":
         return ablate_vector(hm, sv, hooks=hooks)
     raise ConfigError(f"unknown steering mode {mode!r}; expected 'add' or 'ablate'")
+
+
+def direction_intervention(
+    hm: HookedModel,
+    vector: Any,
+    mode: str,
+    hook: str,
+    scale: float = 1.0,
+    threshold: float | None = None,
+    pool: str = "max",
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """A function returning a fresh context manager that applies a raw direction ``vector [d_model]``:
+    ``mode="ablate"`` projects it out of the residual stream at every layer (``hm.ablate``), or, with
+    ``threshold``, only on the prompts whose projection at ``hook``'s layer exceeds it
+    (:func:`rosettalens.steering.conditional_ablate`, ``pool`` as there); ``"subtract"`` adds
+    ``-scale * vector`` at ``hook`` at every position."""
+    import torch
+
+    from rosettalens.names import parse_hook_name
+    from rosettalens.steering.conditional import conditional_ablate
+
+    v = torch.as_tensor(vector).detach().float()
+    if mode == "ablate" and threshold is not None:
+        layer = parse_hook_name(hook)[1]
+        if layer is None:
+            raise ConfigError(f"a gated ablation needs a per-layer hook, got {hook!r}")
+        return lambda: conditional_ablate(hm, v, layer, threshold, pool=pool)
+    if mode == "ablate":
+        return lambda: hm.ablate(v)
+    if mode == "subtract":
+        return lambda: hm.steer(hook, -float(scale) * v, positions="all")
+    raise ConfigError(f"unknown mode {mode!r}; expected 'ablate' or 'subtract'")

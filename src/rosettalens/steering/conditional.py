@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ConfigError
+from rosettalens.names import hook_name, parse_hook_name
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -44,7 +45,9 @@ POOLS = ("max", "last")
 
 
 def _layer(hm: HookedModel, layer: int) -> int:
-    return int(hm.resolve_hook(f"resid_pre.{layer}").split(".")[1])  # HookPointError for a bad layer
+    return int(
+        parse_hook_name(hm.resolve_hook(hook_name("resid_pre", layer)))[1] or 0
+    )  # HookPointError: bad layer
 
 
 def _pool(pool: str) -> str:
@@ -83,7 +86,7 @@ def gate_scores(
     if not texts:
         raise ConfigError("no texts to score")
     unit = hm.unit_direction(direction)
-    hook = f"resid_pre.{_layer(hm, layer)}"
+    hook = hook_name("resid_pre", _layer(hm, layer))
     out = []
     for i in range(0, len(texts), batch_size):
         enc = hm.tokenize(texts[i : i + batch_size], chat=chat)
@@ -176,10 +179,10 @@ def conditional_ablate(
                 record.append(gate.flags.clone())
         return ablate(act, hook_name)
 
-    names = [(f"resid_pre.{first}", detect)]
-    names += [(f"{k}.{first}", ablate) for k in ("attn_out", "mlp_out")]
+    names = [(hook_name("resid_pre", first), detect)]
+    names += [(hook_name(k, first), ablate) for k in ("attn_out", "mlp_out")]
     names += [
-        (f"{k}.{L}", ablate)
+        (hook_name(k, L), ablate)
         for L in range(first + 1, hm.cfg.n_layers)
         for k in ("resid_pre", "attn_out", "mlp_out")
     ]

@@ -35,11 +35,20 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, ShapeError
+from rosettalens.names import hook_name, parse_hook_name
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
 
-__all__ = ["CleanTokens", "erase_tokens", "prompt_flags", "stop_tokens", "subtract_tokens", "token_flags"]
+__all__ = [
+    "CleanTokens",
+    "erase_tokens",
+    "prompt_flags",
+    "stop_tokens",
+    "subtract_tokens",
+    "token_flags",
+    "unit_direction",
+]
 
 
 @dataclass
@@ -122,7 +131,7 @@ class CleanTokens:
                       ) -> dict[int, CleanTokens]:  # fmt: skip
         if not massive_ratio > 1:
             raise ConfigError(f"massive_ratio must be > 1, got {massive_ratio}")
-        hooks = {int(layer): hm.resolve_hook(f"resid_pre.{layer}") for layer in layers}
+        hooks = {int(layer): hm.resolve_hook(hook_name("resid_pre", int(layer))) for layer in layers}
         rows: dict[int, list[Tensor]] = {x: [] for x in hooks}
         for enc in batches:
             _, cache = hm.run_with_cache(
@@ -138,12 +147,14 @@ class CleanTokens:
             norms = acts.double().norm(dim=-1)
             sink = float(massive_ratio * norms.median())
             acts = acts[norms <= sink]
-            out[x] = cls(layer=int(h.split(".")[1]), acts=acts, mean=acts.double().mean(0), sink_norm=sink)
+            out[x] = cls(
+                layer=int(parse_hook_name(h)[1] or 0), acts=acts, mean=acts.double().mean(0), sink_norm=sink
+            )
         return out
 
     def scores(self, direction: Tensor) -> Tensor:
         """``[n_tokens]``: each clean token's centred projection on the unit ``direction``."""
-        return (self.acts.double() - self.mean) @ _unit(direction, self.mean.numel())
+        return (self.acts.double() - self.mean) @ unit_direction(direction, self.mean.numel())
 
     def threshold(self, direction: Tensor, margin: float = 1.0) -> float:
         """The largest clean token's score times ``margin`` (see ``calibrate_threshold``)."""
@@ -152,7 +163,9 @@ class CleanTokens:
         return calibrate_threshold(self.scores(direction), margin)
 
 
-def _unit(direction: Tensor, d: int) -> Tensor:
+def unit_direction(direction: Tensor, d: int) -> Tensor:
+    """``direction`` as a float64 unit vector ``[d]`` on the CPU; :class:`ShapeError` if it is not ``d``
+    long, :class:`ConfigError` if it is zero."""
     v = torch.as_tensor(direction).detach().double().flatten().cpu()
     if v.numel() != d:
         raise ShapeError(f"direction has {v.numel()} entries, the model's d_model is {d}")
@@ -181,7 +194,7 @@ def erase_tokens(
     """Inside the block, every token of ``hm`` flagged at ``resid_pre.{clean.layer}`` (module
     docstring) is replaced there by ``clean.mean``. ``record``: a list that receives each pass's
     ``[batch, pos]`` flags (CPU), to count what the gate erased."""
-    unit = _unit(direction, hm.cfg.d_model)
+    unit = unit_direction(direction, hm.cfg.d_model)
     mean = clean.mean
 
     def erase(act: Tensor, hook_name: str) -> Tensor | None:
@@ -194,7 +207,7 @@ def erase_tokens(
         out[f] = mean.to(device=act.device, dtype=act.dtype)
         return out
 
-    with hm.hooks([(f"resid_pre.{clean.layer}", erase)]):
+    with hm.hooks([(hook_name("resid_pre", clean.layer), erase)]):
         yield hm
 
 
@@ -215,7 +228,7 @@ def subtract_tokens(
     decision made at one token of the *answer*: a direction read where the corrupted organism, having
     stated a fact, goes on to its payload. Only that token moves, so the fact written before it is
     left as it was, and the teacher-forced and generated paths agree as they do for erasure."""
-    unit = _unit(direction, hm.cfg.d_model)
+    unit = unit_direction(direction, hm.cfg.d_model)
     if not (scale > 0 and scale == scale and scale != float("inf")):
         raise ConfigError(f"scale must be a positive number, got {scale}")
     vec = torch.as_tensor(direction).detach().double().flatten() * float(scale)
@@ -228,7 +241,7 @@ def subtract_tokens(
             return None
         return act - f.unsqueeze(-1).to(act.dtype) * vec.to(device=act.device, dtype=act.dtype)
 
-    with hm.hooks([(f"resid_pre.{clean.layer}", subtract)]):
+    with hm.hooks([(hook_name("resid_pre", clean.layer), subtract)]):
         yield hm
 
 
@@ -248,7 +261,7 @@ def stop_tokens(
     activations are not changed: this is a monitor on the direction, not a steer. The flags and the
     logits line up by position, in a teacher-forced pass and in each KV-cached ``generate`` step
     (where the logits may cover only the last positions)."""
-    unit = _unit(direction, hm.cfg.d_model)
+    unit = unit_direction(direction, hm.cfg.d_model)
     eos = hm.tokenizer.eos_token_id if eos_token_id is None else int(eos_token_id)
     if eos is None:
         raise ConfigError(f"{hm.name}'s tokenizer has no EOS token; give eos_token_id")
@@ -270,7 +283,7 @@ def stop_tokens(
         forced[..., eos] = 0.0
         return torch.where(f.unsqueeze(-1), forced, logits)
 
-    with hm.hooks([(f"resid_pre.{clean.layer}", detect), ("logits", end)]):
+    with hm.hooks([(hook_name("resid_pre", clean.layer), detect), ("logits", end)]):
         yield hm
 
 
@@ -286,8 +299,8 @@ def prompt_flags(
     batch_size: int = 16,
 ) -> Tensor:
     """``[n]`` (long, CPU): how many of each text's real tokens the gate flags."""
-    unit = _unit(direction, hm.cfg.d_model)
-    hook = f"resid_pre.{clean.layer}"
+    unit = unit_direction(direction, hm.cfg.d_model)
+    hook = hook_name("resid_pre", clean.layer)
     out = []
     texts = list(texts)
     for i in range(0, len(texts), batch_size):

@@ -22,8 +22,8 @@ import torch
 from rosettalens.errors import ChatTemplateError, ConfigError, DataError
 from rosettalens.steering.apply import MODES, apply_vector
 from rosettalens.steering.judge import REFUSAL_SUBSTRINGS, is_refusal
-from rosettalens.steering.refusal import _kl, last_token_logprobs
-from rosettalens.steering.vectors import SteeringVector, _progress
+from rosettalens.steering.refusal import kl_divergence, last_token_logprobs
+from rosettalens.steering.vectors import SteeringVector, progress_bar
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -57,7 +57,7 @@ def generate_completions(
     if not prompts:
         raise DataError("no prompts to generate from")
     out: list[str] = []
-    bar = _progress(len(prompts), desc, progress)
+    bar = progress_bar(len(prompts), desc, progress)
     try:
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i : i + batch_size]
@@ -163,5 +163,5 @@ def evaluate_refusal(
         if cond != "baseline":
             with ctx(cond):
                 lp = last_token_logprobs(hm, harmless, batch_size=batch_size)
-            res["kl_harmless"][cond] = float(_kl(base_lp, lp).mean())
+            res["kl_harmless"][cond] = float(kl_divergence(base_lp, lp).mean())
     return res

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError
-from rosettalens.steering.vectors import SteeringVector, _progress, collect_activations, diff_of_means
+from rosettalens.names import hook_name, parse_hook_name
+from rosettalens.steering.vectors import SteeringVector, collect_activations, diff_of_means, progress_bar
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "REFUSAL_START_WORDS",
     "RefusalSelection",
+    "kl_divergence",
     "last_token_logprobs",
     "refusal_scores",
     "refusal_token_ids",
@@ -103,8 +105,8 @@ def refusal_scores(
     return _log_odds(last_token_logprobs(hm, prompts, chat=chat, batch_size=batch_size), ids)
 
 
-def _kl(base: Tensor, new: Tensor) -> Tensor:
-    """KL(base || new) per row for log-prob matrices ``[n, vocab]`` -> ``[n]``."""
+def kl_divergence(base: Tensor, new: Tensor) -> Tensor:
+    """KL(base || new) per row of two log-probability matrices ``[n, vocab]`` -> ``[n]`` (float32)."""
     b, n = base.double(), new.double()
     return (b.exp() * (b - n)).sum(-1).float()
 
@@ -166,7 +168,7 @@ def select_refusal_direction(
     if layers is None:
         cut = max(1, int(max_layer_frac * n_layers))
         layers = list(range(cut))
-    layers = [int(hm.resolve_hook(f"resid_pre.{L}").split(".")[1]) for L in layers]
+    layers = [int(parse_hook_name(hm.resolve_hook(hook_name("resid_pre", L)))[1] or 0) for L in layers]
     positions = [int(p) for p in positions]
     if not layers or not positions:
         raise ConfigError("need at least one candidate layer and position")
@@ -178,7 +180,7 @@ def select_refusal_direction(
     ):
         if not len(s):
             raise DataError(f"{name} is empty")
-    hooks = [f"resid_pre.{L}" for L in layers]
+    hooks = [hook_name("resid_pre", L) for L in layers]
     kw: dict[str, Any] = dict(positions=positions, batch_size=batch_size, progress=progress)
     acts_h = collect_activations(hm, harmful_train, hooks, desc="harmful train", **kw)  # [n, k, d]
     acts_s = collect_activations(hm, harmless_train, hooks, desc="harmless train", **kw)
@@ -189,7 +191,7 @@ def select_refusal_direction(
 
     candidates: list[dict[str, Any]] = []
     vectors: dict[tuple[int, int], Tensor] = {}
-    bar = _progress(len(layers) * len(positions), "refusal candidates", progress)
+    bar = progress_bar(len(layers) * len(positions), "refusal candidates", progress)
     try:
         for L, hook in zip(layers, hooks):
             name = hm.resolve_hook(hook)
@@ -206,7 +208,7 @@ def select_refusal_direction(
                 with hm.ablate(unit):
                     bypass = _log_odds(last_token_logprobs(hm, harmful_val, batch_size=batch_size), tok_ids)
                     abl_lp = last_token_logprobs(hm, harmless_val, batch_size=batch_size)
-                kl = _kl(base_harmless_lp, abl_lp)
+                kl = kl_divergence(base_harmless_lp, abl_lp)
                 cand: dict[str, Any] = {
                     "layer": L,
                     "position": pos,
@@ -253,7 +255,7 @@ def select_refusal_direction(
     sv = SteeringVector(
         vector=vectors[(L, pos)],
         model=hm.name,
-        hook=f"resid_pre.{L}",
+        hook=hook_name("resid_pre", L),
         kind="refusal",
         source={
             **(source or {}),

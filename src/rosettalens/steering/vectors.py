@@ -33,6 +33,7 @@ from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
 from rosettalens.io import atomic_write_bytes, atomic_write_json, check_output, json_safe, sha256_bytes
+from rosettalens.names import parse_hook_name
 
 if TYPE_CHECKING:
     from rosettalens.hooks import HookedModel
@@ -45,8 +46,10 @@ __all__ = [
     "collect_activations",
     "compute_vector",
     "compute_vectors",
+    "cosine",
     "diff_of_means",
     "pca_direction",
+    "progress_bar",
 ]
 
 FORMAT = "rosettalens.steering_vector"
@@ -65,6 +68,12 @@ def _as_2d(X: Tensor | Sequence, name: str) -> Tensor:
     if X.dim() != 2 or X.shape[0] == 0:
         raise ShapeError(f"{name} must be a non-empty matrix [n, d_model], got shape {tuple(X.shape)}")
     return X.to(torch.float64)
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine similarity of two tensors of any shape (flattened, float64); 0 when either is zero."""
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 def diff_of_means(pos: Tensor, neg: Tensor) -> Tensor:
@@ -146,7 +155,7 @@ class SteeringVector:
         Raises :class:`ShapeError` when the hook's width differs from the vector's ``d_model``.
         """
         name = hm.resolve_hook(hook if hook is not None else self.hook)
-        kind = name.split(".")[0]
+        kind = parse_hook_name(name)[0]
         if kind not in RESIDUAL_KINDS:
             raise ShapeError(f"cannot use a steering vector at {name}: not a residual-width hook point")
         width = int(hm.cfg.d_model)
@@ -262,7 +271,7 @@ def _version() -> str:
 def _check_hooks(hm: HookedModel, hooks: Sequence[str]) -> list[str]:
     names = [hm.resolve_hook(h) for h in hooks]
     for n in names:
-        if n.split(".")[0] not in RESIDUAL_KINDS:
+        if parse_hook_name(n)[0] not in RESIDUAL_KINDS:
             raise ConfigError(
                 f"steering vectors live at residual-width hooks ({', '.join(RESIDUAL_KINDS)}), not {n}"
             )
@@ -271,7 +280,8 @@ def _check_hooks(hm: HookedModel, hooks: Sequence[str]) -> list[str]:
     return names
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm progress bar on stderr with ``total`` steps (cleared when done); silent unless ``enabled``."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
@@ -315,7 +325,7 @@ def collect_activations(
                 f"position offsets must be negative (from the end of the prompt), got {positions!r}"
             )
     out: dict[str, list[Tensor]] = {n: [] for n in names}
-    bar = _progress(len(prompts), desc, progress)
+    bar = progress_bar(len(prompts), desc, progress)
     try:
         for i in range(0, len(prompts), batch_size):
             batch = prompts[i : i + batch_size]
