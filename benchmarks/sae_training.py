@@ -17,6 +17,12 @@ Prints one JSON object: ``ours`` and ``saelens`` (``tokens_per_s``, ``seconds``,
 ``dead_fraction``), ``ratio`` (ours / SAELens tokens/s; target >= 1.5) and ``fvu_delta`` (ours - SAELens,
 <= 0 is equal or better). ``--saelens-sparse`` also times SAELens with ``use_sparse_activations=True``.
 
+Quality row (with ``--store`` and ``--splice-docs N > 0``): both SAEs, at the same L0 (TopK, the same
+``k``) after the same tokens, are spliced into the store's model on the last ``N`` documents of the store
+(:func:`rosettalens.sae.splice_metrics`, positions ``< --min-pos`` keep the model's activation for both)
+and ``quality`` reports each one's FVU, L0, CE loss score and KL score, with ``ce_loss_score_delta``
+(ours - SAELens, >= 0 is equal or better).
+
     python benchmarks/sae_training.py [--d-in 576] [--width 4096] [--k 32] [--batch-size 2048]
         [--steps 80] [--lr 1e-3] [--threads 1] [--repeats 1] [--out benchmarks/results/sae_training.cpu.json]
 """
@@ -132,6 +138,35 @@ def run_saelens(x: torch.Tensor, args, seed: int, sparse: bool = False):
     return dt, recon, dead
 
 
+class _Spliced:
+    """What :func:`rosettalens.sae.splice_metrics` needs of an SAE, around a ``recon`` function."""
+
+    def __init__(self, recon, d_in: int, hook: str, skip_first: int):
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(hook=hook, skip_first=skip_first, norm_ratio=0.0, median_norm=None)
+        self.d_in, self.device, self._recon = d_in, torch.device("cpu"), recon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._recon(x)[0]
+
+
+def quality_row(store, hook: str, recons: dict, held: torch.Tensor, args) -> dict:
+    """FVU, L0, CE loss score and KL score of each trained SAE, spliced into the store's model."""
+    import rosettalens
+    from rosettalens.sae import splice_metrics
+
+    hm = rosettalens.load(store.manifest["model"]["name"], progress=False)
+    docs = [d for d in store.documents() if d.strip()][-args.splice_docs :]
+    row = {"splice_docs": len(docs)}
+    for name, recon in recons.items():
+        x_hat, z = recon(held)
+        s = splice_metrics(_Spliced(recon, held.shape[1], hook, args.min_pos), hm, hook, docs)
+        row[name] = {"fvu": fvu(held, x_hat), "l0": float((z > 0).sum(1).double().mean()),
+                     **{k: s[k] for k in ("ce_loss_score", "kl_div_score", "ce_clean", "ce_sae", "ce_zero")}}  # fmt: skip
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-in", type=int, default=576)
@@ -158,7 +193,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--saelens-sparse", action="store_true")
+    ap.add_argument("--saelens-sparse", action="store_true", help="also time SAELens's sparse activations")
+    ap.add_argument("--splice-docs", type=int, default=0,
+                    help="with --store: splice both SAEs into the store's model on its last N documents")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -242,6 +279,10 @@ def main() -> None:
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
+    if args.store and args.splice_docs > 0:
+        out["quality"] = quality_row(st, hook, {k: last[k][0] for k in ("ours", "saelens")}, held, args)
+        q = out["quality"]
+        out["ce_loss_score_delta"] = q["ours"]["ce_loss_score"] - q["saelens"]["ce_loss_score"]
     if "saelens_sparse" in res and "error" not in res["saelens_sparse"]:
         out["ratio_vs_sparse"] = res["ours"]["tokens_per_s"] / res["saelens_sparse"]["tokens_per_s"]
     text = json.dumps(out, indent=1)
