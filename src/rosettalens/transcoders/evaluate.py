@@ -119,7 +119,7 @@ def evaluate_transcoders(
     / "_mean" / "_max", "l0_mean", "dead_fraction_mean", "ce_clean", "ce_replaced", "ce_zero",
     "ce_loss_score", "kl_replaced", "kl_zero", "n_tokens"}``."""
     check_set(tset, hm)
-    ids = tokenize_documents(hm.tokenizer, [d for d in documents if d.strip()], max_length)
+    ids = tokenize_documents(hm.tokenizer, [d for d in documents if d.strip()], max_length, max_tokens)
     if not ids:
         raise DataError("no evaluation document has 2 or more tokens")
     layers = tset.layers

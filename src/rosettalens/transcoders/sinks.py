@@ -1,6 +1,6 @@
 """The positions a transcoder leaves out: attention sinks and outlier-norm tokens.
 
-The rule of the SAE work, applied to both ends of the MLP::
+The rule of the SAE work (:mod:`rosettalens.sae.sinks`), applied to both ends of the MLP::
 
     left out  =  position < skip_first                                  (position in the unpadded document)
               or ||x|| > norm_ratio * median ||x||   (x = mlp_in.L)     (norm_ratio 0: no norm test)
@@ -20,11 +20,10 @@ import torch
 from torch import Tensor
 
 from rosettalens.errors import ShapeError
+from rosettalens.sae.sinks import NORM_RATIO, SKIP_FIRST, positions_of
+from rosettalens.sae.sinks import keep_mask as keep_one
 
 __all__ = ["SKIP_FIRST", "NORM_RATIO", "Keep", "keep_mask", "positions_of"]
-
-SKIP_FIRST = 1
-NORM_RATIO = 10.0
 
 
 @dataclass
@@ -35,9 +34,9 @@ class Keep:
     medians: tuple[float, float]
 
 
-def positions_of(attention_mask: Tensor) -> Tensor:
-    """Position of each token in its unpadded document ``[batch, pos]`` (left or right padding)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def _median(acts: Tensor, ref: Tensor) -> float:
+    norms = acts.detach().double().norm(dim=-1)
+    return float(norms[ref].median()) if ref.any() else 0.0
 
 
 def keep_mask(
@@ -49,26 +48,21 @@ def keep_mask(
     medians: tuple[float | None, float | None] | None = None,
 ) -> Keep:
     """The kept positions of ``x = mlp_in.L``, ``y = mlp_out.L`` ``[batch, pos, d]`` under the rule
-    (module docstring); padding (``attention_mask == 0``) is never kept."""
+    (module docstring): :func:`rosettalens.sae.sinks.keep_mask` of each, and-ed; padding
+    (``attention_mask == 0``) is never kept."""
     if x.dim() != 3 or y.shape[:2] != x.shape[:2]:
         raise ShapeError(
             f"x and y must be [batch, pos, d] with equal batch and pos, got {tuple(x.shape)}, {tuple(y.shape)}"
         )
-    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    if attention_mask is not None:
-        real = attention_mask.to(x.device).bool()
-    keep = real & (positions_of(real) >= skip_first)
-    meds = list(medians) if medians is not None else [None, None]
-    out: list[float] = []
-    ref = keep if keep.any() else real
-    norms = (x.detach().double().norm(dim=-1), y.detach().double().norm(dim=-1))
-    for i, nrm in enumerate(norms):
-        m = meds[i]
-        if m is None:
-            m = float(nrm[ref].median()) if ref.any() else 0.0
-        out.append(float(m))
-    if norm_ratio > 0:
-        for nrm, m in zip(norms, out, strict=True):
-            if m > 0:
-                keep &= nrm <= norm_ratio * m
-    return Keep(keep, (out[0], out[1]))
+    mask = attention_mask.to(x.device).bool() if attention_mask is not None else None
+    real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    first = real & (positions_of(real) >= skip_first)
+    ref = first if first.any() else real
+    m_in, m_out = medians if medians is not None else (None, None)
+    med = (
+        _median(x, ref) if m_in is None else float(m_in),
+        _median(y, ref) if m_out is None else float(m_out),
+    )
+    keep = keep_one(x, mask, skip_first=skip_first, norm_ratio=norm_ratio, median_norm=med[0] or None)
+    keep &= keep_one(y, mask, skip_first=skip_first, norm_ratio=norm_ratio, median_norm=med[1] or None)
+    return Keep(keep, med)

@@ -123,14 +123,25 @@ def split_documents(documents: Sequence[str], heldout: float, seed: int) -> tupl
     return docs[: len(docs) - n_held], docs[len(docs) - n_held :]
 
 
-def tokenize_documents(tokenizer: Any, documents: Sequence[str], max_length: int) -> list[list[int]]:
+def tokenize_documents(
+    tokenizer: Any,
+    documents: Sequence[str],
+    max_length: int,
+    max_tokens: int | None = None,
+    skip_first: int = 0,
+) -> list[list[int]]:
     """Token ids of each document (the tokenizer's special tokens added), cut to ``max_length``;
-    documents of fewer than 2 tokens are dropped."""
+    documents of fewer than 2 tokens are dropped. With ``max_tokens``, documents are taken in order
+    until they hold that many tokens at positions ``>= skip_first`` (a large corpus is not tokenised whole)."""
     out = []
+    total = 0
     for doc in documents:
+        if max_tokens is not None and total >= max_tokens:
+            break
         ids = tokenizer(doc, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) >= 2:
             out.append(list(ids))
+            total += max(0, len(ids) - skip_first)
     return out
 
 
@@ -333,7 +344,10 @@ def train_transcoders(
     cfg.validate()
     layers = resolve_layers(hm, cfg.layers)
     train_docs, held = split_documents(documents, cfg.heldout, cfg.seed)
-    ids = tokenize_documents(hm.tokenizer, train_docs, cfg.max_length)
+    # a margin over the budget: the norm test leaves out a few more tokens than the first positions
+    ids = tokenize_documents(
+        hm.tokenizer, train_docs, cfg.max_length, cfg.max_tokens * 11 // 10, cfg.skip_first
+    )
     if not ids:
         raise DataError("no training document has 2 or more tokens")
     kept_est = sum(max(0, len(d) - cfg.skip_first) for d in ids)
