@@ -45,10 +45,10 @@ def sparse_data(n: int = 6000, d: int = 24, n_features: int = 48, seed: int = 0)
     return S @ D + 0.01 * torch.randn(n, d, generator=g), g
 
 
-def _train(xa, xb, width=96, k=4, arch="batchtopk", epochs=8, **kw):
+def _train(xa, xb, width=96, k=4, arch="batchtopk", epochs=8, lr=3e-3, **kw):
     cfg = CrossCoderConfig(d_a=xa.shape[1], d_b=xb.shape[1], width=width, k=k if arch == "batchtopk" else None,
                            arch=arch, **kw)  # fmt: skip
-    tcfg = CrossCoderTrainConfig(batch_size=256, epochs=epochs, lr=3e-3)
+    tcfg = CrossCoderTrainConfig(batch_size=256, epochs=epochs, lr=lr)
     return train_crosscoder((xa, xb), cfg, tcfg, progress=False)
 
 
@@ -81,6 +81,16 @@ def test_planted_direction_on_some_tokens_gives_a_b_only_latent_that_finds_them(
     assert abs(st["latent_scaling"]["nu_median"]) < 0.1
     # every other live latent is shared or near it
     assert st["n_shared"] >= 0.9 * (st["n_alive"] - 1)
+
+
+def test_unrelated_activations_share_few_latents():
+    """B independent of A (rows of another sample): a latent can fire in both only by chance."""
+    x, _ = sparse_data(seed=6)
+    y, _ = sparse_data(seed=7)
+    cc = _train(x, y, epochs=12, lr=1e-2)
+    st = latent_stats(cc, x, y)
+    assert st["shared_fraction"] < 0.2
+    assert st["n_a_only"] + st["n_b_only"] > 0.6 * st["n_alive"]
 
 
 def test_l1_arch_trains_and_folds_decoder_norms_to_sum_one():

@@ -114,8 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         k=args.k if args.arch == "batchtopk" else None,
         l1_coeff=args.l1_coeff,
         seed=args.seed,
-        model_a=hm_a.name,
-        model_b=hm_b.name,
+        model_a=names[0],  # as given (a zoo name, folder or hub id): eval loads it again
+        model_b=names[1],
         hook_a=hm_a.resolve_hook(hooks[0]),
         hook_b=hm_b.resolve_hook(hooks[1]),
         pairing=pairs.pairing,

@@ -403,13 +403,23 @@ def splice_metrics(
     return out
 
 
-def summarize(cc: CrossCoder, x_a: Tensor, x_b: Tensor) -> dict[str, Any]:
+def summarize(
+    cc: CrossCoder, x_a: Tensor, x_b: Tensor, *, latents_on: tuple[Tensor, Tensor] | None = None
+) -> dict[str, Any]:
     """The headline numbers on paired ``x_a [n, d_a]``, ``x_b [n, d_b]``: ``explained_variance`` {a, b},
     ``fvu`` {a, b}, ``l0``, ``dead_fraction``, ``n_alive``, ``n_shared``, ``n_a_only``, ``n_b_only``,
     ``n_other``, ``shared_fraction``, ``shared_decoder_cosine_median``, ``latent_scaling_nu_median``,
-    ``rho_histogram``, ``n_tokens`` (plus ``"_stats"``: the full :func:`latent_stats` result)."""
+    ``rho_histogram``, ``n_tokens`` (plus ``"_stats"``: the full :func:`latent_stats` result).
+
+    ``latents_on``: other paired data ``(x_a, x_b)`` for the per-latent view (which latents are
+    alive, Latent Scaling), e.g. the training pairs when the held-out documents lack what one model
+    owns (an organism's trigger); the reconstruction metrics stay on ``x_a``, ``x_b``.
+    """
     ev = evaluate_crosscoder(cc, x_a, x_b)
-    st = latent_stats(cc, x_a, x_b, fires=ev["fires"])
+    if latents_on is None:
+        st = latent_stats(cc, x_a, x_b, fires=ev["fires"])
+    else:
+        st = latent_stats(cc, latents_on[0], latents_on[1])
     return {
         "explained_variance": {"a": ev["a"]["explained_variance"], "b": ev["b"]["explained_variance"]},
         "fvu": {"a": ev["a"]["fvu"], "b": ev["b"]["fvu"]},
