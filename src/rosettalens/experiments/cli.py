@@ -234,8 +234,8 @@ def summary_line(exp: Experiment, mod: types.ModuleType | None = None) -> str:
         para = " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split())
         line = re.split(r"(?<!\bal)\.\s+(?=[A-Z])", para)[0]  # the first sentence ("et al. 2025" is none)
     line = " ".join(line.split()).rstrip(".")
-    if len(line) > 160:
-        line = line[:157].rsplit(" ", 1)[0] + " ..."
+    if len(line) > 110:
+        line = line[:107].rsplit(" ", 1)[0] + " ..."
     return line or exp.name
 
 
