@@ -128,3 +128,15 @@ def test_run_help_lists_every_experiment_with_one_line(capsys):
     for name in EXPERIMENTS:
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
         assert "--help`" not in line and len(line.split(name, 1)[1].strip()) > 10, line
+
+
+@pytest.mark.parametrize("prog,parser", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_the_common_options_where_they_apply(prog, parser):
+    """Every command prints JSON on request; one that writes takes --overwrite; one that runs a model
+    (it takes --device) takes --no-progress."""
+    opts = {o for a in parser._actions for o in a.option_strings}
+    assert "--json" in opts
+    if "--out" in opts:
+        assert "--overwrite" in opts
+    if "--device" in opts:
+        assert "--no-progress" in opts
