@@ -20,9 +20,10 @@ source's whole contribution on the target: for a feature source ``a_s * (W_dec[s
 (``x @ W_enc[:, t]``) or demeaned logit with respect to the source's place in the residual stream,
 taken through the linearised model.
 
-Gradients for many targets come from one forward pass with the prompt repeated ``batch_size`` times
-(one target per row) whose graph is kept and reused for every chunk of targets, so memory is bounded
-by ``batch_size`` rows, not by the number of targets. Which features get rows is chosen as in
+Gradients for many targets come from one forward pass of the prompt whose graph is kept and reused:
+each backward pass is batched over ``batch_size`` targets (``torch.autograd.grad`` with
+``is_grads_batched``), so memory holds one forward's saved tensors plus ``batch_size`` gradients of
+the residual stream, not a copy of the forward per target. Which features get rows is chosen as in
 circuit-tracer: the logits first, then repeatedly the not-yet-expanded features with the largest
 influence on the logits through the rows known so far, up to ``max_feature_nodes``.
 
@@ -170,10 +171,10 @@ def _clean_pass(hm: Any, transcoders: Any, ids: Tensor) -> _Clean:
 
 @dataclass
 class _Linear:
-    """Tensors of one linearised forward pass with ``rows`` copies of the prompt.
+    """Tensors of one linearised forward pass of the prompt.
 
-    ``embed`` and ``out[L]`` are leaves ``[rows, pos, d_model]`` (gradients w.r.t. them are read);
-    ``mlp_in[L]`` and ``final`` (the final norm's output) ``[rows, pos, d_model]`` carry the graph.
+    ``embed`` and ``out[L]`` are leaves ``[1, pos, d_model]`` (gradients w.r.t. them are read);
+    ``mlp_in[L]`` and ``final`` (the final norm's output) ``[1, pos, d_model]`` carry the graph.
     """
 
     embed: Tensor | None = None
@@ -183,9 +184,10 @@ class _Linear:
 
 
 @contextlib.contextmanager
-def linearised(hm: Any, transcoders: Any, ids: Tensor, rows: int) -> Iterator[_Linear]:
-    """Run the local replacement model (see the module docstring) on ``ids [1, pos]`` repeated ``rows``
-    times with gradients enabled; yields the tensors to inject and read gradients at.
+def linearised(hm: Any, transcoders: Any, ids: Tensor) -> Iterator[_Linear]:
+    """Run the local replacement model (see the module docstring) on ``ids [1, pos]`` with gradients
+    enabled; yields the tensors to inject and read gradients at (the graph is kept for many backward
+    passes, each batched over targets with ``torch.autograd.grad(..., is_grads_batched=True)``).
 
     Parameters stop requiring gradients inside the block; every hook is removed on exit.
     """
@@ -241,7 +243,7 @@ def linearised(hm: Any, transcoders: Any, ids: Tensor, rows: int) -> Iterator[_L
         for _, mod in _norm_modules(hm):  # registered first: they run before the replacement hooks
             handles.append(mod.register_forward_hook(norm_hook))
         with hm.intervene(fwd), torch.enable_grad():
-            batch = ids.expand(rows, -1)
+            batch = ids.reshape(1, -1)
             hm.model(
                 input_ids=batch,
                 attention_mask=torch.ones_like(batch),
@@ -564,25 +566,25 @@ def _rows(
     layout: _Layout,
     transcoders: Any,
     targets: Sequence[Target],
-    rows: int,
     unembed: Tensor,
     dest: Tensor,
 ) -> None:
-    """Write the attribution rows of ``targets`` (at most ``rows``) into ``dest [len(targets), n_cols]``
-    from one backward pass through the kept linearised forward."""
+    """Write the attribution rows of ``targets`` into ``dest [len(targets), n_cols]`` from one backward
+    pass through the kept linearised forward, batched over the targets."""
     n_layers, n_pos = layout.n_layers, layout.n_pos
     dtype, d = clean.embed.dtype, clean.embed.shape[-1]
+    k = len(targets)
     inject: dict[int, Tensor] = {}
     final_inj: Tensor | None = None
-    for b, (kind, L, p, f) in enumerate(targets):
+    for b, (kind, L, p, f) in enumerate(targets):  # one target per row: [k, 1, pos, d_model]
         if kind == "feature":
             if L not in inject:
-                inject[L] = torch.zeros(rows, n_pos, d, dtype=dtype, device=clean.embed.device)
-            inject[L][b, p] = transcoders[L].W_enc[:, f].detach().to(dtype)
+                inject[L] = torch.zeros(k, 1, n_pos, d, dtype=dtype, device=clean.embed.device)
+            inject[L][b, 0, p] = transcoders[L].W_enc[:, f].detach().to(dtype)
         else:
             if final_inj is None:
-                final_inj = torch.zeros(rows, n_pos, d, dtype=dtype, device=clean.embed.device)
-            final_inj[b, -1] = unembed[f]
+                final_inj = torch.zeros(k, 1, n_pos, d, dtype=dtype, device=clean.embed.device)
+            final_inj[b, 0, -1] = unembed[f]
     outputs = [lin.mlp_in[L] for L in inject]
     grad_outputs = list(inject.values())
     if final_inj is not None:
@@ -591,18 +593,17 @@ def _rows(
         grad_outputs.append(final_inj)
     assert lin.embed is not None
     inputs = [lin.embed] + [lin.out[L] for L in range(n_layers)]
-    grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
-    k = len(targets)
+    grads = _batched_grad(outputs, inputs, grad_outputs)
     dest = dest[:k]
     dest.zero_()
     g_emb = grads[0]
     if g_emb is not None:
-        dest[:, layout.token_start : layout.logit_start] = (g_emb[:k] * clean.embed).sum(-1).float().cpu()
+        dest[:, layout.token_start : layout.logit_start] = (g_emb[:, 0] * clean.embed).sum(-1).float().cpu()
     for L in range(n_layers):
         g = grads[1 + L]
         if g is None:
             continue
-        g = g[:k]
+        g = g[:, 0]  # [k, pos, d_model]
         s = layout.error_start + L * n_pos
         dest[:, s : s + n_pos] = (g * clean.errors[L]).sum(-1).float().cpu()
         if L in layout.per_layer:
@@ -611,6 +612,31 @@ def _rows(
             vals = torch.bmm(g.transpose(0, 1), W.transpose(1, 2))  # [pos, k, kmax]
             vals = (vals * act.to(device=g.device, dtype=dtype)[:, None, :]).float().cpu()
             dest[:, col[valid]] = vals.permute(1, 0, 2)[:, valid]
+
+
+def _batched_grad(
+    outputs: list[Tensor], inputs: list[Tensor], grad_outputs: list[Tensor]
+) -> list[Tensor | None]:
+    """Vector-Jacobian products batched over the first axis of ``grad_outputs`` (``[k, *output.shape]``);
+    a row-by-row loop where an operation has no batching rule."""
+    try:
+        return list(
+            torch.autograd.grad(
+                outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        )
+    except RuntimeError:
+        k = grad_outputs[0].shape[0]
+        per_row = [
+            torch.autograd.grad(
+                outputs, inputs, [g[b] for g in grad_outputs], retain_graph=True, allow_unused=True
+            )
+            for b in range(k)
+        ]
+        return [
+            None if per_row[0][i] is None else torch.stack([r[i] for r in per_row])  # type: ignore[misc]
+            for i in range(len(inputs))
+        ]
 
 
 def _partial_influence(rows: Tensor, row_nodes: Tensor, weights: Tensor, chunk: int = 1 << 16) -> Tensor:
@@ -648,8 +674,9 @@ def build_graph(
     / ``[1, pos]``) for ``hm`` (a HookedModel) and a TranscoderSet.
 
     ``max_feature_nodes``: how many features get rows, chosen by influence (``None``: every active
-    feature); ``batch_size``: targets per backward pass, the memory bound (the forward is kept for
-    ``batch_size`` copies of the prompt); influence is re-estimated every ``update_interval`` passes.
+    feature); ``batch_size``: targets per batched backward pass, the memory bound (each holds
+    ``batch_size`` gradients of every layer's residual stream); influence is re-estimated every
+    ``update_interval`` passes.
     ``chunked=False`` is the reference implementation: every row in one batch (features chosen by
     their influence through the logit rows alone when ``max_feature_nodes`` cuts), memory growing
     with the number of rows.
@@ -695,7 +722,7 @@ def build_graph(
     weights = torch.zeros(layout.n_cols)
     weights[layout.logit_start :] = logit_probs
     chosen: list[int] = []
-    with linearised(hm, transcoders, ids, per_pass) as lin:
+    with linearised(hm, transcoders, ids) as lin:
         logit_targets: list[Target] = [("logit", -1, -1, j) for j in range(n_logits)]
         if chunked or cap == 0:
             for i in range(0, n_logits, per_pass):
@@ -705,19 +732,18 @@ def build_graph(
                     layout,
                     transcoders,
                     logit_targets[i : i + per_pass],
-                    per_pass,
                     unembed,
                     buf[i : i + per_pass],
                 )
         else:  # one pass: logits and every feature row; features chosen through the logit rows
             if cap < layout.n_active:
-                _rows(lin, clean, layout, transcoders, logit_targets, per_pass, unembed, buf[:n_logits])
+                _rows(lin, clean, layout, transcoders, logit_targets, unembed, buf[:n_logits])
                 infl = _partial_influence(buf[:n_logits], row_nodes[:n_logits], weights)[: layout.n_active]
                 pick = torch.argsort(infl, descending=True, stable=True)[:cap]
             else:
                 pick = torch.arange(layout.n_active)
             feats: list[Target] = [("feature", *(int(v) for v in layout.active[j])) for j in pick]  # type: ignore[misc]
-            _rows(lin, clean, layout, transcoders, logit_targets + feats, per_pass, unembed, buf)
+            _rows(lin, clean, layout, transcoders, logit_targets + feats, unembed, buf)
             chosen = pick.tolist()
         visited = torch.zeros(layout.n_active, dtype=torch.bool)
         bar = _progress(cap, progress and chunked)
@@ -731,7 +757,7 @@ def build_graph(
                 sub = pick[s : s + per_pass]
                 targets: list[Target] = [("feature", *(int(v) for v in layout.active[j])) for j in sub]  # type: ignore[misc]
                 r0 = n_logits + len(chosen)
-                _rows(lin, clean, layout, transcoders, targets, per_pass, unembed, buf[r0 : r0 + sub.numel()])
+                _rows(lin, clean, layout, transcoders, targets, unembed, buf[r0 : r0 + sub.numel()])
                 row_nodes[r0 : r0 + sub.numel()] = sub
                 visited[sub] = True
                 chosen += sub.tolist()
