@@ -220,6 +220,12 @@ def _cases(r: Path) -> list[tuple[str, list[str]]]:
                                    "--out", str(r / "new-store")]),
         ("steer vector bad hook name", [*sv[:5], "resid_pree.1", *sv[6:]]),
         ("map train bad hook name", [*mt[:3], f"{g}:resid_post", *mt[4:]]),
+        # layers the model lacks (the tiny model has 2), refused before it is loaded
+        ("extract hook layer out of range", ["extract", "--model", g, "--hooks", "resid_post.0,resid_post.5", "--data",
+                                             d, "--out", str(r / "new-store")]),
+        ("map train hook layer out of range", [*mt[:5], f"{g}:resid_post.-3", *mt[6:]]),
+        ("steer vector hook layer out of range", [*sv[:5], "resid_pre.7", *sv[6:]]),
+        ("circuits patch layers out of range", [*cp, "--layers", "0,2"]),
         ("sae eval bad hook name", ["sae", "eval", "--sae", str(r / "runs"), "--model", g, "--data", d,
                                     "--hook", "mlp.0"]),
         # usage
@@ -337,6 +343,67 @@ def test_json_output_never_holds_nan(capsys):
         (["run", "refusal-transfer", "--target-layer", "-31"], "layer -31 is out of range"),
         (["run", "safety-switch", "--layers", "99"], "layer 99 is out of range"),
         (["run", "backdoor-transfer", "--source-layer", "40"], "layer 40 is out of range"),
+        (
+            [
+                "extract",
+                "--model",
+                "gemma-3-270m",
+                "--hooks",
+                "resid_post.18",
+                "--data",
+                "mini-web",
+                "--out",
+                "s",
+            ],
+            "layer 18 is out of range",
+        ),
+        (
+            [
+                "map",
+                "train",
+                "--source",
+                "smollm2-135m-instruct:resid_post.3",
+                "--target",
+                "gemma-3-270m:resid_post.-19",
+                "--data",
+                "mini-web",
+                "--out",
+                "m",
+            ],
+            "layer -19 is out of range",
+        ),
+        (
+            [
+                "steer",
+                "vector",
+                "--model",
+                "qwen2.5-coder-0.5b-instruct",
+                "--hook",
+                "resid_pre.24",
+                "--positive",
+                "harmful",
+                "--negative",
+                "harmless",
+                "--out",
+                "v.safetensors",
+            ],
+            "layer 24 is out of range",
+        ),
+        (
+            [
+                "circuits",
+                "patch",
+                "--model",
+                "smollm2-135m-instruct",
+                "--task",
+                "digits",
+                "--sweep",
+                "heads",
+                "--layers",
+                "30",
+            ],
+            "layer 30 is out of range",
+        ),
     ],
 )
 def test_bad_layer_refused_from_zoo_metadata_before_any_download(argv, needle, tmp_path, monkeypatch, capsys):
@@ -364,8 +431,8 @@ def test_bad_layer_refused_from_zoo_metadata_before_any_download(argv, needle, t
 
 def test_model_layers_from_metadata(tmp_path):
     """The layer counts checked up front: the zoo's table, an organism's base, a folder's config.json."""
-    from rosettalens.experiments.base import model_layers
     from rosettalens.models import zoo
+    from rosettalens.models.zoo import layers_of as model_layers
 
     assert model_layers("smollm2-135m-instruct") == zoo.ZOO["smollm2-135m-instruct"].layers == 30
     assert model_layers("gemma-3-270m+ihy") == 18

@@ -170,6 +170,37 @@ def check_hooks(names: str | Iterable[str] | None, what: str) -> None:
             raise HookPointError(f"{what}: {e}") from None
 
 
+def check_layers(model: str, layers: Iterable[int], what: str) -> None:
+    """Layers of ``model`` against its layer count from metadata alone (the zoo's table, an organism's
+    base, a folder's ``config.json``; :func:`~rosettalens.models.zoo.layers_of`), before any download
+    or load; a model whose count only loading would tell is checked later. HookPointError if not."""
+    from .errors import HookPointError
+    from .models.zoo import layers_of
+
+    n = layers_of(model)
+    if n is None:
+        return
+    for layer in layers:
+        if not -n <= layer < n:
+            raise HookPointError(
+                f"{what}: layer {layer} is out of range for {model}, which has {n} layers "
+                f"(0..{n - 1}, or -{n}..-1 from the end)"
+            )
+
+
+def check_hook_layers(model: str, names: str | Iterable[str], what: str) -> None:
+    """Hook-point names as written (:func:`check_hooks`) and their layers against ``model``'s layer
+    count (:func:`check_layers`), before any download or load."""
+    from .names import parse_hook_name
+
+    if isinstance(names, str):
+        names = [h.strip() for h in names.split(",") if h.strip()]
+    names = list(names)
+    check_hooks(names, what)
+    layers = [layer for layer in (parse_hook_name(h)[1] for h in names) if layer is not None]
+    check_layers(model, layers, what)
+
+
 def check_prompt_spec(spec: str, what: str) -> None:
     """A prompt set before any model is loaded: a built-in set, an ``hf:`` alias or spec in the one
     syntax, or a readable UTF-8 ``.txt``/``.jsonl`` file (:func:`check_text_file`)."""

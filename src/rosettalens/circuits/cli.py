@@ -150,6 +150,8 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     if args.out:
         opt.check_output(args.out, args.overwrite, "patch result folder", replaceable=is_patch_dir)
     opt.check_models([args.model])
+    if layers:
+        opt.check_layers(args.model, layers, "--layers")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     hm = rosettalens.load(

@@ -21,6 +21,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     opt.check_hooks(args.hooks, "--hooks")
     opt.check_models([args.model])
+    opt.check_hook_layers(args.model, args.hooks, "--hooks")
     store = extract(
         args.model,
         args.hooks,

@@ -64,6 +64,7 @@ import torch
 
 from ..errors import ConfigError, RosettaError
 from ..io import atomic_savefig, atomic_write_bytes, atomic_write_text, temp_sibling
+from ..models.zoo import layers_of
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
@@ -204,7 +205,7 @@ class Experiment:
             else:
                 pairs = list(zip(models, parts, strict=False))
             for model, text in pairs:
-                n = model_layers(model)
+                n = layers_of(model)
                 if n is None:
                     continue
                 for tok in (t.strip() for t in text.split(",")):
@@ -272,31 +273,6 @@ def _models_of(cfg: Any, model_field: str) -> list[str]:
     if isinstance(many, str) and many:
         return [m.strip() for m in many.split(",") if m.strip()]
     return []
-
-
-def model_layers(model: str) -> int | None:
-    """A model's layer count from metadata alone (the zoo's table, an organism's base, a local folder's
-    ``config.json``); None when only loading it would tell (a hub id, a ``.gguf`` file)."""
-    from ..models import zoo
-
-    if model in zoo.ZOO:
-        return zoo.ZOO[model].layers
-    base, sep, _ = model.rpartition("+")
-    if sep and base in zoo.ZOO:  # an organism is its base model fine-tuned: same layers
-        return zoo.ZOO[base].layers
-    cfg_file = Path(model) / "config.json"
-    if not cfg_file.is_file():
-        from ..organisms.registry import organism_dir
-
-        cfg_file = organism_dir(model) / "config.json" if "/" not in model else cfg_file
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(hf, dict):
-        return None
-    n = hf.get("num_hidden_layers", (hf.get("text_config") or {}).get("num_hidden_layers"))
-    return n if isinstance(n, int) and n > 0 else None
 
 
 def read_run_config(

@@ -111,6 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not args.data:
             raise ConfigError("--data is required (or --source-store and --target-store)")
         opt.check_models([src_name, tgt_name])
+        opt.check_hook_layers(src_name, [src_hook], "--source")
+        opt.check_hook_layers(tgt_name, [tgt_hook], "--target")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     progress = not args.no_progress

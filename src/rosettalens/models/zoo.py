@@ -332,6 +332,26 @@ def check_cache(dest: Path, source_sha256: str | None = None) -> dict:
     return marker
 
 
+def layers_of(model: str) -> int | None:
+    """A model's layer count from metadata alone, nothing loaded or pulled: the zoo's table, an
+    organism's base model (``BASE+task``: same layers), or the ``config.json`` of a local folder or a
+    built organism. None when only loading would tell (a hub id, a ``.gguf`` file)."""
+    if model in ZOO:
+        return ZOO[model].layers
+    base, sep, _ = model.rpartition("+")
+    if sep and base in ZOO:
+        return ZOO[base].layers
+    for folder in (Path(model), cache_root() / "organisms" / model):
+        try:
+            hf = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(hf, dict):
+            n = hf.get("num_hidden_layers", (hf.get("text_config") or {}).get("num_hidden_layers"))
+            return n if isinstance(n, int) and n > 0 else None
+    return None
+
+
 def is_cached(name: str) -> bool:
     entry = ZOO[name]
     try:

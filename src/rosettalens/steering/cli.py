@@ -100,6 +100,8 @@ def _cmd_vector(args: argparse.Namespace) -> int:
     if args.hook != "auto":
         opt.check_hooks([args.hook], "--hook")
     opt.check_models([args.model])
+    if args.hook != "auto":
+        opt.check_hook_layers(args.model, [args.hook], "--hook")
     _seed(args.seed)
     src = {"positive": args.positive, "negative": args.negative}
     if args.hook == "auto":
