@@ -440,3 +440,30 @@ def test_model_layers_from_metadata(tmp_path):
     model.save_pretrained(tmp_path / "m")
     assert model_layers(str(tmp_path / "m")) == 3
     assert model_layers("some-org/some-model") is None  # a hub id: only loading would tell
+
+
+def test_python_entry_point_refuses_before_any_work(tmp_path, monkeypatch):
+    """rosettalens.experiments.run checks like the command line: unknown option, a value outside a
+    Literal field's choices, a layer the model lacks; nothing pulled, loaded or written."""
+    import rosettalens.models.loading as loading
+    from rosettalens.errors import ConfigError
+    from rosettalens.experiments import run
+    from rosettalens.models import zoo
+
+    cache, work = tmp_path / "cache", tmp_path / "work"
+    cache.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("ROSETTA_CACHE", str(cache))
+    monkeypatch.chdir(work)
+    touched = []
+    monkeypatch.setattr(zoo, "pull", lambda *a, **k: touched.append(("pull", a)))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: touched.append(("load", a)))
+    for options, msg in (
+        ({"mapper": "quadratic"}, "mapper 'quadratic' is not one of affine"),
+        ({"sourec_layer": 3}, "refusal-transfer has no option sourec_layer"),
+        ({"source_layer": 999}, "layer 999 is out of range"),
+        ({"n_eval": "many"}, "n_eval must be int"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            run("refusal-transfer", progress=False, **options)
+    assert touched == [] and list(cache.iterdir()) == [] and list(work.iterdir()) == []
