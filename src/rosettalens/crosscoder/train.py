@@ -221,7 +221,10 @@ def train_crosscoder(
         for pg in opt.param_groups:
             pg["lr"] = lr * f_lr
         opt.zero_grad(set_to_none=True)
-        pre = (ua - cc.b_dec_a) @ cc.W_enc_a + (ub - cc.b_dec_b) @ cc.W_enc_b + cc.b_enc
+        # (u_a - b_dec_a) W_enc_a + (u_b - b_dec_b) W_enc_b + b_enc, with the decoder biases folded into one
+        # [width] bias, so that their gradients are vector-matrix products, not [batch, d] ones
+        bias = cc.b_enc - cc.b_dec_a @ cc.W_enc_a - cc.b_dec_b @ cc.W_enc_b
+        pre = torch.addmm(bias, ua, cc.W_enc_a).addmm_(ub, cc.W_enc_b)
         r = pre.relu()
         if topk:
             with torch.no_grad():
