@@ -176,8 +176,10 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, name: str) -> Non
                 kw["metavar"] = "MODEL[,MODEL..]" if f.name == "models" else "MODEL"
             elif f.name in PROMPT_FILE_FIELDS:
                 kw["metavar"] = "PROMPTS"
-            elif f.name == "out":
+            elif f.name == "out" or f.name.endswith("_dir"):
                 kw["metavar"] = "DIR"
+            elif f.name.endswith(("_file", "_prompts")):
+                kw["metavar"] = "FILE"
         action = p.add_argument(flag, **kw)
         for old in aliases:
             opt.add_alias(p, old if old.startswith("-") else "--" + old.replace("_", "-"), action)
@@ -279,6 +281,15 @@ def plan_text(plan: dict[str, Any]) -> str:
     return "plan: " + "; ".join(p for p in pieces if p)
 
 
+def _as_flags(values: dict[str, Any]) -> str:
+    """``{"mode": "erase", "controls": False}`` as ``--mode erase --no-controls``."""
+    out = []
+    for f, v in values.items():
+        flag = f.replace("_", "-")
+        out.append((f"--{flag}" if v else f"--no-{flag}") if isinstance(v, bool) else f"--{flag} {v}")
+    return " ".join(out)
+
+
 def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
     """The experiment's own parser: ``--config``, ``--preset``, ``--resume``, ``--overwrite``, ``--json``,
     ``--no-progress`` and one option per config field."""
@@ -295,10 +306,7 @@ def experiment_parser(name: str) -> tuple[Experiment, argparse.ArgumentParser]:
                    help="a config.json to start from, e.g. an earlier run's (options override it)")  # fmt: skip
     presets = dict(getattr(exp, "presets", None) or {})
     if presets:
-        lines = "; ".join(
-            f"{k}: " + " ".join(f"--{f.replace('_', '-')} {v}" for f, v in vals.items())
-            for k, vals in presets.items()
-        )
+        lines = "; ".join(f"{k}: " + _as_flags(vals) for k, vals in presets.items())
         opt.add_option(p, "--preset", choices=list(presets), default=None,
                        help=f"a named set of options (options given beside it win): {lines}".replace("%", "%%"))  # fmt: skip
     opt.add_option(p, "--resume", type=opt.path, metavar="RUN_DIR",
