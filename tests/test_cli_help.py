@@ -99,7 +99,7 @@ def test_generated_parser_from_field_metadata():
     class Cfg:
         mapper: typing.Literal["affine", "orthogonal"] = option("affine", "mapper kind", aliases=("kind",))
         layer: int | None = option(None, "source layer", shown="auto")
-        controls: bool = option(True, "also run the baselines")
+        controls: bool = option(True, "also run the baselines", aliases=("baselines",))
         secret: int = option(3, hidden=True)
         out: str | None = option(None, "run directory")
 
@@ -114,9 +114,13 @@ def test_generated_parser_from_field_metadata():
     assert "source layer (default: auto)" in text
     assert "--controls, --no-controls also run the baselines (default: True)" in text
     assert "run directory (default: runs/demo-TIMESTAMP)" in text
-    assert "secret" not in text and "--kind" not in text
+    assert (
+        "secret" not in text and "--kind" not in text and "baselines" not in text.replace("the baselines", "")
+    )
     ns = p.parse_args(["--no-controls", "--kind", "orthogonal", "--secret", "5"])
     assert (ns.controls, ns.mapper, ns.secret, ns.layer) == (False, "orthogonal", 5, None)
+    assert p.parse_args(["--no-baselines"]).controls is False  # a bool field's old name, both ways
+    assert p.parse_args(["--baselines"]).controls is True
     assert p.parse_args([]).controls is None  # unset: the config's (or preset's) value stays
 
 

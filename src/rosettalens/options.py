@@ -284,7 +284,7 @@ def print_json(obj: Any) -> None:
 # listed by ``--help``, that print one deprecation line on stderr when used.
 
 
-class _DeprecatedAlias(argparse.Action):
+class DeprecatedAlias(argparse.Action):
     """A hidden old spelling of an option: stores like the new one and says so on stderr."""
 
     def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: Any) -> None:
@@ -301,7 +301,7 @@ class _DeprecatedAlias(argparse.Action):
 def add_alias(p: argparse.ArgumentParser, old: str, action: argparse.Action) -> None:
     """Accept ``old`` as a hidden, deprecated spelling of ``action``'s option."""
     new = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
-    kw: dict[str, Any] = {"dest": action.dest, "action": _DeprecatedAlias, "new": new}
+    kw: dict[str, Any] = {"dest": action.dest, "action": DeprecatedAlias, "new": new}
     kw.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     if action.nargs == 0:
         kw.update(nargs=0, const=action.const if action.const is not None else True)

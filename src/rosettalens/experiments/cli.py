@@ -181,8 +181,14 @@ def _add_config_options(p: argparse.ArgumentParser, cls: type, name: str) -> Non
             elif f.name.endswith(("_file", "_prompts")):
                 kw["metavar"] = "FILE"
         action = p.add_argument(flag, **kw)
-        for old in aliases:
-            opt.add_alias(p, old if old.startswith("-") else "--" + old.replace("_", "-"), action)
+        for alias in aliases:
+            old = alias if alias.startswith("-") else "--" + alias.replace("_", "-")
+            if not _is_bool(cls, f):
+                opt.add_alias(p, old, action)
+                continue
+            for spelled, value, new in ((old, True, flag), ("--no-" + old[2:], False, "--no-" + flag[2:])):
+                p.add_argument(spelled, dest=f.name, action=opt.DeprecatedAlias, new=new, nargs=0, const=value,
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
 
 
 def bool_flags(cls: type) -> set[str]:
