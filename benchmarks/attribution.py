@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +36,8 @@ import torch
 
 import rosettalens
 from rosettalens.circuits.attribution import attribute_edges, attribute_nodes, logit_diff_metric
+from rosettalens.io import atomic_write_text
+from rosettalens.names import hook_name
 
 
 def _status(key: str) -> float:
@@ -106,17 +107,17 @@ def run_phase(args) -> dict:
         hm.forward(clean)
     elif args.phase == "exact":
         base = float(metric(hm.forward(clean), rows).double().mean())
-        _, cx = hm.run_with_cache(corrupted, hooks=[f"head_z.{i}" for i in range(c.n_layers)])
+        _, cx = hm.run_with_cache(corrupted, hooks=[hook_name("head_z", i) for i in range(c.n_layers)])
         t = time.perf_counter()  # time the patches only
         vals = []
         for layer, h in _picks(c, args.patches):
 
-            def fn(act, name, h=h, src=cx[f"head_z.{layer}"]):
+            def fn(act, name, h=h, src=cx[hook_name("head_z", layer)]):
                 new = act.clone()
                 new[:, :, h] = src[:, :, h]
                 return new
 
-            with hm.patch({f"head_z.{layer}": fn}):
+            with hm.patch({hook_name("head_z", layer): fn}):
                 vals.append(float(metric(hm.forward(clean), rows).double().mean()) - base)
         out["exact"] = vals
         out["patches"] = len(vals)
@@ -187,9 +188,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-            f.write(text + "\n")
-        os.replace(f.name, out)
+        atomic_write_text(out, text + "\n")
 
 
 if __name__ == "__main__":

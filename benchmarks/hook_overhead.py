@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import rosettalens
+from rosettalens.names import hook_name
 
 MODEL = "smollm2-135m-instruct"
 
@@ -38,8 +39,8 @@ def forward_overhead(repeats: int, batch: int, seq: int) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(100, hm.cfg.vocab_size, (batch, seq))
     mask = torch.ones_like(ids)
-    one = [f"resid_post.{hm.cfg.n_layers // 2}"]
-    every = [f"resid_post.{i}" for i in range(hm.cfg.n_layers)]
+    one = [hook_name("resid_post", hm.cfg.n_layers // 2)]
+    every = [hook_name("resid_post", i) for i in range(hm.cfg.n_layers)]
 
     @torch.no_grad()
     def plain():

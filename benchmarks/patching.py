@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +39,8 @@ import torch
 
 import rosettalens
 from rosettalens.circuits import patch_sweep
+from rosettalens.io import atomic_write_text
+from rosettalens.names import hook_name
 
 CLEAN = "The months in order: January February March April May June July"
 CORRUPTED = "The months in order: July March May January June April February"
@@ -101,13 +102,13 @@ _CPU: list[float] = []
 def _loop(hm, clean, corrupted, metric, sweep):
     c = hm.cfg
     kind = "resid_pre" if sweep == "resid_pre" else "head_z"
-    _, cache = hm.run_with_cache(clean, hooks=[f"{kind}.{lay}" for lay in range(c.n_layers)])
+    _, cache = hm.run_with_cache(clean, hooks=[hook_name(kind, lay) for lay in range(c.n_layers)])
     n = clean.shape[1] if sweep == "resid_pre" else c.n_heads
     out = torch.empty(c.n_layers, n, dtype=torch.float64)
     for lay in range(c.n_layers):
         for i in range(n):
             kw = {"positions": i} if sweep == "resid_pre" else {"heads": i}
-            with hm.patch(f"{kind}.{lay}", cache[f"{kind}.{lay}"], **kw):
+            with hm.patch(hook_name(kind, lay), cache[hook_name(kind, lay)], **kw):
                 out[lay, i] = float(metric(hm.forward(corrupted))[0])
     return out
 
@@ -117,7 +118,7 @@ def _hand_batched(hm, clean, corrupted, metric, sweep, batch: int):
     """The patches stacked into batches from the embedding on: row j of a forward is patch j."""
     c = hm.cfg
     kind = "resid_pre" if sweep == "resid_pre" else "head_z"
-    _, cache = hm.run_with_cache(clean, hooks=[f"{kind}.{lay}" for lay in range(c.n_layers)])
+    _, cache = hm.run_with_cache(clean, hooks=[hook_name(kind, lay) for lay in range(c.n_layers)])
     n = clean.shape[1] if sweep == "resid_pre" else c.n_heads
     grid = [(lay, i) for lay in range(c.n_layers) for i in range(n)]
     out = torch.empty(len(grid), dtype=torch.float64)
@@ -127,7 +128,7 @@ def _hand_batched(hm, clean, corrupted, metric, sweep, batch: int):
         for lay in sorted({lay for lay, _ in chunk}):
             rows = [j for j, (l2, _) in enumerate(chunk) if l2 == lay]
             idx = [chunk[j][1] for j in rows]
-            src = cache[f"{kind}.{lay}"][0]
+            src = cache[hook_name(kind, lay)][0]
 
             def fn(act, name, rows=rows, idx=idx, src=src):
                 if sweep == "resid_pre":
@@ -136,7 +137,7 @@ def _hand_batched(hm, clean, corrupted, metric, sweep, batch: int):
                     act[rows, :, idx] = src[:, idx].transpose(0, 1)
                 return act
 
-            hooks.append((f"{kind}.{lay}", fn))
+            hooks.append((hook_name(kind, lay), fn))
         with hm.hooks(hooks):
             logits = hm.forward(corrupted.expand(len(chunk), -1))
         for j in range(len(chunk)):
@@ -271,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, text + "\n")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,57 @@ def test_corrupt_and_truncated_shards_are_named(hm, data_file, tmp_path):
         ActivationStore.open(out)
 
 
+def _shard_with_header(header: bytes, body: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + body
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x01\x02", "unreadable or truncated"),  # shorter than the 8-byte header length
+        (_shard_with_header(b"{not json"), "unreadable or truncated"),
+        (_shard_with_header(b"[1, 2]"), "not an object"),
+        (
+            _shard_with_header(b'{"x": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}', bytes(8)),
+            "dtype",
+        ),
+        (
+            _shard_with_header(b'{"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}', bytes(8)),
+            "shape",
+        ),
+        (
+            _shard_with_header(b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}', bytes(8)),
+            "offsets",
+        ),
+        (
+            _shard_with_header(b'{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}', bytes(8)),
+            "match",
+        ),
+    ],
+)
+def test_corrupt_shard_header_is_one_store_error(hm, data_file, tmp_path, content, match):
+    """A shard whose safetensors header is garbage, or names tensors that do not fit their bytes, is a
+    StoreError naming the shard (not a struct, JSON, key or reshape error from deep inside a read)."""
+    out = tmp_path / "s"
+    extract(hm, ["resid_post.0"], data_file, out, shard_size=30)
+    (out / "shard-00001.safetensors").write_bytes(content)
+    with pytest.raises(StoreError, match=match) as e:
+        ActivationStore.open(out)
+    assert "shard-00001.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"doc": 0, "text": "a"}\n{"doc": 1, "te', b"\xff\xfe not utf-8\n", b'["doc", 0]\n']
+)
+def test_corrupt_documents_file_is_one_store_error(hm, data_file, tmp_path, content):
+    out = tmp_path / "s"
+    store = extract(hm, ["resid_post.0"], data_file, out)
+    assert store.documents() == DOCS  # the intact file reads back
+    (out / "documents.jsonl").write_bytes(content)
+    with pytest.raises(StoreError, match="documents.jsonl is unreadable"):
+        ActivationStore.open(out).documents()
+
+
 def test_existing_out_with_other_config_is_refused(hm, data_file, tmp_path):
     out = tmp_path / "s"
     a = extract(hm, ["resid_post.0"], data_file, out)

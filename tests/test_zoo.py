@@ -148,3 +148,83 @@ def test_no_progress_hides_the_weight_loading_bar(tmp_path, capfd):
     hidden = capfd.readouterr().err
     assert "Loading weights" in shown  # the bar this test is about exists ...
     assert "Loading weights" not in hidden and "%|" not in hidden  # ... and progress=False hides it
+
+
+def _tiny_gguf(path):
+    """A small but complete GGUF file (metadata and two float32 tensors), written by the gguf package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    w.add_tensor("output.weight", np.ones((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("cut", ["magic_only", "header", "tensor_table", "data"])
+def test_corrupt_gguf_is_one_data_error(tmp_path, cut):
+    """A file that starts with the GGUF magic bytes but is cut short is a DataError naming it, both in the
+    up-front check and in resolve (which would convert it), never a struct or index error."""
+    from rosettalens.errors import DataError
+    from rosettalens.models.loading import check_model
+
+    whole = _tiny_gguf(tmp_path / "whole.gguf")
+    check_model(str(tmp_path / "whole.gguf"))  # the intact file passes the check
+    keep = {"magic_only": 4, "header": 20, "tensor_table": len(whole) - 200, "data": len(whole) - 10}[cut]
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(whole[:keep])
+    with pytest.raises(DataError, match="corrupt or truncated GGUF") as e:
+        check_model(str(bad))
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match="corrupt or truncated GGUF"):
+        resolve(str(bad))
+
+
+def test_cli_corrupt_gguf_exit_2_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_tiny_gguf(tmp_path / "whole.gguf")[:40])
+    r = _cli("models", "info", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and "corrupt or truncated GGUF" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "match"),
+    [
+        (
+            "tokenizer.json",
+            b'{"version": "1.0", "model": {"type": "BPE", "vo',
+            "tokenizer.json is not valid JSON",
+        ),
+        ("tokenizer.json", b"[1, 2]", "tokenizer.json is corrupt"),
+        ("tokenizer_config.json", b"\xff\xfe", "tokenizer_config.json is not valid JSON"),
+        ("config.json", b'{"model_type": "llama", "hidden_size": "wide"}', "cannot load the model"),
+        (
+            "model.safetensors",
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json here!}",
+            "not a readable safetensors",
+        ),
+    ],
+)
+def test_corrupt_model_folder_is_one_data_error(tmp_path, file, content, match):
+    """A local model folder with a corrupt tokenizer file, a config of the wrong types or a garbage
+    safetensors header: a DataError naming the problem (from the check where it is cheap, else from load)."""
+    from rosettalens.errors import DataError
+    from rosettalens.models.loading import check_model, load
+    from rosettalens.models.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    load(str(tmp_path / "m"), device="cpu", progress=False)  # the intact folder loads
+    (tmp_path / "m" / file).write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        check_model(str(tmp_path / "m"))
+        load(str(tmp_path / "m"), device="cpu", progress=False)
+    assert "\n" not in str(e.value)

@@ -260,7 +260,8 @@ class HookedModel:
         removers = []
         if name.startswith("resid_mid."):
             layer = int(name.split(".")[1])
-            removers.append(self._add_handler(f"resid_pre.{layer}", self._stasher(layer), _RECORD + 1))
+            pre = hook_name("resid_pre", layer)
+            removers.append(self._add_handler(pre, self._stasher(layer), _RECORD + 1))
         self._ensure_torch_hook(site)
 
         def remove() -> None:
@@ -597,15 +598,9 @@ class HookedModel:
         so no component along the direction is written to or read from the residual stream.
         """
         unit = self.unit_direction(direction)
-        names = (
-            [
-                f"{k}.{layer}"
-                for layer in range(self.cfg.n_layers)
-                for k in ("resid_pre", "attn_out", "mlp_out")
-            ]
-            if hooks is None
-            else [self.resolve_hook(h) for h in hooks]
-        )
+        kinds = ("resid_pre", "attn_out", "mlp_out")
+        every = [hook_name(k, layer) for layer in range(self.cfg.n_layers) for k in kinds]
+        names = every if hooks is None else [self.resolve_hook(h) for h in hooks]
         for n in names:
             if self.hook_width(n) != self.cfg.d_model:
                 raise ShapeError(f"cannot ablate a d_model direction at {n}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import sys
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rosettalens.data import Corpus, load_documents
 from rosettalens.errors import (
     ChecksumError,
     ConfigError,
@@ -55,6 +57,7 @@ from rosettalens.io import (
     sha256_bytes,
     sha256_file,
 )
+from rosettalens.models.loading import load
 from rosettalens.offsets import char_ends_by_decoding, char_ends_from_offsets
 
 FORMAT = "rosettalens.activation_store/1"
@@ -76,16 +79,41 @@ def shard_name(k: int) -> str:
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
-    """safetensors layout: u64 little-endian header length, JSON header, raw data. Returns (data start, header)."""
+    """safetensors layout: u64 little-endian header length, JSON header, raw data. Returns (data start, header).
+
+    A header that is not JSON, or not tensors this reader knows (dtype, shape, data offsets that agree),
+    is one :class:`StoreError` line."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(n))
+        _check_header(header)
     except (OSError, ValueError, struct.error) as e:
-        raise StoreError(f"shard {path} is unreadable or truncated ({e})") from None
+        raise StoreError(f"shard {path} is unreadable or truncated ({str(e).splitlines()[0]})") from None
     return 8 + n, header
+
+
+def _check_header(header: Any) -> None:
+    """ValueError unless ``header`` is a safetensors header whose tensors this reader can map."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _ST_ITEM:
+            raise ValueError(f"tensor {name!r} has no known dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r} has no valid shape")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+            raise ValueError(f"tensor {name!r} has no valid data_offsets")
+        if (
+            not 0 <= offsets[0] <= offsets[1]
+            or offsets[1] - offsets[0] != math.prod(shape) * _ST_ITEM[info["dtype"]]
+        ):
+            raise ValueError(f"tensor {name!r}: data_offsets do not match its shape and dtype")
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -265,10 +293,20 @@ class ActivationStore:
     def documents(self) -> list[str]:
         """The texts of the documents, indexed by ``doc_index``."""
         docs: dict[int, str] = {}
-        with open(self.path / DOCUMENTS, encoding="utf-8") as f:
-            for line in f:
-                obj = json.loads(line)
-                docs[obj["doc"]] = obj["text"]
+        path = self.path / DOCUMENTS
+        try:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict) or not isinstance(obj.get("doc"), int):
+                        raise ValueError(f"line {i} is not a {{doc, text}} object")
+                    if not isinstance(obj.get("text"), str) or obj["doc"] < 0:
+                        raise ValueError(f"line {i} is not a {{doc, text}} object")
+                    docs[obj["doc"]] = obj["text"]
+        except (OSError, ValueError) as e:
+            raise StoreError(
+                f"store {self.path}: {DOCUMENTS} is unreadable ({str(e).splitlines()[0]})"
+            ) from None
         n = max(docs) + 1 if docs else 0
         return [docs.get(i, "") for i in range(n)]
 
@@ -527,8 +565,6 @@ def extract(
     Returns the finished :class:`ActivationStore`. Raises a ``RosettaError`` subclass on bad input before
     anything is written; resumes an interrupted run of the same config at its first missing shard.
     """
-    from rosettalens.data import Corpus, load_documents
-
     if isinstance(hooks, str):
         hooks = [h.strip() for h in hooks.split(",") if h.strip()]
     corpus = data if isinstance(data, Corpus) else load_documents(data, field=field)
@@ -547,8 +583,6 @@ def extract(
     cfg.validate()
     rank, world, own_pg = init_distributed()
     if isinstance(model, str):
-        from rosettalens.models.loading import load
-
         if world > 1 and torch.cuda.is_available() and device is None and device_map is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
         hm = load(
@@ -762,7 +796,7 @@ def _shard_ok(path: Path, hooks: Sequence[str], rows: int) -> bool:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if path.stat().st_size != start + end:
         return False
-    return all(h in header and header[h]["shape"][0] == rows for h in (*hooks, *INDEX_TENSORS))
+    return all(h in header and header[h]["shape"][:1] == [rows] for h in (*hooks, *INDEX_TENSORS))
 
 
 def _is_store_file(name: str) -> bool:

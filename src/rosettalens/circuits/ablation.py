@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from ..hooks import HookedModel
+from ..names import hook_name
 
 KINDS = ("zero", "mean", "resample")
 
@@ -158,7 +159,9 @@ class Ablator:
 
     def _collect(self, ref: Tensor, mask: Tensor, batch_size: int) -> None:
         hm = self.hm
-        hooks = [f"head_z.{layer}" for layer in self.layers] + [f"mlp_out.{layer}" for layer in self.layers]
+        hooks = [hook_name("head_z", layer) for layer in self.layers] + [
+            hook_name("mlp_out", layer) for layer in self.layers
+        ]
         sums: dict[str, Tensor] = {}
         counts: Tensor | None = None
         chunks: dict[str, list[Tensor]] = {h: [] for h in hooks}
@@ -176,7 +179,10 @@ class Ablator:
             c = w.sum(0) if self.per_position else w.sum()
             counts = c if counts is None else counts + c
         for layer in self.layers:
-            for name, store in ((f"head_z.{layer}", self.head_values), (f"mlp_out.{layer}", self.mlp_values)):
+            for name, store in (
+                (hook_name("head_z", layer), self.head_values),
+                (hook_name("mlp_out", layer), self.mlp_values),
+            ):
                 if self.kind == "resample":
                     store[layer] = torch.cat(chunks[name])
                     continue
@@ -262,14 +268,14 @@ class Ablator:
                 mask[idx.to(act.device)] = True
                 return torch.where(mask.view(-1, 1), val, act)
 
-            fwd.append((f"head_z.{layer}", head_fn))
+            fwd.append((hook_name("head_z", layer), head_fn))
         for layer in mlp_layers:
 
             def mlp_fn(act: Tensor, name: str, layer: int = layer) -> Tensor:
                 val = self._value(self.mlp_values, layer, act, rows_for(act.shape[0]))
                 return torch.zeros_like(act) + val
 
-            fwd.append((f"mlp_out.{layer}", mlp_fn))
+            fwd.append((hook_name("mlp_out", layer), mlp_fn))
         # the first hook of a forward pass (head_z.L fires before mlp_out.L) marks a fresh draw
         order = sorted((int(n.split(".")[1]), n.startswith("mlp_out"), n) for n, _ in fwd)
         first_name = order[0][2] if order else None

@@ -61,6 +61,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from ..hooks import HookedModel
+from ..names import hook_name
 
 Metric = Callable[..., Tensor]  # (logits [batch, pos, vocab]) or (logits, rows [batch]) -> [batch]
 METHODS = ("eap", "eap-ig")
@@ -319,9 +320,11 @@ def attribute_nodes(
     )
     t0 = time.perf_counter()
     n_layers, n_heads = hm.cfg.n_layers, hm.cfg.n_heads
-    names = [f"head_z.{i}" for i in range(n_layers)] + [f"mlp_out.{i}" for i in range(n_layers)]
+    names = [hook_name("head_z", i) for i in range(n_layers)] + [
+        hook_name("mlp_out", i) for i in range(n_layers)
+    ]
     if resid:
-        names += [f"resid_pre.{i}" for i in range(n_layers)]
+        names += [hook_name("resid_pre", i) for i in range(n_layers)]
     heads = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     mlps = torch.zeros(n_layers, dtype=torch.float64)
     res = torch.zeros(n_layers, clean_ids.shape[1], dtype=torch.float64) if resid else None
@@ -447,9 +450,14 @@ def attribute_edges(
     parallel = parallel_residual(hm)
     names = ["embed"]
     for layer in range(L):
-        names += [f"resid_pre.{layer}", f"q.{layer}", f"k.{layer}", f"v.{layer}"]
-        names += [f"head_z.{layer}", f"attn_out.{layer}", f"mlp_out.{layer}"]
-    names.append(f"resid_post.{L - 1}")
+        names += [
+            hook_name("resid_pre", layer),
+            hook_name("q", layer),
+            hook_name("k", layer),
+            hook_name("v", layer),
+        ]
+        names += [hook_name("head_z", layer), hook_name("attn_out", layer), hook_name("mlp_out", layer)]
+    names.append(hook_name("resid_post", L - 1))
     scores = torch.zeros(len(senders), len(receivers), dtype=torch.float64)
     node = torch.zeros(len(senders), dtype=torch.float64)
     ig = method == "eap-ig"
@@ -460,7 +468,11 @@ def attribute_edges(
         for sl in _chunks(clean_ids.shape[0], batch_size):
             ids_c, ids_x, m = clean_ids[sl].to(dev), corrupted_ids[sl].to(dev), mask[sl].to(dev)
             rows = torch.arange(sl.start, sl.stop)
-            cache_names = ["embed"] + [f"head_z.{i}" for i in range(L)] + [f"mlp_out.{i}" for i in range(L)]
+            cache_names = (
+                ["embed"]
+                + [hook_name("head_z", i) for i in range(L)]
+                + [hook_name("mlp_out", i) for i in range(L)]
+            )
             logits_x, cache_x = hm.run_with_cache(ids_x, hooks=cache_names, attention_mask=m)
             assert logits_x is not None
             corr_sum += float(metric_values(metric, logits_x, rows).sum())
@@ -477,12 +489,12 @@ def attribute_edges(
                     e_x = cache_x["embed"]
                     vals, acts = _grad_forward(hm, ids_c, m, rows, metric, names, e_x + alpha * (e_c - e_x))
                 want = (
-                    [f"q.{i}" for i in range(L)]
-                    + [f"k.{i}" for i in range(L)]
-                    + [f"v.{i}" for i in range(L)]
-                    + [f"mlp_out.{i}" for i in range(L)]
-                    + [f"resid_post.{L - 1}", "embed"]
-                    + [f"head_z.{i}" for i in range(L)]
+                    [hook_name("q", i) for i in range(L)]
+                    + [hook_name("k", i) for i in range(L)]
+                    + [hook_name("v", i) for i in range(L)]
+                    + [hook_name("mlp_out", i) for i in range(L)]
+                    + [hook_name("resid_post", L - 1), "embed"]
+                    + [hook_name("head_z", i) for i in range(L)]
                 )
                 gl = _grads(vals.sum(), [acts[n] for n in want], retain=True)
                 g = dict(zip(want, gl))
@@ -517,7 +529,7 @@ def attribute_edges(
 
 def parallel_residual(hm: HookedModel) -> bool:
     """Attention and MLP of a layer read the same residual (GPT-NeoX/Pythia): no resid_mid."""
-    return hm.adapter.parallel_residual or "resid_mid.0" not in hm.cfg.hook_points
+    return hm.adapter.parallel_residual or hook_name("resid_mid", 0) not in hm.cfg.hook_points
 
 
 def _sender_deltas(
@@ -527,9 +539,9 @@ def _sender_deltas(
     c = hm.cfg
     rows: list[Tensor] = [(cache_x["embed"].float() - acts["embed"].detach().float()).flatten()]
     for layer in range(c.n_layers):
-        z = acts[f"head_z.{layer}"]
-        out = acts[f"attn_out.{layer}"]
-        dz = (cache_x[f"head_z.{layer}"] - z.detach()).to(z.dtype)
+        z = acts[hook_name("head_z", layer)]
+        out = acts[hook_name("attn_out", layer)]
+        dz = (cache_x[hook_name("head_z", layer)] - z.detach()).to(z.dtype)
         # J (mask_h dz) by the double-backward trick: u(v) = J^T v is linear in v, d<u, w>/dv = J w
         v = torch.zeros_like(out, requires_grad=True)
         (u,) = torch.autograd.grad(out, z, grad_outputs=v, create_graph=True)
@@ -539,8 +551,8 @@ def _sender_deltas(
             (jd,) = torch.autograd.grad(u, v, grad_outputs=w, retain_graph=True)
             rows.append(jd.detach().float().flatten())
         del u, v
-        mo = acts[f"mlp_out.{layer}"]
-        rows.append((cache_x[f"mlp_out.{layer}"].float() - mo.detach().float()).flatten())
+        mo = acts[hook_name("mlp_out", layer)]
+        rows.append((cache_x[hook_name("mlp_out", layer)].float() - mo.detach().float()).flatten())
     return torch.stack(rows)
 
 
@@ -553,11 +565,11 @@ def _node_scores_from(
         ((cache_x["embed"].double() - acts["embed"].detach().double()) * g["embed"].double()).sum()
     ]
     for layer in range(c.n_layers):
-        z = acts[f"head_z.{layer}"].detach().double()
-        d = (cache_x[f"head_z.{layer}"].double() - z) * g[f"head_z.{layer}"].double()
-        out += list(d.sum((0, 1, 3)))
-        mo = acts[f"mlp_out.{layer}"].detach().double()
-        out.append(((cache_x[f"mlp_out.{layer}"].double() - mo) * g[f"mlp_out.{layer}"].double()).sum())
+        hz, mo_name = hook_name("head_z", layer), hook_name("mlp_out", layer)
+        z = acts[hz].detach().double()
+        out += list(((cache_x[hz].double() - z) * g[hz].double()).sum((0, 1, 3)))
+        mo = acts[mo_name].detach().double()
+        out.append(((cache_x[mo_name].double() - mo) * g[mo_name].double()).sum())
     return torch.stack(out)
 
 
@@ -569,26 +581,26 @@ def _receiver_grads(
     c = hm.cfg
     for layer in range(c.n_layers):
         cols: list[Tensor] = []
-        x = acts[f"resid_pre.{layer}"]
+        x = acts[hook_name("resid_pre", layer)]
         for kind, nh in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads)):
-            a, ga = acts[f"{kind}.{layer}"], g[f"{kind}.{layer}"]
+            a, ga = acts[hook_name(kind, layer)], g[hook_name(kind, layer)]
             for h in range(nh):
                 w = torch.zeros_like(ga)
                 w[:, :, h] = ga[:, :, h]
                 (gx,) = torch.autograd.grad(a, x, grad_outputs=w, retain_graph=True, allow_unused=True)
                 cols.append(_flat(gx, x))
         # the MLP reads resid_mid (= resid_pre + attn_out), or resid_pre with a parallel residual
-        src = acts[f"resid_pre.{layer}"] if parallel else acts[f"attn_out.{layer}"]
+        src = acts[hook_name("resid_pre", layer)] if parallel else acts[hook_name("attn_out", layer)]
         (gm,) = torch.autograd.grad(
-            acts[f"mlp_out.{layer}"],
+            acts[hook_name("mlp_out", layer)],
             src,
-            grad_outputs=g[f"mlp_out.{layer}"],
+            grad_outputs=g[hook_name("mlp_out", layer)],
             retain_graph=True,
             allow_unused=True,
         )
         cols.append(_flat(gm, src))
         yield cols
-    yield [g[f"resid_post.{c.n_layers - 1}"].float().flatten()]
+    yield [g[hook_name("resid_post", c.n_layers - 1)].float().flatten()]
 
 
 def _flat(grad: Tensor | None, like: Tensor) -> Tensor:

@@ -36,8 +36,16 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, ShapeError
 from ..hooks import HookedModel
-from .ablation import KINDS, Ablator, parse_head, parse_mlp
-from .attribution import EdgeAttribution, Metric, NodeAttribution, metric_values
+from ..names import hook_name
+from .ablation import KINDS, Ablator, layer_module, parse_head, parse_mlp
+from .attribution import (
+    EdgeAttribution,
+    Metric,
+    NodeAttribution,
+    edge_graph,
+    metric_values,
+    parallel_residual,
+)
 
 MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ABLATIONS = ("patch", *KINDS)
@@ -394,8 +402,6 @@ class EdgeFaithfulness:
         *,
         batch_size: int = 16,
     ):
-        from .attribution import edge_graph, parallel_residual
-
         a = hm.adapter
         if a.post_block_norms or a.qkv_fused is not None or parallel_residual(hm):
             raise ConfigError(
@@ -438,8 +444,6 @@ class EdgeFaithfulness:
     # ------------------------------------------------------------------ plumbing
     def _head_writes(self, layer: int, z: Tensor) -> Tensor:
         """``[n_heads, batch, pos, d_model]``: each head's share of ``o_proj`` (bias excluded)."""
-        from .ablation import layer_module
-
         o = layer_module(self.hm, layer, self.hm.adapter.o_proj)
         H = self.hm.cfg.n_heads
         b, p = z.shape[:2]
@@ -451,13 +455,17 @@ class EdgeFaithfulness:
     def _writes_of(self, ids: Tensor) -> Tensor:
         """``[n_senders, batch, pos, d_model]``: every sender's write on ``ids`` (no intervention)."""
         L = self.hm.cfg.n_layers
-        hooks = ["embed"] + [f"head_z.{i}" for i in range(L)] + [f"mlp_out.{i}" for i in range(L)]
+        hooks = (
+            ["embed"]
+            + [hook_name("head_z", i) for i in range(L)]
+            + [hook_name("mlp_out", i) for i in range(L)]
+        )
         _, cache = self.hm.run_with_cache(ids, hooks=hooks)
         rows = [cache["embed"].unsqueeze(0)]
         with torch.no_grad():
             for layer in range(L):
-                rows.append(self._head_writes(layer, cache[f"head_z.{layer}"]))
-                rows.append(cache[f"mlp_out.{layer}"].unsqueeze(0))
+                rows.append(self._head_writes(layer, cache[hook_name("head_z", layer)]))
+                rows.append(cache[hook_name("mlp_out", layer)].unsqueeze(0))
         return torch.cat(rows)
 
     def _run(self, keep: Tensor) -> float:
@@ -529,11 +537,11 @@ class EdgeFaithfulness:
 
         hooks: list[tuple[str, Any]] = [("embed", on_embed)]
         for layer in range(L):
-            hooks += [(f"resid_pre.{layer}", on_resid_pre)]
-            hooks += [(f"{k}.{layer}", on_proj) for k in ("q", "k", "v")]
-            hooks += [(f"head_z.{layer}", on_head_z), (f"attn_out.{layer}", on_attn_out)]
-            hooks += [(f"mlp_out.{layer}", on_mlp_out)]
-        hooks.append((f"resid_post.{L - 1}", on_last))
+            hooks += [(hook_name("resid_pre", layer), on_resid_pre)]
+            hooks += [(hook_name(k, layer), on_proj) for k in ("q", "k", "v")]
+            hooks += [(hook_name("head_z", layer), on_head_z), (hook_name("attn_out", layer), on_attn_out)]
+            hooks += [(hook_name("mlp_out", layer), on_mlp_out)]
+        hooks.append((hook_name("resid_post", L - 1), on_last))
         with hm.hooks(hooks):
             logits = hm.forward(self.clean[rows])
         return float(metric_values(self.metric, logits, rows).double().sum())

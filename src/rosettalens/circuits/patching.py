@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from ..hooks import cache_kwarg
+from ..names import hook_name
 
 __all__ = ["SWEEPS", "PatchResult", "patch_sweep"]
 
@@ -234,7 +235,7 @@ def patch_sweep(
         shape = (len(layer_list), n_heads)
 
     # clean activations and the two unpatched metrics
-    names = [f"{kind}.{lay}" for lay in layer_list]
+    names = [hook_name(kind, lay) for lay in layer_list]
     clean_logits, cache = hm.run_with_cache(clean, hooks=names)
     keep = slice(-1, None) if last_logits_only else slice(None)
     clean_m = _metric_rows(metric, clean_logits[:, keep], n_prompts)
@@ -354,13 +355,13 @@ def _chunk_handlers(
         rows = torch.arange(start, start + k)
         pos = torch.tensor([p - offset if p is not None else -1 for p, _ in items])
         head = torch.tensor([h if h is not None else -1 for _, h in items])
-        src = clean[f"{kind}.{lay}"][offset:]
+        src = clean[hook_name(kind, lay)][offset:]
         write = _writer(rows, pos, head, src, all_pos=items[0][0] is None)
         if kind == "resid_pre":
-            handlers.append((f"resid_pre.{lay}", _grow(k, write), "resize"))
+            handlers.append((hook_name("resid_pre", lay), _grow(k, write), "resize"))
         else:
-            handlers.append((f"resid_pre.{lay}", _grow(k, None), "resize"))
-            handlers.append((f"{kind}.{lay}", write, "plain"))
+            handlers.append((hook_name("resid_pre", lay), _grow(k, None), "resize"))
+            handlers.append((hook_name(kind, lay), write, "plain"))
         start += k
     return handlers
 

@@ -42,6 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ShapeError
+from ..names import hook_name
+from .ablation import Ablator
 from .patching import row_bytes
 
 Metric = Callable[[Tensor], Tensor]
@@ -95,7 +97,7 @@ def run_last_logits(hm: Any, ids: Tensor, batch_size: int = 64) -> Tensor:
 def component_means(hm: Any, ref_ids: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
     """Per-position means over ``ref_ids [n, pos]`` (equal length, no padding): ``{"head_z.L":
     [pos, n_heads, d_head], "mlp_out.L": [pos, d_model]}`` for every layer."""
-    hooks = [f"{k}.{L}" for L in range(hm.cfg.n_layers) for k in ("head_z", "mlp_out")]
+    hooks = [hook_name(k, L) for L in range(hm.cfg.n_layers) for k in ("head_z", "mlp_out")]
     sums: dict[str, Tensor] = {}
     n = 0
     for i in range(0, ref_ids.shape[0], batch_size):
@@ -125,7 +127,7 @@ def mean_ablate(
     fwd: list[tuple[str, Callable]] = []
     for L, hs in by_layer.items():
         idx = torch.tensor(sorted(set(hs)))
-        m = means[f"head_z.{L}"]
+        m = means[hook_name("head_z", L)]
 
         def fz(act: Tensor, name: str, idx: Tensor = idx, m: Tensor = m) -> Tensor:
             if act.shape[1] != m.shape[0]:
@@ -134,16 +136,16 @@ def mean_ablate(
             out[:, :, idx] = m[:, idx].to(act.dtype)
             return out
 
-        fwd.append((f"head_z.{L}", fz))
+        fwd.append((hook_name("head_z", L), fz))
     for L in sorted(set(int(x) for x in mlps)):
-        m = means[f"mlp_out.{L}"]
+        m = means[hook_name("mlp_out", L)]
 
         def fm(act: Tensor, name: str, m: Tensor = m) -> Tensor:
             if act.shape[1] != m.shape[0]:
                 raise ShapeError(f"mean ablation built for {m.shape[0]} positions, got {act.shape[1]}")
             return m.to(act.dtype).expand_as(act).clone()
 
-        fwd.append((f"mlp_out.{L}", fm))
+        fwd.append((hook_name("mlp_out", L), fm))
     with hm.hooks(fwd):
         yield hm
 
@@ -254,8 +256,6 @@ class _Scorer:
 
     def __init__(self, hm: Any, clean_ids: Tensor, metric: Metric, ref_ids: Tensor | None, ablation: str,
                  include_mlps: bool, batch_size: int, seed: int) -> None:  # fmt: skip
-        from .ablation import Ablator
-
         self.hm, self.ids, self.metric, self.kind = hm, clean_ids, metric, ablation
         self.batch_size = batch_size
         self.ab = Ablator(
@@ -322,8 +322,8 @@ class _Scorer:
         mmask = torch.stack([mm for _, mm in masks], 1).repeat_interleave(n, 1).to(dev)  # [L, k*n]
         handlers: list[tuple[str, Callable, str]] = []
         for L in range(self.n_layers):
-            for name, msk, store in ((f"head_z.{L}", hmask[L][:, None, :, None], self.ab.head_values),
-                                     (f"mlp_out.{L}", mmask[L][:, None, None], self.ab.mlp_values)):  # fmt: skip
+            for name, msk, store in ((hook_name("head_z", L), hmask[L][:, None, :, None], self.ab.head_values),
+                                     (hook_name("mlp_out", L), mmask[L][:, None, None], self.ab.mlp_values)):  # fmt: skip
                 if not msk.any():
                     continue
                 if self.kind == "zero":
@@ -384,14 +384,14 @@ class _Scorer:
         for i in range(n):
             handlers: list[tuple[str, Callable, str]] = []
             for d, k in grow.items():
-                handlers.append((f"resid_pre.{d}", _grow_rows(k, drop_first=d == top), "resize"))
+                handlers.append((hook_name("resid_pre", d), _grow_rows(k, drop_first=d == top), "resize"))
             for L in range(self.n_layers):
                 if hms[L].any():
                     val = self._value(self.ab.head_values, L, i)
-                    handlers.append((f"head_z.{L}", _masked(hms[L][:, None, :, None], val), "plain"))
+                    handlers.append((hook_name("head_z", L), _masked(hms[L][:, None, :, None], val), "plain"))
                 if mms[L].any():
                     val = self._value(self.ab.mlp_values, L, i)
-                    handlers.append((f"mlp_out.{L}", _masked(mms[L][:, None, None], val), "plain"))
+                    handlers.append((hook_name("mlp_out", L), _masked(mms[L][:, None, None], val), "plain"))
             x = self.ids[i : i + 1].to(dev)
             with self.hm.intervene(handlers):
                 try:
@@ -625,7 +625,7 @@ def path_patch_edges(
     rcv = [_node(r) for r in receivers]
     if any(s[0] == "logits" for s in snd):
         raise ShapeError("'logits' can only be a receiver")
-    need = [f"{k}.{L}" for L in range(n_layers) for k in ("head_z", "mlp_out")]
+    need = [hook_name(k, L) for L in range(n_layers) for k in ("head_z", "mlp_out")]
     clean_logits, clean_cache = _cached_run(hm, clean_ids, need, batch_size)
     clean_metric = float(metric(clean_logits).mean())
     _, corr_cache = _cached_run(hm, corrupted_ids, need, batch_size)
@@ -654,8 +654,8 @@ def path_patch_edges(
                 results.append(_edge(s_kind, sL, sH, r, "resid", clean_metric, patched, None))
                 continue
             if r_kind == "mlp":
-                val = recorded[f"mlp_out.{rL}"]
-                jobs.append(("mlp_in", [(f"mlp_out.{rL}", _const(val))], None))
+                val = recorded[hook_name("mlp_out", rL)]
+                jobs.append(("mlp_in", [(hook_name("mlp_out", rL), _const(val))], None))
             else:
                 for inp in inputs:
                     kinds = ("q", "k", "v") if inp == "qkv" else (inp,)
@@ -665,7 +665,7 @@ def path_patch_edges(
                         idx = rH if k == "q" else rH // group
                         if k != "q":
                             kv_group = [head_name(rL, idx * group + j) for j in range(group)]
-                        hooks_.append((f"{k}.{rL}", _slice_patch(recorded[f"{k}.{rL}"], idx)))
+                        hooks_.append((hook_name(k, rL), _slice_patch(recorded[hook_name(k, rL)], idx)))
                     jobs.append((inp, hooks_, kv_group if group > 1 else None))
             for inp, hooks_, kv_group in jobs:
                 with hm.hooks(hooks_):  # recorded values cover the whole set: one batch
@@ -711,9 +711,9 @@ def _frozen_run(
 
     for L in range(sL, hm.cfg.n_layers):
         if L > sL or s_kind == "head":
-            fwd.append((f"head_z.{L}", fz))
-        fwd.append((f"mlp_out.{L}", fm))
-    fwd += [(f"{k}.{L}", fr) for L in rec_layers for k in ("q", "k", "v")]
+            fwd.append((hook_name("head_z", L), fz))
+        fwd.append((hook_name("mlp_out", L), fm))
+    fwd += [(hook_name(k, L), fr) for L in rec_layers for k in ("q", "k", "v")]
     with hm.hooks(fwd):
         logits = run_last_logits(hm, clean_ids, clean_ids.shape[0])
     return logits, recorded

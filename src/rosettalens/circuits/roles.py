@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..names import hook_name
 from .tasks import PromptSet, SequenceTask, answer_forms, token_ids
 
 __all__ = ["ov_logits", "successor_scores", "member_attention", "head_roles", "role_label", "match_roles"]
@@ -52,18 +53,18 @@ def ov_logits(hm: Any, token_ids: Sequence[int], layers: Sequence[int] | None = 
     layers = list(range(cfg.n_layers)) if layers is None else [int(x) % cfg.n_layers for x in layers]
     prefix = list(hm.tokenizer("", add_special_tokens=True)["input_ids"])
     ids = torch.tensor([prefix + [int(t)] for t in token_ids], dtype=torch.long)
-    _, c0 = hm.run_with_cache(ids, hooks=["resid_post.0"], stop_early=True)
-    emb = c0["resid_post.0"]  # [n, pos, d]
-    patches = [(f"resid_pre.{L}", lambda act, name, e=emb: e.to(act.dtype).clone()) for L in layers]
+    _, c0 = hm.run_with_cache(ids, hooks=[hook_name("resid_post", 0)], stop_early=True)
+    emb = c0[hook_name("resid_post", 0)]  # [n, pos, d]
+    patches = [(hook_name("resid_pre", L), lambda act, name, e=emb: e.to(act.dtype).clone()) for L in layers]
     with hm.hooks(patches):
-        _, cache = hm.run_with_cache(ids, hooks=[f"v.{L}" for L in layers], stop_early=True)
+        _, cache = hm.run_with_cache(ids, hooks=[hook_name("v", L) for L in layers], stop_early=True)
     layer_mods = _module(hm.model, a.layers)
     final_norm, lm_head = _module(hm.model, a.final_norm), hm.model.get_output_embeddings()
     H, dh, group = cfg.n_heads, cfg.d_head, cfg.n_heads // cfg.n_kv_heads
     n = len(token_ids)
     out = {}
     for L in layers:
-        v = cache[f"v.{L}"][:, -1]  # [n, n_kv, dh]
+        v = cache[hook_name("v", L)][:, -1]  # [n, n_kv, dh]
         z = torch.zeros(H, n, H, dh, dtype=v.dtype, device=v.device)
         for h in range(H):
             z[h, :, h] = v[:, h // group]
@@ -130,7 +131,7 @@ def member_attention(hm: Any, prompts: PromptSet, batch_size: int = 16) -> Tenso
     if prompts.member_positions is None:
         raise DataError("the prompt set has no member positions")
     L_all = hm.cfg.n_layers
-    hooks = [f"attn_pattern.{L}" for L in range(L_all)]
+    hooks = [hook_name("attn_pattern", L) for L in range(L_all)]
     total = torch.zeros(L_all, hm.cfg.n_heads, dtype=torch.float64)
     n = len(prompts)
     for i in range(0, n, batch_size):
@@ -138,7 +139,7 @@ def member_attention(hm: Any, prompts: PromptSet, batch_size: int = 16) -> Tenso
         pos = prompts.member_positions[i : i + batch_size]  # [b, k]
         _, cache = hm.run_with_cache(ids, hooks=hooks)
         for L in range(L_all):
-            pat = cache[f"attn_pattern.{L}"][:, :, -1, :].double().cpu()  # [b, H, k_pos]
+            pat = cache[hook_name("attn_pattern", L)][:, :, -1, :].double().cpu()  # [b, H, k_pos]
             idx = pos[:, None, :].expand(-1, pat.shape[1], -1).clamp(min=0)
             got = pat.gather(2, idx) * (pos[:, None, :] >= 0)
             total[L] += got.sum(2).sum(0)

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from rosettalens.data.sources import documents_sha256
 from rosettalens.errors import ConfigError, DataError
 from rosettalens.io import atomic_write_json, atomic_write_text, check_output, sha256_file
+from rosettalens.store import model_fingerprint
 
 OPENINGS = [
     "The history of",
@@ -200,9 +202,6 @@ def generate_to_file(
     options is replaced; any other existing file is refused unless ``overwrite`` (checked before the
     model generates anything). A folder given as ``out`` is a :class:`ConfigError`.
     """
-    from rosettalens.data.sources import documents_sha256
-    from rosettalens.store import model_fingerprint
-
     out = check_corpus_out(out, overwrite)
     meta_path = _meta_path(out)
     options = {"n_tokens": n_tokens, "seed": seed, **kw}

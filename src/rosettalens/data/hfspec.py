@@ -15,10 +15,9 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
 
     The one ``hf:`` syntax of every command (``--data``, prompt sets): the split follows ``@``
     (default ``train``), the config follows ``:``. Examples: ``hf:wikitext:wikitext-2-raw-v1@test``,
-    ``hf:tatsu-lab/alpaca``, ``hf:allenai/c4:en@validation``. The older spelling
-    ``hf:<id>:<config>:<split>`` is still read (it is unambiguous); ``hf:<id>:<name>`` where ``<name>``
-    looks like a split (``hf:imdb:test``) is refused with one line, since it once meant the split and
-    now means the config.
+    ``hf:tatsu-lab/alpaca``, ``hf:allenai/c4:en@validation``. ``hf:<id>:<config>:<split>`` is read too
+    (it is unambiguous); ``hf:<id>:<name>`` where ``<name>`` looks like a split (``hf:imdb:test``) is
+    refused with one line saying to write ``hf:<id>@<split>`` or ``hf:<id>:<config>@train``.
     """
     if not spec.startswith("hf:"):
         raise DataError(f"{spec!r} is not a dataset spec; expected {HF_SYNTAX}")
@@ -36,7 +35,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
         raise DataError(f"empty dataset id in {spec!r}; expected {HF_SYNTAX}")
     if any(not p for p in parts[1:]) or len(parts) > 3 or (len(parts) == 3 and split is not None):
         raise DataError(f"cannot parse {spec!r}; expected {HF_SYNTAX}")
-    if len(parts) == 3:  # the older hf:<id>:<config>:<split>
+    if len(parts) == 3:  # hf:<id>:<config>:<split>
         return ds_id, parts[1], parts[2]
     config = parts[1] if len(parts) == 2 else None
     if config is not None and split is None and config.lower() in _SPLIT_NAMES:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnknownModelError
-from ..names import LAYER_HOOKS
+from ..names import LAYER_HOOKS, hook_name
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def model_config(hf_config, name: str) -> ModelConfig:
         for kind in LAYER_HOOKS:
             if kind == "resid_mid" and adapter.parallel_residual:
                 continue
-            points.append(f"{kind}.{layer}")
+            points.append(hook_name(kind, layer))
     points.append("logits")
     return ModelConfig(
         name=name,

@@ -42,6 +42,12 @@ def _device(device: Any) -> torch.device:
     return torch.device(device)
 
 
+_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,6 +66,16 @@ def _check_folder(p: Path) -> None:
         raise DataError(f"{cfg} is not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(obj, dict) or "model_type" not in obj:
         raise DataError(f"{cfg} is not a Hugging Face model config (no model_type)")
+    for name in _JSON_FILES:  # the tokenizer's files and the shard index, when present
+        f = p / name
+        if not f.is_file():
+            continue
+        try:
+            obj = json.loads(f.read_bytes())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{f} is not valid JSON ({_first_line(e)})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{f} is corrupt (a JSON {type(obj).__name__}, expected an object)")
     for f in sorted(p.glob("*.safetensors")):
         _check_safetensors(f)
 
@@ -81,12 +97,44 @@ def _check_safetensors(f: Path) -> None:
 
 
 def _check_gguf(p: Path) -> None:
+    """The GGUF magic bytes, then the whole header and tensor table as the ``gguf`` package reads them."""
     if not p.is_file():
         raise UnknownModelError(f"GGUF file {p} does not exist")
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise DataError(f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - converting needs gguf (the zoo extra) anyway
+        return
+    try:
+        GGUFReader(str(p))  # memory-mapped: reads the metadata and the tensor table, not the weights
+    except Exception as e:  # the parser raises struct, index, value, unicode errors on a corrupt file
+        raise DataError(f"{p} is a corrupt or truncated GGUF file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+    """What the parsers of transformers, tokenizers, safetensors and gguf raise on a corrupt or
+    inconsistent file (a config whose sizes disagree with the weights is a RuntimeError)."""
+    import struct
+
+    from safetensors import SafetensorError
+
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError]
+    errors += [struct.error, SafetensorError]
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    return tuple(errors)
 
 
 def _unknown(model: str) -> UnknownModelError:
@@ -169,9 +217,10 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
         except CacheError:
             try:
                 zoo.convert_gguf(p, dest, digest, p.stem)
-            except (OSError, ValueError, KeyError) as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"cannot convert GGUF file {p}: {msg}") from e
+            except _file_errors() as e:
+                if isinstance(e, torch.OutOfMemoryError):
+                    raise
+                raise DataError(f"cannot convert GGUF file {p}: {_first_line(e)}") from e
         return p.stem, dest
     if p.exists():
         raise UnknownModelError(f"{p} is a file, not a model folder or a .gguf file")
@@ -189,7 +238,6 @@ def load(
 
     ``device_map="auto"`` spreads a large model over the available devices with ``accelerate``.
     """
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..hooks import HookedModel
@@ -215,8 +263,10 @@ def load(
             str(where), **({} if local else {"local_files_only": kwargs.get("local_files_only", False)})
         )
         hf: Any = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:  # the user's files or names
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except _file_errors() as e:  # the user's files or names
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        msg = _first_line(e)
         if local:
             raise DataError(f"cannot load the model in {where}: {msg}") from e
         raise UnknownModelError(
