@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "seqcont-circuits": "rosettalens.experiments.seqcont_circuits",
     "backdoor-transfer": "rosettalens.experiments.backdoor_transfer",
     "safety-switch": "rosettalens.experiments.safety_switch",
+    "seqcont-graphs": "rosettalens.experiments.seqcont_graphs",
     "crosscoder-diff": "rosettalens.experiments.crosscoder_diff",
 }
 
