@@ -769,7 +769,8 @@ def controls_figure(plt, controls: dict[str, Any], name_a: str, name_b: str):
             ax.text(i, top + 0.02, f"p={r['cross_p']:.2g}", ha="center", fontsize=7)
     ax.set(xticks=x, xticklabels=[f"{r['layer_a']}/{r['layer_b']}" for r in rows], ylabel="paired SVCCA",
            xlabel=f"layer pair ({name_a} / {name_b})", ylim=(0, 1.1),
-           title="SAE feature universality: ceiling, cross-model, null and random-init per layer pair")  # fmt: skip
+           )  # fmt: skip
+    ax.set_title("paired SVCCA per layer pair: ceiling, cross-model, null, random-init", fontsize=9)
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     fig.tight_layout()
     return fig
