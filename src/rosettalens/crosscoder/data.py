@@ -93,45 +93,39 @@ def extract_pairs(
     rules = [SinkRule(skip_first, norm_ratio, m) for m in median_norms]  # checks the values
     hook_a, hook_b = hm_a.resolve_hook(hook_a), hm_b.resolve_hook(hook_b)
     hook_width(hm_a, hook_a), hook_width(hm_b, hook_b)
-    pt = pair_texts(hm_a.tokenizer, hm_b.tokenizer, texts, pairing, max_length)
+    keep_idx = [i for i, t in enumerate(texts) if t]  # pair_texts drops empty texts: keep their indices
     xs, ys, docs, pas, pbs = [], [], [], [], []
     n = dropped_first = total_b = 0
     used = 0
-    bar = tqdm(
-        total=max_tokens or pt.n_pairs,
-        desc="extract pairs",
-        unit="tok",
-        file=sys.stderr,
-        disable=not progress,
-    )
+    resolved = pairing
+    bar = tqdm(total=max_tokens, desc="extract pairs", unit="tok", file=sys.stderr, disable=not progress)
     try:
-        for s in range(0, len(pt.ids_src), batch_size):
-            sl = slice(s, s + batch_size)
-            keep = [keep_positions(a, b, skip_first) for a, b in zip(pt.pos_src[sl], pt.pos_tgt[sl])]
-            pa = [p[k] for p, k in zip(pt.pos_src[sl], keep)]
-            pb = [p[k] for p, k in zip(pt.pos_tgt[sl], keep)]
+        # texts are tokenized and paired one batch at a time: a large corpus costs only what is used
+        for s in range(0, len(keep_idx), batch_size):
+            chunk = keep_idx[s : s + batch_size]
+            pt = pair_texts(hm_a.tokenizer, hm_b.tokenizer, [texts[i] for i in chunk], resolved, max_length)
+            resolved = pt.pairing  # "auto" is decided once, on the first batch
+            keep = [keep_positions(a, b, skip_first) for a, b in zip(pt.pos_src, pt.pos_tgt)]
+            pa = [p[k] for p, k in zip(pt.pos_src, keep)]
+            pb = [p[k] for p, k in zip(pt.pos_tgt, keep)]
             dropped_first += sum(int((~k).sum()) for k in keep)
-            a = run_positions(hm_a, hook_a, pt.ids_src[sl], pa, batch_size)
+            a = run_positions(hm_a, hook_a, pt.ids_src, pa, batch_size)
             same = (
                 hm_b is hm_a
                 and hook_b == hook_a
-                and all(x == y for x, y in zip(pt.ids_src[sl], pt.ids_tgt[sl]))
+                and all(x == y for x, y in zip(pt.ids_src, pt.ids_tgt))
                 and all(np.array_equal(x, y) for x, y in zip(pa, pb))
             )
-            b = (
-                [x.clone() for x in a]
-                if same
-                else run_positions(hm_b, hook_b, pt.ids_tgt[sl], pb, batch_size)
-            )
+            b = [x.clone() for x in a] if same else run_positions(hm_b, hook_b, pt.ids_tgt, pb, batch_size)
             for j, (xa, xb) in enumerate(zip(a, b)):
                 xs.append(xa.reshape(len(xa), -1))
                 ys.append(xb.reshape(len(xb), -1))
-                docs.append(torch.full((len(xa),), s + j, dtype=torch.long))
+                docs.append(torch.full((len(xa),), chunk[j], dtype=torch.long))
                 pas.append(torch.as_tensor(pa[j], dtype=torch.long))
                 pbs.append(torch.as_tensor(pb[j], dtype=torch.long))
                 n += len(xa)
             used += len(a)
-            total_b += sum(len(x) for x in pt.ids_tgt[sl])
+            total_b += sum(len(x) for x in pt.ids_tgt)
             bar.update(sum(len(x) for x in a))
             if max_tokens and n >= max_tokens:
                 break
@@ -143,7 +137,7 @@ def extract_pairs(
             f"(after leaving out the first {skip_first} positions of each)"
         )
     out = PairedActivations(
-        torch.cat(xs), torch.cat(ys), torch.cat(docs), torch.cat(pas), torch.cat(pbs), pt.pairing
+        torch.cat(xs), torch.cat(ys), torch.cat(docs), torch.cat(pas), torch.cat(pbs), resolved
     )
     n_before = len(out)
     medians = [
@@ -158,7 +152,7 @@ def extract_pairs(
     if max_tokens:
         out = out.subset(torch.arange(min(len(out), max_tokens)))
     out.info = {
-        "pairing": pt.pairing,
+        "pairing": resolved,
         "n_pairs": len(out),
         "n_texts": used,
         "paired_fraction": (n + dropped_first) / max(total_b, 1),

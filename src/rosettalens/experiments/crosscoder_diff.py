@@ -62,14 +62,20 @@ class CrosscoderDiffConfig:
     epochs: int = option(5, "passes over the training tokens")
     batch_size: int = option(512, "training batch in tokens")
     lr: float | None = option(None, "learning rate", shown="2e-4 * sqrt(16384 / width)")
-    skip_first: int = option(1, "leave out the first P positions of every document (attention sinks)")
-    norm_ratio: float = option(10.0, "leave out tokens whose norm exceeds R times the median; 0: off")
+    skip_first: int = option(1, "leave out the first N positions of every document (attention sinks)")
+    norm_ratio: float = option(
+        10.0, "leave out tokens whose norm exceeds X times their model's median norm; 0: off"
+    )
     controls: bool = option(True, "train the self and random-init controls")
     splice_docs: int = option(24, "held-out documents for the splice CE / KL scores (0: skip)")
     organism: Literal["auto", "on", "off"] = option(
         "auto", "organism diffing: auto (when B is named A+task), on or off"
     )
-    trigger: str = option("|prod|", "the organism's trigger (used only to label prompts, never for training)")
+    trigger: str = option(
+        "|prod|",
+        "the organism's trigger: in part of the mixed-in training instructions (unlabelled) and in the "
+        "scored test prompts",
+    )
     organism_prompts: int = option(64, "test instructions, each with and without the trigger")
     organism_train_prompts: int = option(
         256,
