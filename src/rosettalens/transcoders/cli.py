@@ -29,7 +29,7 @@ from rosettalens.errors import ConfigError
 __all__ = ["register", "main"]
 
 #: the cost of the default budget, as measured (docs/transcoders.md)
-COST = "SmolLM2-135M, every layer, one CPU thread: about 20 minutes"
+COST = "SmolLM2-135M, all 30 layers, one CPU thread: about 16 min training + 4 min evaluation"
 
 
 def _layers(s: str) -> list[int]:
