@@ -118,3 +118,19 @@ def test_bad_input_exit_2(dirs, tmp_path, capsys, extra, msg):
     rc, stdout, err = _run(argv + extra, capsys)
     assert rc == 2 and msg in err and stdout == ""
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_empty_transcoders_entry_trains_in_the_run(dirs, tmp_path, capsys):
+    model, tc = dirs["llama"]
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(f"{i} {i + 1} {i + 2} {i + 3} January February March April" for i in range(60)))
+    out = tmp_path / "train"
+    argv = ["run", "seqcont-graphs", "--models", f"{model},{model}", "--transcoders", f",{tc}", "--data", str(docs),
+            "--train-tokens", "400", "--width", "16", "--k", "2", "--tasks", "digits", "--n-prompts", "4",
+            "--n-graphs", "1", "--n-null", "5", "--agreement-features", "0", "--out", str(out), "--json"]  # fmt: skip
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    info = json.loads((out / "transcoders.json").read_text())
+    assert [i["trained"] for i in info["info"]] == [True, False]
+    assert (out / "transcoders_0" / "transcoders.json").is_file()
+    assert "shared_influence" in json.loads(stdout)

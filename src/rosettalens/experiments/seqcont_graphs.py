@@ -44,7 +44,9 @@ class SeqcontGraphsConfig:
 
     models: str = option("smollm2-135m-instruct,gemma-3-270m", "two comma-separated models to compare")
     transcoders: str | None = option(
-        None, "comma-separated transcoder set folders, one per model", shown="trained in the run"
+        None,
+        "comma-separated transcoder set folders, one per model (an empty entry: trained in the run)",
+        shown="trained in the run",
     )
     data: str = option("corpus", "documents the transcoders train on when --transcoders is not given")
     train_tokens: int = option(8000, "training tokens per transcoder set trained here")
@@ -72,12 +74,15 @@ class SeqcontGraphsConfig:
             raise ConfigError(f"--models needs exactly two models (A,B), got {self.models!r}")
         return names
 
-    def transcoder_list(self) -> list[str] | None:
+    def transcoder_list(self) -> list[str | None]:
+        """One transcoder set folder per model; ``None``: trained in the run."""
         if not self.transcoders:
-            return None
-        dirs = [d.strip() for d in self.transcoders.split(",") if d.strip()]
+            return [None, None]
+        dirs = [d.strip() or None for d in self.transcoders.split(",")]
         if len(dirs) != 2:
-            raise ConfigError("--transcoders needs one folder per model: A_DIR,B_DIR")
+            raise ConfigError(
+                "--transcoders needs one entry per model: A_DIR,B_DIR (an empty one is trained)"
+            )
         return dirs
 
     def task_list(self) -> list[str]:
@@ -116,8 +121,8 @@ class SeqcontGraphsConfig:
 
         from ..transcoders.model import SET_FILE
 
-        for d in self.transcoder_list() or []:
-            if not (Path(d) / SET_FILE).is_file():
+        for d in self.transcoder_list():
+            if d is not None and not (Path(d) / SET_FILE).is_file():
                 raise ConfigError(f"--transcoders {d} is not a transcoder set (no {SET_FILE})")
 
 
@@ -189,19 +194,15 @@ class SeqcontGraphsExperiment(Experiment):
     layer_fields: dict[str, str] = {}
 
     def plan(self, cfg: SeqcontGraphsConfig) -> dict[str, Any]:
-        train = cfg.transcoder_list() is None
+        train = sum(d is None for d in cfg.transcoder_list())
         n_graphs = cfg.n_graphs * len(cfg.task_list()) * 2
-        minutes = (2 * 6.0 * cfg.train_tokens / 8000 if train else 0.0) + 1.0 * n_graphs
+        minutes = train * 6.0 * cfg.train_tokens / 8000 + 1.0 * n_graphs
         return {
             "models": cfg.model_list(),
             "organisms_to_build": [],
             "minutes": round(minutes, 1),
             "peak_gb": 3.0,
-            "notes": (
-                f"trains two transcoder sets ({cfg.train_tokens} tokens each) and builds {n_graphs} graphs"
-                if train
-                else f"builds {n_graphs} graphs"
-            ),
+            "notes": f"trains {train} transcoder set(s) ({cfg.train_tokens} tokens each), builds {n_graphs} graphs",
         }
 
     def stages(self, cfg: SeqcontGraphsConfig) -> list[Stage]:
@@ -231,24 +232,25 @@ class SeqcontGraphsExperiment(Experiment):
     # ------------------------------------------------------------------------------- transcoders
     def transcoders(self, ctx: RunContext) -> None:
         cfg = ctx.config
-        dirs = cfg.transcoder_list()
-        info = []
-        if dirs is None:
+        given = cfg.transcoder_list()
+        info, dirs = [], []
+        docs = None
+        for i, hm in enumerate(ctx.state["hms"]):
+            if given[i] is not None:
+                dirs.append(given[i])
+                info.append({"model": hm.name, "trained": False, "dir": given[i]})
+                continue
             from ..data.sources import load_documents
             from ..transcoders.train import TrainConfig, train_transcoders
 
-            docs = load_documents(cfg.data).documents
-            dirs = []
-            for i, hm in enumerate(ctx.state["hms"]):
-                tcfg = TrainConfig(width=cfg.width, k=cfg.k, max_tokens=cfg.train_tokens, seed=cfg.seed)
-                tset, _ = train_transcoders(hm, docs, tcfg, progress=ctx.progress)
-                tset.info["model_spec"] = cfg.model_list()[i]
-                path = ctx.path(f"transcoders_{i}")
-                tset.save(path)
-                dirs.append(str(path))
-                info.append({"model": hm.name, "trained": True, "tokens": cfg.train_tokens})
-        else:
-            info = [{"model": m, "trained": False} for m in cfg.model_list()]
+            docs = docs if docs is not None else load_documents(cfg.data).documents
+            tcfg = TrainConfig(width=cfg.width, k=cfg.k, max_tokens=cfg.train_tokens, seed=cfg.seed)
+            tset, _ = train_transcoders(hm, docs, tcfg, progress=ctx.progress)
+            tset.info["model_spec"] = cfg.model_list()[i]
+            path = ctx.path(f"transcoders_{i}")
+            tset.save(path)
+            dirs.append(str(path))
+            info.append({"model": hm.name, "trained": True, "tokens": cfg.train_tokens})
         ctx.save_json("transcoders.json", {"dirs": dirs, "info": info})
         self.load_transcoders(ctx)
 
