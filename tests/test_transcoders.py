@@ -463,3 +463,22 @@ def test_cli_eval_bad_set(tmp_path, capsys):
 
     assert main(["transcoders", "eval", "--transcoders", str(tmp_path), "--data", "mini-web"]) == 2
     assert "not a transcoder set" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_every_family(tiny_hm):
+    """Every adapted architecture: the MLP hooks, the sink rule and the replaced forward work, and the
+    trained transcoders predict held-out MLP outputs better than their mean."""
+    from rosettalens.transcoders.evaluate import evaluate_transcoders
+    from rosettalens.transcoders.train import TrainConfig, train_transcoders
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(width=64, k=8, max_tokens=3000, batch_size=64, heldout=0.2)
+    from rosettalens.data.sources import load_documents
+
+    docs = load_documents("mini-web").documents  # distinct documents: the held-out ones are unseen
+    tset, held = train_transcoders(tiny_hm, docs, cfg, progress=False)
+    r = evaluate_transcoders(tset, tiny_hm, held, progress=False)
+    assert tset.layers == list(range(tiny_hm.cfg.n_layers))
+    for per in r["layers"].values():
+        assert per["explained_variance"] > 0.05 and 0 < per["l0"] <= 8
+    assert r["ce_zero"] > 0 and r["ce_replaced"] > 0 and r["kl_replaced"] >= 0
