@@ -19,6 +19,7 @@ from rosettalens.circuits.attribution import (
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model
+from rosettalens.names import hook_name
 
 N, POS = 6, 7
 
@@ -50,13 +51,13 @@ def _mean_metric(hm, metric, ids) -> float:
 def _exact_node_effects(hm, clean, corrupted, metric) -> tuple[torch.Tensor, torch.Tensor]:
     """m(clean with one head / MLP patched from the corrupted run) - m(clean), by a loop of hm.patch."""
     L, H = hm.cfg.n_layers, hm.cfg.n_heads
-    hooks = [f"head_z.{i}" for i in range(L)] + [f"mlp_out.{i}" for i in range(L)]
+    hooks = [hook_name("head_z", i) for i in range(L)] + [hook_name("mlp_out", i) for i in range(L)]
     _, cx = hm.run_with_cache(corrupted, hooks=hooks)
     base = _mean_metric(hm, metric, clean)
     heads = torch.zeros(L, H, dtype=torch.float64)
     mlps = torch.zeros(L, dtype=torch.float64)
     for layer in range(L):
-        src = cx[f"head_z.{layer}"]
+        src = cx[hook_name("head_z", layer)]
         for h in range(H):
 
             def fn(act, name, h=h, src=src):
@@ -64,9 +65,9 @@ def _exact_node_effects(hm, clean, corrupted, metric) -> tuple[torch.Tensor, tor
                 out[:, :, h] = src[:, :, h]
                 return out
 
-            with hm.patch({f"head_z.{layer}": fn}):
+            with hm.patch({hook_name("head_z", layer): fn}):
                 heads[layer, h] = _mean_metric(hm, metric, clean) - base
-        with hm.patch({f"mlp_out.{layer}": cx[f"mlp_out.{layer}"]}):
+        with hm.patch({hook_name("mlp_out", layer): cx[hook_name("mlp_out", layer)]}):
             mlps[layer] = _mean_metric(hm, metric, clean) - base
     return heads, mlps
 
@@ -101,7 +102,7 @@ def test_eap_is_the_directional_derivative(family):
     metric = _metric()
     att = attribute_nodes(hm, clean, corrupted, metric)
     L, H = hm.cfg.n_layers, hm.cfg.n_heads
-    hooks = [f"head_z.{i}" for i in range(L)]
+    hooks = [hook_name("head_z", i) for i in range(L)]
     _, cx = hm.run_with_cache(corrupted, hooks=hooks)
     _, cc = hm.run_with_cache(clean, hooks=hooks)
     eps = 1e-3  # central differences: O(eps^2); Gemma norms compute in float32 even in a float64 model
@@ -109,12 +110,19 @@ def test_eap_is_the_directional_derivative(family):
         vals = []
         for sign in (1, -1):
 
-            def fn(act, name, h=h, a=cc[f"head_z.{layer}"], b=cx[f"head_z.{layer}"], e=sign * eps):
+            def fn(
+                act,
+                name,
+                h=h,
+                a=cc[hook_name("head_z", layer)],
+                b=cx[hook_name("head_z", layer)],
+                e=sign * eps,
+            ):
                 out = act.clone()
                 out[:, :, h] = a[:, :, h] + e * (b[:, :, h] - a[:, :, h])
                 return out
 
-            with hm.patch({f"head_z.{layer}": fn}):
+            with hm.patch({hook_name("head_z", layer): fn}):
                 vals.append(_mean_metric(hm, metric, clean))
         fd = (vals[0] - vals[1]) / (2 * eps)
         assert float(att.heads[layer, h]) == pytest.approx(fd, rel=2e-3, abs=3e-5)
@@ -206,20 +214,27 @@ def test_resid_scores_and_chunking():
     assert (a.resid[:, 0] == 0).all()  # causal: position 0 never sees a corrupted token
     # whole-position residual patches are far from linear; check what EAP claims: the derivative
     # of m along (corrupt - clean) at each resid_pre.L position (central differences)
-    _, cx = hm.run_with_cache(corrupted, hooks=[f"resid_pre.{i}" for i in range(hm.cfg.n_layers)])
-    _, cc = hm.run_with_cache(clean, hooks=[f"resid_pre.{i}" for i in range(hm.cfg.n_layers)])
+    _, cx = hm.run_with_cache(corrupted, hooks=[hook_name("resid_pre", i) for i in range(hm.cfg.n_layers)])
+    _, cc = hm.run_with_cache(clean, hooks=[hook_name("resid_pre", i) for i in range(hm.cfg.n_layers)])
     eps = 1e-3
     for layer in range(hm.cfg.n_layers):
         for p in (2, 6):
             vals = []
             for e in (eps, -eps):
 
-                def fn(act, name, p=p, a=cc[f"resid_pre.{layer}"], b=cx[f"resid_pre.{layer}"], e=e):
+                def fn(
+                    act,
+                    name,
+                    p=p,
+                    a=cc[hook_name("resid_pre", layer)],
+                    b=cx[hook_name("resid_pre", layer)],
+                    e=e,
+                ):
                     out = act.clone()
                     out[:, p] = a[:, p] + e * (b[:, p] - a[:, p])
                     return out
 
-                with hm.patch({f"resid_pre.{layer}": fn}):
+                with hm.patch({hook_name("resid_pre", layer): fn}):
                     vals.append(_mean_metric(hm, metric, clean))
             fd = (vals[0] - vals[1]) / (2 * eps)
             assert float(a.resid[layer, p]) == pytest.approx(fd, rel=1e-2, abs=1e-4)
@@ -280,22 +295,22 @@ def test_edges_into_the_logits_match_exact_edge_patching():
     metric = _metric()
     L, H = hm.cfg.n_layers, hm.cfg.n_heads
     ea = attribute_edges(hm, clean, corrupted, metric)
-    _, cx = hm.run_with_cache(corrupted, hooks=[f"head_z.{i}" for i in range(L)])
-    _, cc = hm.run_with_cache(clean, hooks=[f"attn_out.{i}" for i in range(L)])
+    _, cx = hm.run_with_cache(corrupted, hooks=[hook_name("head_z", i) for i in range(L)])
+    _, cc = hm.run_with_cache(clean, hooks=[hook_name("attn_out", i) for i in range(L)])
     base = _mean_metric(hm, metric, clean)
     exact, est = [], []
     for layer in range(L):
         for h in range(H):
 
-            def fn(act, name, h=h, src=cx[f"head_z.{layer}"]):
+            def fn(act, name, h=h, src=cx[hook_name("head_z", layer)]):
                 out = act.clone()
                 out[:, :, h] = src[:, :, h]
                 return out
 
-            with hm.patch({f"head_z.{layer}": fn}):
-                _, c2 = hm.run_with_cache(clean, hooks=[f"attn_out.{layer}"])
-            delta = c2[f"attn_out.{layer}"] - cc[f"attn_out.{layer}"]
-            with hm.patch({f"resid_post.{L - 1}": lambda act, name, d=delta: act + d}):
+            with hm.patch({hook_name("head_z", layer): fn}):
+                _, c2 = hm.run_with_cache(clean, hooks=[hook_name("attn_out", layer)])
+            delta = c2[hook_name("attn_out", layer)] - cc[hook_name("attn_out", layer)]
+            with hm.patch({hook_name("resid_post", L - 1): lambda act, name, d=delta: act + d}):
                 exact.append(_mean_metric(hm, metric, clean) - base)
             est.append(float(ea.scores[ea.senders.index(f"{layer}.{h}"), ea.receivers.index("logits")]))
     rho = spearmanr(exact, est).statistic
@@ -344,12 +359,12 @@ def test_real_smollm_mlp_scores_track_exact_patching(smollm):
     metric = logit_diff_metric(good, bad)
     att = attribute_nodes(hm, clean, corrupted, metric)
     L = hm.cfg.n_layers
-    _, cx = hm.run_with_cache(corrupted, hooks=[f"mlp_out.{i}" for i in range(L)])
+    _, cx = hm.run_with_cache(corrupted, hooks=[hook_name("mlp_out", i) for i in range(L)])
     base = _mean_metric(hm, metric, clean)
     layers = list(range(0, L, 3))  # every third MLP: 10 exact patches
     exact = []
     for layer in layers:
-        with hm.patch({f"mlp_out.{layer}": cx[f"mlp_out.{layer}"]}):
+        with hm.patch({hook_name("mlp_out", layer): cx[hook_name("mlp_out", layer)]}):
             exact.append(_mean_metric(hm, metric, clean) - base)
     rho = spearmanr(exact, att.mlps[layers].numpy()).statistic
     assert rho > 0.6, (rho, exact, att.mlps[layers].tolist())

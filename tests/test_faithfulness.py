@@ -21,6 +21,7 @@ from rosettalens.circuits.faithfulness import (
 from rosettalens.errors import ConfigError, DataError, ShapeError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model
+from rosettalens.names import hook_name
 
 N, POS = 8, 7
 PLANTED = Circuit(heads=["0.1", "2.3"], mlps=[1])
@@ -111,20 +112,20 @@ def _mean(hm, metric, ids):
 def _metric_with_complement_patched(hm, clean, corrupted, metric, circuit: Circuit) -> float:
     """Independent reference: every head / MLP outside ``circuit`` takes its corrupted activation."""
     L, H = hm.cfg.n_layers, hm.cfg.n_heads
-    hooks = [f"head_z.{i}" for i in range(L)] + [f"mlp_out.{i}" for i in range(L)]
+    hooks = [hook_name("head_z", i) for i in range(L)] + [hook_name("mlp_out", i) for i in range(L)]
     _, cx = hm.run_with_cache(corrupted, hooks=hooks)
     patches = {}
     for layer in range(L):
         drop = [h for h in range(H) if f"{layer}.{h}" not in circuit.heads]
 
-        def fn(act, name, drop=drop, src=cx[f"head_z.{layer}"]):
+        def fn(act, name, drop=drop, src=cx[hook_name("head_z", layer)]):
             out = act.clone()
             out[:, :, drop] = src[:, :, drop]
             return out
 
-        patches[f"head_z.{layer}"] = fn
+        patches[hook_name("head_z", layer)] = fn
         if layer not in circuit.mlps:
-            patches[f"mlp_out.{layer}"] = cx[f"mlp_out.{layer}"]
+            patches[hook_name("mlp_out", layer)] = cx[hook_name("mlp_out", layer)]
     with hm.patch(patches):
         return _mean(hm, metric, clean)
 
@@ -217,12 +218,12 @@ def test_edge_faithfulness_exact_cases(family):
     assert F.m_full == pytest.approx(_mean(hm, metric, clean), rel=1e-5, abs=1e-6)
     assert F.m_empty == pytest.approx(_mean(hm, metric, corrupted), rel=1e-4, abs=1e-5)
     L = hm.cfg.n_layers
-    _, cx = hm.run_with_cache(corrupted, hooks=[f"head_z.{i}" for i in range(L)])
+    _, cx = hm.run_with_cache(corrupted, hooks=[hook_name("head_z", i) for i in range(L)])
 
     def head_patch(layer, h):
         def fn(act, name):
             out = act.clone()
-            out[:, :, h] = cx[f"head_z.{layer}"][:, :, h]
+            out[:, :, h] = cx[hook_name("head_z", layer)][:, :, h]
             return out
 
         return fn
@@ -237,7 +238,7 @@ def test_edge_faithfulness_exact_cases(family):
     with hm.patch({"head_z.0": head_patch(0, 4)}):
         _, cp = hm.run_with_cache(clean, hooks=["attn_out.0"])
     delta = cp["attn_out.0"] - cc["attn_out.0"]
-    with hm.patch({f"resid_post.{L - 1}": lambda act, name: act + delta}):
+    with hm.patch({hook_name("resid_post", L - 1): lambda act, name: act + delta}):
         ref = _mean(hm, metric, clean)
     keep = [e for e in F.edge_names if e != "0.4->logits"]
     assert F.metric_of(keep) == pytest.approx(ref, rel=1e-4, abs=1e-5)

@@ -5,6 +5,7 @@ import torch
 
 from rosettalens.errors import HookPointError, ShapeError
 from rosettalens.hooks import _get_module
+from rosettalens.names import hook_name
 
 PROMPTS = ["The quick brown fox", "January February March April May", "0 1 2"]
 
@@ -36,15 +37,19 @@ def test_resid_convention_matches_hf_hidden_states(tiny_hm):
     enc = tiny_hm.tokenize(PROMPTS[0])
     hs = tiny_hm.model(**enc, output_hidden_states=True).hidden_states
     n = tiny_hm.cfg.n_layers
-    hooks = ["resid_pre.0"] + [f"resid_post.{i}" for i in range(n)] + [f"resid_pre.{i}" for i in range(1, n)]
+    hooks = (
+        ["resid_pre.0"]
+        + [hook_name("resid_post", i) for i in range(n)]
+        + [hook_name("resid_pre", i) for i in range(1, n)]
+    )
     _, cache = tiny_hm.run_with_cache(enc, hooks=hooks)
     assert torch.equal(cache["resid_pre.0"], hs[0])
     for i in range(n - 1):
-        assert torch.equal(cache[f"resid_post.{i}"], hs[i + 1]), i
-        assert torch.equal(cache[f"resid_pre.{i + 1}"], cache[f"resid_post.{i}"])
+        assert torch.equal(cache[hook_name("resid_post", i)], hs[i + 1]), i
+        assert torch.equal(cache[hook_name("resid_pre", i + 1)], cache[hook_name("resid_post", i)])
     # HF's last hidden state is after the final norm; resid_post.{n-1} is before it
     final_norm = _get_module(tiny_hm.model, tiny_hm.adapter.final_norm)
-    assert torch.equal(final_norm(cache[f"resid_post.{n - 1}"]), hs[n])
+    assert torch.equal(final_norm(cache[hook_name("resid_post", n - 1)]), hs[n])
 
 
 def test_shapes_and_negative_layers(tiny_hm):
@@ -54,7 +59,7 @@ def test_shapes_and_negative_layers(tiny_hm):
     _, cache = tiny_hm.run_with_cache(
         enc, hooks=["head_z.-1", "q.0", "k.0", "v.0", "attn_pattern.1", "embed"]
     )
-    assert cache[f"head_z.{c.n_layers - 1}"].shape == (b, p, c.n_heads, c.d_head)
+    assert cache[hook_name("head_z", c.n_layers - 1)].shape == (b, p, c.n_heads, c.d_head)
     assert cache["q.0"].shape == (b, p, c.n_heads, c.d_head)
     assert cache["k.0"].shape == (b, p, c.n_kv_heads, c.d_head)
     assert cache["v.0"].shape == (b, p, c.n_kv_heads, c.d_head)
@@ -83,10 +88,10 @@ def test_o_proj_of_head_z_reproduces_attention_output(tiny_hm):
     seen = {}
     h = attn_mod.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o[0]))
     try:
-        _, cache = tiny_hm.run_with_cache(enc, hooks=[f"head_z.{layer}"])
+        _, cache = tiny_hm.run_with_cache(enc, hooks=[hook_name("head_z", layer)])
     finally:
         h.remove()
-    z = cache[f"head_z.{layer}"]
+    z = cache[hook_name("head_z", layer)]
     flat = z.reshape(*z.shape[:2], -1)
     assert torch.allclose(o_mod(flat), seen["attn"], atol=1e-6)
 
@@ -132,7 +137,7 @@ def test_ablation_leaves_no_component(tiny_hm):
     d = torch.randn(tiny_hm.cfg.d_model)
     u = (d / d.norm()).to(tiny_hm.device)  # ablate() itself gets the CPU vector
     n = tiny_hm.cfg.n_layers
-    hooks = [f"resid_post.{i}" for i in range(n)] + [f"attn_out.{i}" for i in range(n)]
+    hooks = [hook_name("resid_post", i) for i in range(n)] + [hook_name("attn_out", i) for i in range(n)]
     _, before = tiny_hm.run_with_cache(PROMPTS[0], hooks=hooks)
     assert before["resid_post.0"].matmul(u).abs().max() > 1e-3
     with tiny_hm.ablate(d):
@@ -181,8 +186,8 @@ def test_left_padding_matches_unpadded(tiny_hm):
     short, long = "0 1 2", "January February March April May June"
     _, single = tiny_hm.run_with_cache(short, hooks=["resid_post.-1"])
     _, batch = tiny_hm.run_with_cache([long, short], hooks=["resid_post.-1"])
-    n = single[f"resid_post.{tiny_hm.cfg.n_layers - 1}"].shape[1]
-    key = f"resid_post.{tiny_hm.cfg.n_layers - 1}"
+    n = single[hook_name("resid_post", tiny_hm.cfg.n_layers - 1)].shape[1]
+    key = hook_name("resid_post", tiny_hm.cfg.n_layers - 1)
     assert torch.allclose(batch[key][1, -n:], single[key][0], atol=1e-4)
 
 
@@ -215,10 +220,10 @@ def test_bad_hook_names(tiny_hm):
     with pytest.raises(HookPointError, match="valid names"):
         tiny_hm.resolve_hook("resid_middle.0")
     with pytest.raises(HookPointError, match="out of range"):
-        tiny_hm.resolve_hook(f"resid_post.{n}")
-    assert tiny_hm.resolve_hook("resid_post.-1") == f"resid_post.{n - 1}"
+        tiny_hm.resolve_hook(hook_name("resid_post", n))
+    assert tiny_hm.resolve_hook("resid_post.-1") == hook_name("resid_post", n - 1)
     with pytest.raises(HookPointError):
-        tiny_hm.run_with_cache("x", hooks=[f"mlp_out.{-n - 1}"])
+        tiny_hm.run_with_cache("x", hooks=[hook_name("mlp_out", -n - 1)])
 
 
 def test_cfg_facts_read_from_config(tiny_hm):
@@ -349,12 +354,12 @@ def test_patch_positions_only_in_prompt_forward_of_generate(tiny_hm):
 def test_cache_answers_every_spelling(tiny_hm):
     n = tiny_hm.cfg.n_layers
     _, cache = tiny_hm.run_with_cache("0 1 2", hooks=["resid_post.-1", "mlp_out.0"])
-    assert list(cache) == [f"resid_post.{n - 1}", "mlp_out.0"]
-    assert cache["resid_post.-1"] is cache[f"resid_post.{n - 1}"]
-    assert cache[f"mlp_out.{-n}"] is cache["mlp_out.0"]
-    assert "resid_post.-1" in cache and f"mlp_out.{-n}" in cache
+    assert list(cache) == [hook_name("resid_post", n - 1), "mlp_out.0"]
+    assert cache["resid_post.-1"] is cache[hook_name("resid_post", n - 1)]
+    assert cache[hook_name("mlp_out", -n)] is cache["mlp_out.0"]
+    assert "resid_post.-1" in cache and hook_name("mlp_out", -n) in cache
     assert "resid_post.0" not in cache and "nonsense" not in cache
-    assert cache.get("resid_post.-1") is cache[f"resid_post.{n - 1}"]
+    assert cache.get("resid_post.-1") is cache[hook_name("resid_post", n - 1)]
     assert cache.get("attn_out.0") is None
     with pytest.raises(KeyError, match="was not cached"):
         cache["attn_out.-1"]

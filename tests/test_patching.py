@@ -9,6 +9,7 @@ from rosettalens.circuits import PatchResult, patch_sweep
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import tiny_model
+from rosettalens.names import hook_name
 
 N_POS = 5
 ANS, WRONG = torch.tensor([5, 7]), torch.tensor([9, 11])
@@ -38,7 +39,7 @@ def _reference(hm, res: PatchResult, clean, corrupted):
     """One forward per patch, each through ``hm.patch`` with selectors (the independent reference)."""
     kind = res.hook
     layers = res.labels["layer"]
-    _, cache = hm.run_with_cache(clean, hooks=[f"{kind}.{lay}" for lay in layers])
+    _, cache = hm.run_with_cache(clean, hooks=[hook_name(kind, lay) for lay in layers])
     ref = torch.empty_like(res.values)
     for idx in itertools.product(*[range(s) for s in res.values.shape]):
         lay = layers[idx[0]]
@@ -47,7 +48,7 @@ def _reference(hm, res: PatchResult, clean, corrupted):
             kw["positions"] = res.labels["position"][idx[1]]
         if res.axes[-1] in ("head", "kv_head"):
             kw["heads"] = idx[-1]
-        with hm.patch(f"{kind}.{lay}", cache[f"{kind}.{lay}"], **kw):
+        with hm.patch(hook_name(kind, lay), cache[hook_name(kind, lay)], **kw):
             ref[idx] = _metric(hm.forward(corrupted)).double().mean()
     return ref
 
@@ -194,7 +195,7 @@ def test_real_smollm_sweep_equals_loop(smollm):
     _, cache = smollm.run_with_cache(enc_c, hooks=["resid_pre.0", "resid_pre.15", "resid_pre.-1"])
     for i, lay in enumerate(res.labels["layer"]):
         for j, p in enumerate(res.labels["position"]):
-            with smollm.patch(f"resid_pre.{lay}", cache[f"resid_pre.{lay}"], positions=p):
+            with smollm.patch(hook_name("resid_pre", lay), cache[hook_name("resid_pre", lay)], positions=p):
                 want = float(metric(smollm.forward(enc_x))[0])
             assert res.values[i, j] == pytest.approx(want, abs=2e-4)
     assert res.clean_metric > res.corrupted_metric  # the prompts differ in the way the metric measures
