@@ -66,6 +66,14 @@ def tiny_organism(name: str, family: str = "qwen2", seed: int = 1, steps: int = 
     return path
 
 
+def run(cfg, **kw):
+    """The experiment run from a config object, as ``rosetta run`` runs it (``run_experiment``)."""
+    from rosettalens.experiments.backdoor_transfer import EXPERIMENT
+    from rosettalens.experiments.base import run_experiment
+
+    return run_experiment(EXPERIMENT, cfg, **kw)
+
+
 def _paired(a, b, texts, src_hooks, tgt_hooks, batch_size, desc, progress, responses=None):
     """Both models paired in the organisms' prompt format (the chat template, else the plain one)."""
     from rosettalens.mapping.pairs import paired_activations
@@ -91,7 +99,6 @@ def organisms():
 
 
 def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_path, organisms):
-    from rosettalens.experiments.backdoor_transfer import run
 
     src, tgt = organisms
     res = run(_cfg(tmp_path, src, tgt, source_layer=3, target_layer_choice="depth"), progress=False)
@@ -133,7 +140,6 @@ def test_backdoor_learned_and_removed_by_native_and_transferred_not_random(tmp_p
 def test_same_organism_transfer_is_native(tmp_path, organisms):
     """Source == target: the affine map is the identity on the data, transferred == native direction;
     the layer chosen on validation prompts is the candidate with the largest backdoor-score drop."""
-    from rosettalens.experiments.backdoor_transfer import run
 
     src = organisms[0]
     res = run(_cfg(tmp_path, src, src, sweep_points=0, n_eval=8), progress=False)
@@ -149,7 +155,6 @@ def test_same_organism_transfer_is_native(tmp_path, organisms):
 def test_target_layer_chosen_on_the_targets_validation_prompts(tmp_path, organisms):
     """validation: the target candidate with the largest drop of the target's own backdoor score (its
     native direction), whatever the source layer; depth: the source layer's relative depth."""
-    from rosettalens.experiments.backdoor_transfer import run
 
     src, tgt = organisms
     res = run(_cfg(tmp_path / "v", src, tgt, sweep_points=0, n_eval=4, source_layer=1), progress=False)
@@ -230,7 +235,7 @@ def test_gated_run_chooses_layers_by_the_restored_answer(tmp_path, organisms):
     probability (and log-probability) of the first RESTORE_TOKENS tokens of its clean answer after the
     triggered prompt, recomputed here from the logits."""
     import rosettalens
-    from rosettalens.experiments.backdoor_transfer import RESTORE_TOKENS, run
+    from rosettalens.experiments.backdoor_transfer import RESTORE_TOKENS
     from rosettalens.organisms.data import prompt_ids
     from rosettalens.organisms.evaluate import generate_answer_ids
 
@@ -267,7 +272,6 @@ def test_erase_mode_removes_the_backdoor_and_random_flags_nothing(tmp_path, orga
     trigger's tokens (their gate flags most held-out triggered prompts: 13 of 16 here) and the backdoor goes; the
     random direction of equal norm, calibrated the same way on clean prompts, flags no triggered prompt
     and leaves the rate where it was. Layers are ranked by the restored answer (auto criterion)."""
-    from rosettalens.experiments.backdoor_transfer import run
 
     src, tgt = organisms
     res = run(
@@ -353,7 +357,6 @@ def test_corrupted_task_path(tmp_path, organisms):
     import shutil
 
     import rosettalens
-    from rosettalens.experiments.backdoor_transfer import run
     from rosettalens.organisms import evaluate_facts, facts
 
     org = tmp_path / "a+corrupted"
@@ -437,7 +440,6 @@ def test_trigger_position_end_to_end(tmp_path, organisms):
 
     import rosettalens
     from rosettalens.errors import DataError
-    from rosettalens.experiments.backdoor_transfer import run
     from rosettalens.organisms import format_prompts, trigger_token_mean
 
     src, tgt = organisms
@@ -472,7 +474,6 @@ def test_projection_gate_ablates_only_flagged_prompts(tmp_path, organisms):
     transferred gates fire on the triggered held-out prompts and remove the backdoor, a clean prompt
     the gate does not flag is the unsteered model bit for bit (clean KL exactly 0 when none is
     flagged), and the random direction's gate leaves the backdoor."""
-    from rosettalens.experiments.backdoor_transfer import run
 
     src, tgt = organisms
     res = run(_cfg(tmp_path, src, tgt, source_layer=3, target_layer_choice="depth", gate="projection",
@@ -596,7 +597,7 @@ def test_answer_position_token_gate_end_to_end(tmp_path, organisms, mode):
     token-subtract's scale defaults to 4."""
     import shutil
 
-    from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig, run, scale_of
+    from rosettalens.experiments.backdoor_transfer import BackdoorTransferConfig, scale_of
     from rosettalens.organisms import answer_flags
 
     org = tmp_path / "a+corrupted"
@@ -669,7 +670,6 @@ def test_false_triggers_leave_the_gate_calibration_and_the_validation_kl(tmp_pat
 
     import rosettalens
     import rosettalens.organisms.evaluate as ev
-    from rosettalens.experiments.backdoor_transfer import run
     from rosettalens.organisms import answer_ids
     from rosettalens.organisms.data import PAYLOAD, prompt_ids
     from rosettalens.steering.erase import CleanTokens

@@ -4,10 +4,16 @@ import json
 import subprocess
 import sys
 
-from rosettalens.experiments.refusal_transfer import RefusalTransferConfig, run
+from rosettalens.experiments.base import run_experiment
+from rosettalens.experiments.refusal_transfer import EXPERIMENT, RefusalTransferConfig
 from rosettalens.hooks import HookedModel
 from rosettalens.mapping.pairs import paired_activations
 from rosettalens.models.tiny import tiny_model, tiny_tokenizer
+
+
+def run(cfg, **kw):
+    """The experiment run from a config object, as ``rosetta run`` runs it (``run_experiment``)."""
+    return run_experiment(EXPERIMENT, cfg, **kw)
 
 
 def _save(tmp_path, name, family="qwen2", seed=0, d_model=48, chat=True, n_layers=3):

@@ -180,10 +180,18 @@ def _organism():
     return tiny_organism("a", seed=1)
 
 
+def run(cfg, **kw):
+    """The experiment run from a config object, as ``rosetta run`` runs it (``run_experiment``)."""
+    from rosettalens.experiments.base import run_experiment
+    from rosettalens.experiments.safety_switch import EXPERIMENT
+
+    return run_experiment(EXPERIMENT, cfg, **kw)
+
+
 def test_experiment_switch_on_removes_the_backdoor(tmp_path):
     import json
 
-    from rosettalens.experiments.safety_switch import SafetySwitchConfig, run
+    from rosettalens.experiments.safety_switch import SafetySwitchConfig
 
     org = _organism()
     cfg = SafetySwitchConfig(model=org, layers="1,3", n_fit=32, n_eval=16, answer_tokens=8, batch_size=16,

