@@ -52,8 +52,8 @@ class CrosscoderDiffConfig:
     data: str = option(
         "corpus", "documents: built-in names, corpus[:NAME], .txt/.jsonl files or hf:<id>, comma-separated"
     )
-    tokens: int = option(32768, "paired training tokens")
-    eval_tokens: int = option(4096, "paired held-out tokens for the metrics")
+    tokens: int = option(16384, "paired training tokens")
+    eval_tokens: int = option(2048, "paired held-out tokens for the metrics")
     max_length: int = option(256, "tokens per document")
     width: int = option(2048, "crosscoder latents")
     arch: Literal["batchtopk", "l1"] = option("batchtopk", "batchtopk, or l1 (for comparison)")
@@ -67,7 +67,7 @@ class CrosscoderDiffConfig:
         10.0, "leave out tokens whose norm exceeds X times their model's median norm; 0: off"
     )
     controls: bool = option(True, "train the self and random-init controls")
-    splice_docs: int = option(24, "held-out documents for the splice CE / KL scores (0: skip)")
+    splice_docs: int = option(8, "held-out documents for the splice CE / KL scores (0: skip)")
     organism: Literal["auto", "on", "off"] = option(
         "auto", "organism diffing: auto (when B is named A+task), on or off"
     )
@@ -252,6 +252,34 @@ class CrosscoderDiffExperiment(Experiment):
             )
         stages.append(Stage("plots", ("rho_histogram.png",), self.plots))
         return stages
+
+    def plan(self, cfg: CrosscoderDiffConfig) -> dict[str, Any]:
+        """What a run loads and roughly costs on one CPU thread: forwards to the middle layer over the
+        extracted tokens (A and B, and A twice more for the controls), crosscoder training (three
+        with the controls) and the splice forwards; an organism that is not built yet is listed."""
+        from ..organisms.registry import model_billions
+
+        a, b = cfg.model_names
+        size_a, size_b = model_billions(a) or 0.5, model_billions(b.split("+")[0]) or 0.5
+        toks = cfg.tokens + cfg.eval_tokens
+        # FLOPs: a forward to the middle layer ~ 1e9 per token per billion parameters; training ~ 6 matmuls
+        fwd = toks * (size_a + size_b) / 2 * 2e9 / 3e10
+        ctrl = (toks * size_a * 2e9 / 3e10 * 1.5) if cfg.controls else 0.0
+        d = 1500
+        train = cfg.tokens * cfg.epochs * 6 * d * cfg.width * 2 / 3e10 * (3 if cfg.controls else 1)
+        splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 3e10
+        builds = []
+        if cfg.organism_task not in (None, "custom"):
+            from ..organisms.registry import organism_dir
+
+            if not organism_dir(b).exists():
+                builds.append(b)
+        return {
+            "models": [a, b],
+            "organisms_to_build": builds,
+            "minutes": round((fwd + ctrl + train + splice) / 60, 1),
+            "notes": "a rough estimate for one free CPU thread (30 GFLOP/s); a loaded machine is slower",
+        }
 
     @staticmethod
     def _loader(name: str):
