@@ -166,18 +166,43 @@ def _tiny_gguf(path):
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("cut", ["magic_only", "header", "tensor_table", "data"])
-def test_corrupt_gguf_is_one_data_error(tmp_path, cut):
-    """A file that starts with the GGUF magic bytes but is cut short is a DataError naming it, both in the
-    up-front check and in resolve (which would convert it), never a struct or index error."""
+def test_gguf_layout_of_an_intact_file_agrees_with_the_gguf_reader(tmp_path):
+    """The layout check passes a file the gguf package wrote, and the gguf package's own reader (the
+    reference) reads the same tensors from it."""
+    import gguf
+
+    from rosettalens.models.gguf_layout import gguf_layout_error
+
+    _tiny_gguf(tmp_path / "whole.gguf")
+    assert gguf_layout_error(tmp_path / "whole.gguf") is None
+    r = gguf.GGUFReader(str(tmp_path / "whole.gguf"))
+    assert [t.name for t in r.tensors] == ["token_embd.weight", "output.weight"]
+    assert all(t.data.shape == (8, 4) for t in r.tensors)
+
+
+def _corrupt_gguf(whole: bytes, how: str) -> bytes:
+    if how == "value_type":  # the first metadata entry's value type: u32 after the key string
+        at = 24 + 8 + int.from_bytes(whole[24:32], "little")
+        return whole[:at] + (99).to_bytes(4, "little") + whole[at + 4 :]
+    if how == "tensor_count":  # u64 at byte 8
+        return whole[:8] + (2**62).to_bytes(8, "little") + whole[16:]
+    keep = {"magic_only": 4, "header": 20, "tensor_table": len(whole) - 200, "data": len(whole) - 10}[how]
+    return whole[:keep]
+
+
+@pytest.mark.parametrize(
+    "how", ["magic_only", "header", "tensor_table", "data", "value_type", "tensor_count"]
+)
+def test_corrupt_gguf_is_one_data_error(tmp_path, how):
+    """A file that starts with the GGUF magic bytes but is cut short or corrupt is a DataError naming it,
+    both in the up-front check and in resolve (which would convert it), never a struct or index error."""
     from rosettalens.errors import DataError
     from rosettalens.models.loading import check_model
 
     whole = _tiny_gguf(tmp_path / "whole.gguf")
     check_model(str(tmp_path / "whole.gguf"))  # the intact file passes the check
-    keep = {"magic_only": 4, "header": 20, "tensor_table": len(whole) - 200, "data": len(whole) - 10}[cut]
     bad = tmp_path / "bad.gguf"
-    bad.write_bytes(whole[:keep])
+    bad.write_bytes(_corrupt_gguf(whole, how))
     with pytest.raises(DataError, match="corrupt or truncated GGUF") as e:
         check_model(str(bad))
     assert str(bad) in str(e.value) and "\n" not in str(e.value)

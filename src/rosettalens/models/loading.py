@@ -19,6 +19,7 @@ from ..errors import CacheError, ConfigError, DataError, UnknownModelError
 from ..io import sha256_file
 from . import zoo
 from .checks import DEVICE_MAPS, check_device, check_path
+from .gguf_layout import gguf_layout_error
 
 
 def _dtype(dtype: Any) -> torch.dtype:
@@ -97,21 +98,16 @@ def _check_safetensors(f: Path) -> None:
 
 
 def _check_gguf(p: Path) -> None:
-    """The GGUF magic bytes, then the whole header and tensor table as the ``gguf`` package reads them."""
+    """The GGUF magic bytes, then the header, metadata and tensor table, and the size of the data."""
     if not p.is_file():
         raise UnknownModelError(f"GGUF file {p} does not exist")
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise DataError(f"{p} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - converting needs gguf (the zoo extra) anyway
-        return
-    try:
-        GGUFReader(str(p))  # memory-mapped: reads the metadata and the tensor table, not the weights
-    except Exception as e:  # the parser raises struct, index, value, unicode errors on a corrupt file
-        raise DataError(f"{p} is a corrupt or truncated GGUF file ({_first_line(e)})") from None
+    why = gguf_layout_error(p)
+    if why:
+        raise DataError(f"{p} is a corrupt or truncated GGUF file: {why}")
 
 
 def _first_line(e: BaseException) -> str:
