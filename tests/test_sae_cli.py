@@ -98,7 +98,20 @@ def test_splice_clean_ce_equals_hf_loss(hm, texts):
 def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
     out = tmp_path / "saes"
     args = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--arch", "topk"]
-    args += ["--width", "64,96", "--k", "4", "--out", str(out), "--batch-size", "128", "--lr", "2e-3"]
+    args += [
+        "--width",
+        "64,96",
+        "--k",
+        "4",
+        "--out",
+        str(out),
+        "--batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--tokens",
+        "4096",
+    ]
     args += ["--model", str(model_dir), "--splice-docs", "4"]
     assert main([*args, "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -147,6 +160,7 @@ def test_cli_skip_first_leaves_out_first_tokens(store, tmp_path, capsys):
         "0",
     ]
     args += ["--out", str(tmp_path / "s"), "--batch-size", "128", "--heldout", "0.2", "--skip-first", "2"]
+    args += ["--tokens", "1024"]
     assert main([*args, "--norm-ratio", "0", "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     n = len(store)
@@ -160,7 +174,7 @@ def test_cli_skip_first_leaves_out_first_tokens(store, tmp_path, capsys):
 
 def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     base = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--batch-size", "128"]
-    base += ["--splice-docs", "0"]
+    base += ["--splice-docs", "0", "--tokens", "256"]
     out = tmp_path / "x"
     assert main([*base, "--arch", "topk", "--width", "32", "--k", "32", "--out", str(out)]) == 2
     assert "k must be in [1, width)" in capsys.readouterr().err

@@ -9,8 +9,10 @@ Stable API (used by ``rosetta run sae-universality``)::
     sae = train_sae(x, SAEConfig(d_in=576, width=4096, arch="jumprelu"))                 # x: [n, d_in]
     z = sae.encode(x)                # [n, width] latents (raw activations in, latents in input units)
     x_hat = sae.decode(z)            # [n, d_in];  sae(x) == sae.decode(sae.encode(x))
-    evaluate_sae(sae, x_heldout)     # {fvu, explained_variance, mse, l0, dead_fraction, dense_fraction, n_tokens}
-    splice_metrics(sae, hm, "resid_post.12", texts)  # {ce_loss_recovered, kl_score, ce_*, kl_*, n_tokens}
+    evaluate_sae(sae, x_heldout, positions=pos)  # SAEBench core: fvu, explained_variance, l0, alive_fraction, ...
+    splice_metrics(sae, hm, "resid_post.12", texts)  # {ce_loss_score, kl_div_score, ce_*, kl_*, n_tokens}
+    best_decoder_cosine(sae_a, sae_b).median()       # agreement of two SAEs (e.g. two seeds)
+    keep_mask(acts, attention_mask)  # [batch, pos] bool: the sink rule (first positions, outlier norms)
     sae.save("out/sae"); SAE.load("out/sae")         # SAELens's format; SAE.load also reads sparsify folders
     load_sae("EleutherAI/sae-pythia-70m-32k/layers.3")  # hub id (online), SAELens or sparsify layout
 
@@ -21,11 +23,15 @@ Stable API (used by ``rosetta run sae-universality``)::
   (jumprelu, batchtopk; else ``None``); ``input_scale`` (the input normalisation of training, folded into
   the weights), ``info`` (training record and metrics, saved in ``cfg.json``).
 * ``TrainConfig(batch_size, tokens, lr, lr_warmup_steps, lr_decay_frac, ..., seed, device,
-  checkpoint_dir, checkpoint_every)``; ``train_saes(data, cfgs, tcfg, hook=, rows=, progress=, on_log=)``:
-  ``data`` an ``ActivationStore`` (an SAE config's own ``hook`` picks its hook point, so several layers
-  train from one pass) or a tensor ``[n, d_in]``; ``rows`` a ``(start, stop)`` range or an index tensor
-  (e.g. ``torch.nonzero(store.pos_index >= 1).reshape(-1)``: leave out first tokens, whose residual norm
-  dominates the input scale and the FVU).
+  checkpoint_dir, checkpoint_every)``; ``train_saes(data, cfgs, tcfg, hook=, rows=, positions=,
+  progress=, on_log=)``: ``data`` an ``ActivationStore`` (an SAE config's own ``hook`` picks its hook
+  point, so several layers train from one pass) or a tensor ``[n, d_in]`` (``positions [n]``: each
+  row's position in its document, for the sink rule); ``rows`` a ``(start, stop)`` range or an index
+  tensor.
+* The sink rule (:mod:`rosettalens.sae.sinks`): the first ``skip_first`` positions of each document
+  and tokens whose norm exceeds ``norm_ratio`` x the median are left out of training, evaluation and
+  splicing; it lives in ``SAEConfig`` (``skip_first``, ``norm_ratio``, ``median_norm``) and is saved
+  with the SAE.
 * FVU is the fraction of variance unexplained with the variance taken about the mean
   (:mod:`rosettalens.sae.evaluate`).
 

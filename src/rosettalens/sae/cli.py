@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = out.parent / f".{out.name}.checkpoint" if args.checkpoint_every else None
     tcfg = TrainConfig(
         batch_size=args.batch_size,
-        tokens=args.tokens,
+        tokens=args.tokens if args.tokens is not None else max(n_train, MIN_TOKENS),
         lr=args.lr,
         seed=args.seed,
         device=args.device or "cpu",
@@ -193,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 FIGURE = "training.png"
+MIN_TOKENS = 1_000_000  # default budget: one pass over the training rows, at least this many tokens
 CORE_KEYS = (
     "fvu",
     "explained_variance",
@@ -398,7 +399,8 @@ def register(subparsers) -> None:
     opt.add_option(t, "--d-in", type=opt.positive_int, default=None, metavar="N",
                    help="expected activation width (checked against the store)")  # fmt: skip
     opt.add_option(t, "--tokens", type=opt.positive_int, default=None, metavar="N",
-                   help="training tokens (default: one pass over the training rows)")  # fmt: skip
+                   help=f"training tokens (default: one pass over the training rows, at least {MIN_TOKENS:,}: "
+                   "a small store is passed over several times)")  # fmt: skip
     opt.add_option(t, "--batch-size", type=opt.positive_int, default=4096, metavar="B",
                    help="tokens per training step (default: 4096)")  # fmt: skip
     opt.add_option(t, "--lr", type=opt.positive_float, default=None, metavar="LR",
