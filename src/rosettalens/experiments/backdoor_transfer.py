@@ -259,6 +259,9 @@ class BackdoorTransfer(Experiment):
     name = "backdoor-transfer"
     config_cls = BackdoorTransferConfig
     title = "rosettalens: backdoor transfer"
+    summary_line = (
+        "a source organism's backdoor direction, mapped into a target organism, removes its backdoor"
+    )
     presets = {
         # token erasure of the trigger: the backdoor removed and the answer restored, no clean damage
         # (Gemma -> SmolLM2: transferred 0.06 as native, restored 0.75, clean KL 0.000; 11 min, 2.8 GB)

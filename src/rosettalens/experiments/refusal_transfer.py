@@ -213,6 +213,9 @@ class RefusalTransfer(Experiment):
     name = "refusal-transfer"
     config_cls = RefusalTransferConfig
     title = "rosettalens: refusal transfer"
+    summary_line = (
+        "a source model's refusal direction, mapped into a target model, removes and induces refusal"
+    )
 
     def plan(self, cfg: RefusalTransferConfig) -> dict[str, Any]:
         """What a run will load, and its cost: measured for the default pair (10 min, 10.7 GB on one thread

@@ -119,6 +119,7 @@ class SafetySwitchExperiment(Experiment):
     name = "safety-switch"
     config_cls = SafetySwitchConfig
     title = "rosettalens: safety switch"
+    summary_line = "an organism run on its base model's activations mapped into it: the backdoor switched off"
 
     def plan(self, cfg: SafetySwitchConfig) -> dict[str, Any]:
         """What a run will load and build, and its cost estimated from measured runs (:data:`MEASURED_RUNS`:

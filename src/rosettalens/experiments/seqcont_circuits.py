@@ -131,6 +131,7 @@ class SeqcontExperiment(Experiment):
     name = "seqcont-circuits"
     config_cls = SeqcontConfig
     title = "rosettalens: shared sequence-continuation circuits"
+    summary_line = "sequence-continuation circuits by patching and pruning, shared across tasks and models"
 
     def plan(self, cfg: SeqcontConfig) -> dict[str, Any]:
         """What a run will load, and its cost: measured for the default (SmolLM2, 3 tasks: 22 min, 1.6 GB
