@@ -71,10 +71,10 @@ class SAEUniversalityConfig:
     generate_model: str | None = option(None, "model that writes the generated corpus", shown="model A")
     tokens: int = option(60000, "tokens of model A to extract (documents are kept whole)")
     max_length: int = option(256, "tokens per document")
-    width: int = option(512, "SAE latents")
+    width: int = option(256, "SAE latents")
     arch: Literal["topk", "batchtopk", "relu", "jumprelu"] = option("topk", "SAE architecture")
-    k: int = option(16, "active latents per token (topk / batchtopk)")
-    epochs: int = option(6, "passes over the training tokens")
+    k: int = option(8, "active latents per token (topk / batchtopk)")
+    epochs: int = option(10, "passes over the training tokens")
     batch_size: int = option(256, "SAE training batch (tokens)")
     lr: float | None = option(None, "SAE learning rate", shown="2e-4 * sqrt(16384 / width)")
     eval_fraction: float = option(0.1, "fraction of the tokens (the last documents) held out for the SAE "
