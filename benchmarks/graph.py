@@ -61,10 +61,11 @@ def _reset_peak() -> bool:
 def _transcoders(hm, args):
     from rosettalens.transcoders.model import Transcoder, TranscoderConfig, TranscoderSet
 
-    path = args.transcoders
+    path = None if args.random else args.transcoders
     ready = Path("/tmp/coord/transcoders_ready.txt")
-    if path is None and ready.is_file():
-        path = ready.read_text().strip() or None
+    if path is None and ready.is_file() and not args.random:
+        lines = ready.read_text().strip().splitlines()
+        path = lines[0].strip() if lines and Path(lines[0].strip()).is_dir() else None
     if path:
         return TranscoderSet.load(path), str(path)
     d = hm.cfg.d_model
@@ -143,6 +144,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32, help="random-init transcoders: active features per token")
     ap.add_argument("--ref-limit-gb", type=float, default=8.0, help="address-space limit of the reference")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument(
+        "--random", action="store_true", help="random-init transcoders even when trained ones exist"
+    )
     ap.add_argument("--quality", action="store_true", help="also scores and intervention agreement")
     ap.add_argument("--methods", default="chunked,unchunked", help="which implementations to run")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -163,6 +167,8 @@ def main() -> None:
                 v = getattr(args, k)
                 if v is not None:
                     cmd += ["--" + k.replace("_", "-"), str(v)]
+            if args.random:
+                cmd.append("--random")
             if args.quality and method == "chunked":
                 cmd.append("--quality")
             p = subprocess.run(cmd, capture_output=True, text=True)
