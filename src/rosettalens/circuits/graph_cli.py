@@ -79,7 +79,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     if args.task is not None:
         from rosettalens.circuits.tasks import load_task, make_prompts
 
-        prompt = make_prompts(hm, load_task(args.task), n=1, seed=args.seed).texts[0]
+        ps = make_prompts(hm, load_task(args.task), n=1, seed=args.seed)
+        prompt = ps.clean_ids[0]  # the task's own ids (a trailing space token where digits split it off)
     else:
         prompt = args.prompt
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import option
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import Experiment, RunContext, Stage
 
 
@@ -268,14 +268,29 @@ class SeqcontGraphsExperiment(Experiment):
 
     # ----------------------------------------------------------------------------------- prompts
     def prompts(self, ctx: RunContext) -> None:
+        """Per task, the texts both models' prompt sets share, with each model's own token ids (a
+        trailing space token where a tokenizer splits the space off the answer)."""
         from ..circuits.tasks import load_task, make_prompts
 
         cfg = ctx.config
-        hm_a = ctx.state["hms"][0]
         out = {}
         for t in cfg.task_list():
-            ps = make_prompts(hm_a, load_task(t), n=cfg.n_prompts, seed=cfg.seed, templates=cfg.templates)
-            out[t] = {"texts": ps.texts, "answers": ps.answers}
+            sets = [
+                make_prompts(hm, load_task(t), n=cfg.n_prompts, seed=cfg.seed, templates=cfg.templates)
+                for hm in ctx.state["hms"]
+            ]
+            index_b = {text: i for i, text in enumerate(sets[1].texts)}
+            keep = [(i, index_b[x]) for i, x in enumerate(sets[0].texts) if x in index_b]
+            if not keep:
+                raise DataError(f"task {t}: the two models' prompt sets share no prompt")
+            out[t] = {
+                "texts": [sets[0].texts[i] for i, _ in keep],
+                "answers": [sets[0].answers[i] for i, _ in keep],
+                "ids": [
+                    [sets[0].clean_ids[i].tolist() for i, _ in keep],
+                    [sets[1].clean_ids[j].tolist() for _, j in keep],
+                ],
+            }
         ctx.save_json("prompts.json", out)
         ctx.state["prompts"] = out
 
@@ -290,8 +305,9 @@ class SeqcontGraphsExperiment(Experiment):
         for mi, (hm, tset) in enumerate(zip(ctx.state["hms"], ctx.state["tsets"], strict=True)):
             for task, p in prompts.items():
                 for gi, text in enumerate(p["texts"][: cfg.n_graphs]):
+                    ids = torch.tensor(p["ids"][mi][gi])
                     g = build_graph(
-                        hm, tset, text, max_feature_nodes=cfg.max_feature_nodes, batch_size=cfg.batch_size
+                        hm, tset, ids, max_feature_nodes=cfg.max_feature_nodes, batch_size=cfg.batch_size
                     )
                     rep, comp = g.scores()
                     agr = (
