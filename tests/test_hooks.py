@@ -407,3 +407,15 @@ def test_in_place_edit_takes_effect_and_aliases_nothing(tiny_hm):
         tiny_hm.forward(enc)
     assert torch.equal(value, keep)
     assert _no_hooks_left(tiny_hm)
+
+
+def test_hook_layer_round_trips_hook_name():
+    from rosettalens.errors import HookPointError
+    from rosettalens.names import LAYER_HOOKS, hook_layer
+
+    for kind in LAYER_HOOKS:
+        for layer in (0, 7, -1):
+            assert hook_layer(hook_name(kind, layer)) == layer
+    for bad in ("embed", "logits", "resid_pre", "resid_pre.x", "blocks.3.hook_resid_pre"):
+        with pytest.raises(HookPointError):
+            hook_layer(bad)

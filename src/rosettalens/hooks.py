@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .errors import ChatTemplateError, HookPointError, ShapeError
 from .models.adapters import Adapter, ModelConfig, adapter_for, model_config
-from .names import hook_name, parse_hook_name
+from .names import hook_layer, hook_name, parse_hook_name
 
 HookFn = Callable[[Tensor, str], Tensor | None]
 Selector = None | int | slice | Sequence[int] | Tensor
@@ -259,7 +259,7 @@ class HookedModel:
         handlers.sort(key=lambda e: e[0])  # stable: interventions (0) before recorders (1)
         removers = []
         if name.startswith("resid_mid."):
-            layer = int(name.split(".")[1])
+            layer = hook_layer(name)
             pre = hook_name("resid_pre", layer)
             removers.append(self._add_handler(pre, self._stasher(layer), _RECORD + 1))
         self._ensure_torch_hook(site)

@@ -69,6 +69,16 @@ def parse_hook_name(name: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2))
 
 
+def hook_layer(name: str) -> int:
+    """The layer of a per-layer hook-point name as written (``"mlp_out.3"`` -> ``3``).
+
+    Raises :class:`HookPointError` for a name that is not a hook point or has no layer."""
+    kind, layer = parse_hook_name(name)
+    if layer is None:
+        raise HookPointError(f"hook point {kind!r} has no layer")
+    return layer
+
+
 def check_hook_name(name: str) -> None:
     """A hook-point name as written, without a model (``resid_post.3``, ``attn_out.-1``, ``embed``).
     Whether layer ``L`` exists is checked by :meth:`HookedModel.resolve_hook` once the model is known.

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from ..hooks import HookedModel
-from ..names import hook_name
+from ..names import hook_layer, hook_name
 
 KINDS = ("zero", "mean", "resample")
 
@@ -277,7 +277,7 @@ class Ablator:
 
             fwd.append((hook_name("mlp_out", layer), mlp_fn))
         # the first hook of a forward pass (head_z.L fires before mlp_out.L) marks a fresh draw
-        order = sorted((int(n.split(".")[1]), n.startswith("mlp_out"), n) for n, _ in fwd)
+        order = sorted((hook_layer(n), n.startswith("mlp_out"), n) for n, _ in fwd)
         first_name = order[0][2] if order else None
 
         def mark_fresh(act: Tensor, name: str) -> None:

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from ..hooks import HookedModel
-from ..names import hook_name
+from ..names import hook_layer, hook_name, parse_hook_name
 
 Metric = Callable[..., Tensor]  # (logits [batch, pos, vocab]) or (logits, rows [batch]) -> [batch]
 METHODS = ("eap", "eap-ig")
@@ -360,7 +360,7 @@ def attribute_nodes(
                 del acts, vals, gs
             for name in names:
                 d = (cache_x[name].double() - clean_acts[name].double()) * grad_sum[name] / n_steps
-                kind, layer = name.split(".")[0], int(name.split(".")[1])
+                kind, layer = parse_hook_name(name)[0], hook_layer(name)
                 if kind == "head_z":
                     heads[layer] += d.sum((0, 1, 3)).cpu()
                 elif kind == "mlp_out":

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, ShapeError
 from ..hooks import HookedModel
-from ..names import hook_name
+from ..names import hook_layer, hook_name, parse_hook_name
 from .ablation import KINDS, Ablator, layer_module, parse_head, parse_mlp
 from .attribution import (
     EdgeAttribution,
@@ -503,7 +503,7 @@ class EdgeFaithfulness:
             state["x"] = act
 
         def on_proj(act: Tensor, name: str) -> Tensor | None:
-            kind, layer = name.split(".")[0], int(name.split(".")[1])
+            kind, layer = parse_hook_name(name)[0], hook_layer(name)
             nh = H if kind == "q" else KV
             d = shift([ri[f"{layer}.{h}.{kind}"] for h in range(nh)])
             if d is None:
@@ -519,7 +519,7 @@ class EdgeFaithfulness:
             return out
 
         def on_head_z(act: Tensor, name: str) -> None:
-            cur.extend(self._head_writes(int(name.split(".")[1]), act).unbind(0))
+            cur.extend(self._head_writes(hook_layer(name), act).unbind(0))
 
         def on_attn_out(act: Tensor, name: str) -> Tensor | None:
             d = shift([ri[f"mlp.{name.split('.')[1]}"]])

@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ShapeError
-from ..names import hook_name
+from ..names import hook_layer, hook_name
 from .ablation import Ablator
 from .patching import row_bytes
 
@@ -693,7 +693,7 @@ def _frozen_run(
     fwd: list[tuple[str, Callable]] = []
 
     def fz(act: Tensor, name: str) -> Tensor:
-        L = int(name.split(".")[1])
+        L = hook_layer(name)
         if s_kind == "head" and L == sL:
             out = act.clone()  # same layer: inputs unchanged; set the sender only
             out[:, :, sH] = corr_cache[name][:, :, sH].to(act.dtype)
@@ -702,7 +702,7 @@ def _frozen_run(
 
     def fm(act: Tensor, name: str) -> Tensor:
         recorded[name] = act.detach()
-        if s_kind == "mlp" and int(name.split(".")[1]) == sL:
+        if s_kind == "mlp" and hook_layer(name) == sL:
             return corr_cache[name].to(act.dtype).clone()
         return clean_cache[name].to(act.dtype).clone()
 
