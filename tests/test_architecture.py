@@ -41,7 +41,7 @@ EXPERIMENT_SHARED = {"__init__", "base", "cli"}
 # Offenders that exist today and are being moved by the engineers who own those modules; each list
 # must end empty. Pairs are (importing module, imported module), names relative to ``rosettalens``.
 BEING_MOVED_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("data.sources", "data.corpus"),  # being moved
+    ("data.corpus", "options"),  # being moved
     ("experiments", "experiments.cli"),  # being moved
 }
 BEING_MOVED_PRIVATE: set[tuple[str, str, str]] = {  # (importer, owner, name)

@@ -468,7 +468,7 @@ def build_corpus(
 def load_corpus(spec: str = "corpus", *, verify: bool = False, build: bool = True, progress: bool = True):
     """The documents of ``corpus`` / ``corpus:NAME`` as a :class:`rosettalens.data.Corpus` (built first
     when missing and ``build``). ``verify`` checks every shard's sha256 against the manifest."""
-    from rosettalens.data.sources import Corpus
+    from rosettalens.data.documents import Corpus
     from rosettalens.io import sha256_file
 
     name = spec.split(":", 1)[1] if ":" in spec else DEFAULT_NAME
