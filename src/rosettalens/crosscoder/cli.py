@@ -344,7 +344,7 @@ def register(subparsers) -> None:
         type=opt.positive_float,
         default=None,
         metavar="LR",
-        help="learning rate (default: 2e-4 * sqrt(16384 / width))",
+        help="learning rate (default: 2e-3, measured for short runs; see docs/crosscoder.md)",
     )
     opt.add_option(
         t,

@@ -20,8 +20,12 @@ Losses, per token, in the scaled space:
   (||d_a_j|| + ||d_b_j||)``, decoder norms free (small at init), the coefficient ramped up over the
   first ``l1_warmup_frac`` of steps; the norms are folded into the encoder at the end.
 
-Learning rate: Adam, ``2e-4 * sqrt(16384 / width)`` unless given, linear warm-up, linear decay over the
-last ``lr_decay_frac`` of steps. A latent is dead when it has not fired for ``dead_tokens`` tokens.
+Learning rate: Adam, ``2e-3`` unless given (:data:`DEFAULT_LR`), linear warm-up, linear decay over the
+last ``lr_decay_frac`` of steps. Every latent starts shared (``rho = 0.5``) and becomes model-only only as
+fast as its unused decoder shrinks: on planted data (512 shared, 128 A-only, 128 B-only atoms, width
+1024, ~200 steps of 512) the SAE rule ``2e-4 * sqrt(16384 / width)`` (8e-4) leaves every latent at
+``rho ~ 0.5``, 2e-3 to 3e-3 recovers most model-only atoms (113 A-only, 58 B-only at 2e-3), and 1e-2
+recovers none (FVU up too); longer runs may lower it. A latent is dead when it has not fired for ``dead_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ from torch import Tensor
 from rosettalens.crosscoder.model import CrossCoder, CrossCoderConfig
 from rosettalens.errors import ConfigError, DataError, ShapeError
 
-__all__ = ["CrossCoderTrainConfig", "train_crosscoder"]
+__all__ = ["DEFAULT_LR", "CrossCoderTrainConfig", "train_crosscoder"]
+
+DEFAULT_LR = 2e-3  # measured on planted data at ~200 steps (module docstring)
 
 
 @dataclass
 class CrossCoderTrainConfig:
-    """How to train. ``tokens=None``: ``epochs`` passes over the data. ``lr=None``: ``2e-4 * sqrt(16384 /
-    width)``. ``dead_tokens=None``: ``min(2_000_000, max(batch_size, tokens // 5))``."""
+    """How to train. ``tokens=None``: ``epochs`` passes over the data. ``lr=None``: :data:`DEFAULT_LR`.
+    ``dead_tokens=None``: ``min(2_000_000, max(batch_size, tokens // 5))``."""
 
     batch_size: int = 1024
     tokens: int | None = None
@@ -200,7 +206,7 @@ def train_crosscoder(
         cc.b_dec_a.copy_(mua)
         cc.b_dec_b.copy_(mub)
     cc.to(device)
-    lr = tcfg.lr or 2e-4 * math.sqrt(16384 / cfg.width)
+    lr = tcfg.lr or DEFAULT_LR
     opt = torch.optim.Adam(cc.parameters(), lr=lr)
     topk = cfg.arch == "batchtopk"
     W = cfg.width

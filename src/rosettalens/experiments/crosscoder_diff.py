@@ -61,7 +61,7 @@ class CrosscoderDiffConfig:
     l1_coeff: float = option(1.0, "l1: penalty coefficient on sum_j z_j (||d_a_j|| + ||d_b_j||)")
     epochs: int = option(5, "passes over the training tokens")
     batch_size: int = option(512, "training batch in tokens")
-    lr: float | None = option(None, "learning rate", shown="2e-4 * sqrt(16384 / width)")
+    lr: float | None = option(None, "learning rate", shown="2e-3 (rosettalens.crosscoder.train.DEFAULT_LR)")
     skip_first: int = option(1, "leave out the first N positions of every document (attention sinks)")
     norm_ratio: float = option(
         10.0, "leave out tokens whose norm exceeds X times their model's median norm; 0: off"
