@@ -64,7 +64,10 @@ def synthetic(n: int, d: int, atoms: int, active: int, seed: int) -> torch.Tenso
 
 
 def run_ours(x: torch.Tensor, args, seed: int):
-    cfg = SAEConfig(d_in=x.shape[1], width=args.width, arch="topk", k=args.k, seed=seed)
+    # the rows are chosen above (--min-pos) for both trainers: our sink rule must not drop any more
+    cfg = SAEConfig(
+        d_in=x.shape[1], width=args.width, arch="topk", k=args.k, seed=seed, skip_first=0, norm_ratio=0
+    )
     tcfg = TrainConfig(
         batch_size=args.batch_size,
         tokens=args.steps * args.batch_size,
