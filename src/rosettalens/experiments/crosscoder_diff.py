@@ -59,7 +59,7 @@ class CrosscoderDiffConfig:
     arch: Literal["batchtopk", "l1"] = option("batchtopk", "batchtopk, or l1 (for comparison)")
     k: int = option(32, "batchtopk: active latents per token on average")
     l1_coeff: float = option(1.0, "l1: penalty coefficient on sum_j z_j (||d_a_j|| + ||d_b_j||)")
-    epochs: int = option(5, "passes over the training tokens")
+    epochs: int = option(8, "passes over the training tokens")
     batch_size: int = option(512, "training batch in tokens")
     lr: float | None = option(None, "learning rate", shown="2e-3 (rosettalens.crosscoder.train.DEFAULT_LR)")
     skip_first: int = option(1, "leave out the first N positions of every document (attention sinks)")
@@ -263,11 +263,11 @@ class CrosscoderDiffExperiment(Experiment):
         size_a, size_b = model_billions(a) or 0.5, model_billions(b.split("+")[0]) or 0.5
         toks = cfg.tokens + cfg.eval_tokens
         # FLOPs: a forward to the middle layer ~ 1e9 per token per billion parameters; training ~ 6 matmuls
-        fwd = toks * (size_a + size_b) / 2 * 2e9 / 3e10
-        ctrl = (toks * size_a * 2e9 / 3e10 * 1.5) if cfg.controls else 0.0
+        fwd = toks * (size_a + size_b) / 2 * 2e9 / 7e10
+        ctrl = (toks * size_a * 2e9 / 7e10 * 1.5) if cfg.controls else 0.0
         d = 1500
-        train = cfg.tokens * cfg.epochs * 6 * d * cfg.width * 2 / 3e10 * (3 if cfg.controls else 1)
-        splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 3e10
+        train = cfg.tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * (3 if cfg.controls else 1)
+        splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 7e10
         builds = []
         if cfg.organism_task not in (None, "custom"):
             from ..organisms.registry import organism_dir
@@ -278,7 +278,8 @@ class CrosscoderDiffExperiment(Experiment):
             "models": [a, b],
             "organisms_to_build": builds,
             "minutes": round((fwd + ctrl + train + splice) / 60, 1),
-            "notes": "a rough estimate for one free CPU thread (30 GFLOP/s); a loaded machine is slower",
+            "notes": "estimated for one free CPU thread (~70 GFLOP/s, calibrated on a measured run: "
+            "12288 tokens, width 1024, 836 s wall at a third of a core); a loaded machine is slower",
         }
 
     @staticmethod
