@@ -154,6 +154,6 @@ def register(subparsers) -> None:
     opt.add_no_progress(g)
     opt.add_json(g)
     g.set_defaults(func=cmd_data_generate)
-    from rosettalens.data.corpus import register_cli as register_corpus
+    from rosettalens.data.corpus_cli import register_cli as register_corpus
 
     register_corpus(dsub)  # rosetta data corpus build
