@@ -852,7 +852,7 @@ def intervention_agreement(
     from scipy.stats import spearmanr
 
     if graph.n_features == 0:
-        return {"spearman": float("nan"), "n": 0, "features": []}
+        return {"spearman": float("nan"), "n": 0, "scale": scale, "features": []}
     infl = graph.influence()[: graph.n_features]
     order = torch.argsort(infl, descending=True)[:n_features].tolist()
     total = graph.total_effects(0)  # effects on the top logit target
@@ -883,4 +883,9 @@ def intervention_agreement(
     pred = [r["predicted"] for r in rows]
     meas = [r["measured"] for r in rows]
     rho = float(spearmanr(pred, meas).statistic) if len(rows) > 2 else float("nan")
-    return {"spearman": rho if math.isfinite(rho) else float("nan"), "n": len(rows), "features": rows}
+    return {
+        "spearman": rho if math.isfinite(rho) else float("nan"),
+        "n": len(rows),
+        "scale": scale,
+        "features": rows,
+    }

@@ -38,6 +38,7 @@ def graph_summary(hm: Any, tset: Any, graph: Any, gj: dict[str, Any], agreement:
         "completeness_score": gj["scores"]["completeness_score"],
         "intervention_agreement": agreement["spearman"],
         "intervention_features": agreement["n"],
+        "intervention_scale": agreement.get("scale", 1.0),
         "logits": [
             {"token": s, "prob": float(p)}
             for s, p in zip(graph.logit_strs, graph.logit_probs.tolist(), strict=False)
@@ -97,7 +98,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     build_s = time.perf_counter() - t0
     rep, comp = graph_scores(graph)
     pruning = prune_graph(graph, args.node_threshold, args.edge_threshold)
-    agreement = intervention_agreement(hm, tset, graph, n_features=args.agreement_features)
+    agreement = intervention_agreement(
+        hm, tset, graph, n_features=args.agreement_features, scale=args.agreement_scale
+    )
     scores = {
         "replacement_score": rep,
         "completeness_score": comp,
@@ -165,6 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pruning: keep the edges carrying this share of the influence (default: 0.98)")  # fmt: skip
     opt.add_option(p, "--agreement-features", type=opt.positive_int, default=20, metavar="N",
                    help="most influential features steered down for intervention_agreement (default: 20)")  # fmt: skip
+    opt.add_option(p, "--agreement-scale", type=opt.positive_float, default=1.0, metavar="S",
+                   help="intervention_agreement: subtract S x activation x decoder row (default: 1.0, the "
+                   "whole feature)")  # fmt: skip
     opt.add_json(p)
     opt.add_no_progress(p)
     opt.add_device(p)
