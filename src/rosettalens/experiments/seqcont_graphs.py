@@ -60,7 +60,7 @@ class SeqcontGraphsConfig:
     n_graphs: int = option(2, "prompts per task that get an attribution graph in each model")
     max_feature_nodes: int = option(256, "feature rows per graph (chosen by influence)")
     batch_size: int = option(16, "graph targets per batched backward pass")
-    min_corr: float = option(0.5, "a feature is matched when its best correlation is at least this")
+    min_corr: float = option(0.8, "a feature is matched when its best correlation is at least this")
     n_null: int = option(200, "row shuffles of the shuffled-matching null")
     agreement_features: int = option(10, "features steered down per graph for intervention agreement")
     seed: int = option(0, "random seed (prompts, training, null shuffles)")
