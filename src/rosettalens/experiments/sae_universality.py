@@ -762,6 +762,17 @@ def controls_figure(plt, controls: dict[str, Any], name_a: str, name_b: str):
     for j, (key, label, color) in enumerate(bars):
         vals = [np.nan if r.get(key) is None else r[key] for r in rows]
         ax.bar(x + (j - 1.5) * w, vals, w, label=label, color=color)
+        for i, v in enumerate(vals):
+            if not np.isfinite(v):  # too few filtered pairs to score
+                ax.text(
+                    i + (j - 1.5) * w,
+                    0.02,
+                    "too few pairs",
+                    rotation=90,
+                    fontsize=6,
+                    ha="center",
+                    va="bottom",
+                )
     for i, r in enumerate(rows):
         if r.get("cross_p") is not None:
             top = max(v for v in (r.get(k) for k, _, _ in bars) if v is not None) if any(
