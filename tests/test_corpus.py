@@ -117,3 +117,30 @@ def test_token_counts_and_errors(tree):
         load_corpus("corpus:missing", build=False)
     with pytest.raises(ConfigError):
         corpus_dir("../escape")
+
+
+def test_cli_build_pydoc_topics(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("pydoc_data.topics")
+    from pydoc_data.topics import topics
+
+    from rosettalens.cli import main
+
+    monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))
+    args = [
+        "data",
+        "corpus",
+        "build",
+        "--name",
+        "topics",
+        "--sources",
+        "pydoc-topics",
+        "--no-progress",
+        "--json",
+    ]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(tmp_path / "cache" / "corpus" / "topics")
+    assert out["sources"]["pydoc-topics"]["licenses"] == {"PSF-2.0": out["n_docs"]}
+    assert 0 < out["chars"] <= sum(len(t) for t in topics.values())
+    assert main([*args[:-1], "--sources", "nope"]) == 2
+    assert "unknown corpus source" in capsys.readouterr().err

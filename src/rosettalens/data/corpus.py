@@ -409,6 +409,10 @@ def build_corpus(
     tokenizer)`` pairs to count tokens with (default: the cached zoo tokenizers)."""
     from rosettalens.io import atomic_dir, atomic_write_json, sha256_file
 
+    sources = list(sources)
+    bad = [s for s in sources if s not in SOURCES]
+    if bad or not sources:
+        raise ConfigError(f"unknown corpus source(s) {bad or sources}; choose from {', '.join(SOURCES)}")
     dest = Path(out) if out is not None else corpus_dir(name)
     if (dest / MANIFEST).is_file() and not overwrite:
         return json.loads((dest / MANIFEST).read_text("utf-8"))
