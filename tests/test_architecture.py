@@ -42,19 +42,12 @@ EXPERIMENT_SHARED = {"__init__", "base", "cli"}
 # must end empty. Pairs are (importing module, imported module), names relative to ``rosettalens``.
 BEING_MOVED_CYCLE_EDGES: set[tuple[str, str]] = {
     ("data.corpus", "options"),  # being moved
-    ("experiments", "experiments.cli"),  # being moved
 }
-BEING_MOVED_PRIVATE: set[tuple[str, str, str]] = {  # (importer, owner, name)
-    ("experiments.cli", "experiments.base", "_make_config"),  # being moved
-    ("experiments.cli", "cli", "_Parser"),  # being moved
-}
+BEING_MOVED_PRIVATE: set[tuple[str, str, str]] = set()  # (importer, owner, name)
 BEING_MOVED_EXPERIMENT_IMPORTS: set[tuple[str, str]] = set()
 BEING_MOVED_LONG: set[str] = set()
 BEING_MOVED_LAYERS: set[tuple[str, str]] = {
-    ("models.loading", "organisms.registry"),  # being moved: a MODEL string may name an organism
     ("data.corpus", "options"),  # being moved
-    ("experiments", "experiments.cli"),  # being moved
-    ("experiments.crosscoder_diff", "options"),  # being moved
 }
 
 

@@ -47,7 +47,7 @@ def print_error(e: BaseException | str) -> int:
     return 2
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """Usage errors as one line with the shared prefix, exit status 2 (argparse's own status)."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -74,9 +74,9 @@ def _name_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rosetta", description=(__doc__ or "").splitlines()[0])
+    parser = Parser(prog="rosetta", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--version", action="version", version="rosettalens " + _version())
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
     _name_subcommands(parser)

@@ -13,14 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
 from .io import check_output, json_safe
-from .models.checks import DEVICE_MAPS, check_device, check_path, device_map
+from .models.checks import (
+    DEVICE_MAPS,
+    DTYPES,
+    check_device,
+    check_path,
+    check_prompt_spec,
+    check_text_file,
+    device_map,
+)
 
 __all__ = [
     "DEVICE_MAPS",
@@ -50,8 +56,6 @@ __all__ = [
     "print_json",
     "to_json",
 ]
-
-DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
 def one_line(e: BaseException | str) -> str:
@@ -201,21 +205,6 @@ def check_hook_layers(model: str, names: str | Iterable[str], what: str) -> None
     check_layers(model, layers, what)
 
 
-def check_prompt_spec(spec: str, what: str) -> None:
-    """A prompt set before any model is loaded: a built-in set, an ``hf:`` alias or spec in the one
-    syntax, or a readable UTF-8 ``.txt``/``.jsonl`` file (:func:`check_text_file`)."""
-    from .data.sources import parse_hf_spec
-    from .data.tasks import BUILTIN_SETS, HF_ALIASES
-
-    if spec in BUILTIN_SETS:
-        return
-    if spec.startswith("hf:"):
-        if spec[len("hf:") :].lower() not in HF_ALIASES:
-            parse_hf_spec(spec)
-        return
-    check_text_file(spec, what)
-
-
 def device(s: str) -> str:
     """argparse type for ``--device`` (see :func:`check_device`)."""
     try:
@@ -241,19 +230,6 @@ def check_models(names: Iterable[str | None]) -> None:
 
     for name in dict.fromkeys(n for n in names if n):
         check_model(name)
-
-
-def check_text_file(p: str | os.PathLike[str], what: str) -> None:
-    """An existing file that is valid UTF-8 (read once, cheaply, before any work)."""
-    f = Path(check_path(str(p), what))
-    try:
-        if not f.is_file():
-            raise DataError(f"{what} {f} is not a file")
-        f.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{what} {f} is not valid UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"cannot read {what} {f}: {e.strerror or e}") from None
 
 
 def _default(o: Any) -> Any:

@@ -12,17 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .base import Experiment, RunContext, Stage, run_experiment
-
-# experiment name -> module exposing EXPERIMENT (one line per experiment)
-EXPERIMENTS = {
-    "refusal-transfer": "rosettalens.experiments.refusal_transfer",
-    "sae-universality": "rosettalens.experiments.sae_universality",
-    "seqcont-circuits": "rosettalens.experiments.seqcont_circuits",
-    "backdoor-transfer": "rosettalens.experiments.backdoor_transfer",
-    "safety-switch": "rosettalens.experiments.safety_switch",
-    "seqcont-graphs": "rosettalens.experiments.seqcont_graphs",
-    "crosscoder-diff": "rosettalens.experiments.crosscoder_diff",
-}
+from .runner import EXPERIMENTS, config_from_values, load_experiment, preflight, print_plan
 
 __all__ = ["EXPERIMENTS", "Experiment", "RunContext", "Stage", "get_experiment", "run", "run_experiment"]
 
@@ -60,8 +50,6 @@ def run(
 
     >>> run("refusal-transfer", n_eval=8, out="runs/quick")  # doctest: +SKIP
     """
-    from .cli import config_from_values, load_experiment, preflight, print_plan
-
     exp, _ = load_experiment(name)
     resume_s = None if resume is None else os.fspath(resume)
     cfg = config_from_values(

@@ -332,7 +332,7 @@ def run_experiment(
             raise ConfigError(
                 f"--resume {rdir}: that directory holds a {saved_name or 'unnamed'!s} run, not {name}"
             )
-        saved_cfg = _make_config(experiment.config_cls, saved, f"{rdir}/{CONFIG_FILE}")
+        saved_cfg = make_config(experiment.config_cls, saved, f"{rdir}/{CONFIG_FILE}")
         if cfg is None:
             cfg = saved_cfg
         else:
@@ -483,7 +483,19 @@ def _run_stage(stage: Stage, ctx: RunContext) -> None:
     ctx.timings[stage.name] = round(time.perf_counter() - t0, 2)
 
 
-def _make_config(cls: type, values: dict[str, Any], where: str) -> Any:
+def make_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """An instance of the config dataclass ``cls`` from ``values`` (a config.json's, a preset's, options).
+
+    A field's old name (its ``aliases``, e.g. from an older run's config.json) is read as the field,
+    the current name winning when both are given. Unknown fields or a constructor's refusal:
+    :class:`ConfigError` naming ``where``."""
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            old = alias.lstrip("-").replace("-", "_")
+            if old in values and old != f.name:
+                v = values.pop(old)
+                values.setdefault(f.name, v)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:

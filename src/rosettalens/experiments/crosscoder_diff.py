@@ -123,12 +123,17 @@ class CrosscoderDiffConfig:
         ):
             raise ConfigError("--skip-first, --norm-ratio and --splice-docs must be >= 0")
         if self.hooks != "auto":
-            from ..options import check_hooks
+            from ..errors import HookPointError
+            from ..names import check_hook_name
 
             parts = [h.strip() for h in self.hooks.split(",")]
             if len(parts) not in (1, 2) or not all(parts):
                 raise ConfigError(f"--hooks takes one hook point or two 'HA,HB', got {self.hooks!r}")
-            check_hooks(parts, "--hooks")
+            for part in parts:
+                try:
+                    check_hook_name(part)
+                except HookPointError as e:
+                    raise HookPointError(f"--hooks: {e}") from None
 
     @property
     def model_names(self) -> tuple[str, str]:

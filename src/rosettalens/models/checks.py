@@ -1,4 +1,4 @@
-"""Up-front checks of a device, a device map and a path, before any model is loaded.
+"""Up-front checks of a device, a device map, a dtype, a path and a prompt set, before any model is loaded.
 
 Shared by the library (:mod:`rosettalens.models.loading`) and the command line
 (:mod:`rosettalens.options` re-exports them): a bad value raises
@@ -8,13 +8,23 @@ Shared by the library (:mod:`rosettalens.models.loading`) and the command line
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
-__all__ = ["DEVICE_MAPS", "check_device", "check_path", "device_map"]
+__all__ = [
+    "DEVICE_MAPS",
+    "DTYPES",
+    "check_device",
+    "check_path",
+    "check_prompt_spec",
+    "check_text_file",
+    "device_map",
+]
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 _NAME_MAX = 255  # bytes per path component on every common file system
 
 
@@ -64,3 +74,31 @@ def device_map(s: str) -> str:
     if s not in DEVICE_MAPS:
         raise argparse.ArgumentTypeError(f"{s!r} is not a device map; choose from {', '.join(DEVICE_MAPS)}")
     return s
+
+
+def check_text_file(p: str | os.PathLike[str], what: str) -> None:
+    """An existing file that is valid UTF-8 (read once, cheaply, before any work); DataError if not."""
+    f = Path(check_path(str(p), what))
+    try:
+        if not f.is_file():
+            raise DataError(f"{what} {f} is not a file")
+        f.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} {f} is not valid UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {what} {f}: {e.strerror or e}") from None
+
+
+def check_prompt_spec(spec: str, what: str) -> None:
+    """A prompt set before any model is loaded: a built-in set, an ``hf:`` alias or spec in the one
+    syntax, or a readable UTF-8 ``.txt``/``.jsonl`` file (:func:`check_text_file`)."""
+    from ..data.hfspec import parse_hf_spec
+    from ..data.tasks import BUILTIN_SETS, HF_ALIASES
+
+    if spec in BUILTIN_SETS:
+        return
+    if spec.startswith("hf:"):
+        if spec[len("hf:") :].lower() not in HF_ALIASES:
+            parse_hf_spec(spec)
+        return
+    check_text_file(spec, what)

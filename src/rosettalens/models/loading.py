@@ -162,7 +162,7 @@ def check_model(model: str) -> None:
         return
     p = Path(check_path(model, "model"))
     if not p.exists():
-        from ..organisms.registry import is_organism_name, organism_dir
+        from .organism_names import is_organism_name, organism_dir
 
         if is_organism_name(model):
             if not organism_dir(model).is_dir():  # built on first use by the commands that build it
@@ -197,7 +197,7 @@ def resolve(model: str, pull: bool = True, progress: bool = True) -> tuple[str, 
         return model, (zoo.pull(model, progress=progress) if pull else zoo.model_dir(model))
     p = Path(model).expanduser()
     if not p.exists():  # an organism, BASE+task or a built one's --name (rosettalens.organisms)
-        from ..organisms.registry import is_organism_name, resolve_organism
+        from .organism_names import is_organism_name, resolve_organism
 
         if is_organism_name(model):
             return resolve_organism(model)
