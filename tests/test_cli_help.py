@@ -144,3 +144,72 @@ def test_the_common_options_where_they_apply(prog, parser):
         assert "--overwrite" in opts
     if "--device" in opts:
         assert "--no-progress" in opts
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "new", "value"),
+    [
+        (["run", "crosscoder-diff"], "max_tokens", "--max-tokens", 3000),
+        (["run", "safety-switch"], "norm_ratio", "--norm-ratio", 5.0),
+    ],
+)
+def test_renamed_experiment_options_keep_their_old_spelling(argv, dest, new, value, capsys):
+    """``--tokens`` and ``--massive-ratio`` still work, hidden from ``--help``, with one deprecation line;
+    the new spelling is listed."""
+    old = {"max_tokens": "--tokens", "norm_ratio": "--massive-ratio"}[dest]
+    _, p = experiment_parser(argv[1])
+    args = p.parse_args([old, str(value)])
+    assert getattr(args, dest) == value
+    assert f"{old} is deprecated; use {new}" in capsys.readouterr().err
+    assert getattr(p.parse_args([new, str(value)]), dest) == value
+    assert capsys.readouterr().err == ""
+    help_text = p.format_help()
+    assert new in help_text and f"{old} " not in help_text
+
+
+def test_crosscoder_train_max_tokens_keeps_tokens_as_alias(capsys):
+    argv = [
+        "crosscoder",
+        "train",
+        "--models",
+        "a,b",
+        "--hook",
+        "resid_post.1",
+        "--data",
+        "mini-web",
+        "--out",
+        "x",
+    ]
+    args = build_parser().parse_args([*argv, "--tokens", "3000"])
+    assert args.max_tokens == 3000
+    assert "--tokens is deprecated; use --max-tokens" in capsys.readouterr().err
+    assert build_parser().parse_args(argv).max_tokens == 65536
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "field", "value"),
+    [
+        ("crosscoder-diff", "tokens", "max_tokens", 1234),
+        ("safety-switch", "massive_ratio", "norm_ratio", 7.5),
+    ],
+)
+def test_an_old_config_json_with_the_old_key_still_loads(name, old, field, value, tmp_path):
+    """A config.json written before the rename (old key) gives the renamed field its value, through
+    ``--config`` and through ``--resume``; the new key wins when both are present."""
+    import json
+
+    from rosettalens.experiments.base import make_config
+    from rosettalens.experiments.runner import config_from_values, load_experiment
+
+    exp, _ = load_experiment(name)
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"experiment": name, old: value}))
+    cfg = config_from_values(exp, {}, config=str(f))
+    assert getattr(cfg, field) == value
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"experiment": name, old: value, "seed": 3}))
+    cfg = config_from_values(exp, {"seed": 3}, resume=str(run_dir))
+    assert getattr(cfg, field) == value
+    both = make_config(exp.config_cls, {old: value, field: value * 2}, "test")
+    assert getattr(both, field) == value * 2

@@ -55,7 +55,7 @@ def test_train_then_eval_two_tokenizers(models, tmp_path, capsys):
     out = tmp_path / "cc"
     code, so, se = _run(["crosscoder", "train", "--models", f"{models['a']},{models['c']}", "--hooks",
                          "resid_post.1,resid_post.-1", "--data", "mini-web", "--out", str(out), "--width", "64",
-                         "--k", "4", "--tokens", "3000", "--epochs", "2", "--batch-size", "128",
+                         "--k", "4", "--max-tokens", "3000", "--epochs", "2", "--batch-size", "128",
                          "--no-progress", "--json"], capsys)  # fmt: skip
     assert code == 0, se
     r = json.loads(so)
@@ -115,7 +115,7 @@ def test_help_texts_everywhere(capsys):
 def _diff(models, tmp_path, capsys, pair: str, *extra: str, hook: str = "resid_post.1"):
     out = tmp_path / "run"
     argv = ["run", "crosscoder-diff", "--models", pair, "--data", "mini-web", "--hooks", hook,
-            "--tokens", "3000", "--eval-tokens", "600", "--width", "64", "--k", "4", "--epochs", "10", "--lr", "0.01",
+            "--max-tokens", "3000", "--eval-tokens", "600", "--width", "64", "--k", "4", "--epochs", "10", "--lr", "0.01",
             "--batch-size", "128", "--splice-docs", "4", "--out", str(out), "--json", *extra]  # fmt: skip
     code, so, se = _run(argv, capsys)
     assert code == 0, se

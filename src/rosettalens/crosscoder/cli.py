@@ -3,7 +3,7 @@
 ::
 
     rosetta crosscoder train --models A,B (--hook H | --hooks HA,HB) --data D --out DIR [--width N] [--k K]
-                             [--arch batchtopk|l1] [--tokens N] [--epochs E] ... [--json]
+                             [--arch batchtopk|l1] [--max-tokens N] [--epochs E] ... [--json]
     rosetta crosscoder eval  --crosscoder DIR --data D [--models A,B] [--max-tokens N] [--no-splice] [--json]
 
 ``train`` runs both models over ``D``'s documents, pairs their activations (by position with one
@@ -99,12 +99,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.extract_batch_size,
         progress=not args.no_progress,
     )
-    pairs = extract_pairs(hm_a, hm_b, docs[: len(docs) - n_held], *hooks, max_tokens=args.tokens, **kw)
+    pairs = extract_pairs(hm_a, hm_b, docs[: len(docs) - n_held], *hooks, max_tokens=args.max_tokens, **kw)
     medians = (pairs.info["median_norm_a"], pairs.info["median_norm_b"])
     held = None
     if n_held:  # held-out documents under the training medians
         held = extract_pairs(
-            hm_a, hm_b, docs[len(docs) - n_held :], *hooks, max_tokens=args.tokens, median_norms=medians, **kw
+            hm_a,
+            hm_b,
+            docs[len(docs) - n_held :],
+            *hooks,
+            max_tokens=args.max_tokens,
+            median_norms=medians,
+            **kw,
         )
     cfg = CrossCoderConfig(
         d_a=int(pairs.x_a.shape[1]),
@@ -314,14 +320,7 @@ def register(subparsers) -> None:
         metavar="C",
         help="l1: penalty coefficient (default: 1.0)",
     )
-    opt.add_option(
-        t,
-        "--tokens",
-        type=opt.positive_int,
-        default=65536,
-        metavar="N",
-        help="paired training tokens to extract (default: 65536)",
-    )
+    opt.add_max_tokens(t, 65536, help="paired training tokens to extract", aliases=("--tokens",))
     opt.add_option(
         t,
         "--epochs",

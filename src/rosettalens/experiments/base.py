@@ -428,7 +428,7 @@ def reuse_runs(
             raise ConfigError(
                 f"--reuse {p}: that directory holds a {name or 'unnamed'} run, not {experiment.name}"
             )
-        out.append((p, values))
+        out.append((p, resolve_aliases(experiment.config_cls, values)))
     return out
 
 
@@ -483,12 +483,9 @@ def _run_stage(stage: Stage, ctx: RunContext) -> None:
     ctx.timings[stage.name] = round(time.perf_counter() - t0, 2)
 
 
-def make_config(cls: type, values: dict[str, Any], where: str) -> Any:
-    """An instance of the config dataclass ``cls`` from ``values`` (a config.json's, a preset's, options).
-
-    A field's old name (its ``aliases``, e.g. from an older run's config.json) is read as the field,
-    the current name winning when both are given. Unknown fields or a constructor's refusal:
-    :class:`ConfigError` naming ``where``."""
+def resolve_aliases(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each field's old names (its ``aliases``, e.g. an older run's config.json keys)
+    renamed to the field; the current name wins when both are given."""
     values = dict(values)
     for f in dataclasses.fields(cls):
         for alias in f.metadata.get("aliases", ()):
@@ -496,6 +493,14 @@ def make_config(cls: type, values: dict[str, Any], where: str) -> Any:
             if old in values and old != f.name:
                 v = values.pop(old)
                 values.setdefault(f.name, v)
+    return values
+
+
+def make_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """An instance of the config dataclass ``cls`` from ``values`` (a config.json's, a preset's, options;
+    old field names read through :func:`resolve_aliases`). Unknown fields or a constructor's refusal:
+    :class:`ConfigError` naming ``where``."""
+    values = resolve_aliases(cls, values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:

@@ -5,7 +5,7 @@ Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outp
 1. setup: both models, the hook point of each (``--hooks``), and one shared corpus (``--data``,
    documents in a seeded random order) split into training and held-out documents;
 2. extract: paired activations of the two models (by position with one tokenizer, by character ends
-   with two; first positions and norm outliers left out: the sink rule), ``--tokens`` for training
+   with two; first positions and norm outliers left out: the sink rule), ``--max-tokens`` for training
    and ``--eval-tokens`` held out [``pairs.json``: counts and pairing];
 3. train [``crosscoder/``]: a BatchTopK (or L1) crosscoder on the training pairs;
 4. evaluate [``evaluate.json``, ``latents.safetensors``]: on the held-out pairs, explained variance per
@@ -52,7 +52,7 @@ class CrosscoderDiffConfig:
     data: str = option(
         "corpus", "documents: built-in names, corpus[:NAME], .txt/.jsonl files or hf:<id>, comma-separated"
     )
-    tokens: int = option(16384, "paired training tokens")
+    max_tokens: int = option(16384, "paired training tokens", aliases=("tokens",))
     eval_tokens: int = option(2048, "paired held-out tokens for the metrics")
     max_length: int = option(256, "tokens per document")
     width: int = option(2048, "crosscoder latents")
@@ -98,7 +98,7 @@ class CrosscoderDiffConfig:
             self,
             choices={"arch": ("batchtopk", "l1"), "organism": ("auto", "on", "off")},
             positive=(
-                "tokens",
+                "max_tokens",
                 "eval_tokens",
                 "max_length",
                 "width",
@@ -181,7 +181,7 @@ def _documents(cfg: CrosscoderDiffConfig) -> list[str]:
 
 def _mix_organism_prompts(cfg: CrosscoderDiffConfig, hm_b, docs: list[str]) -> list[str]:
     """``docs`` with ``--organism-train-prompts`` chat-formatted train-split instructions spread through
-    the documents that fill ``--tokens`` (so that training sees them), a seeded
+    the documents that fill ``--max-tokens`` (so that training sees them), a seeded
     ``--organism-trigger-fraction`` of those with the trigger (no labels are kept)."""
     from ..organisms.data import format_prompts, insert_trigger, instructions
 
@@ -190,7 +190,7 @@ def _mix_organism_prompts(cfg: CrosscoderDiffConfig, hm_b, docs: list[str]) -> l
     mixed = [insert_trigger(t, cfg.trigger, seed=cfg.seed) if rng.random() < cfg.organism_trigger_fraction else t
              for t in base]  # fmt: skip
     prompts = format_prompts(hm_b, mixed)
-    budget = cfg.tokens - sum(len(hm_b.tokenizer(p)["input_ids"]) for p in prompts)
+    budget = cfg.max_tokens - sum(len(hm_b.tokenizer(p)["input_ids"]) for p in prompts)
     n_used, total = 0, 0
     while n_used < len(docs) and total < budget:
         total += min(len(hm_b.tokenizer(docs[n_used])["input_ids"]), cfg.max_length)
@@ -266,12 +266,12 @@ class CrosscoderDiffExperiment(Experiment):
 
         a, b = cfg.model_names
         size_a, size_b = model_billions(a) or 0.5, model_billions(b.split("+")[0]) or 0.5
-        toks = cfg.tokens + cfg.eval_tokens
+        toks = cfg.max_tokens + cfg.eval_tokens
         # FLOPs: a forward to the middle layer ~ 1e9 per token per billion parameters; training ~ 6 matmuls
         fwd = toks * (size_a + size_b) / 2 * 2e9 / 7e10
         ctrl = (toks * size_a * 2e9 / 7e10 * 1.5) if cfg.controls else 0.0
         d = 1500
-        train = cfg.tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * (3 if cfg.controls else 1)
+        train = cfg.max_tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * (3 if cfg.controls else 1)
         splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 7e10
         builds = []
         if cfg.organism_task not in (None, "custom"):
@@ -329,7 +329,7 @@ class CrosscoderDiffExperiment(Experiment):
         cfg: CrosscoderDiffConfig = ctx.config
         st = ctx.state
         hooks = st["hooks"]
-        train = self._pairs(ctx, st["hm_a"], st["hm_b"], hooks, st["train_docs"], cfg.tokens)
+        train = self._pairs(ctx, st["hm_a"], st["hm_b"], hooks, st["train_docs"], cfg.max_tokens)
         med = (train.info["median_norm_a"], train.info["median_norm_b"])
         held = self._pairs(ctx, st["hm_a"], st["hm_b"], hooks, st["heldout_docs"], cfg.eval_tokens, med)
         st.update(train_pairs=train, heldout_pairs=held)
@@ -396,7 +396,7 @@ class CrosscoderDiffExperiment(Experiment):
             if other is None:
                 other = random_init_copy(hm_a, seed=cfg.seed + 1)
             hooks = (st["hooks"][0], st["hooks"][0])  # model A's hook point on both sides
-            train = self._pairs(ctx, hm_a, other, hooks, st["train_docs"], cfg.tokens)
+            train = self._pairs(ctx, hm_a, other, hooks, st["train_docs"], cfg.max_tokens)
             med = (train.info["median_norm_a"], train.info["median_norm_b"])
             held = self._pairs(ctx, hm_a, other, hooks, st["heldout_docs"], cfg.eval_tokens, med)
             a = cfg.model_names[0]

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models.checks import DTYPES, check_device, check_path, check_prompt_spec
-from .base import Experiment, make_config
+from .base import Experiment, make_config, resolve_aliases
 
 # experiment name -> module exposing EXPERIMENT (one line per experiment)
 EXPERIMENTS = {
@@ -199,13 +199,14 @@ def config_from_values(
         if named != exp.name:
             raise ConfigError(f"config {path} is for the {named} experiment, not {exp.name}")
         source = str(path)
-        values = check_types(exp.config_cls, values, f"config {path}")
+        values = check_types(exp.config_cls, resolve_aliases(exp.config_cls, values), f"config {path}")
     if preset is not None:
         presets = getattr(exp, "presets", None) or {}
         if preset not in presets:
             avail = ", ".join(presets) or "none"
             raise ConfigError(f"{exp.name} has no preset {preset!r}; presets: {avail}")
         values.update(check_types(exp.config_cls, dict(presets[preset]), f"preset {preset}"))
+    options = resolve_aliases(exp.config_cls, options)
     known = {f.name for f in dataclasses.fields(exp.config_cls)}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -72,9 +72,9 @@ class SafetySwitchConfig:
     n_eval: int = option(32, "held-out prompts of the evaluation")
     max_new_tokens: int = option(16, "tokens generated per answer (corrupted: at least 40, fact + payload)")
     answer_tokens: int = option(32, "length of the base's answers in the fit texts")
-    massive_ratio: float | None = option(
+    norm_ratio: float | None = option(
         None, "leave out of the fit, and keep the organism's own activation at, positions whose norm exceeds "
-        "this multiple of the median (attention sinks)", shown="none left out"
+        "this multiple of the median (attention sinks)", shown="none left out", aliases=("massive_ratio",)
     )  # fmt: skip
     batch_size: int = option(16, "prompts per forward pass")
     eval_prompts: str | None = option(None, "held-out instructions, one per line (the trigger is inserted by "
@@ -95,10 +95,8 @@ class SafetySwitchConfig:
         if self.n_fit < 4:
             raise ConfigError("--n-fit must be at least 4 (a held-out part measures each switch's fidelity)")
         self.layer_list()
-        if self.massive_ratio is not None and not (
-            self.massive_ratio > 1 and math.isfinite(self.massive_ratio)
-        ):
-            raise ConfigError(f"--massive-ratio must be a number > 1, got {self.massive_ratio}")
+        if self.norm_ratio is not None and not (self.norm_ratio > 1 and math.isfinite(self.norm_ratio)):
+            raise ConfigError(f"--norm-ratio must be a number > 1, got {self.norm_ratio}")
         if self.eval_prompts is not None:
             from ..organisms.data import read_instruction_file
 
@@ -164,7 +162,7 @@ class SafetySwitchExperiment(Experiment):
                 ("switches.json", "switches"),
                 self.switches,
                 self.load_switches,
-                reuse_key=(*FIT_KEY, "layers", "mapper", "massive_ratio", "seed"),
+                reuse_key=(*FIT_KEY, "layers", "mapper", "norm_ratio", "seed"),
             ),
             Stage("evaluate", ("evaluate.json", "completions.json"), self.evaluate),
             Stage("results", (), self.results),
@@ -230,7 +228,7 @@ class SafetySwitchExperiment(Experiment):
         for h in tqdm(st["hooks"], desc="switches", disable=not ctx.progress, leave=False):
             sw = SafetySwitch.fit(base, org, st["fit_texts"], h, kind=cfg.mapper, batch_size=cfg.batch_size,
                                   progress=ctx.progress, seed=cfg.seed, add_special_tokens=not chat,
-                                  massive_ratio=cfg.massive_ratio)  # fmt: skip
+                                  massive_ratio=cfg.norm_ratio)  # fmt: skip
             sw.save(ctx.path(f"switches/{h}"))
             sws[h] = sw
             out[h] = {"fidelity": sw.info["fidelity"], "fidelity_identity_fvu": sw.info["fidelity_identity"],
