@@ -183,6 +183,26 @@ def test_other_task_competence_filtered(model_dir, tmp_path, capsys):
     assert test["main_task"] is False and test["n_prompts"] == len(rep["rows"]) and test["accuracy"] == 1.0
 
 
+def test_tasks_names_a_task_of_the_task_file(model_dir, tmp_path, capsys):
+    """``--tasks`` may name a task the ``--task-file`` defines (its tasks give no ``k``): only the named
+    one runs, and pruning finds the planted successor head on it, as on the built-in-free run above."""
+    assert all("k" not in t for t in TASKS)
+    tf = tmp_path / "tasks.json"
+    tf.write_text(json.dumps(TASKS))
+    out = tmp_path / "run"
+    argv = ["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "letters-so", "--task-file", str(tf),
+            "--other-tasks", "", "--n-prompts", "4", "--n-random", "0", "--n-random-ablation", "2",
+            "--n-random-circuits", "2", "--no-edges", "--out", str(out), "--json"]  # fmt: skip
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert list(r["tasks"]) == ["letters-so"]  # the file's other task is not added
+    t = r["tasks"]["letters-so"]
+    assert t["n_prompts"] == 4 and t["competence"] == 1.0
+    assert t["circuit"] == {"heads": ["1.2"], "mlps": []}
+    assert list(json.loads((out / "prompts.json").read_text())[str(model_dir)]) == ["letters-so"]
+
+
 def test_unknown_task_exit_2(model_dir, capsys):
     rc, _, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "fibonacci"], capsys)
     assert rc == 2 and "unknown task" in err

@@ -45,8 +45,15 @@ class SeqcontConfig:
     model: str = option("smollm2-135m-instruct", "the model whose circuits are found")
     models: str | None = option(None, "comma-separated models to compare across (overrides --model)",
                                 shown="--model alone")  # fmt: skip
-    tasks: str = option("digits,number-words,months", "comma-separated built-in sequence tasks")
-    task_file: str | None = option(None, "user tasks (JSON), added to --tasks", shown="none")
+    tasks: str = option(
+        "digits,number-words,months",
+        "comma-separated sequence tasks: built-in ones or ones --task-file defines",
+    )
+    task_file: str | None = option(
+        None,
+        "user tasks (JSON): added to --tasks, or, when --tasks names some of them, only those named run",
+        shown="none",
+    )
     other_tasks: str = option("addition,interval-digits", "tasks of the ablation test only (comma-separated)")
     other_filter: Literal["competent", "all"] = option(
         "competent", "the other tasks' prompts: competent (the competence filter, from 16x candidates) or all"
@@ -104,12 +111,10 @@ class SeqcontConfig:
 
 def _tasks(cfg: SeqcontConfig) -> tuple[list[Any], list[Any]]:
     """(main tasks, other tasks of the ablation test) as SequenceTask objects."""
-    from ..circuits.tasks import load_task, load_task_file
+    from ..circuits.tasks import load_task, select_tasks
 
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    main = [load_task(t) for t in names]
-    if cfg.task_file:
-        main += load_task_file(cfg.task_file)
+    main = select_tasks(names, cfg.task_file)
     if not main:
         raise ConfigError("no task given (--tasks or --task-file)")
     seen = [t.name for t in main]
@@ -117,6 +122,13 @@ def _tasks(cfg: SeqcontConfig) -> tuple[list[Any], list[Any]]:
         raise ConfigError(f"repeated task names: {seen}")
     other = [load_task(t.strip()) for t in cfg.other_tasks.split(",") if t.strip() and t.strip() not in seen]
     return main, other
+
+
+def _user_task_names(cfg: SeqcontConfig) -> set[str]:
+    """The names of the tasks ``--task-file`` defines (their prompts are checked strictly)."""
+    from ..circuits.tasks import load_task_file
+
+    return {t.name for t in load_task_file(cfg.task_file)} if cfg.task_file else set()
 
 
 def _components(c: dict) -> set[str]:
@@ -197,7 +209,7 @@ class SeqcontExperiment(Experiment):
 
         cfg = ctx.config
         main, other = ctx.state["task_objs"]
-        user = {t.name for t in main} - {n.strip() for n in cfg.tasks.split(",")}
+        user = _user_task_names(cfg)
         sets: dict[str, dict[str, Any]] = {}
         report: dict[str, dict[str, Any]] = {}
         for mname, hm in ctx.state["hms"].items():
