@@ -253,3 +253,41 @@ def test_corrupt_model_folder_is_one_data_error(tmp_path, file, content, match):
         check_model(str(tmp_path / "m"))
         load(str(tmp_path / "m"), device="cpu", progress=False)
     assert "\n" not in str(e.value)
+
+
+def _fake_converted(name, files):
+    """A complete converted cache entry for zoo model ``name`` in the current ``$ROSETTA_CACHE``."""
+    d = zoo.model_dir(name)
+    d.mkdir(parents=True)
+    for fname, data in files.items():
+        (d / fname).write_bytes(data)
+    marker = {"format": zoo.CACHE_FORMAT, "name": name, "source_sha256": zoo.ZOO[name].sha256,
+              "files": {f: len(data) for f, data in files.items()}}  # fmt: skip
+    (d / zoo.MARKER).write_text(json.dumps(marker))
+    return d
+
+
+def test_the_run_plan_pulls_only_models_not_in_the_cache(cache, capsys):
+    """The plan printed before ``rosetta run seqcont-graphs`` (SmolLM2 and Gemma by default) says
+    "pulls" for a model the cache lacks, "uses" for one already converted, and "pulls" again once its
+    cached weights are truncated; an organism to build pulls its base only when the base is not cached."""
+    from rosettalens.experiments.runner import load_experiment, plan_text, print_plan
+
+    exp, _ = load_experiment("seqcont-graphs")
+    cfg = exp.config_cls()
+    assert set(exp.plan(cfg)["models"]) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    print_plan(exp, cfg)
+    assert "pulls smollm2-135m-instruct, gemma-3-270m;" in capsys.readouterr().err
+    d = _fake_converted("gemma-3-270m", {"model.safetensors": b"\x01" * 64, "config.json": b"{}"})
+    print_plan(exp, cfg)
+    line = capsys.readouterr().err
+    assert "pulls smollm2-135m-instruct, uses gemma-3-270m;" in line and "pulls gemma" not in line
+    plan = {"models": ["gemma-3-270m+ihy", "smollm2-135m-instruct+ihy"],
+            "organisms_to_build": ["gemma-3-270m+ihy", "smollm2-135m-instruct+ihy"]}  # fmt: skip
+    assert plan_text(plan) == (
+        "plan: pulls smollm2-135m-instruct, uses gemma-3-270m+ihy, smollm2-135m-instruct+ihy, "
+        "builds gemma-3-270m+ihy, smollm2-135m-instruct+ihy"
+    )
+    (d / "model.safetensors").write_bytes(b"\x01" * 10)  # truncated: loading would convert it again
+    print_plan(exp, cfg)
+    assert "pulls smollm2-135m-instruct, gemma-3-270m;" in capsys.readouterr().err

@@ -151,15 +151,18 @@ def plan_text(plan: dict[str, Any]) -> str:
     from ..models import zoo
 
     models = list(dict.fromkeys(m for m in plan.get("models") or [] if m))
-    pulls = [m for m in models if m in zoo.ZOO and not zoo.is_cached(m)]
+    building = list(plan.get("organisms_to_build") or [])
+    # a zoo model is pulled only when its cache is incomplete; an organism to build pulls its base
+    bases = [b for o in building if (b := str(o).rpartition("+")[0]) in zoo.ZOO]
+    pulls = [m for m in dict.fromkeys([*models, *bases]) if m in zoo.ZOO and zoo.needs_pull(m)]
     uses = [m for m in models if m not in pulls]
     what = []
     if pulls:
         what.append("pulls " + ", ".join(pulls))
     if uses:
         what.append("uses " + ", ".join(uses))
-    if plan.get("organisms_to_build"):
-        what.append("builds " + ", ".join(plan["organisms_to_build"]))
+    if building:
+        what.append("builds " + ", ".join(map(str, building)))
     pieces = [", ".join(what), cost_text(plan), str(plan.get("notes") or "")]
     return "plan: " + "; ".join(p for p in pieces if p)
 

@@ -352,7 +352,16 @@ def layers_of(model: str) -> int | None:
     return None
 
 
+def needs_pull(name: str) -> bool:
+    """Whether loading MODEL string ``name`` would pull a zoo model first: a zoo name, or an organism
+    ``BASE+task`` of a zoo base (its build loads the base), whose converted cache is not complete."""
+    base, sep, _ = name.rpartition("+")
+    zoo_name = name if name in ZOO else base if sep and base in ZOO else None
+    return zoo_name is not None and not is_cached(zoo_name)
+
+
 def is_cached(name: str) -> bool:
+    """Zoo model ``name`` is converted and complete in ``$ROSETTA_CACHE/models`` (sizes checked)."""
     entry = ZOO[name]
     try:
         check_cache(model_dir(name), entry.sha256)
