@@ -38,18 +38,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Experiment modules that are shared parts, not experiments: every experiment may import them.
 EXPERIMENT_SHARED = {"__init__", "base", "cli"}
 
-# Offenders that exist today and are being moved by the engineers who own those modules; each list
-# must end empty. Pairs are (importing module, imported module), names relative to ``rosettalens``.
-BEING_MOVED_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("data.corpus", "options"),  # being moved
-}
-BEING_MOVED_PRIVATE: set[tuple[str, str, str]] = set()  # (importer, owner, name)
-BEING_MOVED_EXPERIMENT_IMPORTS: set[tuple[str, str]] = set()
-BEING_MOVED_LONG: set[str] = set()
-BEING_MOVED_LAYERS: set[tuple[str, str]] = {
-    ("data.corpus", "options"),  # being moved
-}
-
 
 # --------------------------------------------------------------------------------------------- the graph
 @dataclass(frozen=True)
@@ -135,10 +123,10 @@ def all_imports() -> Iterator[Import]:
                 yield imp
 
 
-def graph(skip: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:  # type: ignore[assignment]
+def graph() -> dict[str, set[str]]:
     g: dict[str, set[str]] = {m: set() for m in modules()}
     for imp in all_imports():
-        if imp.target != imp.module and (_short(imp.module), _short(imp.target)) not in skip:
+        if imp.target != imp.module:
             g[imp.module].add(imp.target)
     return g
 
@@ -261,16 +249,12 @@ def test_the_walker_sees_relative_in_function_and_package_imports():
 
 
 def test_no_import_cycle():
-    cycle = find_cycle(graph(skip=BEING_MOVED_CYCLE_EDGES))
+    cycle = find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(_short(m) for m in cycle or [])
 
 
 def test_no_module_takes_another_modules_private_names():
-    found = [
-        f"{_where(ROOT + '.' + imp, line)}: {owner}.{name}"
-        for imp, owner, name, line in private_uses()
-        if (imp, owner, name) not in BEING_MOVED_PRIVATE
-    ]
+    found = [f"{_where(ROOT + '.' + imp, line)}: {owner}.{name}" for imp, owner, name, line in private_uses()]
     assert not found, "underscore names used across modules (make them public):\n" + "\n".join(found)
 
 
@@ -303,17 +287,12 @@ def test_no_experiment_imports_another_experiment():
         f"{_where(imp.module, imp.line)}: {_short(imp.module)} imports {_short(imp.target)}"
         for imp in all_imports()
         if experiment(imp.module) and experiment(imp.target) and imp.target != imp.module
-        and (_short(imp.module), _short(imp.target)) not in BEING_MOVED_EXPERIMENT_IMPORTS
-    ]  # fmt: skip
+    ]
     assert not found, "what two experiments share belongs in a package:\n" + "\n".join(found)
 
 
 def test_no_module_is_longer_than_the_limit():
-    found = {
-        m: n
-        for m, p in modules().items()
-        if (n := len(p.read_text("utf-8").splitlines())) > MAX_LINES and _short(m) not in BEING_MOVED_LONG
-    }
+    found = {m: n for m, p in modules().items() if (n := len(p.read_text("utf-8").splitlines())) > MAX_LINES}
     assert not found, f"modules over {MAX_LINES} lines (split along a real seam): {found}"
 
 
@@ -326,7 +305,7 @@ def test_imports_point_down_the_layers():
     found = []
     for imp in all_imports():
         a, b = layer_of(imp.module), layer_of(imp.target)
-        if a < b and (_short(imp.module), _short(imp.target)) not in BEING_MOVED_LAYERS:
+        if a < b:
             found.append(
                 f"{_where(imp.module, imp.line)}: {_short(imp.module)} ({LAYERS[a][0]}) imports "
                 f"{_short(imp.target)} ({LAYERS[b][0]})"
