@@ -856,6 +856,52 @@ class BackdoorTransfer(Experiment):
         fig.tight_layout()
         ctx.save_figure("backdoor_rates.png", fig)
 
+    def report(self, ctx: RunContext) -> None:
+        """``report.html``: what was run, the backdoor rates beside their baselines, the plots, completions."""
+        from ..report.html import (
+            completions_grid,
+            config_defaults,
+            experiment_report,
+            headline_table,
+            kv_table,
+            read_json,
+            records_table,
+        )
+
+        r = ctx.results
+        headline = headline_table(r, [
+            ("backdoor rate on held-out triggered prompts (unsteered baseline, native direction, transferred "
+             "direction, random-direction control)", "backdoor_rate"),
+            ("transferred fraction of the native drop", "transferred_fraction_of_native_drop"),
+            ("fact accuracy (corrupted task)", "fact_accuracy"),
+            ("payload without the trigger", "false_payload_rate"),
+            ("clean prompts: KL and perplexity under the steering", "clean"),
+            ("restored (triggered answer starts as the clean answer)", "restored_rate"),
+            ("gate", "gate"),
+        ])  # fmt: skip
+        comps = read_json(ctx.run_dir / "completions.json") or {}
+        prompts = read_json(ctx.run_dir / "prompts.json") or {}
+        trig = comps.get("triggered_prompts") or prompts.get("test_triggered", [])
+        cols = {k: comps[k] for k in ("baseline", "native", "transferred", "random") if k in comps}
+        ex = "<h3>Held-out triggered prompts: unsteered and steered</h3>" + completions_grid(trig, cols)
+        facts = {k.removeprefix("clean_fact_questions_"): v for k, v in comps.items()
+                 if k.startswith("clean_fact_questions_")}  # fmt: skip
+        if facts:
+            ex += "<h3>Clean fact questions</h3>" + completions_grid([], facts)
+        details = [
+            ("Organisms, layers and mode", kv_table([(k, r.get(k)) for k in ("source", "target", "task", "mode", "layers")])),
+            ("Mapper on held-out pairs", kv_table(list((r.get("mapper") or {}).items()))),
+            ("Vectors", kv_table(list((r.get("vectors") or {}).items()))),
+        ]  # fmt: skip
+        if r.get("sweep"):
+            details.append(("Per-layer sweep", records_table(r["sweep"])))
+        experiment_report(
+            ctx, self.name, self.title or "rosettalens: backdoor transfer", config_defaults(self.config_cls),
+            headline, ex, captions={"backdoor_rates.png": "backdoor rate on held-out triggered prompts per "
+                                    "condition; per source layer: native and transferred drops, cosine"},
+            details=details,
+        )  # fmt: skip
+
     def print_summary(self, results: dict[str, Any]) -> None:
         r, c = results["backdoor_rate"], results["clean"]
         print(f"{results['source']} -> {results['target']}  task {results['task']}  ({results['layers']['source']} -> "

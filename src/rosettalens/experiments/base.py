@@ -228,16 +228,17 @@ class Experiment:
         return ctx.results
 
     def report(self, ctx: RunContext) -> None:
-        """Write ``report.html`` (default: a table of the results and every PNG in the run directory)."""
-        from ..report import write_report
-        from ..report.html import html_table
+        """Write ``report.html`` (default: the report layout with every result as the headline)."""
+        from ..report.html import config_defaults, experiment_report, kv_table
 
-        rows = [(k, v) for k, v in ctx.results.items()]
-        sections = [("Results", html_table(rows))]
-        pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
-        if pngs:
-            sections.append(("Plots", "".join(f"<img src='{p}' width='800'><br>" for p in pngs)))
-        write_report(ctx.run_dir, self.title or f"rosettalens: {self.name}", sections)
+        rows = [(k, v) for k, v in ctx.results.items() if k not in ("timings_s", "run_dir")]
+        experiment_report(
+            ctx,
+            self.name,
+            self.title or f"rosettalens: {self.name}",
+            config_defaults(self.config_cls),
+            kv_table(rows),
+        )
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         """Human-readable output of ``rosetta run`` without ``--json`` (default: one line per key)."""

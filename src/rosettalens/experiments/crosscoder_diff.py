@@ -527,43 +527,50 @@ class CrosscoderDiffExperiment(Experiment):
         return out
 
     def report(self, ctx: RunContext) -> None:
-        from ..report import write_report
-        from ..report.html import html_table
+        """``report.html``: what was run, the latent classes beside the controls, the plots, the latents
+        most specific to each model (and to the organism's trigger)."""
+        from ..report.html import config_defaults, experiment_report, headline_table, records_table
 
         s = self.summary(ctx)
-        rows: list[tuple[str, Any]] = [
-            ("models", " vs ".join(s["models"])),
-            ("hooks", " / ".join(s["hooks"])),
-            ("pairing", s["pairing"]),
-            ("explained variance A / B", f"{s['explained_variance']['a']:.3f} / {s['explained_variance']['b']:.3f}"),
-            ("L0", s["l0"]),
-            ("dead fraction", s["dead_fraction"]),
-            ("live latents", s["n_alive"]),
-            ("shared / A-only / B-only / other", f"{s['n_shared']} / {s['n_a_only']} / {s['n_b_only']} / {s['n_other']}"),
-            ("shared decoder cosine (median)", s["shared_decoder_cosine_median"]),
-            ("latent scaling nu (median, B-only)", s["latent_scaling_nu_median"]),
-        ]  # fmt: skip
-        if "splice" in s:
-            for m in ("a", "b"):
-                sp = s["splice"][m]
-                rows.append((f"splice {m.upper()}: CE loss recovered / KL score",
-                             f"{sp['ce_loss_recovered']:.3f} / {sp['kl_score']:.3f}"))  # fmt: skip
-        if "controls" in s:
-            c = s["controls"]
-            rows.append(("control A vs A: shared fraction", c["self_shared_fraction"]))
-            rows.append(("control A vs random-init A: shared fraction", c["random_shared_fraction"]))
-        sections = [("Summary", html_table(rows))]
+        headline = headline_table(s, [
+            ("hooks", "hooks"),
+            ("explained variance (A, B)", "explained_variance"),
+            ("live latents", "n_alive"),
+            ("shared latents", "n_shared"),
+            ("A-only latents", "n_a_only"),
+            ("B-only latents", "n_b_only"),
+            ("other latents", "n_other"),
+            ("shared fraction", "shared_fraction"),
+            ("controls: shared fraction for A vs A (ceiling) and A vs random-init A (floor)", "controls"),
+            ("shared decoder cosine (median)", "shared_decoder_cosine_median"),
+            ("latent scaling nu (median, B-only)", "latent_scaling_nu_median"),
+            ("splice: CE loss recovered and KL score", "splice"),
+            ("L0", "l0"),
+            ("dead fraction", "dead_fraction"),
+        ])  # fmt: skip
+        ex = ""
+        lat = ctx.state.get("latents")
+        if lat is not None:
+            rho = [float(x) for x in lat["rho"].tolist()]
+            live = [
+                (i, r, c) for i, (r, c) in enumerate(zip(rho, lat["classes"], strict=False)) if c != "dead"
+            ]
+            for what, order in (("B", lambda t: -t[1]), ("A", lambda t: t[1])):
+                rows = [
+                    {"latent": i, "relative decoder norm rho": r, "class": c}
+                    for i, r, c in sorted(live, key=order)[:8]
+                ]
+                ex += f"<h3>Latents most specific to model {what} (by rho)</h3>" + records_table(rows)
         if "organism" in s:
             o = s["organism"]
-            orows: list[tuple[str, Any]] = [("B-only latents", o["n_b_only"]),
-                                            ("best trigger AUROC (B-only)", o["best_trigger_auroc"])]  # fmt: skip
-            for r in o["top_latents"]:
-                orows.append(
-                    (f"latent {r['latent']} ({r['class']}, rho {r['rho']:.2f})", f"AUROC {r['auroc']:.3f}")
-                )
-            sections.append(("Organism-only latents vs the trigger", html_table(orows)))
-        sections.append(("Relative decoder norms", "<img src='rho_histogram.png' width='800'>"))
-        write_report(ctx.run_dir, self.title, sections)
+            ex += ("<h3>Organism-only latents vs the trigger (AUROC of triggered vs plain prompts)</h3>"
+                   + records_table(o.get("top_latents") or []))  # fmt: skip
+        experiment_report(
+            ctx, self.name, self.title or "rosettalens: crosscoder diff", config_defaults(self.config_cls),
+            headline, ex, models=list(s["models"]),
+            captions={"rho_histogram.png": "relative decoder norm rho over live latents for the pair and both "
+                      "controls (0: A only, 1: B only)"},
+        )  # fmt: skip
 
 
 EXPERIMENT = CrosscoderDiffExperiment()

@@ -574,7 +574,7 @@ class RefusalTransfer(Experiment):
     def report(self, ctx: RunContext) -> None:
         from ..report import refusal_report
 
-        refusal_report(ctx.run_dir, ctx.results, ctx.state["examples"])
+        refusal_report(ctx.run_dir, ctx.results, ctx.state["examples"], ctx)
 
     def print_summary(self, results: dict[str, Any]) -> None:
         r = results["refusal_rate"]

@@ -792,62 +792,53 @@ def _f(v: Any) -> str:
 
 
 def _write_report(ctx: RunContext) -> None:
-    import html
-
-    from ..report import write_report
-    from ..report.html import html_table
+    """``report.html``: what was run, the best layer pair's scores beside their nulls and p-values and the
+    controls, the plots, the top matched features."""
+    from ..report.html import config_defaults, experiment_report, kv_table, records_table
 
     r = ctx.results
     best = r.get("best") or {}
     c = r.get("controls", {})
-    summary = html_table([
+    keys = ("layer_a", "layer_b", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean",
+            "rsa_p", "linear_cka", "linear_cka_null_mean", "linear_cka_p")  # fmt: skip
+    headline = kv_table([
         ("models", f"{r['models']['a']} vs {r['models']['b']}"),
-        ("pairing", r.get("pairing")),
-        ("best layer pair (paired SVCCA)", f"{best.get('layer_a')} / {best.get('layer_b')}" if best else "none"),
-        ("best: SVCCA / null / p", f"{_f(best.get('svcca'))} / {_f(best.get('svcca_null_mean'))} / {best.get('svcca_p')}"),
-        ("best: RSA / null / p", f"{_f(best.get('rsa'))} / {_f(best.get('rsa_null_mean'))} / {best.get('rsa_p')}"),
-        ("controls: same model, other seed (ceiling) SVCCA", c.get("same_model_svcca")),
-        ("controls: random-init model A SVCCA", c.get("random_model_svcca")),
-        ("peak RSS (MB)", r.get("peak_rss_mb")),
-        ("timings (s)", r.get("timings_s")),
+        ("best layer pair (paired SVCCA) with its shuffled-pairing nulls and p-values",
+         {k: best.get(k) for k in keys} if best else None),
+        ("control: same model, other SAE seed (ceiling), SVCCA", c.get("same_model_svcca")),
+        ("control: random-init model A, SVCCA", c.get("random_model_svcca")),
+        ("control: same model, decoder cosine (median)", c.get("same_model_decoder_cosine_median")),
     ])  # fmt: skip
-    head = "".join(f"<th>{h}</th>" for h in ("layer A", "layer B", "matched", "pairs", "SVCCA", "null", "p", "RSA",
-                                              "null", "p", "CKA", "null", "p"))  # fmt: skip
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(p.get(k)))}</td>" for k in (
-            "layer_a", "layer_b", "n_matched", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean",
-            "rsa_p", "linear_cka", "linear_cka_null_mean", "linear_cka_p")) + "</tr>"
-        for p in r.get("pairs", [])
-    )  # fmt: skip
-    shead = "".join(
-        f"<th>{h}</th>"
-        for h in ("subspace", "pairs", "SVCCA", "null", "p", "RSA", "null", "p", "examples (A|B)")
-    )
-    sbody = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(s.get(k)))}</td>" for k in (
-            "name", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean", "rsa_p")) +
-        f"<td>{html.escape(', '.join(s.get('examples', [])))}</td></tr>"
-        for s in r.get("subspaces", [])
-    )  # fmt: skip
+    top: list[dict[str, Any]] = []
+    for p in r.get("pairs", []):
+        if best and (p.get("layer_a"), p.get("layer_b")) == (best.get("layer_a"), best.get("layer_b")):
+            trip = sorted(
+                zip(p.get("a", []), p.get("b", []), p.get("corr", []), strict=False), key=lambda t: -t[2]
+            )
+            top = [{"feature A": a, "feature B": b, "activation correlation": cr} for a, b, cr in trip[:10]]
+    subs = [{k: s.get(k) for k in ("name", "n_pairs", "svcca", "svcca_null_mean", "svcca_p", "rsa", "rsa_null_mean",
+                                   "rsa_p")} | {"examples (A|B)": ", ".join(s.get("examples", []))}
+            for s in r.get("subspaces", [])]  # fmt: skip
+    ex = (f"<h3>Top matched features of the best layer pair ({best.get('layer_a')} / {best.get('layer_b')})</h3>"
+          + records_table(top)
+          + "<h3>Semantic subspaces of the best layer pair</h3>" + records_table(subs))  # fmt: skip
+    pair_rows = [{k: p.get(k) for k in keys} for p in r.get("pairs", [])]
     mrows = [(f"{m} {h}", v) for m, per in r.get("sae_metrics", {}).items() for h, v in per.items()]
-    sections = [
-        ("Summary", summary),
-        ("Layer pairs", "<img src='heatmaps.png' width='900'>" + f"<table>{head}{body}</table>"),
-        ("Activation correlations before / after filtering", "<img src='correlations.png' width='640'>"),
-        (f"Semantic subspaces (layer pair {best.get('layer_a')} / {best.get('layer_b')})", f"<table>{shead}{sbody}</table>"),
-        ("Controls per layer pair", "<img src='controls.png' width='900'>"),
-        ("Controls", html_table([(k, v) for k, v in c.items() if k != "per_pair"])),
-        ("SAE quality (held-out tokens; FVU with the variance about the mean)", html_table(mrows)),
-    ]  # fmt: skip
-    write_report(ctx.run_dir, "rosettalens: SAE feature-space universality", sections)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
+    details = [
+        ("Pairing", kv_table(list((r.get("pairing") or {}).items()))),
+        ("Layer pairs", records_table(pair_rows)),
+        ("Controls", kv_table([(k, v) for k, v in c.items() if k != "per_pair"])),
+        ("Controls per layer pair", records_table(c.get("per_pair") or [])),
+        ("SAE quality (held-out tokens; FVU with the variance about the mean)", kv_table(mrows)),
+    ]
+    experiment_report(
+        ctx, EXPERIMENT.name, "rosettalens: SAE feature-space universality",
+        config_defaults(EXPERIMENT.config_cls), headline, ex,
+        captions={"heatmaps.png": "paired SVCCA and RSA per layer pair",
+                  "correlations.png": "activation correlations of the matched pairs before and after filtering",
+                  "controls.png": "controls per layer pair: same model (other seed) and random-init model"},
+        details=details,
+    )  # fmt: skip
 
 
 EXPERIMENT = SAEUniversality()

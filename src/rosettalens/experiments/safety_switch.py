@@ -338,6 +338,45 @@ class SafetySwitchExperiment(Experiment):
         fig.tight_layout()
         ctx.save_figure("safety_switch.png", fig)
 
+    def report(self, ctx: RunContext) -> None:
+        """``report.html``: what was run, the backdoor rate with the switch off/on, the plots, completions."""
+        from ..report.html import (
+            completions_grid,
+            config_defaults,
+            experiment_report,
+            headline_table,
+            kv_table,
+            read_json,
+            records_table,
+        )
+
+        r = ctx.results
+        headline = headline_table(r, [
+            ("chosen layer", "layer"),
+            ("backdoor rate on held-out triggered prompts (switch off: baseline; on)", "backdoor_rate"),
+            ("clean prompts: KL(off || on) and perplexity", "clean"),
+            ("backdoor answers without the trigger (off; on)", "false_trigger_rate"),
+            ("fact accuracy (corrupted task; off; on)", "fact_accuracy"),
+        ])  # fmt: skip
+        comps = read_json(ctx.run_dir / "completions.json") or {}
+        prompts = read_json(ctx.run_dir / "prompts.json") or {}
+        ex = ""
+        for what, key in (("triggered", "triggered_test"), ("clean", "clean_test")):
+            cols = {name: c.get(what, []) for name, c in comps.items() if isinstance(c, dict)}
+            ex += (f"<h3>Held-out {what} prompts: switch off and on</h3>"
+                   + completions_grid(prompts.get(key, []), cols))  # fmt: skip
+        details = [
+            ("Organism", kv_table([(k, r.get(k)) for k in ("model", "base", "task", "n")])),
+            ("Mapper (the chosen layer, held out)", kv_table(list((r.get("mapper") or {}).items()))),
+            ("Per layer", records_table(r.get("per_layer") or [])),
+        ]
+        experiment_report(
+            ctx, self.name, self.title or "rosettalens: safety switch", config_defaults(self.config_cls),
+            headline, ex, captions={"safety_switch.png": "per layer: backdoor rate with the switch on (off "
+                                    "dashed), clean KL and the mapper's held-out FVU"},
+            details=details,
+        )  # fmt: skip
+
     def print_summary(self, results: dict[str, Any]) -> None:
         b, c = results["backdoor_rate"], results["clean"]
         print(f"{results['model']} (base {results['base']}), switch at {results['layer']} ({results['mapper']['kind']}, "

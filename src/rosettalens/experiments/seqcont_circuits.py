@@ -595,46 +595,61 @@ class SeqcontExperiment(Experiment):
         return out
 
     def report(self, ctx: RunContext) -> None:
+        """``report.html``: what was run, per model the circuits' faithfulness beside random circuits of
+        the same size (with p-values) and the shared sub-circuit, the plots, top prompts and circuits."""
         import html
 
-        from ..report import write_report
-        from ..report.html import html_table
+        from ..report.html import config_defaults, experiment_report, kv_table, records_table, value_html
 
         s = self.summary(ctx)
-        sections = []
+        cols = ("competence", "n_prompts", "baseline_metric", "circuit_ratio", "faithfulness",
+                "random_faithfulness", "faithfulness_p_value", "cpr", "random_cpr", "cmd", "random_cmd")  # fmt: skip
+        head, ex = [], []
         for m, ms in (s.get("models") or {s["model"]: s}).items():
-            rows = []
-            for t, v in ms["tasks"].items():
-                rows.append((f"{t}", f"competence {v['competence']:.2f}, n={v['n_prompts']}, metric "
-                             f"{v['baseline_metric']:.2f}; circuit {len(v['circuit']['heads'])} heads + "
-                             f"{len(v['circuit']['mlps'])} MLPs keeps {v['circuit_ratio']:.2f}, f={v['faithfulness']:.2f}"
-                             f"{_vs_random(v)}; CPR {v['cpr']:.2f} (random {v['random_cpr']:.2f}), CMD {v['cmd']:.2f}"))  # fmt: skip
+            rows = [{"task": t, **{k: v.get(k) for k in cols}} for t, v in ms["tasks"].items()]
             sh = ms["shared"]
-            rows.append(("shared sub-circuit", f"heads {sh['heads']}, MLPs {sh['mlps']}; mean IoU "
-                         f"{sh['mean_iou']:.2f} (random sets {sh['random_mean_iou']:.2f})"))  # fmt: skip
-            rows.append(("shared faithfulness", sh["faithfulness"]))
-            rows.append(("shared heads' roles", sh["roles"]))
-            for key, what in (
-                ("ablation_test", "shared sub-circuit"),
-                ("ablation_test_heads", "its heads only"),
-            ):
-                for t, v in sh.get(key, {}).items():
-                    rows.append((f"ablation test ({what}): {t}", _ablation_line(v)))
-            sections.append((html.escape(m), html_table(rows)))
+            shared = kv_table([
+                ("shared sub-circuit: mean IoU of the task circuits", sh["mean_iou"]),
+                ("mean IoU of random circuits of the same sizes (baseline)", sh["random_mean_iou"]),
+                ("faithfulness of the shared sub-circuit per task", sh["faithfulness"]),
+                ("ablation test of the shared sub-circuit (vs random sets, p-values)", sh.get("ablation_test")),
+                ("ablation test of its heads only", sh.get("ablation_test_heads")),
+            ])  # fmt: skip
+            head.append(f"<h3>{html.escape(m)}</h3>" + records_table(rows) + shared)
+            prompts = ctx.state.get("prompts", {}).get(m, {})
+            for t, v in ms["tasks"].items():
+                exs = (prompts.get(t) or {}).get("examples") or []
+                ex.append(
+                    f"<h3>{html.escape(m)}: {html.escape(t)}</h3>"
+                    + kv_table([("top prompts (kept by the competence filter)", exs),
+                                ("circuit heads", v["circuit"]["heads"]), ("circuit MLPs", v["circuit"]["mlps"])])
+                )  # fmt: skip
+            ex.append(
+                f"<h3>{html.escape(m)}: shared sub-circuit</h3>"
+                + kv_table(
+                    [("heads", sh["heads"]), ("MLPs", sh["mlps"]), ("shared heads' roles", sh["roles"])]
+                )
+            )
+        details = []
         if s.get("cross_model"):
-            rows = []
-            for m in s["cross_model"]["role_matches"]:
-                a, b = m["models"]
-                rows.append((f"{a} vs {b}", html.escape(_roles_line(m))))
-                for p in m["pairs"]:
-                    rows.append((f"{p[a]} / {p[b]}", f"distance {p['role_distance']:.3f}, roles {p['roles'][0]} / "
-                                 f"{p['roles'][1]}{' (same)' if p['same_role'] else ''}"
-                                 f"{'' if p['matched'] else ' (too far: not matched)'}"))  # fmt: skip
-            sections.append(("Cross-model role matches", html_table(rows)))
-        pngs = sorted(p.name for p in ctx.run_dir.glob("*.png"))
-        if pngs:
-            sections.append(("Plots", "".join(f"<img src='{p}' width='900'><br>" for p in pngs)))
-        write_report(ctx.run_dir, self.title, sections)
+            rows2 = []
+            for mm in s["cross_model"]["role_matches"]:
+                a, b = mm["models"]
+                rows2.append((f"{a} vs {b}", _roles_line(mm)))
+                for p in mm["pairs"]:
+                    rows2.append((f"{p[a]} / {p[b]}", f"distance {p['role_distance']:.3f}, roles {p['roles'][0]} / "
+                                  f"{p['roles'][1]}{' (same)' if p['same_role'] else ''}"
+                                  f"{'' if p['matched'] else ' (too far: not matched)'}"))  # fmt: skip
+            details.append(("Cross-model role matches", kv_table(rows2)))
+        other = {
+            m: ms.get("other_tasks_competence") for m, ms in (s.get("models") or {s["model"]: s}).items()
+        }
+        details.append(("Competence on the other tasks", value_html(other)))
+        experiment_report(
+            ctx, self.name, self.title or "rosettalens: sequence-continuation circuits",
+            config_defaults(self.config_cls), "".join(head), "".join(ex), details=details,
+            models=list(s.get("models") or [s["model"]]),
+        )  # fmt: skip
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         for m, ms in (summary.get("models") or {summary["model"]: summary}).items():

@@ -487,6 +487,37 @@ class SeqcontGraphsExperiment(Experiment):
             "run_dir": str(ctx.run_dir),
         }
 
+    def report(self, ctx: RunContext) -> None:
+        """``report.html``: what was run, shared influence beside its shuffled null and p, the plots, the
+        top matched features."""
+        from ..report.html import config_defaults, experiment_report, headline_table, kv_table, records_table
+
+        r = ctx.results
+        headline = headline_table(r, [
+            ("shared influence (share of graph feature influence on cross-model matched features)",
+             "shared_influence"),
+            ("shared influence under shuffled matching (null mean)", "shared_influence_null"),
+            ("p-value (observed vs shuffled null)", "shared_influence_p"),
+            ("shared influence per model", "shared_influence_by_model"),
+            ("matched features per model", "n_matched"),
+            ("graph features per model", "n_graph_features"),
+            ("graph scores per model (means over graphs)", "graph_scores"),
+        ])  # fmt: skip
+        m = ctx.state.get("matching") or {}
+        top = m.get("top_pairs") or r.get("top_pairs") or []
+        ex = ("<h3>Top matched features (A feature [layer, index] with its best B feature)</h3>"
+              + records_table(top[:10]))  # fmt: skip
+        details = [
+            ("Within-model task overlap", kv_table(list((r.get("within_model_task_overlap") or {}).items())))
+        ]
+        experiment_report(
+            ctx, self.name, self.title or "rosettalens: sequence-continuation attribution graphs",
+            config_defaults(self.config_cls), headline, ex,
+            captions={"shared_influence.png": "shared influence vs its shuffled-matching null; replacement vs "
+                      "completeness score per graph"},
+            details=details,
+        )  # fmt: skip
+
 
 def _nanmean(values: list[float]) -> float:
     """Mean of the finite values (NaN when there are none)."""
