@@ -301,3 +301,26 @@ def test_seqcont_graphs_report(tmp_path, capsys):
                               "shared_influence_by_model", "n_matched", "n_graph_features"])  # fmt: skip
     if r["top_pairs"]:
         assert "Top matched features" in section(page, "Examples")
+
+
+# ------------------------------------------------------------------------- circuits patch figure
+@pytest.mark.parametrize("sweep", ["resid_pre", "heads"])
+def test_circuits_patch_writes_a_heat_map(tmp_path, capsys, sweep):
+    """``circuits patch --out`` writes ``patch.png`` beside its result: a valid PNG of the grid."""
+    import matplotlib.image
+
+    model = _hf(tmp_path, "m", "qwen2", n_layers=2)
+    out = tmp_path / "patch"
+    argv = ["circuits", "patch", "--model", model, "--clean", "0 1 2 3 4", "--corrupted", "4 3 2 1 0",
+            "--sweep", sweep, "--json", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    r = json.loads(capsys.readouterr().out)
+    png = out / "patch.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50 and img.std() > 0
+    assert r["shape"][0] == 2
+    # --overwrite replaces a folder holding the figure too
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert png.is_file()

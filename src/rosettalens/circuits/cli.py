@@ -10,9 +10,9 @@ KIND: resid_pre | attn_out | mlp_out (layer x position), heads | q | k | v (laye
 metric is ``logit(answer) - logit(wrong)`` at the last position (``--answer``/``--wrong``: one token
 each; by default the clean and the corrupted run's top predictions); with ``--task`` it is the task's
 ``logit(next member) - logit(last member)``. ``--out DIR`` writes ``patch.safetensors`` (values,
-per-prompt values, clean and corrupted metrics) and ``patch.json``. Bad input (prompts of unequal
-token length, an unknown sweep kind, an answer that is not one token) prints one line on stderr and
-exits with status 2.
+per-prompt values, clean and corrupted metrics), ``patch.json`` and ``patch.png`` (the heat map).
+Bad input (prompts of unequal token length, an unknown sweep kind, an answer that is not one token)
+prints one line on stderr and exits with status 2.
 """
 
 from __future__ import annotations
@@ -91,11 +91,12 @@ def _task_inputs(hm: Any, args: argparse.Namespace) -> tuple[Any, Any, Any, dict
 
 def is_patch_dir(path: Path) -> bool:
     """True for a folder that ``circuits patch --out`` wrote: the only kind ``--overwrite`` replaces."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {"patch.safetensors", "patch.json"}
+    names = {"patch.safetensors", "patch.json", "patch.png"}
+    return path.is_dir() and {p.name for p in path.iterdir()} <= names
 
 
 def _write_out(out: Path, res: Any, payload: dict, overwrite: bool) -> None:
-    """``patch.safetensors`` + ``patch.json`` into ``out``, built in a temp sibling and swapped in whole."""
+    """``patch.safetensors`` + ``patch.json`` + ``patch.png`` into ``out``, built in a temp sibling and swapped in whole."""
     from safetensors.torch import save_file
 
     from rosettalens.io import atomic_dir
@@ -114,6 +115,35 @@ def _write_out(out: Path, res: Any, payload: dict, overwrite: bool) -> None:
             metadata={"sweep": res.sweep, "axes": ",".join(res.axes)},
         )
         (tmp / "patch.json").write_text(opt.to_json(payload, indent=2) + "\n")
+        _heatmap(tmp / "patch.png", res, payload.get("model", ""))
+
+
+def _heatmap(path: Path, res: Any, model: str) -> None:
+    """``patch.png``: the patching result as a heat map, layers down and positions or heads across
+    (values normalised: 0 = corrupted, 1 = clean restored, when the two metrics differ)."""
+    from rosettalens.report.html import pyplot
+
+    norm = res.normalized() if res.clean_metric != res.corrupted_metric else res.values
+    grid = norm.detach().double().reshape(norm.shape[0], -1).cpu().numpy()
+    plt = pyplot()
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(min(12.0, 2.5 + 0.45 * cols), min(9.0, 1.8 + 0.35 * rows)))
+    lim = max(1.0, float(abs(grid).max())) if grid.size else 1.0
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(rows), [str(x) for x in res.labels.get("layer", range(rows))])
+    across = res.axes[1] if len(res.axes) > 1 else ""
+    ticks = res.labels.get("tokens") or [str(x) for x in res.labels.get(across, range(cols))]
+    if len(ticks) == cols:
+        ax.set_xticks(range(cols), [str(t)[:8] for t in ticks], rotation=60 if across == "position" else 0)
+    ax.set_xlabel(across)
+    ax.set_title(f"{model}: {res.sweep} patching (1 = clean restored)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _table(res: Any) -> list[str]:
@@ -235,7 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_device(p)
     opt.add_dtype(p)
     opt.add_seed(p, None, "random seed of the task's prompts (default: 0)")
-    opt.add_out(p, "folder for patch.safetensors and patch.json", required=False)
+    opt.add_out(p, "folder for patch.safetensors, patch.json and the heat map patch.png", required=False)
     opt.add_overwrite(p)
     opt.add_no_progress(p)
     opt.add_json(p)
