@@ -149,7 +149,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         help = field_help(f) + (f" (default: {shown})" if shown is not None else "")
         hint = hints[f.name]
         if hint is bool:
-            opt.add_option(p, flag, action="store_true", help=field_help(f))
+            opt.add_option(p, flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif typing.get_origin(hint) is typing.Literal:
             opt.add_option(p, flag, choices=typing.get_args(hint), default=f.default, help=help)
         elif f.name == "layers":

@@ -56,7 +56,11 @@ class TrainConfig:
     arch: Literal["topk", "relu"] = option(
         "topk", "sparsity rule: TopK per token, or ReLU with an L1 penalty"
     )
-    skip: bool = option(False, "add a linear skip connection x @ W_skip")
+    skip: bool = option(
+        True,
+        "add a linear skip connection x @ W_skip (on SmolLM2 it halves the KL with every MLP replaced:"
+        " docs/transcoders.md)",
+    )
     max_tokens: int = option(40_000, "training tokens (every layer trains on each of them once)")
     max_length: int = option(128, "tokens per document (longer documents are cut)")
     docs_per_forward: int = option(16, "documents per model forward pass")
