@@ -192,7 +192,7 @@ def test_backdoor_transfer_report(tmp_path, organism):
     from rosettalens.experiments.backdoor_transfer import EXPERIMENT, BackdoorTransferConfig
 
     cfg = BackdoorTransferConfig(source=organism, target=organism, n_train=48, n_val=8, n_eval=8,
-                                 max_new_tokens=8, batch_size=16, sweep_points=0, source_layer=3,
+                                 max_new_tokens=16, batch_size=16, sweep_points=0, source_layer=3,
                                  target_layer_choice="depth", out=str(tmp_path / "run"))  # fmt: skip
     run_experiment(EXPERIMENT, cfg, progress=False)
     run_dir = tmp_path / "run"
@@ -205,7 +205,7 @@ def test_safety_switch_report(tmp_path, organism):
     from rosettalens.experiments.safety_switch import EXPERIMENT, SafetySwitchConfig
 
     cfg = SafetySwitchConfig(model=organism, layers="1,3", n_fit=32, n_eval=8, answer_tokens=8, batch_size=16,
-                             max_new_tokens=8, out=str(tmp_path / "run"))  # fmt: skip
+                             max_new_tokens=16, out=str(tmp_path / "run"))  # fmt: skip
     run_experiment(EXPERIMENT, cfg, progress=False)
     run_dir = tmp_path / "run"
     comps = json.loads((run_dir / "completions.json").read_text())
