@@ -276,6 +276,10 @@ def test_seqcont_circuits_report(tmp_path, capsys):
                 assert shown(v) in head, (k, v)
     for v in number_leaves({k: r["shared"][k] for k in ("mean_iou", "random_mean_iou", "faithfulness")}):
         assert shown(v) in head, v
+    for v in r["shared"]["ablation_test"].values():  # the ablation tests' p-values beside the random sets
+        for k in ("accuracy", "accuracy_shared_ablated", "p_value_accuracy", "p_value_metric"):
+            if v.get(k) is not None:
+                assert shown(v[k]) in head, (k, v[k])
     ex = section(page, "Examples")
     heads = r["tasks"]["letters-then"]["circuit"]["heads"]
     assert "circuit heads" in ex and html.escape(", ".join(map(str, heads))) in ex

@@ -605,6 +605,7 @@ class SeqcontExperiment(Experiment):
         cols = ("competence", "n_prompts", "baseline_metric", "circuit_ratio", "faithfulness",
                 "random_faithfulness", "faithfulness_p_value", "cpr", "random_cpr", "cmd", "random_cmd")  # fmt: skip
         head, ex = [], []
+        details: list[tuple[str, str]] = []
         for m, ms in (s.get("models") or {s["model"]: s}).items():
             rows = [{"task": t, **{k: v.get(k) for k in cols}} for t, v in ms["tasks"].items()]
             sh = ms["shared"]
@@ -612,10 +613,19 @@ class SeqcontExperiment(Experiment):
                 ("shared sub-circuit: mean IoU of the task circuits", sh["mean_iou"]),
                 ("mean IoU of random circuits of the same sizes (baseline)", sh["random_mean_iou"]),
                 ("faithfulness of the shared sub-circuit per task", sh["faithfulness"]),
-                ("ablation test of the shared sub-circuit (vs random sets, p-values)", sh.get("ablation_test")),
-                ("ablation test of its heads only", sh.get("ablation_test_heads")),
             ])  # fmt: skip
-            head.append(f"<h3>{html.escape(m)}</h3>" + records_table(rows) + shared)
+            tests = []
+            for what, key in (
+                ("shared sub-circuit", "ablation_test"),
+                ("its heads only", "ablation_test_heads"),
+            ):
+                for t, v in (sh.get(key) or {}).items():
+                    tests.append({"ablated": what, "task": t, **{k: v.get(k) for k in _ABLATION_COLS if k in v},
+                                  **{f"{k} (random sets, mean)": _mean(v.get(k)) for k in _RANDOM_COLS if k in v}})  # fmt: skip
+            head.append(f"<h3>{html.escape(m)}</h3>" + records_table(rows) + shared
+                        + "<h4>Ablation tests (vs random sets of the same size)</h4>" + records_table(tests))  # fmt: skip
+            details.append((f"{m}: ablation tests in full", kv_table([
+                ("shared sub-circuit", sh.get("ablation_test")), ("its heads only", sh.get("ablation_test_heads"))])))  # fmt: skip
             prompts = ctx.state.get("prompts", {}).get(m, {})
             for t, v in ms["tasks"].items():
                 exs = (prompts.get(t) or {}).get("examples") or []
@@ -630,7 +640,6 @@ class SeqcontExperiment(Experiment):
                     [("heads", sh["heads"]), ("MLPs", sh["mlps"]), ("shared heads' roles", sh["roles"])]
                 )
             )
-        details = []
         if s.get("cross_model"):
             rows2 = []
             for mm in s["cross_model"]["role_matches"]:
@@ -724,6 +733,16 @@ def ablation_test(
         "accuracy_random_ablated": [r[0] for r in rand], "metric_random_ablated": [r[1] for r in rand],
         "random_sets": sets, "p_value_accuracy": p(0), "p_value_metric": p(1),
     }  # fmt: skip
+
+
+_ABLATION_COLS = ("n_prompts", "accuracy", "accuracy_shared_ablated", "p_value_accuracy", "metric",
+                  "metric_shared_ablated", "p_value_metric")  # fmt: skip
+_RANDOM_COLS = ("accuracy_random_ablated", "metric_random_ablated")
+
+
+def _mean(x: Any) -> float | None:
+    """The mean of a list of numbers (None for none)."""
+    return sum(x) / len(x) if isinstance(x, list) and x else None
 
 
 def _ablation_line(v: dict) -> str:

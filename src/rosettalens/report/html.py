@@ -24,14 +24,6 @@ def html_table(rows: list[tuple[str, Any]]) -> str:
     return kv_table(rows)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict | list):
-        return json.dumps(v)
-    return str(v)
-
-
 def write_report(run_dir: Path, title: str, sections: list[tuple[str, str]]) -> Path:
     """Write ``report.html`` (atomic) from ``(heading, html body)`` sections."""
     css = (
