@@ -311,21 +311,6 @@ def completions_html(groups: dict[str, list[dict]], limit: int = 4, keys: tuple[
     return "".join(out) or "<p>no completions saved</p>"
 
 
-def side_by_side(before: list[dict], after: list[dict], labels: tuple[str, str], limit: int = 4) -> str:
-    """Completions of the same prompts before and after steering, one row per prompt."""
-    rows = []
-    for a, b in list(zip(before, after, strict=False))[:limit]:
-        prompt = str(a.get("prompt", "")) if isinstance(a, dict) else ""
-        ca = str(a.get("completion", "")) if isinstance(a, dict) else str(a)
-        cb = str(b.get("completion", "")) if isinstance(b, dict) else str(b)
-        rows.append(
-            f"<tr><td>{html.escape(prompt)}</td><td><pre>{html.escape(ca)}</pre></td>"
-            f"<td><pre>{html.escape(cb)}</pre></td></tr>"
-        )
-    head = f"<tr><th>prompt</th><th>{html.escape(labels[0])}</th><th>{html.escape(labels[1])}</th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
-
-
 def experiment_report(
     ctx: Any,
     name: str,
