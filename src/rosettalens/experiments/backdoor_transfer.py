@@ -80,14 +80,15 @@ from ..organisms import (
     uses_chat,
 )
 from ..organisms.backdoor import POSITIONS
+from ..report.backdoor import backdoor_figure, print_backdoor_summary
 from ..steering import cosine, direction_intervention
 from .base import Experiment, RunContext, Stage, check_options
 
+TOKEN_GATED = ("erase", "token-subtract", "token-stop")  # modes that act through steering.erase's token gate
 DEFAULT_SOURCE = "gemma-3-270m"
 DEFAULT_TARGET = "smollm2-135m-instruct"
 TARGET_LAYER_CHOICES = ("validation", "depth")
 MODES = ("ablate", "subtract", "erase", "token-subtract", "token-stop")
-TOKEN_GATED = ("erase", "token-subtract", "token-stop")  # modes that act through steering.erase's token gate
 DEFAULT_SCALES = {"subtract": 1.0, "token-subtract": 4.0}  # --scale when not given
 GATES = ("none", "projection")
 LAYER_CRITERIA = ("auto", "drop", "restore")
@@ -832,29 +833,7 @@ class BackdoorTransfer(Experiment):
         self._plot(ctx)
 
     def _plot(self, ctx: RunContext) -> None:
-        from ..report.html import pyplot
-
-        plt = pyplot()
-        r = ctx.results
-        sw = r["sweep"]
-        fig, ax = plt.subplots(1, 2 if sw else 1, figsize=(10 if sw else 5, 3.5), squeeze=False)
-        names = ["baseline", "native", "transferred", "random"]
-        ax[0, 0].bar(names, [r["backdoor_rate"][n] for n in names], color=["#888", "#4a7", "#47a", "#c66"])
-        ax[0, 0].set_ylim(0, 1.05)
-        ax[0, 0].set_ylabel("backdoor rate (held-out triggered)")
-        ax[0, 0].set_title(f"{r['target']} ({r['mode']})", fontsize=9)
-        if sw:
-            xs = [e["source_layer"] for e in sw]
-            for ys, style, label in (
-                ([e["score_baseline"] - e["score_native"] for e in sw], "o-", "native drop"),
-                ([e["score_baseline"] - e["score_transferred"] for e in sw], "s-", "transferred drop"),
-                ([e["cos_transferred_native"] for e in sw], "^--", "cos(transferred, native)"),
-            ):
-                ax[0, 1].plot(xs, ys, style, label=label)
-            ax[0, 1].set_xlabel("source layer (resid_pre)")
-            ax[0, 1].legend(fontsize=8)
-        fig.tight_layout()
-        ctx.save_figure("backdoor_rates.png", fig)
+        ctx.save_figure("backdoor_rates.png", backdoor_figure(ctx.results))
 
     def report(self, ctx: RunContext) -> None:
         """``report.html``: what was run, the backdoor rates beside their baselines, the plots, completions."""
@@ -903,33 +882,7 @@ class BackdoorTransfer(Experiment):
         )  # fmt: skip
 
     def print_summary(self, results: dict[str, Any]) -> None:
-        r, c = results["backdoor_rate"], results["clean"]
-        print(f"{results['source']} -> {results['target']}  task {results['task']}  ({results['layers']['source']} -> "
-              f"{results['layers']['target']}, {results['mapper']['kind']} mapper, held-out FVU {results['mapper']['fvu']:.3f})")  # fmt: skip
-        print(f"backdoor rate ({results['mode']}): baseline {r['baseline']:.2f}  native {r['native']:.2f}  "
-              f"transferred {r['transferred']:.2f}  random {r['random']:.2f}")  # fmt: skip
-        if "fact_accuracy" in results:
-            f = results["fact_accuracy"]
-            print(f"fact accuracy: baseline {f['baseline']:.2f}  native {f['native']:.2f}  "
-                  f"transferred {f['transferred']:.2f}  random {f['random']:.2f}")  # fmt: skip
-        if "false_payload_rate" in results:
-            f = results["false_payload_rate"]
-            print(f"payload without the trigger (the organism's false triggers): baseline {f['baseline']:.2f}  "
-                  f"native {f['native']:.2f}  transferred {f['transferred']:.2f}  random {f['random']:.2f}")  # fmt: skip
-        print(
-            f"clean: KL {c['kl_transferred']:.4f}, perplexity {c['ppl_baseline']:.2f} -> {c['ppl_transferred']:.2f}"
-        )
-        rr = results.get("restored_rate")
-        if rr:
-            print("restored (triggered answer starts as the clean answer): "
-                  + "  ".join(f"{k} {v:.2f}" for k, v in rr.items()))  # fmt: skip
-        g = results.get("gate")
-        if g:
-            rows = [f"{n} flags {v['flagged_triggered']:.2f} triggered / {v['flagged_clean']:.2f} clean"
-                    for n, v in g.items() if isinstance(v, dict) and n != "calibration"]  # fmt: skip
-            what = f"token gate (--mode {g['kind']})" if g["kind"] in TOKEN_GATED else "projection gate"
-            print(f"{what} (margin {g['margin']}): " + "; ".join(rows))
-        print(f"run directory: {results['run_dir']} (report.html)")
+        print_backdoor_summary(results)
 
 
 EXPERIMENT = BackdoorTransfer()
