@@ -1,5 +1,5 @@
 """Every bad input through the real `rosetta` entry point: exit 2, one line `rosetta: error: ...`, no
-traceback, nothing written (issue #12, sections 1 and 2). One table; each case is an argv built from
+traceback, nothing written. One table; each case is an argv built from
 the broken inputs below (written by the test: an invalid config.json, a truncated safetensors file, a
 fake .gguf, a non-UTF-8 prompt file, corrupt store manifests, existing outputs)."""
 
