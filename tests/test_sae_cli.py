@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def test_cli_train_and_eval(store, model_dir, tmp_path, capsys):
         "128",
         "--lr",
         "2e-3",
-        "--tokens",
+        "--max-tokens",
         "4096",
     ]
     args += ["--model", str(model_dir), "--splice-docs", "4"]
@@ -160,9 +161,12 @@ def test_cli_skip_first_leaves_out_first_tokens(store, tmp_path, capsys):
         "0",
     ]
     args += ["--out", str(tmp_path / "s"), "--batch-size", "128", "--heldout", "0.2", "--skip-first", "2"]
-    args += ["--tokens", "1024"]
+    args += ["--tokens", "1024"]  # the old spelling of --max-tokens still trains, with one deprecation line
     assert main([*args, "--norm-ratio", "0", "--json", "--no-progress"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "--tokens is deprecated; use --max-tokens" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["steps"] == 1024 // 128  # the budget reached the trainer: tokens / batch size
     n = len(store)
     n_train = n - round(n * 0.2)
     pos = store.pos_index
@@ -174,7 +178,7 @@ def test_cli_skip_first_leaves_out_first_tokens(store, tmp_path, capsys):
 
 def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     base = ["sae", "train", "--store", str(store.path), "--hook", "resid_post.1", "--batch-size", "128"]
-    base += ["--splice-docs", "0", "--tokens", "256"]
+    base += ["--splice-docs", "0", "--max-tokens", "256"]
     out = tmp_path / "x"
     assert main([*base, "--arch", "topk", "--width", "32", "--k", "32", "--out", str(out)]) == 2
     assert "k must be in [1, width)" in capsys.readouterr().err
@@ -221,3 +225,28 @@ def test_cli_bad_input_exits_2(store, model_dir, tmp_path, capsys):
     assert main(["sae", "eval", "--sae", str(tmp_path / "w32"), *ev]) == 2
     err = capsys.readouterr().err
     assert "has no cfg.json" in err and err.count("\n") == 1
+
+
+def _sae_train_parser() -> argparse.ArgumentParser:
+    from rosettalens.cli import build_parser
+
+    p = build_parser()
+    for name in ("sae", "train"):
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        p = sub.choices[name]
+    return p
+
+
+def test_max_tokens_keeps_tokens_as_a_hidden_alias(capsys):
+    """``sae train --max-tokens N`` sets the training budget; the old ``--tokens N`` sets the same field
+    with one deprecation line on stderr and is not listed by ``--help``."""
+    p = _sae_train_parser()
+    argv = ["--store", "s", "--arch", "topk", "--width", "32", "--out", "o"]
+    assert p.parse_args(argv).max_tokens is None
+    assert p.parse_args([*argv, "--max-tokens", "3000"]).max_tokens == 3000
+    assert capsys.readouterr().err == ""
+    args = p.parse_args([*argv, "--tokens", "3000"])
+    assert args.max_tokens == 3000 and not hasattr(args, "tokens")
+    assert capsys.readouterr().err.strip() == "rosetta: warning: --tokens is deprecated; use --max-tokens"
+    help_text = p.format_help()
+    assert "--max-tokens" in help_text and "--tokens" not in help_text

@@ -3,7 +3,7 @@
 ::
 
     rosetta sae train --store DIR --hook H --arch topk|batchtopk|jumprelu|relu --width N[,N..] [--k K[,K..]]
-                      --out DIR [--tokens N] [--batch-size B] [--lr LR] [--l1-coeff C] [--l0-coeff C]
+                      --out DIR [--max-tokens N] [--batch-size B] [--lr LR] [--l1-coeff C] [--l0-coeff C]
                       [--heldout F] [--skip-first P] [--norm-ratio R] [--splice-docs N] [--model M]
                       [--seed S] [--device D] [--checkpoint-every STEPS] [--overwrite] [--json]
     rosetta sae eval  --sae DIR|HUB_ID --model M --data D [--hook H] [--max-tokens N] [--figure FILE] [--json]
@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = out.parent / f".{out.name}.checkpoint" if args.checkpoint_every else None
     tcfg = TrainConfig(
         batch_size=args.batch_size,
-        tokens=args.tokens if args.tokens is not None else max(n_train, MIN_TOKENS),
+        tokens=args.max_tokens if args.max_tokens is not None else max(n_train, MIN_TOKENS),
         lr=args.lr,
         seed=args.seed,
         device=args.device or "cpu",
@@ -398,7 +398,7 @@ def register(subparsers) -> None:
     opt.add_out(t, "output folder (SAELens format, with training.png)")
     opt.add_option(t, "--d-in", type=opt.positive_int, default=None, metavar="N",
                    help="expected activation width (checked against the store)")  # fmt: skip
-    opt.add_option(t, "--tokens", type=opt.positive_int, default=None, metavar="N",
+    opt.add_option(t, "--max-tokens", type=opt.positive_int, default=None, metavar="N", aliases=("--tokens",),
                    help=f"training tokens (default: one pass over the training rows, at least {MIN_TOKENS:,}: "
                    "a small store is passed over several times)")  # fmt: skip
     opt.add_option(t, "--batch-size", type=opt.positive_int, default=4096, metavar="B",
