@@ -277,7 +277,7 @@ def tiny_dirs(tmp_path_factory):
 def _cfg(models: str, out, **kw):
     from rosettalens.experiments.sae_universality import SAEUniversalityConfig
 
-    base = dict(models=models, layers="0,2/1,2", tokens=1500, width=32, k=4, epochs=2, batch_size=128,
+    base = dict(models=models, layers="0,2/1,2", max_tokens=1500, width=32, k=4, epochs=2, batch_size=128,
                 n_permutations=20, n_subspace_permutations=1000, out=str(out))  # fmt: skip
     base.update(kw)
     return SAEUniversalityConfig(**base)
@@ -440,10 +440,47 @@ def test_cli_json_and_bad_layer(tiny_dirs, tmp_path, capsys):
         and "out of range" in errors[0]
     )
     assert not (tmp_path / "bad").exists()
-    args = ["run", "sae-universality", "--models", models, "--layers", "1/2", "--tokens", "800", "--width", "32",
+    args = ["run", "sae-universality", "--models", models, "--layers", "1/2", "--max-tokens", "800", "--width", "32",
             "--k", "4", "--epochs", "1", "--batch-size", "128", "--n-permutations", "10", "--controls", "none",
             "--one-to-one", "first", "--out", str(tmp_path / "ok"), "--json"]  # fmt: skip
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     assert {"models", "pairs", "best", "subspaces", "controls", "sae_metrics", "run_dir"} <= set(out)
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["one_to_one"] == "first"
+
+
+def test_max_tokens_keeps_tokens_as_a_hidden_alias(capsys):
+    """``run sae-universality --max-tokens N`` sets ``max_tokens``; the old ``--tokens N`` sets the same
+    field with one deprecation line on stderr and is not listed by ``--help``."""
+    from rosettalens.experiments.cli import experiment_parser
+
+    _, p = experiment_parser("sae-universality")
+    assert p.parse_args(["--max-tokens", "800"]).max_tokens == 800
+    assert capsys.readouterr().err == ""
+    args = p.parse_args(["--tokens", "800"])
+    assert args.max_tokens == 800 and not hasattr(args, "tokens")
+    assert capsys.readouterr().err.strip() == "rosetta: warning: --tokens is deprecated; use --max-tokens"
+    help_text = p.format_help()
+    assert "--max-tokens" in help_text and "--tokens" not in help_text
+
+
+def test_an_old_config_json_with_tokens_still_loads(tmp_path):
+    """A config.json that names the token budget ``tokens`` (the field's old name) gives ``max_tokens``
+    its value through ``--config`` and ``--resume``; the new key wins when both are present."""
+    from rosettalens.experiments.base import make_config
+    from rosettalens.experiments.runner import config_from_values, load_experiment
+    from rosettalens.experiments.sae_universality import SAEUniversalityConfig
+
+    default = SAEUniversalityConfig().max_tokens
+    exp, _ = load_experiment("sae-universality")
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"experiment": "sae-universality", "tokens": default + 123, "width": 64}))
+    cfg = config_from_values(exp, {}, config=str(f))
+    assert cfg.max_tokens == default + 123 and cfg.width == 64
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = {"experiment": "sae-universality", "tokens": default + 7, "seed": 3}
+    (run_dir / "config.json").write_text(json.dumps(old))
+    assert config_from_values(exp, {"seed": 3}, resume=str(run_dir)).max_tokens == default + 7
+    both = make_config(SAEUniversalityConfig, {"tokens": 5, "max_tokens": 9}, "test")
+    assert both.max_tokens == 9

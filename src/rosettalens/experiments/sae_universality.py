@@ -4,7 +4,7 @@ Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outp
 
 1. setup: both models, a randomly initialised copy of model A (the random-model control), the layer
    grid (``--layers``), and one shared corpus (built-in names, files, and optionally a corpus sampled
-   from a zoo model, comma-separated) cut to the documents that hold ``--tokens`` tokens of model A;
+   from a zoo model, comma-separated) cut to the documents that hold ``--max-tokens`` tokens of model A;
 2. extract [``acts/a``, ``acts/b``]: activation stores of both models at ``resid_post`` of every grid
    layer; rows are paired by position when the tokenizers agree and by character offsets when they
    differ (:class:`rosettalens.align.PairedStores`) [``pairing.json``];
@@ -69,7 +69,9 @@ class SAEUniversalityConfig:
                        "names, .txt/.jsonl files or hf:<id>")  # fmt: skip
     generate_tokens: int = option(0, "> 0: also sample a corpus of this many tokens from --generate-model")
     generate_model: str | None = option(None, "model that writes the generated corpus", shown="model A")
-    tokens: int = option(60000, "tokens of model A to extract (documents are kept whole)")
+    max_tokens: int = option(
+        60000, "tokens of model A to extract (documents are kept whole)", aliases=("tokens",)
+    )
     max_length: int = option(256, "tokens per document")
     width: int = option(256, "SAE latents")
     arch: Literal["topk", "batchtopk", "relu", "jumprelu"] = option("topk", "SAE architecture")
@@ -115,7 +117,7 @@ class SAEUniversalityConfig:
         names = [m.strip() for m in self.models.split(",")]
         if len(names) != 2 or not all(names):
             raise ConfigError(f"--models takes two models 'A,B', got {self.models!r}")
-        for name in ("tokens", "width", "k", "epochs", "batch_size", "n_permutations", "max_length",
+        for name in ("max_tokens", "width", "k", "epochs", "batch_size", "n_permutations", "max_length",
                      "n_subspace_permutations", "top_k_tokens", "extract_batch_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -174,8 +176,8 @@ def random_copy(hm, seed: int):
 
 
 def load_corpus(cfg: SAEUniversalityConfig, hm_a, progress: bool):
-    """The shared corpus: every spec of ``--data`` in order, plus a generated corpus, cut to ``--tokens``
-    tokens of model A (whole documents). Returns a :class:`rosettalens.data.Corpus`."""
+    """The shared corpus: every spec of ``--data`` in order, plus a generated corpus, cut to
+    ``--max-tokens`` tokens of model A (whole documents). Returns a :class:`rosettalens.data.Corpus`."""
     from ..data import Corpus, load_documents
 
     docs: list[str] = []
@@ -189,7 +191,7 @@ def load_corpus(cfg: SAEUniversalityConfig, hm_a, progress: bool):
     uniq = [d for d in dict.fromkeys(docs) if d.strip()]  # first occurrence of each document, in order
     chosen, total = [], 0
     for d in uniq:
-        if total >= cfg.tokens:
+        if total >= cfg.max_tokens:
             break
         n = min(len(hm_a.tokenizer(d, add_special_tokens=False)["input_ids"]), cfg.max_length)
         chosen.append(d)
