@@ -203,6 +203,70 @@ def test_tasks_names_a_task_of_the_task_file(model_dir, tmp_path, capsys):
     assert list(json.loads((out / "prompts.json").read_text())[str(model_dir)]) == ["letters-so"]
 
 
+def test_reuse_takes_each_models_circuits_from_an_earlier_run(
+    model_dir, model_dir2, tmp_path, capsys, monkeypatch
+):
+    """``--reuse`` of a one-model run: the two-model run takes that model's circuits from it (not pruned
+    again, the same as the earlier run's) and prunes only the other model (its planted head 2.3); a
+    reused run pruned with another seed lends nothing, so the model is pruned again."""
+    import rosettalens.circuits.pruning as pruning
+
+    tf = tmp_path / "tasks.json"
+    tf.write_text(json.dumps(TASKS))
+    pruned: list[int] = []
+    real = pruning.prune_nodes
+
+    def counting(hm, *a, **kw):
+        pruned.append(1)
+        return real(hm, *a, **kw)
+
+    monkeypatch.setattr(pruning, "prune_nodes", counting)
+    common = ["--tasks", "", "--task-file", str(tf), "--other-tasks", "", "--n-prompts", "4", "--n-random", "0",
+              "--n-random-ablation", "0", "--n-random-circuits", "1", "--no-edges", "--json"]  # fmt: skip
+    first, both, reseeded = tmp_path / "a", tmp_path / "ab", tmp_path / "a-seed1"
+    rc, _, err = _run(
+        ["run", "seqcont-circuits", "--model", str(model_dir), *common, "--out", str(first)], capsys
+    )
+    assert rc == 0, err
+    assert len(pruned) == 2  # one model, two tasks
+    a, b = str(model_dir), str(model_dir2)
+    argv = [
+        "run",
+        "seqcont-circuits",
+        "--models",
+        f"{a},{b}",
+        *common,
+        "--out",
+        str(both),
+        "--reuse",
+        str(first),
+    ]
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert len(pruned) == 4  # only the second model's two circuits were pruned
+    r = json.loads(stdout)
+    c1 = json.loads((first / "circuits.json").read_text())
+    c2 = json.loads((both / "circuits.json").read_text())
+    assert c2[a] == c1[a]  # the earlier run's circuits, trace included
+    assert c2[b]["letters-then"]["heads"] == ["2.3"] and c2[b]["letters-so"]["heads"] == ["2.3"]
+    expect = {a: {"letters-then": str(first), "letters-so": str(first)}}
+    saved = json.loads((both / "results.json").read_text())
+    assert r["reused_circuits"] == expect and saved["reused_circuits"] == expect
+    assert r["models"][a]["tasks"]["letters-then"]["circuit"] == {"heads": ["1.2"], "mlps": []}
+    # a resumed run keeps the record
+    rc, stdout, err = _run(["run", "seqcont-circuits", "--resume", str(both), "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["reused_circuits"] == expect and len(pruned) == 4
+    # another seed: the earlier run's circuits do not apply, the model is pruned again, nothing recorded
+    argv = ["run", "seqcont-circuits", "--model", a, *common, "--seed", "1", "--out", str(reseeded),
+            "--reuse", str(first)]  # fmt: skip
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert len(pruned) == 6
+    assert "reused_circuits" not in json.loads(stdout)
+    assert not (reseeded / "circuits" / "reused.json").exists()
+
+
 def test_unknown_task_exit_2(model_dir, capsys):
     rc, _, err = _run(["run", "seqcont-circuits", "--model", str(model_dir), "--tasks", "fibonacci"], capsys)
     assert rc == 2 and "unknown task" in err

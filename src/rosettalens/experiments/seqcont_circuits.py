@@ -26,6 +26,7 @@ Stages, all written to one run directory:
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import torch
 
 from ..config import option
 from ..errors import ConfigError, DataError
-from .base import Experiment, RunContext, Stage
+from .base import Experiment, RunContext, Stage, config_dict
 
 
 @dataclass
@@ -131,6 +132,14 @@ def _user_task_names(cfg: SeqcontConfig) -> set[str]:
     return {t.name for t in load_task_file(cfg.task_file)} if cfg.task_file else set()
 
 
+# the config fields a model's pruned circuit depends on (with the model itself and the task): a --reuse run
+# that agrees on them lends its circuits for the models it ran
+CIRCUIT_KEY = ("task_file", "templates", "n_prompts", "threshold", "group_first", "batched", "max_rows",
+               "batch_size", "seed", "dtype")  # fmt: skip
+# which model's circuits came from which --reuse run: {model: {task: run directory}}
+REUSED_FILE = "circuits/reused.json"
+
+
 def _components(c: dict) -> set[str]:
     return set(c["heads"]) | {f"mlp.{m}" for m in c["mlps"]}
 
@@ -167,7 +176,7 @@ class SeqcontExperiment(Experiment):
         stages = [
             Stage("models", (), self.load_models),
             Stage("prompts", ("prompts.json",), self.prompts, load=self.load_prompts),
-            Stage("circuits", ("circuits.json",), self.circuits),
+            Stage("circuits", ("circuits.json",), self.circuits, load=self.load_circuits),
             Stage("faithfulness", ("faithfulness.json",), self.faithfulness),
             Stage("shared", ("shared.json",), self.shared),
         ]
@@ -262,6 +271,9 @@ class SeqcontExperiment(Experiment):
 
         cfg = ctx.config
         out: dict[str, dict[str, Any]] = {}
+        reused: dict[str, dict[str, str]] = {}
+        if ctx.exists(REUSED_FILE):  # a resumed run: the circuits taken before it stopped
+            reused = ctx.load_json(REUSED_FILE)
         for k, (mname, hm) in enumerate(ctx.state["hms"].items()):
             out[mname] = {}
             for task in self._main(ctx):
@@ -273,6 +285,15 @@ class SeqcontExperiment(Experiment):
                     if saved.get("model", mname) == mname:
                         out[mname][task] = saved
                         continue
+                lent = self._lent_circuit(ctx, mname, task)
+                if lent is not None:
+                    lender, out[mname][task] = lent
+                    reused.setdefault(mname, {})[task] = str(lender)
+                    ctx.save_json(part, out[mname][task])
+                    ctx.save_json(REUSED_FILE, reused)
+                    if ctx.progress:
+                        print(f"{mname} {task}: circuit reused from {lender}", file=sys.stderr)
+                    continue
                 ps = ctx.state["sets"][mname][task]
                 res = prune_nodes(
                     hm, ps.clean_ids, ps.metric(), ps.corrupted_ids, threshold=cfg.threshold,
@@ -284,8 +305,44 @@ class SeqcontExperiment(Experiment):
                 if ctx.progress:
                     print(f"{mname} {task}: {len(res.heads)} heads {res.heads} + MLPs {res.mlps} keep "
                           f"{res.ratio:.2f} of {res.score_full:.3f} ({res.n_forward} forwards)", file=sys.stderr)  # fmt: skip
+        reused = {
+            m: {t: r for t, r in v.items() if t in out.get(m, {})} for m, v in reused.items() if m in out
+        }
+        reused = {m: v for m, v in reused.items() if v}
+        if reused:
+            ctx.save_json(REUSED_FILE, reused)
+        ctx.state["reused_circuits"] = reused
         ctx.state["circuits"] = out
         ctx.save_json("circuits.json", out)
+
+    def load_circuits(self, ctx: RunContext) -> None:
+        """On resume: ``circuits.json`` and which circuits came from ``--reuse`` runs."""
+        ctx.state["circuits"] = ctx.load_json("circuits.json")
+        ctx.state["reused_circuits"] = ctx.load_json(REUSED_FILE) if ctx.exists(REUSED_FILE) else {}
+
+    def _lent_circuit(self, ctx: RunContext, mname: str, task: str) -> tuple[Any, dict[str, Any]] | None:
+        """(run directory, circuit) of ``mname`` on ``task`` from the first ``--reuse`` run that pruned it
+        under the same settings: its config agrees on :data:`CIRCUIT_KEY`, its models include ``mname``,
+        its ``circuits.json`` holds the circuit and its ``prompts.json`` kept the same prompts (rows) for
+        the task. None when no run lends it (it is pruned here)."""
+        mine = config_dict(ctx.config)
+        rows = ctx.state["prompts"][mname][task]["rows"]
+        for lender, values in ctx.reuse:
+            models = [m.strip() for m in str(values.get("models") or values.get("model") or "").split(",")]
+            if mname not in models or any(values.get(f) != mine.get(f) for f in CIRCUIT_KEY):
+                continue
+            if not ((lender / "circuits.json").exists() and (lender / "prompts.json").exists()):
+                continue
+            try:
+                circuits = json.loads((lender / "circuits.json").read_text())
+                prompts = json.loads((lender / "prompts.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"--reuse {lender}: cannot read its circuits: {e}") from e
+            c = circuits.get(mname, {}).get(task)
+            if c is None or prompts.get(mname, {}).get(task, {}).get("rows") != rows:
+                continue
+            return lender, {**c, "model": mname}
+        return None
 
     # ------------------------------------------------------------------------------------- edges
     def edges(self, ctx: RunContext) -> None:
@@ -591,6 +648,8 @@ class SeqcontExperiment(Experiment):
         if len(names) > 1:
             out["models"] = {m: self._model_summary(ctx, m) for m in names}
             out["cross_model"] = ctx.state.get("cross_model")
+        if ctx.state.get("reused_circuits"):
+            out["reused_circuits"] = ctx.state["reused_circuits"]
         out["run_dir"] = str(ctx.run_dir)
         return out
 
