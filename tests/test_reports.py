@@ -217,7 +217,7 @@ def test_sae_universality_report(tmp_path):
     from rosettalens.experiments.sae_universality import SAEUniversalityConfig, run
 
     a, b = _hf(tmp_path, "llama", "llama", seed=0), _hf(tmp_path, "qwen", "qwen2", seed=1)
-    cfg = SAEUniversalityConfig(models=f"{a},{b}", layers="0,2/1,2", tokens=1500, width=32, k=4, epochs=2,
+    cfg = SAEUniversalityConfig(models=f"{a},{b}", layers="0,2/1,2", max_tokens=1500, width=32, k=4, epochs=2,
                                 batch_size=128, n_permutations=20, n_subspace_permutations=100,
                                 out=str(tmp_path / "run"))  # fmt: skip
     s = run(cfg, progress=False)  # the summary: results.json's best pair without its per-feature lists
