@@ -337,6 +337,21 @@ class SAEUniversality(Experiment):
     config_cls = SAEUniversalityConfig
     title = "rosettalens: SAE feature-space universality"
 
+    def plan(self, cfg: SAEUniversalityConfig) -> dict[str, Any]:
+        """What a run will load, and its cost: measured for the default (SmolLM2 vs Qwen 0.5B, 60k tokens,
+        5 x 5 layer pairs with controls: 18.9 min, 5.5 GB on one thread of a 2-core CPU, docs/results/),
+        scaled by the token budget."""
+        models = [m.strip() for m in cfg.models.split(",") if m.strip()]
+        default = SAEUniversalityConfig()
+        scale = cfg.max_tokens / default.max_tokens
+        return {
+            "models": models,
+            "organisms_to_build": [],
+            "minutes": round(18.9 * scale, 1),
+            "peak_gb": round(max(5.5 * scale, 2.0), 1),
+            "notes": "measured for the default run, scaled by --max-tokens (other options change it too)",
+        }
+
     def stages(self, cfg: SAEUniversalityConfig) -> list[Stage]:
         return [
             Stage("setup", (), self.setup),
