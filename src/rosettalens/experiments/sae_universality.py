@@ -45,6 +45,7 @@ import torch
 from ..config import option
 from ..errors import ConfigError, DataError
 from ..names import hook_name
+from ..sae import load_sae
 from ..sae.sinks import NORM_RATIO, SKIP_FIRST, SinkRule
 from ..similarity.universality import ONE_TO_ONE
 from .base import Experiment, RunContext, Stage
@@ -288,16 +289,6 @@ def sae_metrics(sae: Any, x: torch.Tensor) -> dict[str, float]:
     return {k: float(m[k]) for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
 
 
-def save_sae(sae: Any, path: Path) -> None:
-    sae.save(path)
-
-
-def load_sae(path: Path) -> Any:
-    from ..sae import load_sae as _load
-
-    return _load(path)
-
-
 # ------------------------------------------------------------------------------------ experiment
 def _hook(cfg: SAEUniversalityConfig, layer: int) -> str:
     return hook_name(cfg.hook, layer)
@@ -473,7 +464,7 @@ class SAEUniversality(Experiment):
                     ctx, store, keep, _hook(cfg, layer), cfg.seed
                 )
                 saes[side][layer] = sae
-                save_sae(sae, ctx.path(f"saes/{side}/layer{layer}/.keep").parent)
+                sae.save(ctx.path(f"saes/{side}/layer{layer}/.keep").parent)
         ctx.state["saes"] = saes
         ctx.results["sae_metrics"] = self._named_metrics(ctx, metrics)
         ctx.save_json("saes.json", metrics)
@@ -608,7 +599,7 @@ class SAEUniversality(Experiment):
                 ctx.state["saes"]["a"][la],
                 self._train_eval(ctx, sa, ctx.state["keep_a"], ha, cfg.seed + 1),
             )
-            save_sae(sae_a2, ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
+            sae_a2.save(ctx.path(f"saes/a_seed{cfg.seed + 1}/layer{la}/.keep").parent)
             fm = match_pair(sae_a, sae_a2, sa, sa, ha, ha, pair.rows_a, pair.rows_a, tok_a, tok_a, filters)
             ceiling[la] = score(fm, decoder_rows(sae_a), decoder_rows(sae_a2), cfg.seed + 11 + la)
             ceiling[la]["decoder_cosine_median"] = float(best_decoder_cosine(sae_a, sae_a2).median())
@@ -623,7 +614,7 @@ class SAEUniversality(Experiment):
         rand_saes, rand_metrics = {}, {}
         for la in layers_a:
             rand_saes[la], rand_metrics[la] = self._train_eval(ctx, sr, keep_r, _hook(cfg, la), cfg.seed)
-            save_sae(rand_saes[la], ctx.path(f"saes/random/layer{la}/.keep").parent)
+            rand_saes[la].save(ctx.path(f"saes/random/layer{la}/.keep").parent)
         cross = {(r["layer_a"], r["layer_b"]): r for r in ctx.state["pairs"]}
         for i, (la, lb) in enumerate(grid):
             sae_r, sae_b = rand_saes[la], ctx.state["saes"]["b"][lb]
