@@ -71,12 +71,12 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         load_task(args.task)
     opt.check_output(args.out, args.overwrite, "graph folder", replaceable=is_graph_dir)
     opt.check_models([args.model])
+    tset = TranscoderSet.load(args.transcoders)  # read (and checked) before the model loads
     torch.manual_seed(args.seed)
     show = not (args.json or args.no_progress)
     hm = rosettalens.load(args.model, device=args.device, dtype=args.dtype, progress=show)
-    tset = TranscoderSet.load(args.transcoders, device=hm.device)
     for tc in tset.transcoders.values():
-        tc.to(hm.dtype)
+        tc.to(device=hm.device, dtype=hm.dtype)
     if args.task is not None:
         from rosettalens.circuits.tasks import load_task, make_prompts
 

@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     opt.check_output(args.out, args.overwrite, "transcoder set", replaceable=is_transcoder_set_dir)
     opt.check_models([args.model])
+    if cfg.layers is not None:
+        opt.check_layers(args.model, cfg.layers, "--layers")
     corpus = load_documents(args.data)
     torch.manual_seed(cfg.seed)
     hm = rosettalens.load(args.model, device=args.device, progress=not args.no_progress)
