@@ -42,6 +42,7 @@ from torch import Tensor
 
 from rosettalens.crosscoder.model import CrossCoder, CrossCoderConfig
 from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.sae.train import lr_factor
 
 __all__ = ["DEFAULT_LR", "CrossCoderTrainConfig", "train_crosscoder"]
 
@@ -133,16 +134,6 @@ def _batches(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
         carry = rows[nb * batch_size :]
 
 
-def _lr_factor(step: int, steps: int, warmup: int, decay_frac: float) -> float:
-    f = 1.0
-    if warmup > 0 and step < warmup:
-        f = (step + 1) / warmup
-    decay = int(steps * decay_frac)
-    if decay > 0 and step >= steps - decay:
-        f = min(f, (steps - step) / decay)
-    return f
-
-
 def _scales(
     data: _Pairs, cfg: CrossCoderConfig, n_rows: int, seed: int
 ) -> tuple[float, Tensor, float, Tensor]:
@@ -223,7 +214,7 @@ def train_crosscoder(
     for step in range(steps):
         xa, xb = src.read(next(plan))
         ua, ub = xa.to(device) * cc.scale_a, xb.to(device) * cc.scale_b
-        f_lr = _lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
+        f_lr = lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
         for pg in opt.param_groups:
             pg["lr"] = lr * f_lr
         opt.zero_grad(set_to_none=True)

@@ -432,7 +432,9 @@ def _step(pre: Tensor, thr: Tensor, bw: float) -> Tensor:
     return step(pre, thr, bw)
 
 
-def _lr_factor(step: int, steps: int, warmup: int, decay_frac: float) -> float:
+def lr_factor(step: int, steps: int, warmup: int, decay_frac: float) -> float:
+    """The learning-rate multiplier at ``step`` of ``steps``: linear warm-up over ``warmup`` steps, linear
+    decay to 0 over the last ``decay_frac`` of the steps (the smaller of the two where they overlap)."""
     f = 1.0
     if warmup > 0 and step < warmup:
         f = (step + 1) / warmup
@@ -703,7 +705,7 @@ def _train(srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_ever
         idx = next(plan)
         lo, hi = rank * B // world, (rank + 1) * B // world
         xs = {h: src.read(idx[lo:hi]).to(device) for h, src in srcs.items()}
-        f_lr = _lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
+        f_lr = lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
         l1_scale = (
             min(1.0, (step + 1) / max(1, int(steps * tcfg.l1_warmup_frac))) if tcfg.l1_warmup_frac else 1.0
         )
