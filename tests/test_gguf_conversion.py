@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rosettalens.cli import main
+from cli_helpers import run_rosetta
 from rosettalens.models.tiny import tiny_config, tiny_tokenizer
-
-
-def _rosetta(capsys, *args: str) -> str:
-    """Run ``rosetta ARGS``; assert exit 0 and return stdout."""
-    capsys.readouterr()
-    code = main([*args])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
 
 
 def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -98,7 +89,7 @@ def test_gguf_is_converted_to_a_model_with_the_same_logits(tmp_path, capsys, mon
     monkeypatch.setenv("ROSETTA_CACHE", str(tmp_path / "cache"))
     gguf_path = tmp_path / "tiny-gguf.gguf"
     ref_model, ref_tok = _write_tiny_llama_gguf(gguf_path)
-    info = json.loads(_rosetta(capsys, "models", "info", str(gguf_path), "--json"))
+    info = json.loads(run_rosetta(capsys, "models", "info", str(gguf_path), "--json"))
     assert info["family"] == "llama" and info["n_layers"] == 2 and info["d_model"] == 48
     assert info["n_heads"] == 6 and info["n_kv_heads"] == 2 and info["vocab_size"] == 384
     (dest,) = (tmp_path / "cache" / "models").iterdir()
@@ -115,5 +106,5 @@ def test_gguf_is_converted_to_a_model_with_the_same_logits(tmp_path, capsys, mon
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     # a second use finds the converted folder and does not convert again
     mtime = (dest / zoo.MARKER).stat().st_mtime_ns
-    _rosetta(capsys, "models", "info", str(gguf_path), "--json")
+    run_rosetta(capsys, "models", "info", str(gguf_path), "--json")
     assert (dest / zoo.MARKER).stat().st_mtime_ns == mtime
