@@ -33,26 +33,12 @@ import time
 from pathlib import Path
 
 import torch
+from memory import reset_peak, status_mb
 
 import rosettalens
 from rosettalens.circuits.attribution import attribute_edges, attribute_nodes, logit_diff_metric
 from rosettalens.io import atomic_write_text
 from rosettalens.names import hook_name
-
-
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024  # MB
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def prompts(hm, n: int):
@@ -92,8 +78,8 @@ def run_phase(args) -> dict:
     rows = torch.arange(clean.shape[0])
     c = hm.cfg
     hm.forward(clean[:1])  # warm-up: every weight page is resident after it (safetensors are mmapped)
-    loaded_mb = _status("VmRSS")
-    peak_reset = _reset_peak()  # forget the loading peak (a bfloat16 load converts from float32)
+    loaded_mb = status_mb("VmRSS")
+    peak_reset = reset_peak()  # forget the loading peak (a bfloat16 load converts from float32)
     out: dict = {
         "load_s": load_s,
         "model_rss_mb": loaded_mb,
@@ -134,8 +120,8 @@ def run_phase(args) -> dict:
         ea = attribute_edges(hm, clean, corrupted, metric, batch_size=bs)
         out["n_edges"] = ea.n_edges
     out["seconds"] = time.perf_counter() - t
-    out["peak_mb_above_model"] = _status("VmHWM") - loaded_mb
-    out["process_peak_mb"] = _status("VmHWM")
+    out["peak_mb_above_model"] = status_mb("VmHWM") - loaded_mb
+    out["process_peak_mb"] = status_mb("VmHWM")
     out["load_avg_1min"] = os.getloadavg()[0]
     return out
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory import reset_peak, status_mb
 
 MODEL = "smollm2-135m-instruct"
 TEXT = (
@@ -42,20 +43,6 @@ TEXT = (
     "The numbers go 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20. On Monday we rest, on Tuesday we "
     "work, on Wednesday we travel. "
 )
-
-
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024  # MB
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _transcoders(hm, args):
@@ -95,8 +82,8 @@ def run_one(args) -> dict:
     tset, source = _transcoders(hm, args)
     ids = _ids(hm, args.length)
     hm.forward(ids[None])
-    base = _status("VmRSS")
-    reset = _reset_peak()
+    base = status_mb("VmRSS")
+    reset = reset_peak()
     out: dict = {"length": args.length, "method": args.method, "transcoders": source, "peak_reset": reset}
     t = time.perf_counter()
     try:
@@ -115,7 +102,7 @@ def run_one(args) -> dict:
         out["seconds"] = time.perf_counter() - t
         return out
     out["seconds"] = time.perf_counter() - t
-    out["peak_mb_above_model"] = _status("VmHWM") - base
+    out["peak_mb_above_model"] = status_mb("VmHWM") - base
     out.update(
         status="ok",
         n_active_features=g.info["n_active_features"],
