@@ -9,7 +9,8 @@
 ``train`` runs both models over ``D``'s documents, pairs their activations (by position with one
 tokenizer, by character ends with two), leaves out the first ``--skip-first`` positions and norm
 outliers (the sink rule, recorded in the crosscoder and applied again by ``eval``), trains one crosscoder on the documents before the last ``--heldout`` fraction and evaluates
-it on those. ``eval`` reports, on ``D``, explained variance per model, L0, dead fraction, the latent
+it on those; under ``torchrun --nproc_per_node N`` every rank extracts the same pairs, training is data
+parallel (:mod:`rosettalens.crosscoder.train`) and rank 0 evaluates and writes. ``eval`` reports, on ``D``, explained variance per model, L0, dead fraction, the latent
 classes (shared / A-only / B-only by the relative decoder norm), the shared latents' decoder cosine,
 Latent Scaling, and the CE / KL splice scores per model. Bad input: one line on stderr, exit status 2,
 nothing half-written.
@@ -18,6 +19,7 @@ nothing half-written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -47,13 +49,29 @@ def _hooks(args: argparse.Namespace) -> tuple[str, str]:
     return ha, hb
 
 
+def _rank() -> tuple[int, int]:
+    """(rank, world) under ``torchrun`` (``(0, 1)`` alone)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device(device: str | None) -> str | None:
+    """``--device`` of this process: under ``torchrun`` a plain ``cuda`` (or the default, when a GPU is
+    there) becomes the local rank's GPU (round-robin when there are fewer GPUs than ranks)."""
+    import torch
+
+    if _rank()[1] > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
 def _load_pair(names: tuple[str, str], args: argparse.Namespace):
     import rosettalens
 
-    hm_a = rosettalens.load(names[0], device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    device, progress = _device(args.device), not args.no_progress and _rank()[0] == 0
+    hm_a = rosettalens.load(names[0], device=device, dtype=args.dtype, progress=progress)
     if names[1] == names[0]:
         return hm_a, hm_a
-    hm_b = rosettalens.load(names[1], device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    hm_b = rosettalens.load(names[1], device=device, dtype=args.dtype, progress=progress)
     return hm_a, hm_b
 
 
@@ -91,13 +109,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(docs) - n_held < 1:
         raise DataError(f"data {args.data!r} has {len(docs)} documents: none left for training")
     hm_a, hm_b = _load_pair(names, args)
+    rank = _rank()[0]
+    progress = not args.no_progress and rank == 0
     kw: dict[str, Any] = dict(
         pairing=args.pairing,
         skip_first=args.skip_first,
         norm_ratio=args.norm_ratio,
         max_length=args.max_length,
         batch_size=args.extract_batch_size,
-        progress=not args.no_progress,
+        progress=progress,
     )
     pairs = extract_pairs(hm_a, hm_b, docs[: len(docs) - n_held], *hooks, max_tokens=args.max_tokens, **kw)
     medians = (pairs.info["median_norm_a"], pairs.info["median_norm_b"])
@@ -137,7 +157,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=str(hm_a.device),
     )
-    cc = train((pairs.x_a, pairs.x_b), cfg, tcfg, progress=not args.no_progress)
+    cc = train((pairs.x_a, pairs.x_b), cfg, tcfg, progress=progress)
+    if rank != 0:
+        return 0  # under torchrun rank 0 evaluates, writes and reports
     ev_on = held if held is not None and len(held) else pairs
     summary = summarize(cc, ev_on.x_a, ev_on.x_b)
     cc.info["data"] = {"spec": spec, "train": pairs.info, "heldout": held.info if held is not None else None}

@@ -4,6 +4,14 @@ Data: row-aligned paired activations, either two tensors ``x_a [n, d_a]``, ``x_b
 :class:`rosettalens.align.PairedStores` with its two hooks. Each epoch visits the rows in a seeded
 random order, ``batch_size`` rows per step, so a run is a pure function of its seed.
 
+Data parallel (``torchrun --nproc_per_node N``, as the SAE trainer): every rank draws the same global
+batch and computes the loss on its slice of it (rows ``[r B / N, (r + 1) B / N)``, its own reads only);
+the gradients are summed with ``all_reduce`` and everything that spans the batch is reduced too
+(BatchTopK's ``k * batch`` cutoff from every rank's largest activations, the smallest kept activation
+behind the threshold, fire counts behind the dead latents, the logged statistics), so ``N`` ranks train
+the crosscoder of one rank up to float rounding and every rank returns it. gloo on CPU, NCCL on GPU
+(:func:`rosettalens.store.init_distributed`).
+
 Scaling: each model's activations are multiplied by ``scale_m`` so that ``E ||(x_m - mean_m) scale_m||^2
 = (d_a + d_b) / 2`` (measured on ``norm_rows`` rows); ``b_dec_m`` starts at the scaled mean.
 
@@ -38,7 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from rosettalens.crosscoder.model import CrossCoder, CrossCoderConfig
 from rosettalens.errors import ConfigError, DataError, ShapeError
@@ -79,6 +87,48 @@ class CrossCoderTrainConfig:
             raise ConfigError("lr_decay_frac and l1_warmup_frac must be in [0, 1]")
         if not 0 < self.threshold_lr <= 1:
             raise ConfigError(f"threshold_lr must be in (0, 1], got {self.threshold_lr}")
+
+
+class _Ranks:
+    """This process's place under ``torchrun`` (``rank``, ``world``) and the sums over ranks (no-ops alone)."""
+
+    def __init__(self) -> None:
+        from rosettalens.store import init_distributed
+
+        self.rank, self.world, self.own = init_distributed()
+
+    def reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
+        """``t`` summed (``op="sum"``) or minimised (``"min"``) over the ranks, in place."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+        return t
+
+    def cat(self, t: Tensor) -> Tensor:
+        """Every rank's 1-d ``t`` (of one length on every rank), concatenated in rank order."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients over the ranks (one ``all_reduce`` of them all, flattened)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = self.reduce_(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def close(self) -> None:
+        if self.own:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 class _Pairs:
@@ -166,7 +216,11 @@ def train_crosscoder(
     data: ``(x_a [n, d_a], x_b [n, d_b])`` (row ``i`` of both is one paired token) or a
     :class:`~rosettalens.align.PairedStores` with ``hooks=(hook_a, hook_b)``. Returns the crosscoder
     (decoder norms folded to sum one per latent; ``cc.info`` holds the training record:
-    ``train``, ``final`` ``{fvu_a, fvu_b, l0, dead_fraction}``, ``history``).
+    ``train``, ``final`` ``{fvu_a, fvu_b, l0, dead_fraction}``, ``history``). Under ``torchrun`` every
+    rank passes the same data and returns the same crosscoder (``on_log`` is called on rank 0); a process
+    group the caller initialised is left in place, one the trainer initialised is destroyed at the end
+    (to train several crosscoders in one process, call :func:`rosettalens.store.init_distributed` once
+    first: initialising a group again after destroying one can hang under torchrun).
     """
     tcfg = tcfg or CrossCoderTrainConfig()
     tcfg.validate()
@@ -184,10 +238,33 @@ def train_crosscoder(
     steps = tokens // B
     if steps < 1:
         raise ConfigError(f"tokens={tokens} is less than one batch ({B})")
-    dead_tokens = tcfg.dead_tokens or min(2_000_000, max(B, tokens // 5))
+    ranks = _Ranks()
+    try:
+        if B < ranks.world:
+            raise ConfigError(
+                f"batch_size ({B}) is smaller than the number of torchrun ranks ({ranks.world})"
+            )
+        return _train(src, cfg, tcfg, ranks, steps, progress, on_log)
+    finally:
+        ranks.close()
+
+
+def _train(
+    src: _Pairs,
+    cfg: CrossCoderConfig,
+    tcfg: CrossCoderTrainConfig,
+    ranks: _Ranks,
+    steps: int,
+    progress: bool,
+    on_log: Callable[[dict], None] | None,
+) -> CrossCoder:
+    B = tcfg.batch_size
+    tokens = steps * B
+    dead_tokens = tcfg.dead_tokens or min(2_000_000, max(B, (tcfg.tokens or src.n * tcfg.epochs) // 5))
     warmup = tcfg.lr_warmup_steps if tcfg.lr_warmup_steps is not None else min(1000, max(1, steps // 20))
     log_every = tcfg.log_every or max(1, steps // 50)
     device = torch.device(tcfg.device)
+    lo, hi = ranks.rank * B // ranks.world, (ranks.rank + 1) * B // ranks.world  # this rank's slice
 
     cc = CrossCoder(cfg)
     sa, mua, sb, mub = _scales(src, cfg, tcfg.norm_rows, tcfg.seed)
@@ -198,7 +275,8 @@ def train_crosscoder(
         cc.b_dec_b.copy_(mub)
     cc.to(device)
     lr = tcfg.lr or DEFAULT_LR
-    opt = torch.optim.Adam(cc.parameters(), lr=lr)
+    params = list(cc.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
     topk = cfg.arch == "batchtopk"
     W = cfg.width
     since_fired = torch.zeros(W, dtype=torch.long, device=device)
@@ -209,10 +287,16 @@ def train_crosscoder(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, desc="train crosscoder", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=steps,
+        desc="train crosscoder",
+        unit="step",
+        disable=not progress or ranks.rank != 0,
+        file=sys.stderr,
+    )
     plan = _batches(src.n, B, tcfg.seed)
     for step in range(steps):
-        xa, xb = src.read(next(plan))
+        xa, xb = src.read(next(plan)[lo:hi])
         ua, ub = xa.to(device) * cc.scale_a, xb.to(device) * cc.scale_b
         f_lr = lr_factor(step, steps, warmup, tcfg.lr_decay_frac)
         for pg in opt.param_groups:
@@ -226,10 +310,19 @@ def train_crosscoder(
         if topk:
             with torch.no_grad():
                 rd = r.detach()
-                kk = min(int(cfg.k) * B, rd.numel())  # type: ignore[arg-type]
-                cutoff = rd.reshape(-1).topk(kk, sorted=False).values.min()
+                kk = int(cfg.k) * B  # type: ignore[arg-type]
+                top = rd.reshape(-1).topk(min(kk, rd.numel()), sorted=False).values
+                if ranks.world > 1:  # the k * B largest of the global batch, from every rank's largest
+                    mine = torch.full((kk,), -1.0, dtype=top.dtype, device=top.device)
+                    mine[: len(top)] = top
+                    every = ranks.cat(mine)
+                    top = every.topk(kk, sorted=False).values
+                cutoff = top.min()
                 keep = (rd >= cutoff) & (rd > 0)
-                kept_min = float(torch.where(keep, rd, torch.full_like(rd, math.inf)).min())
+                kept = torch.where(keep, rd, torch.full_like(rd, math.inf)).min()
+                kept_min = (
+                    float(ranks.reduce_(kept.reshape(1).double(), "min")) if ranks.world > 1 else float(kept)
+                )
             z = r * keep.to(r.dtype)
             penalty = None
             if math.isfinite(kept_min):
@@ -250,7 +343,7 @@ def train_crosscoder(
         hb = z @ cc.W_dec_b + cc.b_dec_b
         ea, eb = ua - ha, ub - hb
         sse_a, sse_b = ea.pow(2).sum(), eb.pow(2).sum()
-        loss = (sse_a + sse_b) / B
+        loss = (sse_a + sse_b) / B  # this rank's rows, per token of the global batch
         if penalty is not None:
             loss = loss + penalty / B
         dead = since_fired >= dead_tokens
@@ -264,6 +357,7 @@ def train_crosscoder(
             aux = ((ra - ea.detach()).pow(2).sum() + (rb - eb.detach()).pow(2).sum()) / B
             loss = loss + cfg.aux_coeff_ * min(n_dead / cfg.aux_k_, 1.0) * aux
         loss.backward()
+        ranks.sum_grads(params)
         if topk:  # keep ||d_a_j|| + ||d_b_j|| = 1: remove the gradient's component along its normal
             with torch.no_grad():
                 Wa, Wb = cc.W_dec_a, cc.W_dec_b
@@ -281,26 +375,34 @@ def train_crosscoder(
                 cc.W_dec_a.div_(s)
                 cc.W_dec_b.div_(s)
             fired = (z.detach() > 0).sum(0)
+            if ranks.world > 1:  # fire counts and the batch means, over the global batch
+                sums = ranks.reduce_(torch.cat([fired.double(), ua.double().sum(0), ub.double().sum(0)]))
+                fired = sums[:W]
+                mean_a, mean_b = sums[W : W + cfg.d_a].float() / B, sums[W + cfg.d_a :].float() / B
+            else:
+                mean_a, mean_b = ua.mean(0), ub.mean(0)
             since_fired += B
             since_fired[fired > 0] = 0
             stats["sse_a"] += float(sse_a)
             stats["sse_b"] += float(sse_b)
-            stats["var_a"] += float((ua - ua.mean(0)).pow(2).sum())
-            stats["var_b"] += float((ub - ub.mean(0)).pow(2).sum())
-            stats["l0"] += float(fired.sum())
-            stats["n"] += B
+            stats["var_a"] += float((ua - mean_a).pow(2).sum())
+            stats["var_b"] += float((ub - mean_b).pow(2).sum())
+            stats["l0"] += float((z.detach() > 0).sum())
+            stats["n"] += hi - lo
         done = step + 1
         if done % log_every == 0 or done == steps:
+            sums = ranks.reduce_(torch.tensor([stats[k] for k in stats], dtype=torch.float64, device=device))
+            tot = dict(zip(stats, sums.tolist(), strict=True))
             last = {
-                "fvu_a": stats["sse_a"] / max(stats["var_a"], 1e-30),
-                "fvu_b": stats["sse_b"] / max(stats["var_b"], 1e-30),
-                "l0": stats["l0"] / max(stats["n"], 1),
+                "fvu_a": tot["sse_a"] / max(tot["var_a"], 1e-30),
+                "fvu_b": tot["sse_b"] / max(tot["var_b"], 1e-30),
+                "l0": tot["l0"] / max(tot["n"], 1),
                 "dead_fraction": float((since_fired >= dead_tokens).double().mean()),
                 "lr": lr * f_lr,
             }
             history.append({"step": done, "tokens": done * B, **last})
             stats = {k: 0.0 for k in stats}
-            if on_log is not None:
+            if on_log is not None and ranks.rank == 0:
                 on_log(history[-1])
             bar.set_postfix_str(
                 f"fvu {last['fvu_a']:.3f}/{last['fvu_b']:.3f} l0 {last['l0']:.1f} "
@@ -317,10 +419,11 @@ def train_crosscoder(
             **asdict(tcfg),
             "lr": lr,
             "steps": steps,
-            "tokens": steps * B,
+            "tokens": tokens,
             "lr_warmup_steps": warmup,
             "dead_tokens": dead_tokens,
             "n_pairs": src.n,
+            "world_size": ranks.world,
         },
         "final": last,
         "history": history,
