@@ -62,6 +62,10 @@ def test_model_against_itself_shares_every_live_latent():
     assert st["n_shared"] >= 0.95 * st["n_alive"]
     assert st["n_a_only"] == 0 and st["n_b_only"] == 0
     assert st["shared_decoder_cosine_median"] > 0.99  # one space: the two decoder rows coincide
+    # Latent Scaling: where a shared latent fires, A carries its B-direction in full (nu near 1)
+    live = [j for j, c in enumerate(st["classes"]) if c == "shared"]
+    nu = latent_scaling(cc, x, x, live)
+    assert float(np.median([v for v in nu if v is not None])) == pytest.approx(1.0, abs=0.05)
 
 
 def test_planted_direction_on_some_tokens_gives_a_b_only_latent_that_finds_them():
@@ -137,7 +141,8 @@ def test_encode_decode_match_the_formula():
 
 
 def test_latent_scaling_equals_least_squares():
-    """nu = beta_a / beta_b, each beta the least-squares scalar of f d against the error targets."""
+    """nu = beta_a / beta_b, each beta the least-squares scalar of f d_b against each model's error with
+    the latent's own contribution added back."""
     x, g = sparse_data(n=800, d=10, n_features=20, seed=3)
     xb = x + 0.3 * torch.randn(x.shape, generator=g)
     cc = _train(x, xb, width=40, k=3, epochs=2)
@@ -152,7 +157,8 @@ def test_latent_scaling_equals_least_squares():
         d = cc.W_dec_b[j].detach().double()
         f = z[:, j].double()
         A = (f[:, None] * d[None, :]).reshape(-1, 1)  # [n * d, 1]: the latent's contribution
-        beta_a = torch.linalg.lstsq(A, ea.reshape(-1, 1)).solution.item()
+        da = cc.W_dec_a[j].detach().double()
+        beta_a = torch.linalg.lstsq(A, (ea + f[:, None] * da[None, :]).reshape(-1, 1)).solution.item()
         beta_b = torch.linalg.lstsq(A, (eb + f[:, None] * d[None, :]).reshape(-1, 1)).solution.item()
         assert nu == pytest.approx(beta_a / beta_b, rel=1e-6, abs=1e-9)
     # different widths: undefined

@@ -9,13 +9,15 @@
   latent's two decoder rows is reported only when ``d_a == d_b`` (otherwise the two rows live in
   spaces of different dimension and the cosine is undefined: ``null``). Counts, a histogram of rho
   over live latents, and the Latent Scaling check of :func:`latent_scaling`.
-* :func:`latent_scaling` (Minder et al. 2025): for a B-only latent ``j`` with B-decoder ``d`` and
+* :func:`latent_scaling` (Minder et al. 2025): for a latent ``j`` with decoders ``d_a``, ``d = d_b`` and
   activation ``f``, the best scalars ``beta_m = argmin_beta sum ||beta f d - y_m||^2 = sum f <d, y_m> /
-  (||d||^2 sum f^2)`` for A's reconstruction error ``y_a = u_a - u_hat_a`` and B's error with the
-  latent's own contribution added back ``y_b = u_b - u_hat_b + f d``; ``nu = beta_a / beta_b``. A latent
-  that is truly B-only has ``nu`` near 0; a latent whose direction is also missing from A's
-  reconstruction (an L1 artefact, "complete shrinkage") has ``nu`` near 1. Defined only when ``d_a ==
-  d_b`` (A's error must live in the space of ``d``); ``None`` otherwise.
+  (||d||^2 sum f^2)`` for each model's reconstruction error with the latent's own contribution added
+  back, ``y_a = u_a - u_hat_a + f d_a`` and ``y_b = u_b - u_hat_b + f d``; ``nu = beta_a / beta_b``: how
+  much of B's direction A carries where the latent fires. A latent that is truly B-only has ``nu`` near
+  0; a latent whose direction is also missing from A's reconstruction (an L1 artefact, "complete
+  shrinkage") has ``nu`` near 1, as has a shared latent. For a B-only latent (``d_a = 0``) this is
+  Minder et al.'s error target; adding ``f d_a`` back extends it to any latent. Defined only when ``d_a
+  == d_b`` (A's target must live in the space of ``d``); ``None`` otherwise.
 * :func:`splice_metrics`: per model, CE loss recovered and KL score of splicing that model's
   reconstruction into it at one hook (the crosscoder reads both models, so both run on each text).
   Only paired positions kept by the crosscoder's sink rule in both models are replaced (attention
@@ -139,6 +141,7 @@ def latent_scaling(
         return []
     dev = cc.device
     D = cc.W_dec_b.detach()[J.to(dev)].double()  # [J, d]
+    Da = cc.W_dec_a.detach()[J.to(dev)].double()  # [J, d]: A's own decoder rows, added back
     num_a = torch.zeros(len(J), dtype=torch.float64, device=dev)
     num_b = torch.zeros_like(num_a)
     ff = torch.zeros_like(num_a)
@@ -149,7 +152,8 @@ def latent_scaling(
         ea = (ua - (z @ cc.W_dec_a + cc.b_dec_a)).double()  # [n, d]
         eb = (ub - (z @ cc.W_dec_b + cc.b_dec_b)).double()
         f = z[:, J.to(dev)].double()  # [n, J]
-        num_a += (f * (ea @ D.t())).sum(0)
+        # y_a = e_a + f d_a: <d, y_a> = <d, e_a> + f <d, d_a>
+        num_a += (f * (ea @ D.t() + f * (D * Da).sum(1)[None, :])).sum(0)
         # y_b = e_b + f d: <d, y_b> = <d, e_b> + f ||d||^2
         num_b += (f * (eb @ D.t() + f * D.pow(2).sum(1)[None, :])).sum(0)
         ff += f.pow(2).sum(0)

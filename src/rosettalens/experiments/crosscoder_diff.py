@@ -2,7 +2,8 @@
 
 Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outputs exist):
 
-1. setup: both models, the hook point of each (``--hooks``), and one shared corpus (``--data``,
+1. setup: both models, the hook point of each (``--hooks``; auto: ``resid_post`` at the middle layer,
+   or at three quarters of the depth for an organism pair), and one shared corpus (``--data``,
    documents in a seeded random order) split into training and held-out documents;
 2. extract: paired activations of the two models (by position with one tokenizer, by character ends
    with two; first positions and norm outliers left out: the sink rule), ``--max-tokens`` for training
@@ -19,12 +20,14 @@ Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outp
 6. organism [``organism.json``] (when B is an organism of A, ``A+task``, or ``--organism on``): the
    B-only latents' largest activation over each of ``--organism-prompts`` test instructions with and
    without the trigger, and each latent's AUROC at telling them apart (the crosscoder is never told
-   the trigger);
+   the trigger), with the 10 most B-leaning live latents (by rho) beside them, each with its Latent
+   Scaling ``nu`` and decoder cosine; ``most_b_leaning`` is the latent of largest rho;
 7. plots [``rho_histogram.png``]: rho over live latents for the pair and both controls.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,15 +50,16 @@ class CrosscoderDiffConfig:
     hooks: str = option(
         "auto",
         "hook point of both models (resid_post.12), one per model (resid_post.15,resid_post.12), or auto: "
-        "resid_post at the middle layer of each",
+        "resid_post at the middle layer of each (for an organism pair: at three quarters of the depth, "
+        "where a fine-tuned behaviour is computed)",
     )
     data: str = option(
         "corpus", "documents: built-in names, corpus[:NAME], .txt/.jsonl files or hf:<id>, comma-separated"
     )
-    max_tokens: int = option(16384, "paired training tokens", aliases=("tokens",))
+    max_tokens: int = option(65536, "paired training tokens", aliases=("tokens",))
     eval_tokens: int = option(2048, "paired held-out tokens for the metrics")
     max_length: int = option(256, "tokens per document")
-    width: int = option(2048, "crosscoder latents")
+    width: int = option(1024, "crosscoder latents")
     arch: Literal["batchtopk", "l1"] = option("batchtopk", "batchtopk, or l1 (for comparison)")
     k: int = option(32, "batchtopk: active latents per token on average")
     l1_coeff: float = option(1.0, "l1: penalty coefficient on sum_j z_j (||d_a_j|| + ||d_b_j||)")
@@ -159,6 +163,12 @@ def _hooks(cfg: CrosscoderDiffConfig, hm_a, hm_b) -> tuple[str, str]:
     from ..names import hook_name
 
     if cfg.hooks == "auto":
+        if cfg.organism_task is not None:  # three quarters of the depth
+
+            def late(hm) -> str:
+                return hook_name("resid_post", min(len(hm.layers) - 1, math.ceil(3 * len(hm.layers) / 4)))
+
+            return late(hm_a), late(hm_b)
         return hook_name("resid_post", len(hm_a.layers) // 2), hook_name("resid_post", len(hm_b.layers) // 2)
     parts = [h.strip() for h in cfg.hooks.split(",")]
     ha, hb = (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
@@ -412,7 +422,7 @@ class CrosscoderDiffExperiment(Experiment):
         ctx.results["controls"] = {k: v for k, v in out.items() if k != "rho_live"}
 
     def organism_stage(self, ctx: RunContext) -> None:
-        from ..crosscoder import auroc, prompt_max_latents
+        from ..crosscoder import auroc, latent_scaling, prompt_max_latents
         from ..organisms.data import format_prompts, insert_trigger, instructions
 
         cfg: CrosscoderDiffConfig = ctx.config
@@ -430,21 +440,31 @@ class CrosscoderDiffExperiment(Experiment):
         ranked = sorted(live, key=lambda j: -float(rho[j]))[:N_TOP_LATENTS]
         cand = list(dict.fromkeys(b_only + ranked))
         mx = prompt_max_latents(cc, hm_a, hm_b, texts, cand, max_length=cfg.max_length)
-        nu = dict(zip(st["evaluate"]["latent_scaling"]["latents"], st["evaluate"]["latent_scaling"]["nu"]))
+        train = st["train_pairs"]
+        nu = latent_scaling(cc, train.x_a, train.x_b, cand)
+        cos: list[float | None] = [None] * len(cand)
+        if cc.cfg.d_a == cc.cfg.d_b and cand:
+            J = torch.as_tensor(cand)
+            cos = torch.nn.functional.cosine_similarity(
+                cc.W_dec_a.detach()[J].cpu(), cc.W_dec_b.detach()[J].cpu(), dim=1
+            ).tolist()
         rows = []
         for i, j in enumerate(cand):
             s = mx[:, i]
             rows.append({
                 "latent": j,
                 "rho": float(rho[j]),
+                "rho_rank": ranked.index(j) + 1 if j in ranked else None,
                 "class": classes[j],
                 "auroc": auroc(s, labels) if float(s.max()) > 0 else 0.5,
                 "mean_max_triggered": float(s[: len(triggered)].mean()),
                 "mean_max_clean": float(s[len(triggered) :].mean()),
-                "nu": nu.get(j),
+                "nu": nu[i],
+                "decoder_cosine": cos[i],
             })  # fmt: skip
         rows.sort(key=lambda r: -r["auroc"])
         best_b = max((r["auroc"] for r in rows if r["class"] == "b_only"), default=None)
+        lean = min(rows, key=lambda r: r["rho_rank"] or len(rho) + 1) if rows else None
         res = {
             "task": cfg.organism_task,
             "trigger": cfg.trigger,
@@ -452,6 +472,7 @@ class CrosscoderDiffExperiment(Experiment):
             "n_b_only": len(b_only),
             "best_trigger_auroc": best_b,
             "best_trigger_auroc_any_top_rho": rows[0]["auroc"] if rows else None,
+            "most_b_leaning": lean,
             "top_latents": rows[:N_TOP_LATENTS],
         }
         ctx.save_json("organism.json", res)
@@ -521,7 +542,9 @@ class CrosscoderDiffExperiment(Experiment):
             }
         if "organism" in st:
             o = st["organism"]
-            out["organism"] = {k: o[k] for k in ("n_b_only", "best_trigger_auroc", "top_latents")}
+            out["organism"] = {
+                k: o.get(k) for k in ("n_b_only", "best_trigger_auroc", "most_b_leaning", "top_latents")
+            }
             out["organism"]["best_trigger_auroc_any_top_rho"] = o["best_trigger_auroc_any_top_rho"]
         out["run_dir"] = str(ctx.run_dir)
         return out
