@@ -8,12 +8,13 @@
 
 ``train`` runs both models over ``D``'s documents, pairs their activations (by position with one
 tokenizer, by character ends with two), leaves out the first ``--skip-first`` positions and norm
-outliers (the sink rule, recorded in the crosscoder and applied again by ``eval``), trains one crosscoder on the documents before the last ``--heldout`` fraction and evaluates
-it on those; under ``torchrun --nproc_per_node N`` every rank extracts the same pairs, training is data
-parallel (:mod:`rosettalens.crosscoder.train`) and rank 0 evaluates and writes. ``eval`` reports, on ``D``, explained variance per model, L0, dead fraction, the latent
-classes (shared / A-only / B-only by the relative decoder norm), the shared latents' decoder cosine,
-Latent Scaling, and the CE / KL splice scores per model. Bad input: one line on stderr, exit status 2,
-nothing half-written.
+outliers (the sink rule, recorded in the crosscoder and applied again by ``eval``), trains one
+crosscoder on the documents before the last ``--heldout`` fraction and evaluates it on those. Under
+``torchrun --nproc_per_node N`` every rank extracts the same pairs, training is data parallel
+(:mod:`rosettalens.crosscoder.train`) and rank 0 evaluates, writes and reports. ``eval`` reports, on
+``D``, explained variance per model, L0, dead fraction, the latent classes (shared / A-only / B-only by
+the relative decoder norm), the shared latents' decoder cosine, Latent Scaling, and the CE / KL splice
+scores per model. Bad input: one line on stderr, exit status 2, nothing half-written.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ batch and computes the loss on its slice of it (rows ``[r B / N, (r + 1) B / N)`
 the gradients are summed with ``all_reduce`` and everything that spans the batch is reduced too
 (BatchTopK's ``k * batch`` cutoff from every rank's largest activations, the smallest kept activation
 behind the threshold, fire counts behind the dead latents, the logged statistics), so ``N`` ranks train
-the crosscoder of one rank up to float rounding and every rank returns it. gloo on CPU, NCCL on GPU
+the crosscoder of one rank up to float rounding and every rank returns it. (BatchTopK's cutoff is a
+step: over many steps a rounding-level difference can flip a few near-cutoff activations and move a few
+latents, exactly as a rounding-level change of the inputs does on one rank.) gloo on CPU, NCCL on GPU
 (:func:`rosettalens.store.init_distributed`).
 
 Scaling: each model's activations are multiplied by ``scale_m`` so that ``E ||(x_m - mean_m) scale_m||^2
