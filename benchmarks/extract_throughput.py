@@ -12,11 +12,12 @@ one ``resid_post`` in the middle of the model):
   ``hf_body`` = the same without the LM head (``model.model``), and, when the deepest hook is not the
   last layer, ``hf_body_upto`` = the body cut after the deepest hooked layer (the work ``extract()``
   does: it stops after its last hook); ``ratio`` = extract / baseline per dtype (target >= 0.90);
-- ``projected_s``: wall time of a 1M- and a 5M-token store at the measured rate, and its size on disk;
+- ``projected``: wall time (hours) of a 1M- and a 5M-token store at the measured rate (fixed costs
+  per call included, so slightly pessimistic), and its size on disk;
 - ``error`` (reduced dtypes against the float32 store of the same documents, per hook): per-row
-  relative error ``||x_lo - x_32|| / ||x_32||`` (median, max), the largest ``|x|`` (float16 overflows
-  past 65504), non-finite values, whether ``x_lo`` is exactly ``x_32`` rounded (no other difference),
-  and ``noise_fvu`` = ``sum ||x_lo - x_32||^2 / sum ||x_32 - mean||^2`` (the FVU floor that rounding
+  relative error ``||x_lo - x_32|| / ||x_32||`` (median, p99, max), the largest ``|x|`` over all rows
+  and outside the attention-sink rows (float16 overflows past 65504), non-finite values, whether
+  ``x_lo`` is exactly ``x_32`` rounded (no other difference), and ``noise_fvu`` = ``sum ||x_lo - x_32||^2 / sum ||x_32 - mean||^2`` (the FVU floor that rounding
   alone puts under any reconstruction);
 - ``sae`` (first hook set, its middle hook): a TopK SAE trained on each store with one seed, the
   first position and attention-sink rows left out (:mod:`rosettalens.sae.sinks`), evaluated on
@@ -218,8 +219,11 @@ def throughput(args, hm, corpus: Corpus, hooks: list[str], dtypes: list[str], ke
 
 def dtype_error(ref: ActivationStore, low: ActivationStore) -> dict:
     """Per hook: how far ``low``'s rows are from the float32 store ``ref``'s."""
+    from rosettalens.sae.sinks import keep_rows
+
     out = {}
     for h in ref.hooks:
+        kept, _ = keep_rows(ref, [h])  # rows outside the default attention-sink rule
         x32 = ref.read(h).float()
         xlo_raw = low.read(h)
         xlo = xlo_raw.float()
@@ -231,6 +235,7 @@ def dtype_error(ref: ActivationStore, low: ActivationStore) -> dict:
             "rel_error_p99": float(rel.quantile(0.99)),
             "rel_error_max": float(rel.max()),
             "max_abs_fp32": float(x32.abs().max()),
+            "max_abs_fp32_outside_sinks": float(x32[kept].abs().max()),
             "non_finite": int((~torch.isfinite(xlo)).sum()),
             "equals_fp32_rounded": bool(torch.equal(xlo_raw, x32.to(xlo_raw.dtype))),
             "noise_fvu": float(num / den),
