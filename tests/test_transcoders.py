@@ -382,6 +382,72 @@ def test_train_learns_a_linear_mlp_and_saves_raw_units(linear_hm, tmp_path):
         assert 0 < per["l0"] <= 8
 
 
+def test_train_lr_schedule_is_lr_factor_over_the_steps_run(linear_hm, monkeypatch):
+    """The learning rate every optimiser step ran at (read from the optimiser itself) is the project's
+    schedule ``lr_factor`` over exactly the number of steps that ran: warm-up, constant, linear decay,
+    and no step wasted at learning rate 0."""
+    import math
+
+    from rosettalens.sae.train import lr_factor
+    from rosettalens.transcoders.train import TrainConfig, train_transcoders
+
+    lrs: dict[int, list[float]] = {}
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.setdefault(id(self), []).append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    # documents of unequal length and a batch size that divides no forward's token count: every forward
+    # leaves a partial batch over
+    docs = _texts() * 6
+    cfg = TrainConfig(width=32, k=4, max_tokens=2500, batch_size=48, docs_per_forward=5, lr=1e-3,
+                      warmup_frac=0.1, decay_frac=0.4, heldout=0.2, layers=[0, -1])  # fmt: skip
+    tset, _ = train_transcoders(linear_hm, docs, cfg, progress=False)
+    assert len(lrs) == len(tset.layers) == 2
+    for L, seq in zip(tset.layers, lrs.values(), strict=True):
+        n = len(seq)
+        # the budget is reached: every layer trains on max_tokens tokens, in full batches but the last
+        assert tset[L].cfg.tokens == cfg.max_tokens
+        assert n == tset[L].cfg.info["steps"] == math.ceil(cfg.max_tokens / cfg.batch_size)
+        warmup = round(cfg.warmup_frac * n)
+        assert warmup >= 3 and int(cfg.decay_frac * n) >= 3  # both phases are exercised
+        ref = [cfg.lr * lr_factor(i, n, warmup, cfg.decay_frac) for i in range(n)]
+        torch.testing.assert_close(torch.tensor(seq), torch.tensor(ref), rtol=1e-12, atol=0)
+        assert sum(v == 0 for v in seq) <= 1
+        assert seq[0] < seq[warmup] == cfg.lr > seq[-1] > 0  # warm-up, plateau, decay
+
+
+def test_train_short_corpus_stops_early_and_says_so(linear_hm, monkeypatch):
+    """A corpus with fewer training tokens than the budget: every token is trained on, the steps follow
+    the planned schedule as far as they go (none at learning rate 0), and the record says how far."""
+    import math
+
+    from rosettalens.sae.train import lr_factor
+    from rosettalens.transcoders.train import TrainConfig, train_transcoders
+
+    lrs: list[float] = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    # a norm ratio barely above 1 leaves out about half of the tokens, after the budget was set from the
+    # token count
+    cfg = TrainConfig(width=32, k=4, max_tokens=100_000, batch_size=32, docs_per_forward=3, heldout=0,
+                      norm_ratio=1.05, layers=[1])  # fmt: skip
+    tset, _ = train_transcoders(linear_hm, _texts()[:6], cfg, progress=False)
+    info, tokens = tset[1].cfg.info, tset[1].cfg.tokens
+    assert len(lrs) == info["steps"] == math.ceil(tokens / cfg.batch_size) < info["steps_planned"]
+    planned, warmup = info["steps_planned"], round(cfg.warmup_frac * info["steps_planned"])
+    ref = [cfg.lr * lr_factor(i, planned, warmup, cfg.decay_frac) for i in range(len(lrs))]
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(ref), rtol=1e-12, atol=0)
+    assert min(lrs) > 0 and tset.info["tokens"] == tokens
+
+
 def test_train_bad_config():
     from rosettalens.transcoders.train import TrainConfig
 

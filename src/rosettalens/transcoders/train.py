@@ -3,8 +3,10 @@
 Documents are tokenised (at most ``max_length`` tokens each), a ``heldout`` fraction is kept aside for
 evaluation, and the rest is run through the model ``docs_per_forward`` documents at a time. Each forward
 records ``mlp_in.L`` and ``mlp_out.L`` of every chosen layer; each layer's transcoder then takes Adam
-steps of ``batch_size`` rows on that forward's tokens (rows shuffled), until ``max_tokens`` tokens were
-seen. Memory is one forward's activations, whatever the corpus size.
+steps of ``batch_size`` rows on that forward's tokens (rows shuffled; the fewer than ``batch_size`` rows
+left over wait for the next forward), until it has trained on ``max_tokens`` tokens: every layer takes
+``ceil(max_tokens / batch_size)`` steps, all full but the last. Memory is one forward's activations,
+whatever the corpus size.
 
 Left out of training (and of evaluation, and of the replaced forward passes, where those positions keep
 the model's own MLP output): the attention-sink rule (:mod:`rosettalens.transcoders.sinks`): the first
@@ -20,8 +22,13 @@ Losses, per token, with inputs and outputs scaled so that ``E||x - mean||^2 = d_
   ``min(n_dead / aux_k, 1)``; a feature is dead when it has not fired for ``dead_tokens`` tokens;
 * relu: ``+ l1_coeff * sum_i f_i ||W_dec_i||``.
 
-Learning rate: linear warm-up over the first ``warmup_frac`` of steps, linear decay to 0 over the last
-``decay_frac``. The TopK encoder's backward touches only the ``k`` selected pre-activations per row.
+Learning rate: the schedule of the SAE trainer (:func:`rosettalens.sae.train.lr_factor`) over that number
+of steps: linear warm-up over the first ``round(warmup_frac * steps)`` steps, linear decay over the last
+``decay_frac`` of the steps (with ``decay_frac > 0`` the last step runs at ``1 / int(decay_frac * steps)``
+of the peak: no step at 0). A corpus that holds fewer training tokens than ``max_tokens`` (after the sink rule, which is known
+only as the forwards run) ends training early, before the decay is complete; the training record keeps
+``steps`` and ``steps_planned``. The TopK encoder's backward touches only the ``k`` selected
+pre-activations per row.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from torch import Tensor
 from rosettalens.config import option
 from rosettalens.errors import ConfigError, DataError
 from rosettalens.names import hook_name
+from rosettalens.sae.train import lr_factor
 from rosettalens.transcoders.model import Transcoder, TranscoderConfig, TranscoderSet
 from rosettalens.transcoders.sinks import NORM_RATIO, SKIP_FIRST, keep_mask
 
@@ -66,8 +74,10 @@ class TrainConfig:
     docs_per_forward: int = option(16, "documents per model forward pass")
     batch_size: int = option(128, "tokens per Adam step")
     lr: float = option(2e-3, "peak learning rate")
-    warmup_frac: float = option(0.05, "fraction of steps of linear learning-rate warm-up")
-    decay_frac: float = option(0.3, "fraction of steps of linear decay to 0 at the end")
+    warmup_frac: float = option(0.05, "fraction of the steps of linear learning-rate warm-up (rounded)")
+    decay_frac: float = option(
+        0.3, "fraction of the steps, at the end, over which the learning rate decays linearly towards 0"
+    )
     aux_coeff: float = option(1 / 32, "weight of the AuxK dead-feature loss (topk)")
     aux_k: int = option(256, "dead features used by the AuxK loss")
     dead_tokens: int = option(2000, "a feature is dead when it has not fired for this many tokens")
@@ -223,15 +233,6 @@ def _sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
 
 
-def _lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
-    w, d = max(1, round(warmup * steps)), round(decay * steps)
-    if step < w:
-        return (step + 1) / w
-    if d and step >= steps - d:
-        return max(0.0, (steps - step) / d)
-    return 1.0
-
-
 @dataclass
 class _Run:
     """One layer's transcoder while it trains (normalised units)."""
@@ -243,8 +244,11 @@ class _Run:
     s_out: float = 1.0
     median_in: float | None = None
     median_out: float | None = None
-    tokens: int = 0
+    tokens: int = 0  # rows trained on
+    taken: int = 0  # rows taken from the forwards: ``tokens`` + the rows waiting in ``x_wait``
     steps: int = 0
+    x_wait: Tensor | None = None  # rows left over from the last forward, fewer than a batch [n, d_in]
+    y_wait: Tensor | None = None  # their targets [n, d_out]
     sums: dict[str, float] = field(
         default_factory=lambda: {"loss": 0.0, "fvu_num": 0.0, "fvu_den": 0.0, "l0": 0.0, "n": 0.0}
     )
@@ -358,7 +362,16 @@ def train_transcoders(
     if kept_est == 0:
         raise DataError(f"every training token is among the first {cfg.skip_first} of its document")
     budget = min(cfg.max_tokens, kept_est)
+    # every layer trains on `budget` tokens in full batches but the last: the number of optimiser steps is
+    # known before the first one (fewer only when the sink rule leaves fewer than `budget` tokens)
     steps_total = max(1, math.ceil(budget / cfg.batch_size))
+    warmup = round(cfg.warmup_frac * steps_total)
+
+    def train_on(run: _Run, x: Tensor, y: Tensor) -> None:
+        for s in range(0, x.shape[0], cfg.batch_size):
+            lr = cfg.lr * lr_factor(run.steps, steps_total, warmup, cfg.decay_frac)
+            _step(run, x[s : s + cfg.batch_size], y[s : s + cfg.batch_size], cfg, lr)
+
     hooks = mlp_hooks(layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     runs: dict[int, _Run] = {}
@@ -371,29 +384,34 @@ def train_transcoders(
         bar = tqdm(total=budget, unit="tok", desc=f"transcoders x{len(layers)}", file=sys.stderr, leave=False)
     try:
         for enc in token_batches(hm, ids, cfg.docs_per_forward):
-            if seen >= budget:
+            if len(runs) == len(layers) and all(r.taken >= budget for r in runs.values()):
                 break
             with torch.no_grad():
                 _, cache = hm.run_with_cache(enc, hooks=hooks, stop_early=True)
             mask = enc["attention_mask"]
-            n_batch = 0
             for L in layers:
+                run = runs.get(L)
+                if run is not None and run.taken >= budget:
+                    continue
                 x_all = cache[hook_name("mlp_in", L)].float()
                 y_all = cache[hook_name("mlp_out", L)].float()
-                run = runs.get(L)
                 keep = keep_mask(x_all, y_all, mask, cfg.skip_first, cfg.norm_ratio,
                                  None if run is None else (run.median_in, run.median_out))  # fmt: skip
                 x, y = x_all[keep.mask], y_all[keep.mask]
                 if run is None:
                     run = runs[L] = _init_run(L, hm, cfg, x, y, keep.medians)
-                n = min(x.shape[0], budget - seen)
+                n = min(x.shape[0], budget - run.taken)
                 perm = torch.randperm(x.shape[0], generator=gen)[:n].to(x.device)
                 x, y = x[perm] * run.s_in, y[perm] * run.s_out
-                for s in range(0, n, cfg.batch_size):
-                    lr = cfg.lr * _lr_factor(run.steps, steps_total, cfg.warmup_frac, cfg.decay_frac)
-                    _step(run, x[s : s + cfg.batch_size], y[s : s + cfg.batch_size], cfg, lr)
-                n_batch = max(n_batch, n)
+                if run.x_wait is not None and run.y_wait is not None:
+                    x, y = torch.cat([run.x_wait, x]), torch.cat([run.y_wait, y])
+                run.taken += n
+                # the last batch of the budget may be short; before it, a partial batch waits
+                full = x.shape[0] if run.taken >= budget else x.shape[0] // cfg.batch_size * cfg.batch_size
+                train_on(run, x[:full], y[:full])
+                run.x_wait, run.y_wait = x[full:], y[full:]
             del cache
+            n_batch = min((r.taken for r in runs.values()), default=0) - seen
             seen += n_batch
             if bar is not None:
                 bar.update(n_batch)
@@ -406,6 +424,10 @@ def train_transcoders(
             bar.close()
     if not runs:
         raise DataError("no training tokens were left after the attention-sink rule")
+    for run in runs.values():  # the corpus ran out before the budget: the rows left over take one last step
+        if run.x_wait is not None and run.y_wait is not None and run.x_wait.shape[0]:
+            train_on(run, run.x_wait, run.y_wait)
+        run.x_wait = run.y_wait = None
     elapsed = time.time() - t0
     tcs: dict[int, Transcoder] = {}
     for L, run in runs.items():
@@ -422,6 +444,7 @@ def train_transcoders(
             "train_fvu": sums["fvu_num"] / max(sums["fvu_den"], 1e-12),
             "train_l0": sums["l0"] / max(sums["n"], 1),
             "steps": run.steps,
+            "steps_planned": steps_total,
             "dead_fraction_train": float((run.since_fired >= cfg.dead_tokens).double().mean()),
         }
         tcs[L] = tc
