@@ -130,6 +130,20 @@ def test_storage_dtypes(hm, store, data_file, tmp_path, dtype):
     assert torch.equal(st.read("resid_post.1", [5, 1]), x[[5, 1]])
 
 
+def test_float16_overflow_is_one_error_and_leaves_nothing(hm, data_file, tmp_path):
+    """Activations beyond float16's range (65504) would be stored as inf: refused, directory removed."""
+    m, t = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        m.get_input_embeddings().weight.mul_(1e6)  # residual stream far past 65504
+    big = HookedModel.from_hf(m, t, name="tiny-llama-big")
+    out = tmp_path / "f16"
+    with pytest.raises(DataError, match="beyond float16's range.*bfloat16"):
+        extract(big, ["resid_post.0"], data_file, out, dtype="float16")
+    assert not out.exists()
+    st = extract(big, ["resid_post.0"], data_file, tmp_path / "bf16", dtype="bfloat16")
+    assert bool(torch.isfinite(st.read("resid_post.0").float()).all())
+
+
 def test_corrupt_and_truncated_shards_are_named(hm, data_file, tmp_path):
     out = tmp_path / "s"
     extract(hm, ["resid_post.0"], data_file, out, shard_size=30)

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -632,6 +633,7 @@ def _extract(
 
     # rank 0 holds the writer's lock of --out from the first check to the manifest (a stale lock of a
     # killed run is taken over); the other ranks only write their own shards
+    fresh = not out.exists()  # a store this call starts is removed again if float16 overflows
     lock = FileLock(out / LOCK, what=f"--out {out}")
     try:
         err: RosettaError | None = None
@@ -712,7 +714,17 @@ def _extract(
                 for h in cfg.hooks:
                     act = cache[h]
                     act = act.reshape(act.shape[0] * act.shape[1], *act.shape[2:])
-                    vals = act.index_select(0, flat_t.to(act.device)).to(store_dtype).cpu()
+                    sel = act.index_select(0, flat_t.to(act.device))
+                    vals = sel.to(store_dtype).cpu()
+                    if store_dtype == torch.float16 and not bool(torch.isfinite(vals).all()):
+                        big = float(sel.float().abs().nan_to_num(posinf=0.0).max())
+                        if fresh and rank == 0:
+                            lock.release()
+                            shutil.rmtree(out, ignore_errors=True)
+                        raise DataError(
+                            f"{h}: activations reach {big:.0f}, beyond float16's range (65504); "
+                            "extract with dtype bfloat16 (same size, float32's range) or float32"
+                        )
                     if h not in bufs:
                         shapes[h] = tuple(vals.shape[1:])
                         bufs[h] = torch.empty((r1 - r0, *vals.shape[1:]), dtype=store_dtype)
