@@ -367,3 +367,43 @@ def test_splice_known_answers_exact_and_zero():
     positions = range(1, ids.shape[1] - 1)  # past BOS (position 0, the sink), with a next token
     ref = -np.mean([float(lp[p, ids[0, p + 1]]) for p in positions])
     assert one["ce_clean"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_dedicated_latents_find_an_amplified_direction_a_plain_crosscoder_calls_shared():
+    """B = A + 0.75 v on 10% of tokens where A already has 0.25 v: the direction is amplified, not new.
+    A plain crosscoder keeps one latent for it (rho well below the B-only band); with tied shared rows
+    and dedicated B latents, a B-only latent takes B's excess and fires on exactly those tokens."""
+    x, g = sparse_data(n=8000, d=32, n_features=64, seed=2)
+    v = torch.randn(x.shape[1], generator=g)
+    v /= v.norm()
+    trig = torch.rand(x.shape[0], generator=g) < 0.1
+    on = 4.0 * trig[:, None].float() * v
+    xa, xb = x + 0.25 * on, x + on
+    plain = _train(xa, xb, width=128, k=6, epochs=10)
+    st = latent_stats(plain, xa, xb)
+    z = plain.encode(xa, xb).detach()
+    best = max(range(plain.width), key=lambda j: auroc(z[:, j], trig) if bool((z[:, j] > 0).any()) else 0.0)
+    assert auroc(z[:, best], trig) > 0.99 and float(st["rho"][best]) < 0.9 and st["n_b_only"] == 0
+
+    cc = _train(xa, xb, width=128, k=6, epochs=10, dedicated_b=8, tie_shared=True)
+    only_a, only_b = cc.dedicated_masks()
+    assert int(only_b.sum()) == 8 and not bool(only_a.any())
+    shared = ~only_b
+    assert torch.equal(cc.W_dec_a[shared], cc.W_dec_b[shared])  # tied rows stay tied
+    assert not cc.W_dec_a.detach()[only_b].any() and not cc.W_enc_a.detach()[:, only_b].any()
+    z = cc.encode(xa, xb).detach()
+    js = [j for j in torch.nonzero(only_b).flatten().tolist() if bool((z[:, j] > 0).any())]
+    j = max(js, key=lambda j: auroc(z[:, j], trig))
+    assert auroc(z[:, j], trig) > 0.99
+    assert torch.nn.functional.cosine_similarity(cc.W_dec_b[j].detach(), v, dim=0) > 0.9
+    st = latent_stats(cc, xa, xb)
+    assert st["classes"][j] == "b_only"
+    # saved and loaded with its structure
+    assert CrossCoderConfig.from_dict(cc.cfg.to_dict()) == cc.cfg
+
+
+def test_dedicated_and_tied_configs_are_checked():
+    with pytest.raises(ConfigError, match="tie_shared needs one width"):
+        CrossCoderConfig(d_a=4, d_b=6, width=8, k=2, tie_shared=True).validate()
+    with pytest.raises(ConfigError, match="leave shared latents"):
+        CrossCoderConfig(d_a=4, d_b=4, width=8, k=2, dedicated_a=4, dedicated_b=4).validate()

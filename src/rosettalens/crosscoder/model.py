@@ -64,6 +64,12 @@ class CrossCoderConfig:
     :mod:`rosettalens.sae.sinks` for each model (positions before ``skip_first`` and tokens whose norm
     exceeds ``norm_ratio`` times the model's median training norm are left out of training, evaluation
     and splicing; spliced runs keep the model's own activation there).
+    ``dedicated_a`` / ``dedicated_b``: latents only model A / B can use (the last ``dedicated_b``
+    latents read and write B only, the ``dedicated_a`` before them A only: their other encoder column
+    and decoder row are held at zero). ``tie_shared`` (one width): the other latents have one decoder
+    row for both models, so a shared latent means the same direction in both and whatever B adds
+    (or A keeps) must go to the dedicated latents; model diffing of a fine-tune (a dedicated-latent
+    crosscoder).
     """
 
     d_a: int
@@ -84,6 +90,9 @@ class CrossCoderConfig:
     norm_ratio: float = 10.0
     median_norm_a: float | None = None
     median_norm_b: float | None = None
+    dedicated_a: int = 0
+    dedicated_b: int = 0
+    tie_shared: bool = False
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -105,6 +114,16 @@ class CrossCoderConfig:
             raise ConfigError(f"aux_coeff must be >= 0, got {self.aux_coeff}")
         if self.aux_k is not None and self.aux_k < 1:
             raise ConfigError(f"aux_k must be >= 1, got {self.aux_k}")
+        if self.dedicated_a < 0 or self.dedicated_b < 0 or self.dedicated_a + self.dedicated_b >= self.width:
+            raise ConfigError(
+                f"dedicated_a and dedicated_b must be >= 0 and leave shared latents: got {self.dedicated_a} + "
+                f"{self.dedicated_b} of width {self.width}"
+            )
+        if self.tie_shared and self.d_a != self.d_b:
+            raise ConfigError(
+                f"tie_shared needs one width for both models (a shared decoder row serves both), got "
+                f"d_a={self.d_a}, d_b={self.d_b}"
+            )
         self.rule("a"), self.rule("b")  # the sink rule checks skip_first, norm_ratio and the medians
 
     def rule(self, side: str):
@@ -177,8 +196,43 @@ class CrossCoder(nn.Module):
         self.register_buffer("scale_a", torch.tensor(1.0))
         self.register_buffer("scale_b", torch.tensor(1.0))
         self.info: dict[str, Any] = {}  # training record and metrics: saved in crosscoder.json
+        self.enforce_structure()
+        if cfg.arch == "batchtopk" and (cfg.dedicated_a or cfg.dedicated_b or cfg.tie_shared):
+            # decoder norms sum to one from the start, as for a plain crosscoder
+            with torch.no_grad():
+                s = (self.W_dec_a.norm(dim=1) + self.W_dec_b.norm(dim=1)).clamp_min(1e-12)[:, None] / (
+                    2 * init
+                )
+                self.W_dec_a.div_(s)
+                self.W_dec_b.div_(s)
         if device is not None:
             self.to(device)
+
+    def dedicated_masks(self) -> tuple[Tensor, Tensor]:
+        """``(only_a [width], only_b [width])``: boolean masks of the latents dedicated to one model."""
+        w, na, nb = self.cfg.width, self.cfg.dedicated_a, self.cfg.dedicated_b
+        idx = torch.arange(w, device=self.W_dec_a.device)
+        only_b = idx >= w - nb
+        only_a = (idx >= w - nb - na) & ~only_b
+        return only_a, only_b
+
+    @torch.no_grad()
+    def enforce_structure(self) -> None:
+        """Hold dedicated latents' other-model weights at zero and tie shared decoder rows (their mean)
+        when ``tie_shared``; a no-op for a plain crosscoder. Called at init and after every training step."""
+        c = self.cfg
+        if not (c.dedicated_a or c.dedicated_b or c.tie_shared):
+            return
+        only_a, only_b = self.dedicated_masks()
+        if c.tie_shared:
+            shared = ~(only_a | only_b)
+            mean = (self.W_dec_a[shared] + self.W_dec_b[shared]) / 2
+            self.W_dec_a[shared] = mean
+            self.W_dec_b[shared] = mean
+        self.W_dec_a[only_b] = 0.0
+        self.W_enc_a[:, only_b] = 0.0
+        self.W_dec_b[only_a] = 0.0
+        self.W_enc_b[:, only_a] = 0.0
 
     # ------------------------------------------------------------------ properties
     @property

@@ -371,6 +371,7 @@ def _train(
                 Ga -= c * na
                 Gb -= c * nb
         opt.step()
+        cc.enforce_structure()  # dedicated latents and tied shared rows (no-op for a plain crosscoder)
         with torch.no_grad():
             if topk:
                 s = (cc.W_dec_a.norm(dim=1) + cc.W_dec_b.norm(dim=1)).clamp_min(1e-12)[:, None]

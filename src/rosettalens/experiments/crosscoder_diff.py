@@ -21,7 +21,11 @@ Stages (run directory outputs in brackets; ``--resume`` skips a stage whose outp
    B-only latents' largest activation over each of ``--organism-prompts`` test instructions with and
    without the trigger, and each latent's AUROC at telling them apart (the crosscoder is never told
    the trigger), with the 10 most B-leaning live latents (by rho) beside them, each with its Latent
-   Scaling ``nu`` and decoder cosine; ``most_b_leaning`` is the latent of largest rho;
+   Scaling ``nu`` and decoder cosine; ``most_b_leaning`` is the latent of largest rho. With
+   ``--organism-dedicated N`` a second crosscoder on the same pairs has N latents only B can use and
+   (one width) tied shared decoder rows, so what B adds to a direction A also has goes to a B-only
+   latent [``organism_crosscoder/``]; its live B latents are scored too, and ``n_b_only`` /
+   ``best_trigger_auroc`` count the B-only latents of both crosscoders;
 7. plots [``rho_histogram.png``]: rho over live latents for the pair and both controls.
 """
 
@@ -89,6 +93,11 @@ class CrosscoderDiffConfig:
     organism_trigger_fraction: float = option(
         0.5, "fraction of the mixed-in instructions that carry the trigger (the deployment distribution)"
     )
+    organism_dedicated: int = option(
+        64,
+        "organism runs: a second crosscoder on the same pairs with N latents only B can use and (one width) "
+        "tied shared decoder rows; its live B latents are scored against the trigger too (0: off)",
+    )
     extract_batch_size: int = option(8, "documents per forward pass")
     seed: int = option(0, "random seed (document order, initialisation, batches)")
     device: str | None = option(None, "torch device", shown="cpu")
@@ -113,6 +122,12 @@ class CrosscoderDiffConfig:
                 "extract_batch_size",
             ),  # fmt: skip
         )
+        if self.organism_dedicated < 0 or (
+            self.organism_task is not None and self.organism_dedicated >= self.width
+        ):
+            raise ConfigError(
+                f"--organism-dedicated must be in [0, --width) = [0, {self.width}), got {self.organism_dedicated}"
+            )
         if self.arch == "batchtopk" and self.k >= self.width:
             raise ConfigError(f"--k ({self.k}) must be smaller than --width ({self.width})")
         if not 0.0 <= self.organism_trigger_fraction <= 1.0:
@@ -211,7 +226,15 @@ def _mix_organism_prompts(cfg: CrosscoderDiffConfig, hm_b, docs: list[str]) -> l
     return head + list(docs[n_used:])
 
 
-def _train(cfg: CrosscoderDiffConfig, pairs, names: tuple[str, str], hooks: tuple[str, str], progress: bool):
+def _train(
+    cfg: CrosscoderDiffConfig,
+    pairs,
+    names: tuple[str, str],
+    hooks: tuple[str, str],
+    progress: bool,
+    **structure,
+):
+    """A crosscoder with the run's options on ``pairs``; ``structure``: ``dedicated_b``, ``tie_shared``."""
     from ..crosscoder import CrossCoderConfig, CrossCoderTrainConfig, train_crosscoder
 
     c = CrossCoderConfig(
@@ -231,6 +254,7 @@ def _train(cfg: CrosscoderDiffConfig, pairs, names: tuple[str, str], hooks: tupl
         norm_ratio=cfg.norm_ratio,
         median_norm_a=pairs.info["median_norm_a"],
         median_norm_b=pairs.info["median_norm_b"],
+        **structure,
     )
     t = CrossCoderTrainConfig(
         batch_size=min(cfg.batch_size, len(pairs)),
@@ -462,22 +486,73 @@ class CrosscoderDiffExperiment(Experiment):
                 "nu": nu[i],
                 "decoder_cosine": cos[i],
             })  # fmt: skip
-        rows.sort(key=lambda r: -r["auroc"])
-        best_b = max((r["auroc"] for r in rows if r["class"] == "b_only"), default=None)
+        for r in rows:
+            r["crosscoder"] = "main"
         lean = min(rows, key=lambda r: r["rho_rank"] or len(rho) + 1) if rows else None
+        dedicated = None
+        if cfg.organism_dedicated:
+            dedicated, drows = self._dedicated(ctx, texts, labels)
+            rows += drows
+        rows.sort(key=lambda r: -r["auroc"])
+        organism_only = [r for r in rows if r["class"] == "b_only"]
         res = {
             "task": cfg.organism_task,
             "trigger": cfg.trigger,
             "n_prompts": len(texts),
-            "n_b_only": len(b_only),
-            "best_trigger_auroc": best_b,
-            "best_trigger_auroc_any_top_rho": rows[0]["auroc"] if rows else None,
+            "n_b_only": len(organism_only),
+            "best_trigger_auroc": max((r["auroc"] for r in organism_only), default=None),
+            "best_trigger_auroc_any_top_rho": max((r["auroc"] for r in rows if r["crosscoder"] == "main"),
+                                                  default=None),
             "most_b_leaning": lean,
+            "dedicated": dedicated,
             "top_latents": rows[:N_TOP_LATENTS],
-        }
+        }  # fmt: skip
         ctx.save_json("organism.json", res)
         st["organism"] = res
         ctx.results["organism"] = res
+
+    def _dedicated(self, ctx: RunContext, texts: list[str], labels: list[int]):
+        """The dedicated-latent crosscoder (``--organism-dedicated`` latents only B can use; shared rows
+        tied when both models have one width) on the training pairs, saved under ``organism_crosscoder/``,
+        and its live B latents scored against the trigger."""
+        from ..crosscoder import auroc, evaluate_crosscoder, latent_scaling, prompt_max_latents
+
+        cfg: CrosscoderDiffConfig = ctx.config
+        st = ctx.state
+        train, held = st["train_pairs"], st["heldout_pairs"]
+        tie = int(train.x_a.shape[1]) == int(train.x_b.shape[1])
+        dcc = _train(cfg, train, cfg.model_names, st["hooks"], ctx.progress,
+                     dedicated_b=cfg.organism_dedicated, tie_shared=tie)  # fmt: skip
+        dcc.save(ctx.path("organism_crosscoder"))
+        _, only_b = dcc.dedicated_masks()
+        fires = evaluate_crosscoder(dcc, train.x_a, train.x_b)["fires"]
+        live = [j for j in torch.nonzero(only_b.cpu()).flatten().tolist() if float(fires[j]) > 0]
+        ev = evaluate_crosscoder(dcc, held.x_a, held.x_b)
+        summary = {
+            "n_dedicated": cfg.organism_dedicated,
+            "n_alive": len(live),
+            "tied_shared": tie,
+            "explained_variance": {m: ev[m]["explained_variance"] for m in ("a", "b")},
+        }
+        mx = prompt_max_latents(dcc, st["hm_a"], st["hm_b"], texts, live, max_length=cfg.max_length)
+        nu = latent_scaling(dcc, train.x_a, train.x_b, live)
+        n_trig = sum(labels)
+        rows = []
+        for i, j in enumerate(live):
+            s = mx[:, i]
+            rows.append({
+                "latent": j,
+                "rho": 1.0,
+                "rho_rank": None,
+                "class": "b_only",
+                "auroc": auroc(s, labels) if float(s.max()) > 0 else 0.5,
+                "mean_max_triggered": float(s[:n_trig].mean()),
+                "mean_max_clean": float(s[n_trig:].mean()),
+                "nu": nu[i],
+                "decoder_cosine": None,
+                "crosscoder": "dedicated",
+            })  # fmt: skip
+        return summary, rows
 
     def plots(self, ctx: RunContext) -> None:
         from ..report.html import pyplot
@@ -542,9 +617,8 @@ class CrosscoderDiffExperiment(Experiment):
             }
         if "organism" in st:
             o = st["organism"]
-            out["organism"] = {
-                k: o.get(k) for k in ("n_b_only", "best_trigger_auroc", "most_b_leaning", "top_latents")
-            }
+            keys = ("n_b_only", "best_trigger_auroc", "most_b_leaning", "dedicated", "top_latents")
+            out["organism"] = {k: o.get(k) for k in keys}
             out["organism"]["best_trigger_auroc_any_top_rho"] = o["best_trigger_auroc_any_top_rho"]
         out["run_dir"] = str(ctx.run_dir)
         return out
