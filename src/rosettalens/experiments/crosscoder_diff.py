@@ -295,7 +295,8 @@ class CrosscoderDiffExperiment(Experiment):
     def plan(self, cfg: CrosscoderDiffConfig) -> dict[str, Any]:
         """What a run loads and roughly costs on one CPU thread: forwards to the middle layer over the
         extracted tokens (A and B, and A twice more for the controls), crosscoder training (three
-        with the controls) and the splice forwards; an organism that is not built yet is listed."""
+        with the controls, one more for an organism's dedicated-latent crosscoder) and the splice
+        forwards; an organism that is not built yet is listed."""
         from ..organisms.registry import model_billions
 
         a, b = cfg.model_names
@@ -305,7 +306,8 @@ class CrosscoderDiffExperiment(Experiment):
         fwd = toks * (size_a + size_b) / 2 * 2e9 / 7e10
         ctrl = (toks * size_a * 2e9 / 7e10 * 1.5) if cfg.controls else 0.0
         d = 1500
-        train = cfg.max_tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * (3 if cfg.controls else 1)
+        n_cc = 1 + (2 if cfg.controls else 0) + (1 if cfg.organism_task and cfg.organism_dedicated else 0)
+        train = cfg.max_tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * n_cc
         splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 7e10
         builds = []
         if cfg.organism_task not in (None, "custom"):
