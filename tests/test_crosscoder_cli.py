@@ -78,6 +78,23 @@ def test_train_then_eval_two_tokenizers(models, tmp_path, capsys):
     assert code == 2 and se.startswith("rosetta: error:") and "overwrite" in se
 
 
+def test_train_dedicated_and_tied_saves_its_structure(models, tmp_path, capsys):
+    out = tmp_path / "dcc"
+    code, so, se = _run(["crosscoder", "train", "--models", f"{models['a']},{models['b']}", "--hook", "resid_post.1",
+                         "--data", "mini-web", "--out", str(out), "--width", "32", "--k", "4", "--max-tokens", "1500",
+                         "--batch-size", "128", "--dedicated-b", "4", "--tie-shared", "--no-progress", "--json"],
+                        capsys)  # fmt: skip
+    assert code == 0, se
+    from rosettalens.crosscoder import load_crosscoder
+
+    cc = load_crosscoder(out)
+    assert (cc.cfg.dedicated_a, cc.cfg.dedicated_b, cc.cfg.tie_shared) == (0, 4, True)
+    _, only_b = cc.dedicated_masks()
+    assert torch.equal(cc.W_dec_a[~only_b], cc.W_dec_b[~only_b]) and not cc.W_dec_a.detach()[only_b].any()
+    rho = cc.relative_norms()
+    assert torch.allclose(rho[only_b], torch.ones(4)) and torch.allclose(rho[~only_b], torch.full((28,), 0.5))
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -88,6 +105,8 @@ def test_train_then_eval_two_tokenizers(models, tmp_path, capsys):
         ["crosscoder", "train", "--models", "{a},{a}", "--hook", "resid_post.1", "--data", "mini-web", "--k", "99", "--width", "8"],
         ["crosscoder", "eval", "--crosscoder", "{tmp}/missing", "--data", "mini-web"],
         ["crosscoder", "train", "--models", "{a},{a}", "--hook", "resid_post.1", "--data", "mini-web", "--width", "0"],
+        ["crosscoder", "train", "--models", "{a},{a}", "--hook", "resid_post.1", "--data", "mini-web", "--width", "16",
+         "--k", "2", "--dedicated-a", "8", "--dedicated-b", "8"],
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_and_writes_nothing(models, tmp_path, capsys, argv):

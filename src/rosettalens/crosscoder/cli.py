@@ -105,6 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     opt.check_output(out, args.overwrite, "crosscoder folder", replaceable=is_crosscoder_dir)
     if args.arch == "batchtopk" and args.k >= args.width:
         raise ConfigError(f"--k ({args.k}) must be smaller than --width ({args.width})")
+    if args.dedicated_a + args.dedicated_b >= args.width:
+        raise ConfigError(
+            f"--dedicated-a + --dedicated-b ({args.dedicated_a + args.dedicated_b}) must leave shared latents "
+            f"of --width {args.width}"
+        )
     spec, docs = _documents(args.data)
     n_held = int(round(len(docs) * args.heldout))
     if len(docs) - n_held < 1:
@@ -150,6 +155,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         norm_ratio=args.norm_ratio,
         median_norm_a=medians[0],
         median_norm_b=medians[1],
+        dedicated_a=args.dedicated_a,
+        dedicated_b=args.dedicated_b,
+        tie_shared=args.tie_shared,
     )
     tcfg = CrossCoderTrainConfig(
         batch_size=min(args.batch_size, len(pairs)),
@@ -342,6 +350,22 @@ def register(subparsers) -> None:
         default=1.0,
         metavar="C",
         help="l1: penalty coefficient (default: 1.0)",
+    )
+    for side in ("a", "b"):
+        opt.add_option(
+            t,
+            f"--dedicated-{side}",
+            type=opt.nonneg_int,
+            default=0,
+            metavar="N",
+            help=f"latents only model {side.upper()} reads and writes (model diffing; default: 0)",
+        )
+    opt.add_option(
+        t,
+        "--tie-shared",
+        action="store_true",
+        help="one decoder row for both models on the other latents (needs one width): what one model adds "
+        "to a shared direction goes to its dedicated latents",
     )
     opt.add_max_tokens(t, 65536, help="paired training tokens to extract", aliases=("--tokens",))
     opt.add_option(
