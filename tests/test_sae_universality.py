@@ -277,8 +277,9 @@ def tiny_dirs(tmp_path_factory):
 def _cfg(models: str, out, **kw):
     from rosettalens.experiments.sae_universality import SAEUniversalityConfig
 
+    # built-in text: the offline corpus is built from the machine's installed packages, so its order differs
     base = dict(models=models, layers="0,2/1,2", max_tokens=1500, width=32, k=4, epochs=2, batch_size=128,
-                n_permutations=20, n_subspace_permutations=1000, out=str(out))  # fmt: skip
+                n_permutations=20, n_subspace_permutations=1000, data="mini-web,sequences", out=str(out))  # fmt: skip
     base.update(kw)
     return SAEUniversalityConfig(**base)
 
