@@ -215,13 +215,16 @@ def test_crosscoder_diff_finds_the_planted_organism_latent(models, tmp_path, cap
 
     monkeypatch.setattr(rosettalens, "load", load)
     r, _ = _diff(models, tmp_path, capsys, f"{models['a']},{models['b']}", "--organism", "on", "--trigger", TRIGGER,
-                 "--controls", "false", "--organism-prompts", "24", "--organism-train-prompts", "60",
+                 "--organism-prompts", "24", "--organism-train-prompts", "60",
                  "--organism-dedicated", "8")  # fmt: skip
     o = r["organism"]
     assert o["n_b_only"] >= 1
     # the dedicated-latent crosscoder: 8 latents only B can use, tied shared rows (one width)
     assert o["dedicated"]["n_dedicated"] == 8 and o["dedicated"]["tied_shared"] is True
     assert 0 <= o["dedicated"]["n_alive"] <= 8
+    # its null, the same construction on A against itself: nothing of B's to find
+    null = o["dedicated"]["self_control"]
+    assert null["best_trigger_auroc"] is None or null["best_trigger_auroc"] < 0.9
     assert (Path(r["run_dir"]) / "organism_crosscoder" / "crosscoder.json").is_file()
     assert o["best_trigger_auroc"] > 0.9
     assert o["top_latents"][0]["class"] == "b_only" and o["top_latents"][0]["auroc"] > 0.9

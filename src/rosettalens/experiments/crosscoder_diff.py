@@ -306,7 +306,11 @@ class CrosscoderDiffExperiment(Experiment):
         fwd = toks * (size_a + size_b) / 2 * 2e9 / 7e10
         ctrl = (toks * size_a * 2e9 / 7e10 * 1.5) if cfg.controls else 0.0
         d = 1500
-        n_cc = 1 + (2 if cfg.controls else 0) + (1 if cfg.organism_task and cfg.organism_dedicated else 0)
+        n_cc = (
+            1
+            + (2 if cfg.controls else 0)
+            + ((1 + cfg.controls) if cfg.organism_task and cfg.organism_dedicated else 0)
+        )
         train = cfg.max_tokens * cfg.epochs * 6 * d * cfg.width * 2 / 7e10 * n_cc
         splice = cfg.splice_docs * cfg.max_length * 3 * (size_a + size_b) * 2e9 / 7e10
         builds = []
@@ -516,27 +520,47 @@ class CrosscoderDiffExperiment(Experiment):
     def _dedicated(self, ctx: RunContext, texts: list[str], labels: list[int]):
         """The dedicated-latent crosscoder (``--organism-dedicated`` latents only B can use; shared rows
         tied when both models have one width) on the training pairs, saved under ``organism_crosscoder/``,
-        and its live B latents scored against the trigger."""
-        from ..crosscoder import auroc, evaluate_crosscoder, latent_scaling, prompt_max_latents
+        and its live B latents scored against the trigger; with the controls (and one width), the same
+        construction on model A against itself as the null (``self_control``: its live B latents and
+        their best trigger AUROC)."""
+        from ..crosscoder import (
+            PairedActivations,
+            auroc,
+            evaluate_crosscoder,
+            latent_scaling,
+            prompt_max_latents,
+        )
 
         cfg: CrosscoderDiffConfig = ctx.config
         st = ctx.state
         train, held = st["train_pairs"], st["heldout_pairs"]
         tie = int(train.x_a.shape[1]) == int(train.x_b.shape[1])
-        dcc = _train(cfg, train, cfg.model_names, st["hooks"], ctx.progress,
-                     dedicated_b=cfg.organism_dedicated, tie_shared=tie)  # fmt: skip
+
+        def fit(pairs, hm_b, names):
+            dcc = _train(cfg, pairs, names, st["hooks"], ctx.progress,
+                         dedicated_b=cfg.organism_dedicated, tie_shared=tie)  # fmt: skip
+            _, only_b = dcc.dedicated_masks()
+            fires = evaluate_crosscoder(dcc, pairs.x_a, pairs.x_b)["fires"]
+            live = [j for j in torch.nonzero(only_b.cpu()).flatten().tolist() if float(fires[j]) > 0]
+            mx = prompt_max_latents(dcc, st["hm_a"], hm_b, texts, live, max_length=cfg.max_length)
+            return dcc, live, mx
+
+        dcc, live, mx = fit(train, st["hm_b"], cfg.model_names)
         dcc.save(ctx.path("organism_crosscoder"))
-        _, only_b = dcc.dedicated_masks()
-        fires = evaluate_crosscoder(dcc, train.x_a, train.x_b)["fires"]
-        live = [j for j in torch.nonzero(only_b.cpu()).flatten().tolist() if float(fires[j]) > 0]
         ev = evaluate_crosscoder(dcc, held.x_a, held.x_b)
-        summary = {
+        summary: dict[str, Any] = {
             "n_dedicated": cfg.organism_dedicated,
             "n_alive": len(live),
             "tied_shared": tie,
             "explained_variance": {m: ev[m]["explained_variance"] for m in ("a", "b")},
         }
-        mx = prompt_max_latents(dcc, st["hm_a"], st["hm_b"], texts, live, max_length=cfg.max_length)
+        if cfg.controls and tie:  # the null: the same construction on model A against itself
+            same = PairedActivations(train.x_a, train.x_a, train.doc, train.pos_a, train.pos_a, train.pairing,
+                                     {**train.info, "median_norm_b": train.info["median_norm_a"]})  # fmt: skip
+            a = cfg.model_names[0]
+            _, live0, mx0 = fit(same, st["hm_a"], (a, a))
+            au0 = [auroc(mx0[:, i], labels) if float(mx0[:, i].max()) > 0 else 0.5 for i in range(len(live0))]
+            summary["self_control"] = {"n_alive": len(live0), "best_trigger_auroc": max(au0, default=None)}
         nu = latent_scaling(dcc, train.x_a, train.x_b, live)
         n_trig = sum(labels)
         rows = []
