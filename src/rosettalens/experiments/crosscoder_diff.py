@@ -686,7 +686,13 @@ class CrosscoderDiffExperiment(Experiment):
                 ex += f"<h3>Latents most specific to model {what} (by rho)</h3>" + records_table(rows)
         if "organism" in s:
             o = s["organism"]
-            ex += ("<h3>Organism-only latents vs the trigger (AUROC of triggered vs plain prompts)</h3>"
+            d = o.get("dedicated") or {}
+            null = (d.get("self_control") or {}).get("best_trigger_auroc")
+            line = (
+                f"<p>organism-only latents: {o['n_b_only']}; best trigger AUROC: {o['best_trigger_auroc']}"
+                f"{f' (null, A against itself: {null:.3f})' if null is not None else ''}</p>"
+            )
+            ex += ("<h3>Organism-only latents vs the trigger (AUROC of triggered vs plain prompts)</h3>" + line
                    + records_table(o.get("top_latents") or []))  # fmt: skip
         experiment_report(
             ctx, self.name, self.title or "rosettalens: crosscoder diff", config_defaults(self.config_cls),
