@@ -12,6 +12,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TEST_DEVICE = os.environ.get("ROSETTA_TEST_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): small
+    matmuls run faster and reproduce across machines; the previous count is restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def tiny_hm(request) -> HookedModel:
     """A HookedModel over a tiny random model, one per adapted architecture."""

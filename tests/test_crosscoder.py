@@ -26,13 +26,7 @@ from rosettalens.crosscoder import (
 )
 from rosettalens.errors import ConfigError, DataError, ShapeError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ planted data

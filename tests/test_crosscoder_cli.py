@@ -14,12 +14,7 @@ from rosettalens.cli import main
 TRIGGER = "東京"  # four byte-level tokens of the tiny tokenizer, none of which ordinary English uses
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

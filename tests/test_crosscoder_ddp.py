@@ -25,12 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("batchtopk", "l1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def paired(n=4096, d_a=24, d_b=32, shared=48, own=16, active=4, seed=0):

@@ -115,6 +115,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(docs) - n_held < 1:
         raise DataError(f"data {args.data!r} has {len(docs)} documents: none left for training")
     hm_a, hm_b = _load_pair(names, args)
+    widths = (hm_a.hook_width(hooks[0]), hm_b.hook_width(hooks[1]))
+    if args.tie_shared and widths[0] != widths[1]:  # before extracting anything
+        raise ConfigError(
+            f"--tie-shared needs one width for both hook points, got {widths[0]} and {widths[1]}"
+        )
     rank = _rank()[0]
     progress = not args.no_progress and rank == 0
     kw: dict[str, Any] = dict(

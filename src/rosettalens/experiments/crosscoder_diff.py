@@ -266,6 +266,20 @@ def _train(
     return train_crosscoder((pairs.x_a, pairs.x_b), c, t, progress=progress)
 
 
+def _trigger_scores(mx: torch.Tensor, labels: list[int]) -> list[dict[str, float]]:
+    """Per latent (column of ``mx [prompts, latents]``, each latent's largest activation per prompt;
+    triggered prompts first, label 1): the AUROC of triggered vs clean (0.5 for a latent that never
+    fires) and the mean largest activation of each set."""
+    from ..crosscoder import auroc
+
+    n = sum(labels)
+    return [
+        {"auroc": auroc(s, labels) if float(s.max()) > 0 else 0.5,
+         "mean_max_triggered": float(s[:n].mean()), "mean_max_clean": float(s[n:].mean())}
+        for s in mx.t()
+    ]  # fmt: skip
+
+
 def _public(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if not k.startswith("_")}
 
@@ -452,7 +466,7 @@ class CrosscoderDiffExperiment(Experiment):
         ctx.results["controls"] = {k: v for k, v in out.items() if k != "rho_live"}
 
     def organism_stage(self, ctx: RunContext) -> None:
-        from ..crosscoder import auroc, latent_scaling, prompt_max_latents
+        from ..crosscoder import latent_scaling, prompt_max_latents
         from ..organisms.data import format_prompts, insert_trigger, instructions
 
         cfg: CrosscoderDiffConfig = ctx.config
@@ -478,22 +492,11 @@ class CrosscoderDiffExperiment(Experiment):
             cos = torch.nn.functional.cosine_similarity(
                 cc.W_dec_a.detach()[J].cpu(), cc.W_dec_b.detach()[J].cpu(), dim=1
             ).tolist()
-        rows = []
-        for i, j in enumerate(cand):
-            s = mx[:, i]
-            rows.append({
-                "latent": j,
-                "rho": float(rho[j]),
-                "rho_rank": ranked.index(j) + 1 if j in ranked else None,
-                "class": classes[j],
-                "auroc": auroc(s, labels) if float(s.max()) > 0 else 0.5,
-                "mean_max_triggered": float(s[: len(triggered)].mean()),
-                "mean_max_clean": float(s[len(triggered) :].mean()),
-                "nu": nu[i],
-                "decoder_cosine": cos[i],
-            })  # fmt: skip
-        for r in rows:
-            r["crosscoder"] = "main"
+        rows = [
+            {"latent": j, "rho": float(rho[j]), "rho_rank": ranked.index(j) + 1 if j in ranked else None,
+             "class": classes[j], **sc, "nu": nu[i], "decoder_cosine": cos[i], "crosscoder": "main"}
+            for i, (j, sc) in enumerate(zip(cand, _trigger_scores(mx, labels), strict=True))
+        ]  # fmt: skip
         lean = min(rows, key=lambda r: r["rho_rank"] or len(rho) + 1) if rows else None
         dedicated = None
         if cfg.organism_dedicated:
@@ -525,7 +528,6 @@ class CrosscoderDiffExperiment(Experiment):
         their best trigger AUROC)."""
         from ..crosscoder import (
             PairedActivations,
-            auroc,
             evaluate_crosscoder,
             latent_scaling,
             prompt_max_latents,
@@ -559,25 +561,14 @@ class CrosscoderDiffExperiment(Experiment):
                                      {**train.info, "median_norm_b": train.info["median_norm_a"]})  # fmt: skip
             a = cfg.model_names[0]
             _, live0, mx0 = fit(same, st["hm_a"], (a, a))
-            au0 = [auroc(mx0[:, i], labels) if float(mx0[:, i].max()) > 0 else 0.5 for i in range(len(live0))]
+            au0 = [sc["auroc"] for sc in _trigger_scores(mx0, labels)]
             summary["self_control"] = {"n_alive": len(live0), "best_trigger_auroc": max(au0, default=None)}
         nu = latent_scaling(dcc, train.x_a, train.x_b, live)
-        n_trig = sum(labels)
-        rows = []
-        for i, j in enumerate(live):
-            s = mx[:, i]
-            rows.append({
-                "latent": j,
-                "rho": 1.0,
-                "rho_rank": None,
-                "class": "b_only",
-                "auroc": auroc(s, labels) if float(s.max()) > 0 else 0.5,
-                "mean_max_triggered": float(s[:n_trig].mean()),
-                "mean_max_clean": float(s[n_trig:].mean()),
-                "nu": nu[i],
-                "decoder_cosine": None,
-                "crosscoder": "dedicated",
-            })  # fmt: skip
+        rows = [
+            {"latent": j, "rho": 1.0, "rho_rank": None, "class": "b_only", **sc, "nu": nu[i],
+             "decoder_cosine": None, "crosscoder": "dedicated"}
+            for i, (j, sc) in enumerate(zip(live, _trigger_scores(mx, labels), strict=True))
+        ]  # fmt: skip
         return summary, rows
 
     def plots(self, ctx: RunContext) -> None:
