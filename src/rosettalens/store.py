@@ -27,6 +27,7 @@ instead of deleting the first one's temporary shards; the lock of a killed write
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -528,6 +529,11 @@ def init_distributed() -> tuple[int, int, bool]:
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch._dynamo (imported by the first optimizer) keeps a reference to a process group that exists when
+    # it is imported, so destroy_process_group() would leave gloo's worker threads alive until exit, where
+    # one still freeing a tensor aborts the process ("terminate called without an active exception").
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), True
 
