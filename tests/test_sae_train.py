@@ -145,7 +145,8 @@ sys.path.insert(0, {tests!r})
 from test_sae_train import _cfgs, _tcfg
 saes = train_saes(ActivationStore.open({store!r}), _cfgs(), _tcfg(), hook="resid_post.1", progress=False)
 import os
-# the process group is gone with its gloo threads: one left alive can abort the process at exit
+from rosettalens.store import _destroy_group
+_destroy_group()  # what runs at exit: the group goes with its gloo threads (one left alive can abort the exit)
 threads = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 assert not any(t.startswith(("pt_gloo", "gloo")) for t in threads), threads
 if int(os.environ["RANK"]) == 0:

@@ -26,6 +26,7 @@ instead of deleting the first one's temporary shards; the lock of a killed write
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import json
@@ -515,7 +516,11 @@ def _hook_shape(hm, hook: str) -> tuple[int, ...] | None:
 
 
 def init_distributed() -> tuple[int, int, bool]:
-    """(rank, world, we_initialised) from torchrun's environment; gloo on CPU, NCCL on GPU."""
+    """(rank, world, we_initialised) from torchrun's environment; gloo on CPU, NCCL on GPU.
+
+    The group is made once and lives as long as the process (it is destroyed at exit), so the trainers and
+    extraction called one after another in one process share it: making a group again after destroying
+    one can hang under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
@@ -535,7 +540,16 @@ def init_distributed() -> tuple[int, int, bool]:
     importlib.import_module("torch._dynamo")
 
     dist.init_process_group(backend=backend)
+    atexit.register(_destroy_group)
     return dist.get_rank(), dist.get_world_size(), True
+
+
+def _destroy_group() -> None:
+    """At exit, while the interpreter can still run the tensor frees gloo's threads have left."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _barrier(world: int) -> None:
@@ -588,7 +602,7 @@ def extract(
         dtype=dtype,
     )
     cfg.validate()
-    rank, world, own_pg = init_distributed()
+    rank, world, _ = init_distributed()
     if isinstance(model, str):
         if world > 1 and torch.cuda.is_available() and device is None and device_map is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
@@ -597,13 +611,7 @@ def extract(
         )
     else:
         hm = model
-    try:
-        return _extract(hm, corpus, cfg, Path(out), overwrite, rank, world, progress)
-    finally:
-        if own_pg:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return _extract(hm, corpus, cfg, Path(out), overwrite, rank, world, progress)
 
 
 def _extract(

@@ -97,7 +97,7 @@ class _Ranks:
     def __init__(self) -> None:
         from rosettalens.store import init_distributed
 
-        self.rank, self.world, self.own = init_distributed()
+        self.rank, self.world, _ = init_distributed()
 
     def reduce_(self, t: Tensor, op: str = "sum") -> Tensor:
         """``t`` summed (``op="sum"``) or minimised (``"min"``) over the ranks, in place."""
@@ -125,12 +125,6 @@ class _Ranks:
         flat = self.reduce_(torch.cat([g.reshape(-1) for g in grads]))
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
-
-    def close(self) -> None:
-        if self.own:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 class _Pairs:
@@ -219,10 +213,8 @@ def train_crosscoder(
     :class:`~rosettalens.align.PairedStores` with ``hooks=(hook_a, hook_b)``. Returns the crosscoder
     (decoder norms folded to sum one per latent; ``cc.info`` holds the training record:
     ``train``, ``final`` ``{fvu_a, fvu_b, l0, dead_fraction}``, ``history``). Under ``torchrun`` every
-    rank passes the same data and returns the same crosscoder (``on_log`` is called on rank 0); a process
-    group the caller initialised is left in place, one the trainer initialised is destroyed at the end
-    (to train several crosscoders in one process, call :func:`rosettalens.store.init_distributed` once
-    first: initialising a group again after destroying one can hang under torchrun).
+    rank passes the same data and returns the same crosscoder (``on_log`` is called on rank 0); the process
+    group is left in place for the next trainer (:func:`rosettalens.store.init_distributed`).
     """
     tcfg = tcfg or CrossCoderTrainConfig()
     tcfg.validate()
@@ -241,14 +233,9 @@ def train_crosscoder(
     if steps < 1:
         raise ConfigError(f"tokens={tokens} is less than one batch ({B})")
     ranks = _Ranks()
-    try:
-        if B < ranks.world:
-            raise ConfigError(
-                f"batch_size ({B}) is smaller than the number of torchrun ranks ({ranks.world})"
-            )
-        return _train(src, cfg, tcfg, ranks, steps, progress, on_log)
-    finally:
-        ranks.close()
+    if B < ranks.world:
+        raise ConfigError(f"batch_size ({B}) is smaller than the number of torchrun ranks ({ranks.world})")
+    return _train(src, cfg, tcfg, ranks, steps, progress, on_log)
 
 
 def _train(

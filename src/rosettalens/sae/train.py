@@ -233,7 +233,7 @@ class _Dist:
     def __init__(self) -> None:
         from rosettalens.store import init_distributed
 
-        self.rank, self.world, self.own = init_distributed()
+        self.rank, self.world, _ = init_distributed()
 
     def sum_(self, t: Tensor) -> Tensor:
         if self.world > 1:
@@ -266,12 +266,6 @@ class _Dist:
             import torch.distributed as dist
 
             dist.barrier()
-
-    def close(self) -> None:
-        if self.own:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------- sparse encoder
@@ -602,12 +596,9 @@ def train_saes(
     device = torch.device(tcfg.device)
 
     dist = _Dist()
-    try:
-        saes = _train(
-            srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log
-        )
-    finally:
-        dist.close()
+    saes = _train(
+        srcs, keys, cfgs, tcfg, dist, B, steps, dead_tokens, warmup, log_every, device, progress, on_log
+    )
     for sae in saes:
         sae.info["train"]["sinks"] = sinks
     return saes
