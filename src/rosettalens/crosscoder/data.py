@@ -73,15 +73,24 @@ def extract_pairs(
     max_length: int | None = 256,
     batch_size: int = 8,
     progress: bool = True,
+    shard: bool = True,
 ) -> PairedActivations:
     """Paired activations of ``hm_a`` at ``hook_a`` and ``hm_b`` at ``hook_b`` over ``texts`` (module docstring).
 
-    Texts are run in order until ``max_tokens`` pairs are kept (then cut to it). ``median_norms``: each
-    model's median norm for the norm test (``None``: the median of the extracted pairs, e.g. when
-    extracting training data; a crosscoder's recorded medians when evaluating it). Returns float32 CPU
-    tensors. ``info``: ``pairing``, ``n_pairs``, ``n_texts``, ``paired_fraction`` (pairs over B's
-    tokens before the sink rule), ``dropped_first``, ``dropped_outliers``, ``median_norm_a``,
-    ``median_norm_b``.
+    Texts are run in order, ``batch_size`` at a time, until ``max_tokens`` pairs are kept (then cut to
+    it). ``median_norms``: each model's median norm for the norm test (``None``: the median of the
+    extracted pairs, e.g. when extracting training data; a crosscoder's recorded medians when evaluating
+    it). Returns float32 CPU tensors. ``info``: ``pairing``, ``n_pairs``, ``n_texts``, ``paired_fraction``
+    (pairs over B's tokens before the sink rule), ``dropped_first``, ``dropped_outliers``,
+    ``median_norm_a``, ``median_norm_b``.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``, ``shard=True``; every rank calls this with the same
+    arguments) the ranks share the forward passes: every rank tokenizes and pairs the texts batch by
+    batch (which fixes where ``max_tokens`` stops without a forward pass), runs the two models only on
+    the batches ``b`` with ``b % world == rank``, and the rows are exchanged, so that every rank returns
+    exactly what one process returns (same rows in the same order, medians over all of them, same
+    ``info``). No batch is run twice or beyond the ``max_tokens`` stop; what every rank repeats is the
+    tokenization. ``shard=False``: this process runs every batch itself (a call made on one rank only).
     """
     import sys
 
@@ -92,9 +101,13 @@ def extract_pairs(
 
     rules = [SinkRule(skip_first, norm_ratio, m) for m in median_norms]  # checks the values
     hook_a, hook_b = hm_a.resolve_hook(hook_a), hm_b.resolve_hook(hook_b)
-    hook_width(hm_a, hook_a), hook_width(hm_b, hook_b)
+    d_a, d_b = hook_width(hm_a, hook_a), hook_width(hm_b, hook_b)
+    rank, world = _ranks() if shard else (0, 1)
     keep_idx = [i for i, t in enumerate(texts) if t]  # pair_texts drops empty texts: keep their indices
-    xs, ys, docs, pas, pbs = [], [], [], [], []
+    mine_a: list[Tensor] = []  # [k_b, d_a] per batch this rank runs
+    mine_b: list[Tensor] = []  # [k_b, d_b]
+    counts: list[int] = []  # pairs per batch, every batch walked (known from the tokenization alone)
+    docs, pas, pbs = [], [], []
     n = dropped_first = total_b = 0
     used = 0
     resolved = pairing
@@ -109,24 +122,27 @@ def extract_pairs(
             pa = [p[k] for p, k in zip(pt.pos_src, keep)]
             pb = [p[k] for p, k in zip(pt.pos_tgt, keep)]
             dropped_first += sum(int((~k).sum()) for k in keep)
-            a = run_positions(hm_a, hook_a, pt.ids_src, pa, batch_size)
-            same = (
-                hm_b is hm_a
-                and hook_b == hook_a
-                and all(x == y for x, y in zip(pt.ids_src, pt.ids_tgt))
-                and all(np.array_equal(x, y) for x, y in zip(pa, pb))
-            )
-            b = [x.clone() for x in a] if same else run_positions(hm_b, hook_b, pt.ids_tgt, pb, batch_size)
-            for j, (xa, xb) in enumerate(zip(a, b)):
-                xs.append(xa.reshape(len(xa), -1))
-                ys.append(xb.reshape(len(xb), -1))
-                docs.append(torch.full((len(xa),), chunk[j], dtype=torch.long))
+            for j in range(len(chunk)):
+                docs.append(torch.full((len(pa[j]),), chunk[j], dtype=torch.long))
                 pas.append(torch.as_tensor(pa[j], dtype=torch.long))
                 pbs.append(torch.as_tensor(pb[j], dtype=torch.long))
-                n += len(xa)
-            used += len(a)
+            k_batch = sum(len(p) for p in pa)
+            if len(counts) % world == rank:  # this rank's batch: run the models
+                a = run_positions(hm_a, hook_a, pt.ids_src, pa, batch_size)
+                same = (
+                    hm_b is hm_a
+                    and hook_b == hook_a
+                    and all(x == y for x, y in zip(pt.ids_src, pt.ids_tgt))
+                    and all(np.array_equal(x, y) for x, y in zip(pa, pb))
+                )
+                b = a if same else run_positions(hm_b, hook_b, pt.ids_tgt, pb, batch_size)
+                mine_a.append(torch.cat([x.reshape(len(x), d_a) for x in a]))
+                mine_b.append(torch.cat([x.reshape(len(x), d_b) for x in b]))
+            counts.append(k_batch)
+            n += k_batch
+            used += len(chunk)
             total_b += sum(len(x) for x in pt.ids_tgt)
-            bar.update(sum(len(x) for x in a))
+            bar.update(k_batch)
             if max_tokens and n >= max_tokens:
                 break
     finally:
@@ -136,8 +152,15 @@ def extract_pairs(
             f"no paired positions between {hm_a.name} and {hm_b.name} on these texts "
             f"(after leaving out the first {skip_first} positions of each)"
         )
+    if world > 1:
+        _check_same_batches(counts, rank, world)
     out = PairedActivations(
-        torch.cat(xs), torch.cat(ys), torch.cat(docs), torch.cat(pas), torch.cat(pbs), resolved
+        _gather_batches(mine_a, counts, rank, world, d_a),
+        _gather_batches(mine_b, counts, rank, world, d_b),
+        torch.cat(docs),
+        torch.cat(pas),
+        torch.cat(pbs),
+        resolved,
     )
     n_before = len(out)
     medians = [
@@ -164,6 +187,52 @@ def extract_pairs(
         "median_norm_b": medians[1],
     }
     return out
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world) under ``torchrun`` (the process group is made on first use; ``(0, 1)`` alone)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from rosettalens.store import init_distributed
+
+    rank, world, _ = init_distributed()
+    return rank, world
+
+
+def _check_same_batches(counts: list[int], rank: int, world: int) -> None:
+    """Raise on every rank (none is left waiting) unless all ranks walked the same batches."""
+    import torch.distributed as dist
+
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, counts)
+    if any(c != counts for c in seen):
+        raise DataError(
+            "the torchrun ranks were given different texts (their batches hold different numbers of "
+            "pairs); give every rank the same texts, or shard=False"
+        )
+
+
+def _gather_batches(mine: list[Tensor], counts: list[int], rank: int, world: int, width: int) -> Tensor:
+    """All batches' rows ``[sum(counts), width]`` in batch order, from each rank's own batches ``mine``
+    (batch ``b`` is run by rank ``b % world``; ``counts[b]`` rows each, known on every rank).
+
+    One ``all_gather`` of each rank's rows, padded to the longest rank's (on the GPU under NCCL)."""
+    if world == 1:
+        return torch.cat(mine)
+    import torch.distributed as dist
+
+    per_rank = [sum(counts[r::world]) for r in range(world)]
+    local = torch.cat(mine) if mine else torch.zeros(0, width)
+    nccl = dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    buf = torch.zeros(max(per_rank), width, dtype=torch.float32, device=dev)
+    buf[: len(local)] = local
+    got = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(got, buf)
+    parts = [list(g[:k].cpu().split(counts[r::world])) for r, (g, k) in enumerate(zip(got, per_rank))]
+    return torch.cat([parts[b % world][b // world] for b in range(len(counts))])
 
 
 def random_init_copy(hm, seed: int = 0):
