@@ -448,6 +448,64 @@ def test_train_short_corpus_stops_early_and_says_so(linear_hm, monkeypatch):
     assert min(lrs) > 0 and tset.info["tokens"] == tokens
 
 
+def test_train_resumes_bit_identical_from_a_checkpoint(linear_hm, tmp_path):
+    """A run killed after its last checkpoint and started again ends with the same weights, bit for bit,
+    as one that ran through; the checkpoint is removed at the end; a checkpoint written under another
+    config, or a checkpoint folder holding other files, is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rosettalens.transcoders.train import TrainConfig, train_transcoders
+
+    docs = _texts() * 3
+    # a batch size that divides no forward's token count (rows wait across the checkpoint) and few enough
+    # dead tokens that the AuxK loss and its counters are in play
+    base = dict(width=96, k=4, max_tokens=1500, batch_size=48, docs_per_forward=3, dead_tokens=100,
+                heldout=0.2, layers=[0, -1])  # fmt: skip
+    seen: list[int] = []
+    ref, _ = train_transcoders(linear_hm, docs, TrainConfig(**base), progress=False,
+                               on_log=lambda r: seen.append(r["forwards"]))  # fmt: skip
+    assert len(seen) >= 5
+    ck = tmp_path / "ck"
+    cfg = TrainConfig(**base, checkpoint_dir=str(ck), checkpoint_every=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill(rec):
+        if rec["forwards"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_transcoders(linear_hm, docs, cfg, progress=False, on_log=kill)
+    assert json.loads((ck / "state.json").read_text())["forwards"] == 2
+    state = load_file(ck / "state.safetensors")
+    assert (state["0.since_fired"] >= base["dead_tokens"]).any() and state["0.x_wait"].shape[0] > 0
+    with pytest.raises(ConfigError, match="another training config"):
+        train_transcoders(linear_hm, docs, TrainConfig(**{**base, "lr": 1e-3}, checkpoint_dir=str(ck)),
+                          progress=False)  # fmt: skip
+    resumed: list[int] = []
+    got, _ = train_transcoders(
+        linear_hm, docs, cfg, progress=False, on_log=lambda r: resumed.append(r["forwards"])
+    )
+    assert resumed == seen[2:]  # the third forward is run again, the first two are not
+    assert not ck.exists()
+    assert got.layers == ref.layers and got.info["tokens"] == ref.info["tokens"]
+    for L in ref.layers:
+        a, b = ref[L].state_dict(), got[L].state_dict()
+        assert a.keys() == b.keys() and "W_skip" in a
+        for name in a:
+            assert torch.equal(a[name], b[name]), (L, name)
+        assert got[L].cfg.info == ref[L].cfg.info and got[L].cfg.tokens == ref[L].cfg.tokens
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="other than a transcoder checkpoint"):
+        TrainConfig(checkpoint_dir=str(other)).validate()
+    assert (other / "notes.txt").read_text() == "keep"
+
+
 def test_train_bad_config():
     from rosettalens.transcoders.train import TrainConfig
 
@@ -458,6 +516,8 @@ def test_train_bad_config():
         dict(heldout=1.0),
         dict(norm_ratio=0.5),
         dict(warmup_frac=0.8, decay_frac=0.5),
+        dict(checkpoint_every=2),
+        dict(checkpoint_every=-1, checkpoint_dir="ck"),
     ):
         with pytest.raises(ConfigError):
             TrainConfig(**bad).validate()
@@ -511,6 +571,7 @@ def test_cli_train_and_eval(model_dir, tmp_path, capsys):
         (["--arch", "gated"], "invalid choice"),
         (["--data", "/nonexistent/file.txt"], ""),
         (["--heldout", "1.5"], ""),
+        (["--checkpoint-every", "2"], "checkpoint_every needs a checkpoint_dir"),
     ],
 )
 def test_cli_bad_input(model_dir, tmp_path, capsys, extra, message):

@@ -3,13 +3,16 @@
 ::
 
     rosetta transcoders train --model M --data D --out DIR [--layers L,L..] [--width N] [--k K]
-                              [--arch topk|relu] [--skip] [--max-tokens N] [...] [--json]
+                              [--arch topk|relu] [--skip] [--max-tokens N]
+                              [--checkpoint-dir DIR --checkpoint-every N] [...] [--json]
     rosetta transcoders eval  --transcoders DIR --model M --data D [--max-tokens N] [--json]
 
 ``train`` runs the model over ``D``'s documents and trains one transcoder per layer (every layer by
 default: ``mlp_in.L -> mlp_out.L``) in one pass, then evaluates the set on the held-out documents
 (per-layer explained variance, L0, dead fraction; CE loss and KL with every MLP replaced at once) and
 writes it to ``--out`` (``transcoders.json`` + ``layer_{L}.safetensors``, see docs/transcoders.md).
+With ``--checkpoint-dir DIR --checkpoint-every N`` a checkpoint is saved every
+``N`` forward passes and an interrupted run, started again with the same arguments, resumes from it.
 ``eval`` reports the same metrics for a saved set on any data. Bad input: one line on stderr, exit
 status 2, nothing half-written.
 """
@@ -156,8 +159,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             opt.add_option(p, flag, choices=typing.get_args(hint), default=f.default, help=help)
         elif f.name == "layers":
             opt.add_option(p, flag, default=None, metavar="L[,L..]", help=help)
+        elif f.name == "checkpoint_dir":
+            opt.add_option(p, flag, type=opt.path, default=None, metavar="DIR", help=help)
         elif hint is int:
-            ikind = opt.nonneg_int if f.name == "skip_first" else opt.positive_int
+            ikind = opt.nonneg_int if f.name in ("skip_first", "checkpoint_every") else opt.positive_int
             opt.add_option(p, flag, type=ikind, default=f.default, metavar="N", help=help)
         else:
             kind = opt.fraction_closed if f.name.endswith("_frac") else opt.nonneg_float

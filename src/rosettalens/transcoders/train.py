@@ -29,15 +29,25 @@ of the peak: no step at 0). A corpus that holds fewer training tokens than ``max
 only as the forwards run) ends training early, before the decay is complete; the training record keeps
 ``steps`` and ``steps_planned``. The TopK encoder's backward touches only the ``k`` selected
 pre-activations per row.
+
+Checkpoints (every ``checkpoint_every`` forward passes, into ``checkpoint_dir``): ``state.safetensors``
+(every layer's weights, Adam moments, dead-feature counters and the rows waiting for the next batch; the
+batch generator's state) + ``state.json`` (the forward passes done, scales, medians, counters, running
+sums, and a key of the training config, model, layers and training tokens). A run with the same key
+resumes after the last forward saved and ends with the same weights, bit for bit, as an uninterrupted
+one; a checkpoint with another key is refused. The checkpoint is removed when training ends.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,12 +56,19 @@ from torch import Tensor
 
 from rosettalens.config import option
 from rosettalens.errors import ConfigError, DataError
+from rosettalens.io import atomic_dir, sha256_bytes
 from rosettalens.names import hook_name
 from rosettalens.sae.train import lr_factor
 from rosettalens.transcoders.model import Transcoder, TranscoderConfig, TranscoderSet
 from rosettalens.transcoders.sinks import NORM_RATIO, SKIP_FIRST, keep_mask
 
 __all__ = ["TrainConfig", "train_transcoders", "split_documents", "tokenize_documents"]
+
+CKPT_FORMAT = "rosettalens.transcoders_checkpoint/1"
+CKPT_STATE = "state.safetensors"
+CKPT_META = "state.json"
+#: TrainConfig fields that do not change what is trained (left out of the checkpoint key and the record)
+_NOT_IN_KEY = ("checkpoint_dir", "checkpoint_every")
 
 
 @dataclass
@@ -88,6 +105,14 @@ class TrainConfig:
     )
     heldout: float = option(0.1, "fraction of the documents held out for evaluation")
     seed: int = option(0, "random seed (initialisation, document order, batches)")
+    checkpoint_dir: str | None = option(
+        None,
+        "folder for a training checkpoint; a run with the same config, model and data resumes from it"
+        " (removed when training ends)",
+        shown="none",
+        metavar="DIR",
+    )
+    checkpoint_every: int = option(0, "save a checkpoint every N model forward passes (0: never)")
 
     def validate(self) -> None:
         ints = {"width": self.width, "k": self.k, "max_tokens": self.max_tokens, "max_length": self.max_length,
@@ -118,6 +143,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be >= 0, got {v}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError("checkpoint_every needs a checkpoint_dir")
+        if self.checkpoint_dir:
+            check_checkpoint_dir(self.checkpoint_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,15 +342,22 @@ def _step(run: _Run, x: Tensor, y: Tensor, cfg: TrainConfig, lr: float) -> None:
     run.steps += 1
 
 
-def _init_run(L: int, hm: Any, cfg: TrainConfig, x: Tensor, y: Tensor, medians: tuple[float, float]) -> _Run:
-    """A fresh transcoder for layer ``L``; its normalisation from the first kept rows ``x``, ``y``."""
-    d_in, d_out = x.shape[1], y.shape[1]
-    tcfg = TranscoderConfig(
+def _transcoder_config(L: int, hm: Any, cfg: TrainConfig, d_in: int, d_out: int) -> TranscoderConfig:
+    return TranscoderConfig(
         layer=L, d_in=d_in, d_out=d_out, width=cfg.width, arch=cfg.arch, k=cfg.k, skip=cfg.skip,
         hook_in=hook_name("mlp_in", L), hook_out=hook_name("mlp_out", L), model=hm.name,
         skip_first=cfg.skip_first, norm_ratio=cfg.norm_ratio, seed=cfg.seed + L,
     )  # fmt: skip
-    tc = Transcoder(tcfg, device=x.device)
+
+
+def _adam(tc: Transcoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def _init_run(L: int, hm: Any, cfg: TrainConfig, x: Tensor, y: Tensor, medians: tuple[float, float]) -> _Run:
+    """A fresh transcoder for layer ``L``; its normalisation from the first kept rows ``x``, ``y``."""
+    d_in, d_out = x.shape[1], y.shape[1]
+    tc = Transcoder(_transcoder_config(L, hm, cfg, d_in, d_out), device=x.device)
     x64, y64 = x.double(), y.double()
     var_in = float((x64 - x64.mean(0)).pow(2).sum(-1).mean())
     var_out = float((y64 - y64.mean(0)).pow(2).sum(-1).mean())
@@ -330,9 +368,106 @@ def _init_run(L: int, hm: Any, cfg: TrainConfig, x: Tensor, y: Tensor, medians: 
         # encoder columns and decoder rows of norm ~1 in normalised units; pre-activations start centred
         tc.b_enc.copy_(-(x64.mean(0) * s_in).float() @ tc.W_enc)
         tc.W_dec.mul_(0.1)
-    opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     since = torch.zeros(cfg.width, dtype=torch.long, device=x.device)
-    return _Run(tc, opt, since, s_in, s_out, medians[0], medians[1])
+    return _Run(tc, _adam(tc, cfg), since, s_in, s_out, medians[0], medians[1])
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def check_checkpoint_dir(d: str | Path) -> None:
+    """ConfigError unless ``d`` is absent, an empty folder or a checkpoint folder (it is replaced whole at
+    each save and removed at the end: a folder holding anything else is refused)."""
+    d = Path(d)
+    if not d.exists():
+        return
+    if not d.is_dir():
+        raise ConfigError(f"checkpoint_dir {d} exists and is not a folder")
+    names = {p.name for p in d.iterdir()}
+    if names and not names <= {CKPT_STATE, CKPT_META}:
+        raise ConfigError(
+            f"checkpoint_dir {d} holds files other than a transcoder checkpoint; choose an empty or new folder"
+        )
+
+
+def _checkpoint_key(hm: Any, cfg: TrainConfig, layers: Sequence[int], ids: Sequence[Sequence[int]]) -> str:
+    """What a checkpoint must match to be resumed: the training config, the model, the layers and the
+    training tokens in their order."""
+    train = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY}
+    data = sha256_bytes(json.dumps([list(d) for d in ids]).encode())
+    model = {"name": hm.name, "n_layers": hm.cfg.n_layers, "d_model": hm.cfg.d_model}
+    return json.dumps(
+        {"train": train, "model": model, "layers": list(layers), "tokens": data}, sort_keys=True
+    )
+
+
+def _save_checkpoint(
+    d: Path, key: str, runs: dict[int, _Run], gen: torch.Generator, forwards: int, seen: int, seconds: float
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {"generator": gen.get_state()}
+    meta_runs: dict[str, Any] = {}
+    for L, run in runs.items():
+        for name, t in run.tc.state_dict().items():
+            tensors[f"{L}.tc.{name}"] = t.detach().cpu().contiguous()
+        for pid, st in run.opt.state_dict()["state"].items():
+            for k, v in st.items():
+                tensors[f"{L}.opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors[f"{L}.since_fired"] = run.since_fired.cpu()
+        if run.x_wait is not None and run.y_wait is not None:
+            tensors[f"{L}.x_wait"] = run.x_wait.cpu().contiguous()
+            tensors[f"{L}.y_wait"] = run.y_wait.cpu().contiguous()
+        meta_runs[str(L)] = {"s_in": run.s_in, "s_out": run.s_out, "median_in": run.median_in,
+                             "median_out": run.median_out, "tokens": run.tokens, "taken": run.taken,
+                             "steps": run.steps, "sums": run.sums}  # fmt: skip
+    meta = {"format": CKPT_FORMAT, "key": key, "forwards": forwards, "tokens": seen, "seconds": seconds,
+            "runs": meta_runs}  # fmt: skip
+    with atomic_dir(d, overwrite=True) as tmp:  # the previous checkpoint is replaced whole
+        save_file(tensors, str(tmp / CKPT_STATE))
+        (tmp / CKPT_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+
+
+def _load_checkpoint(
+    d: Path, key: str, hm: Any, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[dict[int, _Run], int, int, float] | None:
+    """``(runs, forwards done, tokens seen, seconds)`` of the checkpoint in ``d`` (``gen`` restored), or
+    ``None`` when there is none; ConfigError when it was written by a run with another key."""
+    from safetensors.torch import load_file
+
+    if not (d / CKPT_META).is_file() or not (d / CKPT_STATE).is_file():
+        return None
+    try:
+        meta = json.loads((d / CKPT_META).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != CKPT_FORMAT or meta.get("key") != key:
+        raise ConfigError(
+            f"checkpoint {d} was written by a run with another training config, model, layers or data; "
+            "remove it or choose another checkpoint_dir"
+        )
+    t = load_file(str(d / CKPT_STATE))
+    gen.set_state(t["generator"])
+    runs: dict[int, _Run] = {}
+    for name, m in meta["runs"].items():
+        L = int(name)
+        sd = {n[len(f"{L}.tc.") :]: v for n, v in t.items() if n.startswith(f"{L}.tc.")}
+        tc = Transcoder(_transcoder_config(L, hm, cfg, sd["W_enc"].shape[0], sd["W_dec"].shape[1]))
+        tc.load_state_dict(sd)
+        tc.to(hm.device)
+        opt = _adam(tc, cfg)
+        osd = opt.state_dict()
+        state: dict[int, dict[str, Tensor]] = {}
+        for n, v in t.items():
+            if n.startswith(f"{L}.opt."):
+                _, _, pid, k = n.split(".", 3)
+                state.setdefault(int(pid), {})[k] = v
+        osd["state"] = state
+        opt.load_state_dict(osd)
+        run = _Run(tc, opt, t[f"{L}.since_fired"].to(hm.device), m["s_in"], m["s_out"], m["median_in"],
+                   m["median_out"], m["tokens"], m["taken"], m["steps"], sums=dict(m["sums"]))  # fmt: skip
+        if f"{L}.x_wait" in t:
+            run.x_wait, run.y_wait = t[f"{L}.x_wait"].to(hm.device), t[f"{L}.y_wait"].to(hm.device)
+        runs[L] = run
+    return runs, int(meta["forwards"]), int(meta["tokens"]), float(meta["seconds"])
 
 
 def train_transcoders(
@@ -346,7 +481,9 @@ def train_transcoders(
     """Train one transcoder per chosen layer of ``hm`` on ``documents`` (module docstring).
 
     Returns ``(set, heldout_documents)``: the trained :class:`TranscoderSet` (raw units, sink rule and
-    training record in each config) and the documents held out for evaluation.
+    training record in each config) and the documents held out for evaluation. ``on_log(record)`` is
+    called after each forward pass with ``{forwards, tokens, seconds}`` (``tokens``: the fewest any layer
+    has taken). With ``cfg.checkpoint_dir`` a checkpoint there is resumed (module docstring).
     """
     cfg = cfg or TrainConfig()
     cfg.validate()
@@ -375,15 +512,24 @@ def train_transcoders(
     hooks = mlp_hooks(layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     runs: dict[int, _Run] = {}
-    seen = 0
-    t0 = time.time()
+    seen = start = 0
+    before = 0.0  # seconds spent by the run(s) that wrote the checkpoint
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    key = _checkpoint_key(hm, cfg, layers, ids) if ckpt is not None else ""
+    if ckpt is not None:
+        got = _load_checkpoint(ckpt, key, hm, cfg, gen)
+        if got is not None:
+            runs, start, seen, before = got
+    t0 = time.time() - before
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=budget, unit="tok", desc=f"transcoders x{len(layers)}", file=sys.stderr, leave=False)
+        bar = tqdm(total=budget, initial=seen, unit="tok", desc=f"transcoders x{len(layers)}", file=sys.stderr,
+                   leave=False)  # fmt: skip
+    per = cfg.docs_per_forward
     try:
-        for enc in token_batches(hm, ids, cfg.docs_per_forward):
+        for forward, enc in enumerate(token_batches(hm, ids[start * per :], per), start=start + 1):
             if len(runs) == len(layers) and all(r.taken >= budget for r in runs.values()):
                 break
             with torch.no_grad():
@@ -417,8 +563,10 @@ def train_transcoders(
                 bar.update(n_batch)
                 fvus = [r.sums["fvu_num"] / max(r.sums["fvu_den"], 1e-12) for r in runs.values()]
                 bar.set_postfix(fvu=f"{sum(fvus) / len(fvus):.3f}")
+            if ckpt is not None and cfg.checkpoint_every and forward % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, key, runs, gen, forward, seen, time.time() - t0)
             if on_log is not None:
-                on_log({"tokens": seen, "seconds": time.time() - t0})
+                on_log({"forwards": forward, "tokens": seen, "seconds": time.time() - t0})
     finally:
         if bar is not None:
             bar.close()
@@ -448,6 +596,9 @@ def train_transcoders(
             "dead_fraction_train": float((run.since_fired >= cfg.dead_tokens).double().mean()),
         }
         tcs[L] = tc
-    info = {"train": cfg.to_dict(), "tokens": seen, "seconds": elapsed, "n_train_documents": len(ids),
+    if ckpt is not None and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)  # finished: the set is the result
+    train = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_KEY}
+    info = {"train": train, "tokens": seen, "seconds": elapsed, "n_train_documents": len(ids),
             "n_heldout_documents": len(held)}  # fmt: skip
     return TranscoderSet(hm.name, tcs, info=info), held
