@@ -1,5 +1,6 @@
 """Crosscoder training under ``torchrun`` (2 gloo ranks on the CPU) against one process: the same global
-batches, so the exact reference is the single-process crosscoder (equal up to float rounding)."""
+batches, so the exact reference is the single-process crosscoder (equal up to float rounding). Through
+the CLI the ranks also share the extraction (its exact test: ``test_crosscoder_shard.py``)."""
 
 from __future__ import annotations
 
@@ -117,12 +118,14 @@ def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path, capsys)
     model = save_tiny(tmp_path / "tiny", "llama", seed=1)
     argv = ["crosscoder", "train", "--models", f"{model},{model}", "--hooks", "resid_post.0,resid_post.2",
             "--data", "mini-web", "--width", "64", "--k", "4", "--max-tokens", "1500", "--epochs", "2",
-            "--batch-size", "128", "--device", "cpu", "--no-progress", "--json"]  # fmt: skip
+            "--batch-size", "128", "--norm-ratio", "1.5", "--device", "cpu", "--no-progress", "--json"]  # fmt: skip
     one = json.loads(run_rosetta(capsys, *argv, "--out", str(tmp_path / "one")))
     r = _torchrun(["-m", "rosettalens.cli", *argv, "--out", str(tmp_path / "two")], tmp_path)
     two = json.loads(r.stdout)  # one JSON object: only rank 0 reports
     assert two["steps"] == one["steps"] > 0 and two["train_pairs"] == one["train_pairs"]
     a, b = load_crosscoder(tmp_path / "one"), load_crosscoder(tmp_path / "two")
     assert b.info["train"]["world_size"] == 2
+    # the ranks shared the extraction and gathered the pairs of one process: its medians, counts and cut
+    assert b.info["data"] == a.info["data"] and a.info["data"]["train"]["dropped_outliers"] > 0
     _close(a, b, "cli")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]  # nothing else written

@@ -10,7 +10,8 @@
 tokenizer, by character ends with two), leaves out the first ``--skip-first`` positions and norm
 outliers (the sink rule, recorded in the crosscoder and applied again by ``eval``), trains one
 crosscoder on the documents before the last ``--heldout`` fraction and evaluates it on those. Under
-``torchrun --nproc_per_node N`` every rank extracts the same pairs, training is data parallel
+``torchrun --nproc_per_node N`` the ranks share the extraction's forward passes and then all hold the
+pairs one process extracts (:func:`rosettalens.crosscoder.extract_pairs`), training is data parallel
 (:mod:`rosettalens.crosscoder.train`) and rank 0 evaluates, writes and reports. ``eval`` reports, on
 ``D``, explained variance per model, L0, dead fraction, the latent classes (shared / A-only / B-only by
 the relative decoder norm), the shared latents' decoder cosine, Latent Scaling, and the CE / KL splice
@@ -403,7 +404,7 @@ def register(subparsers) -> None:
         type=opt.positive_int,
         default=8,
         metavar="B",
-        help="documents per forward pass (default: 8)",
+        help="documents per forward pass; under torchrun the ranks take these batches in turn (default: 8)",
     )
     opt.add_heldout(t, 0.1)
     opt.add_skip_first(t, 1)
