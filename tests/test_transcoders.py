@@ -585,6 +585,34 @@ def test_cli_bad_input(model_dir, tmp_path, capsys, extra, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_train_checkpoint_options(model_dir, tmp_path, capsys):
+    """--checkpoint-dir/--checkpoint-every reach the trainer: a folder holding other files is refused
+    before any work; a run that checkpoints leaves the set and no checkpoint behind, and its weights equal
+    those of a run without checkpoints."""
+    from rosettalens.cli import main
+
+    base = ["transcoders", "train", "--model", str(model_dir), "--data", "mini-web", "--width", "32", "--k", "4",
+            "--max-tokens", "400", "--batch-size", "64", "--docs-per-forward", "4", "--layers", "1",
+            "--eval-tokens", "0", "--no-progress"]  # fmt: skip
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep")
+    assert main(base + ["--out", str(tmp_path / "a"), "--checkpoint-dir", str(busy)]) == 2
+    assert "other than a transcoder checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and (busy / "notes.txt").read_text() == "keep"
+    ck = tmp_path / "ck"
+    assert (
+        main(base + ["--out", str(tmp_path / "a"), "--checkpoint-dir", str(ck), "--checkpoint-every", "1"])
+        == 0
+    )
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    assert not ck.exists()
+    a, b = TranscoderSet.load(tmp_path / "a"), TranscoderSet.load(tmp_path / "b")
+    assert "checkpoint_dir" not in a.info["train"]
+    for name, t in a[1].state_dict().items():
+        assert torch.equal(t, b[1].state_dict()[name]), name
+
+
 def test_cli_eval_bad_set(tmp_path, capsys):
     from rosettalens.cli import main
 
