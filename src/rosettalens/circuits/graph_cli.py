@@ -113,7 +113,6 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         pruning,
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
-        slug=Path(args.out).name,
         scores=scores,
     )
     out = Path(args.out)

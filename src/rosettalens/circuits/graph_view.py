@@ -31,7 +31,7 @@ from .graph import AttributionGraph, GraphPruning, graph_scores, prune_graph
 
 __all__ = ["GRAPH_FILES", "graph_html", "graph_json", "is_graph_dir", "load_graph", "save_graph"]
 
-GRAPH_FILES = ("graph.json", "graph.safetensors", "graph.html")
+GRAPH_FILES = ("graph.json", "graph-metadata.json", "graph.safetensors", "graph.html")
 _FEATURE_TYPES = {
     "feature": "cross layer transcoder",
     "error": "mlp reconstruction error",
@@ -71,6 +71,7 @@ def _node_record(graph: AttributionGraph, i: int, cumulative: float) -> dict[str
         rec.update(feature=n["pos"], jsNodeId=f"E_{n['token_id']}-{n['pos']}", clerp=repr(n["token"]))
     else:
         rec.update(feature=n["token_id"], jsNodeId=f"L_{n['token_id']}-{n['pos']}", token_prob=n["prob"])
+        rec["influence"] = None  # a logit has no influence on the logits (circuit-tracer leaves it out)
         rec["is_target_logit"] = i == graph.logit_start
         rec["clerp"] = f'Output "{n["token"]}" (p={n["prob"]:.3f})'
     return rec
@@ -237,8 +238,10 @@ def _fmt(v: Any) -> str:
 def save_graph(
     graph: AttributionGraph, folder: Path, gj: dict[str, Any], title: str = "attribution graph"
 ) -> None:
-    """Write ``graph.json`` (``gj``), ``graph.safetensors`` (the whole graph) and ``graph.html`` into
-    ``folder`` (which must exist; the caller builds it aside and swaps it in)."""
+    """Write ``graph.json`` (``gj``), ``graph-metadata.json`` (the list of graphs circuit-tracer's viewer
+    reads, naming this one; its slug must be the file's name, ``graph``), ``graph.safetensors`` (the whole
+    graph) and ``graph.html`` into ``folder`` (which must exist; the caller builds it aside and swaps it
+    in)."""
     from safetensors.torch import save_file
 
     tensors = {
@@ -260,6 +263,8 @@ def save_graph(
     }
     save_file(tensors, str(folder / "graph.safetensors"), metadata={"graph": json.dumps(meta)})
     (folder / "graph.json").write_text(json.dumps(gj, indent=1) + "\n")
+    listing = {"graphs": [{**gj["metadata"], "slug": "graph"}]}
+    (folder / "graph-metadata.json").write_text(json.dumps(listing, indent=2) + "\n")
     (folder / "graph.html").write_text(graph_html(gj, title))
 
 

@@ -321,7 +321,7 @@ class SeqcontGraphsExperiment(Experiment):
                     folder.mkdir(parents=True, exist_ok=True)
                     scores = {"replacement_score": rep, "completeness_score": comp,
                               "intervention_agreement": agr["spearman"]}  # fmt: skip
-                    save_graph(g, folder, graph_json(g, slug=folder.name, scores=scores),
+                    save_graph(g, folder, graph_json(g, scores=scores),
                                title=f"{hm.name}: {text!r}")  # fmt: skip
                     rows.append(
                         {
