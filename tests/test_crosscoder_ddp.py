@@ -129,3 +129,17 @@ def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path, capsys)
     assert b.info["data"] == a.info["data"] and a.info["data"]["train"]["dropped_outliers"] > 0
     _close(a, b, "cli")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]  # nothing else written
+    # eval: the ranks share the extraction, rank 0 alone scores and reports what one process reports
+    ev = ["crosscoder", "eval", "--crosscoder", str(tmp_path / "two"), "--data", "mini-web", "--max-tokens", "600",
+          "--device", "cpu", "--no-progress", "--json"]  # fmt: skip
+    ev_one = json.loads(run_rosetta(capsys, *ev))
+    ev_two = json.loads(_torchrun(["-m", "rosettalens.cli", *ev], tmp_path).stdout)
+    assert ev_two.keys() == ev_one.keys() and ev_one["n_tokens"] > 0
+    assert ev_two["n_tokens"] == ev_one["n_tokens"] and ev_two["n_shared"] == ev_one["n_shared"]
+    for model in ("a", "b"):
+        assert ev_two["explained_variance"][model] == pytest.approx(
+            ev_one["explained_variance"][model], abs=1e-6
+        )
+        assert ev_two["splice"][model]["ce_loss_recovered"] == pytest.approx(
+            ev_one["splice"][model]["ce_loss_recovered"], abs=1e-6
+        )

@@ -15,7 +15,7 @@ pairs one process extracts (:func:`rosettalens.crosscoder.extract_pairs`), train
 (:mod:`rosettalens.crosscoder.train`) and rank 0 evaluates, writes and reports. ``eval`` reports, on
 ``D``, explained variance per model, L0, dead fraction, the latent classes (shared / A-only / B-only by
 the relative decoder norm), the shared latents' decoder cosine, Latent Scaling, and the CE / KL splice
-scores per model. Bad input: one line on stderr, exit status 2, nothing half-written.
+scores per model (under ``torchrun`` the ranks share the extraction and rank 0 reports). Bad input: one line on stderr, exit status 2, nothing half-written.
 """
 
 from __future__ import annotations
@@ -238,8 +238,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         max_length=args.max_length,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress and _rank()[0] == 0,
     )
+    if _rank()[0] != 0:
+        return 0  # under torchrun the ranks share the extraction; rank 0 scores, splices and reports
     summary = _public(summarize(cc, pairs.x_a, pairs.x_b))
     result: dict[str, Any] = {
         "crosscoder": str(args.crosscoder),
