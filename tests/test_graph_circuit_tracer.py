@@ -88,7 +88,8 @@ def test_pruning_equals_circuit_tracers(graphs, node_threshold, edge_threshold):
 
 
 def _error_node(cls, layer, pos, influence=None):
-    """circuit-tracer 0.5.0's error node with the ids of its later fix (decoderesearch/circuit-tracer#102):
+    """circuit-tracer 0.5.0's error node with the ids of its later fix
+    (github.com/decoderesearch/circuit-tracer/pull/102):
     ``0_{layer}_{pos}`` named feature ``layer`` of layer 0 as well, so we write ``{layer}_-1_{pos}`` (and
     ``{layer}_-1-{pos}`` as the display id, which 0.5.0 shared with feature ``pos`` of the layer)."""
     return cls(
