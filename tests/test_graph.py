@@ -176,6 +176,7 @@ def test_edges_are_exact_effects_in_the_replacement_model(family):
     hm, tset = _setup(family)
     g = build_graph(hm, tset, PROMPT, max_feature_nodes=None, batch_size=5)
     assert g.n_features == g.info["n_active_features"] > 0
+    assert int(g.active_features[:, 1].min()) >= 1  # no feature at the attention sink (skip_first = 1)
     ids = g.input_ids[None]
     ref = FrozenReference(hm, tset, ids)
     n_layers, n_pos, d = hm.cfg.n_layers, g.n_pos, hm.cfg.d_model
@@ -207,6 +208,7 @@ def test_edges_are_exact_effects_in_the_replacement_model(family):
     # every token source and a random sample of feature and error sources (one forward each)
     feats = torch.randperm(g.n_features, generator=rng)[:12].tolist()
     errs = (g.error_start + torch.randperm(g.token_start - g.error_start, generator=rng)[:6]).tolist()
+    errs += [g.error_start + L * g.n_pos for L in range(n_layers)]  # position 0, left out by the sink rule
     checked = sorted(feats + errs + list(range(g.token_start, g.logit_start)))
     for s in checked:
         de, do = zero_e.clone(), zero_o.clone()
@@ -216,9 +218,13 @@ def test_edges_are_exact_effects_in_the_replacement_model(family):
             do[L, p] = node["activation"] * tset[L].W_dec[f].detach()
         elif node["kind"] == "error":
             L, p = node["layer"], node["pos"]
-            x = clean_cache[hook_name("mlp_in", L)][0, p]
+            xs = clean_cache[hook_name("mlp_in", L)]
             _, cache = hm.run_with_cache(ids, hooks=[hook_name("mlp_out", L)])
-            do[L, p] = cache[hook_name("mlp_out", L)][0, p] - tset[L](x)
+            ys = cache[hook_name("mlp_out", L)]
+            recon = tset[L](xs[0, p])
+            if not tset[L].keep_mask(xs, ys)[0, p]:  # a position the sink rule leaves out: no features
+                recon = recon - tset[L].decode(tset[L].encode(xs[0, p])) + tset[L].b_dec
+            do[L, p] = ys[0, p] - recon
         else:
             p = node["pos"]
             de[p] = clean_cache["embed"][0, p]

@@ -8,6 +8,9 @@ For one prompt the *local replacement model* is the real Hugging Face forward pa
 * every MLP replaced by its transcoder, whose feature activations are constants (the nonlinearity
   is stopped), plus an *error node* per layer and position: ``mlp_out - transcoder(mlp_in)``, frozen.
   A layer without a transcoder is all error. A skip connection (``x @ W_skip``) stays linear.
+  At the positions a transcoder's attention-sink rule leaves out (the first ``skip_first`` positions
+  and norm outliers, which it was not trained on) its features are zero, so the MLP output there is
+  error (circuit-tracer zeroes the first position's features likewise).
 
 With these stops the model is linear from the nodes' contributions to every feature's
 pre-activation and to every logit, and its forward value is exactly the real model's. Nodes, in the
@@ -151,8 +154,10 @@ def _clean_pass(hm: Any, transcoders: Any, ids: Tensor) -> _Clean:
         mlp_out.append(y)
         if L in transcoders:
             tc = transcoders[L]
-            f = tc.encode(x)
-            recon = tc(x).to(y.dtype)
+            keep = tc.keep_mask(x[None], y[None])[0]  # [pos]: the positions the transcoder stands for
+            f = tc.encode(x) * keep[:, None].to(x.dtype)
+            s = tc.skip_out(x)
+            recon = (tc.decode(f) if s is None else tc.decode(f) + s).to(y.dtype)
             acts.append(f)
             errors.append(y - recon)
         else:
