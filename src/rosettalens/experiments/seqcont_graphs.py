@@ -194,9 +194,20 @@ class SeqcontGraphsExperiment(Experiment):
     layer_fields: dict[str, str] = {}
 
     def plan(self, cfg: SeqcontGraphsConfig) -> dict[str, Any]:
-        train = sum(d is None for d in cfg.transcoder_list())
+        from ..organisms.registry import model_billions
+
+        given = cfg.transcoder_list()
+        train = sum(d is None for d in given)
         n_graphs = cfg.n_graphs * len(cfg.task_list()) * 2
-        minutes = train * 6.0 * cfg.train_tokens / 8000 + 1.0 * n_graphs
+        # calibrated on one CPU thread (SmolLM2 vs Gemma 3 270M, 2026-12-05): a graph of 256 feature rows
+        # with its 20 interventions 3 s, a Gemma transcoder set on 8,000 tokens 35 s, loading 10 s;
+        # twice that here, scaled by each model's size against Gemma's 0.27B
+        sizes = [(model_billions(m) or 0.5) / 0.27 for m in cfg.model_list()]
+        per_graph = 0.1 * cfg.max_feature_nodes / 256
+        minutes = 0.3 * len(sizes) + sum(
+            s * (per_graph * n_graphs / 2 + (1.2 * cfg.train_tokens / 8000 if d is None else 0.0))
+            for s, d in zip(sizes, given, strict=True)
+        )
         return {
             "models": cfg.model_list(),
             "organisms_to_build": [],
