@@ -360,6 +360,27 @@ def test_intervention_agreement_reports_each_feature():
     assert hm.active_hook_count() == 0
 
 
+def test_frozen_norm_agreement_is_exact_for_last_layer_features():
+    """With the norms frozen as in the graph, a last-layer feature at the last position acts on the logits
+    only through the (now linear) final norm and the unembedding: measured == predicted, while the real
+    model's final norm changes the effect."""
+    hm, tset = _setup("llama")
+    g = build_graph(hm, tset, PROMPT, max_feature_nodes=None)
+    out = intervention_agreement(hm, tset, g, n_features=g.n_features)
+    last = f"{hm.cfg.n_layers - 1}_"
+    direct = [
+        r
+        for r in out["features"]
+        if r["node_id"].startswith(last) and r["node_id"].endswith(f"_{g.n_pos - 1}")
+    ]
+    assert len(direct) >= 2 and -1.0 <= out["spearman_frozen_norms"] <= 1.0
+    for r in direct:
+        assert r["measured_frozen_norms"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-9)
+    assert max(abs(r["measured"] - r["predicted"]) for r in direct) > 1e-4  # the real norm is not linear
+    n_norm_hooks = sum(len(m._forward_hooks) for m in hm.model.modules())
+    assert n_norm_hooks == 0  # every hook removed
+
+
 def test_bad_input_is_typed():
     hm, tset = _setup("llama", dtype=torch.float32)
     with pytest.raises(DataError):

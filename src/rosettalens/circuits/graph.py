@@ -852,12 +852,16 @@ def intervention_agreement(
     For the ``n_features`` most influential feature nodes: predicted = the graph's total (direct +
     indirect) effect of the feature on the top logit target, times ``-scale``; measured = the change
     of that demeaned logit in the real model when ``scale * activation * W_dec[feature]`` is
-    subtracted at ``mlp_out.L`` at the feature's position.
+    subtracted at ``mlp_out.L`` at the feature's position. ``spearman_frozen_norms`` (and each row's
+    ``measured_frozen_norms``) repeats the measurement with every norm's scale frozen at its clean value,
+    as in the graph (attention and the MLPs stay live): the part of a miss that the norms make. A
+    last-layer feature at the last position is then predicted exactly.
     """
     from scipy.stats import spearmanr
 
     if graph.n_features == 0:
-        return {"spearman": float("nan"), "n": 0, "scale": scale, "features": []}
+        nan = float("nan")
+        return {"spearman": nan, "spearman_frozen_norms": nan, "n": 0, "scale": scale, "features": []}
     infl = graph.influence()[: graph.n_features]
     order = torch.argsort(infl, descending=True)[:n_features].tolist()
     total = graph.total_effects(0)  # effects on the top logit target
@@ -868,7 +872,34 @@ def intervention_agreement(
         last = logits[0, -1].double()
         return float(last[target] - last.mean())
 
-    base = demeaned(hm.forward(ids))
+    norms = _norm_modules(hm)
+    clean: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def record(mod: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor) and args and isinstance(args[0], Tensor):
+            clean[id(mod)] = (args[0].detach(), output.detach())
+
+    def frozen(mod: nn.Module, args: tuple, output: Any) -> Any:
+        if id(mod) not in clean:
+            return None
+        x0, y0 = clean[id(mod)]
+        return y0 + frozen_norm_linear(mod, x0, args[0] - x0).to(y0.dtype)
+
+    def measure(hooks: list, freeze: bool) -> float:
+        handles = [m.register_forward_hook(frozen) for _, m in norms] if freeze else []
+        try:
+            with hm.intervene(hooks):
+                return demeaned(hm.forward(ids))
+        finally:
+            for h in handles:
+                h.remove()
+
+    handles = [m.register_forward_hook(record) for _, m in norms]
+    try:
+        base = demeaned(hm.forward(ids))
+    finally:
+        for h in handles:
+            h.remove()
     rows = []
     for i in order:
         n = graph.node(i)
@@ -880,16 +911,24 @@ def intervention_agreement(
             out[:, p] -= vec.to(act.device)
             return out
 
-        with hm.intervene([(hook_name("mlp_out", L), sub, "plain")]):
-            measured = demeaned(hm.forward(ids)) - base
+        hooks = [(hook_name("mlp_out", L), sub, "plain")]
         rows.append(
-            {"node_id": graph.node_id(i), "predicted": -scale * float(total[i]), "measured": measured}
+            {
+                "node_id": graph.node_id(i),
+                "predicted": -scale * float(total[i]),
+                "measured": measure(hooks, False) - base,
+                "measured_frozen_norms": measure(hooks, True) - base,
+            }
         )
     pred = [r["predicted"] for r in rows]
-    meas = [r["measured"] for r in rows]
-    rho = float(spearmanr(pred, meas).statistic) if len(rows) > 2 else float("nan")
+
+    def rho(key: str) -> float:
+        r = float(spearmanr(pred, [x[key] for x in rows]).statistic) if len(rows) > 2 else float("nan")
+        return r if math.isfinite(r) else float("nan")
+
     return {
-        "spearman": rho if math.isfinite(rho) else float("nan"),
+        "spearman": rho("measured"),
+        "spearman_frozen_norms": rho("measured_frozen_norms"),
         "n": len(rows),
         "scale": scale,
         "features": rows,
