@@ -376,7 +376,12 @@ def test_frozen_norm_agreement_is_exact_for_last_layer_features():
     assert len(direct) >= 2 and -1.0 <= out["spearman_frozen_norms"] <= 1.0
     for r in direct:
         assert r["measured_frozen_norms"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-9)
+        assert r["measured_frozen_attention"] == pytest.approx(r["predicted"], rel=1e-6, abs=1e-9)
     assert max(abs(r["measured"] - r["predicted"]) for r in direct) > 1e-4  # the real norm is not linear
+    # an early feature reaches the logits through attention: freezing the patterns changes its effect
+    early = [r for r in out["features"] if not r["node_id"].endswith(f"_{g.n_pos - 1}")]
+    assert max(abs(r["measured_frozen_attention"] - r["measured_frozen_norms"]) for r in early) > 1e-6
+    assert -1.0 <= out["spearman_frozen_attention"] <= 1.0
     n_norm_hooks = sum(len(m._forward_hooks) for m in hm.model.modules())
     assert n_norm_hooks == 0  # every hook removed
 

@@ -855,13 +855,22 @@ def intervention_agreement(
     subtracted at ``mlp_out.L`` at the feature's position. ``spearman_frozen_norms`` (and each row's
     ``measured_frozen_norms``) repeats the measurement with every norm's scale frozen at its clean value,
     as in the graph (attention and the MLPs stay live): the part of a miss that the norms make. A
-    last-layer feature at the last position is then predicted exactly.
+    last-layer feature at the last position is then predicted exactly. ``spearman_frozen_attention``
+    (``measured_frozen_attention``) freezes the attention patterns too (queries and keys at their clean
+    values), so only the MLPs' nonlinearity separates it from the graph.
     """
     from scipy.stats import spearmanr
 
     if graph.n_features == 0:
         nan = float("nan")
-        return {"spearman": nan, "spearman_frozen_norms": nan, "n": 0, "scale": scale, "features": []}
+        return {
+            "spearman": nan,
+            "spearman_frozen_norms": nan,
+            "spearman_frozen_attention": nan,
+            "n": 0,
+            "scale": scale,
+            "features": [],
+        }
     infl = graph.influence()[: graph.n_features]
     order = torch.argsort(infl, descending=True)[:n_features].tolist()
     total = graph.total_effects(0)  # effects on the top logit target
@@ -885,8 +894,16 @@ def intervention_agreement(
         x0, y0 = clean[id(mod)]
         return y0 + frozen_norm_linear(mod, x0, args[0] - x0).to(y0.dtype)
 
-    def measure(hooks: list, freeze: bool) -> float:
+    qk = [hook_name(kind, L) for L in range(hm.cfg.n_layers) for kind in ("q", "k")]
+    _, qk_clean = hm.run_with_cache(ids, hooks=qk)
+
+    def clean_qk(act: Tensor, name: str) -> Tensor:
+        return qk_clean[name].to(act.dtype)
+
+    def measure(hooks: list, freeze: bool, attention: bool = False) -> float:
         handles = [m.register_forward_hook(frozen) for _, m in norms] if freeze else []
+        if attention:
+            hooks = hooks + [(h, clean_qk, "plain") for h in qk]
         try:
             with hm.intervene(hooks):
                 return demeaned(hm.forward(ids))
@@ -918,6 +935,7 @@ def intervention_agreement(
                 "predicted": -scale * float(total[i]),
                 "measured": measure(hooks, False) - base,
                 "measured_frozen_norms": measure(hooks, True) - base,
+                "measured_frozen_attention": measure(hooks, True, attention=True) - base,
             }
         )
     pred = [r["predicted"] for r in rows]
@@ -929,6 +947,7 @@ def intervention_agreement(
     return {
         "spearman": rho("measured"),
         "spearman_frozen_norms": rho("measured_frozen_norms"),
+        "spearman_frozen_attention": rho("measured_frozen_attention"),
         "n": len(rows),
         "scale": scale,
         "features": rows,

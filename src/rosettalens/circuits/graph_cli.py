@@ -38,6 +38,7 @@ def graph_summary(hm: Any, tset: Any, graph: Any, gj: dict[str, Any], agreement:
         "completeness_score": gj["scores"]["completeness_score"],
         "intervention_agreement": agreement["spearman"],
         "intervention_agreement_frozen_norms": agreement["spearman_frozen_norms"],
+        "intervention_agreement_frozen_attention": agreement["spearman_frozen_attention"],
         "intervention_features": agreement["n"],
         "intervention_scale": agreement.get("scale", 1.0),
         "logits": [
@@ -107,6 +108,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         "completeness_score": comp,
         "intervention_agreement": agreement["spearman"],
         "intervention_agreement_frozen_norms": agreement["spearman_frozen_norms"],
+        "intervention_agreement_frozen_attention": agreement["spearman_frozen_attention"],
         "intervention_features": agreement["features"],
         "build_seconds": round(build_s, 3),
     }
@@ -135,7 +137,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     print(
         f"replacement score {rep:.3f}, completeness score {comp:.3f}, "
         f"intervention agreement {agreement['spearman']:.3f} (Spearman over {agreement['n']} features; "
-        f"{agreement['spearman_frozen_norms']:.3f} with the norms frozen as in the graph)"
+        f"{agreement['spearman_frozen_norms']:.3f} with the norms frozen as in the graph, "
+        f"{agreement['spearman_frozen_attention']:.3f} with the attention patterns frozen too)"
     )
     for f in payload["top_features"][:5]:
         print(f"  {f['node_id']:>14}  influence {f['influence']:.4f}  at {f['token']!r}")
