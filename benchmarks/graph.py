@@ -112,7 +112,7 @@ def run_one(args) -> dict:
         load_avg_1min=os.getloadavg()[0],
     )
     if args.quality:
-        from rosettalens.circuits.graph import intervention_agreement
+        from rosettalens.circuits.graph_checks import intervention_agreement
 
         rep, comp = g.scores()
         agr = intervention_agreement(hm, tset, g, n_features=20)

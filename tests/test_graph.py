@@ -10,11 +10,10 @@ from rosettalens.circuits.graph import (
     build_graph,
     frozen_norm_linear,
     graph_scores,
-    intervention_agreement,
     norm_kind,
     prune_graph,
-    replacement_model,
 )
+from rosettalens.circuits.graph_checks import intervention_agreement, replacement_model
 from rosettalens.errors import ConfigError, DataError
 from rosettalens.hooks import HookedModel
 from rosettalens.models.tiny import FAMILIES, tiny_model

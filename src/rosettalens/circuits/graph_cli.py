@@ -53,7 +53,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     import torch
 
     import rosettalens
-    from rosettalens.circuits.graph import build_graph, graph_scores, intervention_agreement, prune_graph
+    from rosettalens.circuits.graph import build_graph, graph_scores, prune_graph
+    from rosettalens.circuits.graph_checks import intervention_agreement
     from rosettalens.circuits.graph_view import graph_json, is_graph_dir, save_graph
     from rosettalens.io import atomic_dir
     from rosettalens.transcoders.model import SET_FILE, TranscoderSet

@@ -307,7 +307,8 @@ class SeqcontGraphsExperiment(Experiment):
 
     # ------------------------------------------------------------------------------------ graphs
     def graphs(self, ctx: RunContext) -> None:
-        from ..circuits.graph import build_graph, intervention_agreement
+        from ..circuits.graph import build_graph
+        from ..circuits.graph_checks import intervention_agreement
         from ..circuits.graph_view import graph_json, save_graph
 
         cfg = ctx.config
