@@ -136,6 +136,21 @@ def test_checkpoint_resume_equals_uninterrupted(store, tmp_path):
         )  # fmt: skip
 
 
+def test_a_checkpoint_dir_holding_other_files_is_refused_and_left_alone(store, tmp_path):
+    """A checkpoint folder is replaced whole at each save and removed at the end: a folder that holds
+    anything else is refused before any work, and keeps its files."""
+    busy = tmp_path / "notes"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds files other than an SAE checkpoint"):
+        train_saes(store, _cfgs(), _tcfg(checkpoint_dir=str(busy), checkpoint_every=5), hook="resid_post.1")
+    assert (busy / "mine.txt").read_text() == "keep me" and len(list(busy.iterdir())) == 1
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        _tcfg(checkpoint_dir=str(afile), checkpoint_every=5).validate()
+
+
 WORKER = """
 import sys, torch
 torch.set_num_threads(1)

@@ -33,9 +33,11 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_checkpoint_dir",
     "check_output",
     "is_temp_name",
     "json_safe",
+    "read_checkpoint_meta",
     "sha256_bytes",
     "sha256_file",
     "temp_sibling",
@@ -210,6 +212,34 @@ def atomic_savefig(
     with atomic_path(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
     return Path(path)
+
+
+def check_checkpoint_dir(d: str | os.PathLike[str], names: tuple[str, ...], what: str) -> None:
+    """:class:`~rosettalens.errors.ConfigError` unless ``d`` is absent, an empty folder or a folder holding
+    only a checkpoint's own files ``names``: a checkpoint folder is replaced whole at each save and removed
+    when the run ends, so a folder holding anything else is refused before any work."""
+    from .errors import ConfigError
+
+    d = Path(d)
+    if not d.exists():
+        return
+    if not d.is_dir():
+        raise ConfigError(f"checkpoint_dir {d} exists and is not a folder")
+    found = {p.name for p in d.iterdir()}
+    if found and not found <= set(names):
+        raise ConfigError(f"checkpoint_dir {d} holds files other than {what}; choose an empty or new folder")
+
+
+def read_checkpoint_meta(d: Path, state: str, meta: str) -> dict[str, Any] | None:
+    """The JSON record ``d / meta`` of a checkpoint whose tensors are ``d / state``, or ``None`` when the
+    checkpoint is not there (either file missing, or the record unreadable: a save that did not finish)."""
+    if not (d / meta).is_file() or not (d / state).is_file():
+        return None
+    try:
+        out = json.loads((d / meta).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rosettalens.errors import ConfigError, DataError, ShapeError
-from rosettalens.io import atomic_dir, sha256_bytes
+from rosettalens.io import atomic_dir, check_checkpoint_dir, read_checkpoint_meta, sha256_bytes
 from rosettalens.sae.model import SAE, SAEConfig
 
 __all__ = ["TrainConfig", "train_saes", "train_sae"]
@@ -100,6 +100,8 @@ class TrainConfig:
             raise ConfigError("chunk_rows, buffer_size and norm_rows must be >= 1")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
             raise ConfigError("checkpoint_every needs a checkpoint_dir (and must be >= 0)")
+        if self.checkpoint_dir:  # replaced whole at each save and removed at the end: refuse other files
+            check_checkpoint_dir(self.checkpoint_dir, (CKPT_STATE, CKPT_META), "an SAE checkpoint")
         if not 0 < self.dense_threshold <= 1:
             raise ConfigError(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
 
@@ -489,11 +491,8 @@ def _save_checkpoint(d: Path, runs: list[_Run], step: int, key: str, history: li
 def _load_checkpoint(d: Path, runs: list[_Run], key: str) -> tuple[int, list] | None:
     from safetensors.torch import load_file
 
-    if not (d / CKPT_META).is_file() or not (d / CKPT_STATE).is_file():
-        return None
-    try:
-        meta = json.loads((d / CKPT_META).read_text("utf-8"))
-    except (OSError, ValueError):
+    meta = read_checkpoint_meta(d, CKPT_STATE, CKPT_META)
+    if meta is None:
         return None
     if meta.get("key") != key:
         raise ConfigError(

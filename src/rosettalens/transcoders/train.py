@@ -56,7 +56,8 @@ from torch import Tensor
 
 from rosettalens.config import option
 from rosettalens.errors import ConfigError, DataError
-from rosettalens.io import atomic_dir, sha256_bytes
+from rosettalens.io import atomic_dir, read_checkpoint_meta, sha256_bytes
+from rosettalens.io import check_checkpoint_dir as check_dir
 from rosettalens.names import hook_name
 from rosettalens.sae.train import lr_factor
 from rosettalens.transcoders.model import Transcoder, TranscoderConfig, TranscoderSet
@@ -376,16 +377,7 @@ def _init_run(L: int, hm: Any, cfg: TrainConfig, x: Tensor, y: Tensor, medians: 
 def check_checkpoint_dir(d: str | Path) -> None:
     """ConfigError unless ``d`` is absent, an empty folder or a checkpoint folder (it is replaced whole at
     each save and removed at the end: a folder holding anything else is refused)."""
-    d = Path(d)
-    if not d.exists():
-        return
-    if not d.is_dir():
-        raise ConfigError(f"checkpoint_dir {d} exists and is not a folder")
-    names = {p.name for p in d.iterdir()}
-    if names and not names <= {CKPT_STATE, CKPT_META}:
-        raise ConfigError(
-            f"checkpoint_dir {d} holds files other than a transcoder checkpoint; choose an empty or new folder"
-        )
+    check_dir(d, (CKPT_STATE, CKPT_META), "a transcoder checkpoint")
 
 
 def _checkpoint_key(hm: Any, cfg: TrainConfig, layers: Sequence[int], ids: Sequence[Sequence[int]]) -> str:
@@ -433,11 +425,8 @@ def _load_checkpoint(
     ``None`` when there is none; ConfigError when it was written by a run with another key."""
     from safetensors.torch import load_file
 
-    if not (d / CKPT_META).is_file() or not (d / CKPT_STATE).is_file():
-        return None
-    try:
-        meta = json.loads((d / CKPT_META).read_text("utf-8"))
-    except (OSError, ValueError):
+    meta = read_checkpoint_meta(d, CKPT_STATE, CKPT_META)
+    if meta is None:
         return None
     if meta.get("format") != CKPT_FORMAT or meta.get("key") != key:
         raise ConfigError(
