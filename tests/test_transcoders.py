@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rosettalens.errors import ConfigError, DataError, ShapeError
+from rosettalens.errors import ConfigError, DataError, OutputExistsError, ShapeError
 from rosettalens.transcoders import Transcoder, TranscoderConfig, TranscoderSet
 
 
@@ -206,6 +206,12 @@ def test_circuit_tracer_round_trip_and_bad_folders(tmp_path):
     gap = TranscoderSet("tiny", {1: _random_tc(layer=1)})
     with pytest.raises(ConfigError):
         save_circuit_tracer(gap, tmp_path / "gap")
+    save_circuit_tracer(tset, tmp_path / "ct", overwrite=True)  # an earlier export is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError):  # --overwrite replaces only an earlier export
+        save_circuit_tracer(tset, tmp_path / "notes", overwrite=True)
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["mine.txt"]
     (tmp_path / "ct" / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
     with pytest.raises(DataError, match="not supported"):
         load_circuit_tracer(tmp_path / "ct")

@@ -26,6 +26,7 @@ must feed it that); output hooks ``mlp.hook_out`` / ``hook_mlp_out`` -> ``mlp_ou
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,14 @@ def save_circuit_tracer(tset: TranscoderSet, folder: str | os.PathLike, *, overw
     if arch == "topk":
         cfg["k"] = int(ks.pop())
     out = Path(folder)
-    with atomic_dir(out, overwrite=overwrite, what="circuit-tracer folder") as tmp:
+
+    def earlier(p: Path) -> bool:  # what overwrite may replace: a folder this function wrote
+        names = {q.name for q in p.iterdir()} if p.is_dir() else set()
+        return CONFIG in names and all(
+            n == CONFIG or re.fullmatch(r"layer_\d+\.safetensors", n) for n in names
+        )
+
+    with atomic_dir(out, overwrite=overwrite, what="circuit-tracer folder", replaceable=earlier) as tmp:
         for L in tset.layers:
             t = tset[L].state_tensors()
             ct = {
