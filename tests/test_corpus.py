@@ -119,6 +119,24 @@ def test_token_counts_and_errors(tree):
         corpus_dir("../escape")
 
 
+def test_an_out_folder_that_is_not_a_corpus_is_never_replaced(tree, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="is not a corpus"):
+            build_corpus("t5", ["stdlib"], out=mine, overwrite=overwrite, stdlib_root=tree, count_with=[],
+                         progress=False)  # fmt: skip
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    built = build_corpus(
+        "t5", ["stdlib"], out=tmp_path / "c", stdlib_root=tree, count_with=[], progress=False
+    )
+    again = build_corpus(
+        "t5", ["stdlib"], out=tmp_path / "c", overwrite=True, stdlib_root=tree, count_with=[], progress=False
+    )  # fmt: skip  (an earlier corpus is replaced)
+    assert again["shards"] == built["shards"]
+
+
 def test_cli_build_pydoc_topics(tmp_path, monkeypatch, capsys):
     pytest.importorskip("pydoc_data.topics")
     from pydoc_data.topics import topics

@@ -416,8 +416,8 @@ def build_corpus(
     dest = Path(out) if out is not None else corpus_dir(name)
     if (dest / MANIFEST).is_file() and not overwrite:
         return json.loads((dest / MANIFEST).read_text("utf-8"))
-    if dest.exists() and not overwrite and any(dest.iterdir()):
-        raise ConfigError(f"{dest} exists and is not a finished corpus; pass --overwrite to replace it")
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file())):
+        raise ConfigError(f"{dest} exists and is not a corpus; choose another --out")  # never replaced
     docs, stats = collect(sources, stdlib_root=stdlib_root, site=site, max_chars=max_chars, progress=progress)
     if not docs:
         raise DataError("the corpus sources gave no documents")
