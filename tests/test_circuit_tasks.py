@@ -15,6 +15,7 @@ from rosettalens.circuits.tasks import (
     load_task,
     load_task_file,
     make_prompts,
+    prompt_ids,
     select_tasks,
 )
 from rosettalens.errors import DataError, ShapeError
@@ -68,6 +69,21 @@ def test_prompts_equal_length_answer_is_next_token(tok):
         assert all(m in members for m in c)
         assert members.index(c[-1]) - members.index(c[-2]) != 1
     assert len(set(ps.texts)) == n
+
+
+def test_prompt_ids_reads_one_tokenizers_prompts_with_another(tok):
+    members = _letters(tok)
+    task = SequenceTask("letters", members, templates=["{1} {2} {3} {4}", "so {1} {2} {3} {4}"])
+    ps = make_prompts(tok, task, n=12, seed=1)
+    # read by the tokenizer that made them: make_prompts' own ids
+    assert prompt_ids(tok, task, ps.texts, ps.answers) == [r.tolist() for r in ps.clean_ids]
+    other = tiny_tokenizer(add_bos=False)  # the same text, no BOS: every id list one shorter
+    got = prompt_ids(other, task, ps.texts, ps.answers)
+    for g, ids, text, ans in zip(got, ps.clean_ids, ps.texts, ps.answers, strict=True):
+        assert g == ids.tolist()[1:]
+        assert other(text + " " + ans)["input_ids"][: len(g)] == g  # the answer is the next token
+    # an answer that is no single token for the reader: None
+    assert prompt_ids(other, task, ps.texts[:2], ["not-a-member", ps.answers[1]]) == [None, got[1]]
 
 
 def test_not_single_token_reported_and_strict_refuses(tok):

@@ -48,6 +48,7 @@ __all__ = [
     "load_task",
     "load_task_file",
     "make_prompts",
+    "prompt_ids",
     "competence",
     "logit_diff",
     "name_pool",
@@ -557,6 +558,26 @@ def make_prompts(
         member_positions=torch.tensor([r["mpos"] for r in kept], dtype=torch.long),
         tokenization=report,
     )
+
+
+def prompt_ids(
+    tokenizer: Any, task: SequenceTask, texts: Sequence[str], answers: Sequence[str]
+) -> list[list[int] | None]:
+    """Each prompt text's token ids for ``tokenizer``, encoded as :func:`make_prompts` encodes its own (a
+    trailing space token where the tokenizer splits the space off the answer), or ``None`` where the
+    answer would not be the one token after them: the prompts one tokenizer made, read by another."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    mode, answer_id, _ = answer_forms(tok, task.members)
+    space = " " if mode == "split" else ""
+    out: list[list[int] | None] = []
+    for text, ans in zip(texts, answers, strict=True):
+        if ans not in answer_id:
+            out.append(None)
+            continue
+        ids = list(tok(text + space)["input_ids"])
+        full = list(tok(text + " " + ans)["input_ids"])
+        out.append(ids if full == ids + [answer_id[ans]] else None)
+    return out
 
 
 def _corrupt(

@@ -279,28 +279,28 @@ class SeqcontGraphsExperiment(Experiment):
 
     # ----------------------------------------------------------------------------------- prompts
     def prompts(self, ctx: RunContext) -> None:
-        """Per task, the texts both models' prompt sets share, with each model's own token ids (a
-        trailing space token where a tokenizer splits the space off the answer)."""
-        from ..circuits.tasks import load_task, make_prompts
+        """Per task, model A's prompts that model B reads with the answer as its next token, with each
+        model's own token ids (a trailing space token where a tokenizer splits the space off the answer).
+        The prompts are A's texts read by B's tokenizer, not two prompt sets drawn apart (with random
+        names and verbs those would share few texts)."""
+        from ..circuits.tasks import load_task, make_prompts, prompt_ids
 
         cfg = ctx.config
+        hm_a, hm_b = ctx.state["hms"]
         out = {}
         for t in cfg.task_list():
-            sets = [
-                make_prompts(hm, load_task(t), n=cfg.n_prompts, seed=cfg.seed, templates=cfg.templates)
-                for hm in ctx.state["hms"]
-            ]
-            index_b = {text: i for i, text in enumerate(sets[1].texts)}
-            keep = [(i, index_b[x]) for i, x in enumerate(sets[0].texts) if x in index_b]
+            task = load_task(t)
+            ps = make_prompts(hm_a, task, n=cfg.n_prompts, seed=cfg.seed, templates=cfg.templates)
+            ids_b = prompt_ids(hm_b, task, ps.texts, ps.answers)
+            keep = [i for i, ids in enumerate(ids_b) if ids is not None]
             if not keep:
-                raise DataError(f"task {t}: the two models' prompt sets share no prompt")
+                raise DataError(
+                    f"task {t}: model B reads none of model A's prompts with the answer as one token"
+                )
             out[t] = {
-                "texts": [sets[0].texts[i] for i, _ in keep],
-                "answers": [sets[0].answers[i] for i, _ in keep],
-                "ids": [
-                    [sets[0].clean_ids[i].tolist() for i, _ in keep],
-                    [sets[1].clean_ids[j].tolist() for _, j in keep],
-                ],
+                "texts": [ps.texts[i] for i in keep],
+                "answers": [ps.answers[i] for i in keep],
+                "ids": [[ps.clean_ids[i].tolist() for i in keep], [ids_b[i] for i in keep]],
             }
         ctx.save_json("prompts.json", out)
         ctx.state["prompts"] = out
