@@ -203,7 +203,8 @@ class SeqcontGraphsExperiment(Experiment):
         # with its 20 interventions 3 s, a Gemma transcoder set on 8,000 tokens 35 s, loading 10 s;
         # twice that here, scaled by each model's size against Gemma's 0.27B
         sizes = [(model_billions(m) or 0.5) / 0.27 for m in cfg.model_list()]
-        per_graph = 0.1 * cfg.max_feature_nodes / 256
+        # the paper templates' prompts are about 3x longer (28 tokens against 8): 225 s measured, 24 prompts
+        per_graph = 0.1 * cfg.max_feature_nodes / 256 * (2.5 if cfg.templates == "paper" else 1.0)
         minutes = 0.3 * len(sizes) + sum(
             s * (per_graph * n_graphs / 2 + (1.2 * cfg.train_tokens / 8000 if d is None else 0.0))
             for s, d in zip(sizes, given, strict=True)
