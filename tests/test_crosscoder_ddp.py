@@ -5,15 +5,13 @@ the CLI the ranks also share the extraction (its exact test: ``test_crosscoder_s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import run_torchrun
 from rosettalens.crosscoder import (
     CrossCoderConfig,
     CrossCoderTrainConfig,
@@ -68,16 +66,6 @@ for arch in ARCHS:  # two trainings in one process share the group the first one
 """
 
 
-def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def _close(a, b, what: str) -> None:
     for name, p in a.state_dict().items():
         q = b.state_dict()[name]
@@ -89,7 +77,7 @@ def test_two_ranks_train_the_crosscoder_of_one_rank(tmp_path):
     script = tmp_path / "worker.py"
     out = tmp_path / "multi"
     script.write_text(textwrap.dedent(WORKER.format(tests=str(REPO / "tests"), out=str(out))))
-    _torchrun([str(script)], tmp_path)
+    run_torchrun([str(script)], tmp_path)
     xa, xb = (x[:1000] for x in paired())  # the planted atoms: rows of the training data
     for arch in ARCHS:
         a = single[arch]
@@ -120,7 +108,7 @@ def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path, capsys)
             "--data", "mini-web", "--width", "64", "--k", "4", "--max-tokens", "1500", "--epochs", "2",
             "--batch-size", "128", "--norm-ratio", "1.5", "--device", "cpu", "--no-progress", "--json"]  # fmt: skip
     one = json.loads(run_rosetta(capsys, *argv, "--out", str(tmp_path / "one")))
-    r = _torchrun(["-m", "rosettalens.cli", *argv, "--out", str(tmp_path / "two")], tmp_path)
+    r = run_torchrun(["-m", "rosettalens.cli", *argv, "--out", str(tmp_path / "two")], tmp_path)
     two = json.loads(r.stdout)  # one JSON object: only rank 0 reports
     assert two["steps"] == one["steps"] > 0 and two["train_pairs"] == one["train_pairs"]
     a, b = load_crosscoder(tmp_path / "one"), load_crosscoder(tmp_path / "two")
@@ -133,7 +121,7 @@ def test_cli_under_torchrun_writes_once_and_equals_one_process(tmp_path, capsys)
     ev = ["crosscoder", "eval", "--crosscoder", str(tmp_path / "two"), "--data", "mini-web", "--max-tokens", "600",
           "--device", "cpu", "--no-progress", "--json"]  # fmt: skip
     ev_one = json.loads(run_rosetta(capsys, *ev))
-    ev_two = json.loads(_torchrun(["-m", "rosettalens.cli", *ev], tmp_path).stdout)
+    ev_two = json.loads(run_torchrun(["-m", "rosettalens.cli", *ev], tmp_path).stdout)
     assert ev_two.keys() == ev_one.keys() and ev_one["n_tokens"] > 0
     assert ev_two["n_tokens"] == ev_one["n_tokens"] and ev_two["n_shared"] == ev_one["n_shared"]
     for model in ("a", "b"):

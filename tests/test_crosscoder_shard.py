@@ -4,9 +4,6 @@ of the batches, and every rank returns exactly the pairs one process extracts (t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import run_torchrun
 from rosettalens.crosscoder import extract_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,19 +97,7 @@ def test_two_ranks_share_the_forwards_and_return_the_pairs_of_one_process(tmp_pa
     out.mkdir()
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER.format(tests=str(REPO / "tests"), out=str(out))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(script),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun([str(script)], cwd=tmp_path)
 
     ranks = [json.loads((out / f"rank-{k}.json").read_text()) for k in (0, 1)]
     for name, want in ref.items():

